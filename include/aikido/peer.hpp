@@ -1,0 +1,206 @@
+// aikido::Peer: one worker's session in a cluster, and the collectives it runs.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include <aikido/errors.hpp>
+#include <aikido/store.hpp>
+#include <aikido/types.hpp>
+#include <aikido/work.hpp>
+
+namespace aikido {
+
+/// How ranks on the same host talk to each other. Ranks on different hosts always use TCP.
+enum class TransportKind : std::uint8_t {
+  automatic,    // Unix-domain sockets between ranks of one host, TCP across hosts (the default)
+  tcp,          // TCP everywhere (the path used between hosts)
+  unix_socket,  // Unix-domain sockets; all ranks must be on one host
+};
+const char* transport_name(TransportKind kind);
+TransportKind parse_transport(std::string_view name);  // "auto", "tcp", "unix"; throws ConfigError otherwise
+
+/// Everything a Peer needs to join a cluster. Peer::from_env() fills it from the AIKIDO_* environment
+/// (src/base/env.hpp lists every variable with its default).
+struct PeerConfig {
+  int rank = 0;
+  int size = 1;
+  /// Identity of this rank's host: ranks with equal `host` share the same-host path and form one group of the
+  /// hierarchical topology. Empty: this machine's host name.
+  std::string host;
+  /// Rendezvous store shared by all ranks of the cluster; required when size > 1.
+  std::shared_ptr<Store> store;
+  /// The job secret every connection proves knowledge of (HMAC-SHA256). May be empty only when size == 1.
+  std::string secret;
+  /// Cluster version: connections and messages of another version are refused.
+  std::uint64_t cluster_version = 0;
+  Topology topology = Topology::ring;
+  TransportKind transport = TransportKind::automatic;
+  /// Deadline of each collective and of connection setup.
+  std::chrono::milliseconds timeout{60'000};
+  /// Address TCP listeners bind to; peers connect to it. Loopback unless the job spans hosts.
+  std::string bind_address = "127.0.0.1";
+  /// Size of the pieces a large buffer is cut into for pipelining (see src/collective/plan.hpp).
+  std::size_t segment_bytes = std::size_t(1) << 20;
+  /// Prefix of store keys and socket names, so that several jobs can share a store or a host.
+  std::string job_id = "aikido";
+};
+
+namespace detail {
+class Engine;
+enum class CollectiveKind : std::uint8_t { allreduce, broadcast, allgather, reduce_scatter, gather, barrier, consensus };
+struct Request {
+  CollectiveKind kind;
+  DType dtype;
+  ReduceOp op = ReduceOp::sum;
+  int root = 0;
+  const void* send = nullptr;  // `send_count` elements
+  void* recv = nullptr;        // `recv_count` elements
+  std::size_t send_count = 0;
+  std::size_t recv_count = 0;
+  std::string_view name;
+  bool* agreed = nullptr;  // consensus result
+};
+}  // namespace detail
+
+/// One worker's session in a cluster of `size()` ranks.
+///
+/// Collectives are matched across ranks by name and occurrence (the n-th post of a name on one rank meets the n-th
+/// post of that name on every other rank), so ranks may post them in different orders and many may be in flight.
+/// Every collective is asynchronous underneath; the blocking forms wait on the Work handle. Posting the same name
+/// twice while the first is still running raises ConfigError. All methods are thread safe.
+///
+/// Errors: TimeoutError when a collective does not finish within timeout(); PeerLostError when a rank it needs has
+/// gone; MismatchError when ranks posted the same name with different sizes, types, operations or roots. After a
+/// lost peer every later collective fails at once with PeerLostError.
+class Peer {
+ public:
+  /// Joins the cluster described by the AIKIDO_* environment that `aikido-run` sets. Without it, a 1-rank peer.
+  static Peer from_env();
+  /// Joins the cluster described by `config`; blocks until every rank has connected (or config.timeout).
+  static Peer create(const PeerConfig& config);
+
+  Peer(Peer&&) noexcept;
+  Peer& operator=(Peer&&) noexcept;
+  ~Peer();
+
+  int rank() const;
+  int size() const;
+  /// Rank among the ranks of this host, and their number.
+  int local_rank() const;
+  int local_size() const;
+  std::uint64_t cluster_version() const;
+  std::chrono::milliseconds timeout() const;
+  Topology topology() const;
+
+  /// Switches the topology used by collectives posted after this call. Collective: every rank calls it at the
+  /// same point of its program; it checks by consensus that all ranks asked for the same topology (MismatchError
+  /// otherwise) and waits for collectives in flight to finish.
+  void set_topology(Topology topology);
+
+  // Allreduce: recv[i] = op over ranks of send[i]. send and recv have equal sizes; they may be the same memory.
+  template <class T>
+  Work allreduce_async(std::span<const T> send, std::span<T> recv, ReduceOp op, std::string_view name) {
+    return post({detail::CollectiveKind::allreduce, dtype_of<T>, op, 0, send.data(), recv.data(), send.size(),
+                 recv.size(), name});
+  }
+  template <class T>
+  void allreduce(std::span<const T> send, std::span<T> recv, ReduceOp op, std::string_view name) {
+    allreduce_async(send, recv, op, name).wait();
+  }
+  template <class T>
+  Work allreduce_async(std::span<T> buffer, ReduceOp op, std::string_view name) {
+    return allreduce_async(std::span<const T>(buffer), buffer, op, name);
+  }
+  template <class T>
+  void allreduce(std::span<T> buffer, ReduceOp op, std::string_view name) {
+    allreduce_async(buffer, op, name).wait();
+  }
+
+  // Broadcast: every rank's buffer receives root's buffer.
+  template <class T>
+  Work broadcast_async(std::span<T> buffer, int root, std::string_view name) {
+    return post({detail::CollectiveKind::broadcast, dtype_of<T>, ReduceOp::sum, root, buffer.data(), buffer.data(),
+                 buffer.size(), buffer.size(), name});
+  }
+  template <class T>
+  void broadcast(std::span<T> buffer, int root, std::string_view name) {
+    broadcast_async(buffer, root, name).wait();
+  }
+
+  // Allgather: recv holds size() * send.size() elements, rank r's send at offset r * send.size().
+  template <class T>
+  Work allgather_async(std::span<const T> send, std::span<T> recv, std::string_view name) {
+    return post({detail::CollectiveKind::allgather, dtype_of<T>, ReduceOp::sum, 0, send.data(), recv.data(),
+                 send.size(), recv.size(), name});
+  }
+  template <class T>
+  void allgather(std::span<const T> send, std::span<T> recv, std::string_view name) {
+    allgather_async(send, recv, name).wait();
+  }
+
+  // Reduce-scatter: send holds size() * k elements; recv (k elements) receives block rank() of the reduction.
+  template <class T>
+  Work reduce_scatter_async(std::span<const T> send, std::span<T> recv, ReduceOp op, std::string_view name) {
+    return post({detail::CollectiveKind::reduce_scatter, dtype_of<T>, op, 0, send.data(), recv.data(), send.size(),
+                 recv.size(), name});
+  }
+  template <class T>
+  void reduce_scatter(std::span<const T> send, std::span<T> recv, ReduceOp op, std::string_view name) {
+    reduce_scatter_async(send, recv, op, name).wait();
+  }
+
+  // Gather: root's recv holds size() * send.size() elements in rank order; other ranks' recv is ignored (may be
+  // empty).
+  template <class T>
+  Work gather_async(std::span<const T> send, std::span<T> recv, int root, std::string_view name) {
+    return post({detail::CollectiveKind::gather, dtype_of<T>, ReduceOp::sum, root, send.data(), recv.data(),
+                 send.size(), recv.size(), name});
+  }
+  template <class T>
+  void gather(std::span<const T> send, std::span<T> recv, int root, std::string_view name) {
+    gather_async(send, recv, root, name).wait();
+  }
+
+  /// Completes once every rank has posted a barrier of this name.
+  Work barrier_async(std::string_view name = "barrier");
+  void barrier(std::string_view name = "barrier") { barrier_async(name).wait(); }
+
+  /// True when every rank holds the same bytes (same length and content). `agreed` is written before the work
+  /// completes and must outlive it.
+  Work consensus_async(std::span<const std::byte> value, bool& agreed, std::string_view name);
+  bool consensus(std::span<const std::byte> value, std::string_view name);
+
+  // Peer-to-peer model store (used by pair averaging): save() keeps a copy of a named buffer on this rank; any rank
+  // may request() it. request() fills `out` with the latest saved version on `target` and throws ConfigError when
+  // the target has no such name or its size differs.
+  template <class T>
+  void save(std::string_view name, std::span<const T> data) {
+    save_bytes(name, dtype_of<T>, data.data(), data.size());
+  }
+  template <class T>
+  Work request_async(int target, std::string_view name, std::span<T> out) {
+    return request_bytes(target, name, dtype_of<T>, out.data(), out.size());
+  }
+  template <class T>
+  void request(int target, std::string_view name, std::span<T> out) {
+    request_async(target, name, out).wait();
+  }
+
+  /// Posts a type-erased collective (what the typed methods call).
+  Work post(const detail::Request& request);
+
+ private:
+  explicit Peer(std::unique_ptr<detail::Engine> engine);
+  void save_bytes(std::string_view name, DType dtype, const void* data, std::size_t count);
+  Work request_bytes(int target, std::string_view name, DType dtype, void* out, std::size_t count);
+
+  std::unique_ptr<detail::Engine> engine_;
+};
+
+}  // namespace aikido

@@ -1,0 +1,52 @@
+// Every environment setting Aikido reads, in one place, with its default and meaning.
+//
+//   AIKIDO_RANK             this worker's rank, 0..size-1                          (default 0)
+//   AIKIDO_SIZE             number of workers                                      (default 1)
+//   AIKIDO_LOCAL_RANK       rank among the workers of this host (informational; the Peer recomputes it)
+//   AIKIDO_LOCAL_SIZE       number of workers on this host (informational)
+//   AIKIDO_HOST             identity of this worker's host                         (default: gethostname())
+//   AIKIDO_STORE_ADDR       "host:port" of the rendezvous store served by aikido-run (required when size > 1)
+//   AIKIDO_SECRET           the job secret, hex; every connection proves it knows it (required when size > 1)
+//   AIKIDO_JOB_ID           prefix of store keys and socket names                  (default "aikido")
+//   AIKIDO_CLUSTER_VERSION  version of the cluster membership                      (default 0)
+//   AIKIDO_TOPOLOGY         ring | tree | star | hierarchical                     (default ring)
+//   AIKIDO_TRANSPORT        auto | tcp | unix                                      (default auto)
+//   AIKIDO_TIMEOUT          deadline of each collective, in seconds                (default 60)
+//   AIKIDO_BIND_ADDRESS     address TCP listeners bind to                          (default 127.0.0.1)
+//   AIKIDO_SEGMENT_BYTES    pipelining segment size in bytes                       (default 1048576)
+//   AIKIDO_LOG_LEVEL        error | warn | info | debug                            (default warn)
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace aikido::env {
+
+inline constexpr const char* kRank = "AIKIDO_RANK";
+inline constexpr const char* kSize = "AIKIDO_SIZE";
+inline constexpr const char* kLocalRank = "AIKIDO_LOCAL_RANK";
+inline constexpr const char* kLocalSize = "AIKIDO_LOCAL_SIZE";
+inline constexpr const char* kHost = "AIKIDO_HOST";
+inline constexpr const char* kStoreAddr = "AIKIDO_STORE_ADDR";
+inline constexpr const char* kSecret = "AIKIDO_SECRET";
+inline constexpr const char* kJobId = "AIKIDO_JOB_ID";
+inline constexpr const char* kClusterVersion = "AIKIDO_CLUSTER_VERSION";
+inline constexpr const char* kTopology = "AIKIDO_TOPOLOGY";
+inline constexpr const char* kTransport = "AIKIDO_TRANSPORT";
+inline constexpr const char* kTimeout = "AIKIDO_TIMEOUT";
+inline constexpr const char* kBindAddress = "AIKIDO_BIND_ADDRESS";
+inline constexpr const char* kSegmentBytes = "AIKIDO_SEGMENT_BYTES";
+inline constexpr const char* kLogLevel = "AIKIDO_LOG_LEVEL";
+
+inline constexpr std::chrono::milliseconds kDefaultTimeout{60'000};
+
+/// The raw value, or nullopt when unset or empty.
+std::optional<std::string> get(const char* name);
+/// Integer value; throws ConfigError naming the variable when it is not an integer in [min, max].
+std::int64_t get_int(const char* name, std::int64_t fallback, std::int64_t min, std::int64_t max);
+/// Duration given in (possibly fractional) seconds; throws ConfigError when not a positive number.
+std::chrono::milliseconds get_seconds(const char* name, std::chrono::milliseconds fallback);
+
+}  // namespace aikido::env

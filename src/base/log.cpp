@@ -1,0 +1,37 @@
+#include "base/log.hpp"
+
+#include <unistd.h>
+
+#include "base/env.hpp"
+
+namespace aikido::log {
+namespace {
+
+Level level_from_env() {
+  auto value = env::get(env::kLogLevel);
+  if (!value || *value == "warn") return Level::warn;
+  if (*value == "error") return Level::error;
+  if (*value == "info") return Level::info;
+  if (*value == "debug") return Level::debug;
+  return Level::warn;
+}
+
+}  // namespace
+
+bool enabled(Level level) {
+  static const Level threshold = level_from_env();
+  return level <= threshold;
+}
+
+void write(Level level, const std::string& message) {
+  static const char* const kNames[] = {"error", "warn", "info", "debug"};
+  std::string line = "[aikido ";
+  line += kNames[int(level)];
+  line += "] ";
+  line += message;
+  line += '\n';
+  // One write() per line so that lines of concurrent threads do not interleave.
+  [[maybe_unused]] ssize_t n = ::write(STDERR_FILENO, line.data(), line.size());
+}
+
+}  // namespace aikido::log

@@ -1,0 +1,43 @@
+// The algorithms: free functions that build a rank's plan for one collective on one topology.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include <aikido/peer.hpp>
+#include <aikido/types.hpp>
+
+#include "collective/plan.hpp"
+
+namespace aikido::collective {
+
+using detail::CollectiveKind;
+
+/// Everything that determines a plan; equal specs give equal plans, so plans are cached by spec.
+struct PlanSpec {
+  CollectiveKind kind = CollectiveKind::allreduce;
+  Topology topology = Topology::ring;
+  int rank = 0;
+  int size = 1;
+  int root = 0;
+  /// Elements in the buffer: allreduce and broadcast: the tensor; allgather, reduce_scatter and gather (root):
+  /// size * block; gather on other ranks: block.
+  std::size_t count = 0;
+  /// Elements per rank for allgather, reduce_scatter and gather.
+  std::size_t block = 0;
+  std::size_t segment_elems = 1;
+  /// Host group of each rank (0..hosts-1), used by the hierarchical topology.
+  std::vector<int> host_of_rank;
+
+  bool operator==(const PlanSpec&) const = default;
+};
+
+/// Builds the plan. Allreduce and reduce_scatter leave the reduction in the buffer (the caller divides for mean
+/// and copies the block out for reduce_scatter).
+Plan build_plan(const PlanSpec& spec);
+
+/// The even split of `count` elements into `parts` blocks: block b starts at block_offset and has block_count.
+std::size_t block_offset(std::size_t count, int parts, int b);
+std::size_t block_count(std::size_t count, int parts, int b);
+
+}  // namespace aikido::collective

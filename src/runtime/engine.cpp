@@ -1,0 +1,1150 @@
+#include "runtime/engine.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "base/error.hpp"
+#include "base/log.hpp"
+#include "base/reduce.hpp"
+#include "base/sha256.hpp"
+
+namespace aikido::detail {
+
+using collective::Op;
+using collective::OpKind;
+using collective::Plan;
+using transport::FrameHeader;
+using transport::FrameType;
+using transport::WireError;
+
+namespace {
+
+/// Segments up to this size are sent without waiting for the receiver's `ready`.
+constexpr std::size_t kEagerBytes = 64 * 1024;
+/// Bound on data that arrived before its receive was armed; past it the receiving thread waits (and so holds the
+/// sender back through the connection's flow control).
+constexpr std::size_t kMailboxCap = std::size_t(256) << 20;
+/// Bytes of scratch each receive thread reduces through.
+constexpr std::size_t kScratchBytes = 256 * 1024;
+constexpr std::size_t kMaxTombstones = 4096;
+constexpr std::uint64_t kMaxErrorText = 64 * 1024;
+
+enum class OpState : std::uint8_t { waiting, armed, running, done };
+
+const char* kind_name(CollectiveKind kind) {
+  switch (kind) {
+    case CollectiveKind::allreduce: return "allreduce";
+    case CollectiveKind::broadcast: return "broadcast";
+    case CollectiveKind::allgather: return "allgather";
+    case CollectiveKind::reduce_scatter: return "reduce_scatter";
+    case CollectiveKind::gather: return "gather";
+    case CollectiveKind::barrier: return "barrier";
+    case CollectiveKind::consensus: return "consensus";
+  }
+  return "collective";
+}
+
+std::string rank_list(const std::vector<int>& ranks) {
+  std::string out;
+  for (std::size_t i = 0; i < ranks.size(); ++i) out += (i ? ", " : "") + std::to_string(ranks[i]);
+  return out;
+}
+
+std::string seconds(std::chrono::milliseconds ms) {
+  return str_cat(double(ms.count()) / 1000.0, " s");
+}
+
+}  // namespace
+
+struct Collective {
+  std::string name;
+  std::uint64_t seq = 0;
+  CollectiveKind kind{};
+  DType dtype{};
+  ReduceOp op{};
+  Topology topology{};
+  int root = 0;
+  std::uint64_t count = 0;  // signature: elements each rank contributes
+  std::size_t element_bytes = 0;
+  std::byte* buffer = nullptr;
+  std::size_t buffer_bytes = 0;
+  PooledBuffer workspace;
+  std::shared_ptr<const Plan> plan;
+  std::vector<std::uint32_t> waiting;
+  std::vector<OpState> state;
+  std::size_t remaining = 0;
+  int running = 0;
+  std::vector<int> running_by_peer;
+  std::vector<bool> ready_from;
+  std::size_t ready_count = 0;
+  std::vector<std::uint32_t> deferred;
+  bool failed = false;
+  bool finished = false;
+  std::exception_ptr error;
+  std::shared_ptr<WorkState> work;
+  Clock::time_point start;
+  Clock::time_point deadline;
+  bool stall_queried = false;
+  std::vector<int> stall_posted;  // -1 unknown, 0 not posted, 1 posted
+  // Finishing touches.
+  void* recv = nullptr;
+  std::size_t recv_count = 0;
+  bool* agreed = nullptr;
+  int world = 1;
+  int rank = 0;
+
+  std::string label() const { return str_cat(kind_name(kind), " '", name, "' (seq ", seq, ")"); }
+};
+
+struct PendingRequest {
+  std::uint64_t id = 0;
+  int target = 0;
+  std::string name;
+  DType dtype{};
+  std::size_t count = 0;
+  void* out = nullptr;
+  bool running = false;
+  bool finished = false;
+  Clock::time_point deadline;
+  std::shared_ptr<WorkState> work;
+};
+
+std::size_t Engine::MessageKeyHash::operator()(const MessageKey& k) const {
+  std::size_t h = std::hash<std::string>()(k.name);
+  h ^= std::hash<std::uint64_t>()(k.seq) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+  h ^= std::hash<std::uint64_t>()(k.tag) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+  h ^= std::hash<int>()(k.source) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+  return h;
+}
+
+std::size_t Engine::CollectiveKeyHash::operator()(const CollectiveKey& k) const {
+  std::size_t h = std::hash<std::string>()(k.name);
+  return h ^ (std::hash<std::uint64_t>()(k.seq) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2));
+}
+
+Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::Socket> sockets)
+    : config_(std::move(config)), cluster_(std::move(cluster)), topology_(config_.topology) {
+  lost_.resize(std::size_t(config_.size));
+  connections_.resize(std::size_t(config_.size));
+  for (int p = 0; p < config_.size; ++p) {
+    if (p == config_.rank) continue;
+    AIKIDO_ENFORCE(std::size_t(p) < sockets.size() && sockets[std::size_t(p)].valid(), "no connection to rank ", p);
+    connections_[std::size_t(p)] =
+        std::make_unique<transport::Connection>(p, std::move(sockets[std::size_t(p)]), *this);
+  }
+  for (auto& c : connections_) {
+    if (c) c->start();
+  }
+  watchdog_ = std::thread([this] { watchdog_loop(); });
+}
+
+Engine::~Engine() {
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    closing_ = true;
+    Progress progress;
+    std::vector<std::shared_ptr<Collective>> all;
+    for (auto& [key, c] : active_) all.push_back(c);
+    for (auto& c : all) {
+      fail(c, std::make_exception_ptr(Error(str_cat(c->label(), " was still in flight on rank ", config_.rank,
+                                                    " when its Peer was destroyed"))),
+           WireError::other, false, progress);
+    }
+    for (auto& [id, r] : requests_) {
+      if (!r->finished && !r->running) {
+        r->finished = true;
+        r->work->complete(std::make_exception_ptr(Error("the Peer was destroyed while a request was pending")));
+      }
+    }
+    run(lock, progress);
+  }
+  watchdog_wake_.notify_all();
+  for (auto& c : connections_) {
+    if (c) c->close();
+  }
+  connections_.clear();
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
+Topology Engine::topology() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return topology_;
+}
+
+std::shared_ptr<const Plan> Engine::plan_for(const collective::PlanSpec& spec) {
+  const auto key = std::make_tuple(int(spec.kind), int(spec.topology), spec.root, spec.count, spec.block,
+                                   spec.segment_elems);
+  std::lock_guard<std::mutex> lock(plans_mutex_);
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return it->second;
+  if (plans_.size() >= 4096) plans_.clear();  // bound the cache; plans are cheap to rebuild
+  auto plan = std::make_shared<const Plan>(collective::build_plan(spec));
+  plans_.emplace(key, plan);
+  return plan;
+}
+
+std::string Engine::lost_summary() const {
+  std::string out;
+  for (std::size_t p = 0; p < lost_.size(); ++p) {
+    if (lost_[p].empty()) continue;
+    if (!out.empty()) out += "; ";
+    out += lost_[p];
+  }
+  return out;
+}
+
+Work Engine::post(const Request& request) {
+  const int size = config_.size, rank = config_.rank;
+  const std::string name(request.name);
+  if (name.empty()) throw ConfigError(str_cat(kind_name(request.kind), ": the collective needs a non-empty name"));
+  if (name.size() > transport::kMaxNameBytes) {
+    throw ConfigError(str_cat(kind_name(request.kind), " '", name.substr(0, 64), "...': the name has ", name.size(),
+                              " bytes; the limit is ", transport::kMaxNameBytes));
+  }
+  auto c = std::make_shared<Collective>();
+  c->name = name;
+  c->kind = request.kind;
+  c->dtype = request.dtype;
+  c->op = request.op;
+  c->root = request.root;
+  c->element_bytes = dtype_size(request.dtype);
+  c->recv = request.recv;
+  c->recv_count = request.recv_count;
+  c->agreed = request.agreed;
+  c->world = size;
+  c->rank = rank;
+  c->count = request.send_count;
+  const std::size_t esize = c->element_bytes;
+  auto bad = [&](const std::string& what) {
+    return ConfigError(str_cat(kind_name(request.kind), " '", name, "' on rank ", rank, ": ", what));
+  };
+
+  collective::PlanSpec spec;
+  spec.kind = request.kind;
+  spec.rank = rank;
+  spec.size = size;
+  spec.root = request.root;
+  spec.segment_elems = std::max<std::size_t>(1, config_.segment_bytes / esize);
+  spec.host_of_rank = cluster_.host_of_rank;
+
+  const std::size_t k = request.send_count;
+  switch (request.kind) {
+    case CollectiveKind::allreduce:
+      if (request.recv_count != k) {
+        throw bad(str_cat("send has ", k, " elements but recv has ", request.recv_count, "; they must be equal"));
+      }
+      c->buffer = static_cast<std::byte*>(request.recv);
+      if (k > 0 && request.send != request.recv) std::memmove(request.recv, request.send, k * esize);
+      spec.count = k;
+      break;
+    case CollectiveKind::broadcast:
+      if (request.root < 0 || request.root >= size) throw bad(str_cat("root ", request.root, " is not a rank of 0..", size - 1));
+      c->buffer = static_cast<std::byte*>(request.recv);
+      spec.count = k;
+      break;
+    case CollectiveKind::allgather:
+      if (request.recv_count != k * std::size_t(size)) {
+        throw bad(str_cat("recv has ", request.recv_count, " elements; it must hold size() * send.size() = ", size,
+                          " * ", k, " = ", k * std::size_t(size)));
+      }
+      c->buffer = static_cast<std::byte*>(request.recv);
+      if (k > 0) std::memmove(c->buffer + std::size_t(rank) * k * esize, request.send, k * esize);
+      spec.count = k * std::size_t(size);
+      spec.block = k;
+      break;
+    case CollectiveKind::reduce_scatter:
+      if (k != request.recv_count * std::size_t(size)) {
+        throw bad(str_cat("send has ", k, " elements; it must hold size() * recv.size() = ", size, " * ",
+                          request.recv_count, " = ", request.recv_count * std::size_t(size)));
+      }
+      c->workspace = pool_.acquire(k * esize);
+      c->buffer = c->workspace.data();
+      if (k > 0) std::memcpy(c->buffer, request.send, k * esize);
+      spec.count = k;
+      spec.block = request.recv_count;
+      break;
+    case CollectiveKind::gather:
+      if (request.root < 0 || request.root >= size) throw bad(str_cat("root ", request.root, " is not a rank of 0..", size - 1));
+      if (rank == request.root) {
+        if (request.recv_count != k * std::size_t(size)) {
+          throw bad(str_cat("recv on the root has ", request.recv_count, " elements; it must hold size() * send.size() = ",
+                            k * std::size_t(size)));
+        }
+        c->buffer = static_cast<std::byte*>(request.recv);
+        if (k > 0) std::memmove(c->buffer + std::size_t(rank) * k * esize, request.send, k * esize);
+        spec.count = k * std::size_t(size);
+      } else {
+        c->buffer = static_cast<std::byte*>(const_cast<void*>(request.send));  // only read: non-roots only send
+        spec.count = k;
+      }
+      spec.block = k;
+      break;
+    case CollectiveKind::barrier:
+      c->workspace = pool_.acquire(1);
+      c->buffer = c->workspace.data();
+      c->buffer[0] = std::byte{1};
+      c->dtype = DType::u8;
+      c->op = ReduceOp::max;
+      c->element_bytes = 1;
+      c->count = 1;
+      spec.kind = CollectiveKind::allreduce;
+      spec.count = 1;
+      spec.segment_elems = config_.segment_bytes;
+      break;
+    case CollectiveKind::consensus: {
+      // Element-wise max of (digest, 255 - digest): all ranks agree iff max(digest) == min(digest) everywhere.
+      const Digest d = sha256(request.send, k);
+      c->workspace = pool_.acquire(64);
+      c->buffer = c->workspace.data();
+      for (std::size_t i = 0; i < 32; ++i) {
+        c->buffer[i] = std::byte(d[i]);
+        c->buffer[32 + i] = std::byte(255 - d[i]);
+      }
+      c->dtype = DType::u8;
+      c->op = ReduceOp::max;
+      c->element_bytes = 1;
+      c->count = 64;
+      spec.kind = CollectiveKind::allreduce;
+      spec.count = 64;
+      spec.segment_elems = config_.segment_bytes;
+      break;
+    }
+  }
+  c->buffer_bytes = spec.count * c->element_bytes;
+
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (closing_) throw Error("the Peer is closing");
+  c->topology = topology_;
+  spec.topology = topology_;
+  const std::string lost = lost_summary();
+  if (!lost.empty()) {
+    auto work = std::make_shared<WorkState>();
+    work->done = true;
+    work->error = std::make_exception_ptr(PeerLostError(
+        str_cat(c->label(), " cannot run on rank ", rank, " at cluster version ", config_.cluster_version, ": ", lost)));
+    return Work(work);
+  }
+  for (auto& [key, other] : active_) {
+    if (key.name == name) {
+      throw ConfigError(str_cat(kind_name(request.kind), " '", name, "' was posted again on rank ", rank,
+                                " while its occurrence ", key.seq,
+                                " is still in flight; wait for it first or use another name"));
+    }
+  }
+  c->seq = posted_count_[name]++;
+  lock.unlock();
+  c->plan = plan_for(spec);
+  lock.lock();
+
+  const Plan& plan = *c->plan;
+  c->waiting = plan.dependency_count;
+  c->state.assign(plan.ops.size(), OpState::waiting);
+  c->remaining = plan.ops.size();
+  c->running_by_peer.assign(std::size_t(size), 0);
+  c->ready_from.assign(std::size_t(size), false);
+  c->stall_posted.assign(std::size_t(size), -1);
+  c->work = std::make_shared<WorkState>();
+  c->start = Clock::now();
+  c->deadline = c->start + config_.timeout;
+  Work work(c->work);
+
+  Progress progress;
+  active_.emplace(CollectiveKey{name, c->seq}, c);
+  auto tomb = tombstones_.find(CollectiveKey{name, c->seq});
+  if (tomb != tombstones_.end()) {
+    const std::string text = tomb->second.error;
+    fail(c, std::make_exception_ptr(MismatchError(text)), WireError(tomb->second.kind), false, progress);
+    run(lock, progress);
+    return work;
+  }
+  for (int source : plan.sources) send_ready(*c, source);
+  for (int target : plan.targets) {
+    auto it = early_ready_.find(MessageKey{name, c->seq, 0, target});
+    if (it != early_ready_.end()) {
+      const FrameHeader header = it->second;
+      early_ready_.erase(it);
+      on_ready(c, header, progress);
+    }
+  }
+  for (std::uint32_t i = 0; i < plan.ops.size() && !c->failed; ++i) {
+    if (c->waiting[i] == 0) arm(c, i, progress);
+  }
+  maybe_finish(c, progress);
+  run(lock, progress);
+  return work;
+}
+
+void Engine::arm(const std::shared_ptr<Collective>& c, std::uint32_t i, Progress& progress) {
+  if (c->failed) return;
+  const Op& op = c->plan->ops[i];
+  if (op.kind == OpKind::send) {
+    if (op.count * c->element_bytes > kEagerBytes && !c->ready_from[std::size_t(op.peer)]) {
+      c->deferred.push_back(i);
+      c->state[i] = OpState::armed;
+      return;
+    }
+    issue_send(c, i);
+    return;
+  }
+  MessageKey key{c->name, c->seq, op.tag, op.peer};
+  auto m = mailbox_.find(key);
+  if (m == mailbox_.end()) {
+    c->state[i] = OpState::armed;
+    armed_.emplace(std::move(key), ArmedRecv{c, i});
+    return;
+  }
+  Early early = std::move(m->second);
+  mailbox_.erase(m);
+  mailbox_bytes_ -= early.header.payload_bytes;
+  mailbox_space_.notify_all();
+  if (!check_signature(c, early.header, progress)) return;
+  c->state[i] = OpState::running;
+  ++c->running;
+  progress.copies.push_back({c, i, std::move(early)});
+}
+
+void Engine::issue_send(const std::shared_ptr<Collective>& c, std::uint32_t i) {
+  const Op& op = c->plan->ops[i];
+  transport::OutgoingFrame frame;
+  FrameHeader& h = frame.header;
+  h.type = FrameType::data;
+  h.kind = std::uint8_t(c->kind);
+  h.dtype = std::uint8_t(c->dtype);
+  h.op = std::uint8_t(c->op);
+  h.topology = std::uint8_t(c->topology);
+  h.source = config_.rank;
+  h.root = c->root;
+  h.cluster_version = config_.cluster_version;
+  h.seq = c->seq;
+  h.tag = op.tag;
+  h.count = c->count;
+  h.payload_bytes = op.count * c->element_bytes;
+  frame.name = c->name;
+  frame.payload = c->buffer + op.offset * c->element_bytes;
+  frame.keep_alive = c;
+  const int peer = op.peer;
+  frame.start = [this, c, i, peer] {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (c->failed) return false;
+    c->state[i] = OpState::running;
+    ++c->running;
+    ++c->running_by_peer[std::size_t(peer)];
+    return true;
+  };
+  frame.done = [this, c, i, peer](bool written) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    --c->running;
+    --c->running_by_peer[std::size_t(peer)];
+    Progress progress;
+    if (!written) {
+      const std::string why = lost_[std::size_t(peer)].empty() ? str_cat("lost rank ", peer) : lost_[std::size_t(peer)];
+      fail(c, std::make_exception_ptr(PeerLostError(str_cat(c->label(), " failed on rank ", config_.rank,
+                                                            " at cluster version ", config_.cluster_version,
+                                                            ": could not send to rank ", peer, ": ", why))),
+           WireError::lost, false, progress);
+    } else if (c->failed) {
+      maybe_finish(c, progress);
+    } else {
+      complete_op(c, i, progress);
+    }
+    run(lock, progress);
+  };
+  c->state[i] = OpState::armed;
+  connections_[std::size_t(peer)]->send(std::move(frame));
+}
+
+void Engine::send_ready(const Collective& c, int peer) {
+  auto& connection = connections_[std::size_t(peer)];
+  if (!connection) return;
+  transport::OutgoingFrame frame;
+  FrameHeader& h = frame.header;
+  h.type = FrameType::ready;
+  h.kind = std::uint8_t(c.kind);
+  h.dtype = std::uint8_t(c.dtype);
+  h.op = std::uint8_t(c.op);
+  h.topology = std::uint8_t(c.topology);
+  h.source = config_.rank;
+  h.root = c.root;
+  h.cluster_version = config_.cluster_version;
+  h.seq = c.seq;
+  h.count = c.count;
+  frame.name = c.name;
+  connection->send(std::move(frame));
+}
+
+void Engine::on_ready(const std::shared_ptr<Collective>& c, const FrameHeader& header, Progress& progress) {
+  if (c->failed || !check_signature(c, header, progress)) return;
+  if (c->ready_from[std::size_t(header.source)]) return;
+  c->ready_from[std::size_t(header.source)] = true;
+  ++c->ready_count;
+  std::vector<std::uint32_t> keep;
+  for (std::uint32_t i : c->deferred) {
+    if (c->plan->ops[i].peer == header.source) {
+      issue_send(c, i);
+    } else {
+      keep.push_back(i);
+    }
+  }
+  c->deferred.swap(keep);
+  maybe_finish(c, progress);
+}
+
+bool Engine::needs_peer(const Collective& c, int peer) {
+  for (std::uint32_t i = 0; i < c.plan->ops.size(); ++i) {
+    if (c.plan->ops[i].peer == peer && c.state[i] != OpState::done) return true;
+  }
+  const auto& targets = c.plan->targets;
+  return std::find(targets.begin(), targets.end(), peer) != targets.end() && !c.ready_from[std::size_t(peer)];
+}
+
+void Engine::complete_op(const std::shared_ptr<Collective>& c, std::uint32_t i, Progress& progress) {
+  c->state[i] = OpState::done;
+  --c->remaining;
+  for (std::uint32_t d : c->plan->dependents[i]) {
+    if (--c->waiting[d] == 0) arm(c, d, progress);
+  }
+  maybe_finish(c, progress);
+}
+
+void Engine::maybe_finish(const std::shared_ptr<Collective>& c, Progress& progress) {
+  if (c->finished || c->running > 0) return;
+  if (!c->failed && (c->remaining > 0 || c->ready_count < c->plan->targets.size())) return;
+  c->finished = true;
+  active_.erase(CollectiveKey{c->name, c->seq});
+  progress.finished.push_back(c);
+}
+
+void Engine::fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, WireError kind, bool tell_peers,
+                  Progress& progress) {
+  if (c->failed || c->finished) return;
+  c->failed = true;
+  c->error = error;
+  for (std::uint32_t i = 0; i < c->plan->ops.size(); ++i) {
+    const Op& op = c->plan->ops[i];
+    if (op.kind == OpKind::send || c->state[i] == OpState::done || c->state[i] == OpState::running) continue;
+    MessageKey key{c->name, c->seq, op.tag, op.peer};
+    armed_.erase(key);
+    auto m = mailbox_.find(key);
+    if (m != mailbox_.end()) {
+      mailbox_bytes_ -= m->second.header.payload_bytes;
+      mailbox_.erase(m);
+      mailbox_space_.notify_all();
+    }
+  }
+  c->deferred.clear();
+  std::string text;
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    text = e.what();
+  }
+  CollectiveKey key{c->name, c->seq};
+  if (tombstones_.emplace(key, Tombstone{text, std::uint8_t(kind)}).second) tombstone_order_.push_back(key);
+  while (tombstone_order_.size() > kMaxTombstones) {
+    tombstones_.erase(tombstone_order_.front());
+    tombstone_order_.pop_front();
+  }
+  if (tell_peers) {
+    for (int p = 0; p < config_.size; ++p) {
+      if (p != config_.rank && lost_[std::size_t(p)].empty()) {
+        send_control(p, FrameType::abort, c->name, c->seq, std::int32_t(kind), text);
+      }
+    }
+  }
+  if (kind == WireError::timeout || kind == WireError::lost || kind == WireError::other) {
+    // A transfer stuck in the middle of a frame cannot be abandoned without breaking the stream.
+    for (int p = 0; p < config_.size; ++p) {
+      if (c->running_by_peer[std::size_t(p)] > 0 && connections_[std::size_t(p)]) {
+        connections_[std::size_t(p)]->shutdown();
+      }
+    }
+  }
+  maybe_finish(c, progress);
+}
+
+bool Engine::check_signature(const std::shared_ptr<Collective>& c, const FrameHeader& h, Progress& progress) {
+  const bool same = h.kind == std::uint8_t(c->kind) && h.dtype == std::uint8_t(c->dtype) &&
+                    h.op == std::uint8_t(c->op) && h.topology == std::uint8_t(c->topology) && h.root == c->root &&
+                    h.count == c->count;
+  if (same) return true;
+  auto describe = [](int rank, std::uint8_t kind, std::uint8_t dtype, std::uint8_t op, std::uint8_t topology,
+                     int root, std::uint64_t count) {
+    return str_cat("rank ", rank, " posted ", kind_name(CollectiveKind(kind)), " of ", count, " ",
+                   dtype_name(DType(dtype)), " elements, op ", reduce_op_name(ReduceOp(op)), ", root ", root, ", ",
+                   topology_name(Topology(topology)), " topology");
+  };
+  const std::string text =
+      str_cat("ranks posted '", c->name, "' (seq ", c->seq, ", cluster version ", config_.cluster_version,
+              ") differently: ",
+              describe(c->rank, std::uint8_t(c->kind), std::uint8_t(c->dtype), std::uint8_t(c->op),
+                       std::uint8_t(c->topology), c->root, c->count),
+              "; ", describe(h.source, h.kind, h.dtype, h.op, h.topology, h.root, h.count),
+              ". Every rank must post the same name with the same size, type, operation and root");
+  fail(c, std::make_exception_ptr(MismatchError(text)), WireError::mismatch, true, progress);
+  return false;
+}
+
+void Engine::send_control(int peer, FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
+                          std::string payload) {
+  auto& connection = connections_[std::size_t(peer)];
+  if (!connection) return;
+  transport::OutgoingFrame frame;
+  frame.header.type = type;
+  frame.header.source = config_.rank;
+  frame.header.cluster_version = config_.cluster_version;
+  frame.header.seq = seq;
+  frame.header.root = root;
+  frame.name = name;
+  if (!payload.empty()) {
+    auto text = std::make_shared<std::string>(std::move(payload));
+    frame.header.payload_bytes = text->size();
+    frame.payload = text->data();
+    frame.keep_alive = text;
+  }
+  connection->send(std::move(frame));
+}
+
+void Engine::run(std::unique_lock<std::mutex>& lock, Progress& progress) {
+  while (!progress.copies.empty()) {
+    auto copies = std::move(progress.copies);
+    progress.copies.clear();
+    lock.unlock();
+    for (auto& copy : copies) {
+      Collective& c = *copy.collective;
+      const Op& op = c.plan->ops[copy.op];
+      std::byte* dst = c.buffer + op.offset * c.element_bytes;
+      if (op.kind == OpKind::recv_copy) {
+        std::memcpy(dst, copy.early.data.data(), op.count * c.element_bytes);
+      } else {
+        reduce_into(c.dtype, c.op, dst, copy.early.data.data(), op.count);
+      }
+      copy.early.data = PooledBuffer();
+    }
+    lock.lock();
+    for (auto& copy : copies) {
+      --copy.collective->running;
+      if (copy.collective->failed) {
+        maybe_finish(copy.collective, progress);
+      } else {
+        complete_op(copy.collective, copy.op, progress);
+      }
+    }
+  }
+  auto finished = std::move(progress.finished);
+  progress.finished.clear();
+  lock.unlock();
+  for (auto& c : finished) finish_collective(*c);
+  if (!finished.empty()) idle_.notify_all();
+}
+
+void Engine::finish_collective(Collective& c) {
+  if (!c.failed) {
+    try {
+      switch (c.kind) {
+        case CollectiveKind::allreduce:
+          if (c.op == ReduceOp::mean) divide_by_count(c.dtype, c.buffer, c.count, c.world);
+          break;
+        case CollectiveKind::reduce_scatter: {
+          const std::size_t k = c.recv_count;
+          std::byte* own = c.buffer + std::size_t(c.rank) * k * c.element_bytes;
+          if (k > 0) std::memcpy(c.recv, own, k * c.element_bytes);
+          if (c.op == ReduceOp::mean) divide_by_count(c.dtype, c.recv, k, c.world);
+          break;
+        }
+        case CollectiveKind::consensus: {
+          bool agreed = true;
+          for (std::size_t i = 0; i < 32; ++i) {
+            if (std::uint8_t(c.buffer[i]) != std::uint8_t(255 - std::uint8_t(c.buffer[32 + i]))) agreed = false;
+          }
+          if (c.agreed) *c.agreed = agreed;
+          break;
+        }
+        default: break;
+      }
+    } catch (...) {
+      c.error = std::current_exception();
+    }
+  }
+  c.workspace = PooledBuffer();
+  c.work->complete(c.failed ? c.error : c.error);
+}
+
+void Engine::on_frame(transport::Connection& connection, const FrameHeader& header, const std::string& name) {
+  if (header.cluster_version != config_.cluster_version) {
+    throw ProtocolError(str_cat("rank ", header.source, " sent a frame of cluster version ", header.cluster_version,
+                                "; this rank is at version ", config_.cluster_version));
+  }
+  switch (header.type) {
+    case FrameType::data: return receive_data(connection, header, name);
+    case FrameType::ready: {
+      if (header.payload_bytes != 0) throw ProtocolError("ready frame with a payload");
+      std::unique_lock<std::mutex> lock(mutex_);
+      if (tombstones_.count(CollectiveKey{name, header.seq})) return;
+      auto it = active_.find(CollectiveKey{name, header.seq});
+      if (it == active_.end()) {
+        early_ready_.emplace(MessageKey{name, header.seq, 0, header.source}, header);
+        return;
+      }
+      Progress progress;
+      on_ready(it->second, header, progress);
+      run(lock, progress);
+      return;
+    }
+    case FrameType::abort: {
+      const std::string text = read_text(connection, header.payload_bytes);
+      std::unique_lock<std::mutex> lock(mutex_);
+      Progress progress;
+      auto it = active_.find(CollectiveKey{name, header.seq});
+      if (it != active_.end()) {
+        auto c = it->second;
+        std::exception_ptr error = WireError(header.root) == WireError::mismatch
+                                       ? std::make_exception_ptr(MismatchError(text))
+                                       : std::make_exception_ptr(PeerLostError(text));
+        fail(c, error, WireError(header.root), false, progress);
+      } else {
+        CollectiveKey key{name, header.seq};
+        if (tombstones_.emplace(key, Tombstone{text, std::uint8_t(header.root)}).second) {
+          tombstone_order_.push_back(key);
+        }
+      }
+      run(lock, progress);
+      return;
+    }
+    case FrameType::stall_query: {
+      if (header.payload_bytes != 0) throw ProtocolError("stall query with a payload");
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = posted_count_.find(name);
+      const bool posted = it != posted_count_.end() && it->second > header.seq;
+      send_control(header.source, FrameType::stall_reply, name, header.seq, posted ? 1 : 0, {});
+      return;
+    }
+    case FrameType::stall_reply: {
+      if (header.payload_bytes != 0) throw ProtocolError("stall reply with a payload");
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = active_.find(CollectiveKey{name, header.seq});
+      if (it == active_.end()) return;
+      Collective& c = *it->second;
+      c.stall_posted[std::size_t(header.source)] = header.root ? 1 : 0;
+      bool all = true;
+      for (int p = 0; p < config_.size; ++p) {
+        if (p != config_.rank && lost_[std::size_t(p)].empty() && c.stall_posted[std::size_t(p)] < 0) all = false;
+      }
+      if (all) log::warn("stall report: ", describe_wait(c));
+      return;
+    }
+    case FrameType::p2p_request: return receive_p2p_request(connection, header, name);
+    case FrameType::p2p_reply: return receive_p2p_reply(connection, header);
+    case FrameType::goodbye: return;  // handled by the connection
+  }
+}
+
+std::string Engine::read_text(transport::Connection& connection, std::uint64_t bytes) {
+  if (bytes > kMaxErrorText) {
+    throw ProtocolError(str_cat("rank ", connection.peer(), " sent a ", bytes, "-byte error text; the cap is ",
+                                kMaxErrorText));
+  }
+  std::string text(bytes, '\0');
+  if (bytes > 0) connection.read_payload(text.data(), bytes);
+  return text;
+}
+
+void Engine::receive_data(transport::Connection& connection, const FrameHeader& header, const std::string& name) {
+  const int source = header.source;
+  const std::uint64_t bytes = header.payload_bytes;
+  MessageKey key{name, header.seq, header.tag, source};
+  std::unique_lock<std::mutex> lock(mutex_);
+  Progress progress;
+  if (tombstones_.count(CollectiveKey{name, header.seq})) {
+    lock.unlock();
+    connection.discard_payload(bytes);
+    return;
+  }
+  auto armed = armed_.find(key);
+  if (armed != armed_.end()) {
+    auto c = armed->second.collective;
+    const std::uint32_t i = armed->second.op;
+    armed_.erase(armed);
+    if (!check_signature(c, header, progress)) {
+      run(lock, progress);
+      connection.discard_payload(bytes);
+      return;
+    }
+    const Op& op = c->plan->ops[i];
+    if (bytes != op.count * c->element_bytes) {
+      throw ProtocolError(str_cat("rank ", source, " sent ", bytes, " bytes for a segment of ", c->label(),
+                                  " where this rank expects ", op.count * c->element_bytes));
+    }
+    c->state[i] = OpState::running;
+    ++c->running;
+    ++c->running_by_peer[std::size_t(source)];
+    lock.unlock();
+    std::byte* dst = c->buffer + op.offset * c->element_bytes;
+    try {
+      if (op.kind == OpKind::recv_copy) {
+        connection.read_payload(dst, bytes);
+      } else {
+        thread_local std::vector<std::byte> scratch(kScratchBytes);
+        const std::size_t step = kScratchBytes / c->element_bytes;
+        for (std::size_t done = 0; done < op.count; done += step) {
+          const std::size_t n = std::min(step, op.count - done);
+          connection.read_payload(scratch.data(), n * c->element_bytes);
+          reduce_into(c->dtype, c->op, dst + done * c->element_bytes, scratch.data(), n);
+        }
+      }
+    } catch (...) {
+      lock.lock();
+      --c->running;
+      --c->running_by_peer[std::size_t(source)];
+      maybe_finish(c, progress);  // the connection's loss fails it, or it failed already
+      run(lock, progress);
+      throw;
+    }
+    lock.lock();
+    --c->running;
+    --c->running_by_peer[std::size_t(source)];
+    if (c->failed) {
+      maybe_finish(c, progress);
+    } else {
+      complete_op(c, i, progress);
+    }
+    run(lock, progress);
+    return;
+  }
+
+  // Not armed yet: keep it in the mailbox.
+  auto active = active_.find(CollectiveKey{name, header.seq});
+  if (active != active_.end()) {
+    auto c = active->second;
+    if (!check_signature(c, header, progress)) {
+      run(lock, progress);
+      connection.discard_payload(bytes);
+      return;
+    }
+    if (bytes > c->buffer_bytes) {
+      throw ProtocolError(str_cat("rank ", source, " sent a ", bytes, "-byte segment of ", c->label(),
+                                  " whose whole buffer is ", c->buffer_bytes, " bytes"));
+    }
+  } else if (bytes > kEagerBytes) {
+    throw ProtocolError(str_cat("rank ", source, " sent a ", bytes, "-byte segment of '", name, "' (seq ",
+                                header.seq, ") before this rank posted it; segments over ", kEagerBytes,
+                                " bytes must wait for the receiver"));
+  }
+  const auto deadline = Clock::now() + config_.timeout;
+  while (mailbox_bytes_ + bytes > kMailboxCap && !closing_) {
+    if (mailbox_space_.wait_until(lock, deadline) == std::cv_status::timeout) {
+      throw TimeoutError(str_cat("rank ", config_.rank, ": more than ", kMailboxCap,
+                                 " bytes of early segments waited for collectives that were not posted within ",
+                                 seconds(config_.timeout)));
+    }
+  }
+  mailbox_bytes_ += bytes;
+  lock.unlock();
+  Early early{header, pool_.acquire(bytes)};
+  try {
+    if (bytes > 0) connection.read_payload(early.data.data(), bytes);
+  } catch (...) {
+    lock.lock();
+    mailbox_bytes_ -= bytes;
+    throw;
+  }
+  lock.lock();
+  if (tombstones_.count(CollectiveKey{name, header.seq})) {
+    mailbox_bytes_ -= bytes;
+    mailbox_space_.notify_all();
+    return;
+  }
+  armed = armed_.find(key);
+  if (armed != armed_.end()) {
+    auto c = armed->second.collective;
+    const std::uint32_t i = armed->second.op;
+    armed_.erase(armed);
+    mailbox_bytes_ -= bytes;
+    mailbox_space_.notify_all();
+    if (check_signature(c, header, progress)) {
+      if (bytes != c->plan->ops[i].count * c->element_bytes) {
+        throw ProtocolError(str_cat("rank ", source, " sent ", bytes, " bytes for a segment of ", c->label(),
+                                    " where this rank expects ", c->plan->ops[i].count * c->element_bytes));
+      }
+      c->state[i] = OpState::running;
+      ++c->running;
+      progress.copies.push_back({c, i, std::move(early)});
+    }
+    run(lock, progress);
+    return;
+  }
+  mailbox_.emplace(std::move(key), std::move(early));
+}
+
+void Engine::on_lost(transport::Connection& connection, const std::string& reason, bool goodbye) {
+  const int p = connection.peer();
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (closing_ || !lost_[std::size_t(p)].empty()) return;
+  lost_[std::size_t(p)] = goodbye ? str_cat("rank ", p, " closed its session")
+                                  : str_cat("rank ", p, " is lost (", reason, ")");
+  if (!goodbye) log::warn("rank ", config_.rank, ": ", lost_[std::size_t(p)]);
+  Progress progress;
+  std::vector<std::shared_ptr<Collective>> all;
+  for (auto& [key, c] : active_) {
+    if (needs_peer(*c, p)) all.push_back(c);
+  }
+  for (auto& c : all) {
+    fail(c, std::make_exception_ptr(PeerLostError(str_cat(c->label(), " failed on rank ", config_.rank,
+                                                          " at cluster version ", config_.cluster_version, ": ",
+                                                          lost_[std::size_t(p)]))),
+         WireError::lost, true, progress);
+  }
+  std::vector<std::shared_ptr<PendingRequest>> failed;
+  for (auto& [id, r] : requests_) {
+    if (r->target == p && !r->finished && !r->running) failed.push_back(r);
+  }
+  for (auto& r : failed) {
+    r->finished = true;
+    requests_.erase(r->id);
+  }
+  run(lock, progress);
+  for (auto& r : failed) {
+    r->work->complete(std::make_exception_ptr(
+        PeerLostError(str_cat("request of '", r->name, "' from rank ", p, " failed: ", lost_[std::size_t(p)]))));
+  }
+}
+
+std::string Engine::describe_wait(const Collective& c) const {
+  std::vector<int> data_from, not_posted, ready_from;
+  for (std::uint32_t i = 0; i < c.plan->ops.size(); ++i) {
+    const Op& op = c.plan->ops[i];
+    if (c.state[i] == OpState::done) continue;
+    auto add = [](std::vector<int>& v, int p) {
+      if (std::find(v.begin(), v.end(), p) == v.end()) v.push_back(p);
+    };
+    if (op.kind != OpKind::send) add(data_from, op.peer);
+  }
+  for (int p : c.plan->targets) {
+    if (!c.ready_from[std::size_t(p)]) ready_from.push_back(p);
+  }
+  for (int p = 0; p < config_.size; ++p) {
+    if (c.stall_posted[std::size_t(p)] == 0) not_posted.push_back(p);
+  }
+  std::sort(data_from.begin(), data_from.end());
+  std::sort(ready_from.begin(), ready_from.end());
+  const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - c.start);
+  std::string text = str_cat(c.label(), " on rank ", config_.rank, " at cluster version ", config_.cluster_version,
+                             " has waited ", seconds(waited));
+  if (!not_posted.empty()) {
+    text += str_cat("; rank", not_posted.size() > 1 ? "s " : " ", rank_list(not_posted),
+                    not_posted.size() > 1 ? " have" : " has", " not posted it");
+  }
+  if (!data_from.empty()) text += str_cat("; waiting for data from rank(s) ", rank_list(data_from));
+  if (!ready_from.empty()) text += str_cat("; waiting for rank(s) ", rank_list(ready_from), " to post it");
+  return text;
+}
+
+void Engine::watchdog_loop() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (!closing_) {
+    watchdog_wake_.wait_for(lock, std::chrono::milliseconds(50));
+    if (closing_) break;
+    const auto now = Clock::now();
+    Progress progress;
+    std::vector<std::shared_ptr<Collective>> all;
+    for (auto& [key, c] : active_) all.push_back(c);
+    for (auto& c : all) {
+      if (c->failed) continue;
+      if (now >= c->deadline) {
+        fail(c, std::make_exception_ptr(TimeoutError(str_cat(describe_wait(*c), "; the timeout is ",
+                                                             seconds(config_.timeout), " (AIKIDO_TIMEOUT)"))),
+             WireError::timeout, false, progress);
+      } else if (!c->stall_queried && now >= c->start + config_.timeout / 2) {
+        c->stall_queried = true;
+        for (int p = 0; p < config_.size; ++p) {
+          if (p != config_.rank && lost_[std::size_t(p)].empty()) {
+            send_control(p, FrameType::stall_query, c->name, c->seq, 0, {});
+          }
+        }
+      }
+    }
+    std::vector<std::shared_ptr<PendingRequest>> expired;
+    for (auto& [id, r] : requests_) {
+      if (!r->finished && now >= r->deadline) {
+        if (r->running) {
+          connections_[std::size_t(r->target)]->shutdown();
+        } else {
+          expired.push_back(r);
+        }
+      }
+    }
+    for (auto& r : expired) {
+      r->finished = true;
+      requests_.erase(r->id);
+    }
+    run(lock, progress);
+    for (auto& r : expired) {
+      r->work->complete(std::make_exception_ptr(TimeoutError(str_cat("request of '", r->name, "' from rank ",
+                                                                     r->target, " got no answer within ",
+                                                                     seconds(config_.timeout)))));
+    }
+    lock.lock();
+  }
+}
+
+void Engine::drain() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (!idle_.wait_for(lock, config_.timeout, [&] { return active_.empty(); })) {
+    throw TimeoutError(str_cat("rank ", config_.rank, ": collectives still in flight after ",
+                               seconds(config_.timeout)));
+  }
+}
+
+void Engine::set_topology(Topology topology) {
+  drain();
+  const std::byte value[1] = {std::byte(topology)};
+  bool agreed = false;
+  Request r{CollectiveKind::consensus, DType::u8, ReduceOp::max, 0, value, nullptr, 1, 0, "aikido/set_topology",
+            &agreed};
+  post(r).wait();
+  if (!agreed) {
+    throw MismatchError(str_cat("set_topology: ranks asked for different topologies (rank ", config_.rank, " asked for ",
+                                topology_name(topology), "); every rank must switch to the same one"));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  topology_ = topology;
+}
+
+void Engine::save(std::string_view name, DType dtype, const void* data, std::size_t count) {
+  if (name.empty() || name.size() > transport::kMaxNameBytes) {
+    throw ConfigError(str_cat("save: the name must have 1 to ", transport::kMaxNameBytes, " bytes"));
+  }
+  const std::size_t bytes = count * dtype_size(dtype);
+  auto copy = std::make_shared<std::vector<std::byte>>(bytes);
+  if (bytes > 0) std::memcpy(copy->data(), data, bytes);
+  std::lock_guard<std::mutex> lock(mutex_);
+  saved_[std::string(name)] = Saved{dtype, count, std::move(copy)};
+}
+
+Work Engine::request(int target, std::string_view name, DType dtype, void* out, std::size_t count) {
+  if (target < 0 || target >= config_.size) {
+    throw ConfigError(str_cat("request '", name, "': target rank ", target, " is not a rank of 0..", config_.size - 1));
+  }
+  auto work = std::make_shared<WorkState>();
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (target == config_.rank) {
+    auto it = saved_.find(std::string(name));
+    std::exception_ptr error;
+    if (it == saved_.end()) {
+      error = std::make_exception_ptr(ConfigError(str_cat("request: rank ", target, " has saved nothing named '", name, "'")));
+    } else if (it->second.dtype != dtype || it->second.count != count) {
+      error = std::make_exception_ptr(ConfigError(str_cat("request '", name, "': rank ", target, " saved ",
+                                                          it->second.count, " ", dtype_name(it->second.dtype),
+                                                          " elements; the request asked for ", count, " ",
+                                                          dtype_name(dtype))));
+    } else if (count > 0) {
+      std::memcpy(out, it->second.bytes->data(), it->second.bytes->size());
+    }
+    lock.unlock();
+    work->complete(error);
+    return Work(work);
+  }
+  if (!lost_[std::size_t(target)].empty()) {
+    const std::string why = lost_[std::size_t(target)];
+    lock.unlock();
+    work->complete(std::make_exception_ptr(PeerLostError(str_cat("request of '", name, "' failed: ", why))));
+    return Work(work);
+  }
+  auto r = std::make_shared<PendingRequest>();
+  r->id = next_request_++;
+  r->target = target;
+  r->name = std::string(name);
+  r->dtype = dtype;
+  r->count = count;
+  r->out = out;
+  r->deadline = Clock::now() + config_.timeout;
+  r->work = work;
+  requests_.emplace(r->id, r);
+  transport::OutgoingFrame frame;
+  frame.header.type = FrameType::p2p_request;
+  frame.header.source = config_.rank;
+  frame.header.cluster_version = config_.cluster_version;
+  frame.header.seq = r->id;
+  frame.header.dtype = std::uint8_t(dtype);
+  frame.header.count = count;
+  frame.name = r->name;
+  connections_[std::size_t(target)]->send(std::move(frame));
+  return Work(work);
+}
+
+void Engine::receive_p2p_request(transport::Connection& connection, const FrameHeader& header,
+                                 const std::string& name) {
+  if (header.payload_bytes != 0) throw ProtocolError("p2p request with a payload");
+  transport::OutgoingFrame frame;
+  frame.header.type = FrameType::p2p_reply;
+  frame.header.source = config_.rank;
+  frame.header.cluster_version = config_.cluster_version;
+  frame.header.seq = header.seq;
+  frame.name = name;
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = saved_.find(name);
+  std::string error;
+  if (it == saved_.end()) {
+    error = str_cat("request: rank ", config_.rank, " has saved nothing named '", name, "'");
+  } else if (it->second.dtype != DType(header.dtype) || it->second.count != header.count) {
+    error = str_cat("request '", name, "': rank ", config_.rank, " saved ", it->second.count, " ",
+                    dtype_name(it->second.dtype), " elements; the request asked for ", header.count, " ",
+                    dtype_name(DType(header.dtype)));
+  }
+  if (error.empty()) {
+    frame.header.root = 0;
+    frame.header.payload_bytes = it->second.bytes->size();
+    frame.payload = it->second.bytes->data();
+    frame.keep_alive = it->second.bytes;
+  } else {
+    auto text = std::make_shared<std::string>(std::move(error));
+    frame.header.root = 1;
+    frame.header.payload_bytes = text->size();
+    frame.payload = text->data();
+    frame.keep_alive = text;
+  }
+  connection.send(std::move(frame));
+}
+
+void Engine::receive_p2p_reply(transport::Connection& connection, const FrameHeader& header) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  auto it = requests_.find(header.seq);
+  if (it == requests_.end() || it->second->finished) {
+    lock.unlock();
+    connection.discard_payload(header.payload_bytes);
+    return;
+  }
+  auto r = it->second;
+  if (header.root != 0) {
+    lock.unlock();
+    const std::string text = read_text(connection, header.payload_bytes);
+    lock.lock();
+    r->finished = true;
+    requests_.erase(r->id);
+    lock.unlock();
+    r->work->complete(std::make_exception_ptr(ConfigError(text)));
+    return;
+  }
+  const std::size_t bytes = r->count * dtype_size(r->dtype);
+  if (header.payload_bytes != bytes) {
+    throw ProtocolError(str_cat("rank ", header.source, " answered request '", r->name, "' with ",
+                                header.payload_bytes, " bytes; ", bytes, " were asked for"));
+  }
+  r->running = true;
+  lock.unlock();
+  std::exception_ptr error;
+  try {
+    if (bytes > 0) connection.read_payload(r->out, bytes);
+  } catch (...) {
+    error = std::make_exception_ptr(PeerLostError(str_cat("request of '", r->name, "' from rank ", header.source,
+                                                          " failed: the connection broke during the reply")));
+  }
+  lock.lock();
+  r->running = false;
+  r->finished = true;
+  requests_.erase(r->id);
+  lock.unlock();
+  r->work->complete(error);
+  if (error) throw PeerLostError("connection broke during a reply");
+}
+
+}  // namespace aikido::detail

@@ -1,0 +1,184 @@
+// The engine behind aikido::Peer: runs named collectives over a set of connections.
+//
+// Every collective is a Collective object: its plan (src/collective/plan.hpp), the buffer the plan works on, and
+// per-op progress. Ops whose dependencies are met are "armed": an armed send is queued on its connection; an armed
+// receive waits in `armed_` keyed by (name, occurrence, tag, source) until its frame arrives. A frame that arrives
+// before its receive is armed waits in the mailbox. Data moves outside the engine lock; the lock only guards
+// bookkeeping.
+//
+// Flow control: segments up to `kEagerBytes` are sent at once; larger ones only after the receiver said `ready`
+// for that collective (it has posted it), so unexpected data is bounded by what receivers have posted.
+//
+// Agreement: `ready` carries the receiver's signature of the collective (kind, type, op, root, count, topology),
+// and a collective completes only once every rank it sends to has said `ready` and every frame it received matched
+// its own signature. So each rank checks all of its plan's neighbours, and a mismatch found anywhere is sent to
+// every rank (`abort`).
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include <aikido/peer.hpp>
+#include <aikido/work.hpp>
+
+#include "collective/algorithms.hpp"
+#include "runtime/buffer_pool.hpp"
+#include "runtime/work_state.hpp"
+#include "transport/connection.hpp"
+
+namespace aikido::detail {
+
+using Clock = std::chrono::steady_clock;
+
+/// What a rank learned about the cluster at rendezvous.
+struct ClusterInfo {
+  int local_rank = 0;
+  int local_size = 1;
+  std::vector<int> host_of_rank;  // host group per rank, 0..hosts-1
+};
+
+struct Collective;
+struct PendingRequest;
+
+class Engine final : public transport::FrameHandler {
+ public:
+  /// Takes ownership of one connected, authenticated socket per other rank (index = rank; the own slot is empty).
+  Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::Socket> sockets);
+  ~Engine() override;
+
+  const PeerConfig& config() const { return config_; }
+  const ClusterInfo& cluster() const { return cluster_; }
+  Topology topology() const;
+  void set_topology(Topology topology);
+
+  Work post(const Request& request);
+  void save(std::string_view name, DType dtype, const void* data, std::size_t count);
+  Work request(int target, std::string_view name, DType dtype, void* out, std::size_t count);
+
+  /// Waits until no collective is in flight (used before switching topology).
+  void drain();
+
+  void on_frame(transport::Connection& connection, const transport::FrameHeader& header,
+                const std::string& name) override;
+  void on_lost(transport::Connection& connection, const std::string& reason, bool goodbye) override;
+
+ private:
+  struct MessageKey {
+    std::string name;
+    std::uint64_t seq;
+    std::uint64_t tag;
+    int source;
+    bool operator==(const MessageKey&) const = default;
+  };
+  struct MessageKeyHash {
+    std::size_t operator()(const MessageKey& k) const;
+  };
+  struct CollectiveKey {
+    std::string name;
+    std::uint64_t seq;
+    bool operator==(const CollectiveKey&) const = default;
+  };
+  struct CollectiveKeyHash {
+    std::size_t operator()(const CollectiveKey& k) const;
+  };
+  struct Early {  // a data frame that arrived before its receive was armed
+    transport::FrameHeader header;
+    PooledBuffer data;
+  };
+  struct Tombstone {  // a collective that failed here: frames still arriving for it are dropped
+    std::string error;
+    std::uint8_t kind;
+  };
+  struct ArmedRecv {
+    std::shared_ptr<Collective> collective;
+    std::uint32_t op;
+  };
+  // Deferred work that must run without the engine lock.
+  struct Progress {
+    struct Copy {
+      std::shared_ptr<Collective> collective;
+      std::uint32_t op;
+      Early early;
+    };
+    std::vector<Copy> copies;
+    std::vector<std::shared_ptr<Collective>> finished;
+  };
+
+  // All of these run with mutex_ held.
+  void arm(const std::shared_ptr<Collective>& c, std::uint32_t op, Progress& progress);
+  void issue_send(const std::shared_ptr<Collective>& c, std::uint32_t op);
+  void complete_op(const std::shared_ptr<Collective>& c, std::uint32_t op, Progress& progress);
+  void maybe_finish(const std::shared_ptr<Collective>& c, Progress& progress);
+  void fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, transport::WireError kind,
+            bool tell_peers, Progress& progress);
+  bool check_signature(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header,
+                       Progress& progress);
+  std::string lost_summary() const;
+  std::string describe_wait(const Collective& c) const;
+  void send_control(int peer, transport::FrameType type, const std::string& name, std::uint64_t seq,
+                    std::int32_t root, std::string payload);
+  void send_ready(const Collective& c, int peer);
+  void on_ready(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header, Progress& progress);
+  static bool needs_peer(const Collective& c, int peer);
+
+  // Runs deferred copies and completions; takes and releases `lock` as needed; returns with it released.
+  void run(std::unique_lock<std::mutex>& lock, Progress& progress);
+  void finish_collective(Collective& c);
+
+  void receive_data(transport::Connection& connection, const transport::FrameHeader& header,
+                    const std::string& name);
+  void receive_p2p_request(transport::Connection& connection, const transport::FrameHeader& header,
+                           const std::string& name);
+  void receive_p2p_reply(transport::Connection& connection, const transport::FrameHeader& header);
+  std::string read_text(transport::Connection& connection, std::uint64_t bytes);
+  void watchdog_loop();
+
+  std::shared_ptr<const collective::Plan> plan_for(const collective::PlanSpec& spec);
+
+  const PeerConfig config_;
+  const ClusterInfo cluster_;
+  BufferPool pool_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable idle_;  // signalled when a collective finishes
+  Topology topology_;
+  bool closing_ = false;
+  std::unordered_map<CollectiveKey, std::shared_ptr<Collective>, CollectiveKeyHash> active_;
+  std::unordered_map<std::string, std::uint64_t> posted_count_;
+  std::unordered_map<MessageKey, ArmedRecv, MessageKeyHash> armed_;
+  std::unordered_map<MessageKey, Early, MessageKeyHash> mailbox_;
+  std::size_t mailbox_bytes_ = 0;
+  std::condition_variable mailbox_space_;
+  std::unordered_map<MessageKey, transport::FrameHeader, MessageKeyHash> early_ready_;  // tag unused
+  std::unordered_map<CollectiveKey, Tombstone, CollectiveKeyHash> tombstones_;
+  std::deque<CollectiveKey> tombstone_order_;
+  std::vector<std::string> lost_;  // why each rank is gone; empty while connected
+
+  struct Saved {
+    DType dtype;
+    std::size_t count;
+    std::shared_ptr<std::vector<std::byte>> bytes;
+  };
+  std::unordered_map<std::string, Saved> saved_;
+  std::unordered_map<std::uint64_t, std::shared_ptr<PendingRequest>> requests_;
+  std::uint64_t next_request_ = 1;
+
+  std::mutex plans_mutex_;
+  std::map<std::tuple<int, int, int, std::size_t, std::size_t, std::size_t>, std::shared_ptr<const collective::Plan>>
+      plans_;
+
+  std::vector<std::unique_ptr<transport::Connection>> connections_;
+  std::condition_variable watchdog_wake_;
+  std::thread watchdog_;
+};
+
+}  // namespace aikido::detail

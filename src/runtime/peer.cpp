@@ -1,0 +1,272 @@
+#include <poll.h>
+#include <unistd.h>
+
+#include <future>
+#include <map>
+#include <sstream>
+
+#include <aikido/peer.hpp>
+
+#include "base/env.hpp"
+#include "base/error.hpp"
+#include "base/log.hpp"
+#include "base/sha256.hpp"
+#include "runtime/engine.hpp"
+#include "transport/handshake.hpp"
+
+namespace aikido {
+
+using detail::str_cat;
+using transport::Address;
+using transport::Clock;
+
+namespace {
+
+void validate(const PeerConfig& c) {
+  if (c.size < 1) throw ConfigError(str_cat("cluster size ", c.size, " must be at least 1 (AIKIDO_SIZE)"));
+  if (c.rank < 0 || c.rank >= c.size) {
+    throw ConfigError(str_cat("rank ", c.rank, " is not in 0..", c.size - 1, " (AIKIDO_RANK, AIKIDO_SIZE)"));
+  }
+  if (c.timeout.count() <= 0) throw ConfigError("the timeout must be positive (AIKIDO_TIMEOUT)");
+  if (c.segment_bytes < 8) throw ConfigError(str_cat("segment_bytes ", c.segment_bytes, " must be at least 8"));
+  if (c.size > 1 && !c.store) throw ConfigError("a cluster of several ranks needs a rendezvous store");
+  if (c.size > 1 && c.secret.empty()) {
+    throw ConfigError("a cluster of several ranks needs a job secret (AIKIDO_SECRET; aikido-run sets it)");
+  }
+}
+
+// What each rank publishes at rendezvous: "host=H\ntcp=ADDR\nunix=ADDR\n".
+struct Endpoint {
+  std::string host;
+  std::string tcp;
+  std::string unix_path;
+};
+
+std::string encode(const Endpoint& e) { return "host=" + e.host + "\ntcp=" + e.tcp + "\nunix=" + e.unix_path + "\n"; }
+
+Endpoint decode(const std::string& text, int rank) {
+  Endpoint e;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto eq = line.find('=');
+    if (eq == std::string::npos) continue;
+    const std::string key = line.substr(0, eq), value = line.substr(eq + 1);
+    if (key == "host") e.host = value;
+    if (key == "tcp") e.tcp = value;
+    if (key == "unix") e.unix_path = value;
+  }
+  if (e.host.empty() || (e.tcp.empty() && e.unix_path.empty())) {
+    throw ProtocolError(str_cat("rank ", rank, " published an unreadable address record: '", text, "'"));
+  }
+  return e;
+}
+
+// Accepts connections from every higher rank on either listener until all arrived or the deadline.
+void accept_all(const PeerConfig& config, std::vector<transport::Listener*> listeners,
+                std::vector<transport::Socket>& sockets, Clock::time_point deadline) {
+  int expected = config.size - 1 - config.rank;
+  while (expected > 0) {
+    if (Clock::now() >= deadline) {
+      std::vector<int> missing;
+      for (int p = config.rank + 1; p < config.size; ++p) {
+        if (!sockets[std::size_t(p)].valid()) missing.push_back(p);
+      }
+      std::string list;
+      for (int p : missing) list += (list.empty() ? "" : ", ") + std::to_string(p);
+      throw TimeoutError(str_cat("rank ", config.rank, ": rank(s) ", list, " did not connect within ",
+                                 config.timeout.count() / 1000.0, " s"));
+    }
+    std::vector<pollfd> fds;
+    for (auto* l : listeners) fds.push_back({l->fd(), POLLIN, 0});
+    const int r = ::poll(fds.data(), nfds_t(fds.size()), 100);
+    if (r <= 0) continue;
+    for (std::size_t i = 0; i < fds.size(); ++i) {
+      if (!(fds[i].revents & POLLIN)) continue;
+      transport::Socket s = listeners[i]->try_accept(Clock::now() + std::chrono::milliseconds(10));
+      if (!s.valid()) continue;
+      try {
+        const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+        auto result = transport::handshake_accept(s, config.secret, transport::Channel::data, config.cluster_version,
+                                                  config.rank, std::max(remaining, std::chrono::milliseconds(1)));
+        const int p = result.peer_rank;
+        if (p <= config.rank || p >= config.size || sockets[std::size_t(p)].valid()) {
+          log::warn("rank ", config.rank, ": refused a connection claiming rank ", p);
+          continue;
+        }
+        transport::set_bulk_buffers(s);
+        sockets[std::size_t(p)] = std::move(s);
+        --expected;
+      } catch (const Error& e) {
+        log::warn("rank ", config.rank, ": refused a connection: ", e.what());
+      }
+    }
+  }
+}
+
+}  // namespace
+
+Peer::Peer(std::unique_ptr<detail::Engine> engine) : engine_(std::move(engine)) {}
+Peer::Peer(Peer&&) noexcept = default;
+Peer& Peer::operator=(Peer&&) noexcept = default;
+Peer::~Peer() = default;
+
+Peer Peer::create(const PeerConfig& input) {
+  PeerConfig config = input;
+  if (config.host.empty()) config.host = transport::host_name();
+  validate(config);
+  detail::ClusterInfo info;
+  if (config.size == 1) {
+    info.host_of_rank = {0};
+    return Peer(std::make_unique<detail::Engine>(config, info, std::vector<transport::Socket>{}));
+  }
+  const auto deadline = Clock::now() + config.timeout;
+
+  std::uint8_t nonce[8];
+  detail::random_bytes(nonce, sizeof nonce);
+  transport::Listener tcp, unix_listener;
+  std::vector<transport::Listener*> listeners;
+  Endpoint mine;
+  mine.host = config.host;
+  if (config.transport != TransportKind::unix_socket) {
+    tcp = transport::Listener::bind_tcp(config.bind_address, 0);
+    mine.tcp = tcp.address().to_string();
+    listeners.push_back(&tcp);
+  }
+  if (config.transport != TransportKind::tcp) {
+    unix_listener = transport::Listener::bind_unix(str_cat("@aikido-", config.job_id.substr(0, 32), "-v",
+                                                           config.cluster_version, "-r", config.rank, "-", ::getpid(),
+                                                           "-", detail::to_hex(nonce)));
+    mine.unix_path = unix_listener.address().to_string();
+    listeners.push_back(&unix_listener);
+  }
+  const std::string prefix = str_cat(config.job_id, "/v", config.cluster_version, "/endpoint/");
+  config.store->set(prefix + std::to_string(config.rank), encode(mine));
+
+  std::vector<Endpoint> endpoints(std::size_t(config.size));
+  for (int p = 0; p < config.size; ++p) {
+    if (p == config.rank) {
+      endpoints[std::size_t(p)] = mine;
+      continue;
+    }
+    const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    std::string record;
+    try {
+      record = config.store->wait(prefix + std::to_string(p), std::max(remaining, std::chrono::milliseconds(1)));
+    } catch (const TimeoutError&) {
+      throw TimeoutError(str_cat("rank ", config.rank, ": rank ", p, " did not join the cluster within ",
+                                 config.timeout.count() / 1000.0, " s (AIKIDO_TIMEOUT); is it running?"));
+    }
+    endpoints[std::size_t(p)] = decode(record, p);
+  }
+
+  std::map<std::string, int> host_index;
+  info.host_of_rank.resize(std::size_t(config.size));
+  for (int p = 0; p < config.size; ++p) {
+    auto [it, inserted] = host_index.emplace(endpoints[std::size_t(p)].host, int(host_index.size()));
+    info.host_of_rank[std::size_t(p)] = it->second;
+    if (endpoints[std::size_t(p)].host == config.host) {
+      if (p < config.rank) ++info.local_rank;
+    }
+  }
+  info.local_size = int(std::count(info.host_of_rank.begin(), info.host_of_rank.end(),
+                                   info.host_of_rank[std::size_t(config.rank)]));
+
+  std::vector<transport::Socket> sockets(std::size_t(config.size));
+  auto acceptor = std::async(std::launch::async, [&] { accept_all(config, listeners, sockets, deadline); });
+  std::exception_ptr connect_error;
+  try {
+    for (int p = 0; p < config.rank; ++p) {
+      const Endpoint& e = endpoints[std::size_t(p)];
+      const bool same_host = e.host == config.host;
+      const bool use_unix = config.transport != TransportKind::tcp && same_host && !e.unix_path.empty();
+      if (!use_unix && e.tcp.empty()) {
+        throw ConfigError(str_cat("rank ", p, " is on host '", e.host, "' and listens only on a Unix socket; use ",
+                                  "AIKIDO_TRANSPORT=auto or tcp for clusters that span hosts"));
+      }
+      transport::Socket s = transport::connect(Address::parse(use_unix ? e.unix_path : e.tcp), deadline);
+      const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      auto result = transport::handshake_connect(s, config.secret, transport::Channel::data, config.cluster_version,
+                                                 config.rank, std::max(remaining, std::chrono::milliseconds(1)));
+      if (result.peer_rank != p) {
+        throw ProtocolError(str_cat("rank ", config.rank, " connected to the address of rank ", p,
+                                    " but rank ", result.peer_rank, " answered"));
+      }
+      transport::set_bulk_buffers(s);
+      sockets[std::size_t(p)] = std::move(s);
+    }
+  } catch (...) {
+    connect_error = std::current_exception();
+  }
+  if (connect_error) {
+    for (auto* l : listeners) l->close();
+    try {
+      acceptor.get();
+    } catch (...) {
+    }
+    std::rethrow_exception(connect_error);
+  }
+  acceptor.get();
+  return Peer(std::make_unique<detail::Engine>(config, info, std::move(sockets)));
+}
+
+Peer Peer::from_env() {
+  PeerConfig config;
+  config.rank = int(env::get_int(env::kRank, 0, 0, 1 << 20));
+  config.size = int(env::get_int(env::kSize, 1, 1, 1 << 20));
+  if (auto host = env::get(env::kHost)) config.host = *host;
+  if (auto secret = env::get(env::kSecret)) config.secret = *secret;
+  if (auto job = env::get(env::kJobId)) config.job_id = *job;
+  config.cluster_version = std::uint64_t(env::get_int(env::kClusterVersion, 0, 0, INT64_MAX));
+  if (auto t = env::get(env::kTopology)) config.topology = parse_topology(*t);
+  if (auto t = env::get(env::kTransport)) config.transport = parse_transport(*t);
+  config.timeout = env::get_seconds(env::kTimeout, env::kDefaultTimeout);
+  if (auto a = env::get(env::kBindAddress)) config.bind_address = *a;
+  config.segment_bytes = std::size_t(env::get_int(env::kSegmentBytes, std::int64_t(config.segment_bytes), 8,
+                                                  std::int64_t(1) << 40));
+  if (config.size > 1) {
+    auto address = env::get(env::kStoreAddr);
+    if (!address) {
+      throw ConfigError(str_cat(env::kSize, "=", config.size, " but ", env::kStoreAddr,
+                                " is not set; start workers with aikido-run"));
+    }
+    config.store = connect_tcp_store(*address, config.secret, config.timeout);
+  }
+  return create(config);
+}
+
+int Peer::rank() const { return engine_->config().rank; }
+int Peer::size() const { return engine_->config().size; }
+int Peer::local_rank() const { return engine_->cluster().local_rank; }
+int Peer::local_size() const { return engine_->cluster().local_size; }
+std::uint64_t Peer::cluster_version() const { return engine_->config().cluster_version; }
+std::chrono::milliseconds Peer::timeout() const { return engine_->config().timeout; }
+Topology Peer::topology() const { return engine_->topology(); }
+void Peer::set_topology(Topology topology) { engine_->set_topology(topology); }
+
+Work Peer::post(const detail::Request& request) { return engine_->post(request); }
+
+Work Peer::barrier_async(std::string_view name) {
+  return post({detail::CollectiveKind::barrier, DType::u8, ReduceOp::max, 0, nullptr, nullptr, 0, 0, name});
+}
+
+Work Peer::consensus_async(std::span<const std::byte> value, bool& agreed, std::string_view name) {
+  return post({detail::CollectiveKind::consensus, DType::u8, ReduceOp::max, 0, value.data(), nullptr, value.size(), 0,
+               name, &agreed});
+}
+
+bool Peer::consensus(std::span<const std::byte> value, std::string_view name) {
+  bool agreed = false;
+  consensus_async(value, agreed, name).wait();
+  return agreed;
+}
+
+void Peer::save_bytes(std::string_view name, DType dtype, const void* data, std::size_t count) {
+  engine_->save(name, dtype, data, count);
+}
+
+Work Peer::request_bytes(int target, std::string_view name, DType dtype, void* out, std::size_t count) {
+  return engine_->request(target, name, dtype, out, count);
+}
+
+}  // namespace aikido

@@ -1,0 +1,63 @@
+#include "runtime/work_state.hpp"
+
+#include <aikido/work.hpp>
+
+namespace aikido {
+namespace detail {
+
+void WorkState::complete(std::exception_ptr failure) {
+  std::vector<std::function<void(std::exception_ptr)>> run;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (done) return;
+    done = true;
+    error = failure;
+    run.swap(callbacks);
+  }
+  changed.notify_all();
+  for (auto& callback : run) callback(failure);
+}
+
+}  // namespace detail
+
+Work::Work() : state_(std::make_shared<detail::WorkState>()) { state_->done = true; }
+
+Work::Work(std::shared_ptr<detail::WorkState> state) : state_(std::move(state)) {}
+
+void Work::wait() const {
+  std::unique_lock<std::mutex> lock(state_->mutex);
+  state_->changed.wait(lock, [&] { return state_->done; });
+  if (state_->error) std::rethrow_exception(state_->error);
+}
+
+bool Work::wait(std::chrono::milliseconds timeout) const {
+  std::unique_lock<std::mutex> lock(state_->mutex);
+  if (!state_->changed.wait_for(lock, timeout, [&] { return state_->done; })) return false;
+  if (state_->error) std::rethrow_exception(state_->error);
+  return true;
+}
+
+bool Work::done() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->done;
+}
+
+std::exception_ptr Work::error() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->error;
+}
+
+void Work::on_complete(std::function<void(std::exception_ptr)> callback) const {
+  std::exception_ptr error;
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    if (!state_->done) {
+      state_->callbacks.push_back(std::move(callback));
+      return;
+    }
+    error = state_->error;
+  }
+  callback(error);
+}
+
+}  // namespace aikido

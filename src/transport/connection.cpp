@@ -1,0 +1,143 @@
+#include "transport/connection.hpp"
+
+#include <exception>
+#include <vector>
+
+#include "base/error.hpp"
+
+namespace aikido::transport {
+
+Connection::Connection(int peer, Socket socket, FrameHandler& handler)
+    : peer_(peer), socket_(std::move(socket)), handler_(handler) {}
+
+Connection::~Connection() {
+  shutdown();
+  if (receive_thread_.joinable()) receive_thread_.join();
+  if (send_thread_.joinable()) send_thread_.join();
+}
+
+void Connection::start() {
+  receive_thread_ = std::thread([this] { receive_loop(); });
+  send_thread_ = std::thread([this] { send_loop(); });
+}
+
+void Connection::send(OutgoingFrame frame) {
+  frame.header.name_bytes = std::uint32_t(frame.name.size());
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    queue_.push_back(std::move(frame));
+  }
+  queued_.notify_one();
+}
+
+void Connection::discard_payload(std::size_t size) {
+  char scratch[16384];
+  while (size > 0) {
+    const std::size_t n = std::min(size, sizeof scratch);
+    socket_.read_exact(scratch, n);
+    size -= n;
+  }
+}
+
+void Connection::shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    broken_ = true;
+  }
+  socket_.shutdown();
+  queued_.notify_all();
+}
+
+void Connection::close(std::chrono::milliseconds linger) {
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!broken_) {
+      OutgoingFrame bye;
+      bye.header.type = FrameType::goodbye;
+      queue_.push_back(std::move(bye));
+    }
+    stopping_ = true;
+    queued_.notify_all();
+    // A peer that stopped reading must not hold us here forever.
+    drained_.wait_for(lock, linger, [&] { return (queue_.empty() && !writing_) || broken_; });
+  }
+  socket_.shutdown();
+  if (send_thread_.joinable()) send_thread_.join();
+  if (receive_thread_.joinable()) receive_thread_.join();
+}
+
+void Connection::receive_loop() {
+  std::string reason;
+  bool goodbye = false;
+  std::string name;
+  try {
+    for (;;) {
+      FrameHeader header;
+      socket_.read_exact(&header, sizeof header);
+      validate_header(header, peer_);
+      if (header.type == FrameType::goodbye) {
+        goodbye = true;
+        reason = "it closed its session";
+        break;
+      }
+      name.resize(header.name_bytes);
+      if (header.name_bytes > 0) socket_.read_exact(name.data(), name.size());
+      handler_.on_frame(*this, header, name);
+    }
+  } catch (const std::exception& e) {
+    reason = e.what();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    broken_ = true;
+  }
+  queued_.notify_all();
+  handler_.on_lost(*this, reason, goodbye);
+}
+
+void Connection::send_loop() {
+  std::vector<OutgoingFrame> failed;
+  for (;;) {
+    OutgoingFrame frame;
+    bool broken;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      queued_.wait(lock, [&] { return !queue_.empty() || stopping_ || broken_; });
+      if (queue_.empty()) {  // stopping with nothing left to write
+        drained_.notify_all();
+        return;
+      }
+      frame = std::move(queue_.front());
+      queue_.pop_front();
+      broken = broken_;
+      writing_ = true;
+    }
+    if (frame.start && !frame.start()) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      writing_ = false;
+      drained_.notify_all();
+      continue;
+    }
+    bool written = false;
+    if (!broken) {
+      try {
+        iovec iov[3];
+        iov[0] = {&frame.header, sizeof frame.header};
+        iov[1] = {frame.name.data(), frame.name.size()};
+        iov[2] = {const_cast<void*>(frame.payload), std::size_t(frame.header.payload_bytes)};
+        socket_.writev_all(iov, 3);
+        written = true;
+      } catch (const std::exception&) {
+        shutdown();
+      }
+    }
+    if (frame.done) frame.done(written);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      writing_ = false;
+    }
+    drained_.notify_all();
+  }
+}
+
+}  // namespace aikido::transport

@@ -1,0 +1,92 @@
+// Stream sockets (TCP and Unix-domain), listeners and addresses. Every blocking call takes a deadline.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace aikido::transport {
+
+using Clock = std::chrono::steady_clock;
+
+/// "tcp:HOST:PORT" or "unix:@NAME" (Linux abstract namespace) or "unix:/PATH".
+struct Address {
+  enum class Kind { tcp, unix_socket };
+  Kind kind = Kind::tcp;
+  std::string host;  // tcp
+  int port = 0;      // tcp
+  std::string path;  // unix; a leading '@' means the abstract namespace
+  std::string to_string() const;
+  /// Parses the form above; plain "HOST:PORT" is taken as tcp. Throws ConfigError on anything else.
+  static Address parse(const std::string& text);
+};
+
+/// An owned, connected stream socket. Reads and writes block; a closed or reset connection throws PeerLostError.
+class Socket {
+ public:
+  Socket() = default;
+  explicit Socket(int fd) : fd_(fd) {}
+  Socket(Socket&& other) noexcept : fd_(other.fd_) { other.fd_ = -1; }
+  Socket& operator=(Socket&& other) noexcept;
+  Socket(const Socket&) = delete;
+  Socket& operator=(const Socket&) = delete;
+  ~Socket();
+
+  int fd() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+
+  /// Reads exactly `size` bytes. Throws PeerLostError on end of stream or error, TimeoutError when a receive
+  /// timeout set by set_timeout() expires.
+  void read_exact(void* data, std::size_t size);
+  /// Writes all of `size` bytes; throws PeerLostError when the connection is gone.
+  void write_all(const void* data, std::size_t size);
+  /// Writes all the buffers in order with as few system calls as possible. Modifies `iov`.
+  void writev_all(iovec* iov, int count);
+  /// Bounds every later read and write (0: no bound). Used during handshakes.
+  void set_timeout(std::chrono::milliseconds timeout);
+  /// Wakes any thread blocked on this socket (reads return end of stream); the descriptor stays open.
+  void shutdown();
+  void close();
+
+ private:
+  int fd_ = -1;
+};
+
+/// A listening socket bound to an address; port 0 (tcp) picks a free port.
+class Listener {
+ public:
+  static Listener bind_tcp(const std::string& host, int port);
+  /// A Unix-domain listener; `name` starting with '@' is in the abstract namespace.
+  static Listener bind_unix(const std::string& name);
+
+  Listener() = default;
+  Listener(Listener&&) noexcept = default;
+  Listener& operator=(Listener&&) noexcept = default;
+
+  const Address& address() const { return address_; }
+  /// Waits until a connection arrives or `deadline`; throws TimeoutError on the deadline.
+  Socket accept(Clock::time_point deadline);
+  /// Like accept, but returns an invalid socket when `deadline` passes.
+  Socket try_accept(Clock::time_point deadline);
+  int fd() const { return socket_.fd(); }
+  void close() { socket_.close(); }
+
+ private:
+  Socket socket_;
+  Address address_;
+};
+
+/// Connects to `address`, retrying while nobody listens yet, until `deadline` (then TimeoutError naming the
+/// address). TCP connections get TCP_NODELAY.
+Socket connect(const Address& address, Clock::time_point deadline);
+
+/// Large kernel buffers for bulk data connections.
+void set_bulk_buffers(Socket& socket);
+
+/// This machine's host name.
+std::string host_name();
+
+}  // namespace aikido::transport

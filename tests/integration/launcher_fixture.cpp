@@ -1,0 +1,139 @@
+// A worker program for launcher_test: each mode exercises one duty of aikido-run.
+//
+//   env                 prints the AIKIDO_* environment it got, and one line on stderr
+//   args ARGS...        prints its arguments, one per line
+//   exit R CODE         rank R exits with CODE once every rank is ready; the others sleep
+//   signal R SIG        rank R raises SIG once every rank is ready; the others sleep
+//   exit-ignore R CODE  like exit, but the other ranks ignore SIGTERM (aikido-run must SIGKILL them)
+//   sleep S             prints "ready" and sleeps S seconds
+//   partial             prints a line without its newline and exits
+//   lines N             prints N numbered lines as fast as it can, on stdout
+//   store               rendezvous through the store of aikido-run: every rank sets a key, waits for all others
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+
+#include <aikido/aikido.hpp>
+
+namespace {
+
+std::string env_or(const char* name, const char* fallback) {
+  const char* value = std::getenv(name);
+  return value != nullptr ? value : fallback;
+}
+
+int rank() { return std::atoi(env_or("AIKIDO_RANK", "-1").c_str()); }
+int size() { return std::atoi(env_or("AIKIDO_SIZE", "-1").c_str()); }
+
+void sleep_seconds(int seconds) { std::this_thread::sleep_for(std::chrono::seconds(seconds)); }
+
+// The launcher reports only failures; printing "ready" lets a test know every worker has started.
+void ready() {
+  std::printf("ready pid=%d\n", int(::getpid()));
+  std::fflush(stdout);
+}
+
+std::shared_ptr<aikido::Store> connect_store() {
+  return aikido::connect_tcp_store(env_or("AIKIDO_STORE_ADDR", ""), env_or("AIKIDO_SECRET", ""),
+                                   std::chrono::seconds(20));
+}
+
+// Waits until every rank has started, so that a failing rank never fails before the others exist.
+void wait_for_all_ranks() {
+  auto store = connect_store();
+  store->set("started/" + std::to_string(rank()), "1");
+  for (int r = 0; r < size(); ++r) store->wait("started/" + std::to_string(r), std::chrono::seconds(20));
+}
+
+int mode_env() {
+  std::printf("rank=%s size=%s local_rank=%s local_size=%s\n", env_or("AIKIDO_RANK", "unset").c_str(),
+              env_or("AIKIDO_SIZE", "unset").c_str(), env_or("AIKIDO_LOCAL_RANK", "unset").c_str(),
+              env_or("AIKIDO_LOCAL_SIZE", "unset").c_str());
+  std::printf("host=%s store=%s secret_bytes=%zu job=%s version=%s\n", env_or("AIKIDO_HOST", "unset").c_str(),
+              env_or("AIKIDO_STORE_ADDR", "unset").c_str(), env_or("AIKIDO_SECRET", "").size(),
+              env_or("AIKIDO_JOB_ID", "unset").c_str(), env_or("AIKIDO_CLUSTER_VERSION", "unset").c_str());
+  std::printf("topology=%s timeout=%s transport=%s segment=%s omp=%s\n", env_or("AIKIDO_TOPOLOGY", "unset").c_str(),
+              env_or("AIKIDO_TIMEOUT", "unset").c_str(), env_or("AIKIDO_TRANSPORT", "unset").c_str(),
+              env_or("AIKIDO_SEGMENT_BYTES", "unset").c_str(), env_or("OMP_NUM_THREADS", "unset").c_str());
+  std::fflush(stdout);
+  std::fprintf(stderr, "stderr of rank %d\n", rank());
+  return 0;
+}
+
+int mode_fail(int argc, char** argv, bool others_ignore_term, bool by_signal) {
+  if (argc < 4) return 64;
+  const int failing = std::atoi(argv[2]);
+  const int code = std::atoi(argv[3]);
+  if (rank() != failing && others_ignore_term) ::signal(SIGTERM, SIG_IGN);
+  ready();
+  wait_for_all_ranks();
+  if (rank() == failing) {
+    std::printf("failing now\n");
+    std::fflush(stdout);
+    if (by_signal) ::raise(code);
+    return code;
+  }
+  sleep_seconds(120);
+  return 0;
+}
+
+int mode_lines(int count) {
+  // One printf per line into a fully buffered stdout: lines reach the pipe in large, arbitrarily cut writes.
+  for (int i = 0; i < count; ++i) std::printf("line %d %d\n", rank(), i);
+  return 0;
+}
+
+int mode_store() {
+  auto store = connect_store();
+  store->set("hello/" + std::to_string(rank()), "from " + std::to_string(rank()));
+  for (int r = 0; r < size(); ++r) {
+    const std::string value = store->wait("hello/" + std::to_string(r), std::chrono::seconds(20));
+    if (value != "from " + std::to_string(r)) {
+      std::printf("bad value '%s' for rank %d\n", value.c_str(), r);
+      return 1;
+    }
+  }
+  std::printf("store ok\n");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: launcher_fixture MODE [ARGS...]\n");
+    return 64;
+  }
+  const std::string mode = argv[1];
+  try {
+    if (mode == "env") return mode_env();
+    if (mode == "args") {
+      for (int i = 2; i < argc; ++i) std::printf("arg %d: %s\n", i - 1, argv[i]);
+      return 0;
+    }
+    if (mode == "exit") return mode_fail(argc, argv, false, false);
+    if (mode == "exit-ignore") return mode_fail(argc, argv, true, false);
+    if (mode == "signal") return mode_fail(argc, argv, false, true);
+    if (mode == "sleep" && argc >= 3) {
+      ready();
+      sleep_seconds(std::atoi(argv[2]));
+      return 0;
+    }
+    if (mode == "partial") {
+      std::printf("no newline");
+      return 0;
+    }
+    if (mode == "lines" && argc >= 3) return mode_lines(std::atoi(argv[2]));
+    if (mode == "store") return mode_store();
+  } catch (const aikido::Error& e) {
+    std::fprintf(stderr, "launcher_fixture: %s\n", e.what());
+    return 70;
+  }
+  std::fprintf(stderr, "launcher_fixture: unknown mode '%s'\n", mode.c_str());
+  return 64;
+}

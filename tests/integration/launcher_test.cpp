@@ -1,0 +1,232 @@
+// Runs the real aikido-run binary on launcher_fixture and checks what it promises: environment, prefixed output,
+// exit statuses, stopping workers, flag validation.
+#include <signal.h>
+
+#include <filesystem>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "subprocess.hpp"
+
+namespace aikido::testing {
+namespace {
+
+using namespace std::chrono_literals;
+
+const std::string kRun = AIKIDO_RUN_PATH;
+const std::string kFixture = LAUNCHER_FIXTURE_PATH;
+// Bound of every launcher run; the runs themselves take well under a second unless they must wait for a grace
+// period (3 s).
+constexpr auto kBound = 60s;
+
+std::vector<std::string> launch(std::vector<std::string> args) {
+  args.insert(args.begin(), kRun);
+  return args;
+}
+
+TEST(LauncherTest, HelpPrintsUsage) {
+  const auto r = run_process(launch({"--help"}), kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.out.find("usage: aikido-run -np N"), std::string::npos) << r.describe();
+  EXPECT_NE(r.out.find("OMP_NUM_THREADS=1"), std::string::npos) << r.describe();
+}
+
+struct BadCommandLine {
+  std::vector<std::string> args;
+  std::string message;
+};
+
+TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
+  const std::vector<BadCommandLine> cases = {
+      {{}, "missing -np"},
+      {{kFixture, "env"}, "missing -np"},
+      {{"-np"}, "-np needs a value"},
+      {{"-np", "0", kFixture}, "'0' is not a positive integer"},
+      {{"-np", "-3", kFixture}, "'-3' is not a positive integer"},
+      {{"-np", "two", kFixture}, "'two' is not a positive integer"},
+      {{"-np", "2x", kFixture}, "'2x' is not a positive integer"},
+      {{"-np", "2", "--bogus", kFixture}, "unknown option '--bogus'"},
+      {{"-np", "2", "--topology", "mesh", kFixture}, "unknown topology 'mesh'"},
+      {{"-np", "2", "--transport=carrier-pigeon", kFixture}, "unknown transport 'carrier-pigeon'"},
+      {{"-np", "2", "--timeout", "-1", kFixture}, "--timeout '-1' is not a positive number"},
+      {{"-np", "2", "--segment-bytes", "lots", kFixture}, "--segment-bytes 'lots'"},
+      {{"-np", "2"}, "missing PROGRAM"},
+      {{"-np", "2", "aikido-no-such-program"}, "program 'aikido-no-such-program' not found in PATH"},
+      {{"-np", "2", "./aikido-no-such-program"}, "program './aikido-no-such-program' does not exist"},
+      {{"-np", "2", "/dev/null"}, "program '/dev/null' is not an executable file"},
+  };
+  for (const auto& c : cases) {
+    const auto r = run_process(launch(c.args), kBound);
+    EXPECT_TRUE(r.exited && r.exit_code == 2) << "args: " << ::testing::PrintToString(c.args) << "\n" << r.describe();
+    EXPECT_NE(r.err.find("aikido-run: "), std::string::npos) << r.describe();
+    EXPECT_NE(r.err.find(c.message), std::string::npos)
+        << "expected '" << c.message << "' for " << ::testing::PrintToString(c.args) << "\n" << r.describe();
+    EXPECT_TRUE(r.out.empty()) << r.describe();
+  }
+}
+
+TEST(LauncherTest, SetsTheEnvironmentAndPrefixesLines) {
+  const auto r = run_process(launch({"-np", "3", "--topology", "tree", "--timeout", "7.5", "--transport", "tcp",
+                                     "--segment-bytes", "4096", kFixture, "env"}),
+                             kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  std::string store, job;
+  for (int rank = 0; rank < 3; ++rank) {
+    const std::string p = "[" + std::to_string(rank) + "] ";
+    const auto lines = lines_with_prefix(r.out, p);
+    ASSERT_EQ(lines.size(), 3u) << r.describe();
+    EXPECT_EQ(lines[0], p + "rank=" + std::to_string(rank) + " size=3 local_rank=" + std::to_string(rank) +
+                            " local_size=3");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_match(lines[1], m,
+                                 std::regex(R"(\[\d\] host=\S+ store=(127\.0\.0\.1:\d+) secret_bytes=64 job=(\w+) version=0)")))
+        << lines[1];
+    // Every rank of the job shares the store and the job id.
+    if (rank == 0) {
+      store = m[1];
+      job = m[2];
+    }
+    EXPECT_EQ(m[1], store);
+    EXPECT_EQ(m[2], job);
+    EXPECT_EQ(lines[2], p + "topology=tree timeout=7.5 transport=tcp segment=4096 omp=1");
+    EXPECT_EQ(lines_with_prefix(r.err, p), std::vector<std::string>{p + "stderr of rank " + std::to_string(rank)})
+        << r.describe();
+  }
+}
+
+TEST(LauncherTest, InheritsSettingsThatNoFlagOverrides) {
+  Subprocess::Options options;
+  options.set_env = {"AIKIDO_TOPOLOGY=star", "AIKIDO_TIMEOUT=9", "AIKIDO_RANK=17", "AIKIDO_SECRET=guessable",
+                     "OMP_NUM_THREADS=4"};
+  const auto r = run_process(launch({"-np", "2", "--timeout", "3", kFixture, "env"}), kBound, options);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string p = "[" + std::to_string(rank) + "] ";
+    const auto lines = lines_with_prefix(r.out, p);
+    ASSERT_EQ(lines.size(), 3u) << r.describe();
+    EXPECT_EQ(lines[0].find(p + "rank=" + std::to_string(rank) + " "), 0u) << lines[0];
+    EXPECT_NE(lines[1].find("secret_bytes=64 "), std::string::npos) << lines[1];
+    EXPECT_EQ(lines[2], p + "topology=star timeout=3 transport=unset segment=unset omp=4");
+  }
+}
+
+TEST(LauncherTest, PassesArgumentsThrough) {
+  const auto r = run_process(launch({"-np", "1", kFixture, "args", "-np", "--help", "two words", ""}), kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(r.out, "[0] arg 1: -np\n[0] arg 2: --help\n[0] arg 3: two words\n[0] arg 4: \n") << r.describe();
+}
+
+TEST(LauncherTest, FindsProgramsInPathAndByRelativePath) {
+  const std::filesystem::path fixture(kFixture);
+  Subprocess::Options in_path;
+  in_path.set_env = {"PATH=/nonexistent-dir:" + fixture.parent_path().string()};
+  auto r = run_process(launch({"-np", "2", fixture.filename().string(), "args", "x"}), kBound, in_path);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(count_of(r.out, "arg 1: x\n"), 2) << r.describe();
+
+  Subprocess::Options relative;
+  relative.cwd = fixture.parent_path().string();
+  r = run_process(launch({"-np", "2", "./" + fixture.filename().string(), "args", "y"}), kBound, relative);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(count_of(r.out, "arg 1: y\n"), 2) << r.describe();
+}
+
+TEST(LauncherTest, FlushesAPartialLastLine) {
+  const auto r = run_process(launch({"-np", "2", kFixture, "partial"}), kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(count_of(r.out, "[0] no newline\n"), 1) << r.describe();
+  EXPECT_EQ(count_of(r.out, "[1] no newline\n"), 1) << r.describe();
+}
+
+TEST(LauncherTest, KeepsLinesWholeUnderLoad) {
+  constexpr int kRanks = 4;
+  constexpr int kLines = 5000;
+  const auto r = run_process(launch({"-np", std::to_string(kRanks), kFixture, "lines", std::to_string(kLines)}),
+                             kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.err;
+  std::vector<int> next(kRanks, 0);
+  const std::regex line(R"(\[(\d)\] line (\d) (\d+))");
+  std::istringstream in(r.out);
+  for (std::string text; std::getline(in, text);) {
+    std::smatch m;
+    ASSERT_TRUE(std::regex_match(text, m, line)) << "mangled line: '" << text << "'";
+    const int rank = std::stoi(m[1]);
+    ASSERT_EQ(rank, std::stoi(m[2])) << text;
+    ASSERT_EQ(std::stoi(m[3]), next[rank]) << "lines of rank " << rank << " out of order: " << text;
+    ++next[rank];
+  }
+  for (int rank = 0; rank < kRanks; ++rank) EXPECT_EQ(next[rank], kLines) << "rank " << rank;
+}
+
+TEST(LauncherTest, WorkersRendezvousThroughTheStore) {
+  const auto r = run_process(launch({"-np", "4", kFixture, "store"}), kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  for (int rank = 0; rank < 4; ++rank) {
+    EXPECT_EQ(count_of(r.out, "[" + std::to_string(rank) + "] store ok\n"), 1) << r.describe();
+  }
+}
+
+TEST(LauncherTest, SucceedsWhenEveryWorkerSucceeds) {
+  const auto r = run_process(launch({"-np", "3", "true"}), kBound);
+  EXPECT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_TRUE(r.err.empty()) << r.describe();
+}
+
+TEST(LauncherTest, FirstFailingStatusPropagatesAndStopsTheOthers) {
+  // Ranks 0 and 2 sleep for two minutes: the launcher returning early proves it stopped them.
+  const auto r = run_process(launch({"-np", "3", kFixture, "exit", "1", "7"}), kBound);
+  ASSERT_FALSE(r.timed_out) << r.describe();
+  EXPECT_TRUE(r.exited && r.exit_code == 7) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: rank 1 exited with status 7"), std::string::npos) << r.describe();
+  EXPECT_EQ(count_of(r.out, "ready pid="), 3) << r.describe();
+  EXPECT_LT(r.elapsed, 30s) << r.describe();
+}
+
+TEST(LauncherTest, WorkerKilledBySignalGives128PlusSignal) {
+  const auto r = run_process(launch({"-np", "3", kFixture, "signal", "2", std::to_string(SIGKILL)}), kBound);
+  ASSERT_FALSE(r.timed_out) << r.describe();
+  EXPECT_TRUE(r.exited && r.exit_code == 128 + SIGKILL) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: rank 2 killed by signal SIGKILL"), std::string::npos) << r.describe();
+  EXPECT_LT(r.elapsed, 30s) << r.describe();
+}
+
+TEST(LauncherTest, KillsWorkersThatIgnoreSigterm) {
+  const auto r = run_process(launch({"-np", "2", kFixture, "exit-ignore", "0", "5"}), kBound);
+  ASSERT_FALSE(r.timed_out) << r.describe();
+  EXPECT_TRUE(r.exited && r.exit_code == 5) << r.describe();
+  EXPECT_NE(r.err.find("SIGKILL"), std::string::npos) << r.describe();
+  EXPECT_LT(r.elapsed, 30s) << r.describe();
+}
+
+// Starts `ranks` sleeping workers, sends `sig` to the launcher once all are running, and checks the outcome.
+void expect_signal_stops_everything(int sig, int expected_status) {
+  Subprocess launcher(launch({"-np", "3", kFixture, "sleep", "120"}));
+  ASSERT_TRUE(launcher.wait_for_output(
+      [](const std::string& out, const std::string&) { return count_of(out, "ready pid=") == 3; }, kBound))
+      << "the workers did not start";
+  launcher.send_signal(sig);
+  const auto r = launcher.wait(kBound);
+  ASSERT_FALSE(r.timed_out) << r.describe();
+  EXPECT_TRUE(r.exited && r.exit_code == expected_status) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: received"), std::string::npos) << r.describe();
+  EXPECT_LT(r.elapsed, 30s) << r.describe();
+  // The launcher waits for its workers before it exits: none of them may be left running.
+  std::smatch m;
+  std::string rest = r.out;
+  const std::regex pid_pattern(R"(ready pid=(\d+))");
+  while (std::regex_search(rest, m, pid_pattern)) {
+    const pid_t pid = pid_t(std::stol(m[1]));
+    EXPECT_NE(::kill(pid, 0), 0) << "worker " << pid << " still runs";
+    rest = m.suffix();
+  }
+}
+
+TEST(LauncherTest, SigintStopsEveryWorker) { expect_signal_stops_everything(SIGINT, 130); }
+
+TEST(LauncherTest, SigtermStopsEveryWorker) { expect_signal_stops_everything(SIGTERM, 143); }
+
+}  // namespace
+}  // namespace aikido::testing

@@ -1,0 +1,135 @@
+// A worker for peer_process_test, run under aikido-run; it uses only the public API.
+//
+//   allreduce N   allreduce (sum) of N rank-dependent floats, a few times under one name, checked against the
+//                 closed form; prints "OK"
+//   crash R       after one successful allreduce rank R kills itself (SIGKILL); the others run another allreduce,
+//                 which must fail: they print the error's type and message and exit 3
+//   hang R        after one successful allreduce rank R stops itself (SIGSTOP); the others must get an error
+//                 within AIKIDO_TIMEOUT, print it and exit 3
+//   mismatch      rank 1 posts a collective with another size; every rank must catch MismatchError, print it
+//                 and exit 0
+//
+// Exit statuses: 0 success, 1 wrong result, 3 expected error caught, 4 unexpected error, 5 no error where one was
+// expected, 64 bad usage.
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include <aikido/aikido.hpp>
+
+namespace {
+
+constexpr std::size_t kFaultCount = 1 << 12;
+
+void say(const aikido::Peer& peer, const std::string& message) {
+  std::printf("rank %d: %s\n", peer.rank(), message.c_str());
+  std::fflush(stdout);
+}
+
+// x[i] = (rank + 1) * (i % 7 + 1): small integers, so the float sum is exact. The sum over ranks is
+// (i % 7 + 1) * size * (size + 1) / 2.
+std::vector<float> input(int rank, std::size_t count) {
+  std::vector<float> x(count);
+  for (std::size_t i = 0; i < count; ++i) x[i] = float((rank + 1) * int(i % 7 + 1));
+  return x;
+}
+
+bool check_sum(const aikido::Peer& peer, const std::vector<float>& y) {
+  const int size = peer.size();
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    const float expected = float(int(i % 7 + 1) * size * (size + 1) / 2);
+    if (y[i] != expected) {
+      say(peer, "WRONG: element " + std::to_string(i) + " is " + std::to_string(y[i]) + ", expected " +
+                    std::to_string(expected));
+      return false;
+    }
+  }
+  return true;
+}
+
+bool allreduce_once(aikido::Peer& peer, std::size_t count, const char* name) {
+  const std::vector<float> x = input(peer.rank(), count);
+  std::vector<float> y(count, -1.0f);
+  peer.allreduce(std::span<const float>(x), std::span<float>(y), aikido::ReduceOp::sum, name);
+  return check_sum(peer, y);
+}
+
+int mode_allreduce(aikido::Peer& peer, std::size_t count) {
+  // The same name several times: occurrences match step by step.
+  for (int step = 0; step < 3; ++step) {
+    if (!allreduce_once(peer, count, "grad/fc1")) return 1;
+  }
+  // In place.
+  std::vector<float> buffer = input(peer.rank(), count);
+  peer.allreduce(std::span<float>(buffer), aikido::ReduceOp::sum, "grad/fc1/in-place");
+  if (!check_sum(peer, buffer)) return 1;
+  say(peer, "OK");
+  return 0;
+}
+
+// Rank `faulty` fails with `fault` after a first allreduce; the others must see their next allreduce fail.
+int mode_fault(aikido::Peer& peer, int faulty, int fault) {
+  if (faulty < 0 || faulty >= peer.size()) return 64;
+  // aikido-run stops the job as soon as the faulty rank dies: the others keep running until they have reported
+  // their own error (the launcher follows up with SIGKILL after its grace period).
+  if (peer.rank() != faulty) ::signal(SIGTERM, SIG_IGN);
+  if (!allreduce_once(peer, kFaultCount, "warmup")) return 1;
+  say(peer, "warmup ok");
+  if (peer.rank() == faulty) {
+    ::raise(fault);
+    say(peer, "continued after the fault");  // SIGSTOP: only once aikido-run stops the job
+    return 0;
+  }
+  try {
+    allreduce_once(peer, kFaultCount, "after-fault");
+  } catch (const aikido::PeerLostError& e) {
+    say(peer, std::string("PeerLostError: ") + e.what());
+    return 3;
+  } catch (const aikido::TimeoutError& e) {
+    say(peer, std::string("TimeoutError: ") + e.what());
+    return 3;
+  } catch (const aikido::Error& e) {
+    say(peer, std::string("unexpected aikido::Error: ") + e.what());
+    return 4;
+  }
+  say(peer, "no error although rank " + std::to_string(faulty) + " is gone");
+  return 5;
+}
+
+int mode_mismatch(aikido::Peer& peer) {
+  const std::size_t count = peer.rank() == 1 ? 1001 : 1000;
+  std::vector<float> x(count, 1.0f), y(count);
+  try {
+    peer.allreduce(std::span<const float>(x), std::span<float>(y), aikido::ReduceOp::sum, "grad/mismatched");
+  } catch (const aikido::MismatchError& e) {
+    say(peer, std::string("MismatchError: ") + e.what());
+    return 0;
+  } catch (const aikido::Error& e) {
+    say(peer, std::string("unexpected aikido::Error: ") + e.what());
+    return 4;
+  }
+  say(peer, "no error although rank 1 posted another size");
+  return 5;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "";
+  const std::string arg = argc > 2 ? argv[2] : "";
+  try {
+    aikido::Peer peer = aikido::Peer::from_env();
+    if (mode == "allreduce" && !arg.empty()) return mode_allreduce(peer, std::size_t(std::stoul(arg)));
+    if (mode == "crash" && !arg.empty()) return mode_fault(peer, std::stoi(arg), SIGKILL);
+    if (mode == "hang" && !arg.empty()) return mode_fault(peer, std::stoi(arg), SIGSTOP);
+    if (mode == "mismatch") return mode_mismatch(peer);
+  } catch (const aikido::Error& e) {
+    std::printf("unexpected aikido::Error: %s\n", e.what());
+    return 4;
+  }
+  std::fprintf(stderr, "usage: peer_worker allreduce N | crash RANK | hang RANK | mismatch\n");
+  return 64;
+}

@@ -1,0 +1,132 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include <aikido/aikido.hpp>
+
+#include "base/reduce.hpp"
+#include "base/sha256.hpp"
+
+namespace aikido {
+namespace {
+
+using detail::to_hex;
+
+std::string hex_of(const detail::Digest& d) { return to_hex(d); }
+
+TEST(Sha256, KnownVectors) {
+  EXPECT_EQ(hex_of(detail::sha256("", 0)), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(hex_of(detail::sha256("abc", 3)), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  const std::string long_input = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+  EXPECT_EQ(hex_of(detail::sha256(long_input.data(), long_input.size())),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  std::string million(1000000, 'a');
+  EXPECT_EQ(hex_of(detail::sha256(million.data(), million.size())),
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+TEST(Sha256, HmacRfc4231) {
+  std::vector<std::uint8_t> key(20, 0x0b);
+  const std::string data = "Hi There";
+  EXPECT_EQ(hex_of(detail::hmac_sha256(key, {reinterpret_cast<const std::uint8_t*>(data.data()), data.size()})),
+            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7");
+  const std::string jefe = "Jefe", what = "what do ya want for nothing?";
+  EXPECT_EQ(hex_of(detail::hmac_sha256({reinterpret_cast<const std::uint8_t*>(jefe.data()), jefe.size()},
+                                       {reinterpret_cast<const std::uint8_t*>(what.data()), what.size()})),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+  std::vector<std::uint8_t> long_key(131, 0xaa);
+  const std::string big = "Test Using Larger Than Block-Size Key - Hash Key First";
+  EXPECT_EQ(hex_of(detail::hmac_sha256(long_key, {reinterpret_cast<const std::uint8_t*>(big.data()), big.size()})),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+}
+
+TEST(Half, Float16RoundTripsEveryValue) {
+  for (std::uint32_t bits = 0; bits < 0x10000; ++bits) {
+    const float16 h = float16::from_bits(std::uint16_t(bits));
+    const float f = float(h);
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(float(float16(f))));
+      continue;
+    }
+    EXPECT_EQ(float16(f).bits, h.bits) << "bits " << bits;
+  }
+}
+
+TEST(Half, Float16Rounding) {
+  EXPECT_EQ(float(float16(1.0f)), 1.0f);
+  EXPECT_EQ(float(float16(65504.0f)), 65504.0f);
+  EXPECT_TRUE(std::isinf(float(float16(65520.0f))));
+  EXPECT_EQ(float(float16(65519.0f)), 65504.0f);
+  EXPECT_EQ(float16(1.0f + 1.0f / 2048).bits, float16(1.0f).bits);            // tie rounds to even
+  EXPECT_EQ(float16(1.0f + 3.0f / 2048).bits, std::uint16_t(float16(1.0f).bits + 2));  // tie rounds to even (up)
+  EXPECT_EQ(float(float16(std::ldexp(1.0f, -24))), std::ldexp(1.0f, -24));  // smallest subnormal
+  EXPECT_EQ(float16(std::ldexp(1.0f, -26)).bits, 0);                        // underflows to zero
+  EXPECT_EQ(float16(-2.5f).bits, 0xc100);
+}
+
+TEST(Half, BFloat16) {
+  EXPECT_EQ(float(bfloat16(1.0f)), 1.0f);
+  EXPECT_EQ(float(bfloat16(3.0f)), 3.0f);
+  EXPECT_EQ(float(bfloat16(256.0f)), 256.0f);
+  EXPECT_EQ(float(bfloat16(257.0f)), 256.0f);  // tie to even
+  EXPECT_EQ(float(bfloat16(259.0f)), 260.0f);  // tie to even (up)
+  EXPECT_TRUE(std::isnan(float(bfloat16(std::numeric_limits<float>::quiet_NaN()))));
+}
+
+TEST(Types, NamesParse) {
+  EXPECT_EQ(parse_topology("tree"), Topology::tree);
+  EXPECT_THROW(parse_topology("mesh"), ConfigError);
+  EXPECT_EQ(parse_dtype("bf16"), DType::bf16);
+  EXPECT_THROW(parse_dtype("f8"), ConfigError);
+  EXPECT_EQ(parse_transport("unix"), TransportKind::unix_socket);
+  EXPECT_THROW(parse_transport("rdma"), ConfigError);
+}
+
+template <class T>
+void check_kernel(ReduceOp op) {
+  constexpr std::size_t n = 1000;
+  std::vector<T> a(n), b(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    a[i] = T(float(i % 5 + 1));
+    b[i] = T(float(i % 3 + 1));
+  }
+  detail::reduce_into(dtype_of<T>, op, a.data(), b.data(), n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const double x = double(i % 5 + 1), y = double(i % 3 + 1);
+    double want = 0;
+    switch (op) {
+      case ReduceOp::sum:
+      case ReduceOp::mean: want = x + y; break;
+      case ReduceOp::min: want = std::min(x, y); break;
+      case ReduceOp::max: want = std::max(x, y); break;
+      case ReduceOp::prod: want = x * y; break;
+    }
+    ASSERT_EQ(double(float(a[i])), want) << dtype_name(dtype_of<T>) << " " << reduce_op_name(op) << " at " << i;
+  }
+}
+
+TEST(Reduce, EveryTypeAndOp) {
+  for (ReduceOp op : {ReduceOp::sum, ReduceOp::min, ReduceOp::max, ReduceOp::prod, ReduceOp::mean}) {
+    check_kernel<float>(op);
+    check_kernel<double>(op);
+    check_kernel<std::int32_t>(op);
+    check_kernel<std::int64_t>(op);
+    check_kernel<std::uint8_t>(op);
+    check_kernel<float16>(op);
+    check_kernel<bfloat16>(op);
+  }
+}
+
+TEST(Reduce, DivideForMean) {
+  std::vector<std::int32_t> v{7, 8, -9};
+  detail::divide_by_count(DType::i32, v.data(), v.size(), 2);
+  EXPECT_EQ(v, (std::vector<std::int32_t>{3, 4, -4}));
+  std::vector<double> d{1.0, 3.0};
+  detail::divide_by_count(DType::f64, d.data(), d.size(), 4);
+  EXPECT_EQ(d, (std::vector<double>{0.25, 0.75}));
+}
+
+}  // namespace
+}  // namespace aikido

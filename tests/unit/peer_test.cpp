@@ -1,0 +1,273 @@
+// Peer API semantics and failure behaviour: mismatches, timeouts, lost peers, misuse, the model store,
+// topology switches, transports and the handshake.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <future>
+#include <latch>
+#include <thread>
+
+#include "cluster.hpp"
+#include "transport/handshake.hpp"
+#include "transport/socket.hpp"
+
+namespace aikido {
+namespace {
+
+using test::base_config;
+using test::run_cluster;
+
+PeerConfig short_timeout(std::chrono::milliseconds t) {
+  PeerConfig c = base_config();
+  c.timeout = t;
+  return c;
+}
+
+TEST(Peer, SingleRankWithoutStore) {
+  Peer peer = Peer::create(PeerConfig{});
+  EXPECT_EQ(peer.rank(), 0);
+  EXPECT_EQ(peer.size(), 1);
+  EXPECT_EQ(peer.local_size(), 1);
+  std::vector<float> x{1, 2, 3}, y(3);
+  peer.allreduce(std::span<const float>(x), std::span<float>(y), ReduceOp::sum, "x");
+  EXPECT_EQ(y, x);
+  peer.barrier();
+  EXPECT_TRUE(peer.consensus(std::as_bytes(std::span<const float>(x)), "c"));
+}
+
+TEST(Peer, LocalRanksFollowHosts) {
+  run_cluster(
+      4, base_config(),
+      [](Peer& peer) {
+        EXPECT_EQ(peer.local_size(), 2);
+        EXPECT_EQ(peer.local_rank(), peer.rank() % 2);
+      },
+      [](int rank, PeerConfig& c) { c.host = rank < 2 ? "a" : "b"; });
+}
+
+TEST(Peer, MismatchedSizesRaiseOnEveryRank) {
+  std::atomic<int> caught{0};
+  run_cluster(4, base_config(), [&](Peer& peer) {
+    std::vector<float> x(peer.rank() == 2 ? 20 : 10, 1.0f);
+    try {
+      peer.allreduce(std::span<float>(x), ReduceOp::sum, "grad/w");
+      ADD_FAILURE() << "rank " << peer.rank() << " completed a mismatched allreduce";
+    } catch (const MismatchError& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("grad/w"), std::string::npos) << what;
+      EXPECT_NE(what.find("rank 2"), std::string::npos) << what;
+      ++caught;
+    }
+    // The session stays usable: the next collective of the same name lines up again.
+    std::vector<float> ok(5, 1.0f);
+    peer.allreduce(std::span<float>(ok), ReduceOp::sum, "grad/w");
+    EXPECT_EQ(ok[0], 4.0f);
+  });
+  EXPECT_EQ(caught.load(), 4);
+}
+
+TEST(Peer, MismatchedTypesAndOpsRaise) {
+  run_cluster(3, base_config(), [&](Peer& peer) {
+    std::vector<float> f(8, 1.0f);
+    std::vector<std::int32_t> i(8, 1);
+    EXPECT_THROW(peer.rank() == 1 ? peer.allreduce(std::span<std::int32_t>(i), ReduceOp::sum, "t")
+                                  : peer.allreduce(std::span<float>(f), ReduceOp::sum, "t"),
+                 MismatchError);
+    EXPECT_THROW(peer.allreduce(std::span<float>(f), peer.rank() == 0 ? ReduceOp::max : ReduceOp::sum, "o"),
+                 MismatchError);
+    EXPECT_THROW(peer.broadcast(std::span<float>(f), peer.rank() == 0 ? 0 : 1, "root"), MismatchError);
+  });
+}
+
+TEST(Peer, TimeoutNamesTheRankThatDidNotPost) {
+  std::latch all_done(3);  // keeps every session open until all ranks have seen the outcome
+  run_cluster(3, short_timeout(std::chrono::milliseconds(1500)), [&](Peer& peer) {
+    if (peer.rank() == 2) {  // never posts "late"
+      all_done.arrive_and_wait();
+      return;
+    }
+    std::vector<float> x(100, 1.0f);
+    try {
+      peer.allreduce(std::span<float>(x), ReduceOp::sum, "late");
+      ADD_FAILURE() << "completed without rank 2";
+    } catch (const TimeoutError& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("'late'"), std::string::npos) << what;
+      EXPECT_NE(what.find("rank 2 has not posted it"), std::string::npos) << what;
+    }
+    all_done.arrive_and_wait();
+  });
+}
+
+TEST(Peer, LostPeerFailsPendingAndLaterCollectives) {
+  run_cluster(3, base_config(), [](Peer& peer) {
+    std::vector<float> x(1000, 1.0f);
+    peer.allreduce(std::span<float>(x), ReduceOp::sum, "warmup");
+    if (peer.rank() == 1) {
+      Peer gone = std::move(peer);  // destroys the session: rank 1 leaves
+      return;
+    }
+    try {
+      peer.allreduce(std::span<float>(x), ReduceOp::sum, "after");
+      ADD_FAILURE() << "completed without rank 1";
+    } catch (const PeerLostError& e) {
+      EXPECT_NE(std::string(e.what()).find("rank 1"), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(peer.barrier(), PeerLostError);
+  });
+}
+
+TEST(Peer, MisuseIsRejectedClearly) {
+  run_cluster(2, base_config(), [](Peer& peer) {
+    std::vector<float> a(10), b(11), big(20), small(3);
+    EXPECT_THROW(peer.allreduce(std::span<const float>(a), std::span<float>(b), ReduceOp::sum, "x"), ConfigError);
+    EXPECT_THROW(peer.allgather(std::span<const float>(a), std::span<float>(b), "x"), ConfigError);
+    EXPECT_THROW(peer.reduce_scatter(std::span<const float>(big), std::span<float>(small), ReduceOp::sum, "x"),
+                 ConfigError);
+    EXPECT_THROW(peer.broadcast(std::span<float>(a), 5, "x"), ConfigError);
+    EXPECT_THROW(peer.allreduce(std::span<float>(a), ReduceOp::sum, ""), ConfigError);
+    // The same name posted twice at once.
+    Work first = peer.allreduce_async(std::span<float>(a), ReduceOp::sum, "dup");
+    try {
+      peer.allreduce_async(std::span<float>(b), ReduceOp::sum, "dup");
+      ADD_FAILURE() << "a second 'dup' in flight was accepted";
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("'dup'"), std::string::npos);
+    }
+    first.wait();
+  });
+}
+
+TEST(Peer, WorkHandle) {
+  run_cluster(2, base_config(), [](Peer& peer) {
+    std::vector<float> x(10, 1.0f);
+    if (peer.rank() == 0) {
+      Work w = peer.allreduce_async(std::span<float>(x), ReduceOp::sum, "w");
+      EXPECT_FALSE(w.wait(std::chrono::milliseconds(50)));  // rank 1 posts after 300 ms
+      EXPECT_FALSE(w.done());
+      std::promise<bool> called;
+      w.on_complete([&](std::exception_ptr e) { called.set_value(e == nullptr); });
+      EXPECT_TRUE(w.wait(std::chrono::milliseconds(10'000)));
+      EXPECT_TRUE(w.done());
+      EXPECT_TRUE(called.get_future().get());
+      EXPECT_EQ(x[0], 2.0f);
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      peer.allreduce(std::span<float>(x), ReduceOp::sum, "w");
+    }
+  });
+}
+
+TEST(Peer, ModelStoreSaveAndRequest) {
+  run_cluster(3, base_config(), [](Peer& peer) {
+    const int n = peer.size();
+    std::vector<double> model(1000, double(peer.rank()));
+    peer.save("model", std::span<const double>(model));
+    peer.barrier("saved");
+    const int target = (peer.rank() + 1) % n;
+    std::vector<double> got(1000, -1);
+    peer.request(target, "model", std::span<double>(got));
+    EXPECT_EQ(got[0], double(target));
+    EXPECT_EQ(got[999], double(target));
+    std::vector<double> own(1000);
+    peer.request(peer.rank(), "model", std::span<double>(own));
+    EXPECT_EQ(own[5], double(peer.rank()));
+    std::vector<double> wrong(10);
+    EXPECT_THROW(peer.request(target, "model", std::span<double>(wrong)), ConfigError);
+    EXPECT_THROW(peer.request(target, "missing", std::span<double>(got)), ConfigError);
+    peer.barrier("done");
+  });
+}
+
+TEST(Peer, SetTopologySwitchesEverywhere) {
+  run_cluster(4, base_config(), [](Peer& peer) {
+    std::vector<float> x(1001, 1.0f);
+    for (Topology t : {Topology::tree, Topology::star, Topology::hierarchical, Topology::ring}) {
+      peer.set_topology(t);
+      EXPECT_EQ(peer.topology(), t);
+      std::fill(x.begin(), x.end(), 1.0f);
+      peer.allreduce(std::span<float>(x), ReduceOp::sum, "x");
+      ASSERT_EQ(x[1000], 4.0f);
+    }
+    EXPECT_THROW(peer.set_topology(peer.rank() == 0 ? Topology::tree : Topology::star), MismatchError);
+  });
+}
+
+TEST(Peer, Transports) {
+  for (TransportKind kind : {TransportKind::tcp, TransportKind::unix_socket, TransportKind::automatic}) {
+    PeerConfig c = base_config();
+    c.transport = kind;
+    run_cluster(3, c, [](Peer& peer) {
+      std::vector<std::int32_t> x(100000, peer.rank());
+      peer.allreduce(std::span<std::int32_t>(x), ReduceOp::sum, "t");
+      EXPECT_EQ(x[99999], 3);
+    });
+  }
+}
+
+TEST(Peer, WrongSecretIsRefused) {
+  std::atomic<int> refused{0};
+  auto store = make_memory_store();
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      PeerConfig c = short_timeout(std::chrono::milliseconds(1000));
+      c.rank = r;
+      c.size = 2;
+      c.store = store;
+      c.job_id = "wrong-secret";
+      c.secret = r == 0 ? "right" : "wrong";
+      try {
+        Peer peer = Peer::create(c);
+      } catch (const AuthError&) {
+        ++refused;  // the connector learns it does not know the secret
+      } catch (const TimeoutError&) {
+        ++refused;  // the acceptor never gets an authenticated connection
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(refused.load(), 2);
+}
+
+TEST(Handshake, RefusesWrongSecretVersionAndChannel) {
+  using namespace transport;
+  auto listener = Listener::bind_tcp("127.0.0.1", 0);
+  struct Case {
+    std::string secret;
+    std::uint64_t version;
+    Channel channel;
+  };
+  for (const Case& c : {Case{"s", 0, Channel::data}, Case{"bad", 0, Channel::data}, Case{"s", 7, Channel::data},
+                        Case{"s", 0, Channel::store}}) {
+    auto accepted = std::async(std::launch::async, [&] {
+      Socket s = listener.accept(Clock::now() + std::chrono::seconds(5));
+      return handshake_accept(s, "s", Channel::data, 0, 0, std::chrono::milliseconds(2000));
+    });
+    Socket s = connect(listener.address(), Clock::now() + std::chrono::seconds(5));
+    const bool good = c.secret == "s" && c.version == 0 && c.channel == Channel::data;
+    if (good) {
+      EXPECT_EQ(handshake_connect(s, c.secret, c.channel, c.version, 3, std::chrono::milliseconds(2000)).peer_rank, 0);
+      EXPECT_EQ(accepted.get().peer_rank, 3);
+    } else {
+      EXPECT_THROW(handshake_connect(s, c.secret, c.channel, c.version, 3, std::chrono::milliseconds(2000)), Error);
+      EXPECT_THROW(accepted.get(), Error);
+    }
+  }
+}
+
+TEST(Handshake, GarbageIsRefusedBeforeParsing) {
+  using namespace transport;
+  auto listener = Listener::bind_tcp("127.0.0.1", 0);
+  auto accepted = std::async(std::launch::async, [&] {
+    Socket s = listener.accept(Clock::now() + std::chrono::seconds(5));
+    return handshake_accept(s, "s", Channel::data, 0, 0, std::chrono::milliseconds(2000));
+  });
+  Socket s = connect(listener.address(), Clock::now() + std::chrono::seconds(5));
+  std::string junk(60, 'G');
+  s.write_all(junk.data(), junk.size());
+  EXPECT_THROW(accepted.get(), ProtocolError);
+}
+
+}  // namespace
+}  // namespace aikido

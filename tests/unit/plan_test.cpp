@@ -1,0 +1,86 @@
+#include <gtest/gtest.h>
+
+#include <map>
+#include <tuple>
+
+#include "collective/algorithms.hpp"
+
+namespace aikido::collective {
+namespace {
+
+TEST(Blocks, EvenSplitCoversEverything) {
+  for (std::size_t count : {0, 1, 5, 7, 100}) {
+    for (int parts : {1, 2, 3, 8}) {
+      std::size_t next = 0;
+      for (int b = 0; b < parts; ++b) {
+        EXPECT_EQ(block_offset(count, parts, b), next);
+        next += block_count(count, parts, b);
+      }
+      EXPECT_EQ(next, count);
+    }
+  }
+}
+
+TEST(PlanBuilder, InfersDependencies) {
+  PlanBuilder b;
+  b.send(1, make_tag(1, 0, 0), 0, 10);         // 0: reads [0,10)
+  b.recv_reduce(2, make_tag(1, 0, 0), 0, 10);  // 1: writes [0,10): after 0
+  b.send(1, make_tag(1, 0, 10), 10, 10);       // 2: independent
+  b.send(3, make_tag(2, 0, 0), 5, 5);          // 3: reads [5,10): after 1
+  const Plan p = b.finish();
+  EXPECT_EQ(p.dependency_count, (std::vector<std::uint32_t>{0, 1, 0, 1}));
+  EXPECT_EQ(p.dependents[0], (std::vector<std::uint32_t>{1}));
+  EXPECT_EQ(p.dependents[1], (std::vector<std::uint32_t>{3}));
+  EXPECT_EQ(p.sources, (std::vector<int>{2}));
+}
+
+// Every message a rank's plan sends must be received exactly once by its target's plan, with the same size.
+class PlanMatching : public ::testing::TestWithParam<std::tuple<CollectiveKind, Topology, int>> {};
+
+TEST_P(PlanMatching, SendsMeetReceives) {
+  const auto [kind, topology, size] = GetParam();
+  for (std::size_t per_rank : {0, 1, 3, 17}) {
+    for (std::size_t segment : {1, 4, 1000}) {
+      for (int root : {0, size - 1}) {
+        using Key = std::tuple<int, int, std::uint64_t>;  // from, to, tag
+        std::map<Key, std::size_t> sent, received;
+        for (int rank = 0; rank < size; ++rank) {
+          PlanSpec spec;
+          spec.kind = kind;
+          spec.topology = topology;
+          spec.rank = rank;
+          spec.size = size;
+          spec.root = kind == CollectiveKind::broadcast || kind == CollectiveKind::gather ? root : 0;
+          spec.block = per_rank;
+          spec.count = kind == CollectiveKind::allreduce || kind == CollectiveKind::broadcast
+                           ? per_rank * 3 + 1
+                           : (kind == CollectiveKind::gather && rank != spec.root ? per_rank
+                                                                                   : per_rank * std::size_t(size));
+          spec.segment_elems = segment;
+          for (int r = 0; r < size; ++r) spec.host_of_rank.push_back(r / 3);
+          const Plan plan = build_plan(spec);
+          for (const Op& op : plan.ops) {
+            ASSERT_LE(op.offset + op.count, spec.count);
+            ASSERT_NE(op.peer, rank);
+            auto& map = op.kind == OpKind::send ? sent : received;
+            const Key key = op.kind == OpKind::send ? Key{rank, op.peer, op.tag} : Key{op.peer, rank, op.tag};
+            ASSERT_EQ(map.count(key), 0u) << "duplicate message tag";
+            map[key] = op.count;
+          }
+        }
+        EXPECT_EQ(sent, received) << "per_rank " << per_rank << " segment " << segment;
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllKinds, PlanMatching,
+    ::testing::Combine(::testing::Values(CollectiveKind::allreduce, CollectiveKind::broadcast,
+                                         CollectiveKind::allgather, CollectiveKind::reduce_scatter,
+                                         CollectiveKind::gather),
+                       ::testing::Values(Topology::ring, Topology::tree, Topology::star, Topology::hierarchical),
+                       ::testing::Values(1, 2, 3, 5, 8)));
+
+}  // namespace
+}  // namespace aikido::collective

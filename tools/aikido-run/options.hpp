@@ -1,0 +1,45 @@
+// Command line of aikido-run.
+#pragma once
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace aikido::run {
+
+/// A bad command line; the message is printed as is and aikido-run exits with status 2.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+inline constexpr int kMaxWorkers = 1024;
+
+struct Options {
+  bool help = false;
+  int np = 0;
+  // Validated values of the optional flags, passed to the workers as AIKIDO_* when given.
+  std::optional<std::string> topology;
+  std::optional<std::string> timeout;
+  std::optional<std::string> transport;
+  std::optional<std::string> segment_bytes;
+  /// PROGRAM as given, and the file it resolved to (PATH lookup like execvp).
+  std::string program;
+  std::string program_path;
+  /// PROGRAM ARGS...: argv of each worker.
+  std::vector<std::string> argv;
+};
+
+/// Parses and validates the command line, resolving PROGRAM. Throws UsageError with a message that starts with
+/// "aikido-run: " and says what to fix.
+Options parse_options(int argc, char** argv);
+
+/// The text printed by --help.
+std::string usage();
+
+/// Resolves `program` like execvp: names with a '/' are taken as paths, others are searched in PATH. Throws
+/// UsageError when nothing executable is found.
+std::string find_program(const std::string& program);
+
+}  // namespace aikido::run

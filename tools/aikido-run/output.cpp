@@ -1,0 +1,68 @@
+#include "output.hpp"
+
+#include <poll.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+namespace aikido::run {
+
+bool write_fully(int fd, const char* data, std::size_t size) {
+  while (size > 0) {
+    const ssize_t n = ::write(fd, data, size);
+    if (n > 0) {
+      data += n;
+      size -= std::size_t(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      pollfd pfd{fd, POLLOUT, 0};
+      ::poll(&pfd, 1, 1000);
+      continue;
+    }
+    return false;
+  }
+  return true;
+}
+
+void report(const std::string& message) {
+  const std::string line = message + "\n";
+  write_fully(STDERR_FILENO, line.data(), line.size());
+}
+
+LinePrefixer::LinePrefixer(int rank, int out_fd) : prefix_("[" + std::to_string(rank) + "] "), out_fd_(out_fd) {}
+
+void LinePrefixer::append_line(std::string& out, const char* begin, std::size_t size) const {
+  out += prefix_;
+  out.append(begin, size);
+  out += '\n';
+}
+
+void LinePrefixer::feed(const char* data, std::size_t size) {
+  pending_.append(data, size);
+  std::string out;
+  std::size_t begin = 0;
+  for (;;) {
+    const std::size_t newline = pending_.find('\n', begin);
+    if (newline == std::string::npos) break;
+    append_line(out, pending_.data() + begin, newline - begin);
+    begin = newline + 1;
+  }
+  pending_.erase(0, begin);
+  while (pending_.size() > kMaxLineBytes) {
+    append_line(out, pending_.data(), kMaxLineBytes);
+    pending_.erase(0, kMaxLineBytes);
+  }
+  if (!out.empty() && !out_broken_) out_broken_ = !write_fully(out_fd_, out.data(), out.size());
+}
+
+void LinePrefixer::finish() {
+  if (pending_.empty()) return;
+  std::string out;
+  append_line(out, pending_.data(), pending_.size());
+  pending_.clear();
+  if (!out_broken_) out_broken_ = !write_fully(out_fd_, out.data(), out.size());
+}
+
+}  // namespace aikido::run

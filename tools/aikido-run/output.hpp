@@ -1,0 +1,40 @@
+// Output of the workers, relayed line by line with a "[RANK] " prefix.
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+namespace aikido::run {
+
+/// Writes all of `data` to `fd`, retrying on EINTR and waiting while the descriptor is full. Returns false when
+/// the descriptor is gone (EPIPE, a closed terminal); the output is then dropped.
+bool write_fully(int fd, const char* data, std::size_t size);
+
+/// Writes one message line of aikido-run itself to standard error, in one write.
+void report(const std::string& message);
+
+/// Splits one stream of one worker into lines and writes each complete line, prefixed with "[RANK] ", to a
+/// descriptor. The lines of one feed() go out in one write, so they never interleave with other streams.
+/// Not thread safe; the supervisor's event loop owns it.
+class LinePrefixer {
+ public:
+  /// A line longer than this is cut: its first part goes out as a line of its own.
+  static constexpr std::size_t kMaxLineBytes = std::size_t(64) << 10;
+
+  LinePrefixer(int rank, int out_fd);
+
+  /// Consumes bytes read from the worker.
+  void feed(const char* data, std::size_t size);
+  /// Writes a partial last line, ending it with a newline. Call once the stream has ended.
+  void finish();
+
+ private:
+  void append_line(std::string& out, const char* begin, std::size_t size) const;
+
+  std::string prefix_;
+  int out_fd_;
+  std::string pending_;  // the start of a line whose newline has not arrived yet
+  bool out_broken_ = false;
+};
+
+}  // namespace aikido::run

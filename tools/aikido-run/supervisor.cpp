@@ -1,0 +1,349 @@
+#include "supervisor.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <memory>
+#include <optional>
+#include <utility>
+
+#include "output.hpp"
+
+namespace aikido::run {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Output of the workers may still arrive after the last one exited (a process it started holds the pipe). Wait
+// this long for the pipes to close before giving up on them.
+constexpr std::chrono::milliseconds kDrainTimeout{2000};
+
+sigset_t handled_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGCHLD);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGHUP);
+  return set;
+}
+
+std::string signal_name(int sig) {
+  const char* abbrev = ::sigabbrev_np(sig);
+  if (abbrev == nullptr) return "signal " + std::to_string(sig);
+  return std::string("SIG") + abbrev;
+}
+
+std::string errno_text() { return std::string(::strerror(errno)); }
+
+// A descriptor closed on destruction.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  Fd& operator=(Fd&& other) noexcept {
+    reset();
+    fd_ = std::exchange(other.fd_, -1);
+    return *this;
+  }
+  ~Fd() { reset(); }
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  void reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+// One output stream of one worker: the read end of its pipe and the prefixer it feeds.
+struct Stream {
+  Fd fd;
+  LinePrefixer prefixer;
+  Stream(int rank, int out_fd) : prefixer(rank, out_fd) {}
+  void close() {
+    prefixer.finish();
+    fd.reset();
+  }
+};
+
+struct Process {
+  int rank = 0;
+  pid_t pid = -1;
+  bool running = false;
+  std::unique_ptr<Stream> out;
+  std::unique_ptr<Stream> err;
+};
+
+// Everything the child needs, prepared before fork(): between fork and exec a multithreaded process may only call
+// async-signal-safe functions.
+struct ExecPlan {
+  std::vector<char*> argv;
+  std::vector<char*> envp;
+  std::string failure_message;
+};
+
+[[noreturn]] void exec_child(const std::string& path, ExecPlan& plan, pid_t launcher, int stdin_fd, int out_fd,
+                             int err_fd) {
+  ::setpgid(0, 0);
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != launcher) ::_exit(127);  // the launcher died before prctl took effect
+  // Dispositions and the mask survive exec: give the program the defaults.
+  ::signal(SIGPIPE, SIG_DFL);
+  sigset_t empty;
+  sigemptyset(&empty);
+  ::sigprocmask(SIG_SETMASK, &empty, nullptr);
+  ::dup2(stdin_fd, STDIN_FILENO);
+  ::dup2(out_fd, STDOUT_FILENO);
+  ::dup2(err_fd, STDERR_FILENO);
+  ::execve(path.c_str(), plan.argv.data(), plan.envp.data());
+  [[maybe_unused]] ssize_t n = ::write(STDERR_FILENO, plan.failure_message.data(), plan.failure_message.size());
+  ::_exit(127);
+}
+
+class EventLoop {
+ public:
+  EventLoop(std::vector<Process>& processes, std::chrono::milliseconds grace, int signal_fd)
+      : processes_(processes), grace_(grace), signal_fd_(signal_fd) {
+    for (const auto& p : processes_) running_ += p.running ? 1 : 0;
+  }
+
+  int run() {
+    while (running_ > 0 || streams_open()) {
+      std::vector<pollfd> fds;
+      std::vector<Stream*> streams;
+      fds.push_back({signal_fd_, POLLIN, 0});
+      for (auto& p : processes_) {
+        for (Stream* s : {p.out.get(), p.err.get()}) {
+          if (s->fd.valid()) {
+            fds.push_back({s->fd.get(), POLLIN, 0});
+            streams.push_back(s);
+          }
+        }
+      }
+      const int r = ::poll(fds.data(), fds.size(), poll_timeout_ms());
+      if (r < 0 && errno != EINTR) {
+        report("aikido-run: poll failed: " + errno_text() + "; killing the workers");
+        kill_all(SIGKILL);
+        return 1;
+      }
+      if (r > 0) {
+        if (fds[0].revents & POLLIN) handle_signals();
+        for (std::size_t i = 1; i < fds.size(); ++i) {
+          if (fds[i].revents != 0) read_stream(*streams[i - 1]);
+        }
+      }
+      check_deadlines();
+    }
+    return exit_code_.value_or(0);
+  }
+
+  void begin_stop(const std::string& why) {
+    if (stopping_) return;
+    stopping_ = true;
+    if (running_ > 0) {
+      report("aikido-run: " + why + "; stopping " + std::to_string(running_) + " running worker" +
+             (running_ == 1 ? "" : "s") + " (SIGTERM, then SIGKILL after " + std::to_string(grace_.count() / 1000) +
+             " s)");
+    }
+    kill_all(SIGTERM);
+    kill_all(SIGCONT);  // a stopped worker acts on SIGTERM only once continued
+    kill_at_ = Clock::now() + grace_;
+  }
+
+  void set_exit_code(int code) {
+    if (!exit_code_) exit_code_ = code;
+  }
+
+ private:
+  bool streams_open() const {
+    for (const auto& p : processes_) {
+      if (p.out->fd.valid() || p.err->fd.valid()) return true;
+    }
+    return false;
+  }
+
+  int poll_timeout_ms() const {
+    std::optional<Clock::time_point> next;
+    if (stopping_ && !killed_ && running_ > 0) next = kill_at_;
+    if (running_ == 0 && drain_until_ && (!next || *drain_until_ < *next)) next = drain_until_;
+    if (!next) return -1;
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(*next - Clock::now()).count() + 1;
+    return int(std::clamp<long long>(ms, 0, 60'000));
+  }
+
+  void check_deadlines() {
+    const auto now = Clock::now();
+    if (stopping_ && !killed_ && running_ > 0 && now >= kill_at_) {
+      report("aikido-run: killing " + std::to_string(running_) + " worker" + (running_ == 1 ? "" : "s") +
+             " that did not stop within the grace period (SIGKILL)");
+      kill_all(SIGKILL);
+    }
+    if (running_ == 0 && !drain_until_) drain_until_ = now + kDrainTimeout;
+    if (running_ == 0 && now >= *drain_until_) {
+      for (auto& p : processes_) {
+        p.out->close();
+        p.err->close();
+      }
+    }
+  }
+
+  void kill_all(int sig) {
+    if (sig == SIGKILL) killed_ = true;
+    for (const auto& p : processes_) {
+      // The whole group, so that processes the worker started stop too; the pid alone should the group be gone.
+      if (p.running && ::kill(-p.pid, sig) != 0) ::kill(p.pid, sig);
+    }
+  }
+
+  void handle_signals() {
+    for (;;) {
+      signalfd_siginfo info;
+      const ssize_t n = ::read(signal_fd_, &info, sizeof info);
+      if (n != ssize_t(sizeof info)) return;
+      const int sig = int(info.ssi_signo);
+      if (sig == SIGCHLD) {
+        reap();
+      } else if (!stopping_) {
+        set_exit_code(128 + sig);
+        begin_stop("received " + signal_name(sig));
+      } else if (!killed_) {
+        report("aikido-run: received " + signal_name(sig) + " again; killing the workers (SIGKILL)");
+        kill_all(SIGKILL);
+      }
+    }
+  }
+
+  void reap() {
+    for (;;) {
+      int status = 0;
+      const pid_t pid = ::waitpid(-1, &status, WNOHANG);
+      if (pid <= 0) return;
+      for (auto& p : processes_) {
+        if (p.pid != pid || !p.running) continue;
+        p.running = false;
+        --running_;
+        if (stopping_) break;  // stopped by us, or failing because another worker failed: nothing new to report
+        if (WIFEXITED(status) && WEXITSTATUS(status) != 0) {
+          set_exit_code(WEXITSTATUS(status));
+          begin_stop("rank " + std::to_string(p.rank) + " exited with status " + std::to_string(WEXITSTATUS(status)));
+        } else if (WIFSIGNALED(status)) {
+          set_exit_code(128 + WTERMSIG(status));
+          begin_stop("rank " + std::to_string(p.rank) + " killed by signal " + signal_name(WTERMSIG(status)));
+        }
+        break;
+      }
+    }
+  }
+
+  void read_stream(Stream& stream) {
+    char buffer[64 << 10];
+    const ssize_t n = ::read(stream.fd.get(), buffer, sizeof buffer);
+    if (n > 0) {
+      stream.prefixer.feed(buffer, std::size_t(n));
+    } else if (n == 0 || (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)) {
+      stream.close();
+    }
+  }
+
+  std::vector<Process>& processes_;
+  const std::chrono::milliseconds grace_;
+  const int signal_fd_;
+  int running_ = 0;
+  bool stopping_ = false;
+  bool killed_ = false;
+  Clock::time_point kill_at_{};
+  std::optional<Clock::time_point> drain_until_;
+  std::optional<int> exit_code_;
+};
+
+}  // namespace
+
+void Supervisor::block_signals() {
+  const sigset_t set = handled_signals();
+  ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+}
+
+Supervisor::Supervisor(std::string program_path, std::vector<std::string> argv, std::chrono::milliseconds grace)
+    : program_path_(std::move(program_path)), argv_(std::move(argv)), grace_(grace) {}
+
+int Supervisor::run(const std::vector<Worker>& workers) {
+  const sigset_t set = handled_signals();
+  Fd signal_fd(::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
+  if (!signal_fd.valid()) {
+    report("aikido-run: cannot create a signalfd: " + errno_text());
+    return 1;
+  }
+  Fd dev_null(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  if (!dev_null.valid()) {
+    report("aikido-run: cannot open /dev/null: " + errno_text());
+    return 1;
+  }
+
+  std::vector<Process> processes;
+  processes.reserve(workers.size());
+  const pid_t launcher = ::getpid();
+  std::vector<std::string> argv = argv_;
+  for (const auto& worker : workers) {
+    ExecPlan plan;
+    for (auto& a : argv) plan.argv.push_back(a.data());
+    plan.argv.push_back(nullptr);
+    std::vector<std::string> environment = worker.environment;
+    for (auto& e : environment) plan.envp.push_back(e.data());
+    plan.envp.push_back(nullptr);
+    plan.failure_message = "aikido-run: cannot execute '" + program_path_ + "'\n";
+
+    int out_pipe[2];
+    int err_pipe[2];
+    if (::pipe2(out_pipe, O_CLOEXEC) != 0) {
+      report("aikido-run: cannot create a pipe: " + errno_text());
+      break;
+    }
+    Fd out_read(out_pipe[0]), out_write(out_pipe[1]);
+    if (::pipe2(err_pipe, O_CLOEXEC) != 0) {
+      report("aikido-run: cannot create a pipe: " + errno_text());
+      break;
+    }
+    Fd err_read(err_pipe[0]), err_write(err_pipe[1]);
+
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+      report("aikido-run: cannot start rank " + std::to_string(worker.rank) + ": fork failed: " + errno_text());
+      break;
+    }
+    if (pid == 0) exec_child(program_path_, plan, launcher, dev_null.get(), out_write.get(), err_write.get());
+    ::setpgid(pid, pid);  // also here, so that the group exists before we may signal it
+    ::fcntl(out_read.get(), F_SETFL, O_NONBLOCK);
+    ::fcntl(err_read.get(), F_SETFL, O_NONBLOCK);
+    Process p;
+    p.rank = worker.rank;
+    p.pid = pid;
+    p.running = true;
+    p.out = std::make_unique<Stream>(worker.rank, STDOUT_FILENO);
+    p.out->fd = std::move(out_read);
+    p.err = std::make_unique<Stream>(worker.rank, STDERR_FILENO);
+    p.err->fd = std::move(err_read);
+    processes.push_back(std::move(p));
+  }
+
+  EventLoop loop(processes, grace_, signal_fd.get());
+  if (processes.size() < workers.size()) {
+    loop.set_exit_code(1);
+    loop.begin_stop("not every worker could be started");
+  }
+  return loop.run();
+}
+
+}  // namespace aikido::run
