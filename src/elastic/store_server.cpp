@@ -258,7 +258,8 @@ std::string StoreServer::handle_wait(transport::Socket& socket, const std::strin
     if (now >= deadline) return response(sp::Status::timeout);
     values_changed_.wait_until(lock, std::min(deadline, now + kPollInterval));
     // A client that went away (a crashed worker) must not hold this thread until its deadline.
-    if (client_closed(socket)) throw PeerLostError(str_cat("client closed its connection while waiting for '", key, "'"));
+    if (client_closed(socket))
+      throw PeerLostError(str_cat("client closed its connection while waiting for '", key, "'"));
   }
 }
 

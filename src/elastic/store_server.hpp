@@ -64,7 +64,7 @@ class StoreServer {
   const std::string secret_;
   transport::Listener listener_;
   std::string address_;  // "host:port", fixed at construction
-  int wake_fd_ = -1;  // eventfd that wakes the accept loop on stop()
+  int wake_fd_ = -1;     // eventfd that wakes the accept loop on stop()
   std::thread acceptor_;
 
   std::mutex stop_mutex_;  // serialises stop()

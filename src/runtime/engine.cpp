@@ -125,6 +125,7 @@ std::size_t Engine::CollectiveKeyHash::operator()(const CollectiveKey& k) const 
 Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::Socket> sockets)
     : config_(std::move(config)), cluster_(std::move(cluster)), topology_(config_.topology) {
   lost_.resize(std::size_t(config_.size));
+  departed_.resize(std::size_t(config_.size), false);
   connections_.resize(std::size_t(config_.size));
   for (int p = 0; p < config_.size; ++p) {
     if (p == config_.rank) continue;
@@ -186,7 +187,7 @@ std::shared_ptr<const Plan> Engine::plan_for(const collective::PlanSpec& spec) {
 std::string Engine::lost_summary() const {
   std::string out;
   for (std::size_t p = 0; p < lost_.size(); ++p) {
-    if (lost_[p].empty()) continue;
+    if (lost_[p].empty() || departed_[p]) continue;
     if (!out.empty()) out += "; ";
     out += lost_[p];
   }
@@ -369,6 +370,14 @@ Work Engine::post(const Request& request) {
   for (std::uint32_t i = 0; i < plan.ops.size() && !c->failed; ++i) {
     if (c->waiting[i] == 0) arm(c, i, progress);
   }
+  for (int p = 0; p < size && !c->failed; ++p) {
+    if (departed_[std::size_t(p)] && needs_peer(*c, p)) {
+      fail(c, std::make_exception_ptr(PeerLostError(str_cat(c->label(), " cannot run on rank ", rank,
+                                                            " at cluster version ", config_.cluster_version, ": ",
+                                                            lost_[std::size_t(p)], " and this collective needs it"))),
+           WireError::lost, false, progress);
+    }
+  }
   maybe_finish(c, progress);
   run(lock, progress);
   return work;
@@ -489,9 +498,15 @@ void Engine::on_ready(const std::shared_ptr<Collective>& c, const FrameHeader& h
   maybe_finish(c, progress);
 }
 
-bool Engine::needs_peer(const Collective& c, int peer) {
+bool Engine::needs_peer(const Collective& c, int peer) const {
   for (std::uint32_t i = 0; i < c.plan->ops.size(); ++i) {
-    if (c.plan->ops[i].peer == peer && c.state[i] != OpState::done) return true;
+    const Op& op = c.plan->ops[i];
+    if (op.peer != peer || c.state[i] == OpState::done) continue;
+    // A send being written finishes on its own (its write fails if the peer is really gone); a receive being
+    // copied, or whose frame waits in the mailbox, has its data already.
+    if (c.state[i] == OpState::running) continue;
+    if (op.kind != OpKind::send && mailbox_.count(MessageKey{c.name, c.seq, op.tag, peer})) continue;
+    return true;
   }
   const auto& targets = c.plan->targets;
   return std::find(targets.begin(), targets.end(), peer) != targets.end() && !c.ready_from[std::size_t(peer)];
@@ -510,8 +525,8 @@ void Engine::maybe_finish(const std::shared_ptr<Collective>& c, Progress& progre
   if (c->finished || c->running > 0) return;
   if (!c->failed && (c->remaining > 0 || c->ready_count < c->plan->targets.size())) return;
   c->finished = true;
+  progress.finished.push_back(c);  // before the erase: `c` may refer to the map's own element
   active_.erase(CollectiveKey{c->name, c->seq});
-  progress.finished.push_back(c);
 }
 
 void Engine::fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, WireError kind, bool tell_peers,
@@ -686,7 +701,8 @@ void Engine::on_frame(transport::Connection& connection, const FrameHeader& head
         return;
       }
       Progress progress;
-      on_ready(it->second, header, progress);
+      auto c = it->second;
+      on_ready(c, header, progress);
       run(lock, progress);
       return;
     }
@@ -881,6 +897,7 @@ void Engine::on_lost(transport::Connection& connection, const std::string& reaso
   if (closing_ || !lost_[std::size_t(p)].empty()) return;
   lost_[std::size_t(p)] = goodbye ? str_cat("rank ", p, " closed its session")
                                   : str_cat("rank ", p, " is lost (", reason, ")");
+  departed_[std::size_t(p)] = goodbye;
   if (!goodbye) log::warn("rank ", config_.rank, ": ", lost_[std::size_t(p)]);
   Progress progress;
   std::vector<std::shared_ptr<Collective>> all;

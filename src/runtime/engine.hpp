@@ -128,7 +128,8 @@ class Engine final : public transport::FrameHandler {
                     std::int32_t root, std::string payload);
   void send_ready(const Collective& c, int peer);
   void on_ready(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header, Progress& progress);
-  static bool needs_peer(const Collective& c, int peer);
+  /// True when `c` still needs something from `peer` that has not arrived yet.
+  bool needs_peer(const Collective& c, int peer) const;
 
   // Runs deferred copies and completions; takes and releases `lock` as needed; returns with it released.
   void run(std::unique_lock<std::mutex>& lock, Progress& progress);
@@ -162,6 +163,7 @@ class Engine final : public transport::FrameHandler {
   std::unordered_map<CollectiveKey, Tombstone, CollectiveKeyHash> tombstones_;
   std::deque<CollectiveKey> tombstone_order_;
   std::vector<std::string> lost_;  // why each rank is gone; empty while connected
+  std::vector<bool> departed_;     // the rank closed its session on purpose (goodbye) rather than failing
 
   struct Saved {
     DType dtype;

@@ -40,10 +40,14 @@ enum class Status : std::uint8_t { ok = 0, not_found = 1, timeout = 2, error = 3
 
 inline const char* op_name(Op op) {
   switch (op) {
-    case Op::set: return "set";
-    case Op::get: return "get";
-    case Op::wait: return "wait";
-    case Op::cas: return "compare_and_set";
+    case Op::set:
+      return "set";
+    case Op::get:
+      return "get";
+    case Op::wait:
+      return "wait";
+    case Op::cas:
+      return "compare_and_set";
   }
   return "unknown";
 }
@@ -93,8 +97,8 @@ inline std::uint64_t read_u64(transport::Socket& socket) {
 inline std::string read_bytes(transport::Socket& socket, std::size_t cap, const char* what) {
   const std::uint32_t size = read_u32(socket);
   if (size > cap) {
-    throw ProtocolError(detail::str_cat("store message announces ", size, " bytes for its ", what,
-                                        "; the limit is ", cap, " bytes"));
+    throw ProtocolError(
+        detail::str_cat("store message announces ", size, " bytes for its ", what, "; the limit is ", cap, " bytes"));
   }
   std::string v(size, '\0');
   if (size > 0) socket.read_exact(v.data(), size);

@@ -1,9 +1,8 @@
 // Client of the rendezvous store served by aikido-run (protocol: runtime/store_protocol.hpp).
-#include <mutex>
-#include <utility>
-
 #include <aikido/errors.hpp>
 #include <aikido/store.hpp>
+#include <mutex>
+#include <utility>
 
 #include "base/error.hpp"
 #include "runtime/store_protocol.hpp"
@@ -101,15 +100,19 @@ class TcpStore final : public Store {
  private:
   static void check_key(const std::string& key) {
     if (key.size() > sp::kMaxKeyBytes) {
-      throw ConfigError(str_cat("store key '", key.substr(0, 64), "...' is ", key.size(), " bytes long; keys are "
-                                "limited to ", sp::kMaxKeyBytes, " bytes"));
+      throw ConfigError(str_cat("store key '", key.substr(0, 64), "...' is ", key.size(),
+                                " bytes long; keys are "
+                                "limited to ",
+                                sp::kMaxKeyBytes, " bytes"));
     }
   }
 
   static void check_value(const std::string& key, const std::string& value) {
     if (value.size() > sp::kMaxValueBytes) {
-      throw ConfigError(str_cat("value for store key '", key, "' is ", value.size(), " bytes long; values are "
-                                "limited to ", sp::kMaxValueBytes, " bytes"));
+      throw ConfigError(str_cat("value for store key '", key, "' is ", value.size(),
+                                " bytes long; values are "
+                                "limited to ",
+                                sp::kMaxValueBytes, " bytes"));
     }
   }
 
@@ -125,8 +128,7 @@ class TcpStore final : public Store {
     } catch (const AuthError& e) {
       throw AuthError(str_cat(context, e.what(), "; use the AIKIDO_SECRET that aikido-run gave this job"));
     } catch (const TimeoutError& e) {
-      throw TimeoutError(str_cat(context, e.what(),
-                                 "; check AIKIDO_STORE_ADDR and that aikido-run is still running"));
+      throw TimeoutError(str_cat(context, e.what(), "; check AIKIDO_STORE_ADDR and that aikido-run is still running"));
     } catch (const Error&) {
       rethrow_with_context(context);
     }

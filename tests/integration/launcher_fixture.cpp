@@ -12,13 +12,12 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <aikido/aikido.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <thread>
-
-#include <aikido/aikido.hpp>
 
 namespace {
 

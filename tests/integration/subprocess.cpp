@@ -7,8 +7,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <optional>
 #include <sstream>
@@ -46,8 +46,12 @@ std::string ProcessResult::describe() const {
 
 Subprocess::Subprocess(std::vector<std::string> argv, Options options) : start_(Clock::now()) {
   std::vector<std::string> environment;
+  auto name_of = [](const std::string& entry) { return entry.substr(0, entry.find('=')); };
   for (char** e = environ; *e != nullptr; ++e) {
-    if (inherited(*e)) environment.emplace_back(*e);
+    const std::string entry = *e;
+    const bool overridden = std::any_of(options.set_env.begin(), options.set_env.end(),
+                                        [&](const std::string& s) { return name_of(s) == name_of(entry); });
+    if (inherited(entry) && !overridden) environment.push_back(entry);
   }
   for (auto& e : options.set_env) environment.push_back(e);
   std::vector<char*> c_argv, c_envp;

@@ -11,7 +11,7 @@
 namespace aikido::testing {
 
 struct ProcessResult {
-  bool exited = false;     // exited normally; exit_code is valid
+  bool exited = false;  // exited normally; exit_code is valid
   int exit_code = -1;
   int term_signal = 0;     // signal that killed it, when it did not exit normally
   bool timed_out = false;  // killed by the test because it outlived its bound
@@ -25,8 +25,9 @@ struct ProcessResult {
 
 /// A child process running `argv` with stdin from /dev/null and stdout/stderr captured.
 ///
-/// The child gets the test's environment minus every AIKIDO_* and OMP_NUM_THREADS variable, plus `set_env`
-/// ("NAME=value"). It dies with the test (PR_SET_PDEATHSIG), and the destructor kills it if it still runs.
+/// The child gets the test's environment minus every AIKIDO_* and OMP_NUM_THREADS variable, with `set_env`
+/// ("NAME=value") added or replacing. It dies with the test (PR_SET_PDEATHSIG), and the destructor kills it if it still
+/// runs.
 class Subprocess {
  public:
   struct Options {

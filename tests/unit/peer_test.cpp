@@ -75,7 +75,8 @@ TEST(Peer, MismatchedTypesAndOpsRaise) {
                  MismatchError);
     EXPECT_THROW(peer.allreduce(std::span<float>(f), peer.rank() == 0 ? ReduceOp::max : ReduceOp::sum, "o"),
                  MismatchError);
-    EXPECT_THROW(peer.broadcast(std::span<float>(f), peer.rank() == 0 ? 0 : 1, "root"), MismatchError);
+    EXPECT_THROW(peer.broadcast(std::span<float>(f), peer.rank() == 0 ? 0 : 2, "root"), MismatchError);
+    peer.barrier("end");  // a rank that found the mismatch early must not leave before the others heard of it
   });
 }
 

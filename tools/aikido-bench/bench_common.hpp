@@ -253,7 +253,7 @@ inline std::int64_t check_value(CheckOp op, int ranks, int phase) {
       // Values 1..7 keep the sum <= 255 up to 36 ranks; beyond, ones and zeros.
       return ranks * kCheckPeriod <= 252 ? phase + 1 : (phase == 0 ? 1 : 0);
     case CheckOp::prod:
-      return phase == 0 ? 2 : 1;  // at most ceil(n/7) factors of two
+      return phase == 0 && ranks <= 49 ? 2 : 1;  // at most ceil(n/7) <= 7 factors of two: fits u8
     case CheckOp::min:
     case CheckOp::max:
       return phase + 1;

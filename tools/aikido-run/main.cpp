@@ -1,14 +1,14 @@
 // aikido-run: starts the workers of an Aikido job on this host. See `aikido-run --help` and options.cpp.
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <aikido/errors.hpp>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
 #include <set>
 #include <string>
 #include <vector>
-
-#include <aikido/errors.hpp>
 
 #include "base/env.hpp"
 #include "base/sha256.hpp"
@@ -99,6 +99,10 @@ int run_job(const Options& options) {
 
 int main(int argc, char** argv) {
   using namespace aikido::run;
+  // Descriptors 0-2 must be taken, or the pipes to the workers could land on them and be mixed up in the child.
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (::fcntl(fd, F_GETFD) == -1 && ::open("/dev/null", O_RDWR) != fd) return 1;
+  }
   Options options;
   try {
     options = parse_options(argc, argv);

@@ -3,14 +3,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <aikido/peer.hpp>
+#include <aikido/types.hpp>
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <string_view>
-
-#include <aikido/peer.hpp>
-#include <aikido/types.hpp>
 
 namespace aikido::run {
 namespace {
@@ -146,8 +145,8 @@ Options parse_options(int argc, char** argv) {
       flag = arg.substr(0, eq);
       value = arg.substr(eq + 1);
     }
-    const bool known = flag == "-np" || flag == "--np" || flag == "-n" || flag == "--topology" ||
-                       flag == "--timeout" || flag == "--transport" || flag == "--segment-bytes";
+    const bool known = flag == "-np" || flag == "--np" || flag == "-n" || flag == "--topology" || flag == "--timeout" ||
+                       flag == "--transport" || flag == "--segment-bytes";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
@@ -167,7 +166,8 @@ Options parse_options(int argc, char** argv) {
     }
   }
   if (!have_np) throw UsageError("aikido-run: missing -np N, the number of workers to start; see aikido-run --help");
-  if (i >= argc) throw UsageError("aikido-run: missing PROGRAM to run; usage: aikido-run -np N [options] PROGRAM [ARGS...]");
+  if (i >= argc)
+    throw UsageError("aikido-run: missing PROGRAM to run; usage: aikido-run -np N [options] PROGRAM [ARGS...]");
   options.program = argv[i];
   options.program_path = find_program(options.program);
   options.argv.assign(argv + i, argv + argc);

@@ -108,7 +108,15 @@ struct ExecPlan {
   ::dup2(out_fd, STDOUT_FILENO);
   ::dup2(err_fd, STDERR_FILENO);
   ::execve(path.c_str(), plan.argv.data(), plan.envp.data());
-  [[maybe_unused]] ssize_t n = ::write(STDERR_FILENO, plan.failure_message.data(), plan.failure_message.size());
+  // strerror is not async-signal-safe: append the number by hand.
+  char digits[16];
+  int length = 0;
+  for (int e = errno; length < int(sizeof digits) && (e > 0 || length == 0); e /= 10)
+    digits[length++] = char('0' + e % 10);
+  std::string& message = plan.failure_message;  // its capacity was reserved before fork
+  for (int i = length - 1; i >= 0; --i) message.push_back(digits[i]);
+  message.push_back('\n');
+  [[maybe_unused]] ssize_t n = ::write(STDERR_FILENO, message.data(), message.size());
   ::_exit(127);
 }
 
@@ -149,13 +157,13 @@ class EventLoop {
     return exit_code_.value_or(0);
   }
 
-  void begin_stop(const std::string& why) {
+  // Asks every running worker to stop; SIGKILL follows after the grace period (check_deadlines).
+  void begin_stop() {
     if (stopping_) return;
     stopping_ = true;
     if (running_ > 0) {
-      report("aikido-run: " + why + "; stopping " + std::to_string(running_) + " running worker" +
-             (running_ == 1 ? "" : "s") + " (SIGTERM, then SIGKILL after " + std::to_string(grace_.count() / 1000) +
-             " s)");
+      report("aikido-run: stopping " + std::to_string(running_) + " running worker" + (running_ == 1 ? "" : "s") +
+             " (SIGTERM, then SIGKILL after " + std::to_string(grace_.count() / 1000) + " s)");
     }
     kill_all(SIGTERM);
     kill_all(SIGCONT);  // a stopped worker acts on SIGTERM only once continued
@@ -216,8 +224,9 @@ class EventLoop {
       if (sig == SIGCHLD) {
         reap();
       } else if (!stopping_) {
+        report("aikido-run: received " + signal_name(sig));
         set_exit_code(128 + sig);
-        begin_stop("received " + signal_name(sig));
+        begin_stop();
       } else if (!killed_) {
         report("aikido-run: received " + signal_name(sig) + " again; killing the workers (SIGKILL)");
         kill_all(SIGKILL);
@@ -225,26 +234,49 @@ class EventLoop {
     }
   }
 
+  // Reaps every worker that has exited and reports its failure, unless it only died of our own stop signals.
+  //
+  // Workers that fail together (one crashes, the others notice and exit) are often reaped in one go, in no
+  // particular order. Among the failures of one go, one killed by a signal is taken as the first: a worker that
+  // notices another's failure exits with a status, it does not die of a signal.
   void reap() {
+    struct Failure {
+      int rank;
+      int status;
+    };
+    std::vector<Failure> failures;
     for (;;) {
       int status = 0;
       const pid_t pid = ::waitpid(-1, &status, WNOHANG);
-      if (pid <= 0) return;
+      if (pid <= 0) break;
       for (auto& p : processes_) {
         if (p.pid != pid || !p.running) continue;
         p.running = false;
         --running_;
-        if (stopping_) break;  // stopped by us, or failing because another worker failed: nothing new to report
-        if (WIFEXITED(status) && WEXITSTATUS(status) != 0) {
-          set_exit_code(WEXITSTATUS(status));
-          begin_stop("rank " + std::to_string(p.rank) + " exited with status " + std::to_string(WEXITSTATUS(status)));
-        } else if (WIFSIGNALED(status)) {
-          set_exit_code(128 + WTERMSIG(status));
-          begin_stop("rank " + std::to_string(p.rank) + " killed by signal " + signal_name(WTERMSIG(status)));
-        }
+        const bool failed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+        if (failed && !stopped_by_us(status)) failures.push_back({p.rank, status});
         break;
       }
     }
+    std::stable_sort(failures.begin(), failures.end(), [](const Failure& a, const Failure& b) {
+      return WIFSIGNALED(a.status) && !WIFSIGNALED(b.status);
+    });
+    for (const auto& f : failures) {
+      if (WIFSIGNALED(f.status)) {
+        report("aikido-run: rank " + std::to_string(f.rank) + " killed by signal " + signal_name(WTERMSIG(f.status)));
+        set_exit_code(128 + WTERMSIG(f.status));
+      } else {
+        report("aikido-run: rank " + std::to_string(f.rank) + " exited with status " +
+               std::to_string(WEXITSTATUS(f.status)));
+        set_exit_code(WEXITSTATUS(f.status));
+      }
+    }
+    if (!failures.empty()) begin_stop();
+  }
+
+  bool stopped_by_us(int status) const {
+    if (!stopping_ || !WIFSIGNALED(status)) return false;
+    return WTERMSIG(status) == SIGTERM || (WTERMSIG(status) == SIGKILL && killed_);
   }
 
   void read_stream(Stream& stream) {
@@ -303,7 +335,8 @@ int Supervisor::run(const std::vector<Worker>& workers) {
     std::vector<std::string> environment = worker.environment;
     for (auto& e : environment) plan.envp.push_back(e.data());
     plan.envp.push_back(nullptr);
-    plan.failure_message = "aikido-run: cannot execute '" + program_path_ + "'\n";
+    plan.failure_message = "aikido-run: cannot execute '" + program_path_ + "': errno ";
+    plan.failure_message.reserve(plan.failure_message.size() + 32);
 
     int out_pipe[2];
     int err_pipe[2];
@@ -340,8 +373,9 @@ int Supervisor::run(const std::vector<Worker>& workers) {
 
   EventLoop loop(processes, grace_, signal_fd.get());
   if (processes.size() < workers.size()) {
+    report("aikido-run: not every worker could be started");
     loop.set_exit_code(1);
-    loop.begin_stop("not every worker could be started");
+    loop.begin_stop();
   }
   return loop.run();
 }
