@@ -50,6 +50,16 @@ std::string rank_list(const std::vector<int>& ranks) {
   return out;
 }
 
+// The exception a failure of this kind raises on ranks that hear of it from another rank.
+std::exception_ptr error_for(WireError kind, const std::string& text) {
+  switch (kind) {
+    case WireError::mismatch: return std::make_exception_ptr(MismatchError(text));
+    case WireError::timeout: return std::make_exception_ptr(TimeoutError(text));
+    case WireError::config: return std::make_exception_ptr(ConfigError(text));
+    default: return std::make_exception_ptr(PeerLostError(text));
+  }
+}
+
 std::string seconds(std::chrono::milliseconds ms) {
   return str_cat(double(ms.count()) / 1000.0, " s");
 }
@@ -353,8 +363,8 @@ Work Engine::post(const Request& request) {
   active_.emplace(CollectiveKey{name, c->seq}, c);
   auto tomb = tombstones_.find(CollectiveKey{name, c->seq});
   if (tomb != tombstones_.end()) {
-    const std::string text = tomb->second.error;
-    fail(c, std::make_exception_ptr(MismatchError(text)), WireError(tomb->second.kind), false, progress);
+    fail(c, error_for(WireError(tomb->second.kind), tomb->second.error), WireError(tomb->second.kind), false,
+         progress);
     run(lock, progress);
     return work;
   }
@@ -566,15 +576,18 @@ void Engine::fail(const std::shared_ptr<Collective>& c, std::exception_ptr error
       }
     }
   }
-  if (kind == WireError::timeout || kind == WireError::lost || kind == WireError::other) {
-    // A transfer stuck in the middle of a frame cannot be abandoned without breaking the stream.
-    for (int p = 0; p < config_.size; ++p) {
-      if (c->running_by_peer[std::size_t(p)] > 0 && connections_[std::size_t(p)]) {
-        connections_[std::size_t(p)]->shutdown();
-      }
+  if (kind == WireError::timeout || kind == WireError::other) abandon_transfers(*c);
+  maybe_finish(c, progress);
+}
+
+void Engine::abandon_transfers(const Collective& c) {
+  // A transfer stuck in the middle of a frame cannot be abandoned without breaking the stream, so the connection
+  // goes: its peer is then lost for later collectives too.
+  for (int p = 0; p < config_.size; ++p) {
+    if (c.running_by_peer[std::size_t(p)] > 0 && connections_[std::size_t(p)]) {
+      connections_[std::size_t(p)]->shutdown();
     }
   }
-  maybe_finish(c, progress);
 }
 
 bool Engine::check_signature(const std::shared_ptr<Collective>& c, const FrameHeader& h, Progress& progress) {
@@ -713,10 +726,7 @@ void Engine::on_frame(transport::Connection& connection, const FrameHeader& head
       auto it = active_.find(CollectiveKey{name, header.seq});
       if (it != active_.end()) {
         auto c = it->second;
-        std::exception_ptr error = WireError(header.root) == WireError::mismatch
-                                       ? std::make_exception_ptr(MismatchError(text))
-                                       : std::make_exception_ptr(PeerLostError(text));
-        fail(c, error, WireError(header.root), false, progress);
+        fail(c, error_for(WireError(header.root), text), WireError(header.root), false, progress);
       } else {
         CollectiveKey key{name, header.seq};
         if (tombstones_.emplace(key, Tombstone{text, std::uint8_t(header.root)}).second) {
@@ -965,7 +975,11 @@ void Engine::watchdog_loop() {
     std::vector<std::shared_ptr<Collective>> all;
     for (auto& [key, c] : active_) all.push_back(c);
     for (auto& c : all) {
-      if (c->failed) continue;
+      if (c->failed) {
+        // Failed, but a transfer with a healthy peer is still running: bound that too.
+        if (now >= c->deadline) abandon_transfers(*c);
+        continue;
+      }
       if (now >= c->deadline) {
         fail(c, std::make_exception_ptr(TimeoutError(str_cat(describe_wait(*c), "; the timeout is ",
                                                              seconds(config_.timeout), " (AIKIDO_TIMEOUT)"))),

@@ -120,6 +120,7 @@ class Engine final : public transport::FrameHandler {
   void maybe_finish(const std::shared_ptr<Collective>& c, Progress& progress);
   void fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, transport::WireError kind,
             bool tell_peers, Progress& progress);
+  void abandon_transfers(const Collective& c);
   bool check_signature(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header,
                        Progress& progress);
   std::string lost_summary() const;

@@ -41,9 +41,10 @@ class MemoryStore final : public Store {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = values_.find(key);
-      std::optional<std::string> current;
-      if (it != values_.end()) current = it->second;
-      if (current != expected) return current;
+      const bool present = it != values_.end();
+      if (present != expected.has_value() || (present && it->second != *expected)) {
+        return present ? std::optional<std::string>(it->second) : std::nullopt;
+      }
       values_[key] = desired;
       result = desired;
     }

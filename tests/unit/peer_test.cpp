@@ -5,6 +5,7 @@
 #include <atomic>
 #include <future>
 #include <latch>
+#include <typeinfo>
 #include <thread>
 
 #include "cluster.hpp"
@@ -101,7 +102,8 @@ TEST(Peer, TimeoutNamesTheRankThatDidNotPost) {
 }
 
 TEST(Peer, LostPeerFailsPendingAndLaterCollectives) {
-  run_cluster(3, base_config(), [](Peer& peer) {
+  std::latch survivors_done(2);  // survivors keep their sessions until both have seen the loss of rank 1
+  run_cluster(3, base_config(), [&](Peer& peer) {
     std::vector<float> x(1000, 1.0f);
     peer.allreduce(std::span<float>(x), ReduceOp::sum, "warmup");
     if (peer.rank() == 1) {
@@ -113,8 +115,11 @@ TEST(Peer, LostPeerFailsPendingAndLaterCollectives) {
       ADD_FAILURE() << "completed without rank 1";
     } catch (const PeerLostError& e) {
       EXPECT_NE(std::string(e.what()).find("rank 1"), std::string::npos) << e.what();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "unexpected " << typeid(e).name() << ": " << e.what();
     }
     EXPECT_THROW(peer.barrier(), PeerLostError);
+    survivors_done.arrive_and_wait();
   });
 }
 
