@@ -402,7 +402,7 @@ void Engine::arm(const std::shared_ptr<Collective>& c, std::uint32_t i, Progress
       c->state[i] = OpState::armed;
       return;
     }
-    issue_send(c, i);
+    issue_send(c, i, progress);
     return;
   }
   MessageKey key{c->name, c->seq, op.tag, op.peer};
@@ -422,7 +422,7 @@ void Engine::arm(const std::shared_ptr<Collective>& c, std::uint32_t i, Progress
   progress.copies.push_back({c, i, std::move(early)});
 }
 
-void Engine::issue_send(const std::shared_ptr<Collective>& c, std::uint32_t i) {
+void Engine::issue_send(const std::shared_ptr<Collective>& c, std::uint32_t i, Progress& progress) {
   const Op& op = c->plan->ops[i];
   transport::OutgoingFrame frame;
   FrameHeader& h = frame.header;
@@ -469,7 +469,7 @@ void Engine::issue_send(const std::shared_ptr<Collective>& c, std::uint32_t i) {
     run(lock, progress);
   };
   c->state[i] = OpState::armed;
-  connections_[std::size_t(peer)]->send(std::move(frame));
+  progress.sends.emplace_back(peer, std::move(frame));  // sent by run(), outside the lock
 }
 
 void Engine::send_ready(const Collective& c, int peer) {
@@ -499,7 +499,7 @@ void Engine::on_ready(const std::shared_ptr<Collective>& c, const FrameHeader& h
   std::vector<std::uint32_t> keep;
   for (std::uint32_t i : c->deferred) {
     if (c->plan->ops[i].peer == header.source) {
-      issue_send(c, i);
+      issue_send(c, i, progress);
     } else {
       keep.push_back(i);
     }
@@ -633,10 +633,13 @@ void Engine::send_control(int peer, FrameType type, const std::string& name, std
 }
 
 void Engine::run(std::unique_lock<std::mutex>& lock, Progress& progress) {
-  while (!progress.copies.empty()) {
+  while (!progress.copies.empty() || !progress.sends.empty()) {
     auto copies = std::move(progress.copies);
     progress.copies.clear();
+    auto sends = std::move(progress.sends);
+    progress.sends.clear();
     lock.unlock();
+    for (auto& [peer, frame] : sends) connections_[std::size_t(peer)]->send(std::move(frame));
     for (auto& copy : copies) {
       Collective& c = *copy.collective;
       const Op& op = c.plan->ops[copy.op];

@@ -110,12 +110,13 @@ class Engine final : public transport::FrameHandler {
       Early early;
     };
     std::vector<Copy> copies;
+    std::vector<std::pair<int, transport::OutgoingFrame>> sends;
     std::vector<std::shared_ptr<Collective>> finished;
   };
 
   // All of these run with mutex_ held.
   void arm(const std::shared_ptr<Collective>& c, std::uint32_t op, Progress& progress);
-  void issue_send(const std::shared_ptr<Collective>& c, std::uint32_t op);
+  void issue_send(const std::shared_ptr<Collective>& c, std::uint32_t op, Progress& progress);
   void complete_op(const std::shared_ptr<Collective>& c, std::uint32_t op, Progress& progress);
   void maybe_finish(const std::shared_ptr<Collective>& c, Progress& progress);
   void fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, transport::WireError kind,

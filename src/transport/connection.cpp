@@ -23,11 +23,61 @@ void Connection::start() {
 
 void Connection::send(OutgoingFrame frame) {
   frame.header.name_bytes = std::uint32_t(frame.name.size());
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (!queue_.empty() || writing_ || broken_ || stopping_) {
     queue_.push_back(std::move(frame));
+    lock.unlock();
+    queued_.notify_one();
+    return;
   }
+  writing_ = true;  // this thread owns the socket's write side until it sets writing_ back
+  lock.unlock();
+  bool complete = false, failed = false;
+  if (frame.start && !frame.start()) {
+    complete = true;  // dropped
+    frame.done = nullptr;
+  } else {
+    frame.started = true;
+    try {
+      complete = write_frame(frame, false);
+    } catch (const std::exception&) {
+      failed = true;
+    }
+  }
+  if (failed) {
+    shutdown();
+    if (frame.done) frame.done(false);
+  } else if (complete && frame.done) {
+    frame.done(true);
+  }
+  lock.lock();
+  if (!complete && !failed) queue_.push_front(std::move(frame));  // the send thread finishes it
+  writing_ = false;
+  lock.unlock();
   queued_.notify_one();
+  drained_.notify_all();
+}
+
+bool Connection::write_frame(OutgoingFrame& frame, bool blocking) {
+  iovec iov[3];
+  iov[0] = {&frame.header, sizeof frame.header};
+  iov[1] = {frame.name.data(), frame.name.size()};
+  iov[2] = {const_cast<void*>(frame.payload), std::size_t(frame.header.payload_bytes)};
+  int first = 0;
+  std::size_t skip = frame.sent;
+  while (first < 3 && skip >= iov[first].iov_len) skip -= iov[first++].iov_len;
+  if (first == 3) return true;
+  iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + skip;
+  iov[first].iov_len -= skip;
+  if (blocking) {
+    socket_.writev_all(iov + first, 3 - first);
+    return true;
+  }
+  std::size_t total = 0;
+  for (int i = first; i < 3; ++i) total += iov[i].iov_len;
+  const std::size_t n = socket_.try_writev(iov + first, 3 - first);
+  frame.sent += n;
+  return n == total;
 }
 
 void Connection::discard_payload(std::size_t size) {
@@ -102,7 +152,8 @@ void Connection::send_loop() {
     bool broken;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      queued_.wait(lock, [&] { return !queue_.empty() || stopping_ || broken_; });
+      // writing_ is set while a sending thread writes a frame itself; the socket has one writer at a time.
+      queued_.wait(lock, [&] { return !writing_ && (!queue_.empty() || stopping_ || broken_); });
       if (queue_.empty()) {  // stopping with nothing left to write
         drained_.notify_all();
         return;
@@ -112,7 +163,7 @@ void Connection::send_loop() {
       broken = broken_;
       writing_ = true;
     }
-    if (frame.start && !frame.start()) {
+    if (!frame.started && frame.start && !frame.start()) {
       std::lock_guard<std::mutex> lock(mutex_);
       writing_ = false;
       drained_.notify_all();
@@ -121,12 +172,7 @@ void Connection::send_loop() {
     bool written = false;
     if (!broken) {
       try {
-        iovec iov[3];
-        iov[0] = {&frame.header, sizeof frame.header};
-        iov[1] = {frame.name.data(), frame.name.size()};
-        iov[2] = {const_cast<void*>(frame.payload), std::size_t(frame.header.payload_bytes)};
-        socket_.writev_all(iov, 3);
-        written = true;
+        written = write_frame(frame, true);
       } catch (const std::exception&) {
         shutdown();
       }

@@ -121,6 +121,19 @@ void Socket::writev_all(iovec* iov, int count) {
   }
 }
 
+std::size_t Socket::try_writev(iovec* iov, int count) {
+  msghdr msg{};
+  msg.msg_iov = iov;
+  msg.msg_iovlen = std::size_t(count);
+  for (;;) {
+    const ssize_t n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n >= 0) return std::size_t(n);
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+    throw PeerLostError(str_cat("connection failed while writing: ", std::strerror(errno)));
+  }
+}
+
 void Socket::set_timeout(std::chrono::milliseconds timeout) {
   timeval tv{};
   tv.tv_sec = timeout.count() / 1000;

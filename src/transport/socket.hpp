@@ -45,6 +45,9 @@ class Socket {
   void write_all(const void* data, std::size_t size);
   /// Writes all the buffers in order with as few system calls as possible. Modifies `iov`.
   void writev_all(iovec* iov, int count);
+  /// Writes what the kernel takes now without blocking; returns the number of bytes written (0 when the socket
+  /// buffer is full). Throws PeerLostError when the connection is gone.
+  std::size_t try_writev(iovec* iov, int count);
   /// Bounds every later read and write (0: no bound). Used during handshakes.
   void set_timeout(std::chrono::milliseconds timeout);
   /// Wakes any thread blocked on this socket (reads return end of stream); the descriptor stays open.
