@@ -1,6 +1,10 @@
 // aikido::Peer: one worker's session in a cluster, and the collectives it runs.
 #pragma once
 
+#include <aikido/errors.hpp>
+#include <aikido/store.hpp>
+#include <aikido/types.hpp>
+#include <aikido/work.hpp>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -8,11 +12,6 @@
 #include <span>
 #include <string>
 #include <string_view>
-
-#include <aikido/errors.hpp>
-#include <aikido/store.hpp>
-#include <aikido/types.hpp>
-#include <aikido/work.hpp>
 
 namespace aikido {
 
@@ -53,7 +52,15 @@ struct PeerConfig {
 
 namespace detail {
 class Engine;
-enum class CollectiveKind : std::uint8_t { allreduce, broadcast, allgather, reduce_scatter, gather, barrier, consensus };
+enum class CollectiveKind : std::uint8_t {
+  allreduce,
+  broadcast,
+  allgather,
+  reduce_scatter,
+  gather,
+  barrier,
+  consensus
+};
 struct Request {
   CollectiveKind kind;
   DType dtype;

@@ -47,7 +47,7 @@ struct bfloat16 {
 enum class DType : std::uint8_t { f32, f64, f16, bf16, i32, i64, u8 };
 
 std::size_t dtype_size(DType dtype);
-const char* dtype_name(DType dtype);  // "f32", "f64", "f16", "bf16", "i32", "i64", "u8"
+const char* dtype_name(DType dtype);       // "f32", "f64", "f16", "bf16", "i32", "i64", "u8"
 DType parse_dtype(std::string_view name);  // throws ConfigError naming the accepted values
 
 template <class T>

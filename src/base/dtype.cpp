@@ -18,7 +18,7 @@ float16::float16(float value) {
     bits = std::uint16_t(sign | 0x7c00u);
     return;
   }
-  if (abs < 0x38800000u) {  // subnormal half (or zero): round to nearest even on the 2^-24 grid
+  if (abs < 0x38800000u) {    // subnormal half (or zero): round to nearest even on the 2^-24 grid
     if (abs < 0x33000000u) {  // below half of the smallest subnormal
       bits = std::uint16_t(sign);
       return;
@@ -77,26 +77,40 @@ bfloat16::bfloat16(float value) {
 
 std::size_t dtype_size(DType dtype) {
   switch (dtype) {
-    case DType::f32: return 4;
-    case DType::f64: return 8;
-    case DType::f16: return 2;
-    case DType::bf16: return 2;
-    case DType::i32: return 4;
-    case DType::i64: return 8;
-    case DType::u8: return 1;
+    case DType::f32:
+      return 4;
+    case DType::f64:
+      return 8;
+    case DType::f16:
+      return 2;
+    case DType::bf16:
+      return 2;
+    case DType::i32:
+      return 4;
+    case DType::i64:
+      return 8;
+    case DType::u8:
+      return 1;
   }
   throw ProtocolError(detail::str_cat("unknown element type code ", int(dtype)));
 }
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::f32: return "f32";
-    case DType::f64: return "f64";
-    case DType::f16: return "f16";
-    case DType::bf16: return "bf16";
-    case DType::i32: return "i32";
-    case DType::i64: return "i64";
-    case DType::u8: return "u8";
+    case DType::f32:
+      return "f32";
+    case DType::f64:
+      return "f64";
+    case DType::f16:
+      return "f16";
+    case DType::bf16:
+      return "bf16";
+    case DType::i32:
+      return "i32";
+    case DType::i64:
+      return "i64";
+    case DType::u8:
+      return "u8";
   }
   return "unknown";
 }
@@ -110,21 +124,30 @@ DType parse_dtype(std::string_view name) {
 
 const char* reduce_op_name(ReduceOp op) {
   switch (op) {
-    case ReduceOp::sum: return "sum";
-    case ReduceOp::min: return "min";
-    case ReduceOp::max: return "max";
-    case ReduceOp::prod: return "prod";
-    case ReduceOp::mean: return "mean";
+    case ReduceOp::sum:
+      return "sum";
+    case ReduceOp::min:
+      return "min";
+    case ReduceOp::max:
+      return "max";
+    case ReduceOp::prod:
+      return "prod";
+    case ReduceOp::mean:
+      return "mean";
   }
   return "unknown";
 }
 
 const char* topology_name(Topology topology) {
   switch (topology) {
-    case Topology::ring: return "ring";
-    case Topology::tree: return "tree";
-    case Topology::star: return "star";
-    case Topology::hierarchical: return "hierarchical";
+    case Topology::ring:
+      return "ring";
+    case Topology::tree:
+      return "tree";
+    case Topology::star:
+      return "star";
+    case Topology::hierarchical:
+      return "hierarchical";
   }
   return "unknown";
 }
@@ -138,9 +161,12 @@ Topology parse_topology(std::string_view name) {
 
 const char* transport_name(TransportKind kind) {
   switch (kind) {
-    case TransportKind::automatic: return "auto";
-    case TransportKind::tcp: return "tcp";
-    case TransportKind::unix_socket: return "unix";
+    case TransportKind::automatic:
+      return "auto";
+    case TransportKind::tcp:
+      return "tcp";
+    case TransportKind::unix_socket:
+      return "unix";
   }
   return "unknown";
 }

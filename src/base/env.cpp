@@ -21,8 +21,8 @@ std::int64_t get_int(const char* name, std::int64_t fallback, std::int64_t min, 
   char* end = nullptr;
   const long long parsed = std::strtoll(value->c_str(), &end, 10);
   if (errno != 0 || end == value->c_str() || *end != '\0' || parsed < min || parsed > max) {
-    throw ConfigError(detail::str_cat(name, "='", *value, "' is not an integer in [", min, ", ", max,
-                                      "]; fix or unset it"));
+    throw ConfigError(
+        detail::str_cat(name, "='", *value, "' is not an integer in [", min, ", ", max, "]; fix or unset it"));
   }
   return parsed;
 }

@@ -1,10 +1,9 @@
 // Internal helpers around the public error model (include/aikido/errors.hpp).
 #pragma once
 
+#include <aikido/errors.hpp>
 #include <sstream>
 #include <string>
-
-#include <aikido/errors.hpp>
 
 namespace aikido::detail {
 
@@ -22,8 +21,9 @@ std::string str_cat(const Args&... args) {
 }  // namespace aikido::detail
 
 /// Invariant check: throws aikido::Error with file and line; never aborts.
-#define AIKIDO_ENFORCE(cond, ...)                                                                      \
-  do {                                                                                                 \
-    if (!(cond)) ::aikido::detail::throw_enforce(__FILE__, __LINE__, #cond,                            \
-                                                 ::aikido::detail::str_cat("" __VA_OPT__(, ) __VA_ARGS__)); \
+#define AIKIDO_ENFORCE(cond, ...)                                                                \
+  do {                                                                                           \
+    if (!(cond))                                                                                 \
+      ::aikido::detail::throw_enforce(__FILE__, __LINE__, #cond,                                 \
+                                      ::aikido::detail::str_cat("" __VA_OPT__(, ) __VA_ARGS__)); \
   } while (0)

@@ -59,13 +59,20 @@ void apply_half(void* dst, const void* src, std::size_t count, Op op) {
 template <class Op>
 void dispatch(DType dtype, void* dst, const void* src, std::size_t count, Op op) {
   switch (dtype) {
-    case DType::f32: return apply<float>(dst, src, count, op);
-    case DType::f64: return apply<double>(dst, src, count, op);
-    case DType::i32: return apply<std::int32_t>(dst, src, count, op);
-    case DType::i64: return apply<std::int64_t>(dst, src, count, op);
-    case DType::u8: return apply<std::uint8_t>(dst, src, count, op);
-    case DType::f16: return apply_half<float16>(dst, src, count, op);
-    case DType::bf16: return apply_half<bfloat16>(dst, src, count, op);
+    case DType::f32:
+      return apply<float>(dst, src, count, op);
+    case DType::f64:
+      return apply<double>(dst, src, count, op);
+    case DType::i32:
+      return apply<std::int32_t>(dst, src, count, op);
+    case DType::i64:
+      return apply<std::int64_t>(dst, src, count, op);
+    case DType::u8:
+      return apply<std::uint8_t>(dst, src, count, op);
+    case DType::f16:
+      return apply_half<float16>(dst, src, count, op);
+    case DType::bf16:
+      return apply_half<bfloat16>(dst, src, count, op);
   }
   throw Error(str_cat("reduce: unknown element type code ", int(dtype)));
 }
@@ -92,23 +99,34 @@ void divide_half(void* dst, std::size_t count, int divisor) {
 void reduce_into(DType dtype, ReduceOp op, void* dst, const void* src, std::size_t count) {
   switch (op) {
     case ReduceOp::sum:
-    case ReduceOp::mean: return dispatch(dtype, dst, src, count, Sum{});
-    case ReduceOp::min: return dispatch(dtype, dst, src, count, Min{});
-    case ReduceOp::max: return dispatch(dtype, dst, src, count, Max{});
-    case ReduceOp::prod: return dispatch(dtype, dst, src, count, Prod{});
+    case ReduceOp::mean:
+      return dispatch(dtype, dst, src, count, Sum{});
+    case ReduceOp::min:
+      return dispatch(dtype, dst, src, count, Min{});
+    case ReduceOp::max:
+      return dispatch(dtype, dst, src, count, Max{});
+    case ReduceOp::prod:
+      return dispatch(dtype, dst, src, count, Prod{});
   }
   throw Error(str_cat("reduce: unknown operation code ", int(op)));
 }
 
 void divide_by_count(DType dtype, void* dst, std::size_t count, int divisor) {
   switch (dtype) {
-    case DType::f32: return divide<float>(dst, count, divisor);
-    case DType::f64: return divide<double>(dst, count, divisor);
-    case DType::i32: return divide<std::int32_t>(dst, count, divisor);
-    case DType::i64: return divide<std::int64_t>(dst, count, divisor);
-    case DType::u8: return divide<std::uint8_t>(dst, count, divisor);
-    case DType::f16: return divide_half<float16>(dst, count, divisor);
-    case DType::bf16: return divide_half<bfloat16>(dst, count, divisor);
+    case DType::f32:
+      return divide<float>(dst, count, divisor);
+    case DType::f64:
+      return divide<double>(dst, count, divisor);
+    case DType::i32:
+      return divide<std::int32_t>(dst, count, divisor);
+    case DType::i64:
+      return divide<std::int64_t>(dst, count, divisor);
+    case DType::u8:
+      return divide<std::uint8_t>(dst, count, divisor);
+    case DType::f16:
+      return divide_half<float16>(dst, count, divisor);
+    case DType::bf16:
+      return divide_half<bfloat16>(dst, count, divisor);
   }
 }
 

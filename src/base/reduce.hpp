@@ -2,9 +2,8 @@
 // vectorises; f16 and bf16 compute in float and round to nearest even.
 #pragma once
 
-#include <cstddef>
-
 #include <aikido/types.hpp>
+#include <cstddef>
 
 namespace aikido::detail {
 

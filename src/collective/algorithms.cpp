@@ -65,8 +65,7 @@ void ring_reduce_scatter(PlanBuilder& b, const Group& g, const std::vector<Range
 
 // Ring allgather: member i starts with blocks[i] and ends with all of them.
 // Step s: send block (i - s) to the right, receive block (i - s - 1) from the left.
-void ring_allgather(PlanBuilder& b, const Group& g, const std::vector<Range>& blocks, unsigned phase,
-                    std::size_t seg) {
+void ring_allgather(PlanBuilder& b, const Group& g, const std::vector<Range>& blocks, unsigned phase, std::size_t seg) {
   const int n = g.size(), i = g.index;
   if (n < 2) return;
   const int right = g.members[std::size_t(mod(i + 1, n))], left = g.members[std::size_t(mod(i - 1, n))];
@@ -214,10 +213,16 @@ Plan broadcast_plan(const PlanSpec& spec) {
   const Group g = rotated(spec.size, spec.root, spec.rank);
   const Range all{0, spec.count};
   switch (spec.topology) {
-    case Topology::ring: chain_broadcast(b, g, all, 1, spec.segment_elems); break;
-    case Topology::star: star_broadcast(b, g, all, 1, spec.segment_elems); break;
+    case Topology::ring:
+      chain_broadcast(b, g, all, 1, spec.segment_elems);
+      break;
+    case Topology::star:
+      star_broadcast(b, g, all, 1, spec.segment_elems);
+      break;
     case Topology::tree:
-    case Topology::hierarchical: tree_broadcast(b, g, all, 1, spec.segment_elems); break;
+    case Topology::hierarchical:
+      tree_broadcast(b, g, all, 1, spec.segment_elems);
+      break;
   }
   return b.finish();
 }
@@ -298,11 +303,16 @@ Plan build_plan(const PlanSpec& spec) {
   switch (spec.kind) {
     case CollectiveKind::allreduce:
     case CollectiveKind::barrier:
-    case CollectiveKind::consensus: return allreduce_plan(spec);
-    case CollectiveKind::broadcast: return broadcast_plan(spec);
-    case CollectiveKind::allgather: return allgather_plan(spec);
-    case CollectiveKind::reduce_scatter: return reduce_scatter_plan(spec);
-    case CollectiveKind::gather: return gather_plan(spec);
+    case CollectiveKind::consensus:
+      return allreduce_plan(spec);
+    case CollectiveKind::broadcast:
+      return broadcast_plan(spec);
+    case CollectiveKind::allgather:
+      return allgather_plan(spec);
+    case CollectiveKind::reduce_scatter:
+      return reduce_scatter_plan(spec);
+    case CollectiveKind::gather:
+      return gather_plan(spec);
   }
   throw Error(detail::str_cat("no plan for collective kind ", int(spec.kind)));
 }

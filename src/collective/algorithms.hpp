@@ -1,11 +1,10 @@
 // The algorithms: free functions that build a rank's plan for one collective on one topology.
 #pragma once
 
-#include <cstddef>
-#include <vector>
-
 #include <aikido/peer.hpp>
 #include <aikido/types.hpp>
+#include <cstddef>
+#include <vector>
 
 #include "collective/plan.hpp"
 

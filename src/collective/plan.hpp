@@ -33,7 +33,8 @@ struct Op {
 
 /// Phase in the top 8 bits, step in the next 16, segment offset in the low 40 (offsets are below 2^40 elements).
 inline std::uint64_t make_tag(unsigned phase, unsigned step, std::size_t offset) {
-  return (std::uint64_t(phase) << 56) | (std::uint64_t(step & 0xffffu) << 40) | (std::uint64_t(offset) & ((std::uint64_t(1) << 40) - 1));
+  return (std::uint64_t(phase) << 56) | (std::uint64_t(step & 0xffffu) << 40) |
+         (std::uint64_t(offset) & ((std::uint64_t(1) << 40) - 1));
 }
 
 struct Plan {

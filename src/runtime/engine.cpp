@@ -33,13 +33,20 @@ enum class OpState : std::uint8_t { waiting, armed, running, done };
 
 const char* kind_name(CollectiveKind kind) {
   switch (kind) {
-    case CollectiveKind::allreduce: return "allreduce";
-    case CollectiveKind::broadcast: return "broadcast";
-    case CollectiveKind::allgather: return "allgather";
-    case CollectiveKind::reduce_scatter: return "reduce_scatter";
-    case CollectiveKind::gather: return "gather";
-    case CollectiveKind::barrier: return "barrier";
-    case CollectiveKind::consensus: return "consensus";
+    case CollectiveKind::allreduce:
+      return "allreduce";
+    case CollectiveKind::broadcast:
+      return "broadcast";
+    case CollectiveKind::allgather:
+      return "allgather";
+    case CollectiveKind::reduce_scatter:
+      return "reduce_scatter";
+    case CollectiveKind::gather:
+      return "gather";
+    case CollectiveKind::barrier:
+      return "barrier";
+    case CollectiveKind::consensus:
+      return "consensus";
   }
   return "collective";
 }
@@ -53,16 +60,18 @@ std::string rank_list(const std::vector<int>& ranks) {
 // The exception a failure of this kind raises on ranks that hear of it from another rank.
 std::exception_ptr error_for(WireError kind, const std::string& text) {
   switch (kind) {
-    case WireError::mismatch: return std::make_exception_ptr(MismatchError(text));
-    case WireError::timeout: return std::make_exception_ptr(TimeoutError(text));
-    case WireError::config: return std::make_exception_ptr(ConfigError(text));
-    default: return std::make_exception_ptr(PeerLostError(text));
+    case WireError::mismatch:
+      return std::make_exception_ptr(MismatchError(text));
+    case WireError::timeout:
+      return std::make_exception_ptr(TimeoutError(text));
+    case WireError::config:
+      return std::make_exception_ptr(ConfigError(text));
+    default:
+      return std::make_exception_ptr(PeerLostError(text));
   }
 }
 
-std::string seconds(std::chrono::milliseconds ms) {
-  return str_cat(double(ms.count()) / 1000.0, " s");
-}
+std::string seconds(std::chrono::milliseconds ms) { return str_cat(double(ms.count()) / 1000.0, " s"); }
 
 }  // namespace
 
@@ -106,19 +115,6 @@ struct Collective {
   std::string label() const { return str_cat(kind_name(kind), " '", name, "' (seq ", seq, ")"); }
 };
 
-struct PendingRequest {
-  std::uint64_t id = 0;
-  int target = 0;
-  std::string name;
-  DType dtype{};
-  std::size_t count = 0;
-  void* out = nullptr;
-  bool running = false;
-  bool finished = false;
-  Clock::time_point deadline;
-  std::shared_ptr<WorkState> work;
-};
-
 std::size_t Engine::MessageKeyHash::operator()(const MessageKey& k) const {
   std::size_t h = std::hash<std::string>()(k.name);
   h ^= std::hash<std::uint64_t>()(k.seq) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
@@ -157,8 +153,9 @@ Engine::~Engine() {
     std::vector<std::shared_ptr<Collective>> all;
     for (auto& [key, c] : active_) all.push_back(c);
     for (auto& c : all) {
-      fail(c, std::make_exception_ptr(Error(str_cat(c->label(), " was still in flight on rank ", config_.rank,
-                                                    " when its Peer was destroyed"))),
+      fail(c,
+           std::make_exception_ptr(Error(
+               str_cat(c->label(), " was still in flight on rank ", config_.rank, " when its Peer was destroyed"))),
            WireError::other, false, progress);
     }
     for (auto& [id, r] : requests_) {
@@ -183,8 +180,8 @@ Topology Engine::topology() const {
 }
 
 std::shared_ptr<const Plan> Engine::plan_for(const collective::PlanSpec& spec) {
-  const auto key = std::make_tuple(int(spec.kind), int(spec.topology), spec.root, spec.count, spec.block,
-                                   spec.segment_elems);
+  const auto key =
+      std::make_tuple(int(spec.kind), int(spec.topology), spec.root, spec.count, spec.block, spec.segment_elems);
   std::lock_guard<std::mutex> lock(plans_mutex_);
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
@@ -249,7 +246,8 @@ Work Engine::post(const Request& request) {
       spec.count = k;
       break;
     case CollectiveKind::broadcast:
-      if (request.root < 0 || request.root >= size) throw bad(str_cat("root ", request.root, " is not a rank of 0..", size - 1));
+      if (request.root < 0 || request.root >= size)
+        throw bad(str_cat("root ", request.root, " is not a rank of 0..", size - 1));
       c->buffer = static_cast<std::byte*>(request.recv);
       spec.count = k;
       break;
@@ -275,11 +273,12 @@ Work Engine::post(const Request& request) {
       spec.block = request.recv_count;
       break;
     case CollectiveKind::gather:
-      if (request.root < 0 || request.root >= size) throw bad(str_cat("root ", request.root, " is not a rank of 0..", size - 1));
+      if (request.root < 0 || request.root >= size)
+        throw bad(str_cat("root ", request.root, " is not a rank of 0..", size - 1));
       if (rank == request.root) {
         if (request.recv_count != k * std::size_t(size)) {
-          throw bad(str_cat("recv on the root has ", request.recv_count, " elements; it must hold size() * send.size() = ",
-                            k * std::size_t(size)));
+          throw bad(str_cat("recv on the root has ", request.recv_count,
+                            " elements; it must hold size() * send.size() = ", k * std::size_t(size)));
         }
         c->buffer = static_cast<std::byte*>(request.recv);
         if (k > 0) std::memmove(c->buffer + std::size_t(rank) * k * esize, request.send, k * esize);
@@ -331,8 +330,8 @@ Work Engine::post(const Request& request) {
   if (!lost.empty()) {
     auto work = std::make_shared<WorkState>();
     work->done = true;
-    work->error = std::make_exception_ptr(PeerLostError(
-        str_cat(c->label(), " cannot run on rank ", rank, " at cluster version ", config_.cluster_version, ": ", lost)));
+    work->error = std::make_exception_ptr(PeerLostError(str_cat(
+        c->label(), " cannot run on rank ", rank, " at cluster version ", config_.cluster_version, ": ", lost)));
     return Work(work);
   }
   for (auto& [key, other] : active_) {
@@ -363,8 +362,7 @@ Work Engine::post(const Request& request) {
   active_.emplace(CollectiveKey{name, c->seq}, c);
   auto tomb = tombstones_.find(CollectiveKey{name, c->seq});
   if (tomb != tombstones_.end()) {
-    fail(c, error_for(WireError(tomb->second.kind), tomb->second.error), WireError(tomb->second.kind), false,
-         progress);
+    fail(c, error_for(WireError(tomb->second.kind), tomb->second.error), WireError(tomb->second.kind), false, progress);
     run(lock, progress);
     return work;
   }
@@ -382,9 +380,10 @@ Work Engine::post(const Request& request) {
   }
   for (int p = 0; p < size && !c->failed; ++p) {
     if (departed_[std::size_t(p)] && needs_peer(*c, p)) {
-      fail(c, std::make_exception_ptr(PeerLostError(str_cat(c->label(), " cannot run on rank ", rank,
-                                                            " at cluster version ", config_.cluster_version, ": ",
-                                                            lost_[std::size_t(p)], " and this collective needs it"))),
+      fail(c,
+           std::make_exception_ptr(PeerLostError(str_cat(c->label(), " cannot run on rank ", rank,
+                                                         " at cluster version ", config_.cluster_version, ": ",
+                                                         lost_[std::size_t(p)], " and this collective needs it"))),
            WireError::lost, false, progress);
     }
   }
@@ -457,9 +456,10 @@ void Engine::issue_send(const std::shared_ptr<Collective>& c, std::uint32_t i, P
     Progress progress;
     if (!written) {
       const std::string why = lost_[std::size_t(peer)].empty() ? str_cat("lost rank ", peer) : lost_[std::size_t(peer)];
-      fail(c, std::make_exception_ptr(PeerLostError(str_cat(c->label(), " failed on rank ", config_.rank,
-                                                            " at cluster version ", config_.cluster_version,
-                                                            ": could not send to rank ", peer, ": ", why))),
+      fail(c,
+           std::make_exception_ptr(
+               PeerLostError(str_cat(c->label(), " failed on rank ", config_.rank, " at cluster version ",
+                                     config_.cluster_version, ": could not send to rank ", peer, ": ", why))),
            WireError::lost, false, progress);
     } else if (c->failed) {
       maybe_finish(c, progress);
@@ -595,19 +595,18 @@ bool Engine::check_signature(const std::shared_ptr<Collective>& c, const FrameHe
                     h.op == std::uint8_t(c->op) && h.topology == std::uint8_t(c->topology) && h.root == c->root &&
                     h.count == c->count;
   if (same) return true;
-  auto describe = [](int rank, std::uint8_t kind, std::uint8_t dtype, std::uint8_t op, std::uint8_t topology,
-                     int root, std::uint64_t count) {
+  auto describe = [](int rank, std::uint8_t kind, std::uint8_t dtype, std::uint8_t op, std::uint8_t topology, int root,
+                     std::uint64_t count) {
     return str_cat("rank ", rank, " posted ", kind_name(CollectiveKind(kind)), " of ", count, " ",
                    dtype_name(DType(dtype)), " elements, op ", reduce_op_name(ReduceOp(op)), ", root ", root, ", ",
                    topology_name(Topology(topology)), " topology");
   };
-  const std::string text =
-      str_cat("ranks posted '", c->name, "' (seq ", c->seq, ", cluster version ", config_.cluster_version,
-              ") differently: ",
-              describe(c->rank, std::uint8_t(c->kind), std::uint8_t(c->dtype), std::uint8_t(c->op),
-                       std::uint8_t(c->topology), c->root, c->count),
-              "; ", describe(h.source, h.kind, h.dtype, h.op, h.topology, h.root, h.count),
-              ". Every rank must post the same name with the same size, type, operation and root");
+  const std::string text = str_cat("ranks posted '", c->name, "' (seq ", c->seq, ", cluster version ",
+                                   config_.cluster_version, ") differently: ",
+                                   describe(c->rank, std::uint8_t(c->kind), std::uint8_t(c->dtype), std::uint8_t(c->op),
+                                            std::uint8_t(c->topology), c->root, c->count),
+                                   "; ", describe(h.source, h.kind, h.dtype, h.op, h.topology, h.root, h.count),
+                                   ". Every rank must post the same name with the same size, type, operation and root");
   fail(c, std::make_exception_ptr(MismatchError(text)), WireError::mismatch, true, progress);
   return false;
 }
@@ -690,7 +689,8 @@ void Engine::finish_collective(Collective& c) {
           if (c.agreed) *c.agreed = agreed;
           break;
         }
-        default: break;
+        default:
+          break;
       }
     } catch (...) {
       c.error = std::current_exception();
@@ -706,7 +706,8 @@ void Engine::on_frame(transport::Connection& connection, const FrameHeader& head
                                 "; this rank is at version ", config_.cluster_version));
   }
   switch (header.type) {
-    case FrameType::data: return receive_data(connection, header, name);
+    case FrameType::data:
+      return receive_data(connection, header, name);
     case FrameType::ready: {
       if (header.payload_bytes != 0) throw ProtocolError("ready frame with a payload");
       std::unique_lock<std::mutex> lock(mutex_);
@@ -761,16 +762,19 @@ void Engine::on_frame(transport::Connection& connection, const FrameHeader& head
       if (all) log::warn("stall report: ", describe_wait(c));
       return;
     }
-    case FrameType::p2p_request: return receive_p2p_request(connection, header, name);
-    case FrameType::p2p_reply: return receive_p2p_reply(connection, header);
-    case FrameType::goodbye: return;  // handled by the connection
+    case FrameType::p2p_request:
+      return receive_p2p_request(connection, header, name);
+    case FrameType::p2p_reply:
+      return receive_p2p_reply(connection, header);
+    case FrameType::goodbye:
+      return;  // handled by the connection
   }
 }
 
 std::string Engine::read_text(transport::Connection& connection, std::uint64_t bytes) {
   if (bytes > kMaxErrorText) {
-    throw ProtocolError(str_cat("rank ", connection.peer(), " sent a ", bytes, "-byte error text; the cap is ",
-                                kMaxErrorText));
+    throw ProtocolError(
+        str_cat("rank ", connection.peer(), " sent a ", bytes, "-byte error text; the cap is ", kMaxErrorText));
   }
   std::string text(bytes, '\0');
   if (bytes > 0) connection.read_payload(text.data(), bytes);
@@ -854,8 +858,8 @@ void Engine::receive_data(transport::Connection& connection, const FrameHeader& 
                                   " whose whole buffer is ", c->buffer_bytes, " bytes"));
     }
   } else if (bytes > kEagerBytes) {
-    throw ProtocolError(str_cat("rank ", source, " sent a ", bytes, "-byte segment of '", name, "' (seq ",
-                                header.seq, ") before this rank posted it; segments over ", kEagerBytes,
+    throw ProtocolError(str_cat("rank ", source, " sent a ", bytes, "-byte segment of '", name, "' (seq ", header.seq,
+                                ") before this rank posted it; segments over ", kEagerBytes,
                                 " bytes must wait for the receiver"));
   }
   const auto deadline = Clock::now() + config_.timeout;
@@ -908,8 +912,8 @@ void Engine::on_lost(transport::Connection& connection, const std::string& reaso
   const int p = connection.peer();
   std::unique_lock<std::mutex> lock(mutex_);
   if (closing_ || !lost_[std::size_t(p)].empty()) return;
-  lost_[std::size_t(p)] = goodbye ? str_cat("rank ", p, " closed its session")
-                                  : str_cat("rank ", p, " is lost (", reason, ")");
+  lost_[std::size_t(p)] =
+      goodbye ? str_cat("rank ", p, " closed its session") : str_cat("rank ", p, " is lost (", reason, ")");
   departed_[std::size_t(p)] = goodbye;
   if (!goodbye) log::warn("rank ", config_.rank, ": ", lost_[std::size_t(p)]);
   Progress progress;
@@ -918,9 +922,10 @@ void Engine::on_lost(transport::Connection& connection, const std::string& reaso
     if (needs_peer(*c, p)) all.push_back(c);
   }
   for (auto& c : all) {
-    fail(c, std::make_exception_ptr(PeerLostError(str_cat(c->label(), " failed on rank ", config_.rank,
-                                                          " at cluster version ", config_.cluster_version, ": ",
-                                                          lost_[std::size_t(p)]))),
+    fail(c,
+         std::make_exception_ptr(
+             PeerLostError(str_cat(c->label(), " failed on rank ", config_.rank, " at cluster version ",
+                                   config_.cluster_version, ": ", lost_[std::size_t(p)]))),
          WireError::lost, true, progress);
   }
   std::vector<std::shared_ptr<PendingRequest>> failed;
@@ -984,8 +989,9 @@ void Engine::watchdog_loop() {
         continue;
       }
       if (now >= c->deadline) {
-        fail(c, std::make_exception_ptr(TimeoutError(str_cat(describe_wait(*c), "; the timeout is ",
-                                                             seconds(config_.timeout), " (AIKIDO_TIMEOUT)"))),
+        fail(c,
+             std::make_exception_ptr(TimeoutError(
+                 str_cat(describe_wait(*c), "; the timeout is ", seconds(config_.timeout), " (AIKIDO_TIMEOUT)"))),
              WireError::timeout, false, progress);
       } else if (!c->stall_queried && now >= c->start + config_.timeout / 2) {
         c->stall_queried = true;
@@ -1012,9 +1018,8 @@ void Engine::watchdog_loop() {
     }
     run(lock, progress);
     for (auto& r : expired) {
-      r->work->complete(std::make_exception_ptr(TimeoutError(str_cat("request of '", r->name, "' from rank ",
-                                                                     r->target, " got no answer within ",
-                                                                     seconds(config_.timeout)))));
+      r->work->complete(std::make_exception_ptr(TimeoutError(str_cat(
+          "request of '", r->name, "' from rank ", r->target, " got no answer within ", seconds(config_.timeout)))));
     }
     lock.lock();
   }
@@ -1023,8 +1028,8 @@ void Engine::watchdog_loop() {
 void Engine::drain() {
   std::unique_lock<std::mutex> lock(mutex_);
   if (!idle_.wait_for(lock, config_.timeout, [&] { return active_.empty(); })) {
-    throw TimeoutError(str_cat("rank ", config_.rank, ": collectives still in flight after ",
-                               seconds(config_.timeout)));
+    throw TimeoutError(
+        str_cat("rank ", config_.rank, ": collectives still in flight after ", seconds(config_.timeout)));
   }
 }
 
@@ -1032,153 +1037,15 @@ void Engine::set_topology(Topology topology) {
   drain();
   const std::byte value[1] = {std::byte(topology)};
   bool agreed = false;
-  Request r{CollectiveKind::consensus, DType::u8, ReduceOp::max, 0, value, nullptr, 1, 0, "aikido/set_topology",
-            &agreed};
+  Request r{CollectiveKind::consensus, DType::u8, ReduceOp::max, 0, value, nullptr, 1, 0,
+            "aikido/set_topology",     &agreed};
   post(r).wait();
   if (!agreed) {
-    throw MismatchError(str_cat("set_topology: ranks asked for different topologies (rank ", config_.rank, " asked for ",
-                                topology_name(topology), "); every rank must switch to the same one"));
+    throw MismatchError(str_cat("set_topology: ranks asked for different topologies (rank ", config_.rank,
+                                " asked for ", topology_name(topology), "); every rank must switch to the same one"));
   }
   std::lock_guard<std::mutex> lock(mutex_);
   topology_ = topology;
-}
-
-void Engine::save(std::string_view name, DType dtype, const void* data, std::size_t count) {
-  if (name.empty() || name.size() > transport::kMaxNameBytes) {
-    throw ConfigError(str_cat("save: the name must have 1 to ", transport::kMaxNameBytes, " bytes"));
-  }
-  const std::size_t bytes = count * dtype_size(dtype);
-  auto copy = std::make_shared<std::vector<std::byte>>(bytes);
-  if (bytes > 0) std::memcpy(copy->data(), data, bytes);
-  std::lock_guard<std::mutex> lock(mutex_);
-  saved_[std::string(name)] = Saved{dtype, count, std::move(copy)};
-}
-
-Work Engine::request(int target, std::string_view name, DType dtype, void* out, std::size_t count) {
-  if (target < 0 || target >= config_.size) {
-    throw ConfigError(str_cat("request '", name, "': target rank ", target, " is not a rank of 0..", config_.size - 1));
-  }
-  auto work = std::make_shared<WorkState>();
-  std::unique_lock<std::mutex> lock(mutex_);
-  if (target == config_.rank) {
-    auto it = saved_.find(std::string(name));
-    std::exception_ptr error;
-    if (it == saved_.end()) {
-      error = std::make_exception_ptr(ConfigError(str_cat("request: rank ", target, " has saved nothing named '", name, "'")));
-    } else if (it->second.dtype != dtype || it->second.count != count) {
-      error = std::make_exception_ptr(ConfigError(str_cat("request '", name, "': rank ", target, " saved ",
-                                                          it->second.count, " ", dtype_name(it->second.dtype),
-                                                          " elements; the request asked for ", count, " ",
-                                                          dtype_name(dtype))));
-    } else if (count > 0) {
-      std::memcpy(out, it->second.bytes->data(), it->second.bytes->size());
-    }
-    lock.unlock();
-    work->complete(error);
-    return Work(work);
-  }
-  if (!lost_[std::size_t(target)].empty()) {
-    const std::string why = lost_[std::size_t(target)];
-    lock.unlock();
-    work->complete(std::make_exception_ptr(PeerLostError(str_cat("request of '", name, "' failed: ", why))));
-    return Work(work);
-  }
-  auto r = std::make_shared<PendingRequest>();
-  r->id = next_request_++;
-  r->target = target;
-  r->name = std::string(name);
-  r->dtype = dtype;
-  r->count = count;
-  r->out = out;
-  r->deadline = Clock::now() + config_.timeout;
-  r->work = work;
-  requests_.emplace(r->id, r);
-  transport::OutgoingFrame frame;
-  frame.header.type = FrameType::p2p_request;
-  frame.header.source = config_.rank;
-  frame.header.cluster_version = config_.cluster_version;
-  frame.header.seq = r->id;
-  frame.header.dtype = std::uint8_t(dtype);
-  frame.header.count = count;
-  frame.name = r->name;
-  connections_[std::size_t(target)]->send(std::move(frame));
-  return Work(work);
-}
-
-void Engine::receive_p2p_request(transport::Connection& connection, const FrameHeader& header,
-                                 const std::string& name) {
-  if (header.payload_bytes != 0) throw ProtocolError("p2p request with a payload");
-  transport::OutgoingFrame frame;
-  frame.header.type = FrameType::p2p_reply;
-  frame.header.source = config_.rank;
-  frame.header.cluster_version = config_.cluster_version;
-  frame.header.seq = header.seq;
-  frame.name = name;
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto it = saved_.find(name);
-  std::string error;
-  if (it == saved_.end()) {
-    error = str_cat("request: rank ", config_.rank, " has saved nothing named '", name, "'");
-  } else if (it->second.dtype != DType(header.dtype) || it->second.count != header.count) {
-    error = str_cat("request '", name, "': rank ", config_.rank, " saved ", it->second.count, " ",
-                    dtype_name(it->second.dtype), " elements; the request asked for ", header.count, " ",
-                    dtype_name(DType(header.dtype)));
-  }
-  if (error.empty()) {
-    frame.header.root = 0;
-    frame.header.payload_bytes = it->second.bytes->size();
-    frame.payload = it->second.bytes->data();
-    frame.keep_alive = it->second.bytes;
-  } else {
-    auto text = std::make_shared<std::string>(std::move(error));
-    frame.header.root = 1;
-    frame.header.payload_bytes = text->size();
-    frame.payload = text->data();
-    frame.keep_alive = text;
-  }
-  connection.send(std::move(frame));
-}
-
-void Engine::receive_p2p_reply(transport::Connection& connection, const FrameHeader& header) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  auto it = requests_.find(header.seq);
-  if (it == requests_.end() || it->second->finished) {
-    lock.unlock();
-    connection.discard_payload(header.payload_bytes);
-    return;
-  }
-  auto r = it->second;
-  if (header.root != 0) {
-    lock.unlock();
-    const std::string text = read_text(connection, header.payload_bytes);
-    lock.lock();
-    r->finished = true;
-    requests_.erase(r->id);
-    lock.unlock();
-    r->work->complete(std::make_exception_ptr(ConfigError(text)));
-    return;
-  }
-  const std::size_t bytes = r->count * dtype_size(r->dtype);
-  if (header.payload_bytes != bytes) {
-    throw ProtocolError(str_cat("rank ", header.source, " answered request '", r->name, "' with ",
-                                header.payload_bytes, " bytes; ", bytes, " were asked for"));
-  }
-  r->running = true;
-  lock.unlock();
-  std::exception_ptr error;
-  try {
-    if (bytes > 0) connection.read_payload(r->out, bytes);
-  } catch (...) {
-    error = std::make_exception_ptr(PeerLostError(str_cat("request of '", r->name, "' from rank ", header.source,
-                                                          " failed: the connection broke during the reply")));
-  }
-  lock.lock();
-  r->running = false;
-  r->finished = true;
-  requests_.erase(r->id);
-  lock.unlock();
-  r->work->complete(error);
-  if (error) throw PeerLostError("connection broke during a reply");
 }
 
 }  // namespace aikido::detail

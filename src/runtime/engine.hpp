@@ -15,6 +15,8 @@
 // every rank (`abort`).
 #pragma once
 
+#include <aikido/peer.hpp>
+#include <aikido/work.hpp>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -26,9 +28,6 @@
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
-
-#include <aikido/peer.hpp>
-#include <aikido/work.hpp>
 
 #include "collective/algorithms.hpp"
 #include "runtime/buffer_pool.hpp"
@@ -47,7 +46,20 @@ struct ClusterInfo {
 };
 
 struct Collective;
-struct PendingRequest;
+
+/// A request() waiting for its reply.
+struct PendingRequest {
+  std::uint64_t id = 0;
+  int target = 0;
+  std::string name;
+  DType dtype{};
+  std::size_t count = 0;
+  void* out = nullptr;
+  bool running = false;
+  bool finished = false;
+  Clock::time_point deadline;
+  std::shared_ptr<WorkState> work;
+};
 
 class Engine final : public transport::FrameHandler {
  public:
@@ -119,15 +131,14 @@ class Engine final : public transport::FrameHandler {
   void issue_send(const std::shared_ptr<Collective>& c, std::uint32_t op, Progress& progress);
   void complete_op(const std::shared_ptr<Collective>& c, std::uint32_t op, Progress& progress);
   void maybe_finish(const std::shared_ptr<Collective>& c, Progress& progress);
-  void fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, transport::WireError kind,
-            bool tell_peers, Progress& progress);
+  void fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, transport::WireError kind, bool tell_peers,
+            Progress& progress);
   void abandon_transfers(const Collective& c);
-  bool check_signature(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header,
-                       Progress& progress);
+  bool check_signature(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header, Progress& progress);
   std::string lost_summary() const;
   std::string describe_wait(const Collective& c) const;
-  void send_control(int peer, transport::FrameType type, const std::string& name, std::uint64_t seq,
-                    std::int32_t root, std::string payload);
+  void send_control(int peer, transport::FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
+                    std::string payload);
   void send_ready(const Collective& c, int peer);
   void on_ready(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header, Progress& progress);
   /// True when `c` still needs something from `peer` that has not arrived yet.
@@ -137,8 +148,7 @@ class Engine final : public transport::FrameHandler {
   void run(std::unique_lock<std::mutex>& lock, Progress& progress);
   void finish_collective(Collective& c);
 
-  void receive_data(transport::Connection& connection, const transport::FrameHeader& header,
-                    const std::string& name);
+  void receive_data(transport::Connection& connection, const transport::FrameHeader& header, const std::string& name);
   void receive_p2p_request(transport::Connection& connection, const transport::FrameHeader& header,
                            const std::string& name);
   void receive_p2p_reply(transport::Connection& connection, const transport::FrameHeader& header);

@@ -1,11 +1,10 @@
 #include <poll.h>
 #include <unistd.h>
 
+#include <aikido/peer.hpp>
 #include <future>
 #include <map>
 #include <sstream>
-
-#include <aikido/peer.hpp>
 
 #include "base/env.hpp"
 #include "base/error.hpp"
@@ -134,9 +133,9 @@ Peer Peer::create(const PeerConfig& input) {
     listeners.push_back(&tcp);
   }
   if (config.transport != TransportKind::tcp) {
-    unix_listener = transport::Listener::bind_unix(str_cat("@aikido-", config.job_id.substr(0, 32), "-v",
-                                                           config.cluster_version, "-r", config.rank, "-", ::getpid(),
-                                                           "-", detail::to_hex(nonce)));
+    unix_listener =
+        transport::Listener::bind_unix(str_cat("@aikido-", config.job_id.substr(0, 32), "-v", config.cluster_version,
+                                               "-r", config.rank, "-", ::getpid(), "-", detail::to_hex(nonce)));
     mine.unix_path = unix_listener.address().to_string();
     listeners.push_back(&unix_listener);
   }
@@ -169,8 +168,8 @@ Peer Peer::create(const PeerConfig& input) {
       if (p < config.rank) ++info.local_rank;
     }
   }
-  info.local_size = int(std::count(info.host_of_rank.begin(), info.host_of_rank.end(),
-                                   info.host_of_rank[std::size_t(config.rank)]));
+  info.local_size =
+      int(std::count(info.host_of_rank.begin(), info.host_of_rank.end(), info.host_of_rank[std::size_t(config.rank)]));
 
   std::vector<transport::Socket> sockets(std::size_t(config.size));
   auto acceptor = std::async(std::launch::async, [&] { accept_all(config, listeners, sockets, deadline); });
@@ -189,8 +188,8 @@ Peer Peer::create(const PeerConfig& input) {
       auto result = transport::handshake_connect(s, config.secret, transport::Channel::data, config.cluster_version,
                                                  config.rank, std::max(remaining, std::chrono::milliseconds(1)));
       if (result.peer_rank != p) {
-        throw ProtocolError(str_cat("rank ", config.rank, " connected to the address of rank ", p,
-                                    " but rank ", result.peer_rank, " answered"));
+        throw ProtocolError(str_cat("rank ", config.rank, " connected to the address of rank ", p, " but rank ",
+                                    result.peer_rank, " answered"));
       }
       transport::set_bulk_buffers(s);
       sockets[std::size_t(p)] = std::move(s);
@@ -222,8 +221,8 @@ Peer Peer::from_env() {
   if (auto t = env::get(env::kTransport)) config.transport = parse_transport(*t);
   config.timeout = env::get_seconds(env::kTimeout, env::kDefaultTimeout);
   if (auto a = env::get(env::kBindAddress)) config.bind_address = *a;
-  config.segment_bytes = std::size_t(env::get_int(env::kSegmentBytes, std::int64_t(config.segment_bytes), 8,
-                                                  std::int64_t(1) << 40));
+  config.segment_bytes =
+      std::size_t(env::get_int(env::kSegmentBytes, std::int64_t(config.segment_bytes), 8, std::int64_t(1) << 40));
   if (config.size > 1) {
     auto address = env::get(env::kStoreAddr);
     if (!address) {

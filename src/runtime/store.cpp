@@ -1,9 +1,8 @@
+#include <aikido/errors.hpp>
+#include <aikido/store.hpp>
 #include <condition_variable>
 #include <map>
 #include <mutex>
-
-#include <aikido/errors.hpp>
-#include <aikido/store.hpp>
 
 #include "base/error.hpp"
 

@@ -1,6 +1,6 @@
-#include "runtime/work_state.hpp"
-
 #include <aikido/work.hpp>
+
+#include "runtime/work_state.hpp"
 
 namespace aikido {
 namespace detail {

@@ -6,14 +6,22 @@ namespace aikido::transport {
 
 const char* frame_type_name(FrameType type) {
   switch (type) {
-    case FrameType::data: return "data";
-    case FrameType::ready: return "ready";
-    case FrameType::abort: return "abort";
-    case FrameType::stall_query: return "stall_query";
-    case FrameType::stall_reply: return "stall_reply";
-    case FrameType::p2p_request: return "p2p_request";
-    case FrameType::p2p_reply: return "p2p_reply";
-    case FrameType::goodbye: return "goodbye";
+    case FrameType::data:
+      return "data";
+    case FrameType::ready:
+      return "ready";
+    case FrameType::abort:
+      return "abort";
+    case FrameType::stall_query:
+      return "stall_query";
+    case FrameType::stall_reply:
+      return "stall_reply";
+    case FrameType::p2p_request:
+      return "p2p_request";
+    case FrameType::p2p_reply:
+      return "p2p_reply";
+    case FrameType::goodbye:
+      return "goodbye";
   }
   return "unknown";
 }
@@ -28,14 +36,16 @@ void validate_header(const FrameHeader& header, int peer) {
     throw ProtocolError(str_cat("rank ", peer, " sent a frame of unknown type ", int(type)));
   }
   if (header.name_bytes > kMaxNameBytes) {
-    throw ProtocolError(str_cat("rank ", peer, " sent a ", header.name_bytes, "-byte name; the cap is ", kMaxNameBytes));
+    throw ProtocolError(
+        str_cat("rank ", peer, " sent a ", header.name_bytes, "-byte name; the cap is ", kMaxNameBytes));
   }
   if (header.payload_bytes > kMaxPayloadBytes) {
-    throw ProtocolError(str_cat("rank ", peer, " announced a ", header.payload_bytes, "-byte payload; the cap is ",
-                                kMaxPayloadBytes));
+    throw ProtocolError(
+        str_cat("rank ", peer, " announced a ", header.payload_bytes, "-byte payload; the cap is ", kMaxPayloadBytes));
   }
   if (header.type != FrameType::goodbye && header.source != peer) {
-    throw ProtocolError(str_cat("a frame on the connection of rank ", peer, " claims to come from rank ", header.source));
+    throw ProtocolError(
+        str_cat("a frame on the connection of rank ", peer, " claims to come from rank ", header.source));
   }
 }
 

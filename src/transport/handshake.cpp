@@ -65,9 +65,12 @@ Digest as_digest(const std::uint8_t* p) {
 
 const char* channel_name(std::uint8_t c) {
   switch (c) {
-    case std::uint8_t(Channel::data): return "data";
-    case std::uint8_t(Channel::store): return "store";
-    case std::uint8_t(Channel::control): return "control";
+    case std::uint8_t(Channel::data):
+      return "data";
+    case std::uint8_t(Channel::store):
+      return "store";
+    case std::uint8_t(Channel::control):
+      return "control";
   }
   return "unknown";
 }

@@ -1,10 +1,9 @@
 #include <gtest/gtest.h>
 
+#include <aikido/aikido.hpp>
 #include <cmath>
 #include <cstring>
 #include <limits>
-
-#include <aikido/aikido.hpp>
 
 #include "base/reduce.hpp"
 #include "base/sha256.hpp"
@@ -59,10 +58,10 @@ TEST(Half, Float16Rounding) {
   EXPECT_EQ(float(float16(65504.0f)), 65504.0f);
   EXPECT_TRUE(std::isinf(float(float16(65520.0f))));
   EXPECT_EQ(float(float16(65519.0f)), 65504.0f);
-  EXPECT_EQ(float16(1.0f + 1.0f / 2048).bits, float16(1.0f).bits);            // tie rounds to even
+  EXPECT_EQ(float16(1.0f + 1.0f / 2048).bits, float16(1.0f).bits);                     // tie rounds to even
   EXPECT_EQ(float16(1.0f + 3.0f / 2048).bits, std::uint16_t(float16(1.0f).bits + 2));  // tie rounds to even (up)
-  EXPECT_EQ(float(float16(std::ldexp(1.0f, -24))), std::ldexp(1.0f, -24));  // smallest subnormal
-  EXPECT_EQ(float16(std::ldexp(1.0f, -26)).bits, 0);                        // underflows to zero
+  EXPECT_EQ(float(float16(std::ldexp(1.0f, -24))), std::ldexp(1.0f, -24));             // smallest subnormal
+  EXPECT_EQ(float16(std::ldexp(1.0f, -26)).bits, 0);                                   // underflows to zero
   EXPECT_EQ(float16(-2.5f).bits, 0xc100);
 }
 
@@ -98,10 +97,18 @@ void check_kernel(ReduceOp op) {
     double want = 0;
     switch (op) {
       case ReduceOp::sum:
-      case ReduceOp::mean: want = x + y; break;
-      case ReduceOp::min: want = std::min(x, y); break;
-      case ReduceOp::max: want = std::max(x, y); break;
-      case ReduceOp::prod: want = x * y; break;
+      case ReduceOp::mean:
+        want = x + y;
+        break;
+      case ReduceOp::min:
+        want = std::min(x, y);
+        break;
+      case ReduceOp::max:
+        want = std::max(x, y);
+        break;
+      case ReduceOp::prod:
+        want = x * y;
+        break;
     }
     ASSERT_EQ(double(float(a[i])), want) << dtype_name(dtype_of<T>) << " " << reduce_op_name(op) << " at " << i;
   }

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <aikido/aikido.hpp>
 #include <atomic>
 #include <exception>
 #include <functional>
@@ -10,8 +11,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <aikido/aikido.hpp>
 
 namespace aikido::test {
 

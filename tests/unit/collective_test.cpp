@@ -46,10 +46,13 @@ T from_double(double v) {
 double input(int rank, std::size_t i, ReduceOp op) {
   switch (op) {
     case ReduceOp::sum:
-    case ReduceOp::mean: return double((rank + 1) * int(i % 7 + 1));
-    case ReduceOp::prod: return (i + std::size_t(rank)) % 3 == 0 ? 2.0 : 1.0;
+    case ReduceOp::mean:
+      return double((rank + 1) * int(i % 7 + 1));
+    case ReduceOp::prod:
+      return (i + std::size_t(rank)) % 3 == 0 ? 2.0 : 1.0;
     case ReduceOp::min:
-    case ReduceOp::max: return double((i * 3 + std::size_t(rank) * 5) % 11);
+    case ReduceOp::max:
+      return double((i * 3 + std::size_t(rank) * 5) % 11);
   }
   return 0;
 }
@@ -61,10 +64,18 @@ double expected(int size, std::size_t i, ReduceOp op) {
     const double x = input(r, i, op);
     switch (op) {
       case ReduceOp::sum:
-      case ReduceOp::mean: acc += x; break;
-      case ReduceOp::prod: acc *= x; break;
-      case ReduceOp::min: acc = std::min(acc, x); break;
-      case ReduceOp::max: acc = std::max(acc, x); break;
+      case ReduceOp::mean:
+        acc += x;
+        break;
+      case ReduceOp::prod:
+        acc *= x;
+        break;
+      case ReduceOp::min:
+        acc = std::min(acc, x);
+        break;
+      case ReduceOp::max:
+        acc = std::max(acc, x);
+        break;
     }
   }
   if (op == ReduceOp::mean) {

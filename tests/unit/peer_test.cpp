@@ -5,8 +5,8 @@
 #include <atomic>
 #include <future>
 #include <latch>
-#include <typeinfo>
 #include <thread>
+#include <typeinfo>
 
 #include "cluster.hpp"
 #include "transport/handshake.hpp"

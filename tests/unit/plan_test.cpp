@@ -52,10 +52,10 @@ TEST_P(PlanMatching, SendsMeetReceives) {
           spec.size = size;
           spec.root = kind == CollectiveKind::broadcast || kind == CollectiveKind::gather ? root : 0;
           spec.block = per_rank;
-          spec.count = kind == CollectiveKind::allreduce || kind == CollectiveKind::broadcast
-                           ? per_rank * 3 + 1
-                           : (kind == CollectiveKind::gather && rank != spec.root ? per_rank
-                                                                                   : per_rank * std::size_t(size));
+          spec.count =
+              kind == CollectiveKind::allreduce || kind == CollectiveKind::broadcast
+                  ? per_rank * 3 + 1
+                  : (kind == CollectiveKind::gather && rank != spec.root ? per_rank : per_rank * std::size_t(size));
           spec.segment_elems = segment;
           for (int r = 0; r < size; ++r) spec.host_of_rank.push_back(r / 3);
           const Plan plan = build_plan(spec);
@@ -74,13 +74,13 @@ TEST_P(PlanMatching, SendsMeetReceives) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllKinds, PlanMatching,
-    ::testing::Combine(::testing::Values(CollectiveKind::allreduce, CollectiveKind::broadcast,
-                                         CollectiveKind::allgather, CollectiveKind::reduce_scatter,
-                                         CollectiveKind::gather),
-                       ::testing::Values(Topology::ring, Topology::tree, Topology::star, Topology::hierarchical),
-                       ::testing::Values(1, 2, 3, 5, 8)));
+INSTANTIATE_TEST_SUITE_P(AllKinds, PlanMatching,
+                         ::testing::Combine(::testing::Values(CollectiveKind::allreduce, CollectiveKind::broadcast,
+                                                              CollectiveKind::allgather, CollectiveKind::reduce_scatter,
+                                                              CollectiveKind::gather),
+                                            ::testing::Values(Topology::ring, Topology::tree, Topology::star,
+                                                              Topology::hierarchical),
+                                            ::testing::Values(1, 2, 3, 5, 8)));
 
 }  // namespace
 }  // namespace aikido::collective
