@@ -643,7 +643,9 @@ void Engine::run(std::unique_lock<std::mutex>& lock, Progress& progress) {
       Collective& c = *copy.collective;
       const Op& op = c.plan->ops[copy.op];
       std::byte* dst = c.buffer + op.offset * c.element_bytes;
-      if (op.kind == OpKind::recv_copy) {
+      if (op.count == 0) {
+        // an empty segment carries nothing
+      } else if (op.kind == OpKind::recv_copy) {
         std::memcpy(dst, copy.early.data.data(), op.count * c.element_bytes);
       } else {
         reduce_into(c.dtype, c.op, dst, copy.early.data.data(), op.count);

@@ -30,22 +30,22 @@ enum class FrameType : std::uint8_t {
 enum class WireError : std::uint8_t { none = 0, mismatch = 1, lost = 2, timeout = 3, config = 4, other = 5 };
 
 #pragma pack(push, 1)
-struct FrameHeader {
+struct FrameHeader {  // every field at its natural alignment
+  std::uint64_t cluster_version = 0;
+  std::uint64_t seq = 0;    // occurrence of `name` on the sender
+  std::uint64_t tag = 0;    // which message of the collective's plan
+  std::uint64_t count = 0;  // element count of the collective (signature)
+  std::uint64_t payload_bytes = 0;
   std::uint32_t magic = kFrameMagic;
+  std::int32_t source = 0;  // sender's rank
+  std::int32_t root = 0;    // root rank (signature); status for replies
+  std::uint32_t name_bytes = 0;
   FrameType type = FrameType::data;
   std::uint8_t kind = 0;      // collective kind (signature)
   std::uint8_t dtype = 0;     // element type (signature)
   std::uint8_t op = 0;        // reduce operation (signature)
   std::uint8_t topology = 0;  // topology the sender planned with (signature)
   std::uint8_t reserved[3] = {};
-  std::int32_t source = 0;  // sender's rank
-  std::int32_t root = 0;    // root rank (signature); status for replies
-  std::uint64_t cluster_version = 0;
-  std::uint64_t seq = 0;    // occurrence of `name` on the sender
-  std::uint64_t tag = 0;    // which message of the collective's plan
-  std::uint64_t count = 0;  // element count of the collective (signature)
-  std::uint32_t name_bytes = 0;
-  std::uint64_t payload_bytes = 0;
 };
 #pragma pack(pop)
 static_assert(sizeof(FrameHeader) == 64);

@@ -33,8 +33,8 @@ struct Challenge {
   std::uint32_t magic;
   std::uint8_t status;
   std::uint8_t reserved[3];
-  std::int32_t rank;
   std::uint64_t cluster_version;
+  std::int32_t rank;
   std::uint8_t nonce[32];
   std::uint8_t mac[32];
 };
