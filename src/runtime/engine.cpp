@@ -541,7 +541,11 @@ void Engine::maybe_finish(const std::shared_ptr<Collective>& c, Progress& progre
 
 void Engine::fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, WireError kind, bool tell_peers,
                   Progress& progress) {
-  if (c->failed || c->finished) return;
+  if (c->finished) return;
+  if (c->failed) {  // the first error stands; a transfer that ended with this one may let the collective finish
+    maybe_finish(c, progress);
+    return;
+  }
   c->failed = true;
   c->error = error;
   for (std::uint32_t i = 0; i < c->plan->ops.size(); ++i) {
