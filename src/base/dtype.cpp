@@ -1,5 +1,7 @@
 #include <aikido/peer.hpp>
 #include <aikido/types.hpp>
+#include <initializer_list>
+#include <string>
 
 #include "base/error.hpp"
 
@@ -115,11 +117,24 @@ const char* dtype_name(DType dtype) {
   return "unknown";
 }
 
-DType parse_dtype(std::string_view name) {
-  for (DType d : {DType::f32, DType::f64, DType::f16, DType::bf16, DType::i32, DType::i64, DType::u8}) {
-    if (name == dtype_name(d)) return d;
+namespace {
+
+// The value of `values` whose name is `name`; otherwise a ConfigError that lists the accepted names.
+template <class E>
+E parse_name(std::string_view name, std::initializer_list<E> values, const char* (*name_of)(E), const char* what) {
+  std::string accepted;
+  for (E value : values) {
+    if (name == name_of(value)) return value;
+    accepted += (accepted.empty() ? "" : ", ") + std::string(name_of(value));
   }
-  throw ConfigError(detail::str_cat("unknown element type '", name, "'; use one of f32, f64, f16, bf16, i32, i64, u8"));
+  throw ConfigError(detail::str_cat("unknown ", what, " '", name, "'; use one of ", accepted));
+}
+
+}  // namespace
+
+DType parse_dtype(std::string_view name) {
+  return parse_name(name, {DType::f32, DType::f64, DType::f16, DType::bf16, DType::i32, DType::i64, DType::u8},
+                    dtype_name, "element type");
 }
 
 const char* reduce_op_name(ReduceOp op) {
@@ -153,10 +168,8 @@ const char* topology_name(Topology topology) {
 }
 
 Topology parse_topology(std::string_view name) {
-  for (Topology t : {Topology::ring, Topology::tree, Topology::star, Topology::hierarchical}) {
-    if (name == topology_name(t)) return t;
-  }
-  throw ConfigError(detail::str_cat("unknown topology '", name, "'; use one of ring, tree, star, hierarchical"));
+  return parse_name(name, {Topology::ring, Topology::tree, Topology::star, Topology::hierarchical}, topology_name,
+                    "topology");
 }
 
 const char* transport_name(TransportKind kind) {
@@ -172,10 +185,8 @@ const char* transport_name(TransportKind kind) {
 }
 
 TransportKind parse_transport(std::string_view name) {
-  for (TransportKind k : {TransportKind::automatic, TransportKind::tcp, TransportKind::unix_socket}) {
-    if (name == transport_name(k)) return k;
-  }
-  throw ConfigError(detail::str_cat("unknown transport '", name, "'; use one of auto, tcp, unix"));
+  return parse_name(name, {TransportKind::automatic, TransportKind::tcp, TransportKind::unix_socket}, transport_name,
+                    "transport");
 }
 
 }  // namespace aikido

@@ -12,7 +12,7 @@ namespace aikido::collective {
 
 using detail::CollectiveKind;
 
-/// Everything that determines a plan; equal specs give equal plans, so plans are cached by spec.
+/// Everything that determines a plan; equal specs give equal plans (the engine caches plans by spec).
 struct PlanSpec {
   CollectiveKind kind = CollectiveKind::allreduce;
   Topology topology = Topology::ring;
@@ -27,8 +27,6 @@ struct PlanSpec {
   std::size_t segment_elems = 1;
   /// Host group of each rank (0..hosts-1), used by the hierarchical topology.
   std::vector<int> host_of_rank;
-
-  bool operator==(const PlanSpec&) const = default;
 };
 
 /// Builds the plan. Allreduce and reduce_scatter leave the reduction in the buffer (the caller divides for mean

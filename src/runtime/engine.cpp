@@ -115,6 +115,24 @@ struct Collective {
   std::string label() const { return str_cat(kind_name(kind), " '", name, "' (seq ", seq, ")"); }
 };
 
+namespace {
+
+// A frame header carrying the collective's signature, which the receiver checks against its own.
+FrameHeader signed_header(const Collective& c, FrameType type) {
+  FrameHeader h;
+  h.type = type;
+  h.kind = std::uint8_t(c.kind);
+  h.dtype = std::uint8_t(c.dtype);
+  h.op = std::uint8_t(c.op);
+  h.topology = std::uint8_t(c.topology);
+  h.root = c.root;
+  h.seq = c.seq;
+  h.count = c.count;
+  return h;
+}
+
+}  // namespace
+
 std::size_t Engine::MessageKeyHash::operator()(const MessageKey& k) const {
   std::size_t h = std::hash<std::string>()(k.name);
   h ^= std::hash<std::uint64_t>()(k.seq) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
@@ -136,8 +154,8 @@ Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::So
   for (int p = 0; p < config_.size; ++p) {
     if (p == config_.rank) continue;
     AIKIDO_ENFORCE(std::size_t(p) < sockets.size() && sockets[std::size_t(p)].valid(), "no connection to rank ", p);
-    connections_[std::size_t(p)] =
-        std::make_unique<transport::Connection>(p, std::move(sockets[std::size_t(p)]), *this);
+    connections_[std::size_t(p)] = std::make_unique<transport::Connection>(config_.rank, p, config_.cluster_version,
+                                                                           std::move(sockets[std::size_t(p)]), *this);
   }
   for (auto& c : connections_) {
     if (c) c->start();
@@ -334,14 +352,14 @@ Work Engine::post(const Request& request) {
         c->label(), " cannot run on rank ", rank, " at cluster version ", config_.cluster_version, ": ", lost)));
     return Work(work);
   }
-  for (auto& [key, other] : active_) {
-    if (key.name == name) {
-      throw ConfigError(str_cat(kind_name(request.kind), " '", name, "' was posted again on rank ", rank,
-                                " while its occurrence ", key.seq,
-                                " is still in flight; wait for it first or use another name"));
-    }
+  std::uint64_t& posted = posted_count_[name];
+  // Only the previous occurrence of a name can still be in flight.
+  if (posted > 0 && active_.count(CollectiveKey{name, posted - 1})) {
+    throw ConfigError(str_cat(kind_name(request.kind), " '", name, "' was posted again on rank ", rank,
+                              " while its occurrence ", posted - 1,
+                              " is still in flight; wait for it first or use another name"));
   }
-  c->seq = posted_count_[name]++;
+  c->seq = posted++;
   lock.unlock();
   c->plan = plan_for(spec);
   lock.lock();
@@ -424,19 +442,9 @@ void Engine::arm(const std::shared_ptr<Collective>& c, std::uint32_t i, Progress
 void Engine::issue_send(const std::shared_ptr<Collective>& c, std::uint32_t i, Progress& progress) {
   const Op& op = c->plan->ops[i];
   transport::OutgoingFrame frame;
-  FrameHeader& h = frame.header;
-  h.type = FrameType::data;
-  h.kind = std::uint8_t(c->kind);
-  h.dtype = std::uint8_t(c->dtype);
-  h.op = std::uint8_t(c->op);
-  h.topology = std::uint8_t(c->topology);
-  h.source = config_.rank;
-  h.root = c->root;
-  h.cluster_version = config_.cluster_version;
-  h.seq = c->seq;
-  h.tag = op.tag;
-  h.count = c->count;
-  h.payload_bytes = op.count * c->element_bytes;
+  frame.header = signed_header(*c, FrameType::data);
+  frame.header.tag = op.tag;
+  frame.header.payload_bytes = op.count * c->element_bytes;
   frame.name = c->name;
   frame.payload = c->buffer + op.offset * c->element_bytes;
   frame.keep_alive = c;
@@ -476,17 +484,7 @@ void Engine::send_ready(const Collective& c, int peer) {
   auto& connection = connections_[std::size_t(peer)];
   if (!connection) return;
   transport::OutgoingFrame frame;
-  FrameHeader& h = frame.header;
-  h.type = FrameType::ready;
-  h.kind = std::uint8_t(c.kind);
-  h.dtype = std::uint8_t(c.dtype);
-  h.op = std::uint8_t(c.op);
-  h.topology = std::uint8_t(c.topology);
-  h.source = config_.rank;
-  h.root = c.root;
-  h.cluster_version = config_.cluster_version;
-  h.seq = c.seq;
-  h.count = c.count;
+  frame.header = signed_header(c, FrameType::ready);
   frame.name = c.name;
   connection->send(std::move(frame));
 }
@@ -621,8 +619,6 @@ void Engine::send_control(int peer, FrameType type, const std::string& name, std
   if (!connection) return;
   transport::OutgoingFrame frame;
   frame.header.type = type;
-  frame.header.source = config_.rank;
-  frame.header.cluster_version = config_.cluster_version;
   frame.header.seq = seq;
   frame.header.root = root;
   frame.name = name;
@@ -703,7 +699,7 @@ void Engine::finish_collective(Collective& c) {
     }
   }
   c.workspace = PooledBuffer();
-  c.work->complete(c.failed ? c.error : c.error);
+  c.work->complete(c.error);
 }
 
 void Engine::on_frame(transport::Connection& connection, const FrameHeader& header, const std::string& name) {

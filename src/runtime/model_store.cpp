@@ -61,8 +61,6 @@ Work Engine::request(int target, std::string_view name, DType dtype, void* out, 
   requests_.emplace(r->id, r);
   transport::OutgoingFrame frame;
   frame.header.type = FrameType::p2p_request;
-  frame.header.source = config_.rank;
-  frame.header.cluster_version = config_.cluster_version;
   frame.header.seq = r->id;
   frame.header.dtype = std::uint8_t(dtype);
   frame.header.count = count;
@@ -76,8 +74,6 @@ void Engine::receive_p2p_request(transport::Connection& connection, const FrameH
   if (header.payload_bytes != 0) throw ProtocolError("p2p request with a payload");
   transport::OutgoingFrame frame;
   frame.header.type = FrameType::p2p_reply;
-  frame.header.source = config_.rank;
-  frame.header.cluster_version = config_.cluster_version;
   frame.header.seq = header.seq;
   frame.name = name;
   std::lock_guard<std::mutex> lock(mutex_);

@@ -7,8 +7,8 @@
 
 namespace aikido::transport {
 
-Connection::Connection(int peer, Socket socket, FrameHandler& handler)
-    : peer_(peer), socket_(std::move(socket)), handler_(handler) {}
+Connection::Connection(int self, int peer, std::uint64_t cluster_version, Socket socket, FrameHandler& handler)
+    : self_(self), peer_(peer), cluster_version_(cluster_version), socket_(std::move(socket)), handler_(handler) {}
 
 Connection::~Connection() {
   shutdown();
@@ -22,6 +22,8 @@ void Connection::start() {
 }
 
 void Connection::send(OutgoingFrame frame) {
+  frame.header.source = self_;
+  frame.header.cluster_version = cluster_version_;
   frame.header.name_bytes = std::uint32_t(frame.name.size());
   std::unique_lock<std::mutex> lock(mutex_);
   if (!queue_.empty() || writing_ || broken_ || stopping_) {
@@ -104,6 +106,8 @@ void Connection::close(std::chrono::milliseconds linger) {
     if (!broken_) {
       OutgoingFrame bye;
       bye.header.type = FrameType::goodbye;
+      bye.header.source = self_;
+      bye.header.cluster_version = cluster_version_;
       queue_.push_back(std::move(bye));
     }
     stopping_ = true;
@@ -146,7 +150,6 @@ void Connection::receive_loop() {
 }
 
 void Connection::send_loop() {
-  std::vector<OutgoingFrame> failed;
   for (;;) {
     OutgoingFrame frame;
     bool broken;

@@ -31,7 +31,7 @@ class FrameHandler {
 
 /// A frame waiting to be written. `payload` must stay valid until `done` is called; `keep_alive` may own it.
 struct OutgoingFrame {
-  FrameHeader header;
+  FrameHeader header;  // source, cluster_version and name_bytes are filled in by Connection::send
   std::string name;
   const void* payload = nullptr;
   std::shared_ptr<const void> keep_alive;
@@ -46,7 +46,8 @@ struct OutgoingFrame {
 
 class Connection {
  public:
-  Connection(int peer, Socket socket, FrameHandler& handler);
+  /// `self` is this rank: every frame sent here carries it and `cluster_version`.
+  Connection(int self, int peer, std::uint64_t cluster_version, Socket socket, FrameHandler& handler);
   ~Connection();
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
@@ -74,7 +75,9 @@ class Connection {
   /// the frame is complete.
   bool write_frame(OutgoingFrame& frame, bool blocking);
 
+  const int self_;
   const int peer_;
+  const std::uint64_t cluster_version_;
   Socket socket_;
   FrameHandler& handler_;
   std::thread receive_thread_;

@@ -43,7 +43,7 @@ void validate_header(const FrameHeader& header, int peer) {
     throw ProtocolError(
         str_cat("rank ", peer, " announced a ", header.payload_bytes, "-byte payload; the cap is ", kMaxPayloadBytes));
   }
-  if (header.type != FrameType::goodbye && header.source != peer) {
+  if (header.source != peer) {
     throw ProtocolError(
         str_cat("a frame on the connection of rank ", peer, " claims to come from rank ", header.source));
   }

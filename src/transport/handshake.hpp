@@ -27,7 +27,7 @@ struct HandshakeResult {
 };
 
 /// Runs the connector's side. Throws AuthError when the acceptor cannot prove the secret or refuses ours,
-/// MismatchError-free: a version refusal throws ProtocolError naming both versions; TimeoutError past `timeout`.
+/// ProtocolError naming both versions when the acceptor is at another cluster version, TimeoutError past `timeout`.
 HandshakeResult handshake_connect(Socket& socket, const std::string& secret, Channel channel,
                                   std::uint64_t cluster_version, int rank, std::chrono::milliseconds timeout);
 

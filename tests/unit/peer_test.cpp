@@ -83,7 +83,7 @@ TEST(Peer, MismatchedTypesAndOpsRaise) {
 
 TEST(Peer, TimeoutNamesTheRankThatDidNotPost) {
   std::latch all_done(3);  // keeps every session open until all ranks have seen the outcome
-  run_cluster(3, short_timeout(std::chrono::milliseconds(1500)), [&](Peer& peer) {
+  run_cluster(3, short_timeout(std::chrono::milliseconds(3000)), [&](Peer& peer) {
     if (peer.rank() == 2) {  // never posts "late"
       all_done.arrive_and_wait();
       return;
@@ -145,20 +145,23 @@ TEST(Peer, MisuseIsRejectedClearly) {
 }
 
 TEST(Peer, WorkHandle) {
-  run_cluster(2, base_config(), [](Peer& peer) {
+  std::promise<void> checked;  // rank 1 posts only after rank 0 has seen its work still pending
+  std::shared_future<void> may_post = checked.get_future().share();
+  run_cluster(2, base_config(), [&](Peer& peer) {
     std::vector<float> x(10, 1.0f);
     if (peer.rank() == 0) {
       Work w = peer.allreduce_async(std::span<float>(x), ReduceOp::sum, "w");
-      EXPECT_FALSE(w.wait(std::chrono::milliseconds(50)));  // rank 1 posts after 300 ms
+      EXPECT_FALSE(w.wait(std::chrono::milliseconds(50)));
       EXPECT_FALSE(w.done());
       std::promise<bool> called;
       w.on_complete([&](std::exception_ptr e) { called.set_value(e == nullptr); });
+      checked.set_value();
       EXPECT_TRUE(w.wait(std::chrono::milliseconds(10'000)));
       EXPECT_TRUE(w.done());
       EXPECT_TRUE(called.get_future().get());
       EXPECT_EQ(x[0], 2.0f);
     } else {
-      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      may_post.wait();
       peer.allreduce(std::span<float>(x), ReduceOp::sum, "w");
     }
   });
