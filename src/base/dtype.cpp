@@ -4,78 +4,15 @@
 #include <string>
 
 #include "base/error.hpp"
+#include "base/half.hpp"
 
 namespace aikido {
 
-float16::float16(float value) {
-  std::uint32_t x;
-  std::memcpy(&x, &value, sizeof x);
-  const std::uint32_t sign = (x >> 16) & 0x8000u;
-  const std::uint32_t abs = x & 0x7fffffffu;
-  if (abs >= 0x7f800000u) {  // inf or nan
-    bits = std::uint16_t(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u));
-    return;
-  }
-  if (abs >= 0x477ff000u) {  // rounds to >= 65520: overflow to inf
-    bits = std::uint16_t(sign | 0x7c00u);
-    return;
-  }
-  if (abs < 0x38800000u) {    // subnormal half (or zero): round to nearest even on the 2^-24 grid
-    if (abs < 0x33000000u) {  // below half of the smallest subnormal
-      bits = std::uint16_t(sign);
-      return;
-    }
-    const std::uint32_t exponent = abs >> 23;
-    const std::uint32_t mantissa = (abs & 0x7fffffu) | 0x800000u;
-    const std::uint32_t shift = 126u - exponent;  // value = mantissa * 2^(exponent-150); grid step 2^-24
-    std::uint32_t half = mantissa >> shift;
-    const std::uint32_t rest = mantissa & ((1u << shift) - 1u);
-    const std::uint32_t halfway = 1u << (shift - 1u);
-    if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
-    bits = std::uint16_t(sign | half);
-    return;
-  }
-  // Normal: rebias the exponent and round the mantissa to 10 bits, nearest even.
-  std::uint32_t h = ((abs - 0x38000000u) >> 13);
-  const std::uint32_t rest = abs & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-  bits = std::uint16_t(sign | h);
-}
+float16::float16(float value) : bits(detail::float_to_half_bits(value)) {}
 
-float16::operator float() const {
-  const std::uint32_t sign = std::uint32_t(bits & 0x8000u) << 16;
-  const std::uint32_t exponent = (bits >> 10) & 0x1fu;
-  std::uint32_t mantissa = bits & 0x3ffu;
-  std::uint32_t x;
-  if (exponent == 0x1f) {
-    x = sign | 0x7f800000u | (mantissa << 13);
-  } else if (exponent != 0) {
-    x = sign | ((exponent + 112u) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {
-    x = sign;
-  } else {  // subnormal: normalise
-    std::uint32_t e = 113;
-    while ((mantissa & 0x400u) == 0) {
-      mantissa <<= 1;
-      --e;
-    }
-    x = sign | (e << 23) | ((mantissa & 0x3ffu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &x, sizeof f);
-  return f;
-}
+float16::operator float() const { return detail::half_bits_to_float(bits); }
 
-bfloat16::bfloat16(float value) {
-  std::uint32_t x;
-  std::memcpy(&x, &value, sizeof x);
-  if ((x & 0x7fffffffu) > 0x7f800000u) {  // nan stays a quiet nan
-    bits = std::uint16_t((x >> 16) | 0x40u);
-    return;
-  }
-  x += 0x7fffu + ((x >> 16) & 1u);
-  bits = std::uint16_t(x >> 16);
-}
+bfloat16::bfloat16(float value) : bits(detail::float_to_bfloat16_bits(value)) {}
 
 std::size_t dtype_size(DType dtype) {
   switch (dtype) {

@@ -1,9 +1,13 @@
 #include "base/reduce.hpp"
 
 #include <algorithm>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 
 #include "base/error.hpp"
+#include "base/half.hpp"
 
 namespace aikido::detail {
 namespace {
@@ -41,20 +45,46 @@ void apply(void* dst, const void* src, std::size_t count, Op op) {
 }
 
 // Half types: convert blocks to float, reduce, convert back, so the float loop vectorises.
-template <class H, class Op>
+template <float (*ToFloat)(std::uint16_t), std::uint16_t (*FromFloat)(float), class Op>
 void apply_half(void* dst, const void* src, std::size_t count, Op op) {
-  H* d = static_cast<H*>(dst);
-  const H* s = static_cast<const H*>(src);
+  std::uint16_t* d = static_cast<std::uint16_t*>(dst);
+  const std::uint16_t* s = static_cast<const std::uint16_t*>(src);
   constexpr std::size_t kBlock = 256;
   float a[kBlock], b[kBlock];
   for (std::size_t base = 0; base < count; base += kBlock) {
     const std::size_t n = std::min(kBlock, count - base);
-    for (std::size_t i = 0; i < n; ++i) a[i] = float(d[base + i]);
-    for (std::size_t i = 0; i < n; ++i) b[i] = float(s[base + i]);
+    for (std::size_t i = 0; i < n; ++i) a[i] = ToFloat(d[base + i]);
+    for (std::size_t i = 0; i < n; ++i) b[i] = ToFloat(s[base + i]);
     for (std::size_t i = 0; i < n; ++i) a[i] = op(a[i], b[i]);
-    for (std::size_t i = 0; i < n; ++i) d[base + i] = H(a[i]);
+    for (std::size_t i = 0; i < n; ++i) d[base + i] = FromFloat(a[i]);
   }
 }
+
+// With F16C (x86 CPUs since about 2012), half conversions are single instructions; they round to nearest even like
+// the scalar path.
+#if defined(__x86_64__)
+template <class Op>
+__attribute__((target("avx,f16c"))) void apply_f16c(void* dst, const void* src, std::size_t count, Op op) {
+  auto* d = static_cast<std::uint16_t*>(dst);
+  const auto* s = static_cast<const std::uint16_t*>(src);
+  std::size_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + i)));
+    const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    alignas(32) float x[8], y[8];
+    _mm256_store_ps(x, a);
+    _mm256_store_ps(y, b);
+    for (int k = 0; k < 8; ++k) x[k] = op(x[k], y[k]);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), _mm256_cvtps_ph(_mm256_load_ps(x), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < count; ++i) d[i] = float_to_half_bits(op(half_bits_to_float(d[i]), half_bits_to_float(s[i])));
+}
+
+bool has_f16c() {
+  static const bool yes = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  return yes;
+}
+#endif
 
 template <class Op>
 void dispatch(DType dtype, void* dst, const void* src, std::size_t count, Op op) {
@@ -70,9 +100,12 @@ void dispatch(DType dtype, void* dst, const void* src, std::size_t count, Op op)
     case DType::u8:
       return apply<std::uint8_t>(dst, src, count, op);
     case DType::f16:
-      return apply_half<float16>(dst, src, count, op);
+#if defined(__x86_64__)
+      if (has_f16c()) return apply_f16c(dst, src, count, op);
+#endif
+      return apply_half<half_bits_to_float, float_to_half_bits>(dst, src, count, op);
     case DType::bf16:
-      return apply_half<bfloat16>(dst, src, count, op);
+      return apply_half<bfloat16_bits_to_float, float_to_bfloat16_bits>(dst, src, count, op);
   }
   throw Error(str_cat("reduce: unknown element type code ", int(dtype)));
 }

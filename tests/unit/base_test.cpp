@@ -126,6 +126,37 @@ TEST(Reduce, EveryTypeAndOp) {
   }
 }
 
+// The vectorised half paths (F16C where the CPU has it) must round exactly like the scalar conversions.
+TEST(Reduce, HalfKernelsMatchScalarRounding) {
+  std::vector<float16> a, b;
+  std::vector<bfloat16> c, d;
+  for (std::uint32_t bits = 0; bits < 0x10000; bits += 7) {
+    const auto x = std::uint16_t(bits), y = std::uint16_t((bits * 40503u) & 0xffffu);
+    a.push_back(float16::from_bits(x));
+    b.push_back(float16::from_bits(y));
+    c.push_back(bfloat16::from_bits(x));
+    d.push_back(bfloat16::from_bits(y));
+  }
+  auto sum_h = a;
+  auto sum_b = c;
+  detail::reduce_into(DType::f16, ReduceOp::sum, sum_h.data(), b.data(), a.size());
+  detail::reduce_into(DType::bf16, ReduceOp::sum, sum_b.data(), d.data(), c.size());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const float16 want(float(a[i]) + float(b[i]));
+    if (std::isnan(float(want))) {
+      EXPECT_TRUE(std::isnan(float(sum_h[i])));
+    } else {
+      ASSERT_EQ(sum_h[i].bits, want.bits) << "f16 " << a[i].bits << " + " << b[i].bits;
+    }
+    const bfloat16 want_b(float(c[i]) + float(d[i]));
+    if (std::isnan(float(want_b))) {
+      EXPECT_TRUE(std::isnan(float(sum_b[i])));
+    } else {
+      ASSERT_EQ(sum_b[i].bits, want_b.bits) << "bf16 " << c[i].bits << " + " << d[i].bits;
+    }
+  }
+}
+
 TEST(Reduce, DivideForMean) {
   std::vector<std::int32_t> v{7, 8, -9};
   detail::divide_by_count(DType::i32, v.data(), v.size(), 2);
