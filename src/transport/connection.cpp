@@ -55,8 +55,10 @@ void Connection::send(OutgoingFrame frame) {
   lock.lock();
   if (!complete && !failed) queue_.push_front(std::move(frame));  // the send thread finishes it
   writing_ = false;
+  // Wake the send thread only when it has something to do: a needless wake-up costs a context switch per frame.
+  const bool wake = !queue_.empty() || broken_ || stopping_;
   lock.unlock();
-  queued_.notify_one();
+  if (wake) queued_.notify_one();
   drained_.notify_all();
 }
 
