@@ -4,6 +4,7 @@
 # ThreadSanitizer. Set AIKIDO_SANITIZERS=0 to skip the latter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root="$PWD"
 ./scripts/setup.sh
 jobs=$(nproc)
 
@@ -18,7 +19,7 @@ if [ "${AIKIDO_SANITIZERS:-1}" != 0 ]; then
     cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAIKIDO_SANITIZE="$sanitizer" -DAIKIDO_BUILD_BENCH=OFF
     cmake --build "$dir" -j"$jobs" --target unit_tests
     (cd "$dir" && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-       TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions="$PWD/tests/tsan.supp" \
+       TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions="$root/tests/tsan.supp" \
        ctest --output-on-failure -j2 --timeout 600 -L unit)
   done
 fi
