@@ -1,0 +1,219 @@
+// Trains an MLP or a small CNN on Fashion-MNIST with Aikido's distributed optimizer.
+//
+//   aikido-run -np 2 build/bin/train_fashion_mnist --model mlp --epochs 3
+//
+// Each worker prints one JSON line per epoch (see --help for the keys). The data are the IDX gzip files of
+// Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist), or of --data DIR.
+#include <CLI/CLI.hpp>
+#include <aikido/aikido.hpp>
+#include <aikido/torch.hpp>
+#include <chrono>
+#include <cstdlib>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <string>
+#include <zlib.h>
+
+namespace {
+
+struct Split {
+  torch::Tensor images;  // [n, 1, 28, 28] float32, normalised
+  torch::Tensor labels;  // [n] int64
+};
+
+std::uint32_t read_u32(gzFile file, const std::string& path) {
+  unsigned char b[4];
+  if (gzread(file, b, 4) != 4) throw std::runtime_error("truncated IDX file " + path);
+  return (std::uint32_t(b[0]) << 24) | (std::uint32_t(b[1]) << 16) | (std::uint32_t(b[2]) << 8) | b[3];
+}
+
+// Reads one gzip-compressed IDX file: magic 2051 (images, n x rows x cols bytes) or 2049 (labels, n bytes).
+torch::Tensor read_idx(const std::string& path, std::uint32_t magic) {
+  gzFile file = gzopen(path.c_str(), "rb");
+  if (file == nullptr) {
+    throw std::runtime_error("cannot open " + path +
+                             " (install Debian's dataset-fashion-mnist package, or give the folder with --data DIR)");
+  }
+  try {
+    if (read_u32(file, path) != magic) throw std::runtime_error(path + " is not an IDX file of the expected kind");
+    std::vector<std::int64_t> shape{read_u32(file, path)};
+    if (magic == 2051) {
+      shape.push_back(1);
+      shape.push_back(read_u32(file, path));
+      shape.push_back(read_u32(file, path));
+    }
+    auto data = torch::empty(shape, torch::kUInt8);
+    const auto bytes = static_cast<unsigned>(data.numel());
+    if (gzread(file, data.data_ptr(), bytes) != static_cast<int>(bytes)) {
+      throw std::runtime_error("truncated IDX file " + path);
+    }
+    gzclose(file);
+    return data;
+  } catch (...) {
+    gzclose(file);
+    throw;
+  }
+}
+
+Split load_split(const std::string& dir, const std::string& prefix) {
+  Split s;
+  // Mean and standard deviation of the Fashion-MNIST training images.
+  s.images = read_idx(dir + "/" + prefix + "-images-idx3-ubyte.gz", 2051).to(torch::kFloat32).div_(255).sub_(0.2860).div_(0.3530);
+  s.labels = read_idx(dir + "/" + prefix + "-labels-idx1-ubyte.gz", 2049).to(torch::kInt64);
+  if (s.images.size(0) != s.labels.size(0)) throw std::runtime_error("images and labels of " + prefix + " differ in number");
+  return s;
+}
+
+torch::nn::Sequential make_model(const std::string& kind) {
+  namespace nn = torch::nn;
+  if (kind == "mlp") {
+    return nn::Sequential(nn::Flatten(), nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256), nn::ReLU(),
+                          nn::Linear(256, 10));
+  }
+  return nn::Sequential(nn::Conv2d(nn::Conv2dOptions(1, 16, 5).padding(2)), nn::ReLU(), nn::MaxPool2d(2),
+                        nn::Conv2d(nn::Conv2dOptions(16, 32, 5).padding(2)), nn::ReLU(), nn::MaxPool2d(2),
+                        nn::Flatten(), nn::Linear(32 * 7 * 7, 10));
+}
+
+torch::Tensor to_index(const std::vector<std::size_t>& indices) {
+  auto t = torch::empty({static_cast<std::int64_t>(indices.size())}, torch::kInt64);
+  auto* p = t.data_ptr<std::int64_t>();
+  for (std::size_t i = 0; i < indices.size(); ++i) p[i] = static_cast<std::int64_t>(indices[i]);
+  return t;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Trains an MLP or a small CNN on Fashion-MNIST with Aikido (run under aikido-run for several workers)."};
+  std::string model_kind = "mlp", strategy_name = "ssgd", data_dir = "/usr/share/datasets/fashion-mnist";
+  int epochs = 3;
+  std::int64_t batch_size = 64, max_steps = 0;
+  double lr = 0.05, momentum = 0.9;
+  std::uint64_t seed = 1;
+  int threads = 0;
+  bool skip_communication = false;
+  app.add_option("--model", model_kind, "mlp (784-512-256-10) or cnn (two 5x5 conv layers)")
+      ->check(CLI::IsMember({"mlp", "cnn"}))
+      ->capture_default_str();
+  app.add_option("--epochs", epochs, "passes over the training set")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--batch-size", batch_size, "samples per step on each worker")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--lr", lr, "learning rate of SGD")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--momentum", momentum, "momentum of SGD")->check(CLI::Range(0.0, 1.0))->capture_default_str();
+  app.add_option("--strategy", strategy_name,
+                 "ssgd (synchronous SGD), sma (synchronous model averaging) or pair (asynchronous pair averaging)")
+      ->check(CLI::IsMember({"ssgd", "sma", "pair", "synchronous_sgd", "synchronous_averaging", "pair_averaging"}))
+      ->capture_default_str();
+  app.add_option("--seed", seed, "seed of the initial model and of the data order")->capture_default_str();
+  app.add_option("--data", data_dir, "folder with the Fashion-MNIST IDX gzip files")->capture_default_str();
+  app.add_option("--threads", threads,
+                 "LibTorch intra-op threads per worker (default: OMP_NUM_THREADS, which aikido-run sets)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--max-steps", max_steps, "stop each epoch after this many steps (0: the whole epoch)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_flag("--skip-communication", skip_communication,
+               "benchmarks only: every worker trains alone on its shard, without communication (the throughput "
+               "ceiling of the same run)");
+  app.footer(
+      "Each worker prints one JSON line per epoch with the keys epoch, rank, workers, cluster_version, samples (this "
+      "worker's), global_samples (all workers'), seconds (training time of the epoch), train_loss (mean over all "
+      "workers' samples), test_accuracy (0 to 1), samples_per_second (this worker's), global_samples_per_second, "
+      "batch_size (per worker), lr, strategy, model.");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    if (threads == 0) {
+      if (const char* omp = std::getenv("OMP_NUM_THREADS")) threads = std::atoi(omp);
+    }
+    if (threads > 0) torch::set_num_threads(threads);
+    const aikido::torch::Strategy strategy = aikido::torch::parse_strategy(strategy_name);
+
+    aikido::Peer peer = aikido::Peer::from_env();
+    const Split train = load_split(data_dir, "train");
+    const Split test = load_split(data_dir, "t10k");
+
+    torch::manual_seed(seed);
+    torch::nn::Sequential model = make_model(model_kind);
+    torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(lr).momentum(momentum));
+    aikido::torch::broadcast_parameters(peer, model->named_parameters(), /*root=*/0);
+    std::unique_ptr<aikido::torch::DistributedOptimizer> opt;
+    if (!skip_communication) {
+      opt = std::make_unique<aikido::torch::DistributedOptimizer>(peer, sgd, model->named_parameters(), strategy);
+    }
+    aikido::torch::DistributedSampler sampler(static_cast<std::size_t>(train.images.size(0)), peer, seed);
+
+    for (int epoch = 0; epoch < epochs; ++epoch) {
+      sampler.set_epoch(epoch);
+      model->train();
+      double loss_sum = 0;
+      std::int64_t samples = 0, steps = 0;
+      const auto start = std::chrono::steady_clock::now();
+      while (auto batch = sampler.next_batch(static_cast<std::size_t>(batch_size))) {
+        if (max_steps > 0 && steps == max_steps) break;
+        ++steps;
+        if (opt) {
+          opt->zero_grad();
+        } else {
+          sgd.zero_grad();
+        }
+        if (!batch->empty()) {
+          const torch::Tensor index = to_index(*batch);
+          const torch::Tensor output = model->forward(train.images.index_select(0, index));
+          const torch::Tensor loss = torch::nn::functional::cross_entropy(output, train.labels.index_select(0, index));
+          loss.backward();
+          loss_sum += loss.item<double>() * static_cast<double>(batch->size());
+          samples += static_cast<std::int64_t>(batch->size());
+        }
+        if (opt) {
+          opt->step();
+        } else {
+          sgd.step();
+        }
+      }
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+      // Test accuracy: each worker evaluates its share of the test set; the counts are summed.
+      model->eval();
+      double correct = 0;
+      {
+        torch::NoGradGuard no_grad;
+        const std::int64_t n = test.images.size(0);
+        const std::int64_t begin = n * peer.rank() / peer.size(), end = n * (peer.rank() + 1) / peer.size();
+        for (std::int64_t b = begin; b < end; b += 1000) {
+          const std::int64_t len = std::min<std::int64_t>(1000, end - b);
+          const auto predicted = model->forward(test.images.narrow(0, b, len)).argmax(1);
+          correct += predicted.eq(test.labels.narrow(0, b, len)).sum().item<double>();
+        }
+      }
+      std::vector<double> totals{correct, loss_sum, static_cast<double>(samples)};
+      peer.allreduce(std::span<double>(totals), aikido::ReduceOp::sum, "example/epoch-totals");
+      std::vector<double> slowest{seconds};
+      peer.allreduce(std::span<double>(slowest), aikido::ReduceOp::max, "example/epoch-seconds");
+
+      nlohmann::json line;
+      line["epoch"] = epoch;
+      line["rank"] = peer.rank();
+      line["workers"] = peer.size();
+      line["cluster_version"] = peer.cluster_version();
+      line["samples"] = samples;
+      line["global_samples"] = static_cast<std::int64_t>(totals[2]);
+      line["seconds"] = seconds;
+      line["train_loss"] = totals[2] > 0 ? totals[1] / totals[2] : 0.0;
+      line["test_accuracy"] = totals[0] / static_cast<double>(test.images.size(0));
+      line["samples_per_second"] = seconds > 0 ? static_cast<double>(samples) / seconds : 0.0;
+      line["global_samples_per_second"] = slowest[0] > 0 ? totals[2] / slowest[0] : 0.0;
+      line["batch_size"] = batch_size;
+      line["lr"] = opt ? opt->lr() : lr;
+      line["strategy"] = skip_communication ? "none" : aikido::torch::strategy_name(strategy);
+      line["model"] = model_kind;
+      std::cout << line.dump() << std::endl;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "train_fashion_mnist: " << e.what() << std::endl;
+    return 1;
+  }
+}

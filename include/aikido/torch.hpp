@@ -1,0 +1,199 @@
+// LibTorch integration: distributed optimizers, parameter and optimizer-state broadcast, a distributed sampler.
+// Link `aikido::torch`. This is the only public header that includes LibTorch.
+//
+// Inside namespace aikido::torch, the name `torch` means this namespace; LibTorch is spelled `::torch`.
+#pragma once
+
+#include <aikido/peer.hpp>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <torch/torch.h>
+#include <vector>
+
+namespace aikido::torch {
+
+using NamedParameters = ::torch::OrderedDict<std::string, ::torch::Tensor>;
+
+/// How the workers of a DistributedOptimizer keep their models together.
+enum class Strategy : std::uint8_t {
+  /// Synchronous SGD: gradients are averaged across workers (allreduce, mean) before every optimizer step. Gradients
+  /// are fused into buckets and a bucket's allreduce starts during the backward pass as soon as all its gradients
+  /// are ready, so communication overlaps the rest of the backward pass.
+  synchronous_sgd,
+  /// Synchronous model averaging (SMA, as in KungFu and Crossbow): every worker takes a local step on its own
+  /// gradient, then the models are averaged across workers.
+  synchronous_averaging,
+  /// Asynchronous pair averaging (AD-PSGD): after every local step the worker publishes its model in the
+  /// peer-to-peer model store and pulls the model of one random other worker in the background; the next step
+  /// averages with it once it has arrived. No worker ever waits for all others.
+  pair_averaging,
+};
+/// "synchronous_sgd", "synchronous_averaging" or "pair_averaging".
+const char* strategy_name(Strategy strategy);
+/// Accepts the full names and the short ones: "ssgd", "sma", "pair". ConfigError otherwise.
+Strategy parse_strategy(std::string_view name);
+
+/// The aikido element type of a tensor's dtype: float32, float64, float16, bfloat16, int32, int64, uint8.
+/// ConfigError for any other.
+DType dtype_of_tensor(const ::torch::Tensor& tensor);
+
+/// Checks that every worker holds parameters with the same names, shapes and dtypes in the same order. Collective.
+/// Throws MismatchError on every worker, naming the first parameter that differs and the ranks that disagree.
+void check_same_parameters(Peer& peer, const NamedParameters& parameters, std::string_view what = "parameters");
+
+/// Copies root's parameter values to every worker (fused per dtype). Collective; checks first, like
+/// check_same_parameters.
+void broadcast_parameters(Peer& peer, const NamedParameters& parameters, int root = 0);
+
+/// Copies root's optimizer state (momentum buffers, Adam moments, step counts, param-group options such as the
+/// learning rate) to every worker. Collective. The optimizers must have the same parameters on all workers.
+void broadcast_optimizer_state(Peer& peer, ::torch::optim::Optimizer& optimizer, int root = 0);
+
+/// Averages the parameters across workers (allreduce, mean); afterwards every worker holds equal values.
+void average_parameters(Peer& peer, const NamedParameters& parameters, std::string_view name = "aikido.torch/average");
+
+struct DistributedOptimizerOptions {
+  /// Gradients are fused into buckets of about this many bytes (per dtype), filled in reverse order of the
+  /// parameters, which is the order a backward pass produces them.
+  std::size_t bucket_bytes = std::size_t(1) << 20;
+  /// Seed of the choice of partner in pair averaging (combined with the rank).
+  std::uint64_t seed = 0;
+};
+
+/// Wraps a LibTorch optimizer so that `step()` keeps the workers' models together by the chosen Strategy.
+///
+///     aikido::torch::DistributedOptimizer opt(peer, sgd, model->named_parameters(),
+///                                             aikido::torch::Strategy::synchronous_sgd);
+///     for (...) { opt.zero_grad(); loss = ...; loss.backward(); opt.step(); }
+///
+/// The constructor is collective: it checks that all workers hold the same parameters (MismatchError naming the
+/// parameter and the ranks otherwise). It does not copy parameters: call broadcast_parameters first so that all
+/// workers start from the same model. The parameters must be the ones `optimizer` updates and must stay alive
+/// while this object exists; `peer` and `optimizer` must outlive it. One backward pass per step: with
+/// synchronous_sgd a second backward before step() raises ConfigError (sum the losses instead). Parameters that get
+/// no gradient in a step count as zero gradients. Not thread safe: use from the training thread.
+class DistributedOptimizer {
+ public:
+  DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer& optimizer, const NamedParameters& parameters,
+                       Strategy strategy, DistributedOptimizerOptions options = {});
+  ~DistributedOptimizer();
+  DistributedOptimizer(const DistributedOptimizer&) = delete;
+  DistributedOptimizer& operator=(const DistributedOptimizer&) = delete;
+
+  /// Clears the gradients (sets them to zero) and prepares the next step.
+  void zero_grad();
+  /// Completes the step: synchronous_sgd waits for the averaged gradients and steps; synchronous_averaging steps
+  /// and averages the models; pair_averaging averages with the last pulled model (if any), steps, publishes and
+  /// pulls the next one.
+  void step();
+
+  /// Switches strategy at a step boundary. Collective: every worker calls it after the same number of steps with
+  /// the same strategy (MismatchError otherwise). Pending model pulls are finished, the parameters are averaged and
+  /// rank 0's optimizer state is broadcast, so that all workers continue from equal models and equal state.
+  void set_strategy(Strategy strategy);
+  Strategy strategy() const { return strategy_; }
+
+  /// Sets the learning rate of every param group (the optimizer must be one whose options have `lr`, as all of
+  /// LibTorch's do). Local: call it with the same value on every worker.
+  void set_lr(double lr);
+  double lr() const;
+
+  /// Steps taken through this object.
+  std::int64_t steps() const { return steps_; }
+  Peer& peer() { return peer_; }
+  ::torch::optim::Optimizer& optimizer() { return optimizer_; }
+
+ private:
+  struct Slot;
+  struct Bucket;
+  struct Pull;
+  void build_buckets();
+  void install_hooks();
+  void remove_hooks();
+  void on_gradient(std::size_t parameter, const ::torch::Tensor& grad);
+  void launch(Bucket& bucket, std::string_view purpose);
+  void finish_gradients();
+  void reset_step();
+  void wait_launched() noexcept;
+  void copy_parameters_into_buckets();
+  void copy_buckets_into_parameters();
+  void average_models();
+  void publish_model(bool first);
+  void pair_step();
+  void finish_pull();
+  std::string bucket_name(const Bucket& bucket, std::string_view purpose) const;
+
+  Peer& peer_;
+  ::torch::optim::Optimizer& optimizer_;
+  std::vector<std::string> names_;
+  std::vector<::torch::Tensor> parameters_;
+  Strategy strategy_;
+  DistributedOptimizerOptions options_;
+  std::vector<Slot> slots_;
+  std::vector<Bucket> buckets_;
+  std::int64_t steps_ = 0;
+  bool hooks_installed_ = false;
+  bool second_backward_ = false;  // a gradient arrived twice in one step
+  std::string gradient_error_;    // an unsupported gradient seen by a hook, reported by step()
+  std::uint64_t rng_state_;       // pair averaging: choice of partner
+  std::unique_ptr<Pull> pull_;    // pair averaging: the model being pulled
+};
+
+/// Shards the indices 0..dataset_size-1 among the workers without overlap and reshuffles them every epoch from a
+/// seed all workers share: epoch e's order is a permutation drawn from (seed, e), the same on every worker.
+///
+/// Steps of an epoch walk through that order one global batch (workers x batch size) at a time; a worker of rank r
+/// takes the r-th contiguous block of each global batch. The last, partial global batch is split as evenly as
+/// possible, so that every index is used exactly once per epoch; a worker may then receive an empty batch, and
+/// every worker takes the same number of steps per epoch (collectives stay matched). Because the place in the epoch
+/// is one global position, the split stays exact when the number of workers changes between steps.
+///
+/// Use it directly (`next_batch`), or as a LibTorch sampler with `torch::data::make_data_loader`.
+class DistributedSampler : public ::torch::data::samplers::Sampler<std::vector<std::size_t>> {
+ public:
+  /// Rank and size are read from `peer` at every batch; `peer` must outlive the sampler.
+  DistributedSampler(std::size_t dataset_size, const Peer& peer, std::uint64_t seed = 0, bool shuffle = true);
+  /// Fixed rank and size.
+  DistributedSampler(std::size_t dataset_size, int rank, int size, std::uint64_t seed = 0, bool shuffle = true);
+
+  /// Starts epoch `epoch` from its beginning (a new order when shuffling).
+  void set_epoch(std::int64_t epoch);
+  std::int64_t epoch() const { return epoch_; }
+  /// Indices consumed by all workers together so far in this epoch.
+  std::size_t position() const { return position_; }
+  /// Moves to a place in the epoch (for example restored state); must be <= dataset_size().
+  void set_position(std::size_t position);
+  std::size_t dataset_size() const { return dataset_size_; }
+  /// Steps per epoch at this world size and per-worker batch size.
+  std::size_t steps_per_epoch(std::size_t batch_size) const;
+
+  /// This worker's next batch of at most `batch_size` indices (possibly empty near the end of the epoch), or
+  /// nullopt when the epoch is over.
+  std::optional<std::vector<std::size_t>> next_batch(std::size_t batch_size);
+
+  // torch::data::samplers::Sampler
+  void reset(::c10::optional<std::size_t> new_size = ::c10::nullopt) override;
+  ::c10::optional<std::vector<std::size_t>> next(std::size_t batch_size) override;
+  void save(::torch::serialize::OutputArchive& archive) const override;
+  void load(::torch::serialize::InputArchive& archive) override;
+
+ private:
+  std::pair<int, int> world() const;
+  void shuffle_order();
+
+  std::size_t dataset_size_;
+  const Peer* peer_ = nullptr;
+  int rank_ = 0;
+  int size_ = 1;
+  std::uint64_t seed_;
+  bool shuffle_;
+  std::int64_t epoch_ = 0;
+  std::size_t position_ = 0;
+  std::vector<std::size_t> order_;
+};
+
+}  // namespace aikido::torch

@@ -1,0 +1,629 @@
+// LibTorch integration: model checks, broadcasts and the distributed optimizer (include/aikido/torch.hpp).
+//
+// Terms. A *slot* is one parameter's place in a bucket. A *bucket* is a flat buffer of one dtype holding several
+// parameters (gradients for synchronous SGD, values for model averaging), communicated as one collective.
+#include <aikido/torch.hpp>
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+
+#include "base/error.hpp"
+
+namespace aikido::torch {
+
+using detail::str_cat;
+
+namespace {
+
+constexpr std::string_view kPrefix = "aikido.torch/";
+
+Work post_tensor(Peer& peer, detail::CollectiveKind kind, ::torch::Tensor& tensor, ReduceOp op, int root,
+                 std::string_view name) {
+  const auto count = static_cast<std::size_t>(tensor.numel());
+  return peer.post({kind, dtype_of_tensor(tensor), op, root, tensor.data_ptr(), tensor.data_ptr(), count, count,
+                    name});
+}
+
+// Calls fn(T{}) with the C++ element type of `tensor`.
+template <class Fn>
+decltype(auto) with_element_type(const ::torch::Tensor& tensor, Fn&& fn) {
+  switch (dtype_of_tensor(tensor)) {
+    case DType::f32:
+      return fn(float{});
+    case DType::f64:
+      return fn(double{});
+    case DType::f16:
+      return fn(float16{});
+    case DType::bf16:
+      return fn(bfloat16{});
+    case DType::i32:
+      return fn(std::int32_t{});
+    case DType::i64:
+      return fn(std::int64_t{});
+    case DType::u8:
+      return fn(std::uint8_t{});
+  }
+  throw ConfigError("unsupported tensor type");
+}
+
+template <class T>
+std::span<T> span_of(const ::torch::Tensor& tensor) {
+  return std::span<T>(static_cast<T*>(tensor.data_ptr()), static_cast<std::size_t>(tensor.numel()));
+}
+
+void save_tensor(Peer& peer, const std::string& name, const ::torch::Tensor& tensor) {
+  with_element_type(tensor, [&](auto zero) {
+    using T = decltype(zero);
+    peer.save(name, std::span<const T>(span_of<T>(tensor)));
+  });
+}
+
+Work request_tensor(Peer& peer, int target, const std::string& name, const ::torch::Tensor& out) {
+  return with_element_type(out, [&](auto zero) {
+    using T = decltype(zero);
+    return peer.request_async(target, name, span_of<T>(out));
+  });
+}
+
+std::string describe(const ::torch::Tensor& t) {
+  std::ostringstream os;
+  os << dtype_name(dtype_of_tensor(t)) << " [";
+  for (std::int64_t d = 0; d < t.dim(); ++d) os << (d ? ", " : "") << t.size(d);
+  os << "]";
+  return os.str();
+}
+
+void require_cpu(const std::string& name, const ::torch::Tensor& t) {
+  if (!t.defined()) throw ConfigError(str_cat("parameter '", name, "' is an undefined tensor"));
+  if (!t.device().is_cpu()) {
+    throw ConfigError(str_cat("parameter '", name, "' is on ", t.device().str(), "; aikido::torch supports CPU tensors"));
+  }
+}
+
+struct Line {
+  std::string name;
+  std::string description;
+};
+
+std::vector<Line> parse_signature(std::string_view text) {
+  std::vector<Line> lines;
+  while (!text.empty()) {
+    const auto end = text.find('\n');
+    const std::string_view line = text.substr(0, end);
+    const auto tab = line.find('\t');
+    lines.push_back({std::string(line.substr(0, tab)), std::string(line.substr(tab + 1))});
+    if (end == std::string_view::npos) break;
+    text.remove_prefix(end + 1);
+  }
+  return lines;
+}
+
+// The first difference between rank 0's and rank r's parameter list, in words.
+std::string first_difference(std::string_view what, const std::vector<Line>& a, const std::vector<Line>& b, int r) {
+  for (std::size_t i = 0; i < std::max(a.size(), b.size()); ++i) {
+    if (i >= b.size()) {
+      return str_cat(what, " differ across workers: '", a[i].name, "' (", a[i].description, ") exists on rank 0 but not on rank ", r,
+                     " (rank 0 has ", a.size(), " parameters, rank ", r, " has ", b.size(), ")");
+    }
+    if (i >= a.size()) {
+      return str_cat(what, " differ across workers: '", b[i].name, "' (", b[i].description, ") exists on rank ", r,
+                     " but not on rank 0 (rank 0 has ", a.size(), " parameters, rank ", r, " has ", b.size(), ")");
+    }
+    if (a[i].name != b[i].name) {
+      return str_cat(what, " differ across workers: parameter #", i, " is '", a[i].name, "' on rank 0 but '", b[i].name,
+                     "' on rank ", r);
+    }
+    if (a[i].description != b[i].description) {
+      return str_cat(what, " differ across workers: parameter '", a[i].name, "' is ", a[i].description,
+                     " on rank 0 but ", b[i].description, " on rank ", r);
+    }
+  }
+  return {};
+}
+
+// Groups tensors by dtype, in the given order: the flat buffers that broadcasts and averages fuse them into.
+std::vector<std::vector<::torch::Tensor>> group_by_dtype(const NamedParameters& parameters) {
+  std::vector<std::vector<::torch::Tensor>> groups;
+  for (const auto& item : parameters) {
+    require_cpu(item.key(), item.value());
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) {
+      return g.front().scalar_type() == item.value().scalar_type();
+    });
+    if (it == groups.end()) {
+      groups.push_back({item.value()});
+    } else {
+      it->push_back(item.value());
+    }
+  }
+  return groups;
+}
+
+::torch::Tensor flatten(const std::vector<::torch::Tensor>& tensors) {
+  std::vector<::torch::Tensor> flat;
+  flat.reserve(tensors.size());
+  for (const auto& t : tensors) flat.push_back(t.detach().reshape(-1));
+  return ::torch::cat(flat);
+}
+
+void unflatten(const ::torch::Tensor& flat, const std::vector<::torch::Tensor>& tensors) {
+  ::torch::NoGradGuard no_grad;
+  std::int64_t offset = 0;
+  for (const auto& t : tensors) {
+    t.copy_(flat.narrow(0, offset, t.numel()).view_as(t));
+    offset += t.numel();
+  }
+}
+
+std::uint64_t splitmix64(std::uint64_t& state) {
+  std::uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+const char* strategy_name(Strategy strategy) {
+  switch (strategy) {
+    case Strategy::synchronous_sgd:
+      return "synchronous_sgd";
+    case Strategy::synchronous_averaging:
+      return "synchronous_averaging";
+    case Strategy::pair_averaging:
+      return "pair_averaging";
+  }
+  return "unknown";
+}
+
+Strategy parse_strategy(std::string_view name) {
+  if (name == "ssgd" || name == "synchronous_sgd") return Strategy::synchronous_sgd;
+  if (name == "sma" || name == "synchronous_averaging") return Strategy::synchronous_averaging;
+  if (name == "pair" || name == "pair_averaging") return Strategy::pair_averaging;
+  throw ConfigError(str_cat("unknown strategy '", name,
+                            "': use ssgd (synchronous_sgd), sma (synchronous_averaging) or pair (pair_averaging)"));
+}
+
+DType dtype_of_tensor(const ::torch::Tensor& tensor) {
+  switch (tensor.scalar_type()) {
+    case ::torch::kFloat32:
+      return DType::f32;
+    case ::torch::kFloat64:
+      return DType::f64;
+    case ::torch::kFloat16:
+      return DType::f16;
+    case ::torch::kBFloat16:
+      return DType::bf16;
+    case ::torch::kInt32:
+      return DType::i32;
+    case ::torch::kInt64:
+      return DType::i64;
+    case ::torch::kUInt8:
+      return DType::u8;
+    default:
+      throw ConfigError(str_cat("tensors of type ", c10::toString(tensor.scalar_type()),
+                                " are not supported: use float32, float64, float16, bfloat16, int32, int64 or uint8"));
+  }
+}
+
+void check_same_parameters(Peer& peer, const NamedParameters& parameters, std::string_view what) {
+  std::string signature;
+  for (const auto& item : parameters) {
+    require_cpu(item.key(), item.value());
+    signature += str_cat(item.key(), "\t", describe(item.value()), "\n");
+  }
+  if (peer.size() == 1) return;
+  const std::string name = str_cat(kPrefix, "check/", what);
+  // Fast path: one consensus. Only when it fails are the lists gathered to say what differs.
+  const auto* bytes = reinterpret_cast<const std::byte*>(signature.data());
+  if (peer.consensus(std::span<const std::byte>(bytes, signature.size()), name)) return;
+
+  std::vector<std::int64_t> lengths(peer.size());
+  const std::int64_t mine = static_cast<std::int64_t>(signature.size());
+  peer.allgather(std::span<const std::int64_t>(&mine, 1), std::span<std::int64_t>(lengths), name + "/lengths");
+  const auto longest = static_cast<std::size_t>(*std::max_element(lengths.begin(), lengths.end()));
+  std::vector<std::uint8_t> padded(longest, 0), all(longest * peer.size());
+  std::memcpy(padded.data(), signature.data(), signature.size());
+  peer.allgather(std::span<const std::uint8_t>(padded), std::span<std::uint8_t>(all), name + "/lists");
+  const auto text = [&](int r) {
+    return std::string_view(reinterpret_cast<const char*>(all.data()) + r * longest, lengths[r]);
+  };
+  const auto first = parse_signature(text(0));
+  for (int r = 1; r < peer.size(); ++r) {
+    const std::string difference = first_difference(what, first, parse_signature(text(r)), r);
+    if (!difference.empty()) throw MismatchError(difference);
+  }
+  throw MismatchError(str_cat(what, " differ across workers"));
+}
+
+void broadcast_parameters(Peer& peer, const NamedParameters& parameters, int root) {
+  check_same_parameters(peer, parameters, "parameters");
+  if (peer.size() == 1) return;
+  int index = 0;
+  for (const auto& group : group_by_dtype(parameters)) {
+    ::torch::Tensor flat = flatten(group);
+    post_tensor(peer, detail::CollectiveKind::broadcast, flat, ReduceOp::sum, root,
+                str_cat(kPrefix, "broadcast/", index++))
+        .wait();
+    unflatten(flat, group);
+  }
+}
+
+void average_parameters(Peer& peer, const NamedParameters& parameters, std::string_view name) {
+  if (peer.size() == 1) return;
+  int index = 0;
+  for (const auto& group : group_by_dtype(parameters)) {
+    ::torch::Tensor flat = flatten(group);
+    post_tensor(peer, detail::CollectiveKind::allreduce, flat, ReduceOp::mean, 0, str_cat(name, "/", index++)).wait();
+    unflatten(flat, group);
+  }
+}
+
+void broadcast_optimizer_state(Peer& peer, ::torch::optim::Optimizer& optimizer, int root) {
+  if (peer.size() == 1) return;
+  std::string bytes;
+  if (peer.rank() == root) {
+    ::torch::serialize::OutputArchive archive;
+    optimizer.save(archive);
+    std::ostringstream os;
+    archive.save_to(os);
+    bytes = os.str();
+  }
+  std::int64_t length = static_cast<std::int64_t>(bytes.size());
+  peer.broadcast(std::span<std::int64_t>(&length, 1), root, str_cat(kPrefix, "optimizer/length"));
+  bytes.resize(static_cast<std::size_t>(length));
+  peer.broadcast(std::span<std::uint8_t>(reinterpret_cast<std::uint8_t*>(bytes.data()), bytes.size()), root,
+                 str_cat(kPrefix, "optimizer/state"));
+  if (peer.rank() != root) {
+    std::istringstream is(bytes);
+    ::torch::serialize::InputArchive archive;
+    archive.load_from(is);
+    optimizer.load(archive);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// DistributedOptimizer
+
+struct DistributedOptimizer::Slot {
+  std::size_t bucket = 0;
+  std::int64_t offset = 0;  // elements into the bucket
+  std::int64_t numel = 0;
+  bool ready = false;  // its gradient of this step is in the bucket
+  unsigned hook = 0;
+  bool hooked = false;
+};
+
+struct DistributedOptimizer::Bucket {
+  std::size_t index = 0;
+  ::torch::Tensor flat;              // gradients (synchronous SGD) or values (model averaging) of its slots
+  std::vector<std::size_t> slots;    // parameter indices, in bucket order
+  std::size_t pending = 0;           // gradients still to come this step
+  bool launched = false;
+  Work work;
+};
+
+struct DistributedOptimizer::Pull {
+  int partner = -1;
+  std::vector<::torch::Tensor> flats;  // one per bucket: the partner's model
+  std::vector<Work> works;
+  bool done() const {
+    return std::all_of(works.begin(), works.end(), [](const Work& w) { return w.done(); });
+  }
+};
+
+DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer& optimizer,
+                                           const NamedParameters& parameters, Strategy strategy,
+                                           DistributedOptimizerOptions options)
+    : peer_(peer), optimizer_(optimizer), strategy_(strategy), options_(options),
+      rng_state_(options.seed * 0x9e3779b97f4a7c15ULL + static_cast<std::uint64_t>(peer.rank()) + 1) {
+  check_same_parameters(peer_, parameters, "parameters");
+  for (const auto& item : parameters) {
+    if (!item.value().requires_grad()) continue;
+    names_.push_back(item.key());
+    parameters_.push_back(item.value());
+  }
+  if (parameters_.empty()) throw ConfigError("DistributedOptimizer: no parameter requires a gradient");
+  build_buckets();
+  install_hooks();
+  if (strategy_ == Strategy::pair_averaging) publish_model(true);
+}
+
+DistributedOptimizer::~DistributedOptimizer() {
+  remove_hooks();
+  wait_launched();
+}
+
+// Collectives and pulls still running write into our buffers: lets them end (they all have deadlines), ignoring
+// their errors, before the buffers can be reused or freed.
+void DistributedOptimizer::wait_launched() noexcept {
+  for (auto& bucket : buckets_) {
+    if (!bucket.launched) continue;
+    try {
+      bucket.work.wait();
+    } catch (...) {
+    }
+  }
+  if (pull_) {
+    for (auto& w : pull_->works) {
+      try {
+        w.wait();
+      } catch (...) {
+      }
+    }
+    pull_->works.clear();
+  }
+}
+
+void DistributedOptimizer::build_buckets() {
+  slots_.resize(parameters_.size());
+  // Reverse order: a backward pass produces the gradients of the last layers first.
+  std::vector<std::int64_t> sizes;
+  std::vector<std::size_t> open;  // per dtype: index into buckets_ of the bucket being filled, or npos
+  std::vector<::torch::ScalarType> open_types;
+  for (std::size_t i = parameters_.size(); i-- > 0;) {
+    const ::torch::Tensor& p = parameters_[i];
+    require_cpu(names_[i], p);
+    dtype_of_tensor(p);  // rejects unsupported types with a clear error
+    const std::size_t bytes = static_cast<std::size_t>(p.numel()) * p.element_size();
+    auto t = std::find(open_types.begin(), open_types.end(), p.scalar_type());
+    std::size_t b;
+    if (t == open_types.end()) {
+      b = buckets_.size();
+      buckets_.emplace_back();
+      sizes.push_back(0);
+      open_types.push_back(p.scalar_type());
+      open.push_back(b);
+    } else {
+      b = open[t - open_types.begin()];
+      if (sizes[b] > 0 && static_cast<std::size_t>(sizes[b]) * p.element_size() + bytes > options_.bucket_bytes) {
+        b = buckets_.size();
+        buckets_.emplace_back();
+        sizes.push_back(0);
+        open[t - open_types.begin()] = b;
+      }
+    }
+    slots_[i].bucket = b;
+    slots_[i].offset = sizes[b];
+    slots_[i].numel = p.numel();
+    sizes[b] += p.numel();
+    buckets_[b].slots.push_back(i);
+  }
+  for (std::size_t b = 0; b < buckets_.size(); ++b) {
+    auto& bucket = buckets_[b];
+    bucket.index = b;
+    const auto type = parameters_[bucket.slots.front()].scalar_type();
+    bucket.flat = ::torch::zeros({sizes[b]}, ::torch::TensorOptions().dtype(type));
+    bucket.pending = bucket.slots.size();
+  }
+}
+
+void DistributedOptimizer::install_hooks() {
+  for (std::size_t i = 0; i < parameters_.size(); ++i) {
+    slots_[i].hook = parameters_[i].register_hook([this, i](::torch::Tensor grad) { on_gradient(i, grad); });
+    slots_[i].hooked = true;
+  }
+  hooks_installed_ = true;
+}
+
+void DistributedOptimizer::remove_hooks() {
+  if (!hooks_installed_) return;
+  for (std::size_t i = 0; i < parameters_.size(); ++i) {
+    if (slots_[i].hooked) parameters_[i].remove_hook(slots_[i].hook);
+    slots_[i].hooked = false;
+  }
+  hooks_installed_ = false;
+}
+
+std::string DistributedOptimizer::bucket_name(const Bucket& bucket, std::string_view purpose) const {
+  return str_cat(kPrefix, purpose, "/", bucket.index);
+}
+
+// Called by autograd, on the thread running backward(), when parameter `i`'s gradient of this pass is computed (before
+// it is accumulated into .grad()).
+void DistributedOptimizer::on_gradient(std::size_t i, const ::torch::Tensor& grad) {
+  if (strategy_ != Strategy::synchronous_sgd || peer_.size() == 1) return;
+  Slot& slot = slots_[i];
+  if (slot.ready) {
+    second_backward_ = true;  // reported by step(): throwing inside autograd would lose the error type
+    return;
+  }
+  Bucket& bucket = buckets_[slot.bucket];
+  if (grad.layout() != ::torch::kStrided) {
+    gradient_error_ = str_cat("parameter '", names_[i], "' has a sparse gradient; only dense gradients are supported");
+    return;
+  }
+  bucket.flat.narrow(0, slot.offset, slot.numel).copy_(grad.reshape(-1));
+  slot.ready = true;
+  if (--bucket.pending == 0) launch(bucket, "grad");
+}
+
+// Starts the allreduce (mean) of a bucket, in place.
+void DistributedOptimizer::launch(Bucket& bucket, std::string_view purpose) {
+  bucket.launched = true;
+  bucket.work = post_tensor(peer_, detail::CollectiveKind::allreduce, bucket.flat, ReduceOp::mean, 0,
+                            bucket_name(bucket, purpose));
+}
+
+void DistributedOptimizer::zero_grad() { optimizer_.zero_grad(); }
+
+// Synchronous SGD, at step(): launches the buckets the backward pass did not complete (parameters without a gradient
+// this step count as zero), waits for all, and writes the averages into .grad().
+void DistributedOptimizer::finish_gradients() {
+  for (auto& bucket : buckets_) {
+    if (bucket.launched) continue;
+    for (std::size_t i : bucket.slots) {
+      if (!slots_[i].ready) bucket.flat.narrow(0, slots_[i].offset, slots_[i].numel).zero_();
+    }
+    launch(bucket, "grad");
+  }
+  for (auto& bucket : buckets_) bucket.work.wait();
+  ::torch::NoGradGuard no_grad;
+  for (std::size_t i = 0; i < parameters_.size(); ++i) {
+    ::torch::Tensor& p = parameters_[i];
+    const auto average = buckets_[slots_[i].bucket].flat.narrow(0, slots_[i].offset, slots_[i].numel).view_as(p);
+    if (p.grad().defined()) {
+      p.mutable_grad().copy_(average);
+    } else {
+      p.mutable_grad() = average.clone();
+    }
+  }
+}
+
+void DistributedOptimizer::reset_step() {
+  for (auto& slot : slots_) slot.ready = false;
+  for (auto& bucket : buckets_) {
+    bucket.pending = bucket.slots.size();
+    bucket.launched = false;
+  }
+}
+
+void DistributedOptimizer::step() {
+  if (second_backward_) {
+    second_backward_ = false;
+    wait_launched();
+    reset_step();
+    throw ConfigError(
+        "DistributedOptimizer: backward() ran twice before step(); with synchronous_sgd each step takes one backward "
+        "pass (add the losses and call backward() once)");
+  }
+  if (!gradient_error_.empty()) {
+    const std::string error = std::move(gradient_error_);
+    gradient_error_.clear();
+    wait_launched();
+    reset_step();
+    throw ConfigError(str_cat("DistributedOptimizer: ", error));
+  }
+  switch (strategy_) {
+    case Strategy::synchronous_sgd:
+      if (peer_.size() > 1) {
+        try {
+          finish_gradients();
+        } catch (...) {
+          wait_launched();
+          reset_step();
+          throw;
+        }
+        reset_step();
+      }
+      optimizer_.step();
+      break;
+    case Strategy::synchronous_averaging:
+      optimizer_.step();
+      average_models();
+      break;
+    case Strategy::pair_averaging:
+      optimizer_.step();
+      pair_step();
+      break;
+  }
+  ++steps_;
+}
+
+void DistributedOptimizer::copy_parameters_into_buckets() {
+  for (std::size_t i = 0; i < parameters_.size(); ++i) {
+    buckets_[slots_[i].bucket].flat.narrow(0, slots_[i].offset, slots_[i].numel).copy_(parameters_[i].detach().reshape(-1));
+  }
+}
+
+void DistributedOptimizer::copy_buckets_into_parameters() {
+  ::torch::NoGradGuard no_grad;
+  for (std::size_t i = 0; i < parameters_.size(); ++i) {
+    parameters_[i].copy_(buckets_[slots_[i].bucket].flat.narrow(0, slots_[i].offset, slots_[i].numel).view_as(parameters_[i]));
+  }
+}
+
+// Synchronous model averaging: every bucket of parameter values is averaged across workers, all in flight at once.
+void DistributedOptimizer::average_models() {
+  if (peer_.size() == 1) return;
+  copy_parameters_into_buckets();
+  for (auto& bucket : buckets_) launch(bucket, "model");
+  try {
+    for (auto& bucket : buckets_) bucket.work.wait();
+  } catch (...) {
+    wait_launched();
+    reset_step();
+    throw;
+  }
+  reset_step();
+  copy_buckets_into_parameters();
+}
+
+// Publishes this worker's model in the model store (one entry per bucket). `first`: also waits until every worker
+// has published, so that no pull can find a partner with nothing saved.
+void DistributedOptimizer::publish_model(bool first) {
+  if (peer_.size() == 1) return;
+  if (first) copy_parameters_into_buckets();
+  for (auto& bucket : buckets_) {
+    save_tensor(peer_, bucket_name(bucket, "pair"), bucket.flat);
+  }
+  if (first) peer_.barrier(str_cat(kPrefix, "pair/published"));
+}
+
+void DistributedOptimizer::pair_step() {
+  if (peer_.size() == 1) return;
+  copy_parameters_into_buckets();
+  if (pull_ && pull_->done()) {
+    for (auto& w : pull_->works) w.wait();  // rethrows a failed pull
+    for (std::size_t b = 0; b < buckets_.size(); ++b) buckets_[b].flat.add_(pull_->flats[b]).mul_(0.5);
+    copy_buckets_into_parameters();
+    pull_->works.clear();
+  }
+  publish_model(false);
+  if (!pull_) {
+    pull_ = std::make_unique<Pull>();
+    for (const auto& bucket : buckets_) pull_->flats.push_back(::torch::empty_like(bucket.flat));
+  }
+  if (pull_->works.empty()) {
+    // A random partner other than this worker.
+    const auto others = static_cast<std::uint64_t>(peer_.size() - 1);
+    int partner = static_cast<int>(splitmix64(rng_state_) % others);
+    if (partner >= peer_.rank()) ++partner;
+    pull_->partner = partner;
+    for (std::size_t b = 0; b < buckets_.size(); ++b) {
+      pull_->works.push_back(request_tensor(peer_, partner, bucket_name(buckets_[b], "pair"), pull_->flats[b]));
+    }
+  }
+}
+
+void DistributedOptimizer::finish_pull() {
+  if (!pull_) return;
+  for (auto& w : pull_->works) w.wait();
+  pull_->works.clear();
+}
+
+void DistributedOptimizer::set_strategy(Strategy strategy) {
+  // All workers must switch at the same step to the same strategy.
+  struct {
+    std::uint8_t strategy;
+    std::int64_t steps;
+  } value{static_cast<std::uint8_t>(strategy), steps_};
+  std::byte bytes[16] = {};
+  std::memcpy(bytes, &value.strategy, 1);
+  std::memcpy(bytes + 8, &value.steps, 8);
+  if (!peer_.consensus(std::span<const std::byte>(bytes), str_cat(kPrefix, "set_strategy"))) {
+    throw MismatchError(str_cat("set_strategy: workers asked for different strategies or switched at different steps "
+                                "(this worker, rank ",
+                                peer_.rank(), ": ", strategy_name(strategy), " after step ", steps_, ")"));
+  }
+  finish_pull();
+  pull_.reset();
+  if (peer_.size() > 1) {
+    NamedParameters named;
+    for (std::size_t i = 0; i < parameters_.size(); ++i) named.insert(names_[i], parameters_[i]);
+    average_parameters(peer_, named, str_cat(kPrefix, "switch"));
+    broadcast_optimizer_state(peer_, optimizer_, 0);
+  }
+  strategy_ = strategy;
+  if (strategy_ == Strategy::pair_averaging) publish_model(true);
+}
+
+void DistributedOptimizer::set_lr(double lr) {
+  for (auto& group : optimizer_.param_groups()) group.options().set_lr(lr);
+}
+
+double DistributedOptimizer::lr() const {
+  return optimizer_.param_groups().empty() ? 0.0 : optimizer_.param_groups().front().options().get_lr();
+}
+
+}  // namespace aikido::torch
