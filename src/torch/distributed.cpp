@@ -68,7 +68,10 @@ Work request_tensor(Peer& peer, int target, const std::string& name, const ::tor
 
 std::string describe(const ::torch::Tensor& t) {
   std::ostringstream os;
-  os << dtype_name(dtype_of_tensor(t)) << " [";
+  static constexpr const char* kNames[] = {"float32", "float64", "float16", "bfloat16", "int32", "int64", "uint8"};
+  static constexpr DType kTypes[] = {DType::f32, DType::f64, DType::f16, DType::bf16, DType::i32, DType::i64, DType::u8};
+  const DType type = dtype_of_tensor(t);
+  os << kNames[std::find(std::begin(kTypes), std::end(kTypes), type) - std::begin(kTypes)] << " [";
   for (std::int64_t d = 0; d < t.dim(); ++d) os << (d ? ", " : "") << t.size(d);
   os << "]";
   return os.str();

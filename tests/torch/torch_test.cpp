@@ -1,0 +1,474 @@
+// The LibTorch integration, with ranks as threads of this process (tests/unit/cluster.hpp).
+#include <gtest/gtest.h>
+
+#include <aikido/torch.hpp>
+#include <cmath>
+#include <mutex>
+#include <set>
+
+#include "cluster.hpp"
+
+namespace aikido::test {
+namespace {
+
+namespace at = aikido::torch;
+namespace nn = ::torch::nn;
+using ::torch::Tensor;
+
+// Models are built under one lock with a fixed seed: LibTorch's default generator is global.
+std::mutex& model_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+nn::Sequential make_mlp(std::uint64_t seed, ::torch::Dtype dtype = ::torch::kFloat32, int hidden = 16) {
+  std::lock_guard<std::mutex> lock(model_mutex());
+  ::torch::manual_seed(seed);
+  nn::Sequential net(nn::Linear(8, hidden), nn::Tanh(), nn::Linear(hidden, 3));
+  net->to(dtype);
+  return net;
+}
+
+// A fixed classification data set: 8 features, 3 classes.
+struct Data {
+  Tensor x, y;
+};
+Data make_data(std::int64_t n, ::torch::Dtype dtype = ::torch::kFloat32) {
+  std::lock_guard<std::mutex> lock(model_mutex());
+  ::torch::manual_seed(1234);
+  Data d;
+  d.x = ::torch::randn({n, 8}).to(dtype);
+  d.y = (d.x.narrow(1, 0, 1).squeeze(1).to(::torch::kFloat32) > 0).to(::torch::kInt64) +
+        (d.x.narrow(1, 1, 1).squeeze(1).to(::torch::kFloat32) > 0.5).to(::torch::kInt64);
+  return d;
+}
+
+Tensor index_of(const std::vector<std::size_t>& v) {
+  std::vector<std::int64_t> i(v.begin(), v.end());
+  return ::torch::tensor(i, ::torch::kInt64);
+}
+
+Tensor flat_parameters(const nn::Sequential& net) {
+  std::vector<Tensor> all;
+  for (const auto& p : net->parameters()) all.push_back(p.detach().reshape(-1).to(::torch::kFloat64));
+  return ::torch::cat(all);
+}
+
+// One training step of `net` on the samples `index`.
+Tensor loss_on(nn::Sequential& net, const Data& d, const Tensor& index) {
+  const Tensor out = net->forward(d.x.index_select(0, index)).to(::torch::kFloat32);
+  return nn::functional::cross_entropy(out, d.y.index_select(0, index));
+}
+
+// Synchronous SGD with N workers at batch b equals one process at batch N*b on the same samples.
+void expect_ssgd_matches_single_process(int workers, ::torch::Dtype dtype, double tolerance) {
+  constexpr std::int64_t kBatch = 8, kSamples = 240;
+  constexpr int kEpochs = 2;
+  const Data data = make_data(kSamples, dtype);
+
+  // The reference: one process, global batch.
+  nn::Sequential reference = make_mlp(7, dtype);
+  {
+    ::torch::optim::SGD sgd(reference->parameters(), ::torch::optim::SGDOptions(0.1).momentum(0.9));
+    at::DistributedSampler sampler(kSamples, 0, 1, /*seed=*/5);
+    for (int e = 0; e < kEpochs; ++e) {
+      sampler.set_epoch(e);
+      while (auto batch = sampler.next_batch(kBatch * workers)) {
+        sgd.zero_grad();
+        loss_on(reference, data, index_of(*batch)).backward();
+        sgd.step();
+      }
+    }
+  }
+  const Tensor expected = flat_parameters(reference);
+
+  std::vector<Tensor> results(workers);
+  run_cluster(workers, base_config(), [&](Peer& peer) {
+    nn::Sequential net = make_mlp(7, dtype);
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.1).momentum(0.9));
+    at::broadcast_parameters(peer, net->named_parameters(), 0);
+    at::DistributedOptimizerOptions options;
+    options.bucket_bytes = 256;  // several buckets even for this small model
+    at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::synchronous_sgd, options);
+    at::DistributedSampler sampler(kSamples, peer, /*seed=*/5);
+    for (int e = 0; e < kEpochs; ++e) {
+      sampler.set_epoch(e);
+      while (auto batch = sampler.next_batch(kBatch)) {
+        opt.zero_grad();
+        loss_on(net, data, index_of(*batch)).backward();
+        opt.step();
+      }
+    }
+    results[peer.rank()] = flat_parameters(net);
+  });
+  for (int r = 0; r < workers; ++r) {
+    EXPECT_TRUE(::torch::allclose(results[r], expected, tolerance, tolerance))
+        << "rank " << r << " differs from the single process by "
+        << (results[r] - expected).abs().max().item<double>();
+    EXPECT_TRUE(::torch::equal(results[r], results[0])) << "ranks 0 and " << r << " differ";
+  }
+}
+
+TEST(TorchSynchronousSgd, MatchesOneProcessWithTheGlobalBatch) {
+  expect_ssgd_matches_single_process(2, ::torch::kFloat32, 1e-5);
+  expect_ssgd_matches_single_process(3, ::torch::kFloat32, 1e-5);
+}
+
+TEST(TorchSynchronousSgd, MatchesOneProcessInFloat64) { expect_ssgd_matches_single_process(4, ::torch::kFloat64, 1e-12); }
+
+TEST(TorchSynchronousSgd, HalfPrecisionParametersStayEqualAcrossWorkers) {
+  // LibTorch's CPU kernels lack some half-precision layers: the parameters are stored in half precision and used in
+  // float32, so that their gradients arrive in half precision.
+  for (auto dtype : {::torch::kFloat16, ::torch::kBFloat16}) {
+    std::vector<Tensor> results(2);
+    run_cluster(2, base_config(), [&](Peer& peer) {
+      Tensor w = ::torch::full({300}, 0.5, ::torch::TensorOptions().dtype(dtype).requires_grad(true));
+      Tensor b = ::torch::zeros({3}, ::torch::TensorOptions().dtype(dtype).requires_grad(true));
+      at::NamedParameters named;
+      named.insert("w", w);
+      named.insert("b", b);
+      ::torch::optim::SGD sgd({w, b}, ::torch::optim::SGDOptions(0.01));
+      at::DistributedOptimizer opt(peer, sgd, named, at::Strategy::synchronous_sgd);
+      const Tensor before = ::torch::cat({w.detach(), b.detach()}).clone();
+      for (int step = 0; step < 4; ++step) {
+        opt.zero_grad();
+        const Tensor x = ::torch::linspace(-1, 1, 300) * static_cast<double>(peer.rank() + step + 1);
+        const Tensor y = (w.to(::torch::kFloat32) * x).sum() + b.to(::torch::kFloat32).sum();
+        (y - 1.0).pow(2).backward();
+        opt.step();
+      }
+      EXPECT_EQ(w.grad().scalar_type(), dtype);
+      EXPECT_FALSE(::torch::equal(before, ::torch::cat({w.detach(), b.detach()}))) << "training changed nothing";
+      results[peer.rank()] = ::torch::cat({w.detach(), b.detach()});
+    });
+    EXPECT_TRUE(::torch::equal(results[0], results[1])) << c10::toString(dtype);
+  }
+}
+
+TEST(TorchSynchronousSgd, ParametersWithoutGradientCountAsZero) {
+  // Rank 0 uses both heads, rank 1 only the first: the second head's bucket must still complete on both.
+  std::vector<Tensor> results(2);
+  run_cluster(2, base_config(), [&](Peer& peer) {
+    std::unique_lock<std::mutex> lock(model_mutex());
+    ::torch::manual_seed(3);
+    nn::Linear a(4, 4), b(4, 4);
+    lock.unlock();
+    auto named = a->named_parameters(true);
+    for (const auto& item : b->named_parameters(true)) named.insert("b." + item.key(), item.value());
+    std::vector<Tensor> params;
+    for (const auto& item : named) params.push_back(item.value());
+    ::torch::optim::SGD sgd(params, ::torch::optim::SGDOptions(0.1));
+    at::DistributedOptimizerOptions options;
+    options.bucket_bytes = 64;
+    at::DistributedOptimizer opt(peer, sgd, named, at::Strategy::synchronous_sgd, options);
+    const Tensor x = ::torch::ones({2, 4});
+    for (int step = 0; step < 3; ++step) {
+      opt.zero_grad();
+      Tensor loss = a->forward(x).sum();
+      if (peer.rank() == 0) loss = loss + b->forward(x).sum();
+      loss.backward();
+      opt.step();
+    }
+    std::vector<Tensor> flat;
+    for (const auto& p : params) flat.push_back(p.detach().reshape(-1));
+    results[peer.rank()] = ::torch::cat(flat);
+  });
+  EXPECT_TRUE(::torch::equal(results[0], results[1]));
+}
+
+TEST(TorchSynchronousSgd, SecondBackwardBeforeStepIsAClearError) {
+  run_cluster(2, base_config(), [&](Peer& peer) {
+    nn::Sequential net = make_mlp(1);
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.1));
+    at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::synchronous_sgd);
+    const Data data = make_data(16);
+    const Tensor index = ::torch::arange(8);
+    opt.zero_grad();
+    loss_on(net, data, index).backward();
+    loss_on(net, data, index).backward();
+    try {
+      opt.step();
+      ADD_FAILURE() << "expected ConfigError";
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("backward() ran twice"), std::string::npos) << e.what();
+    }
+    // The optimizer is usable again afterwards.
+    opt.zero_grad();
+    loss_on(net, data, index).backward();
+    opt.step();
+  });
+}
+
+// Least squares with a known solution: SMA and pair averaging must drive the loss down, and switching to synchronous
+// SGD leaves all workers with equal parameters.
+struct Regression {
+  Tensor x, y;
+};
+Regression make_regression() {
+  std::lock_guard<std::mutex> lock(model_mutex());
+  ::torch::manual_seed(99);
+  Regression r;
+  r.x = ::torch::randn({512, 6});
+  const Tensor w = ::torch::arange(1, 7, ::torch::kFloat32).unsqueeze(1) * 0.5;
+  r.y = r.x.matmul(w) + 0.01 * ::torch::randn({512, 1});
+  return r;
+}
+
+void expect_converges_then_switch_equalises(at::Strategy strategy, int workers) {
+  const Regression data = make_regression();
+  std::vector<Tensor> results(workers);
+  std::vector<double> losses(workers);
+  run_cluster(workers, base_config(), [&](Peer& peer) {
+    std::unique_lock<std::mutex> lock(model_mutex());
+    ::torch::manual_seed(11 + peer.rank());  // different starting points: averaging must bring them together
+    nn::Linear net(6, 1);
+    lock.unlock();
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.05).momentum(0.5));
+    at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), strategy);
+    at::DistributedSampler sampler(512, peer, 3);
+    for (int epoch = 0; epoch < 15; ++epoch) {
+      sampler.set_epoch(epoch);
+      while (auto batch = sampler.next_batch(16)) {
+        opt.zero_grad();
+        const Tensor i = index_of(*batch);
+        ::torch::mse_loss(net->forward(data.x.index_select(0, i)), data.y.index_select(0, i)).backward();
+        opt.step();
+      }
+    }
+    {
+      ::torch::NoGradGuard no_grad;
+      losses[peer.rank()] = ::torch::mse_loss(net->forward(data.x), data.y).item<double>();
+    }
+    opt.set_strategy(at::Strategy::synchronous_sgd);
+    EXPECT_EQ(opt.strategy(), at::Strategy::synchronous_sgd);
+    for (int step = 0; step < 5; ++step) {
+      opt.zero_grad();
+      const Tensor i = ::torch::arange(peer.rank() * 16, peer.rank() * 16 + 16);
+      ::torch::mse_loss(net->forward(data.x.index_select(0, i)), data.y.index_select(0, i)).backward();
+      opt.step();
+    }
+    std::vector<Tensor> flat;
+    for (const auto& p : net->parameters()) flat.push_back(p.detach().reshape(-1));
+    results[peer.rank()] = ::torch::cat(flat);
+  });
+  for (int r = 0; r < workers; ++r) {
+    EXPECT_LT(losses[r], 1e-3) << at::strategy_name(strategy) << " did not converge on rank " << r;
+    EXPECT_TRUE(::torch::equal(results[r], results[0])) << "after the switch, ranks 0 and " << r << " differ";
+  }
+}
+
+TEST(TorchModelAveraging, ConvergesAndSwitchesToSynchronousSgd) {
+  expect_converges_then_switch_equalises(at::Strategy::synchronous_averaging, 3);
+}
+
+TEST(TorchPairAveraging, ConvergesAndSwitchesToSynchronousSgd) {
+  expect_converges_then_switch_equalises(at::Strategy::pair_averaging, 3);
+}
+
+TEST(TorchModelAveraging, AveragesDifferentModels) {
+  std::vector<Tensor> results(2);
+  run_cluster(2, base_config(), [&](Peer& peer) {
+    nn::Linear net(2, 1);
+    {
+      ::torch::NoGradGuard no_grad;
+      net->weight.fill_(peer.rank() == 0 ? 1.0 : 3.0);
+      net->bias.fill_(peer.rank() == 0 ? -1.0 : 1.0);
+    }
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.1));
+    at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::synchronous_averaging);
+    opt.zero_grad();
+    opt.step();  // no gradient: the local step changes nothing, then the models are averaged
+    results[peer.rank()] = ::torch::cat({net->weight.detach().reshape(-1), net->bias.detach().reshape(-1)});
+  });
+  EXPECT_TRUE(::torch::equal(results[0], ::torch::tensor({2.0f, 2.0f, 0.0f})));
+  EXPECT_TRUE(::torch::equal(results[1], results[0]));
+}
+
+TEST(TorchStrategy, SwitchWithDifferentStrategiesIsAMismatch) {
+  std::vector<std::string> errors(2);
+  run_cluster(2, base_config(), [&](Peer& peer) {
+    nn::Sequential net = make_mlp(1);
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.1));
+    at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::synchronous_sgd);
+    try {
+      opt.set_strategy(peer.rank() == 0 ? at::Strategy::pair_averaging : at::Strategy::synchronous_averaging);
+    } catch (const MismatchError& e) {
+      errors[peer.rank()] = e.what();
+    }
+  });
+  for (const auto& e : errors) EXPECT_NE(e.find("set_strategy"), std::string::npos) << e;
+}
+
+TEST(TorchStrategy, NamesParse) {
+  EXPECT_EQ(at::parse_strategy("ssgd"), at::Strategy::synchronous_sgd);
+  EXPECT_EQ(at::parse_strategy("sma"), at::Strategy::synchronous_averaging);
+  EXPECT_EQ(at::parse_strategy("pair"), at::Strategy::pair_averaging);
+  EXPECT_EQ(at::parse_strategy("pair_averaging"), at::Strategy::pair_averaging);
+  EXPECT_THROW(at::parse_strategy("gossip"), ConfigError);
+  EXPECT_THROW(at::dtype_of_tensor(::torch::zeros({1}, ::torch::kComplexFloat)), ConfigError);
+}
+
+// Mismatched models: every rank gets a MismatchError naming the parameter and the ranks.
+void expect_model_mismatch(const std::function<nn::Sequential(int rank)>& make, const std::string& expected) {
+  std::vector<std::string> errors(3);
+  run_cluster(3, base_config(), [&](Peer& peer) {
+    nn::Sequential net = make(peer.rank());
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.1));
+    try {
+      at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::synchronous_sgd);
+    } catch (const MismatchError& e) {
+      errors[peer.rank()] = e.what();
+    }
+  });
+  for (int r = 0; r < 3; ++r) EXPECT_NE(errors[r].find(expected), std::string::npos) << "rank " << r << ": " << errors[r];
+}
+
+TEST(TorchModelCheck, DifferentShapeNamesParameterAndRanks) {
+  expect_model_mismatch([](int rank) { return make_mlp(1, ::torch::kFloat32, rank == 2 ? 12 : 16); },
+                        "parameter '0.weight' is float32 [16, 8] on rank 0 but float32 [12, 8] on rank 2");
+}
+
+TEST(TorchModelCheck, MissingParameterIsNamed) {
+  expect_model_mismatch(
+      [](int rank) {
+        nn::Sequential net = make_mlp(1);
+        if (rank == 1) net->push_back(nn::Linear(3, 3));
+        return net;
+      },
+      "'3.weight' (float32 [3, 3]) exists on rank 1 but not on rank 0");
+}
+
+TEST(TorchModelCheck, DifferentDtypeIsNamed) {
+  expect_model_mismatch([](int rank) { return make_mlp(1, rank == 1 ? ::torch::kFloat64 : ::torch::kFloat32); },
+                        "parameter '0.weight' is float32 [16, 8] on rank 0 but float64 [16, 8] on rank 1");
+}
+
+TEST(TorchBroadcast, ParametersAndOptimizerStateFollowTheRoot) {
+  std::vector<Tensor> results(3);
+  run_cluster(3, base_config(), [&](Peer& peer) {
+    nn::Sequential net = make_mlp(100 + peer.rank());  // different models
+    ::torch::optim::Adam adam(net->parameters(), ::torch::optim::AdamOptions(0.01));
+    const Data data = make_data(32);
+    if (peer.rank() == 1) {  // only the root has optimizer state
+      adam.zero_grad();
+      loss_on(net, data, ::torch::arange(32)).backward();
+      adam.step();
+    }
+    at::broadcast_parameters(peer, net->named_parameters(), /*root=*/1);
+    at::broadcast_optimizer_state(peer, adam, /*root=*/1);
+    // Equal models and equal Adam state: one more equal step keeps them equal.
+    adam.zero_grad();
+    loss_on(net, data, ::torch::arange(32)).backward();
+    adam.step();
+    results[peer.rank()] = flat_parameters(net);
+  });
+  EXPECT_TRUE(::torch::equal(results[0], results[1]));
+  EXPECT_TRUE(::torch::equal(results[2], results[1]));
+}
+
+TEST(TorchAverage, AverageParametersMakesThemEqual) {
+  std::vector<Tensor> results(4);
+  run_cluster(4, base_config(), [&](Peer& peer) {
+    nn::Sequential net = make_mlp(200 + peer.rank());
+    at::average_parameters(peer, net->named_parameters());
+    results[peer.rank()] = flat_parameters(net);
+  });
+  for (int r = 1; r < 4; ++r) EXPECT_TRUE(::torch::equal(results[r], results[0]));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// DistributedSampler
+
+// Every index exactly once per epoch, the same number of steps on every rank.
+void expect_exact_epoch(std::size_t n, int size, std::size_t batch) {
+  std::vector<at::DistributedSampler> samplers;
+  for (int r = 0; r < size; ++r) samplers.emplace_back(n, r, size, 42);
+  for (std::int64_t epoch = 0; epoch < 2; ++epoch) {
+    std::multiset<std::size_t> seen;
+    std::size_t steps = 0;
+    for (auto& s : samplers) s.set_epoch(epoch);
+    while (true) {
+      std::vector<std::optional<std::vector<std::size_t>>> batches;
+      for (auto& s : samplers) batches.push_back(s.next_batch(batch));
+      const bool any = std::any_of(batches.begin(), batches.end(), [](const auto& b) { return b.has_value(); });
+      const bool all = std::all_of(batches.begin(), batches.end(), [](const auto& b) { return b.has_value(); });
+      ASSERT_EQ(any, all) << "ranks disagree on the end of the epoch";
+      if (!any) break;
+      ++steps;
+      for (const auto& b : batches) {
+        EXPECT_LE(b->size(), batch);
+        seen.insert(b->begin(), b->end());
+      }
+    }
+    EXPECT_EQ(steps, samplers[0].steps_per_epoch(batch));
+    ASSERT_EQ(seen.size(), n) << "n=" << n << " size=" << size << " batch=" << batch;
+    std::size_t expect = 0;
+    for (std::size_t i : seen) ASSERT_EQ(i, expect++) << "an index was repeated or skipped";
+  }
+}
+
+TEST(TorchSampler, EveryIndexExactlyOncePerEpoch) {
+  for (std::size_t n : {0, 1, 7, 100, 1001}) {
+    for (int size : {1, 2, 3, 4}) {
+      for (std::size_t batch : {1, 5, 64}) expect_exact_epoch(n, size, batch);
+    }
+  }
+}
+
+TEST(TorchSampler, ReshufflesEveryEpochTheSameOnAllRanks) {
+  at::DistributedSampler a(1000, 0, 2, 7), b(1000, 0, 2, 7), c(1000, 0, 2, 8);
+  const auto e0 = *a.next_batch(10);
+  a.set_epoch(1);
+  const auto e1 = *a.next_batch(10);
+  EXPECT_NE(e0, e1);
+  EXPECT_EQ(*b.next_batch(10), e0);
+  EXPECT_NE(*c.next_batch(10), e0);
+  at::DistributedSampler plain(10, 1, 2, 7, /*shuffle=*/false);
+  EXPECT_EQ(*plain.next_batch(2), (std::vector<std::size_t>{2, 3}));
+}
+
+TEST(TorchSampler, WorldSizeChangeMidEpochStaysExact) {
+  // Two workers for a while, then three: the shared position keeps the epoch exact.
+  const std::size_t n = 500, batch = 16;
+  std::multiset<std::size_t> seen;
+  std::vector<at::DistributedSampler> two, three;
+  for (int r = 0; r < 2; ++r) two.emplace_back(n, r, 2, 9);
+  for (int r = 0; r < 3; ++r) three.emplace_back(n, r, 3, 9);
+  for (int step = 0; step < 5; ++step) {
+    for (auto& s : two) {
+      const auto b = s.next_batch(batch);
+      seen.insert(b->begin(), b->end());
+    }
+  }
+  for (auto& s : three) s.set_position(two[0].position());
+  while (true) {
+    bool any = false;
+    for (auto& s : three) {
+      if (auto b = s.next_batch(batch)) {
+        any = true;
+        seen.insert(b->begin(), b->end());
+      }
+    }
+    if (!any) break;
+  }
+  ASSERT_EQ(seen.size(), n);
+  EXPECT_EQ(std::set<std::size_t>(seen.begin(), seen.end()).size(), n);
+  EXPECT_THROW(three[0].set_position(n + 1), ConfigError);
+  EXPECT_THROW(at::DistributedSampler(10, 2, 2), ConfigError);
+}
+
+TEST(TorchSampler, WorksWithTheLibTorchDataLoader) {
+  auto dataset = ::torch::data::datasets::TensorDataset(::torch::arange(100).unsqueeze(1));
+  std::set<std::int64_t> seen;
+  for (int rank = 0; rank < 3; ++rank) {
+    auto loader = ::torch::data::make_data_loader(dataset, at::DistributedSampler(100, rank, 3, 1),
+                                                  ::torch::data::DataLoaderOptions().batch_size(8));
+    for (auto& batch : *loader) {
+      for (const auto& example : batch) seen.insert(example.data.item<std::int64_t>());
+    }
+  }
+  EXPECT_EQ(seen.size(), 100u);
+}
+
+}  // namespace
+}  // namespace aikido::test
