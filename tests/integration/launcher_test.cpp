@@ -1,8 +1,10 @@
 // Runs the real aikido-run binary on launcher_fixture and checks what it promises: environment, prefixed output,
 // exit statuses, stopping workers, flag validation.
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <regex>
 #include <string>
@@ -21,6 +23,19 @@ const std::string kFixture = LAUNCHER_FIXTURE_PATH;
 // period (3 s).
 constexpr auto kBound = 60s;
 
+int cores() {
+  cpu_set_t cpus;
+  CPU_ZERO(&cpus);
+  return ::sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
+}
+
+// What aikido-run sets for `np` workers when the environment sets nothing: the fixture's "omp= blas= malloc=".
+std::string default_threads(int np) {
+  const std::string threads = std::to_string(std::max(1, cores() / np));
+  return "omp=" + threads + " blas=" + threads +
+         " malloc=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296";
+}
+
 std::vector<std::string> launch(std::vector<std::string> args) {
   args.insert(args.begin(), kRun);
   return args;
@@ -30,7 +45,8 @@ TEST(LauncherTest, HelpPrintsUsage) {
   const auto r = run_process(launch({"--help"}), kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
   EXPECT_NE(r.out.find("usage: aikido-run -np N"), std::string::npos) << r.describe();
-  EXPECT_NE(r.out.find("OMP_NUM_THREADS=1"), std::string::npos) << r.describe();
+  EXPECT_NE(r.out.find("OMP_NUM_THREADS, OPENBLAS_NUM_THREADS"), std::string::npos) << r.describe();
+  EXPECT_NE(r.out.find("GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432"), std::string::npos) << r.describe();
 }
 
 struct BadCommandLine {
@@ -91,7 +107,7 @@ TEST(LauncherTest, SetsTheEnvironmentAndPrefixesLines) {
     }
     EXPECT_EQ(m[1], store);
     EXPECT_EQ(m[2], job);
-    EXPECT_EQ(lines[2], p + "topology=tree timeout=7.5 transport=tcp segment=4096 omp=1");
+    EXPECT_EQ(lines[2], p + "topology=tree timeout=7.5 transport=tcp segment=4096 " + default_threads(3));
     EXPECT_EQ(lines_with_prefix(r.err, p), std::vector<std::string>{p + "stderr of rank " + std::to_string(rank)})
         << r.describe();
   }
@@ -100,7 +116,7 @@ TEST(LauncherTest, SetsTheEnvironmentAndPrefixesLines) {
 TEST(LauncherTest, InheritsSettingsThatNoFlagOverrides) {
   Subprocess::Options options;
   options.set_env = {"AIKIDO_TOPOLOGY=star", "AIKIDO_TIMEOUT=9", "AIKIDO_RANK=17", "AIKIDO_SECRET=guessable",
-                     "OMP_NUM_THREADS=4"};
+                     "OMP_NUM_THREADS=4", "GLIBC_TUNABLES=glibc.malloc.arena_max=2"};
   const auto r = run_process(launch({"-np", "2", "--timeout", "3", kFixture, "env"}), kBound, options);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
   for (int rank = 0; rank < 2; ++rank) {
@@ -109,7 +125,9 @@ TEST(LauncherTest, InheritsSettingsThatNoFlagOverrides) {
     ASSERT_EQ(lines.size(), 3u) << r.describe();
     EXPECT_EQ(lines[0].find(p + "rank=" + std::to_string(rank) + " "), 0u) << lines[0];
     EXPECT_NE(lines[1].find("secret_bytes=64 "), std::string::npos) << lines[1];
-    EXPECT_EQ(lines[2], p + "topology=star timeout=3 transport=unset segment=unset omp=4");
+    const std::string blas = "blas=" + std::to_string(std::max(1, cores() / 2));
+    EXPECT_EQ(lines[2], p + "topology=star timeout=3 transport=unset segment=unset omp=4 " + blas +
+                            " malloc=glibc.malloc.arena_max=2");
   }
 }
 

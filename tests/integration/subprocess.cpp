@@ -22,7 +22,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 bool inherited(const std::string& entry) {
-  return entry.rfind("AIKIDO_", 0) != 0 && entry.rfind("OMP_NUM_THREADS=", 0) != 0;
+  return entry.rfind("AIKIDO_", 0) != 0 && entry.rfind("OMP_NUM_THREADS=", 0) != 0 &&
+         entry.rfind("OPENBLAS_NUM_THREADS=", 0) != 0 && entry.rfind("GLIBC_TUNABLES=", 0) != 0;
 }
 
 void close_fd(int& fd) {

@@ -25,7 +25,8 @@ struct ProcessResult {
 
 /// A child process running `argv` with stdin from /dev/null and stdout/stderr captured.
 ///
-/// The child gets the test's environment minus every AIKIDO_* and OMP_NUM_THREADS variable, with `set_env`
+/// The child gets the test's environment minus every AIKIDO_*, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and GLIBC_TUNABLES
+/// variable, with `set_env`
 /// ("NAME=value") added or replacing. It dies with the test (PR_SET_PDEATHSIG), and the destructor kills it if it still
 /// runs.
 class Subprocess {

@@ -89,9 +89,14 @@ Options take their value as the next argument or after '=' (--timeout=5). Option
 pass through from aikido-run's own environment (AIKIDO_TOPOLOGY, AIKIDO_TIMEOUT, ...).
 
 Each worker gets AIKIDO_RANK, AIKIDO_SIZE, AIKIDO_LOCAL_RANK, AIKIDO_LOCAL_SIZE, AIKIDO_HOST, AIKIDO_STORE_ADDR,
-AIKIDO_SECRET (a fresh random job secret), AIKIDO_JOB_ID (a fresh random id) and AIKIDO_CLUSTER_VERSION=0. It
-also gets OMP_NUM_THREADS=1 unless OMP_NUM_THREADS is already set, so that workers sharing a host do not
-oversubscribe its cores. Workers read standard input from /dev/null.
+AIKIDO_SECRET (a fresh random job secret), AIKIDO_JOB_ID (a fresh random id) and AIKIDO_CLUSTER_VERSION=0.
+Unless aikido-run's own environment sets them, workers also get settings for their numeric libraries:
+  OMP_NUM_THREADS, OPENBLAS_NUM_THREADS   this host's cores divided by the number of workers (at least 1), so that
+                                          workers sharing the host do not oversubscribe its cores
+  GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296
+                                          malloc keeps large freed blocks for reuse instead of returning them to
+                                          the kernel (fresh pages cost a page fault each)
+Workers read standard input from /dev/null.
 
 When a worker exits with a non-zero status or is killed by a signal, aikido-run reports it, stops the other
 workers (SIGTERM, then SIGKILL after 3 s) and exits with that worker's status (128 + signal number for a

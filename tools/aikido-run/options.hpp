@@ -16,6 +16,11 @@ class UsageError : public std::runtime_error {
 
 inline constexpr int kMaxWorkers = 1024;
 
+/// GLIBC_TUNABLES that workers get unless it is set: keep freed blocks up to 32 MiB in the heap and never trim it
+/// below 4 GiB, so that training loops reuse memory instead of faulting in fresh pages every step.
+inline constexpr const char* kMallocTunables =
+    "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296";
+
 struct Options {
   bool help = false;
   int np = 0;
