@@ -4,7 +4,8 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config git
   libgtest-dev libgmock-dev googletest libbenchmark-dev
-  libcli11-dev nlohmann-json3-dev
+  libcli11-dev nlohmann-json3-dev zlib1g-dev
+  libtorch-dev libopenblas0-pthread dataset-fashion-mnist python3-torch
   openmpi-bin libopenmpi-dev libgloo-dev
   iproute2 procps python3
 )
