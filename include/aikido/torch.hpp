@@ -4,7 +4,9 @@
 // Inside namespace aikido::torch, the name `torch` means this namespace; LibTorch is spelled `::torch`.
 #pragma once
 
+#include <aikido/metrics.hpp>
 #include <aikido/peer.hpp>
+#include <aikido/policy.hpp>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -18,24 +20,19 @@ namespace aikido::torch {
 
 using NamedParameters = ::torch::OrderedDict<std::string, ::torch::Tensor>;
 
-/// How the workers of a DistributedOptimizer keep their models together.
-enum class Strategy : std::uint8_t {
-  /// Synchronous SGD: gradients are averaged across workers (allreduce, mean) before every optimizer step. Gradients
-  /// are fused into buckets and a bucket's allreduce starts during the backward pass as soon as all its gradients
-  /// are ready, so communication overlaps the rest of the backward pass.
-  synchronous_sgd,
-  /// Synchronous model averaging (SMA, as in KungFu and Crossbow): every worker takes a local step on its own
-  /// gradient, then the models are averaged across workers.
-  synchronous_averaging,
-  /// Asynchronous pair averaging (AD-PSGD): after every local step the worker publishes its model in the
-  /// peer-to-peer model store and pulls the model of one random other worker in the background; the next step
-  /// averages with it once it has arrived. No worker ever waits for all others.
-  pair_averaging,
-};
-/// "synchronous_sgd", "synchronous_averaging" or "pair_averaging".
-const char* strategy_name(Strategy strategy);
-/// Accepts the full names and the short ones: "ssgd", "sma", "pair". ConfigError otherwise.
-Strategy parse_strategy(std::string_view name);
+/// How the workers of a DistributedOptimizer keep their models together (declared in aikido/policy.hpp, so that
+/// policies can name it):
+/// - Strategy::synchronous_sgd: gradients are averaged across workers (allreduce, mean) before every optimizer step.
+///   Gradients are fused into buckets and a bucket's allreduce starts during the backward pass as soon as all its
+///   gradients are ready, so communication overlaps the rest of the backward pass.
+/// - Strategy::synchronous_averaging (SMA, as in KungFu and Crossbow): every worker takes a local step on its own
+///   gradient, then the models are averaged across workers.
+/// - Strategy::pair_averaging (AD-PSGD): after every local step the worker publishes its model in the peer-to-peer
+///   model store and pulls the model of one random other worker in the background; the next step averages with it
+///   once it has arrived. No worker ever waits for all others.
+using Strategy = ::aikido::Strategy;
+using ::aikido::parse_strategy;
+using ::aikido::strategy_name;
 
 /// The aikido element type of a tensor's dtype: float32, float64, float16, bfloat16, int32, int64, uint8.
 /// ConfigError for any other.
@@ -62,6 +59,14 @@ struct DistributedOptimizerOptions {
   std::size_t bucket_bytes = std::size_t(1) << 20;
   /// Seed of the choice of partner in pair averaging (combined with the rank).
   std::uint64_t seed = 0;
+  /// Monitoring (metrics()): gradient noise scale, variance and SNR, throughput and the split of the step's time.
+  /// Costs a fused pass over the gradients and one small allreduce per step that runs during the next step.
+  bool monitor = true;
+  /// With synchronous_averaging and pair_averaging the averaged gradient is not otherwise computed: every this many
+  /// steps an extra gradient allreduce measures it for the gradient statistics (0: never).
+  std::int64_t gradient_sample_interval = 16;
+  /// Weight of a new step in the moving averages of the noise-scale estimator.
+  double noise_smoothing = 0.05;
 };
 
 /// Wraps a LibTorch optimizer so that `step()` keeps the workers' models together by the chosen Strategy.
@@ -102,6 +107,19 @@ class DistributedOptimizer {
   void set_lr(double lr);
   double lr() const;
 
+  /// Like step(); `samples` is the size of this worker's batch in this step (for throughput and the gradient
+  /// statistics). step() counts the batch size last given to set_batch_size().
+  void step(std::int64_t samples);
+  /// The per-worker batch size step() assumes, and the one reported in metrics().
+  void set_batch_size(std::int64_t batch_size);
+  /// The epoch reported in metrics().
+  void set_epoch(std::int64_t epoch) { metrics_.epoch = epoch; }
+
+  /// Monitored metrics (options().monitor). Identical on all workers: values gathered from several workers are
+  /// reduced across them by an allreduce that runs during the following step, so they describe the step before
+  /// the last one; the rest (lr, batch size, strategy, step) are current.
+  const TrainingMetrics& metrics() const { return metrics_; }
+
   /// Steps taken through this object.
   std::int64_t steps() const { return steps_; }
   Peer& peer() { return peer_; }
@@ -116,8 +134,11 @@ class DistributedOptimizer {
   void remove_hooks();
   void on_gradient(std::size_t parameter, const ::torch::Tensor& grad);
   void launch(Bucket& bucket, std::string_view purpose);
-  void finish_gradients();
+  void finish_gradients(bool apply);
+  void fill_buckets_from_gradients();
   void reset_step();
+  void launch_metrics(double step_seconds);
+  void absorb_metrics();
   void wait_launched() noexcept;
   void copy_parameters_into_buckets();
   void copy_buckets_into_parameters();
@@ -141,6 +162,61 @@ class DistributedOptimizer {
   std::string gradient_error_;    // an unsupported gradient seen by a hook, reported by step()
   std::uint64_t rng_state_;       // pair averaging: choice of partner
   std::unique_ptr<Pull> pull_;    // pair averaging: the model being pulled
+  // Monitoring.
+  struct Monitor;
+  std::unique_ptr<Monitor> monitor_;
+  TrainingMetrics metrics_;
+};
+
+/// Runs adaptation policies (aikido/policy.hpp) in a training loop built on a DistributedOptimizer:
+///
+///     aikido::torch::PolicyRunner runner(opt, batch_size, aikido::torch::PolicyRunner::make({"adaptive-batch"}));
+///     runner.before_train();
+///     for (epoch...) {
+///       runner.before_epoch(epoch);
+///       while (auto batch = sampler.next_batch(runner.batch_size())) {
+///         ... opt.step(batch->size()); runner.after_step();
+///         if (runner.stopped()) break;
+///       }
+///       runner.after_epoch();
+///     }
+///     runner.after_train();
+///
+/// Every hook call is made by every worker at the same point. After the policies of a hook ran, their requests
+/// (batch size, learning rate, strategy, topology) are checked by consensus to be the same on every worker
+/// (MismatchError naming the step otherwise) and applied. A policy that throws ends training on that worker with
+/// aikido::Error "policy 'NAME' failed in HOOK at step N: ..."; policies decide from the metrics only, so a
+/// failure happens at the same step on every worker (a worker that fails alone is seen by the others as a lost
+/// peer). A resize request is refused with ConfigError until elastic resizing is available.
+class PolicyRunner {
+ public:
+  PolicyRunner(DistributedOptimizer& optimizer, std::int64_t batch_size, std::vector<std::unique_ptr<Policy>> policies);
+  ~PolicyRunner();
+  /// Policies from specs "NAME[:key=value,...]" (make_policy).
+  static std::vector<std::unique_ptr<Policy>> make(const std::vector<std::string>& specs);
+
+  void before_train();
+  void before_epoch(std::int64_t epoch);
+  void after_step();
+  void after_epoch();
+  void after_train();
+
+  /// The per-worker batch size to use from now on.
+  std::int64_t batch_size() const { return batch_size_; }
+  /// A policy asked to stop training, and why.
+  bool stopped() const { return stopped_; }
+  const std::string& stop_reason() const { return stop_reason_; }
+  const TrainingMetrics& metrics() const { return optimizer_.metrics(); }
+
+ private:
+  class Context;
+  void run(const char* hook, void (Policy::*method)(PolicyContext&));
+
+  DistributedOptimizer& optimizer_;
+  std::int64_t batch_size_;
+  std::vector<std::unique_ptr<Policy>> policies_;
+  bool stopped_ = false;
+  std::string stop_reason_;
 };
 
 /// Shards the indices 0..dataset_size-1 among the workers without overlap and reshuffles them every epoch from a

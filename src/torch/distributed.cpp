@@ -5,6 +5,9 @@
 #include <aikido/torch.hpp>
 
 #include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
 #include <cstring>
 #include <sstream>
 
@@ -158,6 +161,30 @@ void unflatten(const ::torch::Tensor& flat, const std::vector<::torch::Tensor>& 
   }
 }
 
+// Sum of squares of a contiguous 1-D tensor. float32 (the common case) in one vectorised pass over memory that is
+// usually still in cache; other types through LibTorch.
+double sum_of_squares(const ::torch::Tensor& t) {
+  if (t.scalar_type() == ::torch::kFloat32) {
+    const float* p = t.data_ptr<float>();
+    const std::int64_t n = t.numel();
+    constexpr int kLanes = 16;
+    float acc[kLanes] = {};
+    std::int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) acc[j] += p[i + j] * p[i + j];
+    }
+    double total = 0;
+    for (; i < n; ++i) total += double(p[i]) * p[i];
+    for (float a : acc) total += a;
+    return total;
+  }
+  return t.to(::torch::kFloat64).square().sum().item<double>();
+}
+
+double seconds_between(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
 std::uint64_t splitmix64(std::uint64_t& state) {
   std::uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -166,26 +193,6 @@ std::uint64_t splitmix64(std::uint64_t& state) {
 }
 
 }  // namespace
-
-const char* strategy_name(Strategy strategy) {
-  switch (strategy) {
-    case Strategy::synchronous_sgd:
-      return "synchronous_sgd";
-    case Strategy::synchronous_averaging:
-      return "synchronous_averaging";
-    case Strategy::pair_averaging:
-      return "pair_averaging";
-  }
-  return "unknown";
-}
-
-Strategy parse_strategy(std::string_view name) {
-  if (name == "ssgd" || name == "synchronous_sgd") return Strategy::synchronous_sgd;
-  if (name == "sma" || name == "synchronous_averaging") return Strategy::synchronous_averaging;
-  if (name == "pair" || name == "pair_averaging") return Strategy::pair_averaging;
-  throw ConfigError(str_cat("unknown strategy '", name,
-                            "': use ssgd (synchronous_sgd), sma (synchronous_averaging) or pair (pair_averaging)"));
-}
 
 DType dtype_of_tensor(const ::torch::Tensor& tensor) {
   switch (tensor.scalar_type()) {
@@ -306,6 +313,37 @@ struct DistributedOptimizer::Bucket {
   Work work;
 };
 
+// Monitoring state. The per-step values of all workers travel in one small float64 allreduce (sum), launched at the
+// end of a step and read at the end of the next one, so that it never delays a step.
+struct DistributedOptimizer::Monitor {
+  using Clock = std::chrono::steady_clock;
+  enum Slot { kLocalSq, kMeasured, kSamples, kCompute, kWait, kCommunication, kStep, kCount };
+
+  explicit Monitor(double smoothing) : noise(smoothing) {}
+  NoiseScaleEstimator noise;
+  Clock::time_point last_step_end = Clock::now();
+  Clock::time_point entry;              // this step's call of step()
+  Clock::time_point first_launch;       // this step's first gradient collective
+  bool launched = false;
+  double local_sq = 0;                  // this step: squared norm of this worker's gradient
+  bool measured = false;                // ... when it was measured (with the averaged one)
+  double big_sq = 0;                    // this step: squared norm of the averaged gradient
+  double wait = 0, communication = 0;   // this step, seconds
+  std::int64_t gradient_bytes = 0;
+  std::int64_t batch_size = 0;
+  // In flight: the values of the last step, and what only this worker knows about it.
+  std::array<double, kCount> values{};
+  Work work;
+  bool pending = false;
+  bool pending_measured = false;
+  double pending_big_sq = 0;
+
+  void note_launch() {
+    if (!launched) first_launch = Clock::now();
+    launched = true;
+  }
+};
+
 struct DistributedOptimizer::Pull {
   int partner = -1;
   std::vector<::torch::Tensor> flats;  // one per bucket: the partner's model
@@ -329,6 +367,12 @@ DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer
   if (parameters_.empty()) throw ConfigError("DistributedOptimizer: no parameter requires a gradient");
   build_buckets();
   install_hooks();
+  monitor_ = std::make_unique<Monitor>(options_.noise_smoothing);
+  for (const auto& p : parameters_) monitor_->gradient_bytes += p.numel() * static_cast<std::int64_t>(p.element_size());
+  metrics_.workers = peer_.size();
+  metrics_.strategy = strategy_name(strategy_);
+  metrics_.topology = topology_name(peer_.topology());
+  metrics_.lr = lr();
   if (strategy_ == Strategy::pair_averaging) publish_model(true);
 }
 
@@ -355,6 +399,13 @@ void DistributedOptimizer::wait_launched() noexcept {
       }
     }
     pull_->works.clear();
+  }
+  if (monitor_ && monitor_->pending) {
+    try {
+      monitor_->work.wait();
+    } catch (...) {
+    }
+    monitor_->pending = false;
   }
 }
 
@@ -436,13 +487,16 @@ void DistributedOptimizer::on_gradient(std::size_t i, const ::torch::Tensor& gra
     gradient_error_ = str_cat("parameter '", names_[i], "' has a sparse gradient; only dense gradients are supported");
     return;
   }
-  bucket.flat.narrow(0, slot.offset, slot.numel).copy_(grad.reshape(-1));
+  const ::torch::Tensor region = bucket.flat.narrow(0, slot.offset, slot.numel);
+  region.copy_(grad.reshape(-1));
+  if (options_.monitor) monitor_->local_sq += sum_of_squares(region);
   slot.ready = true;
   if (--bucket.pending == 0) launch(bucket, "grad");
 }
 
 // Starts the allreduce (mean) of a bucket, in place.
 void DistributedOptimizer::launch(Bucket& bucket, std::string_view purpose) {
+  monitor_->note_launch();
   bucket.launched = true;
   bucket.work = post_tensor(peer_, detail::CollectiveKind::allreduce, bucket.flat, ReduceOp::mean, 0,
                             bucket_name(bucket, purpose));
@@ -450,9 +504,10 @@ void DistributedOptimizer::launch(Bucket& bucket, std::string_view purpose) {
 
 void DistributedOptimizer::zero_grad() { optimizer_.zero_grad(); }
 
-// Synchronous SGD, at step(): launches the buckets the backward pass did not complete (parameters without a gradient
-// this step count as zero), waits for all, and writes the averages into .grad().
-void DistributedOptimizer::finish_gradients() {
+// At step(): launches the gradient buckets the backward pass did not complete (parameters without a gradient this
+// step count as zero), waits for all and measures the averaged gradient. `apply` (synchronous SGD) writes the averages
+// into .grad(); without it (a gradient sample under model averaging) the gradients stay local.
+void DistributedOptimizer::finish_gradients(bool apply) {
   for (auto& bucket : buckets_) {
     if (bucket.launched) continue;
     for (std::size_t i : bucket.slots) {
@@ -460,7 +515,18 @@ void DistributedOptimizer::finish_gradients() {
     }
     launch(bucket, "grad");
   }
+  const auto before = Monitor::Clock::now();
   for (auto& bucket : buckets_) bucket.work.wait();
+  const auto after = Monitor::Clock::now();
+  monitor_->wait += seconds_between(before, after);
+  monitor_->communication += seconds_between(monitor_->first_launch, after);
+  if (options_.monitor) {
+    double big = 0;
+    for (const auto& bucket : buckets_) big += sum_of_squares(bucket.flat);
+    monitor_->big_sq = big;
+    monitor_->measured = true;
+  }
+  if (!apply) return;
   ::torch::NoGradGuard no_grad;
   for (std::size_t i = 0; i < parameters_.size(); ++i) {
     ::torch::Tensor& p = parameters_[i];
@@ -473,7 +539,23 @@ void DistributedOptimizer::finish_gradients() {
   }
 }
 
+// Model averaging, on the steps that sample the global gradient: this worker's gradients into the buckets.
+void DistributedOptimizer::fill_buckets_from_gradients() {
+  for (std::size_t i = 0; i < parameters_.size(); ++i) {
+    const ::torch::Tensor region = buckets_[slots_[i].bucket].flat.narrow(0, slots_[i].offset, slots_[i].numel);
+    const ::torch::Tensor& grad = parameters_[i].grad();
+    if (grad.defined()) {
+      region.copy_(grad.reshape(-1));
+      monitor_->local_sq += sum_of_squares(region);
+    } else {
+      region.zero_();
+    }
+    slots_[i].ready = true;
+  }
+}
+
 void DistributedOptimizer::reset_step() {
+  monitor_->launched = false;
   for (auto& slot : slots_) slot.ready = false;
   for (auto& bucket : buckets_) {
     bucket.pending = bucket.slots.size();
@@ -481,7 +563,16 @@ void DistributedOptimizer::reset_step() {
   }
 }
 
-void DistributedOptimizer::step() {
+void DistributedOptimizer::step() { step(monitor_->batch_size); }
+
+void DistributedOptimizer::set_batch_size(std::int64_t batch_size) {
+  if (batch_size < 1) throw ConfigError(str_cat("DistributedOptimizer: batch size ", batch_size, " must be >= 1"));
+  monitor_->batch_size = batch_size;
+  metrics_.batch_size = batch_size;
+}
+
+void DistributedOptimizer::step(std::int64_t samples) {
+  monitor_->entry = Monitor::Clock::now();
   if (second_backward_) {
     second_backward_ = false;
     wait_launched();
@@ -497,30 +588,88 @@ void DistributedOptimizer::step() {
     reset_step();
     throw ConfigError(str_cat("DistributedOptimizer: ", error));
   }
-  switch (strategy_) {
-    case Strategy::synchronous_sgd:
-      if (peer_.size() > 1) {
-        try {
-          finish_gradients();
-        } catch (...) {
-          wait_launched();
-          reset_step();
-          throw;
-        }
-        reset_step();
-      }
-      optimizer_.step();
-      break;
-    case Strategy::synchronous_averaging:
-      optimizer_.step();
-      average_models();
-      break;
-    case Strategy::pair_averaging:
-      optimizer_.step();
-      pair_step();
-      break;
+  const bool distributed = peer_.size() > 1;
+  // Under model averaging, some steps also allreduce the gradients, only to measure them.
+  const bool sample_gradients = distributed && options_.monitor && strategy_ != Strategy::synchronous_sgd &&
+                                options_.gradient_sample_interval > 0 &&
+                                steps_ % options_.gradient_sample_interval == 0;
+  try {
+    if (strategy_ == Strategy::synchronous_sgd && distributed) finish_gradients(true);
+    if (sample_gradients) {
+      fill_buckets_from_gradients();
+      finish_gradients(false);
+    }
+  } catch (...) {
+    wait_launched();
+    reset_step();
+    throw;
   }
+  reset_step();
+  optimizer_.step();
+  if (strategy_ == Strategy::synchronous_averaging) average_models();
+  if (strategy_ == Strategy::pair_averaging) pair_step();
   ++steps_;
+  if (options_.monitor) {
+    monitor_->values[Monitor::kSamples] = static_cast<double>(samples);
+    launch_metrics(seconds_between(monitor_->last_step_end, Monitor::Clock::now()));
+  }
+  monitor_->last_step_end = Monitor::Clock::now();
+}
+
+// Publishes this step's values (the allreduce completes during the next step) and folds in the previous step's.
+void DistributedOptimizer::launch_metrics(double step_seconds) {
+  Monitor& m = *monitor_;
+  absorb_metrics();
+  m.values[Monitor::kLocalSq] = m.measured ? m.local_sq : 0.0;
+  m.values[Monitor::kMeasured] = m.measured ? 1.0 : 0.0;
+  m.values[Monitor::kCompute] = seconds_between(m.last_step_end, m.entry);
+  m.values[Monitor::kWait] = m.wait;
+  m.values[Monitor::kCommunication] = m.communication;
+  m.values[Monitor::kStep] = step_seconds;
+  m.pending_measured = m.measured;
+  m.pending_big_sq = m.big_sq;
+  m.local_sq = m.big_sq = m.wait = m.communication = 0;
+  m.measured = false;
+  if (peer_.size() > 1) {
+    m.work = peer_.allreduce_async(std::span<double>(m.values), ReduceOp::sum, str_cat(kPrefix, "metrics"));
+  }
+  m.pending = true;
+  metrics_.step = steps_;
+  metrics_.lr = lr();
+  metrics_.strategy = strategy_name(strategy_);
+  metrics_.topology = topology_name(peer_.topology());
+  metrics_.workers = peer_.size();
+  if (peer_.size() == 1) absorb_metrics();
+}
+
+void DistributedOptimizer::absorb_metrics() {
+  Monitor& m = *monitor_;
+  if (!m.pending) return;
+  m.pending = false;
+  m.work.wait();
+  const auto& v = m.values;
+  const double n = peer_.size();
+  const double samples = v[Monitor::kSamples];
+  metrics_.global_batch_size = static_cast<std::int64_t>(samples);
+  metrics_.step_seconds = v[Monitor::kStep] / n;
+  metrics_.compute_seconds = v[Monitor::kCompute] / n;
+  metrics_.wait_seconds = v[Monitor::kWait] / n;
+  metrics_.communication_seconds = v[Monitor::kCommunication] / n;
+  metrics_.samples_per_second = metrics_.step_seconds > 0 ? samples / metrics_.step_seconds : TrainingMetrics::kUnknown;
+  metrics_.allreduce_bytes_per_second = metrics_.communication_seconds > 0
+                                            ? static_cast<double>(m.gradient_bytes) / metrics_.communication_seconds
+                                            : TrainingMetrics::kUnknown;
+  // Every worker measured its gradient in the same steps (the choice depends only on the step and the strategy).
+  if (m.pending_measured && v[Monitor::kMeasured] == n) {
+    const double small_sq = v[Monitor::kLocalSq] / n;
+    const double big_sq = m.pending_big_sq;
+    m.noise.update(samples / n, samples, small_sq, big_sq);
+    metrics_.gradient_variance = std::max(0.0, small_sq - big_sq);
+    metrics_.snr = metrics_.gradient_variance > 0 ? big_sq / metrics_.gradient_variance : TrainingMetrics::kUnknown;
+    metrics_.noise_scale = m.noise.noise_scale();
+    metrics_.gradient_sq_norm = m.noise.gradient_sq_norm();
+    metrics_.gradient_noise_trace = m.noise.noise_trace();
+  }
 }
 
 void DistributedOptimizer::copy_parameters_into_buckets() {
@@ -542,7 +691,9 @@ void DistributedOptimizer::average_models() {
   copy_parameters_into_buckets();
   for (auto& bucket : buckets_) launch(bucket, "model");
   try {
+    const auto before = Monitor::Clock::now();
     for (auto& bucket : buckets_) bucket.work.wait();
+    monitor_->wait += seconds_between(before, Monitor::Clock::now());
   } catch (...) {
     wait_launched();
     reset_step();
@@ -618,11 +769,14 @@ void DistributedOptimizer::set_strategy(Strategy strategy) {
     broadcast_optimizer_state(peer_, optimizer_, 0);
   }
   strategy_ = strategy;
+  metrics_.strategy = strategy_name(strategy_);
   if (strategy_ == Strategy::pair_averaging) publish_model(true);
 }
 
 void DistributedOptimizer::set_lr(double lr) {
+  if (!(lr > 0) || !std::isfinite(lr)) throw ConfigError(str_cat("DistributedOptimizer: learning rate ", lr, " must be positive"));
   for (auto& group : optimizer_.param_groups()) group.options().set_lr(lr);
+  metrics_.lr = lr;
 }
 
 double DistributedOptimizer::lr() const {

@@ -1,0 +1,119 @@
+// Training metrics: the noise-scale estimator and the export formats (include/aikido/metrics.hpp).
+#include <aikido/errors.hpp>
+#include <aikido/metrics.hpp>
+#include <cstdio>
+#include <sstream>
+#include <utility>
+#include <vector>
+
+namespace aikido {
+
+namespace {
+
+struct Field {
+  const char* name;
+  const char* help;
+  double value;
+};
+
+std::vector<Field> numeric_fields(const TrainingMetrics& m) {
+  return {
+      {"step", "steps completed", static_cast<double>(m.step)},
+      {"epoch", "current epoch", static_cast<double>(m.epoch)},
+      {"workers", "workers in the cluster", static_cast<double>(m.workers)},
+      {"batch_size", "samples per step on each worker", static_cast<double>(m.batch_size)},
+      {"global_batch_size", "samples per step on all workers", static_cast<double>(m.global_batch_size)},
+      {"lr", "learning rate", m.lr},
+      {"noise_scale", "gradient noise scale B_simple", m.noise_scale},
+      {"gradient_sq_norm", "moving average of the estimated squared norm of the true gradient", m.gradient_sq_norm},
+      {"gradient_noise_trace", "moving average of the estimated trace of the gradient covariance",
+       m.gradient_noise_trace},
+      {"gradient_variance", "mean squared distance of the workers' gradients from their mean", m.gradient_variance},
+      {"snr", "gradient signal-to-noise ratio across workers", m.snr},
+      {"samples_per_second", "training throughput of all workers", m.samples_per_second},
+      {"step_seconds", "time of one step", m.step_seconds},
+      {"compute_seconds", "time of a step outside the optimizer (forward, backward, data)", m.compute_seconds},
+      {"communication_seconds", "time from the first gradient collective's start to the last one's end",
+       m.communication_seconds},
+      {"wait_seconds", "time of a step blocked waiting for communication", m.wait_seconds},
+      {"allreduce_bytes_per_second", "gradient bytes allreduced per second of communication",
+       m.allreduce_bytes_per_second},
+  };
+}
+
+std::string number(double v) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, "%.9g", v);
+  return buffer;
+}
+
+std::string quoted(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) continue;
+    out += c;
+  }
+  return out + "\"";
+}
+
+}  // namespace
+
+std::string to_prometheus(const TrainingMetrics& m, int rank, bool with_help) {
+  std::ostringstream os;
+  const std::string labels = "{rank=\"" + std::to_string(rank) + "\"}";
+  for (const auto& f : numeric_fields(m)) {
+    if (!TrainingMetrics::known(f.value)) continue;
+    if (with_help) os << "# HELP aikido_" << f.name << " " << f.help << "\n# TYPE aikido_" << f.name << " gauge\n";
+    os << "aikido_" << f.name << labels << " " << number(f.value) << "\n";
+  }
+  if (!m.strategy.empty() || !m.topology.empty()) {
+    if (with_help) os << "# HELP aikido_info strategy and topology in use\n# TYPE aikido_info gauge\n";
+    os << "aikido_info{rank=\"" << rank << "\",strategy=" << quoted(m.strategy) << ",topology=" << quoted(m.topology)
+       << "} 1\n";
+  }
+  return os.str();
+}
+
+std::string to_json(const TrainingMetrics& m, int rank) {
+  std::ostringstream os;
+  os << "{\"rank\":" << rank;
+  for (const auto& f : numeric_fields(m)) {
+    os << ",\"" << f.name << "\":" << (TrainingMetrics::known(f.value) ? number(f.value) : "null");
+  }
+  os << ",\"strategy\":" << quoted(m.strategy) << ",\"topology\":" << quoted(m.topology) << "}";
+  return os.str();
+}
+
+NoiseScaleEstimator::NoiseScaleEstimator(double smoothing) : smoothing_(smoothing) {
+  if (!(smoothing > 0 && smoothing <= 1)) throw ConfigError("NoiseScaleEstimator: smoothing must be in (0, 1]");
+}
+
+void NoiseScaleEstimator::update(double b_small, double b_big, double small_sq_norm, double big_sq_norm) {
+  if (!(b_small > 0) || !(b_big > b_small) || !std::isfinite(small_sq_norm) || !std::isfinite(big_sq_norm)) return;
+  const double g2 = (b_big * big_sq_norm - b_small * small_sq_norm) / (b_big - b_small);
+  const double trace = (small_sq_norm - big_sq_norm) / (1.0 / b_small - 1.0 / b_big);
+  if (updates_ == 0) {
+    g2_ = g2;
+    trace_ = trace;
+  } else {
+    g2_ += smoothing_ * (g2 - g2_);
+    trace_ += smoothing_ * (trace - trace_);
+  }
+  ++updates_;
+}
+
+double NoiseScaleEstimator::noise_scale() const {
+  if (updates_ == 0 || !(g2_ > 0)) return TrainingMetrics::kUnknown;
+  return trace_ / g2_;
+}
+
+double NoiseScaleEstimator::gradient_sq_norm() const { return updates_ ? g2_ : TrainingMetrics::kUnknown; }
+double NoiseScaleEstimator::noise_trace() const { return updates_ ? trace_ : TrainingMetrics::kUnknown; }
+
+void NoiseScaleEstimator::reset() {
+  g2_ = trace_ = 0;
+  updates_ = 0;
+}
+
+}  // namespace aikido

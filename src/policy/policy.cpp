@@ -1,0 +1,355 @@
+// Policy registry, spec parsing and the built-in policies (include/aikido/policy.hpp).
+//
+// Built-in policies:
+//   adaptive-batch   grows the global batch toward the measured gradient noise scale and scales the learning rate
+//   strategy-switch  switches the synchronisation strategy at a step, an epoch or a noise-scale trigger; moves to
+//                    another topology when the measured allreduce throughput collapses (interference)
+//   schedule         changes learning rate, batch size, strategy or topology at given steps or epochs
+#include <aikido/errors.hpp>
+#include <aikido/policy.hpp>
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <optional>
+
+#include "base/error.hpp"
+
+namespace aikido {
+
+using detail::str_cat;
+
+const char* strategy_name(Strategy strategy) {
+  switch (strategy) {
+    case Strategy::synchronous_sgd:
+      return "synchronous_sgd";
+    case Strategy::synchronous_averaging:
+      return "synchronous_averaging";
+    case Strategy::pair_averaging:
+      return "pair_averaging";
+  }
+  return "unknown";
+}
+
+Strategy parse_strategy(std::string_view name) {
+  if (name == "ssgd" || name == "synchronous_sgd") return Strategy::synchronous_sgd;
+  if (name == "sma" || name == "synchronous_averaging") return Strategy::synchronous_averaging;
+  if (name == "pair" || name == "pair_averaging") return Strategy::pair_averaging;
+  throw ConfigError(str_cat("unknown strategy '", name,
+                            "': use ssgd (synchronous_sgd), sma (synchronous_averaging) or pair (pair_averaging)"));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Options and specs
+
+namespace {
+
+const std::string* find_option(const PolicyOptions& options, const std::string& key) {
+  auto it = options.find(key);
+  return it == options.end() ? nullptr : &it->second;
+}
+
+}  // namespace
+
+double option_double(const PolicyOptions& options, const std::string& key, double fallback) {
+  const std::string* v = find_option(options, key);
+  if (v == nullptr) return fallback;
+  try {
+    std::size_t used = 0;
+    const double d = std::stod(*v, &used);
+    if (used == v->size() && std::isfinite(d)) return d;
+  } catch (const std::exception&) {
+  }
+  throw ConfigError(str_cat("policy option ", key, "='", *v, "' is not a number"));
+}
+
+std::int64_t option_int(const PolicyOptions& options, const std::string& key, std::int64_t fallback) {
+  const std::string* v = find_option(options, key);
+  if (v == nullptr) return fallback;
+  try {
+    std::size_t used = 0;
+    const long long i = std::stoll(*v, &used);
+    if (used == v->size()) return i;
+  } catch (const std::exception&) {
+  }
+  throw ConfigError(str_cat("policy option ", key, "='", *v, "' is not an integer"));
+}
+
+std::string option_string(const PolicyOptions& options, const std::string& key, const std::string& fallback) {
+  const std::string* v = find_option(options, key);
+  return v == nullptr ? fallback : *v;
+}
+
+PolicySpec PolicySpec::parse(std::string_view spec) {
+  PolicySpec result;
+  const auto colon = spec.find(':');
+  result.name = std::string(spec.substr(0, colon));
+  if (result.name.empty()) throw ConfigError(str_cat("policy spec '", spec, "' has no name: use NAME[:key=value,...]"));
+  if (colon == std::string_view::npos) return result;
+  std::string_view rest = spec.substr(colon + 1);
+  while (!rest.empty()) {
+    const auto comma = rest.find(',');
+    const std::string_view item = rest.substr(0, comma);
+    const auto eq = item.find('=');
+    if (eq == std::string_view::npos || eq == 0) {
+      throw ConfigError(str_cat("policy spec '", spec, "': '", item, "' is not key=value"));
+    }
+    result.options[std::string(item.substr(0, eq))] = std::string(item.substr(eq + 1));
+    if (comma == std::string_view::npos) break;
+    rest.remove_prefix(comma + 1);
+  }
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Registry
+
+namespace {
+
+struct Registry {
+  std::mutex mutex;
+  std::map<std::string, PolicyFactory> factories;
+};
+
+Registry& registry();
+
+void require_known_keys(const std::string& policy, const PolicyOptions& options,
+                        std::initializer_list<const char*> known) {
+  for (const auto& [key, value] : options) {
+    if (std::find_if(known.begin(), known.end(), [&](const char* k) { return key == k; }) == known.end()) {
+      std::string list;
+      for (const char* k : known) list += str_cat(list.empty() ? "" : ", ", k);
+      throw ConfigError(str_cat("policy ", policy, ": unknown option '", key, "' (known: ", list, ")"));
+    }
+  }
+}
+
+std::int64_t round_to_power_of_two(double x) {
+  if (!(x >= 1)) return 1;
+  return std::int64_t(1) << static_cast<int>(std::lround(std::log2(x)));
+}
+
+// adaptive-batch: every `interval` steps after `warmup`, moves the per-worker batch toward noise_scale / workers
+// (rounded to a power of two, within [min, max], growing only and at most doubling per decision) and sets the
+// learning rate by `rule`: linear (lr0 * B / B0), sqrt (lr0 * sqrt(B / B0)) or adascale (lr0 times AdaScale's
+// gain ratio (s2 + g2) / (s2 / S + g2), S = B / B0, s2 the gradient variance at batch B0, g2 = |G|^2).
+class AdaptiveBatch : public Policy {
+ public:
+  explicit AdaptiveBatch(const PolicyOptions& o)
+      : min_(option_int(o, "min", 0)), max_(option_int(o, "max", 1024)), interval_(option_int(o, "interval", 50)),
+        warmup_(option_int(o, "warmup", 50)), rule_(option_string(o, "rule", "sqrt")) {
+    require_known_keys("adaptive-batch", o, {"min", "max", "interval", "warmup", "rule"});
+    if (rule_ != "linear" && rule_ != "sqrt" && rule_ != "adascale") {
+      throw ConfigError(str_cat("policy adaptive-batch: rule '", rule_, "' is not linear, sqrt or adascale"));
+    }
+    if (max_ < 1 || min_ < 0 || (min_ > 0 && min_ > max_) || interval_ < 1 || warmup_ < 0) {
+      throw ConfigError("policy adaptive-batch: need 1 <= min <= max, interval >= 1, warmup >= 0");
+    }
+  }
+  std::string name() const override { return "adaptive-batch"; }
+
+  void before_train(PolicyContext& c) override {
+    base_batch_ = c.metrics().batch_size;
+    base_lr_ = c.metrics().lr;
+    if (min_ == 0) min_ = base_batch_;
+  }
+
+  void after_step(PolicyContext& c) override {
+    const TrainingMetrics& m = c.metrics();
+    if (m.step < warmup_ || m.step % interval_ != 0 || !TrainingMetrics::known(m.noise_scale)) return;
+    const std::int64_t current = m.batch_size;
+    std::int64_t target = round_to_power_of_two(m.noise_scale / std::max(1, m.workers));
+    target = std::clamp(target, std::max<std::int64_t>(1, min_), max_);
+    target = std::min(target, current * 2);
+    const std::int64_t next = std::max(target, current);
+    if (next != current) c.set_batch_size(next);
+    const double scale = static_cast<double>(next) / static_cast<double>(base_batch_);
+    if (!TrainingMetrics::known(base_lr_)) return;
+    if (rule_ == "linear") {
+      if (next != current) c.set_lr(base_lr_ * scale);
+    } else if (rule_ == "sqrt") {
+      if (next != current) c.set_lr(base_lr_ * std::sqrt(scale));
+    } else if (TrainingMetrics::known(m.gradient_noise_trace) && TrainingMetrics::known(m.gradient_sq_norm) &&
+               m.gradient_sq_norm > 0) {
+      const double s2 = m.gradient_noise_trace / static_cast<double>(base_batch_ * std::max(1, m.workers));
+      const double gain = (s2 + m.gradient_sq_norm) / (s2 / scale + m.gradient_sq_norm);
+      c.set_lr(base_lr_ * std::clamp(gain, 1.0, scale));
+    }
+  }
+
+ private:
+  std::int64_t min_, max_, interval_, warmup_;
+  std::string rule_;
+  std::int64_t base_batch_ = 1;
+  double base_lr_ = TrainingMetrics::kUnknown;
+};
+
+// strategy-switch: switches to `to` (default ssgd) once, at `step`, at the start of `epoch`, or when the noise scale
+// reaches `noise_scale`. With `fallback_topology`, also watches the allreduce throughput: its mean over the first
+// `reference_steps` measured steps is the reference, and after `patience` consecutive steps below `min_fraction`
+// of it the topology switches to the fallback (once; KungFu's interference policy).
+class StrategySwitch : public Policy {
+ public:
+  explicit StrategySwitch(const PolicyOptions& o)
+      : to_(parse_strategy(option_string(o, "to", "ssgd"))), step_(option_int(o, "step", -1)),
+        epoch_(option_int(o, "epoch", -1)), noise_scale_(option_double(o, "noise_scale", -1)),
+        min_fraction_(option_double(o, "min_fraction", 0.5)), reference_steps_(option_int(o, "reference_steps", 20)),
+        patience_(option_int(o, "patience", 10)) {
+    require_known_keys("strategy-switch", o,
+                       {"to", "step", "epoch", "noise_scale", "fallback_topology", "min_fraction", "reference_steps",
+                        "patience"});
+    if (const auto t = option_string(o, "fallback_topology", ""); !t.empty()) fallback_ = parse_topology(t);
+    if (step_ < 0 && epoch_ < 0 && noise_scale_ < 0 && !fallback_) {
+      throw ConfigError(
+          "policy strategy-switch needs a trigger: step=N, epoch=N, noise_scale=X or fallback_topology=T");
+    }
+  }
+  std::string name() const override { return "strategy-switch"; }
+
+  void before_epoch(PolicyContext& c) override {
+    if (!switched_ && epoch_ >= 0 && c.metrics().epoch >= epoch_) switch_now(c);
+  }
+
+  void after_step(PolicyContext& c) override {
+    const TrainingMetrics& m = c.metrics();
+    if (!switched_ && ((step_ >= 0 && m.step >= step_) ||
+                       (noise_scale_ >= 0 && TrainingMetrics::known(m.noise_scale) && m.noise_scale >= noise_scale_))) {
+      switch_now(c);
+    }
+    if (fallback_ && !moved_ && TrainingMetrics::known(m.allreduce_bytes_per_second)) {
+      if (measured_ < reference_steps_) {
+        reference_ += m.allreduce_bytes_per_second / static_cast<double>(reference_steps_);
+        ++measured_;
+      } else if (m.allreduce_bytes_per_second < min_fraction_ * reference_) {
+        if (++below_ >= patience_) {
+          c.set_topology(*fallback_);
+          moved_ = true;
+        }
+      } else {
+        below_ = 0;
+      }
+    }
+  }
+
+ private:
+  void switch_now(PolicyContext& c) {
+    c.set_strategy(to_);
+    switched_ = true;
+  }
+  Strategy to_;
+  std::int64_t step_, epoch_;
+  double noise_scale_, min_fraction_;
+  std::int64_t reference_steps_, patience_;
+  std::optional<Topology> fallback_;
+  bool switched_ = false, moved_ = false;
+  double reference_ = 0;
+  std::int64_t measured_ = 0, below_ = 0;
+};
+
+// schedule: options "<action>@<step|epoch><N>=<value>", for example lr@epoch2=0.01, batch@step500=128,
+// strategy@epoch1=ssgd, topology@step100=tree, stop@epoch5=1. Epoch triggers act when that epoch starts, step triggers
+// after that step.
+class Schedule : public Policy {
+ public:
+  explicit Schedule(const PolicyOptions& o) {
+    for (const auto& [key, value] : o) {
+      const auto at = key.find('@');
+      Change change;
+      change.action = key.substr(0, at);
+      const std::string when = at == std::string::npos ? "" : key.substr(at + 1);
+      const auto digits = when.find_first_of("0123456789");
+      const std::string unit = when.substr(0, digits);
+      if (at == std::string::npos || digits == std::string::npos || (unit != "step" && unit != "epoch")) {
+        throw ConfigError(str_cat("policy schedule: '", key, "' is not ACTION@stepN or ACTION@epochN"));
+      }
+      change.by_epoch = unit == "epoch";
+      change.at = option_int({{key, when.substr(digits)}}, key, 0);
+      change.value = value;
+      if (change.action == "lr") {
+        option_double({{key, value}}, key, 0);
+      } else if (change.action == "batch") {
+        if (option_int({{key, value}}, key, 0) < 1) throw ConfigError(str_cat("policy schedule: ", key, " must be >= 1"));
+      } else if (change.action == "strategy") {
+        parse_strategy(value);
+      } else if (change.action == "topology") {
+        parse_topology(value);
+      } else if (change.action != "stop") {
+        throw ConfigError(str_cat("policy schedule: unknown action '", change.action,
+                                  "' (known: lr, batch, strategy, topology, stop)"));
+      }
+      changes_.push_back(change);
+    }
+    if (changes_.empty()) throw ConfigError("policy schedule needs at least one change, e.g. schedule:lr@epoch2=0.01");
+  }
+  std::string name() const override { return "schedule"; }
+  void before_epoch(PolicyContext& c) override { apply(c, true, c.metrics().epoch); }
+  void after_step(PolicyContext& c) override { apply(c, false, c.metrics().step); }
+
+ private:
+  struct Change {
+    std::string action, value;
+    bool by_epoch = false;
+    std::int64_t at = 0;
+  };
+  void apply(PolicyContext& c, bool by_epoch, std::int64_t now) {
+    for (const auto& ch : changes_) {
+      if (ch.by_epoch != by_epoch || ch.at != now) continue;
+      if (ch.action == "lr") c.set_lr(std::stod(ch.value));
+      if (ch.action == "batch") c.set_batch_size(std::stoll(ch.value));
+      if (ch.action == "strategy") c.set_strategy(parse_strategy(ch.value));
+      if (ch.action == "topology") c.set_topology(parse_topology(ch.value));
+      if (ch.action == "stop") c.stop(str_cat("schedule: stop at ", by_epoch ? "epoch " : "step ", now));
+    }
+  }
+  std::vector<Change> changes_;
+};
+
+Registry& registry() {
+  static Registry* r = [] {
+    auto* reg = new Registry;
+    reg->factories["adaptive-batch"] = [](const PolicyOptions& o) { return std::make_unique<AdaptiveBatch>(o); };
+    reg->factories["strategy-switch"] = [](const PolicyOptions& o) { return std::make_unique<StrategySwitch>(o); };
+    reg->factories["schedule"] = [](const PolicyOptions& o) { return std::make_unique<Schedule>(o); };
+    return reg;
+  }();
+  return *r;
+}
+
+}  // namespace
+
+void register_policy(const std::string& name, PolicyFactory factory) {
+  if (name.empty() || name.find_first_of(":,=") != std::string::npos) {
+    throw ConfigError(str_cat("policy name '", name, "' must be non-empty without ':', ',' or '='"));
+  }
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  r.factories[name] = std::move(factory);
+}
+
+std::vector<std::string> policy_names() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  std::vector<std::string> names;
+  for (const auto& [name, factory] : r.factories) names.push_back(name);
+  return names;
+}
+
+std::unique_ptr<Policy> make_policy(std::string_view spec) {
+  const PolicySpec parsed = PolicySpec::parse(spec);
+  PolicyFactory factory;
+  {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    auto it = r.factories.find(parsed.name);
+    if (it != r.factories.end()) factory = it->second;
+  }
+  if (!factory) {
+    std::string known;
+    for (const auto& n : policy_names()) known += str_cat(known.empty() ? "" : ", ", n);
+    throw ConfigError(str_cat("unknown policy '", parsed.name, "' (known: ", known, ")"));
+  }
+  auto policy = factory(parsed.options);
+  if (!policy) throw ConfigError(str_cat("policy '", parsed.name, "': its factory returned nothing"));
+  return policy;
+}
+
+}  // namespace aikido

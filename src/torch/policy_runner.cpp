@@ -1,0 +1,116 @@
+// PolicyRunner (include/aikido/torch.hpp): calls the policies' hooks and applies their actions on every worker alike.
+#include <aikido/torch.hpp>
+
+#include <cstring>
+#include <optional>
+
+#include "base/error.hpp"
+
+namespace aikido::torch {
+
+using detail::str_cat;
+
+// The actions requested during one hook call; applied when every policy of the hook has run.
+class PolicyRunner::Context : public PolicyContext {
+ public:
+  explicit Context(const TrainingMetrics& metrics) : metrics_(metrics) {}
+  const TrainingMetrics& metrics() const override { return metrics_; }
+  void set_batch_size(std::int64_t batch_size) override {
+    if (batch_size < 1) throw ConfigError(str_cat("set_batch_size(", batch_size, "): the batch size must be >= 1"));
+    batch_size_ = batch_size;
+  }
+  void set_lr(double lr) override {
+    if (!(lr > 0) || !std::isfinite(lr)) throw ConfigError(str_cat("set_lr(", lr, "): the learning rate must be positive"));
+    lr_ = lr;
+  }
+  void set_strategy(Strategy strategy) override { strategy_ = strategy; }
+  void set_topology(Topology topology) override { topology_ = topology; }
+  void request_resize(int workers) override {
+    throw ConfigError(str_cat("request_resize(", workers,
+                              "): resizing a running cluster is not available in this version; start the job with "
+                              "the number of workers you need"));
+  }
+  void stop(std::string reason) override { stop_ = std::move(reason); }
+
+  bool any() const { return batch_size_ || lr_ || strategy_ || topology_ || stop_; }
+  // Everything requested, as bytes that must be equal on every worker.
+  std::string digest(std::int64_t step, const char* hook) const {
+    std::string d = str_cat(hook, "@", step, ";");
+    if (batch_size_) d += str_cat("batch=", *batch_size_, ";");
+    if (lr_) {
+      char bits[sizeof(double)];
+      std::memcpy(bits, &*lr_, sizeof bits);
+      d += "lr=" + std::string(bits, sizeof bits) + ";";
+    }
+    if (strategy_) d += str_cat("strategy=", strategy_name(*strategy_), ";");
+    if (topology_) d += str_cat("topology=", topology_name(*topology_), ";");
+    if (stop_) d += "stop;";
+    return d;
+  }
+
+  const TrainingMetrics& metrics_;
+  std::optional<std::int64_t> batch_size_;
+  std::optional<double> lr_;
+  std::optional<Strategy> strategy_;
+  std::optional<Topology> topology_;
+  std::optional<std::string> stop_;
+};
+
+PolicyRunner::PolicyRunner(DistributedOptimizer& optimizer, std::int64_t batch_size,
+                           std::vector<std::unique_ptr<Policy>> policies)
+    : optimizer_(optimizer), batch_size_(batch_size), policies_(std::move(policies)) {
+  optimizer_.set_batch_size(batch_size);
+}
+
+PolicyRunner::~PolicyRunner() = default;
+
+std::vector<std::unique_ptr<Policy>> PolicyRunner::make(const std::vector<std::string>& specs) {
+  std::vector<std::unique_ptr<Policy>> policies;
+  for (const auto& spec : specs) policies.push_back(make_policy(spec));
+  return policies;
+}
+
+void PolicyRunner::before_train() { run("before_train", &Policy::before_train); }
+
+void PolicyRunner::before_epoch(std::int64_t epoch) {
+  optimizer_.set_epoch(epoch);
+  run("before_epoch", &Policy::before_epoch);
+}
+
+void PolicyRunner::after_step() { run("after_step", &Policy::after_step); }
+void PolicyRunner::after_epoch() { run("after_epoch", &Policy::after_epoch); }
+void PolicyRunner::after_train() { run("after_train", &Policy::after_train); }
+
+void PolicyRunner::run(const char* hook, void (Policy::*method)(PolicyContext&)) {
+  if (policies_.empty()) return;
+  const TrainingMetrics& metrics = optimizer_.metrics();
+  Context context(metrics);
+  for (auto& policy : policies_) {
+    try {
+      ((*policy).*method)(context);
+    } catch (const std::exception& e) {
+      throw Error(str_cat("policy '", policy->name(), "' failed in ", hook, " at step ", metrics.step, ": ", e.what()));
+    }
+  }
+  if (!context.any()) return;
+  Peer& peer = optimizer_.peer();
+  const std::string digest = context.digest(metrics.step, hook);
+  if (!peer.consensus(std::span<const std::byte>(reinterpret_cast<const std::byte*>(digest.data()), digest.size()),
+                      "aikido.torch/policy")) {
+    throw MismatchError(str_cat("policies decided differently on different workers in ", hook, " at step ",
+                                metrics.step, " (policies must decide from the metrics only)"));
+  }
+  if (context.batch_size_) {
+    batch_size_ = *context.batch_size_;
+    optimizer_.set_batch_size(batch_size_);
+  }
+  if (context.lr_) optimizer_.set_lr(*context.lr_);
+  if (context.strategy_ && *context.strategy_ != optimizer_.strategy()) optimizer_.set_strategy(*context.strategy_);
+  if (context.topology_ && *context.topology_ != peer.topology()) peer.set_topology(*context.topology_);
+  if (context.stop_) {
+    stopped_ = true;
+    stop_reason_ = *context.stop_;
+  }
+}
+
+}  // namespace aikido::torch
