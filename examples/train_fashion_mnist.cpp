@@ -94,6 +94,8 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 1;
   int threads = 0;
   bool skip_communication = false;
+  std::vector<std::string> policies;
+  std::string monitor = "on";
   app.add_option("--model", model_kind, "mlp (784-512-256-10) or cnn (two 5x5 conv layers)")
       ->check(CLI::IsMember({"mlp", "cnn"}))
       ->capture_default_str();
@@ -114,6 +116,12 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--max-steps", max_steps, "stop each epoch after this many steps (0: the whole epoch)")
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--policy", policies,
+                 "adaptation policy NAME[:key=value,...] (repeatable): adaptive-batch, strategy-switch, schedule, or "
+                 "one registered by the program");
+  app.add_option("--monitor", monitor, "gradient statistics and timing inside the step: on or off")
+      ->check(CLI::IsMember({"on", "off"}))
+      ->capture_default_str();
   app.add_flag("--skip-communication", skip_communication,
                "benchmarks only: every worker trains alone on its shard, without communication (the throughput "
                "ceiling of the same run)");
@@ -121,7 +129,8 @@ int main(int argc, char** argv) {
       "Each worker prints one JSON line per epoch with the keys epoch, rank, workers, cluster_version, samples (this "
       "worker's), global_samples (all workers'), seconds (training time of the epoch), train_loss (mean over all "
       "workers' samples), test_accuracy (0 to 1), samples_per_second (this worker's), global_samples_per_second, "
-      "batch_size (per worker), lr, strategy, model.");
+      "batch_size (per worker), lr, strategy, model; and the gradient statistics as they stand at the end of the epoch: "
+      "noise_scale, gradient_variance, snr (null until measured).");
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -140,18 +149,29 @@ int main(int argc, char** argv) {
     torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(lr).momentum(momentum));
     aikido::torch::broadcast_parameters(peer, model->named_parameters(), /*root=*/0);
     std::unique_ptr<aikido::torch::DistributedOptimizer> opt;
+    std::unique_ptr<aikido::torch::PolicyRunner> runner;
     if (!skip_communication) {
-      opt = std::make_unique<aikido::torch::DistributedOptimizer>(peer, sgd, model->named_parameters(), strategy);
+      aikido::torch::DistributedOptimizerOptions options;
+      options.monitor = monitor == "on";
+      options.seed = seed;
+      opt = std::make_unique<aikido::torch::DistributedOptimizer>(peer, sgd, model->named_parameters(), strategy,
+                                                                  options);
+      runner = std::make_unique<aikido::torch::PolicyRunner>(*opt, batch_size,
+                                                             aikido::torch::PolicyRunner::make(policies));
+      runner->before_train();
+    } else if (!policies.empty()) {
+      throw aikido::ConfigError("--policy needs communication: drop --skip-communication");
     }
     aikido::torch::DistributedSampler sampler(static_cast<std::size_t>(train.images.size(0)), peer, seed);
 
     for (int epoch = 0; epoch < epochs; ++epoch) {
       sampler.set_epoch(epoch);
+      if (runner) runner->before_epoch(epoch);
       model->train();
       double loss_sum = 0;
       std::int64_t samples = 0, steps = 0;
       const auto start = std::chrono::steady_clock::now();
-      while (auto batch = sampler.next_batch(static_cast<std::size_t>(batch_size))) {
+      while (auto batch = sampler.next_batch(static_cast<std::size_t>(runner ? runner->batch_size() : batch_size))) {
         if (max_steps > 0 && steps == max_steps) break;
         ++steps;
         if (opt) {
@@ -168,11 +188,14 @@ int main(int argc, char** argv) {
           samples += static_cast<std::int64_t>(batch->size());
         }
         if (opt) {
-          opt->step();
+          opt->step(static_cast<std::int64_t>(batch->size()));
+          runner->after_step();
+          if (runner->stopped()) break;
         } else {
           sgd.step();
         }
       }
+      if (runner) runner->after_epoch();
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
       // Test accuracy: each worker evaluates its share of the test set; the counts are summed.
@@ -205,12 +228,24 @@ int main(int argc, char** argv) {
       line["test_accuracy"] = totals[0] / static_cast<double>(test.images.size(0));
       line["samples_per_second"] = seconds > 0 ? static_cast<double>(samples) / seconds : 0.0;
       line["global_samples_per_second"] = slowest[0] > 0 ? totals[2] / slowest[0] : 0.0;
-      line["batch_size"] = batch_size;
+      line["batch_size"] = runner ? runner->batch_size() : batch_size;
       line["lr"] = opt ? opt->lr() : lr;
-      line["strategy"] = skip_communication ? "none" : aikido::torch::strategy_name(strategy);
+      const auto statistic = [&](double v) { return aikido::TrainingMetrics::known(v) ? nlohmann::json(v) : nlohmann::json(); };
+      const aikido::TrainingMetrics none;
+      const aikido::TrainingMetrics& metrics = opt ? opt->metrics() : none;
+      line["noise_scale"] = statistic(metrics.noise_scale);
+      line["gradient_variance"] = statistic(metrics.gradient_variance);
+      line["snr"] = statistic(metrics.snr);
+      line["steps"] = opt ? opt->steps() : 0;
+      line["strategy"] = opt ? aikido::torch::strategy_name(opt->strategy()) : "none";
       line["model"] = model_kind;
       std::cout << line.dump() << std::endl;
+      if (runner && runner->stopped()) {
+        if (peer.rank() == 0) std::cerr << "train_fashion_mnist: stopped by policy: " << runner->stop_reason() << std::endl;
+        break;
+      }
     }
+    if (runner) runner->after_train();
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "train_fashion_mnist: " << e.what() << std::endl;

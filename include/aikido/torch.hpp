@@ -137,7 +137,7 @@ class DistributedOptimizer {
   void finish_gradients(bool apply);
   void fill_buckets_from_gradients();
   void reset_step();
-  void launch_metrics(double step_seconds);
+  void launch_metrics(double samples, double step_seconds);
   void absorb_metrics();
   void wait_launched() noexcept;
   void copy_parameters_into_buckets();

@@ -610,16 +610,16 @@ void DistributedOptimizer::step(std::int64_t samples) {
   if (strategy_ == Strategy::pair_averaging) pair_step();
   ++steps_;
   if (options_.monitor) {
-    monitor_->values[Monitor::kSamples] = static_cast<double>(samples);
-    launch_metrics(seconds_between(monitor_->last_step_end, Monitor::Clock::now()));
+    launch_metrics(static_cast<double>(samples), seconds_between(monitor_->last_step_end, Monitor::Clock::now()));
   }
   monitor_->last_step_end = Monitor::Clock::now();
 }
 
 // Publishes this step's values (the allreduce completes during the next step) and folds in the previous step's.
-void DistributedOptimizer::launch_metrics(double step_seconds) {
+void DistributedOptimizer::launch_metrics(double samples, double step_seconds) {
   Monitor& m = *monitor_;
-  absorb_metrics();
+  absorb_metrics();  // the buffer is free again
+  m.values[Monitor::kSamples] = samples;
   m.values[Monitor::kLocalSq] = m.measured ? m.local_sq : 0.0;
   m.values[Monitor::kMeasured] = m.measured ? 1.0 : 0.0;
   m.values[Monitor::kCompute] = seconds_between(m.last_step_end, m.entry);

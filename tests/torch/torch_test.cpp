@@ -472,3 +472,196 @@ TEST(TorchSampler, WorksWithTheLibTorchDataLoader) {
 
 }  // namespace
 }  // namespace aikido::test
+
+// ---------------------------------------------------------------------------------------------------------------
+// Monitoring and policies
+
+namespace aikido::test {
+namespace {
+
+TEST(TorchMonitor, GradientStatisticsAcrossWorkersAreExactAndEqual) {
+  // Rank r's gradient is the unit vector e_r: the mean is (1/2, 1/2, 0, 0), its squared norm 1/2, each worker's
+  // squared distance to it 1/2: variance 1/2, SNR 1.
+  std::vector<TrainingMetrics> seen(2);
+  run_cluster(2, base_config(), [&](Peer& peer) {
+    Tensor w = ::torch::zeros({4}, ::torch::requires_grad());
+    at::NamedParameters named;
+    named.insert("w", w);
+    ::torch::optim::SGD sgd({w}, ::torch::optim::SGDOptions(0.1));
+    at::DistributedOptimizer opt(peer, sgd, named, at::Strategy::synchronous_sgd);
+    Tensor x = ::torch::zeros({4});
+    x[peer.rank()] = 1.0;
+    for (int step = 0; step < 3; ++step) {
+      opt.zero_grad();
+      (w * x).sum().backward();
+      opt.step(4);
+    }
+    seen[peer.rank()] = opt.metrics();
+  });
+  for (const auto& m : seen) {
+    EXPECT_EQ(m.step, 3);
+    EXPECT_EQ(m.workers, 2);
+    EXPECT_EQ(m.global_batch_size, 8);
+    EXPECT_DOUBLE_EQ(m.gradient_variance, 0.5);
+    EXPECT_DOUBLE_EQ(m.snr, 1.0);
+    EXPECT_GT(m.samples_per_second, 0);
+    EXPECT_GE(m.step_seconds, m.compute_seconds);
+    EXPECT_GT(m.allreduce_bytes_per_second, 0);
+    EXPECT_EQ(m.strategy, "synchronous_sgd");
+  }
+  EXPECT_EQ(seen[0].samples_per_second, seen[1].samples_per_second) << "reduced values are equal on all workers";
+}
+
+TEST(TorchMonitor, ModelAveragingSamplesTheGradient) {
+  std::vector<TrainingMetrics> seen(2);
+  run_cluster(2, base_config(), [&](Peer& peer) {
+    Tensor w = ::torch::zeros({4}, ::torch::requires_grad());
+    at::NamedParameters named;
+    named.insert("w", w);
+    ::torch::optim::SGD sgd({w}, ::torch::optim::SGDOptions(0.1));
+    at::DistributedOptimizerOptions options;
+    options.gradient_sample_interval = 2;
+    at::DistributedOptimizer opt(peer, sgd, named, at::Strategy::synchronous_averaging, options);
+    Tensor x = ::torch::zeros({4});
+    x[peer.rank()] = 1.0;
+    for (int step = 0; step < 4; ++step) {
+      opt.zero_grad();
+      (w * x).sum().backward();
+      opt.step(4);
+    }
+    seen[peer.rank()] = opt.metrics();
+  });
+  for (const auto& m : seen) EXPECT_DOUBLE_EQ(m.gradient_variance, 0.5);
+}
+
+// Records what every worker saw after each step.
+struct Trace {
+  std::vector<std::string> rows;
+};
+
+class ThrowingPolicy : public Policy {
+ public:
+  std::string name() const override { return "thrower"; }
+  void after_step(PolicyContext& c) override {
+    if (c.metrics().step == 3) throw std::runtime_error("boom");
+  }
+};
+
+class RankDependentPolicy : public Policy {
+ public:
+  explicit RankDependentPolicy(int rank) : rank_(rank) {}
+  void after_step(PolicyContext& c) override {
+    if (c.metrics().step == 2) c.set_lr(0.01 * (rank_ + 1));
+  }
+
+ private:
+  int rank_;
+};
+
+class ResizePolicy : public Policy {
+ public:
+  std::string name() const override { return "resizer"; }
+  void after_epoch(PolicyContext& c) override { c.request_resize(4); }
+};
+
+// Trains the small MLP for `epochs` under `policies(rank)`; returns each rank's trace.
+std::vector<Trace> train_with_policies(int workers, int epochs,
+                                       const std::function<std::vector<std::unique_ptr<Policy>>(int)>& policies) {
+  const Data data = make_data(512);
+  std::vector<Trace> traces(workers);
+  run_cluster(workers, base_config(), [&](Peer& peer) {
+    nn::Sequential net = make_mlp(5);
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.05).momentum(0.9));
+    at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::synchronous_sgd);
+    at::PolicyRunner runner(opt, 8, policies(peer.rank()));
+    at::DistributedSampler sampler(512, peer, 1);
+    runner.before_train();
+    for (int epoch = 0; epoch < epochs && !runner.stopped(); ++epoch) {
+      sampler.set_epoch(epoch);
+      runner.before_epoch(epoch);
+      while (auto batch = sampler.next_batch(runner.batch_size())) {
+        opt.zero_grad();
+        if (!batch->empty()) loss_on(net, data, index_of(*batch)).backward();
+        opt.step(static_cast<std::int64_t>(batch->size()));
+        runner.after_step();
+        const auto& m = runner.metrics();
+        traces[peer.rank()].rows.push_back(
+            std::to_string(m.step) + " batch=" + std::to_string(runner.batch_size()) + " lr=" +
+            std::to_string(opt.lr()) + " " + at::strategy_name(opt.strategy()) + " " + topology_name(peer.topology()));
+        if (runner.stopped()) break;
+      }
+      runner.after_epoch();
+    }
+    runner.after_train();
+  });
+  return traces;
+}
+
+TEST(TorchPolicies, EveryWorkerTakesTheSameDecisionsAtTheSameStep) {
+  const auto traces = train_with_policies(3, 3, [](int) {
+    return at::PolicyRunner::make({"adaptive-batch:interval=5,warmup=5,max=32",
+                                   "schedule:strategy@step12=sma,topology@step15=tree,lr@step20=0.01,"
+                                   "strategy@epoch2=ssgd"});
+  });
+  ASSERT_FALSE(traces[0].rows.empty());
+  EXPECT_EQ(traces[1].rows, traces[0].rows);
+  EXPECT_EQ(traces[2].rows, traces[0].rows);
+  const auto has = [&](const std::string& text) {
+    return std::any_of(traces[0].rows.begin(), traces[0].rows.end(),
+                       [&](const std::string& r) { return r.find(text) != std::string::npos; });
+  };
+  EXPECT_TRUE(has("12 batch=") && has("synchronous_averaging tree")) << traces[0].rows[12];
+  EXPECT_TRUE(has("lr=0.010000"));
+  EXPECT_TRUE(has("synchronous_sgd tree"));
+}
+
+TEST(TorchPolicies, StopEndsTrainingOnAllWorkers) {
+  const auto traces = train_with_policies(2, 5, [](int) { return at::PolicyRunner::make({"schedule:stop@step7=1"}); });
+  for (const auto& t : traces) {
+    ASSERT_EQ(t.rows.size(), 7u);
+    EXPECT_EQ(t.rows.back().rfind("7 ", 0), 0u);
+  }
+}
+
+TEST(TorchPolicies, AThrowingPolicyStopsEveryWorkerWithAClearError) {
+  std::vector<std::string> errors(2);
+  std::mutex mutex;
+  try {
+    train_with_policies(2, 1, [](int) {
+      std::vector<std::unique_ptr<Policy>> p;
+      p.push_back(std::make_unique<ThrowingPolicy>());
+      return p;
+    });
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("policy 'thrower' failed in after_step at step 3: boom"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(TorchPolicies, DivergingDecisionsAreAMismatch) {
+  EXPECT_THROW(train_with_policies(2, 1,
+                                   [](int rank) {
+                                     std::vector<std::unique_ptr<Policy>> p;
+                                     p.push_back(std::make_unique<RankDependentPolicy>(rank));
+                                     return p;
+                                   }),
+               MismatchError);
+}
+
+TEST(TorchPolicies, ResizeIsRefusedClearly) {
+  try {
+    train_with_policies(2, 1, [](int) {
+      std::vector<std::unique_ptr<Policy>> p;
+      p.push_back(std::make_unique<ResizePolicy>());
+      return p;
+    });
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("policy 'resizer' failed in after_epoch"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("resizing a running cluster is not available"), std::string::npos);
+  }
+}
+
+}  // namespace
+}  // namespace aikido::test

@@ -1,0 +1,218 @@
+// Monitoring and policies without LibTorch: the noise-scale estimator, export formats, policy specs and built-ins.
+#include <gtest/gtest.h>
+
+#include <aikido/errors.hpp>
+#include <aikido/metrics.hpp>
+#include <aikido/policy.hpp>
+#include <cmath>
+#include <random>
+
+namespace aikido::test {
+namespace {
+
+// Gradients with a known mean G and per-sample covariance Sigma = diag(sigma^2): a worker's batch-B gradient is
+// G + N(0, Sigma / B). The true noise scale is tr(Sigma) / |G|^2.
+TEST(NoiseScaleEstimator, RecoversTheTrueNoiseScaleOfGaussianGradients) {
+  std::mt19937_64 rng(7);
+  constexpr int kDim = 200, kWorkers = 4, kBatch = 32;
+  std::vector<double> mean(kDim), sigma(kDim);
+  std::uniform_real_distribution<double> u(-1, 1), s(0.5, 3);
+  double g2 = 0, trace = 0;
+  for (int i = 0; i < kDim; ++i) {
+    mean[i] = u(rng) * 0.2;
+    sigma[i] = s(rng);
+    g2 += mean[i] * mean[i];
+    trace += sigma[i] * sigma[i];
+  }
+  const double truth = trace / g2;
+  NoiseScaleEstimator estimator(0.002);
+  std::normal_distribution<double> normal;
+  for (int step = 0; step < 3000; ++step) {
+    std::vector<double> big(kDim, 0.0);
+    double small_sq = 0;
+    for (int w = 0; w < kWorkers; ++w) {
+      double sq = 0;
+      for (int i = 0; i < kDim; ++i) {
+        const double g = mean[i] + sigma[i] / std::sqrt(double(kBatch)) * normal(rng);
+        sq += g * g;
+        big[i] += g / kWorkers;
+      }
+      small_sq += sq / kWorkers;
+    }
+    double big_sq = 0;
+    for (double b : big) big_sq += b * b;
+    estimator.update(kBatch, kBatch * kWorkers, small_sq, big_sq);
+  }
+  EXPECT_NEAR(estimator.noise_scale(), truth, 0.1 * truth) << "truth " << truth;
+  EXPECT_NEAR(estimator.gradient_sq_norm(), g2, 0.1 * g2);
+  EXPECT_NEAR(estimator.noise_trace(), trace, 0.1 * trace);
+}
+
+TEST(NoiseScaleEstimator, UnknownUntilMeasuredAndIgnoresOneWorker) {
+  NoiseScaleEstimator e;
+  EXPECT_TRUE(std::isnan(e.noise_scale()));
+  e.update(32, 32, 1.0, 1.0);  // one worker: B_big == B_small, no information
+  EXPECT_EQ(e.updates(), 0);
+  e.update(32, 64, NAN, 1.0);
+  EXPECT_EQ(e.updates(), 0);
+  EXPECT_THROW(NoiseScaleEstimator(0.0), ConfigError);
+}
+
+TEST(MetricsExport, PrometheusAndJson) {
+  TrainingMetrics m;
+  m.step = 12;
+  m.noise_scale = 345.5;
+  m.strategy = "synchronous_sgd";
+  m.topology = "ring";
+  const std::string text = to_prometheus(m, 3);
+  EXPECT_NE(text.find("# TYPE aikido_noise_scale gauge\naikido_noise_scale{rank=\"3\"} 345.5\n"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("aikido_step{rank=\"3\"} 12\n"), std::string::npos) << text;
+  EXPECT_EQ(text.find("aikido_snr"), std::string::npos) << "unknown values are omitted";
+  EXPECT_NE(text.find("aikido_info{rank=\"3\",strategy=\"synchronous_sgd\",topology=\"ring\"} 1"), std::string::npos);
+  const std::string json = to_json(m, 3);
+  EXPECT_NE(json.find("\"noise_scale\":345.5"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"snr\":null"), std::string::npos) << json;
+  EXPECT_EQ(json.front(), '{');
+  EXPECT_EQ(json.back(), '}');
+}
+
+// A context that records what policies ask for.
+class RecordingContext : public PolicyContext {
+ public:
+  TrainingMetrics m;
+  std::vector<std::string> actions;
+  const TrainingMetrics& metrics() const override { return m; }
+  void set_batch_size(std::int64_t b) override { actions.push_back("batch=" + std::to_string(b)); }
+  void set_lr(double lr) override { actions.push_back("lr=" + std::to_string(lr)); }
+  void set_strategy(Strategy s) override { actions.push_back(std::string("strategy=") + strategy_name(s)); }
+  void set_topology(Topology t) override { actions.push_back(std::string("topology=") + topology_name(t)); }
+  void request_resize(int n) override { actions.push_back("resize=" + std::to_string(n)); }
+  void stop(std::string reason) override { actions.push_back("stop:" + reason); }
+};
+
+TEST(PolicySpec, ParsesNamesAndOptions) {
+  const auto spec = PolicySpec::parse("adaptive-batch:max=512,rule=linear");
+  EXPECT_EQ(spec.name, "adaptive-batch");
+  EXPECT_EQ(spec.options.at("max"), "512");
+  EXPECT_EQ(spec.options.at("rule"), "linear");
+  EXPECT_TRUE(PolicySpec::parse("schedule").options.empty());
+  EXPECT_THROW(PolicySpec::parse(":a=1"), ConfigError);
+  EXPECT_THROW(PolicySpec::parse("x:novalue"), ConfigError);
+  try {
+    make_policy("gossip");
+    ADD_FAILURE();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("known: adaptive-batch"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(make_policy("adaptive-batch:rule=cubic"), ConfigError);
+  EXPECT_THROW(make_policy("adaptive-batch:maxx=3"), ConfigError);
+  EXPECT_THROW(make_policy("adaptive-batch:max=lots"), ConfigError);
+  EXPECT_THROW(make_policy("strategy-switch"), ConfigError);  // no trigger
+  EXPECT_THROW(make_policy("strategy-switch:to=gossip,step=3"), ConfigError);
+  EXPECT_THROW(make_policy("schedule:lr@week2=0.1"), ConfigError);
+  EXPECT_THROW(make_policy("schedule:dance@step2=1"), ConfigError);
+  EXPECT_THROW(make_policy("schedule:topology@step2=mesh"), ConfigError);
+}
+
+TEST(BuiltinPolicies, AdaptiveBatchGrowsTowardTheNoiseScale) {
+  auto p = make_policy("adaptive-batch:max=256,interval=10,warmup=0,rule=linear");
+  RecordingContext c;
+  c.m.batch_size = 32;
+  c.m.lr = 0.1;
+  c.m.workers = 2;
+  p->before_train(c);
+  c.m.step = 10;
+  c.m.noise_scale = 1000;  // wants 500 per worker: doubles, at most
+  p->after_step(c);
+  EXPECT_EQ(c.actions, (std::vector<std::string>{"batch=64", "lr=0.200000"}));
+  c.actions.clear();
+  c.m.step = 15;  // not a decision step
+  p->after_step(c);
+  EXPECT_TRUE(c.actions.empty());
+  c.m.step = 20;
+  c.m.batch_size = 256;  // at max already
+  p->after_step(c);
+  EXPECT_TRUE(c.actions.empty());
+  c.m.step = 30;
+  c.m.batch_size = 64;
+  c.m.noise_scale = 10;  // never shrinks
+  p->after_step(c);
+  EXPECT_TRUE(c.actions.empty());
+}
+
+TEST(BuiltinPolicies, AdaScaleGainIsBetweenOneAndTheScale) {
+  auto p = make_policy("adaptive-batch:interval=1,warmup=0,rule=adascale");
+  RecordingContext c;
+  c.m.batch_size = 32;
+  c.m.lr = 0.1;
+  c.m.workers = 1;
+  p->before_train(c);
+  c.m.step = 1;
+  c.m.batch_size = 64;  // S = 2
+  c.m.noise_scale = 32;
+  c.m.gradient_sq_norm = 1.0;
+  c.m.gradient_noise_trace = 32.0;  // s2 = 1 at B0: gain = 2 / 1.5
+  p->after_step(c);
+  ASSERT_EQ(c.actions.size(), 1u);
+  EXPECT_EQ(c.actions[0], "lr=" + std::to_string(0.1 * 2 / 1.5));
+}
+
+TEST(BuiltinPolicies, StrategySwitchAndInterference) {
+  auto p = make_policy("strategy-switch:to=ssgd,noise_scale=100");
+  RecordingContext c;
+  c.m.noise_scale = 50;
+  p->after_step(c);
+  EXPECT_TRUE(c.actions.empty());
+  c.m.noise_scale = 150;
+  p->after_step(c);
+  p->after_step(c);  // once only
+  EXPECT_EQ(c.actions, std::vector<std::string>{"strategy=synchronous_sgd"});
+
+  auto q = make_policy("strategy-switch:fallback_topology=tree,reference_steps=2,patience=3,min_fraction=0.5");
+  RecordingContext d;
+  for (double bw : {100.0, 100.0, 80.0, 40.0, 40.0, 60.0, 40.0, 40.0}) {
+    d.m.allreduce_bytes_per_second = bw;
+    q->after_step(d);
+  }
+  EXPECT_TRUE(d.actions.empty()) << "60 resets the patience";
+  d.m.allreduce_bytes_per_second = 30;
+  q->after_step(d);
+  EXPECT_EQ(d.actions, std::vector<std::string>{"topology=tree"});
+}
+
+TEST(BuiltinPolicies, ScheduleActsAtItsSteps) {
+  auto p = make_policy("schedule:lr@epoch2=0.01,batch@step5=128,strategy@step5=sma,topology@epoch1=tree,stop@step9=1");
+  RecordingContext c;
+  c.m.epoch = 1;
+  p->before_epoch(c);
+  EXPECT_EQ(c.actions, std::vector<std::string>{"topology=tree"});
+  c.actions.clear();
+  c.m.step = 5;
+  p->after_step(c);
+  EXPECT_EQ(c.actions, (std::vector<std::string>{"batch=128", "strategy=synchronous_averaging"}));
+  c.actions.clear();
+  c.m.epoch = 2;
+  p->before_epoch(c);
+  c.m.step = 9;
+  p->after_step(c);
+  EXPECT_EQ(c.actions, (std::vector<std::string>{"lr=0.010000", "stop:schedule: stop at step 9"}));
+}
+
+class CountingPolicy : public Policy {
+ public:
+  std::string name() const override { return "counting"; }
+};
+
+TEST(PolicyRegistry, UserPoliciesRegisterByName) {
+  static PolicyRegistration registration("counting", [](const PolicyOptions&) {
+    return std::make_unique<CountingPolicy>();
+  });
+  EXPECT_EQ(make_policy("counting")->name(), "counting");
+  const auto names = policy_names();
+  EXPECT_NE(std::find(names.begin(), names.end(), "counting"), names.end());
+  EXPECT_THROW(register_policy("bad:name", {}), ConfigError);
+}
+
+}  // namespace
+}  // namespace aikido::test
