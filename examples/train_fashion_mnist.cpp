@@ -139,6 +139,7 @@ int main(int argc, char** argv) {
     }
     if (threads > 0) torch::set_num_threads(threads);
     const aikido::torch::Strategy strategy = aikido::torch::parse_strategy(strategy_name);
+    auto policy_objects = aikido::torch::PolicyRunner::make(policies);  // bad specs fail before any work
 
     aikido::Peer peer = aikido::Peer::from_env();
     const Split train = load_split(data_dir, "train");
@@ -156,8 +157,7 @@ int main(int argc, char** argv) {
       options.seed = seed;
       opt = std::make_unique<aikido::torch::DistributedOptimizer>(peer, sgd, model->named_parameters(), strategy,
                                                                   options);
-      runner = std::make_unique<aikido::torch::PolicyRunner>(*opt, batch_size,
-                                                             aikido::torch::PolicyRunner::make(policies));
+      runner = std::make_unique<aikido::torch::PolicyRunner>(*opt, batch_size, std::move(policy_objects));
       runner->before_train();
     } else if (!policies.empty()) {
       throw aikido::ConfigError("--policy needs communication: drop --skip-communication");

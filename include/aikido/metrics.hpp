@@ -1,9 +1,11 @@
 // Training metrics monitored inside the training step, the gradient noise-scale estimator, and their export formats.
 #pragma once
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 
 namespace aikido {
@@ -72,6 +74,33 @@ class NoiseScaleEstimator {
   double smoothing_;
   double g2_ = 0, trace_ = 0;
   std::int64_t updates_ = 0;
+};
+
+class Store;
+
+/// Store keys under which worker `rank` of job `job_id` publishes its metrics: Prometheus text and a JSON object.
+std::string metrics_key_prometheus(const std::string& job_id, int rank);
+std::string metrics_key_json(const std::string& job_id, int rank);
+
+/// Publishes one worker's latest metrics to the job's store in the background, where aikido-run's exporters
+/// (--metrics-port, --metrics-file) read them. update() only copies under a lock; a thread writes the last value
+/// every `interval` and once more when the publisher is destroyed. Failures to publish are logged, never thrown:
+/// monitoring must not stop training.
+class MetricsPublisher {
+ public:
+  /// When aikido-run asked for metrics (AIKIDO_METRICS_INTERVAL and the store address are set), a publisher for
+  /// `rank`; otherwise nullptr.
+  static std::unique_ptr<MetricsPublisher> from_env(int rank);
+  MetricsPublisher(std::shared_ptr<Store> store, std::string job_id, int rank, std::chrono::milliseconds interval);
+  ~MetricsPublisher();
+  MetricsPublisher(const MetricsPublisher&) = delete;
+  MetricsPublisher& operator=(const MetricsPublisher&) = delete;
+
+  void update(const TrainingMetrics& metrics);
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
 };
 
 }  // namespace aikido

@@ -15,6 +15,8 @@
 //   AIKIDO_BIND_ADDRESS     address TCP listeners bind to                          (default 127.0.0.1)
 //   AIKIDO_SEGMENT_BYTES    pipelining segment size in bytes                       (default 1048576)
 //   AIKIDO_LOG_LEVEL        error | warn | info | debug                            (default warn)
+//   AIKIDO_METRICS_INTERVAL seconds between publications of a worker's training metrics to the store, for
+//                           aikido-run's --metrics-port / --metrics-file (unset: not published)
 #pragma once
 
 #include <chrono>
@@ -39,6 +41,7 @@ inline constexpr const char* kTimeout = "AIKIDO_TIMEOUT";
 inline constexpr const char* kBindAddress = "AIKIDO_BIND_ADDRESS";
 inline constexpr const char* kSegmentBytes = "AIKIDO_SEGMENT_BYTES";
 inline constexpr const char* kLogLevel = "AIKIDO_LOG_LEVEL";
+inline constexpr const char* kMetricsInterval = "AIKIDO_METRICS_INTERVAL";
 
 inline constexpr std::chrono::milliseconds kDefaultTimeout{60'000};
 

@@ -321,6 +321,7 @@ struct DistributedOptimizer::Monitor {
 
   explicit Monitor(double smoothing) : noise(smoothing) {}
   NoiseScaleEstimator noise;
+  std::unique_ptr<MetricsPublisher> publisher;  // when aikido-run exports metrics
   Clock::time_point last_step_end = Clock::now();
   Clock::time_point entry;              // this step's call of step()
   Clock::time_point first_launch;       // this step's first gradient collective
@@ -368,6 +369,7 @@ DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer
   build_buckets();
   install_hooks();
   monitor_ = std::make_unique<Monitor>(options_.noise_smoothing);
+  if (options_.monitor) monitor_->publisher = MetricsPublisher::from_env(peer_.rank());
   for (const auto& p : parameters_) monitor_->gradient_bytes += p.numel() * static_cast<std::int64_t>(p.element_size());
   metrics_.workers = peer_.size();
   metrics_.strategy = strategy_name(strategy_);
@@ -670,6 +672,7 @@ void DistributedOptimizer::absorb_metrics() {
     metrics_.gradient_sq_norm = m.noise.gradient_sq_norm();
     metrics_.gradient_noise_trace = m.noise.noise_trace();
   }
+  if (m.publisher) m.publisher->update(metrics_);
 }
 
 void DistributedOptimizer::copy_parameters_into_buckets() {

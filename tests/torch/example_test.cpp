@@ -1,8 +1,16 @@
 // The Fashion-MNIST example under the real aikido-run: accuracy, the keys of its JSON lines, exact sample counts.
 #include <gtest/gtest.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <fstream>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <sstream>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -64,6 +72,72 @@ TEST(FashionMnistExample, AveragingStrategiesTrain) {
   }
 }
 
+// One HTTP GET on 127.0.0.1:port; the body, or empty when nothing answered.
+std::string http_get(int port, const std::string& path) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<std::uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string reply;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
+    const std::string request = "GET " + path + " HTTP/1.0\r\n\r\n";
+    (void)!::write(fd, request.data(), request.size());
+    char buffer[4096];
+    for (ssize_t n; (n = ::read(fd, buffer, sizeof buffer)) > 0;) reply.append(buffer, std::size_t(n));
+  }
+  ::close(fd);
+  return reply;
+}
+
+TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
+  const std::string file = ::testing::TempDir() + "/aikido-metrics.jsonl";
+  Subprocess job({kRun, "-np", "2", "--metrics-port", "0", "--metrics-file", file, "--metrics-interval", "0.2",
+                  kExample, "--epochs", "2", "--max-steps", "400", "--policy", "adaptive-batch"});
+  int port = 0;
+  ASSERT_TRUE(job.wait_for_output(
+      [&](const std::string&, const std::string& err) {
+        std::smatch m;
+        if (!std::regex_search(err, m, std::regex(R"(metrics at http://127\.0\.0\.1:(\d+)/metrics)"))) return false;
+        port = std::stoi(m[1]);
+        return true;
+      },
+      30s));
+  // Poll until both workers have published their noise scale.
+  std::string body;
+  for (int i = 0; i < 200; ++i) {
+    body = http_get(port, "/metrics");
+    if (body.find("aikido_noise_scale{rank=\"1\"}") != std::string::npos &&
+        body.find("aikido_noise_scale{rank=\"0\"}") != std::string::npos) {
+      break;
+    }
+    std::this_thread::sleep_for(100ms);
+  }
+  EXPECT_EQ(body.rfind("HTTP/1.0 200 OK", 0), 0u) << body;
+  EXPECT_NE(body.find("aikido_noise_scale{rank=\"1\"}"), std::string::npos) << body;
+  EXPECT_NE(body.find("aikido_samples_per_second{rank=\"0\"}"), std::string::npos) << body;
+  EXPECT_NE(http_get(port, "/elsewhere").find("404"), std::string::npos);
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: metrics of rank 0: "), std::string::npos) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: metrics of rank 1: "), std::string::npos) << r.describe();
+  std::ifstream in(file);
+  int lines = 0;
+  for (std::string line; std::getline(in, line); ++lines) {
+    const auto j = nlohmann::json::parse(line);
+    for (const char* key : {"time", "rank", "step", "noise_scale", "gradient_variance", "snr", "samples_per_second",
+                            "compute_seconds", "communication_seconds", "wait_seconds", "strategy"}) {
+      EXPECT_TRUE(j.contains(key)) << key << " missing in " << line;
+    }
+  }
+  EXPECT_GE(lines, 2);
+  // The epoch lines carry the statistics too.
+  const auto epochs = epochs_of(r.out, 0);
+  ASSERT_EQ(epochs.size(), 2u) << r.describe();
+  EXPECT_TRUE(epochs[1]["noise_scale"].is_number()) << epochs[1].dump();
+  EXPECT_TRUE(epochs[1]["snr"].is_number()) << epochs[1].dump();
+}
+
 TEST(FashionMnistExample, BadInputIsAClearError) {
   auto r = run_process({kExample, "--data", "/nonexistent"}, kBound);
   EXPECT_TRUE(r.exited && r.exit_code == 1) << r.describe();
@@ -71,6 +145,12 @@ TEST(FashionMnistExample, BadInputIsAClearError) {
   r = run_process({kExample, "--model", "transformer"}, kBound);
   EXPECT_TRUE(r.exited && r.exit_code != 0) << r.describe();
   EXPECT_NE(r.err.find("--model"), std::string::npos) << r.describe();
+  r = run_process({kExample, "--policy", "adaptive-batch:rule=cubic"}, kBound);
+  EXPECT_TRUE(r.exited && r.exit_code == 1) << r.describe();
+  EXPECT_NE(r.err.find("rule 'cubic' is not linear, sqrt or adascale"), std::string::npos) << r.describe();
+  r = run_process({kRun, "-np", "1", "--metrics-port", "70000", kExample}, kBound);
+  EXPECT_TRUE(r.exited && r.exit_code == 2) << r.describe();
+  EXPECT_NE(r.err.find("--metrics-port '70000' is not a port number"), std::string::npos) << r.describe();
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "base/env.hpp"
 #include "base/sha256.hpp"
 #include "elastic/store_server.hpp"
+#include "metrics_exporter.hpp"
 #include "options.hpp"
 #include "output.hpp"
 #include "supervisor.hpp"
@@ -70,6 +72,9 @@ JobEnvironment job_environment(const Options& options, const std::string& store_
   if (options.timeout) settings.emplace_back(env::kTimeout, *options.timeout);
   if (options.transport) settings.emplace_back(env::kTransport, *options.transport);
   if (options.segment_bytes) settings.emplace_back(env::kSegmentBytes, *options.segment_bytes);
+  if (options.metrics_port || options.metrics_file) {
+    settings.emplace_back(env::kMetricsInterval, std::to_string(options.metrics_interval));
+  }
 
   std::set<std::string> replaced = {env::kRank, env::kLocalRank};
   for (const auto& [name, value] : settings) replaced.insert(name);
@@ -107,8 +112,20 @@ int run_job(const Options& options) {
     worker.environment.push_back(std::string(env::kLocalRank) + "=" + std::to_string(rank));
     workers.push_back(std::move(worker));
   }
+  std::optional<MetricsExporter> exporter;
+  if (options.metrics_port || options.metrics_file) {
+    exporter.emplace(MetricsExporter::Config{store.address(), secret, job_id, options.np, options.metrics_interval,
+                                             options.metrics_port, options.metrics_file});
+    if (options.metrics_port) {
+      report("aikido-run: metrics at http://127.0.0.1:" + std::to_string(exporter->port()) + "/metrics");
+    }
+  }
   Supervisor supervisor(options.program_path, options.argv, kGracePeriod);
   const int status = supervisor.run(workers);
+  if (exporter) {
+    for (const auto& line : exporter->finish()) report(line);
+  }
+  exporter.reset();
   store.stop();
   return status;
 }

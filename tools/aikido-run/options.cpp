@@ -25,12 +25,22 @@ void parse_np(const std::string& flag, const std::string& value, int* np) {
   *np = int(n);
 }
 
-std::string check_seconds(const std::string& value) {
+int check_port(const std::string& value) {
+  errno = 0;
+  char* end = nullptr;
+  const long long port = std::strtoll(value.c_str(), &end, 10);
+  if (value.empty() || errno != 0 || *end != '\0' || port < 0 || port > 65535) {
+    throw UsageError("aikido-run: --metrics-port '" + value + "' is not a port number (0..65535; 0 picks a free one)");
+  }
+  return int(port);
+}
+
+std::string check_seconds(const std::string& value, const std::string& flag = "--timeout") {
   errno = 0;
   char* end = nullptr;
   const double seconds = std::strtod(value.c_str(), &end);
   if (value.empty() || errno != 0 || *end != '\0' || !(seconds > 0) || !std::isfinite(seconds)) {
-    throw UsageError("aikido-run: --timeout '" + value + "' is not a positive number of seconds");
+    throw UsageError("aikido-run: " + flag + " '" + value + "' is not a positive number of seconds");
   }
   return value;
 }
@@ -82,6 +92,10 @@ options:
   --timeout S           deadline of each collective, in seconds                  (sets AIKIDO_TIMEOUT)
   --transport K         same-host transport: auto, tcp or unix                   (sets AIKIDO_TRANSPORT)
   --segment-bytes B     pipelining segment size in bytes                         (sets AIKIDO_SEGMENT_BYTES)
+  --metrics-port P      serve every worker's training metrics in Prometheus text format on
+                        http://127.0.0.1:P/metrics (0: a free port, printed at start)
+  --metrics-file F      append every worker's training metrics to F as JSON lines
+  --metrics-interval S  seconds between metrics updates (default 1)            (sets AIKIDO_METRICS_INTERVAL)
   -h, --help            print this help and exit
   --                    end of options (use when PROGRAM starts with '-')
 
@@ -97,6 +111,10 @@ Unless aikido-run's own environment sets them, workers also get settings for the
                                           malloc keeps large freed blocks for reuse instead of returning them to
                                           the kernel (fresh pages cost a page fault each)
 Workers read standard input from /dev/null.
+
+Training metrics (gradient noise scale, variance, SNR, throughput, step time split; see the README) come from
+workers that use the LibTorch integration's DistributedOptimizer. With --metrics-port or --metrics-file, workers
+publish them to aikido-run every interval; at the end aikido-run prints a summary line per worker on stderr.
 
 When a worker exits with a non-zero status or is killed by a signal, aikido-run reports it, stops the other
 workers (SIGTERM, then SIGKILL after 3 s) and exits with that worker's status (128 + signal number for a
@@ -151,7 +169,8 @@ Options parse_options(int argc, char** argv) {
       value = arg.substr(eq + 1);
     }
     const bool known = flag == "-np" || flag == "--np" || flag == "-n" || flag == "--topology" || flag == "--timeout" ||
-                       flag == "--transport" || flag == "--segment-bytes";
+                       flag == "--transport" || flag == "--segment-bytes" || flag == "--metrics-port" ||
+                       flag == "--metrics-file" || flag == "--metrics-interval";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
@@ -166,6 +185,13 @@ Options parse_options(int argc, char** argv) {
       options.timeout = check_seconds(*value);
     } else if (flag == "--transport") {
       options.transport = check_transport(*value);
+    } else if (flag == "--metrics-port") {
+      options.metrics_port = check_port(*value);
+    } else if (flag == "--metrics-file") {
+      if (value->empty()) throw UsageError("aikido-run: --metrics-file needs a file name");
+      options.metrics_file = *value;
+    } else if (flag == "--metrics-interval") {
+      options.metrics_interval = std::stod(check_seconds(*value, "--metrics-interval"));
     } else {
       options.segment_bytes = check_segment_bytes(*value);
     }

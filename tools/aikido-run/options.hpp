@@ -29,6 +29,10 @@ struct Options {
   std::optional<std::string> timeout;
   std::optional<std::string> transport;
   std::optional<std::string> segment_bytes;
+  // Metrics exporters (metrics_exporter.hpp): Prometheus over HTTP on 127.0.0.1:port, JSON lines to a file.
+  std::optional<int> metrics_port;
+  std::optional<std::string> metrics_file;
+  double metrics_interval = 1.0;  // seconds
   /// PROGRAM as given, and the file it resolved to (PATH lookup like execvp).
   std::string program;
   std::string program_path;

@@ -1,0 +1,184 @@
+#include "metrics_exporter.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <aikido/errors.hpp>
+#include <aikido/metrics.hpp>
+#include <aikido/store.hpp>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+namespace aikido::run {
+
+namespace {
+
+void write_all(int fd, const std::string& text) {
+  std::size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;
+    done += std::size_t(n);
+  }
+}
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+std::string format(const char* fmt, double v) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, fmt, v);
+  return buffer;
+}
+
+}  // namespace
+
+MetricsExporter::MetricsExporter(Config config) : config_(std::move(config)) {
+  prometheus_.resize(config_.workers);
+  json_.resize(config_.workers);
+  store_ = connect_tcp_store(config_.store_address, config_.secret, std::chrono::milliseconds(10'000));
+  if (config_.file) {
+    file_fd_ = ::open(config_.file->c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (file_fd_ < 0) {
+      throw ConfigError("--metrics-file: cannot open '" + *config_.file + "': " + std::strerror(errno));
+    }
+  }
+  if (config_.port) {
+    listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<std::uint16_t>(*config_.port));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 || ::listen(listen_fd_, 16) != 0) {
+      const std::string reason = std::strerror(errno);
+      ::close(listen_fd_);
+      if (file_fd_ >= 0) ::close(file_fd_);
+      throw ConfigError("--metrics-port " + std::to_string(*config_.port) + ": cannot listen on 127.0.0.1: " + reason);
+    }
+    socklen_t len = sizeof addr;
+    ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+    port_ = ntohs(addr.sin_port);
+    server_ = std::thread([this] { serve_loop(); });
+  }
+  poller_ = std::thread([this] { poll_loop(); });
+}
+
+MetricsExporter::~MetricsExporter() {
+  stopping_ = true;
+  if (poller_.joinable()) poller_.join();
+  if (server_.joinable()) server_.join();
+  if (listen_fd_ >= 0) ::close(listen_fd_);
+  if (file_fd_ >= 0) ::close(file_fd_);
+}
+
+// Reads every worker's latest metrics; appends the ones that changed to the file.
+void MetricsExporter::poll() {
+  for (int rank = 0; rank < config_.workers; ++rank) {
+    std::optional<std::string> prom, json;
+    try {
+      prom = store_->get(metrics_key_prometheus(config_.job_id, rank));
+      json = store_->get(metrics_key_json(config_.job_id, rank));
+    } catch (const std::exception&) {
+      return;  // the store is gone: the job is ending
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (prom) prometheus_[rank] = *prom;
+    if (json && *json != json_[rank]) {
+      json_[rank] = *json;
+      if (file_fd_ >= 0 && json->size() > 1) {
+        write_all(file_fd_, "{\"time\":" + format("%.3f", now_seconds()) + "," + json->substr(1) + "\n");
+      }
+    }
+  }
+}
+
+void MetricsExporter::poll_loop() {
+  const auto interval = std::chrono::duration<double>(config_.interval_seconds);
+  auto next = std::chrono::steady_clock::now();
+  while (!stopping_) {
+    poll();
+    next += std::chrono::duration_cast<std::chrono::steady_clock::duration>(interval);
+    while (!stopping_ && std::chrono::steady_clock::now() < next) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+}
+
+void MetricsExporter::serve_loop() {
+  while (!stopping_) {
+    pollfd p{listen_fd_, POLLIN, 0};
+    if (::poll(&p, 1, 100) <= 0) continue;
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;
+    answer(fd);
+    ::close(fd);
+  }
+}
+
+// One HTTP/1.0 exchange: GET /metrics (or /) gets every worker's metrics; anything else 404.
+void MetricsExporter::answer(int fd) {
+  timeval tv{2, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::string request;
+  char buffer[1024];
+  while (request.find("\r\n\r\n") == std::string::npos && request.find("\n\n") == std::string::npos &&
+         request.size() < 8192) {
+    const ssize_t n = ::recv(fd, buffer, sizeof buffer, 0);
+    if (n <= 0) break;
+    request.append(buffer, std::size_t(n));
+  }
+  const auto line_end = request.find_first_of("\r\n");
+  const std::string line = request.substr(0, line_end);
+  std::string status = "200 OK", body;
+  if (line.rfind("GET /metrics ", 0) == 0 || line.rfind("GET / ", 0) == 0) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    body = "# Aikido training metrics, one series per worker (label rank)\n";
+    for (const auto& text : prometheus_) body += text;
+  } else {
+    status = "404 Not Found";
+    body = "not found: GET /metrics\n";
+  }
+  write_all(fd, "HTTP/1.0 " + status + "\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: " +
+                    std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body);
+}
+
+std::vector<std::string> MetricsExporter::finish() {
+  stopping_ = true;
+  if (poller_.joinable()) poller_.join();
+  poll();
+  std::vector<std::string> summary;
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (int rank = 0; rank < config_.workers; ++rank) {
+    if (json_[rank].empty()) continue;
+    try {
+      const auto j = nlohmann::json::parse(json_[rank]);
+      const auto num = [&](const char* key) {
+        return j.contains(key) && j[key].is_number() ? j[key].get<double>() : NAN;
+      };
+      std::string s = "aikido-run: metrics of rank " + std::to_string(rank) + ": " +
+                      format("%.0f", num("step")) + " steps, " + format("%.0f", num("samples_per_second")) +
+                      " samples/s, step " + format("%.2f", num("step_seconds") * 1e3) + " ms (compute " +
+                      format("%.2f", num("compute_seconds") * 1e3) + ", waiting for communication " +
+                      format("%.2f", num("wait_seconds") * 1e3) + ")";
+      if (!std::isnan(num("noise_scale"))) s += ", noise scale " + format("%.1f", num("noise_scale"));
+      if (!std::isnan(num("snr"))) s += ", SNR " + format("%.3g", num("snr"));
+      summary.push_back(s);
+    } catch (const std::exception&) {
+    }
+  }
+  return summary;
+}
+
+}  // namespace aikido::run

@@ -1,0 +1,60 @@
+// aikido-run's metrics exporters: workers publish their training metrics to the job's store
+// (aikido::MetricsPublisher); this reads them every interval and serves them in Prometheus text format over HTTP,
+// appends them to a file as JSON lines, and prints a summary per worker at the end.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace aikido {
+class Store;
+}
+
+namespace aikido::run {
+
+class MetricsExporter {
+ public:
+  struct Config {
+    std::string store_address;
+    std::string secret;
+    std::string job_id;
+    int workers = 1;
+    double interval_seconds = 1.0;
+    std::optional<int> port;          // serve http://127.0.0.1:port/metrics (0: any free port)
+    std::optional<std::string> file;  // JSON lines
+  };
+  /// Binds the port and opens the file (UsageError-style aikido::ConfigError when it cannot), then starts polling.
+  explicit MetricsExporter(Config config);
+  ~MetricsExporter();
+  MetricsExporter(const MetricsExporter&) = delete;
+  MetricsExporter& operator=(const MetricsExporter&) = delete;
+
+  /// The port the HTTP endpoint listens on, when there is one.
+  int port() const { return port_; }
+  /// Reads the store a last time, flushes the file and returns one summary line per worker that published.
+  std::vector<std::string> finish();
+
+ private:
+  void poll();
+  void poll_loop();
+  void serve_loop();
+  void answer(int fd);
+
+  Config config_;
+  std::shared_ptr<Store> store_;
+  int listen_fd_ = -1;
+  int port_ = 0;
+  int file_fd_ = -1;
+  std::mutex mutex_;
+  std::vector<std::string> prometheus_;  // per rank, latest
+  std::vector<std::string> json_;        // per rank, latest
+  std::atomic<bool> stopping_{false};
+  std::thread poller_, server_;
+};
+
+}  // namespace aikido::run
