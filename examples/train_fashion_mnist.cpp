@@ -94,6 +94,7 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 1;
   int threads = 0;
   bool skip_communication = false;
+  double target_accuracy = 0;
   std::vector<std::string> policies;
   std::string monitor = "on";
   app.add_option("--model", model_kind, "mlp (784-512-256-10) or cnn (two 5x5 conv layers)")
@@ -122,6 +123,9 @@ int main(int argc, char** argv) {
   app.add_option("--monitor", monitor, "gradient statistics and timing inside the step: on or off")
       ->check(CLI::IsMember({"on", "off"}))
       ->capture_default_str();
+  app.add_option("--target-accuracy", target_accuracy,
+                 "stop after the first epoch whose test accuracy reaches this (0: train all epochs)")
+      ->check(CLI::Range(0.0, 1.0));
   app.add_flag("--skip-communication", skip_communication,
                "benchmarks only: every worker trains alone on its shard, without communication (the throughput "
                "ceiling of the same run)");
@@ -240,6 +244,7 @@ int main(int argc, char** argv) {
       line["strategy"] = opt ? aikido::torch::strategy_name(opt->strategy()) : "none";
       line["model"] = model_kind;
       std::cout << line.dump() << std::endl;
+      if (target_accuracy > 0 && totals[0] / static_cast<double>(test.images.size(0)) >= target_accuracy) break;
       if (runner && runner->stopped()) {
         if (peer.rank() == 0) std::cerr << "train_fashion_mnist: stopped by policy: " << runner->stop_reason() << std::endl;
         break;

@@ -1,0 +1,94 @@
+#!/usr/bin/python3
+"""Time to a test accuracy: the adaptive-batch policy against fixed per-worker batch sizes, in one run.
+
+    python3 bench/time_to_accuracy.py BUILD_DIR [--model mlp|cnn] [--target A] [--seeds 1,2,3]
+                                                [--batches 32,64,256,1024] [--lrs 0.02,0.05,0.1,0.2]
+
+Two workers (aikido-run -np 2) train the Fashion-MNIST example with synchronous SGD until the test accuracy after an
+epoch reaches the target (default 0.87 for the MLP, 0.90 for the CNN) or --max-epochs pass. Time to accuracy is the
+training time summed over epochs (evaluation excluded), at epoch granularity.
+  1. Sweep: for each fixed batch size, every learning rate with the first seed; the best (shortest time; runs that
+     never reach the target count as infinite) is kept.
+  2. Measure: each fixed batch size at its best learning rate, and adaptive-batch (starting from the smallest batch
+     with its best learning rate, growing toward the measured noise scale), over all seeds; medians.
+  adaptive/best   adaptive's median time / the best fixed setting's median time (target: <= 0.7)
+Standard library only.
+"""
+import argparse
+import json
+import math
+import statistics
+import subprocess
+
+
+def run(build, model, batch, lr, seed, target, max_epochs, policy=None):
+    cmd = [f"{build}/bin/aikido-run", "-np", "2", f"{build}/bin/train_fashion_mnist", "--model", model,
+           "--batch-size", str(batch), "--lr", str(lr), "--seed", str(seed), "--epochs", str(max_epochs),
+           "--target-accuracy", str(target)]
+    if policy:
+        cmd += ["--policy", policy]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
+    elapsed, epochs = 0.0, []
+    for line in r.stdout.splitlines():
+        if "{" not in line:
+            continue
+        j = json.loads(line[line.index("{"):])
+        if j["rank"] != 0:
+            continue
+        elapsed += j["seconds"]
+        epochs.append(j)
+        if j["test_accuracy"] >= target:
+            return elapsed, epochs
+    return math.inf, epochs
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("build")
+    p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    p.add_argument("--target", type=float, default=0)
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--batches", default="32,64,256,1024")
+    p.add_argument("--lrs", default="0.02,0.05,0.1,0.2")
+    p.add_argument("--max-epochs", type=int, default=10)
+    p.add_argument("--policy", default="adaptive-batch:max=1024,rule=sqrt",
+                   help="the adaptive policy's spec (default %(default)s)")
+    args = p.parse_args()
+    target = args.target or (0.87 if args.model == "mlp" else 0.90)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    lrs = [float(x) for x in args.lrs.split(",")]
+    print(f"# time to test accuracy {target} ({args.model}, 2 workers, seeds {seeds}, at most {args.max_epochs} "
+          f"epochs)", flush=True)
+
+    best_lr = {}
+    for b in batches:
+        times = {lr: run(args.build, args.model, b, lr, seeds[0], target, args.max_epochs)[0] for lr in lrs}
+        best_lr[b] = min(times, key=lambda lr: times[lr])
+        print(f"sweep batch {b:5d}: " + ", ".join(f"lr {lr}: {t:.1f} s" for lr, t in times.items()) +
+              f" -> lr {best_lr[b]}", flush=True)
+
+    print(f"{'setting':>28} {'lr':>6} {'median s':>9} {'runs (s)':>30}", flush=True)
+    results = {}
+    for b in batches:
+        t = [run(args.build, args.model, b, best_lr[b], s, target, args.max_epochs)[0] for s in seeds]
+        results[f"fixed {b}"] = statistics.median(t)
+        print(f"{'fixed ' + str(b):>28} {best_lr[b]:6} {results[f'fixed {b}']:9.2f} "
+              f"{', '.join(f'{x:.1f}' for x in t):>30}", flush=True)
+    start = min(batches)
+    runs = [run(args.build, args.model, start, best_lr[start], s, target, args.max_epochs, args.policy) for s in seeds]
+    t = [x[0] for x in runs]
+    results["adaptive"] = statistics.median(t)
+    final_batch = [x[1][-1]["batch_size"] if x[1] else None for x in runs]
+    print(f"{'adaptive from ' + str(start):>28} {best_lr[start]:6} {results['adaptive']:9.2f} "
+          f"{', '.join(f'{x:.1f}' for x in t):>30}  final per-worker batch {final_batch}", flush=True)
+    best_fixed = min(v for k, v in results.items() if k != "adaptive")
+    ratio = results["adaptive"] / best_fixed if best_fixed not in (0, math.inf) else math.nan
+    print(f"adaptive/best fixed: {ratio:.2f} (target <= 0.7)", flush=True)
+    print(json.dumps({"target": target, "results": results, "best_lr": best_lr, "adaptive/best": ratio}))
+
+
+if __name__ == "__main__":
+    main()
