@@ -665,3 +665,34 @@ TEST(TorchPolicies, ResizeIsRefusedClearly) {
 
 }  // namespace
 }  // namespace aikido::test
+
+// The user-written policy of the README, verbatim.
+namespace readme {
+class SnrDecay : public aikido::Policy {
+ public:
+  explicit SnrDecay(const aikido::PolicyOptions& o) : threshold_(aikido::option_double(o, "below", 0.5)) {}
+  std::string name() const override { return "snr-decay"; }
+  void after_epoch(aikido::PolicyContext& c) override {
+    const aikido::TrainingMetrics& m = c.metrics();
+    if (aikido::TrainingMetrics::known(m.snr) && m.snr < threshold_) c.set_lr(m.lr / 2);
+  }
+
+ private:
+  double threshold_;
+};
+static aikido::PolicyRegistration snr_decay("snr-decay", [](const aikido::PolicyOptions& o) {
+  return std::make_unique<SnrDecay>(o);
+});
+}  // namespace readme
+
+namespace aikido::test {
+namespace {
+
+TEST(TorchPolicies, TheReadmePolicyRuns) {
+  const auto traces = train_with_policies(2, 3, [](int) { return at::PolicyRunner::make({"snr-decay:below=1e9"}); });
+  EXPECT_EQ(traces[0].rows, traces[1].rows);
+  EXPECT_NE(traces[0].rows.back().find("lr=0.012500"), std::string::npos) << traces[0].rows.back();
+}
+
+}  // namespace
+}  // namespace aikido::test
