@@ -15,6 +15,10 @@
 //   AIKIDO_BIND_ADDRESS     address TCP listeners bind to                          (default 127.0.0.1)
 //   AIKIDO_SEGMENT_BYTES    pipelining segment size in bytes                       (default 1048576)
 //   AIKIDO_LOG_LEVEL        error | warn | info | debug                            (default warn)
+//   AIKIDO_ELASTIC          1: the membership is in the store (aikido-run --elastic); ElasticSession follows it
+//   AIKIDO_WORKER_ID        this worker's id in the ClusterSpec (elastic jobs)     (default: AIKIDO_RANK)
+//   AIKIDO_CHECKPOINT       file the committed state is written to when an elastic job stops below its minimum
+//                           size                                                   (default: none)
 #pragma once
 
 #include <chrono>
@@ -39,6 +43,9 @@ inline constexpr const char* kTimeout = "AIKIDO_TIMEOUT";
 inline constexpr const char* kBindAddress = "AIKIDO_BIND_ADDRESS";
 inline constexpr const char* kSegmentBytes = "AIKIDO_SEGMENT_BYTES";
 inline constexpr const char* kLogLevel = "AIKIDO_LOG_LEVEL";
+inline constexpr const char* kElastic = "AIKIDO_ELASTIC";
+inline constexpr const char* kWorkerId = "AIKIDO_WORKER_ID";
+inline constexpr const char* kCheckpoint = "AIKIDO_CHECKPOINT";
 
 inline constexpr std::chrono::milliseconds kDefaultTimeout{60'000};
 
