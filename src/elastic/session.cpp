@@ -162,7 +162,15 @@ void ElasticSession::stop_threads() {
   }
   thread_wake_.notify_all();
   if (watcher_.joinable()) watcher_.join();
-  if (heartbeat_.joinable()) heartbeat_.join();
+  if (heartbeat_.joinable()) {
+    heartbeat_.join();
+    // Tell aikido-run that the silence from now on is not a hang.
+    try {
+      config_.status_store->set(worker_status_key(config_.peer.job_id, config_.worker_id),
+                                str_cat("state=left step=", step_.load()));
+    } catch (const Error&) {
+    }
+  }
 }
 
 void ElasticSession::watch_loop() {
