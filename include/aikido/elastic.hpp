@@ -222,7 +222,8 @@ class ElasticSession {
   void commit();
 
   /// After a collective failed with PeerLostError or TimeoutError: agrees on the new cluster, reconnects and
-  /// rolls every member back to the last common commit. Returns changed, or removed when the others went on
+  /// rolls every member back to the last common commit. The recovery is a step boundary: the sync() that follows
+  /// it returns unchanged at once (new workers that joined start their step right after it). Returns changed, or removed when the others went on
   /// without this worker. Throws TimeoutError when no usable cluster forms within the recovery timeout (for
   /// instance below --min-np without replacements; rank 0 writes the checkpoint first), and rethrows when the
   /// session is static.
@@ -251,6 +252,7 @@ class ElasticSession {
   void restore_snapshot(std::uint64_t seq);
   void write_checkpoint();
   SyncResult leave();
+  SyncResult recover_in_sync();
 
   ElasticConfig config_;
   std::unique_ptr<Peer> peer_;
@@ -259,6 +261,7 @@ class ElasticSession {
   bool established_ = false;
   bool joined_late_ = false;  // this worker joined a running job and has not received the state yet
   bool needs_rollback_ = false;
+  bool recovered_outside_sync_ = false;
   std::uint64_t sync_count_ = 0;
   std::vector<Entry> entries_;
   std::vector<Snapshot> snapshots_;  // at most two: the last commits, oldest first

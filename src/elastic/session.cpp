@@ -375,6 +375,7 @@ void ElasticSession::establish(bool is_new) {
   take_snapshot(std::uint64_t(std::max<std::int64_t>(newest, 0)) + 1);
   needs_rollback_ = false;
   established_ = true;
+  sync_count_ = 0;  // the check cadence restarts together on every member
 }
 
 SyncResult ElasticSession::leave() {
@@ -473,6 +474,13 @@ SyncResult ElasticSession::recover() {
     if (auto error = std::current_exception()) std::rethrow_exception(error);
     throw ConfigError("recover() needs an elastic job (aikido-run --elastic)");
   }
+  // The recovery is this step's boundary: new workers start their step right after establishing, so the next
+  // sync() must not run a check they would not run.
+  recovered_outside_sync_ = true;
+  return recover_in_sync();
+}
+
+SyncResult ElasticSession::recover_in_sync() {
   if (removed_) return SyncResult::removed;
   needs_rollback_ = true;
   const auto deadline = SteadyClock::now() + config_.recovery_timeout;
@@ -482,13 +490,17 @@ SyncResult ElasticSession::recover() {
 SyncResult ElasticSession::sync(std::int64_t step) {
   if (removed_) return SyncResult::removed;
   step_ = step;
+  if (recovered_outside_sync_) {
+    recovered_outside_sync_ = false;
+    return SyncResult::unchanged;
+  }
   if (!established_) {
     try {
       establish(!established_);
     } catch (const PeerLostError&) {
-      return recover();
+      return recover_in_sync();
     } catch (const TimeoutError&) {
-      return recover();
+      return recover_in_sync();
     }
     return joined_late_ ? SyncResult::changed : SyncResult::unchanged;
   }
@@ -498,9 +510,9 @@ SyncResult ElasticSession::sync(std::int64_t step) {
   try {
     peer_->allreduce(std::span<std::int64_t>(&version, 1), ReduceOp::max, "aikido/elastic/check");
   } catch (const PeerLostError&) {
-    return recover();
+    return recover_in_sync();
   } catch (const TimeoutError&) {
-    return recover();
+    return recover_in_sync();
   }
   if (std::uint64_t(version) <= spec_.version) return SyncResult::unchanged;
   auto target = config_.membership->get(std::uint64_t(version));
@@ -534,9 +546,9 @@ SyncResult ElasticSession::resize(int n) {
   try {
     peer_->allreduce(std::span<std::int64_t>(&version, 1), ReduceOp::max, "aikido/elastic/resize");
   } catch (const PeerLostError&) {
-    return recover();
+    return recover_in_sync();
   } catch (const TimeoutError&) {
-    return recover();
+    return recover_in_sync();
   }
   if (std::uint64_t(version) <= spec_.version) return SyncResult::unchanged;
   auto target = config_.membership->get(std::uint64_t(version));

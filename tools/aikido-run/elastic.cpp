@@ -6,6 +6,7 @@
 
 #include <aikido/errors.hpp>
 #include <cstring>
+#include <optional>
 
 #include "base/env.hpp"
 #include "elastic/store_server.hpp"
@@ -165,14 +166,35 @@ void ElasticController::check_heartbeats(Supervisor& supervisor) {
   }
 }
 
+std::optional<ClusterSpec> ElasticController::last_spec_with(std::uint64_t id, std::string* removed_by) const {
+  const auto latest = membership_->latest();
+  if (!latest) return std::nullopt;
+  std::string reason = latest->reason;
+  for (std::uint64_t v = latest->version + 1; v-- > 0;) {
+    auto spec = membership_->get(v);
+    if (!spec) return std::nullopt;
+    if (spec->contains(id)) {
+      if (removed_by) *removed_by = reason;
+      return spec;
+    }
+    reason = spec->reason;
+  }
+  return std::nullopt;
+}
+
 bool ElasticController::on_exit(Supervisor& supervisor, std::uint64_t id, int status) {
-  auto spec = membership_->latest();
-  if (!spec || !spec->contains(id)) return true;  // removed earlier: leaving is what it should do
-  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return true;  // finished its work
-  report("aikido-run: worker " + std::to_string(id) + " (rank " + std::to_string(spec->rank_of(id)) + ") " +
-         describe_status(status) + "; removing it from the cluster" + (options_.restart ? " and starting a replacement" : ""));
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return true;  // finished its work, or left the cluster
+  std::string removed_by;
+  const auto last = last_spec_with(id, &removed_by);
+  if (!last) return true;
+  const bool member = membership_->latest()->contains(id);
+  // Stopped or crashed after a planned shrink removed it: the cluster is meant to be smaller.
+  if (!member && removed_by == "resize") return true;
+  report("aikido-run: worker " + std::to_string(id) + " (rank " + std::to_string(last->rank_of(id)) + ") " +
+         describe_status(status) + "; removing it from the cluster" +
+         (options_.restart ? " and starting a replacement" : ""));
   for (;;) {
-    spec = membership_->latest();
+    const auto spec = membership_->latest();
     ClusterSpec next = spec->contains(id) ? spec->without({id}, "lost") : *spec;
     next.version = spec->version + 1;
     if (options_.restart && next.size() < next.max_size) {

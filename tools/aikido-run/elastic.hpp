@@ -6,6 +6,7 @@
 #include <chrono>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -51,6 +52,9 @@ class ElasticController final : public Controller {
     bool killed = false;
   };
 
+  /// The newest spec that still holds worker `id`, and the reason of the version that removed it (empty while it
+  /// is a member).
+  std::optional<ClusterSpec> last_spec_with(std::uint64_t id, std::string* removed_by) const;
   Supervisor::Worker worker_for(const ClusterSpec& spec, std::uint64_t id) const;
   void reconcile(Supervisor& supervisor);
   void check_heartbeats(Supervisor& supervisor);
