@@ -251,7 +251,7 @@ class ElasticSession {
   void take_snapshot(std::uint64_t seq);
   void restore_snapshot(std::uint64_t seq);
   void write_checkpoint();
-  SyncResult leave();
+  SyncResult leave(const ClusterSpec& target);
   SyncResult recover_in_sync();
 
   ElasticConfig config_;

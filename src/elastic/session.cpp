@@ -247,17 +247,24 @@ void ElasticSession::register_sampler(std::string name, ElasticSampler& sampler)
 }
 
 void ElasticSession::take_snapshot(std::uint64_t seq) {
+  // Reuse the storage of the oldest commit once two are kept: touching fresh pages costs more than the copy.
   Snapshot snapshot;
+  if (snapshots_.size() >= 2) {
+    snapshot = std::move(snapshots_.front());
+    snapshots_.erase(snapshots_.begin());
+  }
   snapshot.seq = seq;
-  for (auto& e : entries_) {
+  snapshot.values.resize(entries_.size());
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    auto& e = entries_[i];
     if (e.fixed()) {
-      snapshot.values.emplace_back(e.bytes.begin(), e.bytes.end());
+      snapshot.values[i].resize(e.bytes.size());
+      if (!e.bytes.empty()) std::memcpy(snapshot.values[i].data(), e.bytes.data(), e.bytes.size());
     } else {
-      snapshot.values.push_back(e.save());
+      snapshot.values[i] = e.save();
     }
   }
   snapshots_.push_back(std::move(snapshot));
-  while (snapshots_.size() > 2) snapshots_.erase(snapshots_.begin());
   commit_seq_ = seq;
 }
 
@@ -378,10 +385,12 @@ void ElasticSession::establish(bool is_new) {
   sync_count_ = 0;  // the check cadence restarts together on every member
 }
 
-SyncResult ElasticSession::leave() {
+SyncResult ElasticSession::leave(const ClusterSpec& target) {
   removed_ = true;
   stop_threads();
+  spec_ = target;
   PeerConfig alone = config_.peer;
+  alone.cluster_version = target.version;
   alone.rank = 0;
   alone.size = 1;
   alone.cancel = nullptr;
@@ -399,7 +408,7 @@ SyncResult ElasticSession::switch_to(ClusterSpec target, bool failure) {
   if (failure) needs_rollback_ = true;
   const auto deadline = SteadyClock::now() + config_.recovery_timeout;
   for (;;) {
-    if (!target.contains(config_.worker_id)) return leave();
+    if (!target.contains(config_.worker_id)) return leave(target);
     if (target.below_min()) {
       // Wait for replacements; give up at the deadline.
       auto next = config_.membership->watch(target.version,
