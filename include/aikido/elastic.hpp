@@ -109,9 +109,9 @@ struct ChangeTimings {
   std::uint64_t to_version = 0;
   int from_size = 0;
   int to_size = 0;
-  bool failure = false;           // a recovery after a lost worker, not a planned resize
-  double decided_to_agreed = -1;  // the proposal's time until every survivor agreed at a step boundary
-  double agree_to_connected = -1; // new connections of the new version (includes waiting for new processes)
+  bool failure = false;               // a recovery after a lost worker, not a planned resize
+  double decided_to_agreed = -1;      // the proposal's time until every survivor agreed at a step boundary
+  double agree_to_connected = -1;     // new connections of the new version (includes waiting for new processes)
   double connected_to_restored = -1;  // state transfer, rollback and commit
   double decided_to_restored = -1;    // the whole change, from the proposal (wall clock; same host)
 };
@@ -223,10 +223,10 @@ class ElasticSession {
 
   /// After a collective failed with PeerLostError or TimeoutError: agrees on the new cluster, reconnects and
   /// rolls every member back to the last common commit. The recovery is a step boundary: the sync() that follows
-  /// it returns unchanged at once (new workers that joined start their step right after it). Returns changed, or removed when the others went on
-  /// without this worker. Throws TimeoutError when no usable cluster forms within the recovery timeout (for
-  /// instance below --min-np without replacements; rank 0 writes the checkpoint first), and rethrows when the
-  /// session is static.
+  /// it returns unchanged at once (new workers that joined start their step right after it). Returns changed, or
+  /// removed when the others went on without this worker. Throws TimeoutError when no usable cluster forms within the
+  /// recovery timeout (for instance below --min-np without replacements; rank 0 writes the checkpoint first), and
+  /// rethrows when the session is static.
   SyncResult recover();
 
   /// Phases of the last membership change on this worker.

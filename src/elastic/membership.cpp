@@ -77,8 +77,8 @@ class StoreMembership final : public MembershipStore {
       if (used == text.size()) return v;
     } catch (const std::exception&) {
     }
-    throw ProtocolError(str_cat("membership store: '", prefix_, "latest' holds '", text.substr(0, 32),
-                                "', not a version number"));
+    throw ProtocolError(
+        str_cat("membership store: '", prefix_, "latest' holds '", text.substr(0, 32), "', not a version number"));
   }
 
   std::shared_ptr<Store> store_;

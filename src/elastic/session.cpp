@@ -35,9 +35,9 @@ namespace {
 using SteadyClock = std::chrono::steady_clock;
 
 double unix_ms_now() {
-  return double(std::chrono::duration_cast<std::chrono::microseconds>(
-                    std::chrono::system_clock::now().time_since_epoch())
-                    .count()) /
+  return double(
+             std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
+                 .count()) /
          1000.0;
 }
 
@@ -77,9 +77,12 @@ std::unique_ptr<ElasticSession> ElasticSession::from_env() {
   if (auto t = env::get(env::kTransport)) c.transport = parse_transport(*t);
   c.timeout = env::get_seconds(env::kTimeout, env::kDefaultTimeout);
   if (auto a = env::get(env::kBindAddress)) c.bind_address = *a;
-  c.segment_bytes = std::size_t(env::get_int(env::kSegmentBytes, std::int64_t(c.segment_bytes), 8, std::int64_t(1) << 40));
+  c.segment_bytes =
+      std::size_t(env::get_int(env::kSegmentBytes, std::int64_t(c.segment_bytes), 8, std::int64_t(1) << 40));
   const auto address = env::get(env::kStoreAddr);
-  if (!address) throw ConfigError(str_cat(env::kElastic, "=1 but ", env::kStoreAddr, " is not set; start workers with aikido-run --elastic"));
+  if (!address)
+    throw ConfigError(
+        str_cat(env::kElastic, "=1 but ", env::kStoreAddr, " is not set; start workers with aikido-run --elastic"));
   // Three connections: rendezvous and proposals, the watcher's blocking waits, the heartbeat.
   c.store = connect_tcp_store(*address, c.secret, c.timeout);
   config.membership = make_membership_store(c.store, c.job_id);
@@ -353,9 +356,9 @@ void ElasticSession::establish(bool is_new) {
           throw MismatchError(str_cat("state '", e.name, "' has ", e.bytes.size(), " bytes on rank ", peer.rank(),
                                       " but ", sizes[i], " on rank ", source));
         }
-        works.push_back(peer.broadcast_async(std::span<std::uint8_t>(reinterpret_cast<std::uint8_t*>(e.bytes.data()),
-                                                                     e.bytes.size()),
-                                             source, "aikido/elastic/state/" + e.name));
+        works.push_back(peer.broadcast_async(
+            std::span<std::uint8_t>(reinterpret_cast<std::uint8_t*>(e.bytes.data()), e.bytes.size()), source,
+            "aikido/elastic/state/" + e.name));
       } else {
         saved[i].resize(std::size_t(sizes[i]));
         works.push_back(peer.broadcast_async(
@@ -411,26 +414,25 @@ SyncResult ElasticSession::switch_to(ClusterSpec target, bool failure) {
     if (!target.contains(config_.worker_id)) return leave(target);
     if (target.below_min()) {
       // Wait for replacements; give up at the deadline.
-      auto next = config_.membership->watch(target.version,
-                                            std::chrono::duration_cast<std::chrono::milliseconds>(
-                                                std::max(deadline - SteadyClock::now(), SteadyClock::duration(0))));
+      auto next =
+          config_.membership->watch(target.version, std::chrono::duration_cast<std::chrono::milliseconds>(std::max(
+                                                        deadline - SteadyClock::now(), SteadyClock::duration(0))));
       if (next) {
         target = *next;
         continue;
       }
       if (target.rank_of(config_.worker_id) == 0) write_checkpoint();
-      throw TimeoutError(str_cat("the cluster lost workers and has ", target.size(), " of at least ",
-                                 target.min_size, " (--min-np); no replacement joined within ",
-                                 double(config_.recovery_timeout.count()) / 1000.0, " s",
-                                 config_.checkpoint_path.empty()
-                                     ? std::string("")
-                                     : str_cat("; the last commit is in ", config_.checkpoint_path)));
+      throw TimeoutError(
+          str_cat("the cluster lost workers and has ", target.size(), " of at least ", target.min_size,
+                  " (--min-np); no replacement joined within ", double(config_.recovery_timeout.count()) / 1000.0, " s",
+                  config_.checkpoint_path.empty() ? std::string("")
+                                                  : str_cat("; the last commit is in ", config_.checkpoint_path)));
     }
     const double connect_start = unix_ms_now();
     try {
       connect(target);
       const double connected = unix_ms_now();
-      establish(false);
+      establish(!established_);  // a worker that never received the state still has none
       timings_.to_version = spec_.version;
       timings_.to_size = spec_.size();
       timings_.agree_to_connected = connected - connect_start;
@@ -474,7 +476,7 @@ ClusterSpec ElasticSession::next_spec_after_failure(SteadyClock::time_point dead
                                  " s; no lost worker is known and nobody proposed a new membership"));
     }
     config_.membership->watch(current, std::min(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now),
-                                                 std::chrono::milliseconds(50)));
+                                                std::chrono::milliseconds(50)));
   }
 }
 

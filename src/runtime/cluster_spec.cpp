@@ -74,7 +74,8 @@ ClusterSpec ClusterSpec::without(const std::vector<std::uint64_t>& ids, std::str
   ClusterSpec next = *this;
   next.version = version + 1;
   next.reason = std::move(why);
-  std::erase_if(next.workers, [&](const WorkerSpec& w) { return std::find(ids.begin(), ids.end(), w.id) != ids.end(); });
+  std::erase_if(next.workers,
+                [&](const WorkerSpec& w) { return std::find(ids.begin(), ids.end(), w.id) != ids.end(); });
   return next;
 }
 

@@ -123,7 +123,8 @@ TEST(ElasticProcessTest, TwentyResizesInARowKeepTheParametersEqual) {
   // Sizes between 1 and 4, each different from the previous one, at steps 3, 6, ..., 60.
   const int sizes[20] = {4, 1, 3, 2, 4, 2, 1, 4, 3, 1, 2, 3, 4, 1, 2, 4, 1, 3, 2, 4};
   std::string schedule;
-  for (int i = 0; i < 20; ++i) schedule += (i ? "," : "") + std::to_string(3 * (i + 1)) + ":" + std::to_string(sizes[i]);
+  for (int i = 0; i < 20; ++i)
+    schedule += (i ? "," : "") + std::to_string(3 * (i + 1)) + ":" + std::to_string(sizes[i]);
   const auto r = run_process(
       elastic_job({"-np", "2", "--max-np", "4", "--timeout", "20"}, {"--epochs", "2", "--schedule", schedule}), kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
@@ -207,7 +208,8 @@ TEST(ElasticProcessTest, AikidoCtlShowsAndResizesTheJob) {
   const std::string control = temp_path("aikido-ctl-test");
   Subprocess job(elastic_job({"-np", "2", "--max-np", "4", "--control-file", control},
                              {"--epochs", "3", "--step-ms", "5", "--print-every", "2"}));
-  ASSERT_TRUE(job.wait_for_output([&](const std::string& out, const std::string&) { return current_cluster(out).step >= 4; }, 60s));
+  ASSERT_TRUE(job.wait_for_output(
+      [&](const std::string& out, const std::string&) { return current_cluster(out).step >= 4; }, 60s));
   struct stat st {};
   ASSERT_EQ(::stat(control.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0600u);
@@ -256,8 +258,12 @@ TEST(ElasticProcessTest, AikidoCtlShowsAndResizesTheJob) {
         if (eq != std::string::npos) values[line.substr(0, eq)] = line.substr(eq + 1);
       }
       Subprocess::Options options;
-      options.set_env = {"AIKIDO_ELASTIC=1", "AIKIDO_WORKER_ID=1", "AIKIDO_STORE_ADDR=" + values["store"],
-                         "AIKIDO_SECRET=" + values["secret"], "AIKIDO_JOB_ID=" + values["job"], "AIKIDO_TIMEOUT=10"};
+      options.set_env = {"AIKIDO_ELASTIC=1",
+                         "AIKIDO_WORKER_ID=1",
+                         "AIKIDO_STORE_ADDR=" + values["store"],
+                         "AIKIDO_SECRET=" + values["secret"],
+                         "AIKIDO_JOB_ID=" + values["job"],
+                         "AIKIDO_TIMEOUT=10"};
       auto stale = run_process({kWorker}, 30s, options);
       EXPECT_TRUE(stale.exited && stale.exit_code == 4) << stale.describe();
       EXPECT_NE(stale.out.find("worker 1 is not a member of cluster version"), std::string::npos) << stale.describe();

@@ -46,12 +46,18 @@ Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
-    if (flag == "--epochs") o.epochs = std::stoull(value);
-    else if (flag == "--batch") o.batch = std::stoull(value);
-    else if (flag == "--dim") o.dim = std::stoull(value);
-    else if (flag == "--commit-every") o.commit_every = std::stoll(value);
-    else if (flag == "--step-ms") o.step_ms = std::stoi(value);
-    else if (flag == "--print-every") o.print_every = std::stoll(value);
+    if (flag == "--epochs")
+      o.epochs = std::stoull(value);
+    else if (flag == "--batch")
+      o.batch = std::stoull(value);
+    else if (flag == "--dim")
+      o.dim = std::stoull(value);
+    else if (flag == "--commit-every")
+      o.commit_every = std::stoll(value);
+    else if (flag == "--step-ms")
+      o.step_ms = std::stoi(value);
+    else if (flag == "--print-every")
+      o.print_every = std::stoll(value);
     else if (flag == "--schedule") {
       std::size_t begin = 0;
       while (begin < value.size()) {
@@ -70,9 +76,9 @@ Options parse(int argc, char** argv) {
 }
 
 double unix_ms() {
-  return double(std::chrono::duration_cast<std::chrono::microseconds>(
-                    std::chrono::system_clock::now().time_since_epoch())
-                    .count()) /
+  return double(
+             std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
+                 .count()) /
          1000.0;
 }
 
@@ -102,11 +108,12 @@ class Worker {
   }
 
   void say(const std::string& event, const std::string& fields = "") {
-    std::printf("{\"event\":\"%s\",\"worker\":%llu,\"rank\":%d,\"workers\":%d,\"cluster_version\":%llu,\"pid\":%d,"
-                "\"step\":%lld,\"epoch\":%llu%s%s}\n",
-                event.c_str(), (unsigned long long)s_.worker_id(), s_.rank(), s_.size(),
-                (unsigned long long)s_.cluster_version(), int(::getpid()), (long long)state_.step,
-                (unsigned long long)sampler_.epoch(), fields.empty() ? "" : ",", fields.c_str());
+    std::printf(
+        "{\"event\":\"%s\",\"worker\":%llu,\"rank\":%d,\"workers\":%d,\"cluster_version\":%llu,\"pid\":%d,"
+        "\"step\":%lld,\"epoch\":%llu%s%s}\n",
+        event.c_str(), (unsigned long long)s_.worker_id(), s_.rank(), s_.size(),
+        (unsigned long long)s_.cluster_version(), int(::getpid()), (long long)state_.step,
+        (unsigned long long)sampler_.epoch(), fields.empty() ? "" : ",", fields.c_str());
     std::fflush(stdout);
   }
 

@@ -212,7 +212,8 @@ TEST(ElasticSession, ResizesInARowMoveStateToNewWorkers) {
       auto it = schedule.find(t.step);
       if (it != schedule.end() && s.size() != it->second) {
         if (s.resize(it->second) == SyncResult::removed) return;
-        EXPECT_EQ(s.size(), it->second) << "step " << t.step << " worker " << s.worker_id() << " version " << s.cluster_version();
+        EXPECT_EQ(s.size(), it->second) << "step " << t.step << " worker " << s.worker_id() << " version "
+                                        << s.cluster_version();
         if (s.rank() == 0) ++changes;
         t.check_equal_everywhere(s);
       }

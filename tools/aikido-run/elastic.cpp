@@ -29,7 +29,8 @@ std::int64_t unix_ms() {
 std::string describe_status(int status) {
   if (WIFSIGNALED(status)) {
     const char* abbrev = ::sigabbrev_np(WTERMSIG(status));
-    return std::string("was killed by signal ") + (abbrev ? std::string("SIG") + abbrev : std::to_string(WTERMSIG(status)));
+    return std::string("was killed by signal ") +
+           (abbrev ? std::string("SIG") + abbrev : std::to_string(WTERMSIG(status)));
   }
   return "exited with status " + std::to_string(WEXITSTATUS(status));
 }
@@ -99,7 +100,9 @@ Supervisor::Worker ElasticController::worker_for(const ClusterSpec& spec, std::u
   worker.rank = spec.rank_of(id);
   worker.id = id;
   worker.environment = shared_environment_;
-  auto add = [&](const char* name, const std::string& value) { worker.environment.push_back(std::string(name) + "=" + value); };
+  auto add = [&](const char* name, const std::string& value) {
+    worker.environment.push_back(std::string(name) + "=" + value);
+  };
   add(env::kElastic, "1");
   add(env::kWorkerId, std::to_string(id));
   add(env::kRank, std::to_string(worker.rank));
@@ -124,8 +127,8 @@ void ElasticController::reconcile(Supervisor& supervisor) {
   if (!spec) return;
   for (const auto& w : spec->workers) {
     if (started_.insert(w.id).second) {
-      report("aikido-run: starting worker " + std::to_string(w.id) + " as rank " +
-             std::to_string(spec->rank_of(w.id)) + " of cluster version " + std::to_string(spec->version));
+      report("aikido-run: starting worker " + std::to_string(w.id) + " as rank " + std::to_string(spec->rank_of(w.id)) +
+             " of cluster version " + std::to_string(spec->version));
       supervisor.start_worker(worker_for(*spec, w.id));
     }
   }
@@ -134,7 +137,8 @@ void ElasticController::reconcile(Supervisor& supervisor) {
     if (spec->contains(id)) continue;
     auto [it, fresh] = removed_since_.emplace(id, now);
     if (!fresh && now - it->second >= kLeaveGrace) {
-      report("aikido-run: worker " + std::to_string(id) + " was removed from the cluster but has not left; stopping it");
+      report("aikido-run: worker " + std::to_string(id) +
+             " was removed from the cluster but has not left; stopping it");
       supervisor.stop_worker(id);
       it->second = now + std::chrono::hours(24);  // once
     }

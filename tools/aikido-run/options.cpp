@@ -168,9 +168,8 @@ Options parse_options(int argc, char** argv) {
       continue;
     }
     const bool known = flag == "-np" || flag == "--np" || flag == "-n" || flag == "--topology" || flag == "--timeout" ||
-                       flag == "--transport" || flag == "--segment-bytes" || flag == "--min-np" ||
-                       flag == "--max-np" || flag == "--control-file" || flag == "--heartbeat-timeout" ||
-                       flag == "--checkpoint";
+                       flag == "--transport" || flag == "--segment-bytes" || flag == "--min-np" || flag == "--max-np" ||
+                       flag == "--control-file" || flag == "--heartbeat-timeout" || flag == "--checkpoint";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
