@@ -8,10 +8,12 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace aikido {
 
@@ -48,6 +50,10 @@ struct PeerConfig {
   std::size_t segment_bytes = std::size_t(1) << 20;
   /// Prefix of store keys and socket names, so that several jobs can share a store or a host.
   std::string job_id = "aikido";
+  /// Checked while create() waits for other ranks: when it returns true, create() gives up and throws
+  /// aikido::Error ("rendezvous cancelled"). The elastic session uses it to abandon a version that a newer one
+  /// superseded. Empty: never.
+  std::function<bool()> cancel;
 };
 
 namespace detail {
@@ -104,6 +110,22 @@ class Peer {
   std::uint64_t cluster_version() const;
   std::chrono::milliseconds timeout() const;
   Topology topology() const;
+  /// The configuration this session was created with.
+  const PeerConfig& config() const;
+  /// Ranks whose connection ended (crashed, killed, or closed their session), in increasing order.
+  std::vector<int> lost_ranks() const;
+
+  /// Replaces this session by a new one for `config` (another rank, size or cluster version), keeping this
+  /// object: references to it stay valid. The old connections are closed first (collectives still in flight
+  /// fail); then it blocks like create(). On failure the Peer is left as a 1-rank session of its own and the
+  /// error is rethrown. Not thread safe: no other thread may use the Peer meanwhile. Used by ElasticSession.
+  void reconnect(const PeerConfig& config);
+
+  /// Asks for a cluster of `n` workers. Collective, at a step boundary. Needs an elastic job: the
+  /// ElasticSession that owns this Peer handles it (see ElasticSession::resize); ConfigError otherwise.
+  void resize(int n);
+  /// Installs what resize() calls (ElasticSession does); empty: resize() throws ConfigError.
+  void set_resize_handler(std::function<void(int)> handler);
 
   /// Switches the topology used by collectives posted after this call. Collective: every rank calls it at the
   /// same point of its program; it checks by consensus that all ranks asked for the same topology (MismatchError
@@ -208,6 +230,7 @@ class Peer {
   Work request_bytes(int target, std::string_view name, DType dtype, void* out, std::size_t count);
 
   std::unique_ptr<detail::Engine> engine_;
+  std::function<void(int)> resize_handler_;
 };
 
 }  // namespace aikido

@@ -17,6 +17,10 @@
 //   AIKIDO_LOG_LEVEL        error | warn | info | debug                            (default warn)
 //   AIKIDO_METRICS_INTERVAL seconds between publications of a worker's training metrics to the store, for
 //                           aikido-run's --metrics-port / --metrics-file (unset: not published)
+//   AIKIDO_ELASTIC          1: the membership is in the store (aikido-run --elastic); ElasticSession follows it
+//   AIKIDO_WORKER_ID        this worker's id in the ClusterSpec (elastic jobs)     (default: AIKIDO_RANK)
+//   AIKIDO_CHECKPOINT       file the committed state is written to when an elastic job stops below its minimum
+//                           size                                                   (default: none)
 #pragma once
 
 #include <chrono>
@@ -42,6 +46,9 @@ inline constexpr const char* kBindAddress = "AIKIDO_BIND_ADDRESS";
 inline constexpr const char* kSegmentBytes = "AIKIDO_SEGMENT_BYTES";
 inline constexpr const char* kLogLevel = "AIKIDO_LOG_LEVEL";
 inline constexpr const char* kMetricsInterval = "AIKIDO_METRICS_INTERVAL";
+inline constexpr const char* kElastic = "AIKIDO_ELASTIC";
+inline constexpr const char* kWorkerId = "AIKIDO_WORKER_ID";
+inline constexpr const char* kCheckpoint = "AIKIDO_CHECKPOINT";
 
 inline constexpr std::chrono::milliseconds kDefaultTimeout{60'000};
 

@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <aikido/store.hpp>
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -69,6 +70,48 @@ StoreServer::StoreServer(std::string bind_host, int port, std::string secret) : 
 }
 
 StoreServer::~StoreServer() { stop(); }
+
+// In-process access: the request handlers without the wire.
+class StoreServer::Local final : public Store {
+ public:
+  explicit Local(StoreServer& server) : server_(server) {}
+
+  void set(const std::string& key, const std::string& value) override { server_.handle_set(key, value); }
+
+  std::optional<std::string> get(const std::string& key) override {
+    std::lock_guard<std::mutex> lock(server_.values_mutex_);
+    auto it = server_.values_.find(key);
+    if (it == server_.values_.end()) return std::nullopt;
+    return it->second;
+  }
+
+  std::string wait(const std::string& key, std::chrono::milliseconds timeout) override {
+    const auto deadline = Clock::now() + timeout;
+    std::unique_lock<std::mutex> lock(server_.values_mutex_);
+    for (;;) {
+      if (server_.stopping_) throw Error("the rendezvous store is stopping");
+      auto it = server_.values_.find(key);
+      if (it != server_.values_.end()) return it->second;
+      if (server_.values_changed_.wait_until(lock, deadline) == std::cv_status::timeout &&
+          server_.values_.count(key) == 0) {
+        throw TimeoutError(str_cat("store key '", key, "' did not appear within ", timeout.count(), " ms"));
+      }
+    }
+  }
+
+  std::optional<std::string> compare_and_set(const std::string& key, const std::optional<std::string>& expected,
+                                             const std::string& desired) override {
+    const std::string reply = server_.handle_cas(key, expected, desired);
+    // handle_cas answers in wire format: status, then the value when there is one.
+    if (sp::Status(std::uint8_t(reply[0])) == sp::Status::not_found) return std::nullopt;
+    return reply.substr(5);
+  }
+
+ private:
+  StoreServer& server_;
+};
+
+std::shared_ptr<Store> StoreServer::local_store() { return std::make_shared<Local>(*this); }
 
 std::string StoreServer::address() const { return address_; }
 

@@ -14,6 +14,10 @@
 
 #include "transport/socket.hpp"
 
+namespace aikido {
+class Store;
+}
+
 namespace aikido::elastic {
 
 /// A key-value store served over TCP with the protocol of runtime/store_protocol.hpp.
@@ -44,7 +48,12 @@ class StoreServer {
   /// Stops serving and joins every thread. Idempotent.
   void stop();
 
+  /// The same store, used from this process without a connection (aikido-run's own membership watcher). The
+  /// server must outlive it; after stop() its wait() throws.
+  std::shared_ptr<Store> local_store();
+
  private:
+  class Local;
   struct Connection {
     transport::Socket socket;
     std::thread thread;

@@ -1035,6 +1035,15 @@ void Engine::drain() {
   }
 }
 
+std::vector<int> Engine::lost_ranks() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<int> ranks;
+  for (int p = 0; p < config_.size; ++p) {
+    if (!lost_[std::size_t(p)].empty()) ranks.push_back(p);
+  }
+  return ranks;
+}
+
 void Engine::set_topology(Topology topology) {
   drain();
   const std::byte value[1] = {std::byte(topology)};

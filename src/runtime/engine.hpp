@@ -77,6 +77,8 @@ class Engine final : public transport::FrameHandler {
 
   /// Waits until no collective is in flight (used before switching topology).
   void drain();
+  /// Ranks whose connection ended, in increasing order.
+  std::vector<int> lost_ranks() const;
 
   void on_frame(transport::Connection& connection, const transport::FrameHeader& header,
                 const std::string& name) override;

@@ -61,11 +61,19 @@ Endpoint decode(const std::string& text, int rank) {
   return e;
 }
 
+constexpr std::chrono::milliseconds kCancelSlice{100};
+
+[[noreturn]] void throw_cancelled(const PeerConfig& config) {
+  throw Error(str_cat("rank ", config.rank, ": rendezvous at cluster version ", config.cluster_version,
+                      " cancelled: a newer cluster version superseded it"));
+}
+
 // Accepts connections from every higher rank on either listener until all arrived or the deadline.
 void accept_all(const PeerConfig& config, std::vector<transport::Listener*> listeners,
                 std::vector<transport::Socket>& sockets, Clock::time_point deadline) {
   int expected = config.size - 1 - config.rank;
   while (expected > 0) {
+    if (config.cancel && config.cancel()) throw_cancelled(config);
     if (Clock::now() >= deadline) {
       std::vector<int> missing;
       for (int p = config.rank + 1; p < config.size; ++p) {
@@ -110,14 +118,16 @@ Peer::Peer(Peer&&) noexcept = default;
 Peer& Peer::operator=(Peer&&) noexcept = default;
 Peer::~Peer() = default;
 
-Peer Peer::create(const PeerConfig& input) {
+namespace {
+
+std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
   PeerConfig config = input;
   if (config.host.empty()) config.host = transport::host_name();
   validate(config);
   detail::ClusterInfo info;
   if (config.size == 1) {
     info.host_of_rank = {0};
-    return Peer(std::make_unique<detail::Engine>(config, info, std::vector<transport::Socket>{}));
+    return std::make_unique<detail::Engine>(config, info, std::vector<transport::Socket>{});
   }
   const auto deadline = Clock::now() + config.timeout;
 
@@ -148,13 +158,23 @@ Peer Peer::create(const PeerConfig& input) {
       endpoints[std::size_t(p)] = mine;
       continue;
     }
-    const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
     std::string record;
-    try {
-      record = config.store->wait(prefix + std::to_string(p), std::max(remaining, std::chrono::milliseconds(1)));
-    } catch (const TimeoutError&) {
-      throw TimeoutError(str_cat("rank ", config.rank, ": rank ", p, " did not join the cluster within ",
-                                 config.timeout.count() / 1000.0, " s (AIKIDO_TIMEOUT); is it running?"));
+    for (;;) {
+      const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      // With a cancel check, wait in slices so that a superseded rendezvous is abandoned quickly.
+      const auto slice = config.cancel ? std::min(remaining, kCancelSlice) : remaining;
+      try {
+        record = config.store->wait(prefix + std::to_string(p), std::max(slice, std::chrono::milliseconds(1)));
+        break;
+      } catch (const TimeoutError&) {
+        if (slice < remaining) {
+          if (config.cancel()) throw_cancelled(config);
+          continue;
+        }
+        throw TimeoutError(str_cat("rank ", config.rank, ": rank ", p, " did not join the cluster version ",
+                                   config.cluster_version, " within ", config.timeout.count() / 1000.0,
+                                   " s (AIKIDO_TIMEOUT); is it running?"));
+      }
     }
     endpoints[std::size_t(p)] = decode(record, p);
   }
@@ -206,8 +226,12 @@ Peer Peer::create(const PeerConfig& input) {
     std::rethrow_exception(connect_error);
   }
   acceptor.get();
-  return Peer(std::make_unique<detail::Engine>(config, info, std::move(sockets)));
+  return std::make_unique<detail::Engine>(config, info, std::move(sockets));
 }
+
+}  // namespace
+
+Peer Peer::create(const PeerConfig& input) { return Peer(connect_engine(input)); }
 
 Peer Peer::from_env() {
   PeerConfig config;
@@ -241,6 +265,32 @@ int Peer::local_size() const { return engine_->cluster().local_size; }
 std::uint64_t Peer::cluster_version() const { return engine_->config().cluster_version; }
 std::chrono::milliseconds Peer::timeout() const { return engine_->config().timeout; }
 Topology Peer::topology() const { return engine_->topology(); }
+const PeerConfig& Peer::config() const { return engine_->config(); }
+std::vector<int> Peer::lost_ranks() const { return engine_->lost_ranks(); }
+
+void Peer::reconnect(const PeerConfig& config) {
+  engine_.reset();  // closes the old version's connections before the new ones open
+  try {
+    engine_ = connect_engine(config);
+  } catch (...) {
+    PeerConfig alone = config;
+    alone.rank = 0;
+    alone.size = 1;
+    alone.cancel = nullptr;
+    engine_ = connect_engine(alone);
+    throw;
+  }
+}
+
+void Peer::resize(int n) {
+  if (!resize_handler_) {
+    throw ConfigError(str_cat("resize(", n, ") needs an elastic job: run under aikido-run --elastic and use the ",
+                              "Peer of an aikido::ElasticSession"));
+  }
+  resize_handler_(n);
+}
+
+void Peer::set_resize_handler(std::function<void(int)> handler) { resize_handler_ = std::move(handler); }
 void Peer::set_topology(Topology topology) { engine_->set_topology(topology); }
 
 Work Peer::post(const detail::Request& request) { return engine_->post(request); }

@@ -72,6 +72,14 @@ TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
       {{"-np", "2", "aikido-no-such-program"}, "program 'aikido-no-such-program' not found in PATH"},
       {{"-np", "2", "./aikido-no-such-program"}, "program './aikido-no-such-program' does not exist"},
       {{"-np", "2", "/dev/null"}, "program '/dev/null' is not an executable file"},
+      {{"-np", "2", "--elastic", "--min-np", "3", kFixture}, "--min-np 3 is above -np 2"},
+      {{"-np", "2", "--elastic", "--max-np", "1", kFixture}, "--max-np 1 is below -np 2"},
+      {{"-np", "2", "--elastic", "--min-np", "0", kFixture}, "--min-np '0' is not a positive integer"},
+      {{"-np", "2", "--restart", kFixture}, "--restart needs --elastic"},
+      {{"-np", "2", "--max-np", "4", kFixture}, "--max-np needs --elastic"},
+      {{"-np", "2", "--control-file", "f", kFixture}, "--control-file needs --elastic"},
+      {{"-np", "2", "--elastic=yes", kFixture}, "--elastic takes no value"},
+      {{"-np", "2", "--elastic", "--heartbeat-timeout", "0", kFixture}, "--heartbeat-timeout '0' is not a positive"},
   };
   for (const auto& c : cases) {
     const auto r = run_process(launch(c.args), kBound);

@@ -1,13 +1,16 @@
 // aikido-run: starts the workers of an Aikido job on this host. See `aikido-run --help` and options.cpp.
 #include <fcntl.h>
 #include <sched.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 
 #include <aikido/errors.hpp>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <optional>
 #include <set>
@@ -16,6 +19,7 @@
 
 #include "base/env.hpp"
 #include "base/sha256.hpp"
+#include "elastic.hpp"
 #include "elastic/store_server.hpp"
 #include "metrics_exporter.hpp"
 #include "options.hpp"
@@ -95,6 +99,47 @@ JobEnvironment job_environment(const Options& options, const std::string& store_
   return job;
 }
 
+// The control file tells aikido-ctl where the job's store is and proves it may talk to it: owner-only (0600).
+void write_control_file(const std::string& path, const std::string& address, const std::string& secret,
+                        const std::string& job_id) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0 || ::fchmod(fd, 0600) != 0) {
+    if (fd >= 0) ::close(fd);
+    throw ConfigError("cannot write the control file '" + path + "': " + std::strerror(errno));
+  }
+  const std::string text = "# aikido-run control endpoint; keep it secret\nstore=" + address + "\nsecret=" + secret +
+                           "\njob=" + job_id + "\npid=" + std::to_string(::getpid()) + "\n";
+  const bool ok = write_fully(fd, text.data(), text.size());
+  ::close(fd);
+  if (!ok) throw ConfigError("cannot write the control file '" + path + "'");
+}
+
+int run_elastic_job(const Options& options, elastic::StoreServer& store, const std::string& secret,
+                    const std::string& job_id, const JobEnvironment& job) {
+  ElasticController controller(options, store, job_id, job.shared);
+  if (!options.control_file.empty()) write_control_file(options.control_file, store.address(), secret, job_id);
+  Supervisor supervisor(options.program_path, options.argv, kGracePeriod);
+  supervisor.set_controller(&controller);
+  const int status = supervisor.run(controller.initial_workers());
+  if (!options.control_file.empty()) ::unlink(options.control_file.c_str());
+  return status;
+}
+
+int run_static_job(const Options& options, const JobEnvironment& job) {
+  std::vector<Supervisor::Worker> workers;
+  for (int rank = 0; rank < options.np; ++rank) {
+    Supervisor::Worker worker;
+    worker.rank = rank;
+    worker.id = std::uint64_t(rank);
+    worker.environment = job.shared;
+    worker.environment.push_back(std::string(env::kRank) + "=" + std::to_string(rank));
+    worker.environment.push_back(std::string(env::kLocalRank) + "=" + std::to_string(rank));
+    workers.push_back(std::move(worker));
+  }
+  Supervisor supervisor(options.program_path, options.argv, kGracePeriod);
+  return supervisor.run(workers);
+}
+
 int run_job(const Options& options) {
   Supervisor::block_signals();  // before the store starts its threads, so that they inherit the mask
 
@@ -102,26 +147,17 @@ int run_job(const Options& options) {
   const std::string job_id = random_hex(6);
   elastic::StoreServer store("127.0.0.1", 0, secret);
   const JobEnvironment job = job_environment(options, store.address(), secret, job_id);
-
-  std::vector<Supervisor::Worker> workers;
-  for (int rank = 0; rank < options.np; ++rank) {
-    Supervisor::Worker worker;
-    worker.rank = rank;
-    worker.environment = job.shared;
-    worker.environment.push_back(std::string(env::kRank) + "=" + std::to_string(rank));
-    worker.environment.push_back(std::string(env::kLocalRank) + "=" + std::to_string(rank));
-    workers.push_back(std::move(worker));
-  }
   std::optional<MetricsExporter> exporter;
   if (options.metrics_port || options.metrics_file) {
-    exporter.emplace(MetricsExporter::Config{store.address(), secret, job_id, options.np, options.metrics_interval,
+    const int workers = std::max(options.np, options.max_np);  // ranks that may publish
+    exporter.emplace(MetricsExporter::Config{store.address(), secret, job_id, workers, options.metrics_interval,
                                              options.metrics_port, options.metrics_file});
     if (options.metrics_port) {
       report("aikido-run: metrics at http://127.0.0.1:" + std::to_string(exporter->port()) + "/metrics");
     }
   }
-  Supervisor supervisor(options.program_path, options.argv, kGracePeriod);
-  const int status = supervisor.run(workers);
+  const int status =
+      options.elastic ? run_elastic_job(options, store, secret, job_id, job) : run_static_job(options, job);
   if (exporter) {
     for (const auto& line : exporter->finish()) report(line);
   }

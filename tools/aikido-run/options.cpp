@@ -73,6 +73,12 @@ std::string check_transport(const std::string& value) {
   return value;
 }
 
+int parse_count(const std::string& flag, const std::string& value) {
+  int n = 0;
+  parse_np(flag, value, &n);
+  return n;
+}
+
 bool is_executable_file(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(path.c_str(), X_OK) == 0;
@@ -96,6 +102,16 @@ options:
                         http://127.0.0.1:P/metrics (0: a free port, printed at start)
   --metrics-file F      append every worker's training metrics to F as JSON lines
   --metrics-interval S  seconds between metrics updates (default 1)            (sets AIKIDO_METRICS_INTERVAL)
+  --elastic             the job's membership may change while it runs: workers follow a versioned cluster
+                        spec in the job's store (aikido::ElasticSession); see "Elastic jobs" below
+  --min-np A            elastic: fewest workers the job runs with (default 1)
+  --max-np B            elastic: most workers the job may grow to (default: N)
+  --restart             elastic: start a replacement for every worker that crashes or stops responding
+  --control-file F      elastic: write the control endpoint and the job secret to F (mode 0600) for aikido-ctl
+  --heartbeat-timeout S elastic: a worker whose heartbeat is silent this long is killed and replaced
+                        (default 3)
+  --checkpoint F        elastic: where the last commit is written when the job stops below --min-np
+                        (sets AIKIDO_CHECKPOINT)
   -h, --help            print this help and exit
   --                    end of options (use when PROGRAM starts with '-')
 
@@ -150,6 +166,7 @@ std::string find_program(const std::string& program) {
 Options parse_options(int argc, char** argv) {
   Options options;
   bool have_np = false;
+  std::vector<std::string> elastic_flags;
   int i = 1;
   for (; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -168,9 +185,16 @@ Options parse_options(int argc, char** argv) {
       flag = arg.substr(0, eq);
       value = arg.substr(eq + 1);
     }
+    if (flag == "--elastic" || flag == "--restart") {
+      if (value) throw UsageError("aikido-run: option " + flag + " takes no value");
+      (flag == "--elastic" ? options.elastic : options.restart) = true;
+      continue;
+    }
     const bool known = flag == "-np" || flag == "--np" || flag == "-n" || flag == "--topology" || flag == "--timeout" ||
                        flag == "--transport" || flag == "--segment-bytes" || flag == "--metrics-port" ||
-                       flag == "--metrics-file" || flag == "--metrics-interval";
+                       flag == "--metrics-file" || flag == "--metrics-interval" || flag == "--min-np" ||
+                       flag == "--max-np" || flag == "--control-file" || flag == "--heartbeat-timeout" ||
+                       flag == "--checkpoint";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
@@ -192,11 +216,41 @@ Options parse_options(int argc, char** argv) {
       options.metrics_file = *value;
     } else if (flag == "--metrics-interval") {
       options.metrics_interval = std::stod(check_seconds(*value, "--metrics-interval"));
+    } else if (flag == "--min-np") {
+      options.min_np = parse_count(flag, *value);
+      elastic_flags.push_back(flag);
+    } else if (flag == "--max-np") {
+      options.max_np = parse_count(flag, *value);
+      elastic_flags.push_back(flag);
+    } else if (flag == "--control-file") {
+      if (value->empty()) throw UsageError("aikido-run: --control-file needs a file name");
+      options.control_file = *value;
+      elastic_flags.push_back(flag);
+    } else if (flag == "--checkpoint") {
+      if (value->empty()) throw UsageError("aikido-run: --checkpoint needs a file name");
+      options.checkpoint = *value;
+      elastic_flags.push_back(flag);
+    } else if (flag == "--heartbeat-timeout") {
+      options.heartbeat_timeout_s = std::stod(check_seconds(*value, flag));
+      elastic_flags.push_back(flag);
     } else {
       options.segment_bytes = check_segment_bytes(*value);
     }
   }
   if (!have_np) throw UsageError("aikido-run: missing -np N, the number of workers to start; see aikido-run --help");
+  if (options.restart) elastic_flags.push_back("--restart");
+  if (!options.elastic && !elastic_flags.empty()) {
+    throw UsageError("aikido-run: " + elastic_flags.front() + " needs --elastic");
+  }
+  if (options.max_np == 0) options.max_np = options.np;
+  if (options.min_np > options.np) {
+    throw UsageError("aikido-run: --min-np " + std::to_string(options.min_np) + " is above -np " +
+                     std::to_string(options.np) + "; the job must start with at least its minimum");
+  }
+  if (options.max_np < options.np) {
+    throw UsageError("aikido-run: --max-np " + std::to_string(options.max_np) + " is below -np " +
+                     std::to_string(options.np));
+  }
   if (i >= argc)
     throw UsageError("aikido-run: missing PROGRAM to run; usage: aikido-run -np N [options] PROGRAM [ARGS...]");
   options.program = argv[i];

@@ -33,6 +33,14 @@ struct Options {
   std::optional<int> metrics_port;
   std::optional<std::string> metrics_file;
   double metrics_interval = 1.0;  // seconds
+  // Elastic jobs (--elastic): membership in the store, resizes, recovery from lost workers.
+  bool elastic = false;
+  int min_np = 1;
+  int max_np = 0;  // 0: -np
+  bool restart = false;
+  std::string control_file;
+  double heartbeat_timeout_s = 3.0;
+  std::string checkpoint;
   /// PROGRAM as given, and the file it resolved to (PATH lookup like execvp).
   std::string program;
   std::string program_path;

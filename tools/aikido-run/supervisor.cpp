@@ -80,8 +80,11 @@ struct Stream {
 
 struct Process {
   int rank = 0;
+  std::uint64_t id = 0;
   pid_t pid = -1;
   bool running = false;
+  bool stopping = false;  // asked to stop on its own (elastic: removed from the cluster)
+  Clock::time_point kill_at{};
   std::unique_ptr<Stream> out;
   std::unique_ptr<Stream> err;
 };
@@ -120,11 +123,105 @@ struct ExecPlan {
   ::_exit(127);
 }
 
-class EventLoop {
+}  // namespace
+
+void Supervisor::block_signals() {
+  const sigset_t set = handled_signals();
+  ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+}
+
+Supervisor::Supervisor(std::string program_path, std::vector<std::string> argv, std::chrono::milliseconds grace)
+    : program_path_(std::move(program_path)), argv_(std::move(argv)), grace_(grace) {}
+
+class Supervisor::Loop {
  public:
-  EventLoop(std::vector<Process>& processes, std::chrono::milliseconds grace, int signal_fd)
-      : processes_(processes), grace_(grace), signal_fd_(signal_fd) {
-    for (const auto& p : processes_) running_ += p.running ? 1 : 0;
+  Loop(Supervisor& owner, std::chrono::milliseconds grace, int signal_fd, int dev_null)
+      : owner_(owner), grace_(grace), signal_fd_(signal_fd), dev_null_(dev_null), launcher_(::getpid()) {}
+
+  bool start(const Worker& worker) {
+    ExecPlan plan;
+    std::vector<std::string> argv = owner_.argv_;
+    for (auto& a : argv) plan.argv.push_back(a.data());
+    plan.argv.push_back(nullptr);
+    std::vector<std::string> environment = worker.environment;
+    for (auto& e : environment) plan.envp.push_back(e.data());
+    plan.envp.push_back(nullptr);
+    plan.failure_message = "aikido-run: cannot execute '" + owner_.program_path_ + "': errno ";
+    plan.failure_message.reserve(plan.failure_message.size() + 32);
+
+    int out_pipe[2];
+    int err_pipe[2];
+    if (::pipe2(out_pipe, O_CLOEXEC) != 0) {
+      report("aikido-run: cannot create a pipe: " + errno_text());
+      return false;
+    }
+    Fd out_read(out_pipe[0]), out_write(out_pipe[1]);
+    if (::pipe2(err_pipe, O_CLOEXEC) != 0) {
+      report("aikido-run: cannot create a pipe: " + errno_text());
+      return false;
+    }
+    Fd err_read(err_pipe[0]), err_write(err_pipe[1]);
+
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+      report("aikido-run: cannot start rank " + std::to_string(worker.rank) + ": fork failed: " + errno_text());
+      return false;
+    }
+    if (pid == 0) exec_child(owner_.program_path_, plan, launcher_, dev_null_, out_write.get(), err_write.get());
+    ::setpgid(pid, pid);  // also here, so that the group exists before we may signal it
+    ::fcntl(out_read.get(), F_SETFL, O_NONBLOCK);
+    ::fcntl(err_read.get(), F_SETFL, O_NONBLOCK);
+    // Elastic workers are named by their id, which stays while their rank changes.
+    const int label = owner_.controller_ ? int(worker.id) : worker.rank;
+    Process p;
+    p.rank = worker.rank;
+    p.id = worker.id;
+    p.pid = pid;
+    p.running = true;
+    p.out = std::make_unique<Stream>(label, STDOUT_FILENO);
+    p.out->fd = std::move(out_read);
+    p.err = std::make_unique<Stream>(label, STDERR_FILENO);
+    p.err->fd = std::move(err_read);
+    processes_.push_back(std::move(p));
+    ++running_;
+    drain_until_.reset();
+    return true;
+  }
+
+  Process* find(std::uint64_t id) {
+    for (auto& p : processes_) {
+      if (p.running && p.id == id) return &p;
+    }
+    return nullptr;
+  }
+
+  void stop_one(std::uint64_t id) {
+    Process* p = find(id);
+    if (p == nullptr || p->stopping) return;
+    p->stopping = true;
+    p->kill_at = Clock::now() + grace_;
+    signal_one(*p, SIGTERM);
+    signal_one(*p, SIGCONT);
+  }
+
+  void kill_one(std::uint64_t id) {
+    if (Process* p = find(id)) signal_one(*p, SIGKILL);
+  }
+
+  std::vector<std::uint64_t> running_ids() const {
+    std::vector<std::uint64_t> ids;
+    for (const auto& p : processes_) {
+      if (p.running) ids.push_back(p.id);
+    }
+    return ids;
+  }
+
+  pid_t pid_of(std::uint64_t id) const {
+    for (const auto& p : processes_) {
+      if (p.running && p.id == id) return p.pid;
+    }
+    return -1;
   }
 
   int run() {
@@ -132,6 +229,8 @@ class EventLoop {
       std::vector<pollfd> fds;
       std::vector<Stream*> streams;
       fds.push_back({signal_fd_, POLLIN, 0});
+      Controller* controller = stopping_ ? nullptr : owner_.controller_;
+      fds.push_back({controller ? controller->wake_fd() : -1, POLLIN, 0});
       for (auto& p : processes_) {
         for (Stream* s : {p.out.get(), p.err.get()}) {
           if (s->fd.valid()) {
@@ -148,9 +247,13 @@ class EventLoop {
       }
       if (r > 0) {
         if (fds[0].revents & POLLIN) handle_signals();
-        for (std::size_t i = 1; i < fds.size(); ++i) {
-          if (fds[i].revents != 0) read_stream(*streams[i - 1]);
+        for (std::size_t i = 2; i < fds.size(); ++i) {
+          if (fds[i].revents != 0) read_stream(*streams[i - 2]);
         }
+      }
+      if (controller && !stopping_ && (fds[1].revents != 0 || Clock::now() >= next_tick_)) {
+        next_tick_ = Clock::now() + controller->tick();
+        controller->on_wake(owner_);
       }
       check_deadlines();
     }
@@ -185,6 +288,13 @@ class EventLoop {
   int poll_timeout_ms() const {
     std::optional<Clock::time_point> next;
     if (stopping_ && !killed_ && running_ > 0) next = kill_at_;
+    auto earlier = [&](Clock::time_point t) {
+      if (!next || t < *next) next = t;
+    };
+    if (owner_.controller_ && !stopping_) earlier(next_tick_);
+    for (const auto& p : processes_) {
+      if (p.running && p.stopping) earlier(p.kill_at);
+    }
     if (running_ == 0 && drain_until_ && (!next || *drain_until_ < *next)) next = drain_until_;
     if (!next) return -1;
     const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(*next - Clock::now()).count() + 1;
@@ -193,6 +303,14 @@ class EventLoop {
 
   void check_deadlines() {
     const auto now = Clock::now();
+    for (auto& p : processes_) {
+      if (p.running && p.stopping && now >= p.kill_at) {
+        report("aikido-run: killing worker " + std::to_string(p.id) +
+               ", which did not stop within the grace period (SIGKILL)");
+        signal_one(p, SIGKILL);
+        p.kill_at = now + grace_;
+      }
+    }
     if (stopping_ && !killed_ && running_ > 0 && now >= kill_at_) {
       report("aikido-run: killing " + std::to_string(running_) + " worker" + (running_ == 1 ? "" : "s") +
              " that did not stop within the grace period (SIGKILL)");
@@ -210,9 +328,13 @@ class EventLoop {
   void kill_all(int sig) {
     if (sig == SIGKILL) killed_ = true;
     for (const auto& p : processes_) {
-      // The whole group, so that processes the worker started stop too; the pid alone should the group be gone.
-      if (p.running && ::kill(-p.pid, sig) != 0) ::kill(p.pid, sig);
+      if (p.running) signal_one(p, sig);
     }
+  }
+
+  static void signal_one(const Process& p, int sig) {
+    // The whole group, so that processes the worker started stop too; the pid alone should the group be gone.
+    if (::kill(-p.pid, sig) != 0) ::kill(p.pid, sig);
   }
 
   void handle_signals() {
@@ -253,6 +375,16 @@ class EventLoop {
         if (p.pid != pid || !p.running) continue;
         p.running = false;
         --running_;
+        if (owner_.controller_ && !stopping_) {
+          // Elastic: the controller decides; a failure it does not absorb ends the job.
+          if (owner_.controller_->on_exit(owner_, p.id, status)) break;
+          if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+            failures.push_back({int(p.id), status});
+          } else if (!exit_code_) {
+            set_exit_code(0);
+          }
+          break;
+        }
         const bool failed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
         if (failed && !stopped_by_us(status)) failures.push_back({p.rank, status});
         break;
@@ -289,9 +421,13 @@ class EventLoop {
     }
   }
 
-  std::vector<Process>& processes_;
+  Supervisor& owner_;
+  std::vector<Process> processes_;
   const std::chrono::milliseconds grace_;
   const int signal_fd_;
+  const int dev_null_;
+  const pid_t launcher_;
+  Clock::time_point next_tick_{};
   int running_ = 0;
   bool stopping_ = false;
   bool killed_ = false;
@@ -299,17 +435,6 @@ class EventLoop {
   std::optional<Clock::time_point> drain_until_;
   std::optional<int> exit_code_;
 };
-
-}  // namespace
-
-void Supervisor::block_signals() {
-  const sigset_t set = handled_signals();
-  ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  ::signal(SIGPIPE, SIG_IGN);
-}
-
-Supervisor::Supervisor(std::string program_path, std::vector<std::string> argv, std::chrono::milliseconds grace)
-    : program_path_(std::move(program_path)), argv_(std::move(argv)), grace_(grace) {}
 
 int Supervisor::run(const std::vector<Worker>& workers) {
   const sigset_t set = handled_signals();
@@ -323,61 +448,37 @@ int Supervisor::run(const std::vector<Worker>& workers) {
     report("aikido-run: cannot open /dev/null: " + errno_text());
     return 1;
   }
-
-  std::vector<Process> processes;
-  processes.reserve(workers.size());
-  const pid_t launcher = ::getpid();
-  std::vector<std::string> argv = argv_;
+  Loop loop(*this, grace_, signal_fd.get(), dev_null.get());
+  loop_ = &loop;
+  std::size_t started = 0;
   for (const auto& worker : workers) {
-    ExecPlan plan;
-    for (auto& a : argv) plan.argv.push_back(a.data());
-    plan.argv.push_back(nullptr);
-    std::vector<std::string> environment = worker.environment;
-    for (auto& e : environment) plan.envp.push_back(e.data());
-    plan.envp.push_back(nullptr);
-    plan.failure_message = "aikido-run: cannot execute '" + program_path_ + "': errno ";
-    plan.failure_message.reserve(plan.failure_message.size() + 32);
-
-    int out_pipe[2];
-    int err_pipe[2];
-    if (::pipe2(out_pipe, O_CLOEXEC) != 0) {
-      report("aikido-run: cannot create a pipe: " + errno_text());
-      break;
-    }
-    Fd out_read(out_pipe[0]), out_write(out_pipe[1]);
-    if (::pipe2(err_pipe, O_CLOEXEC) != 0) {
-      report("aikido-run: cannot create a pipe: " + errno_text());
-      break;
-    }
-    Fd err_read(err_pipe[0]), err_write(err_pipe[1]);
-
-    const pid_t pid = ::fork();
-    if (pid < 0) {
-      report("aikido-run: cannot start rank " + std::to_string(worker.rank) + ": fork failed: " + errno_text());
-      break;
-    }
-    if (pid == 0) exec_child(program_path_, plan, launcher, dev_null.get(), out_write.get(), err_write.get());
-    ::setpgid(pid, pid);  // also here, so that the group exists before we may signal it
-    ::fcntl(out_read.get(), F_SETFL, O_NONBLOCK);
-    ::fcntl(err_read.get(), F_SETFL, O_NONBLOCK);
-    Process p;
-    p.rank = worker.rank;
-    p.pid = pid;
-    p.running = true;
-    p.out = std::make_unique<Stream>(worker.rank, STDOUT_FILENO);
-    p.out->fd = std::move(out_read);
-    p.err = std::make_unique<Stream>(worker.rank, STDERR_FILENO);
-    p.err->fd = std::move(err_read);
-    processes.push_back(std::move(p));
+    if (!loop.start(worker)) break;
+    ++started;
   }
-
-  EventLoop loop(processes, grace_, signal_fd.get());
-  if (processes.size() < workers.size()) {
+  if (started < workers.size()) {
     report("aikido-run: not every worker could be started");
     loop.set_exit_code(1);
     loop.begin_stop();
   }
-  return loop.run();
+  const int status = loop.run();
+  loop_ = nullptr;
+  return status;
 }
+
+bool Supervisor::start_worker(const Worker& worker) { return loop_ != nullptr && loop_->start(worker); }
+
+void Supervisor::stop_worker(std::uint64_t id) {
+  if (loop_ != nullptr) loop_->stop_one(id);
+}
+
+void Supervisor::kill_worker(std::uint64_t id) {
+  if (loop_ != nullptr) loop_->kill_one(id);
+}
+
+std::vector<std::uint64_t> Supervisor::running_workers() const {
+  return loop_ != nullptr ? loop_->running_ids() : std::vector<std::uint64_t>{};
+}
+
+pid_t Supervisor::pid_of(std::uint64_t id) const { return loop_ != nullptr ? loop_->pid_of(id) : -1; }
 
 }  // namespace aikido::run

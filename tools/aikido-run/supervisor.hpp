@@ -4,10 +4,30 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
 namespace aikido::run {
+
+class Supervisor;
+
+/// What an elastic job adds to the supervisor: it is woken when its descriptor is readable or every tick, and it
+/// decides what a worker's exit means. Called on the supervisor's thread.
+class Controller {
+ public:
+  virtual ~Controller() = default;
+  /// Readable when the controller has work (a new cluster version); -1: none.
+  virtual int wake_fd() const = 0;
+  /// Longest time between two calls of on_wake().
+  virtual std::chrono::milliseconds tick() const = 0;
+  /// Starts and stops workers through `supervisor` (start_worker, stop_worker, kill_worker).
+  virtual void on_wake(Supervisor& supervisor) = 0;
+  /// Worker `id` exited with wait status `status`. Returns true when the job goes on without it (a removed
+  /// worker, or a lost one the cluster recovers from), false when its failure ends the job.
+  virtual bool on_exit(Supervisor& supervisor, std::uint64_t id, int status) = 0;
+};
 
 /// Spawns one process per worker, relays their output with a rank prefix, and stops all of them when one fails
 /// or when aikido-run is asked to stop.
@@ -19,6 +39,8 @@ class Supervisor {
  public:
   struct Worker {
     int rank = 0;
+    /// Identity in an elastic job (the output prefix when there is a controller); the rank otherwise.
+    std::uint64_t id = 0;
     /// Environment of the worker, "NAME=value" entries.
     std::vector<std::string> environment;
   };
@@ -35,10 +57,29 @@ class Supervisor {
   /// killed by a signal); 128 + signal number when aikido-run itself received SIGINT, SIGTERM or SIGHUP.
   int run(const std::vector<Worker>& workers);
 
+  /// Elastic jobs: `controller` decides what exits mean and may start and stop workers while run() runs.
+  void set_controller(Controller* controller) { controller_ = controller; }
+
+  // For the controller, from its callbacks only.
+  /// Starts one more worker; false when it could not be started (reported).
+  bool start_worker(const Worker& worker);
+  /// Asks worker `id` to stop (SIGTERM and SIGCONT, SIGKILL after the grace period); no-op when not running.
+  void stop_worker(std::uint64_t id);
+  /// Kills worker `id` at once (SIGKILL).
+  void kill_worker(std::uint64_t id);
+  /// Ids of the running workers.
+  std::vector<std::uint64_t> running_workers() const;
+  /// Process id of running worker `id`, or -1.
+  pid_t pid_of(std::uint64_t id) const;
+
  private:
+  class Loop;
+
   std::string program_path_;
   std::vector<std::string> argv_;
   std::chrono::milliseconds grace_;
+  Controller* controller_ = nullptr;
+  Loop* loop_ = nullptr;
 };
 
 }  // namespace aikido::run

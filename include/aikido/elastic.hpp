@@ -1,0 +1,282 @@
+// Elastic training: a membership store with versions, and the ElasticSession that lets a training loop grow, shrink
+// and survive lost workers while its Peer stays the same object.
+#pragma once
+
+#include <aikido/cluster_spec.hpp>
+#include <aikido/peer.hpp>
+#include <aikido/store.hpp>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace aikido {
+
+/// The versioned membership of one job: every version of the ClusterSpec, each written once.
+///
+/// Implementations: over any aikido::Store (make_membership_store: the store embedded in aikido-run, or an
+/// in-process store); an etcd backend implements the same interface. Thread safe.
+class MembershipStore {
+ public:
+  virtual ~MembershipStore() = default;
+  /// The spec of the highest version, or nullopt before the first was published.
+  virtual std::optional<ClusterSpec> latest() = 0;
+  /// The spec of `version`, or nullopt when it does not exist (yet).
+  virtual std::optional<ClusterSpec> get(std::uint64_t version) = 0;
+  /// Compare-and-set: publishes `next` when its version is exactly one above the latest (0 on an empty store) and
+  /// nobody published that version first. Returns false when another proposal won; read latest() and retry.
+  /// Throws ConfigError when `next` is invalid.
+  virtual bool propose(const ClusterSpec& next) = 0;
+  /// Watch: waits until a version above `after` exists and returns the latest spec; nullopt after `timeout`.
+  virtual std::optional<ClusterSpec> watch(std::uint64_t after, std::chrono::milliseconds timeout) = 0;
+};
+
+/// Membership kept in `store` under "<job_id>/cluster/v<N>" (one key per version, written with compare-and-set)
+/// and "<job_id>/cluster/latest" (a hint). watch() blocks in Store::wait, so give a watcher its own store
+/// connection when the store serialises requests (the TCP client does).
+std::shared_ptr<MembershipStore> make_membership_store(std::shared_ptr<Store> store, std::string job_id);
+
+/// Key under which ElasticSession publishes a worker's status ("rank=R version=V step=S beat=N"); aikido-run reads
+/// it to find workers that stopped responding and aikido-ctl to print the cluster.
+std::string worker_status_key(const std::string& job_id, std::uint64_t worker_id);
+
+/// Global-position sharding of an index space for elastic data parallelism.
+///
+/// The epoch's position counts the samples the whole cluster has consumed. A step with `size` workers and a
+/// per-worker batch of `batch` gives worker `rank` the samples [position + rank * batch, ... + batch) of the
+/// epoch's permutation (clipped at the end), and advance() moves the position by size * batch. Because only the
+/// position and the epoch are state, a resize between two steps changes who reads what but never skips or repeats
+/// a sample. Register it with ElasticSession::register_sampler so that it is committed, rolled back and sent to
+/// new workers with the model. A plain value; not thread safe.
+class ElasticSampler {
+ public:
+  /// `dataset_size` samples, shuffled per epoch with `seed` (no shuffle when shuffle is false).
+  explicit ElasticSampler(std::uint64_t dataset_size, std::uint64_t seed = 0, bool shuffle = true);
+
+  struct Range {
+    std::uint64_t begin = 0;  // position in the epoch's order
+    std::uint64_t end = 0;
+  };
+  /// The positions this rank reads in the current step.
+  Range shard(int rank, int size, std::uint64_t batch) const;
+  /// Sample index at `position` of the current epoch's order.
+  std::uint64_t index(std::uint64_t position) const;
+  /// Moves past the step's samples; returns true when the epoch ended (the next epoch starts at position 0).
+  bool advance(int size, std::uint64_t batch);
+
+  std::uint64_t epoch() const { return state_.epoch; }
+  std::uint64_t position() const { return state_.position; }
+  std::uint64_t dataset_size() const { return dataset_size_; }
+
+  /// The state to register: epoch and position.
+  struct State {
+    std::uint64_t epoch = 0;
+    std::uint64_t position = 0;
+  };
+  State& state() { return state_; }
+
+ private:
+  void shuffle_epoch() const;
+
+  std::uint64_t dataset_size_;
+  std::uint64_t seed_;
+  bool shuffle_;
+  State state_;
+  mutable std::uint64_t order_epoch_ = ~std::uint64_t(0);  // the permutation is computed lazily, per epoch
+  mutable std::vector<std::uint32_t> order_;
+};
+
+/// What ElasticSession::sync() found at a step boundary.
+enum class SyncResult : std::uint8_t {
+  unchanged,  // same cluster; go on
+  changed,    // the cluster changed (or this worker just joined): rank(), size() and registered state may have
+              // changed; recompute whatever depends on them
+  removed,    // this worker is no longer a member: leave the training loop
+};
+
+/// How long each phase of the last membership change took on this worker (ms; -1 when the phase did not occur).
+struct ChangeTimings {
+  std::uint64_t from_version = 0;
+  std::uint64_t to_version = 0;
+  int from_size = 0;
+  int to_size = 0;
+  bool failure = false;               // a recovery after a lost worker, not a planned resize
+  double decided_to_agreed = -1;      // the proposal's time until every survivor agreed at a step boundary
+  double agree_to_connected = -1;     // new connections of the new version (includes waiting for new processes)
+  double connected_to_restored = -1;  // state transfer, rollback and commit
+  double decided_to_restored = -1;    // the whole change, from the proposal (wall clock; same host)
+};
+
+/// Settings of an ElasticSession; ElasticSession::from_env() fills them from aikido-run's environment.
+struct ElasticConfig {
+  /// Secret, job id, timeout, topology, transport... of the Peer. rank, size and cluster_version are ignored:
+  /// the membership store decides them. `peer.store` is used for rendezvous.
+  PeerConfig peer;
+  /// This worker's id in the ClusterSpec.
+  std::uint64_t worker_id = 0;
+  /// Null: a static session (the Peer's cluster never changes; commit() and rollback still work locally).
+  std::shared_ptr<MembershipStore> membership;
+  /// Membership for the watcher thread, which blocks in watch(); may be `membership` itself when its store does
+  /// not serialise requests (the in-process store). Null: the same as `membership`.
+  std::shared_ptr<MembershipStore> watch_membership;
+  /// Store for the heartbeat and status key (worker_status_key); null: none. Needs its own connection for the
+  /// same reason as the watcher.
+  std::shared_ptr<Store> status_store;
+  std::chrono::milliseconds heartbeat_interval{250};
+  /// sync() checks for membership changes every `check_every` calls (one 8-byte allreduce per check).
+  int check_every = 1;
+  /// How long recover() waits for a usable cluster (a new version, or replacements when below the minimum).
+  /// Zero: the peer's timeout.
+  std::chrono::milliseconds recovery_timeout{0};
+  /// When the job stops below its minimum size, rank 0 writes the committed state here first (empty: nowhere).
+  std::string checkpoint_path;
+};
+
+/// One worker's membership in an elastic job, and the state it carries across membership changes.
+///
+/// The session owns the Peer; peer() stays the same object for the session's lifetime while its rank(), size()
+/// and cluster_version() follow the membership. Training state (model, optimizer state, step, data position, ...)
+/// is registered by name; the session sends it to new workers, keeps committed copies in memory and rolls back
+/// to them after a failure. The LibTorch integration registers its parameters and optimizer state the same way.
+///
+/// Protocol. sync() is called by every worker at the same step boundary. Every `check_every` calls it runs one
+/// 8-byte allreduce (max) of the highest membership version each worker has seen (a watcher thread follows the
+/// store), so all workers agree on the version to switch to at the same step; collectives in flight finish on
+/// the old version first. On a change, removed workers (the highest ranks on a shrink) leave; survivors open new
+/// connections at the new version (connections of other versions are refused in the handshake); then all
+/// members exchange a small header (allgather), roll back to the agreed commit when any of them recovers from a
+/// failure, rank 0 broadcasts the registered state to new workers, and everyone commits. A worker started for a
+/// new version (aikido-run starts them) receives the state in its first sync().
+///
+/// Failures. When a collective throws PeerLostError or TimeoutError, call recover() (sync() does it itself for
+/// its own check): it proposes the cluster without the lost workers (or adopts a version aikido-run or another
+/// survivor proposed), reconnects, and restores the last committed state on every member. Commits are kept two
+/// deep, so members whose last commits differ by one (a failure during the step that commits) agree on the older.
+///
+/// Threading: sync(), recover(), resize(), commit() and the registration calls belong to the training thread;
+/// no other thread may use peer() while they run. Registered buffers must outlive the session.
+class ElasticSession {
+ public:
+  /// Joins the job described by aikido-run's environment. With `aikido-run --elastic` the membership comes from
+  /// the job's store; otherwise a static session around Peer::from_env(). Blocks until connected.
+  static std::unique_ptr<ElasticSession> from_env();
+  /// Joins with explicit settings (tests, other launchers). Finds this worker in the latest ClusterSpec; throws
+  /// ConfigError when it is not a member.
+  explicit ElasticSession(ElasticConfig config);
+  ~ElasticSession();
+  ElasticSession(const ElasticSession&) = delete;
+  ElasticSession& operator=(const ElasticSession&) = delete;
+
+  Peer& peer() { return *peer_; }
+  int rank() const { return peer_->rank(); }
+  int size() const { return peer_->size(); }
+  std::uint64_t cluster_version() const { return peer_->cluster_version(); }
+  std::uint64_t worker_id() const { return config_.worker_id; }
+  const ClusterSpec& spec() const { return spec_; }
+  bool elastic() const { return config_.membership != nullptr; }
+  /// True once this worker was removed from the cluster (sync() returned removed).
+  bool removed() const { return removed_; }
+
+  // State registry. Names must be registered in the same order with the same sizes on every worker before the
+  // first sync(); MismatchError otherwise.
+  /// A buffer whose size never changes (parameters): sent and restored in place.
+  void register_bytes(std::string name, std::span<std::byte> bytes);
+  template <class T>
+  void register_span(std::string name, std::span<T> values) {
+    static_assert(std::is_trivially_copyable_v<T>);
+    register_bytes(std::move(name), std::as_writable_bytes(values));
+  }
+  template <class T>
+  void register_value(std::string name, T& value) {
+    register_span(std::move(name), std::span<T>(&value, 1));
+  }
+  /// State of any shape (optimizer state created lazily, RNG state): `save` serialises it, `load` restores it.
+  void register_state(std::string name, std::function<std::vector<std::byte>()> save,
+                      std::function<void(std::span<const std::byte>)> load);
+  /// The sampler's epoch and position.
+  void register_sampler(std::string name, ElasticSampler& sampler);
+
+  /// At a step boundary, on every worker: applies a pending membership change (see the class comment). `step` is
+  /// only reported in the status key.
+  SyncResult sync(std::int64_t step = -1);
+
+  /// Asks for `n` workers. Collective: every worker calls it at the same step boundary; it applies the change at
+  /// once (like sync()) and returns its result. ConfigError when n is outside the job's [min, max].
+  SyncResult resize(int n);
+
+  /// Proposes `n` workers from any single worker (a policy's decision); every worker applies it at its next
+  /// sync(). ConfigError when n is outside the job's [min, max]; returns the proposed version.
+  std::uint64_t request_resize(int n);
+
+  /// Copies the registered state into the in-memory commit (the previous commit is kept too). Call at the same
+  /// step on every worker, after the step's collectives succeeded.
+  void commit();
+
+  /// After a collective failed with PeerLostError or TimeoutError: agrees on the new cluster, reconnects and
+  /// rolls every member back to the last common commit. The recovery is a step boundary: the sync() that follows
+  /// it returns unchanged at once (new workers that joined start their step right after it). Returns changed, or
+  /// removed when the others went on without this worker. Throws TimeoutError when no usable cluster forms within the
+  /// recovery timeout (for instance below --min-np without replacements; rank 0 writes the checkpoint first), and
+  /// rethrows when the session is static.
+  SyncResult recover();
+
+  /// Phases of the last membership change on this worker.
+  const ChangeTimings& last_change() const { return timings_; }
+
+ private:
+  struct Entry;
+  struct Snapshot;
+
+  void start_threads();
+  void stop_threads();
+  void watch_loop();
+  void heartbeat_loop();
+  void publish_status();
+  bool newer_version_seen(std::uint64_t than) const;
+  ElasticSession(ElasticConfig config, std::unique_ptr<Peer> peer);
+  ClusterSpec next_spec_after_failure(std::chrono::steady_clock::time_point deadline);
+  /// Reconnects the Peer for `target` (or a newer spec that supersedes it while connecting) and establishes it.
+  SyncResult switch_to(ClusterSpec target, bool failure);
+  void connect(const ClusterSpec& spec);
+  void establish(bool is_new);
+  void take_snapshot(std::uint64_t seq);
+  void restore_snapshot(std::uint64_t seq);
+  void write_checkpoint();
+  SyncResult leave(const ClusterSpec& target);
+  SyncResult recover_in_sync();
+
+  ElasticConfig config_;
+  std::unique_ptr<Peer> peer_;
+  ClusterSpec spec_;
+  bool removed_ = false;
+  bool established_ = false;
+  bool joined_late_ = false;  // this worker joined a running job and has not received the state yet
+  bool needs_rollback_ = false;
+  bool recovered_outside_sync_ = false;
+  std::uint64_t sync_count_ = 0;
+  std::vector<Entry> entries_;
+  std::vector<Snapshot> snapshots_;  // at most two: the last commits, oldest first
+  std::uint64_t commit_seq_ = 0;
+  ChangeTimings timings_;
+
+  std::atomic<std::uint64_t> latest_seen_{0};
+  std::atomic<std::int64_t> step_{-1};
+  std::atomic<int> status_rank_{0};
+  std::atomic<std::uint64_t> status_version_{0};
+  std::mutex thread_mutex_;
+  std::condition_variable thread_wake_;
+  bool stopping_ = false;
+  std::thread watcher_;
+  std::thread heartbeat_;
+};
+
+}  // namespace aikido

@@ -1,0 +1,600 @@
+// ElasticSession: the resize and recovery protocol (see include/aikido/elastic.hpp for the contract).
+//
+// Versions. Every ClusterSpec version is written once (MembershipStore::propose is a compare-and-set on the next
+// version), so "the spec of version v" means the same on every worker. A watcher thread records the highest
+// version in the store (latest_seen_). Workers switch versions only at a step boundary, after an allreduce(max)
+// of latest_seen_, or inside recover() after a failure; while connecting to version v, a newer version cancels the
+// rendezvous (PeerConfig::cancel) and the worker moves on to the newest spec, so every worker ends up on the
+// highest version, whatever order proposals came in.
+//
+// Establishing a version. Once connected, every member runs establish(): an allgather of a small header
+// (has state, wants rollback, newest and oldest commit), a consensus on the state registry, then:
+//   - rollback, when any member recovers from a failure: members with state load the newest commit that all of
+//     them hold (commits are taken at the same steps everywhere and differ by at most one between workers);
+//   - transfer, when any member has no state (a new worker): the lowest-ranked member with state broadcasts
+//     every registered entry (sizes first, then bytes);
+//   - commit: everyone snapshots the state it now holds, under the same commit number.
+#include <unistd.h>
+
+#include <aikido/elastic.hpp>
+#include <aikido/errors.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+
+#include "base/env.hpp"
+#include "base/error.hpp"
+#include "base/log.hpp"
+
+namespace aikido {
+
+using detail::str_cat;
+
+namespace {
+
+using SteadyClock = std::chrono::steady_clock;
+
+double unix_ms_now() {
+  return double(
+             std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
+                 .count()) /
+         1000.0;
+}
+
+std::int64_t unix_ms() { return std::int64_t(unix_ms_now()); }
+
+// Header each member contributes to establish().
+enum HeaderField { kHasState, kWantsRollback, kNewestCommit, kOldestCommit, kHeaderFields };
+
+}  // namespace
+
+struct ElasticSession::Entry {
+  std::string name;
+  std::span<std::byte> bytes;  // fixed-size entries
+  std::function<std::vector<std::byte>()> save;
+  std::function<void(std::span<const std::byte>)> load;
+  bool fixed() const { return !save; }
+};
+
+struct ElasticSession::Snapshot {
+  std::uint64_t seq = 0;
+  std::vector<std::vector<std::byte>> values;  // one per entry
+};
+
+std::unique_ptr<ElasticSession> ElasticSession::from_env() {
+  ElasticConfig config;
+  const bool elastic = env::get(env::kElastic).value_or("0") == "1";
+  if (!elastic) {
+    auto peer = std::make_unique<Peer>(Peer::from_env());
+    config.peer = peer->config();
+    return std::unique_ptr<ElasticSession>(new ElasticSession(std::move(config), std::move(peer)));
+  }
+  PeerConfig& c = config.peer;
+  if (auto host = env::get(env::kHost)) c.host = *host;
+  if (auto secret = env::get(env::kSecret)) c.secret = *secret;
+  if (auto job = env::get(env::kJobId)) c.job_id = *job;
+  if (auto t = env::get(env::kTopology)) c.topology = parse_topology(*t);
+  if (auto t = env::get(env::kTransport)) c.transport = parse_transport(*t);
+  c.timeout = env::get_seconds(env::kTimeout, env::kDefaultTimeout);
+  if (auto a = env::get(env::kBindAddress)) c.bind_address = *a;
+  c.segment_bytes =
+      std::size_t(env::get_int(env::kSegmentBytes, std::int64_t(c.segment_bytes), 8, std::int64_t(1) << 40));
+  const auto address = env::get(env::kStoreAddr);
+  if (!address)
+    throw ConfigError(
+        str_cat(env::kElastic, "=1 but ", env::kStoreAddr, " is not set; start workers with aikido-run --elastic"));
+  // Three connections: rendezvous and proposals, the watcher's blocking waits, the heartbeat.
+  c.store = connect_tcp_store(*address, c.secret, c.timeout);
+  config.membership = make_membership_store(c.store, c.job_id);
+  config.watch_membership = make_membership_store(connect_tcp_store(*address, c.secret, c.timeout), c.job_id);
+  config.status_store = connect_tcp_store(*address, c.secret, c.timeout);
+  config.worker_id = std::uint64_t(env::get_int(env::kWorkerId, env::get_int(env::kRank, 0, 0, 1 << 30), 0, INT64_MAX));
+  if (auto path = env::get(env::kCheckpoint)) config.checkpoint_path = *path;
+  return std::make_unique<ElasticSession>(std::move(config));
+}
+
+ElasticSession::ElasticSession(ElasticConfig config) : ElasticSession(std::move(config), nullptr) {}
+
+ElasticSession::ElasticSession(ElasticConfig config, std::unique_ptr<Peer> peer) : config_(std::move(config)) {
+  if (config_.check_every < 1) throw ConfigError("ElasticConfig::check_every must be at least 1");
+  if (config_.recovery_timeout.count() <= 0) config_.recovery_timeout = config_.peer.timeout;
+  if (!config_.watch_membership) config_.watch_membership = config_.membership;
+  if (!config_.membership) {
+    peer_ = peer ? std::move(peer) : std::make_unique<Peer>(Peer::create(config_.peer));
+    spec_.version = peer_->cluster_version();
+    for (int r = 0; r < peer_->size(); ++r) spec_.workers.push_back({std::uint64_t(r), "static"});
+    spec_.next_id = std::uint64_t(peer_->size());
+    spec_.min_size = spec_.max_size = peer_->size();
+    config_.worker_id = std::uint64_t(peer_->rank());
+  } else {
+    auto latest = config_.membership->latest();
+    if (!latest) {
+      latest = config_.membership->watch(0, config_.peer.timeout);  // version 0 not published yet
+      if (!latest) throw TimeoutError("no cluster spec was published in the membership store");
+    }
+    latest_seen_ = latest->version;
+    const double start = unix_ms_now();
+    PeerConfig alone = config_.peer;
+    alone.rank = 0;
+    alone.size = 1;
+    alone.cancel = nullptr;
+    peer_ = std::make_unique<Peer>(Peer::create(alone));
+    start_threads();
+    ClusterSpec target = *latest;
+    for (;;) {
+      if (!target.contains(config_.worker_id)) {
+        stop_threads();
+        throw ConfigError(str_cat("worker ", config_.worker_id, " is not a member of cluster ", target.describe(),
+                                  "; it was removed before it could join"));
+      }
+      try {
+        connect(target);
+        break;
+      } catch (const Error& e) {
+        if (!newer_version_seen(target.version)) {
+          stop_threads();
+          throw;
+        }
+        log::info("worker ", config_.worker_id, ": ", e.what());
+        target = *config_.membership->latest();
+      }
+    }
+    joined_late_ = spec_.version > 0;
+    timings_ = ChangeTimings{};
+    timings_.to_version = spec_.version;
+    timings_.to_size = spec_.size();
+    timings_.agree_to_connected = unix_ms_now() - start;
+  }
+  peer_->set_resize_handler([this](int n) { resize(n); });
+}
+
+ElasticSession::~ElasticSession() {
+  stop_threads();
+  if (peer_) peer_->set_resize_handler(nullptr);
+}
+
+void ElasticSession::start_threads() {
+  watcher_ = std::thread([this] { watch_loop(); });
+  if (config_.status_store) heartbeat_ = std::thread([this] { heartbeat_loop(); });
+}
+
+void ElasticSession::stop_threads() {
+  {
+    std::lock_guard<std::mutex> lock(thread_mutex_);
+    stopping_ = true;
+  }
+  thread_wake_.notify_all();
+  if (watcher_.joinable()) watcher_.join();
+  if (heartbeat_.joinable()) {
+    heartbeat_.join();
+    // Tell aikido-run that the silence from now on is not a hang.
+    try {
+      config_.status_store->set(worker_status_key(config_.peer.job_id, config_.worker_id),
+                                str_cat("state=left step=", step_.load()));
+    } catch (const Error&) {
+    }
+  }
+}
+
+void ElasticSession::watch_loop() {
+  // Short waits, so that the destructor does not wait long for a thread blocked in the store.
+  constexpr std::chrono::milliseconds kSlice{200};
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(thread_mutex_);
+      if (stopping_) return;
+    }
+    try {
+      auto spec = config_.watch_membership->watch(latest_seen_.load(), kSlice);
+      if (spec) {
+        std::uint64_t seen = latest_seen_.load();
+        while (spec->version > seen && !latest_seen_.compare_exchange_weak(seen, spec->version)) {
+        }
+      }
+    } catch (const Error& e) {
+      // The store is gone (aikido-run is stopping) or refused us: retry calmly.
+      log::debug("worker ", config_.worker_id, ": membership watch failed: ", e.what());
+      std::unique_lock<std::mutex> lock(thread_mutex_);
+      thread_wake_.wait_for(lock, kSlice, [&] { return stopping_; });
+    }
+  }
+}
+
+void ElasticSession::heartbeat_loop() {
+  std::unique_lock<std::mutex> lock(thread_mutex_);
+  std::uint64_t beat = 0;
+  while (!stopping_) {
+    const std::string value = str_cat("rank=", status_rank_.load(), " version=", status_version_.load(),
+                                      " step=", step_.load(), " beat=", beat++, " pid=", ::getpid());
+    lock.unlock();
+    try {
+      config_.status_store->set(worker_status_key(config_.peer.job_id, config_.worker_id), value);
+    } catch (const Error& e) {
+      log::debug("worker ", config_.worker_id, ": heartbeat failed: ", e.what());
+    }
+    lock.lock();
+    thread_wake_.wait_for(lock, config_.heartbeat_interval, [&] { return stopping_; });
+  }
+}
+
+bool ElasticSession::newer_version_seen(std::uint64_t than) const { return latest_seen_.load() > than; }
+
+void ElasticSession::connect(const ClusterSpec& spec) {
+  PeerConfig c = config_.peer;
+  c.rank = spec.rank_of(config_.worker_id);
+  c.size = spec.size();
+  c.cluster_version = spec.version;
+  const std::uint64_t version = spec.version;
+  c.cancel = [this, version] { return newer_version_seen(version); };
+  if (c.size == 1) c.cancel = nullptr;
+  peer_->reconnect(c);
+  spec_ = spec;
+  status_rank_ = c.rank;
+  status_version_ = spec.version;
+}
+
+void ElasticSession::register_bytes(std::string name, std::span<std::byte> bytes) {
+  if (established_) throw ConfigError(str_cat("register '", name, "' before the first sync()"));
+  entries_.push_back(Entry{std::move(name), bytes, nullptr, nullptr});
+}
+
+void ElasticSession::register_state(std::string name, std::function<std::vector<std::byte>()> save,
+                                    std::function<void(std::span<const std::byte>)> load) {
+  if (established_) throw ConfigError(str_cat("register '", name, "' before the first sync()"));
+  if (!save || !load) throw ConfigError(str_cat("state '", name, "' needs both a save and a load function"));
+  entries_.push_back(Entry{std::move(name), {}, std::move(save), std::move(load)});
+}
+
+void ElasticSession::register_sampler(std::string name, ElasticSampler& sampler) {
+  register_value(std::move(name), sampler.state());
+}
+
+void ElasticSession::take_snapshot(std::uint64_t seq) {
+  // Reuse the storage of the oldest commit once two are kept: touching fresh pages costs more than the copy.
+  Snapshot snapshot;
+  if (snapshots_.size() >= 2) {
+    snapshot = std::move(snapshots_.front());
+    snapshots_.erase(snapshots_.begin());
+  }
+  snapshot.seq = seq;
+  snapshot.values.resize(entries_.size());
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    auto& e = entries_[i];
+    if (e.fixed()) {
+      snapshot.values[i].resize(e.bytes.size());
+      if (!e.bytes.empty()) std::memcpy(snapshot.values[i].data(), e.bytes.data(), e.bytes.size());
+    } else {
+      snapshot.values[i] = e.save();
+    }
+  }
+  snapshots_.push_back(std::move(snapshot));
+  commit_seq_ = seq;
+}
+
+void ElasticSession::restore_snapshot(std::uint64_t seq) {
+  auto it = std::find_if(snapshots_.begin(), snapshots_.end(), [&](const Snapshot& s) { return s.seq == seq; });
+  if (it == snapshots_.end()) {
+    throw Error(str_cat("worker ", config_.worker_id, " holds no commit ", seq,
+                        " to roll back to; commit() must be called at the same steps on every worker"));
+  }
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    auto& e = entries_[i];
+    const auto& value = it->values[i];
+    if (e.fixed()) {
+      std::memcpy(e.bytes.data(), value.data(), value.size());
+    } else {
+      e.load(value);
+    }
+  }
+  snapshots_.erase(std::next(it), snapshots_.end());
+  commit_seq_ = seq;
+}
+
+void ElasticSession::commit() {
+  if (!established_) throw ConfigError("commit() before the first sync()");
+  take_snapshot(commit_seq_ + 1);
+}
+
+void ElasticSession::establish(bool is_new) {
+  Peer& peer = *peer_;
+  const int size = peer.size();
+  std::vector<std::int64_t> mine(kHeaderFields, 0), all(std::size_t(kHeaderFields * size));
+  mine[kHasState] = is_new ? 0 : 1;
+  mine[kWantsRollback] = needs_rollback_ ? 1 : 0;
+  mine[kNewestCommit] = snapshots_.empty() ? 0 : std::int64_t(snapshots_.back().seq);
+  mine[kOldestCommit] = snapshots_.empty() ? 0 : std::int64_t(snapshots_.front().seq);
+  peer.allgather(std::span<const std::int64_t>(mine), std::span<std::int64_t>(all), "aikido/elastic/header");
+
+  std::string registry;
+  for (const auto& e : entries_) {
+    registry += str_cat(e.name, e.fixed() ? str_cat(":", e.bytes.size()) : std::string(":*"), "\n");
+  }
+  if (!peer.consensus(std::as_bytes(std::span<const char>(registry.data(), registry.size())),
+                      "aikido/elastic/registry")) {
+    throw MismatchError(str_cat("workers registered different state (this worker, rank ", peer.rank(),
+                                ", registered: ", registry.empty() ? std::string("nothing") : registry,
+                                "); register the same names with the same sizes, in the same order, everywhere"));
+  }
+
+  int source = -1;
+  bool rollback = false, transfer = false;
+  std::int64_t target = INT64_MAX, newest = 0;
+  for (int r = 0; r < size; ++r) {
+    const std::int64_t* h = &all[std::size_t(r * kHeaderFields)];
+    if (h[kWantsRollback]) rollback = true;
+    if (!h[kHasState]) {
+      transfer = true;
+      continue;
+    }
+    if (source < 0) source = r;
+    target = std::min(target, h[kNewestCommit]);
+    newest = std::max(newest, h[kNewestCommit]);
+  }
+  if (source < 0) source = 0;  // a fresh job: everyone starts from rank 0's initial state
+
+  if (rollback && !is_new && target > 0 && target != INT64_MAX) restore_snapshot(std::uint64_t(target));
+  if (transfer) {
+    // Sizes first (callback entries may change size), then every entry's bytes.
+    const bool sending = peer.rank() == source;
+    std::vector<std::vector<std::byte>> saved(entries_.size());
+    std::vector<std::int64_t> sizes(entries_.size(), 0);
+    for (std::size_t i = 0; i < entries_.size(); ++i) {
+      auto& e = entries_[i];
+      if (e.fixed()) {
+        sizes[i] = std::int64_t(e.bytes.size());
+      } else if (sending) {
+        saved[i] = e.save();
+        sizes[i] = std::int64_t(saved[i].size());
+      }
+    }
+    peer.broadcast(std::span<std::int64_t>(sizes), source, "aikido/elastic/sizes");
+    std::vector<Work> works;
+    for (std::size_t i = 0; i < entries_.size(); ++i) {
+      auto& e = entries_[i];
+      if (e.fixed()) {
+        if (sizes[i] != std::int64_t(e.bytes.size())) {
+          throw MismatchError(str_cat("state '", e.name, "' has ", e.bytes.size(), " bytes on rank ", peer.rank(),
+                                      " but ", sizes[i], " on rank ", source));
+        }
+        works.push_back(peer.broadcast_async(
+            std::span<std::uint8_t>(reinterpret_cast<std::uint8_t*>(e.bytes.data()), e.bytes.size()), source,
+            "aikido/elastic/state/" + e.name));
+      } else {
+        saved[i].resize(std::size_t(sizes[i]));
+        works.push_back(peer.broadcast_async(
+            std::span<std::uint8_t>(reinterpret_cast<std::uint8_t*>(saved[i].data()), saved[i].size()), source,
+            "aikido/elastic/state/" + e.name));
+      }
+    }
+    std::exception_ptr error;
+    for (auto& w : works) {
+      try {
+        w.wait();
+      } catch (...) {
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    if (!sending) {
+      for (std::size_t i = 0; i < entries_.size(); ++i) {
+        if (!entries_[i].fixed()) entries_[i].load(saved[i]);
+      }
+    }
+  }
+  if (is_new) snapshots_.clear();
+  take_snapshot(std::uint64_t(std::max<std::int64_t>(newest, 0)) + 1);
+  needs_rollback_ = false;
+  established_ = true;
+  sync_count_ = 0;  // the check cadence restarts together on every member
+}
+
+SyncResult ElasticSession::leave(const ClusterSpec& target) {
+  removed_ = true;
+  stop_threads();
+  spec_ = target;
+  PeerConfig alone = config_.peer;
+  alone.cluster_version = target.version;
+  alone.rank = 0;
+  alone.size = 1;
+  alone.cancel = nullptr;
+  peer_->reconnect(alone);
+  return SyncResult::removed;
+}
+
+SyncResult ElasticSession::switch_to(ClusterSpec target, bool failure) {
+  const double agreed = unix_ms_now();
+  timings_ = ChangeTimings{};
+  timings_.from_version = spec_.version;
+  timings_.from_size = spec_.size();
+  timings_.failure = failure;
+  if (target.proposed_unix_ms > 0) timings_.decided_to_agreed = agreed - double(target.proposed_unix_ms);
+  if (failure) needs_rollback_ = true;
+  const auto deadline = SteadyClock::now() + config_.recovery_timeout;
+  for (;;) {
+    if (!target.contains(config_.worker_id)) return leave(target);
+    if (target.below_min()) {
+      // Wait for replacements; give up at the deadline.
+      auto next =
+          config_.membership->watch(target.version, std::chrono::duration_cast<std::chrono::milliseconds>(std::max(
+                                                        deadline - SteadyClock::now(), SteadyClock::duration(0))));
+      if (next) {
+        target = *next;
+        continue;
+      }
+      if (target.rank_of(config_.worker_id) == 0) write_checkpoint();
+      throw TimeoutError(
+          str_cat("the cluster lost workers and has ", target.size(), " of at least ", target.min_size,
+                  " (--min-np); no replacement joined within ", double(config_.recovery_timeout.count()) / 1000.0, " s",
+                  config_.checkpoint_path.empty() ? std::string("")
+                                                  : str_cat("; the last commit is in ", config_.checkpoint_path)));
+    }
+    const double connect_start = unix_ms_now();
+    try {
+      connect(target);
+      const double connected = unix_ms_now();
+      establish(!established_);  // a worker that never received the state still has none
+      timings_.to_version = spec_.version;
+      timings_.to_size = spec_.size();
+      timings_.agree_to_connected = connected - connect_start;
+      timings_.connected_to_restored = unix_ms_now() - connected;
+      if (target.proposed_unix_ms > 0) timings_.decided_to_restored = unix_ms_now() - double(target.proposed_unix_ms);
+      return SyncResult::changed;
+    } catch (const Error& e) {
+      // Superseded while connecting, or a member failed during the change: go on with the newest version.
+      if (SteadyClock::now() >= deadline) throw;
+      log::info("worker ", config_.worker_id, ": change to ", target.describe(), " failed: ", e.what());
+      needs_rollback_ = true;
+      target = next_spec_after_failure(deadline);
+    }
+  }
+}
+
+ClusterSpec ElasticSession::next_spec_after_failure(SteadyClock::time_point deadline) {
+  const std::uint64_t current = spec_.version;
+  for (;;) {
+    auto latest = config_.membership->latest();
+    if (latest && latest->version > current) return *latest;
+    // Nobody proposed yet: propose the cluster without the workers whose connections ended.
+    std::vector<std::uint64_t> lost;
+    for (int r : peer_->lost_ranks()) {
+      if (r < spec_.size()) lost.push_back(spec_.workers[std::size_t(r)].id);
+    }
+    if (!lost.empty() && latest && latest->version == current) {
+      ClusterSpec next = spec_.without(lost, "lost");
+      next.proposed_unix_ms = unix_ms();
+      if (!next.workers.empty() && config_.membership->propose(next)) {
+        latest_seen_ = std::max(latest_seen_.load(), next.version);
+        log::warn("worker ", config_.worker_id, ": proposed ", next.describe());
+        return next;
+      }
+      continue;
+    }
+    const auto now = SteadyClock::now();
+    if (now >= deadline) {
+      throw TimeoutError(str_cat("worker ", config_.worker_id, ": no new cluster version after a failure at version ",
+                                 current, " within ", double(config_.recovery_timeout.count()) / 1000.0,
+                                 " s; no lost worker is known and nobody proposed a new membership"));
+    }
+    config_.membership->watch(current, std::min(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now),
+                                                std::chrono::milliseconds(50)));
+  }
+}
+
+SyncResult ElasticSession::recover() {
+  if (!elastic()) {
+    if (auto error = std::current_exception()) std::rethrow_exception(error);
+    throw ConfigError("recover() needs an elastic job (aikido-run --elastic)");
+  }
+  // The recovery is this step's boundary: new workers start their step right after establishing, so the next
+  // sync() must not run a check they would not run.
+  recovered_outside_sync_ = true;
+  return recover_in_sync();
+}
+
+SyncResult ElasticSession::recover_in_sync() {
+  if (removed_) return SyncResult::removed;
+  needs_rollback_ = true;
+  const auto deadline = SteadyClock::now() + config_.recovery_timeout;
+  return switch_to(next_spec_after_failure(deadline), true);
+}
+
+SyncResult ElasticSession::sync(std::int64_t step) {
+  if (removed_) return SyncResult::removed;
+  step_ = step;
+  if (recovered_outside_sync_) {
+    recovered_outside_sync_ = false;
+    return SyncResult::unchanged;
+  }
+  if (!established_) {
+    try {
+      establish(!established_);
+    } catch (const PeerLostError&) {
+      return recover_in_sync();
+    } catch (const TimeoutError&) {
+      return recover_in_sync();
+    }
+    return joined_late_ ? SyncResult::changed : SyncResult::unchanged;
+  }
+  if (!elastic()) return SyncResult::unchanged;
+  if (++sync_count_ % std::uint64_t(config_.check_every) != 0) return SyncResult::unchanged;
+  std::int64_t version = std::int64_t(latest_seen_.load());
+  try {
+    peer_->allreduce(std::span<std::int64_t>(&version, 1), ReduceOp::max, "aikido/elastic/check");
+  } catch (const PeerLostError&) {
+    return recover_in_sync();
+  } catch (const TimeoutError&) {
+    return recover_in_sync();
+  }
+  if (std::uint64_t(version) <= spec_.version) return SyncResult::unchanged;
+  auto target = config_.membership->get(std::uint64_t(version));
+  if (!target) throw ProtocolError(str_cat("cluster version ", version, " was announced but is not in the store"));
+  return switch_to(*target, false);
+}
+
+std::uint64_t ElasticSession::request_resize(int n) {
+  if (!elastic()) throw ConfigError("resizing needs an elastic job: run under aikido-run --elastic");
+  for (;;) {
+    auto latest = config_.membership->latest();
+    if (!latest) throw Error("the membership store holds no cluster spec");
+    if (latest->size() == n) return latest->version;
+    ClusterSpec next = latest->resized(n, latest->workers.front().host);
+    next.proposed_unix_ms = unix_ms();
+    if (config_.membership->propose(next)) {
+      latest_seen_ = std::max(latest_seen_.load(), next.version);
+      return next.version;
+    }
+  }
+}
+
+SyncResult ElasticSession::resize(int n) {
+  if (!elastic()) throw ConfigError("resizing needs an elastic job: run under aikido-run --elastic");
+  if (n < spec_.min_size || n > spec_.max_size) {
+    throw ConfigError(str_cat("cannot resize to ", n, " workers: the job allows ", spec_.min_size, " to ",
+                              spec_.max_size, " (--min-np, --max-np)"));
+  }
+  std::int64_t version = std::int64_t(latest_seen_.load());
+  if (rank() == 0) version = std::max(version, std::int64_t(request_resize(n)));
+  try {
+    peer_->allreduce(std::span<std::int64_t>(&version, 1), ReduceOp::max, "aikido/elastic/resize");
+  } catch (const PeerLostError&) {
+    return recover_in_sync();
+  } catch (const TimeoutError&) {
+    return recover_in_sync();
+  }
+  if (std::uint64_t(version) <= spec_.version) return SyncResult::unchanged;
+  auto target = config_.membership->get(std::uint64_t(version));
+  if (!target) throw ProtocolError(str_cat("cluster version ", version, " was announced but is not in the store"));
+  return switch_to(*target, false);
+}
+
+void ElasticSession::write_checkpoint() {
+  if (config_.checkpoint_path.empty() || snapshots_.empty()) return;
+  // Format: "AIKIDOCK", u64 commit, u64 entries, then per entry u64 name length, name, u64 size, bytes.
+  const Snapshot& s = snapshots_.back();
+  const std::string tmp = config_.checkpoint_path + ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) {
+    log::warn("cannot write the checkpoint ", tmp);
+    return;
+  }
+  auto put = [&](const void* p, std::size_t n) { std::fwrite(p, 1, n, f); };
+  auto put_u64 = [&](std::uint64_t v) { put(&v, sizeof v); };
+  put("AIKIDOCK", 8);
+  put_u64(s.seq);
+  put_u64(entries_.size());
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    put_u64(entries_[i].name.size());
+    put(entries_[i].name.data(), entries_[i].name.size());
+    put_u64(s.values[i].size());
+    put(s.values[i].data(), s.values[i].size());
+  }
+  const bool ok = std::fflush(f) == 0;
+  std::fclose(f);
+  if (ok && std::rename(tmp.c_str(), config_.checkpoint_path.c_str()) == 0) {
+    log::warn("wrote the last commit (", s.seq, ") to ", config_.checkpoint_path);
+  } else {
+    log::warn("cannot write the checkpoint ", config_.checkpoint_path);
+  }
+}
+
+}  // namespace aikido

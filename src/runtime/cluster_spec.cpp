@@ -1,0 +1,156 @@
+#include <aikido/cluster_spec.hpp>
+#include <aikido/errors.hpp>
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <set>
+
+#include "base/error.hpp"
+
+namespace aikido {
+
+using detail::str_cat;
+
+namespace {
+
+constexpr std::size_t kMaxLineBytes = 1024;
+
+std::uint64_t parse_u64(std::string_view field, std::string_view value) {
+  const std::string text(value);
+  errno = 0;
+  char* end = nullptr;
+  const unsigned long long v = std::strtoull(text.c_str(), &end, 10);
+  if (text.empty() || text[0] == '-' || errno != 0 || *end != '\0') {
+    throw ProtocolError(str_cat("cluster spec: ", field, " '", text, "' is not a non-negative integer"));
+  }
+  return v;
+}
+
+}  // namespace
+
+int ClusterSpec::rank_of(std::uint64_t id) const {
+  for (std::size_t i = 0; i < workers.size(); ++i) {
+    if (workers[i].id == id) return int(i);
+  }
+  return -1;
+}
+
+void ClusterSpec::validate() const {
+  const std::string where = str_cat("cluster spec version ", version, ": ");
+  if (min_size < 1 || max_size < min_size || max_size > kMaxWorkers) {
+    throw ConfigError(str_cat(where, "min size ", min_size, " and max size ", max_size,
+                              " must satisfy 1 <= min <= max <= ", kMaxWorkers));
+  }
+  if (workers.empty()) throw ConfigError(where + "a cluster needs at least one worker");
+  if (size() > max_size) {
+    throw ConfigError(str_cat(where, size(), " workers exceed the maximum of ", max_size, " (--max-np)"));
+  }
+  std::set<std::uint64_t> ids;
+  for (const auto& w : workers) {
+    if (!ids.insert(w.id).second) throw ConfigError(str_cat(where, "worker id ", w.id, " appears twice"));
+    if (w.id >= next_id) throw ConfigError(str_cat(where, "worker id ", w.id, " is not below next_id ", next_id));
+    if (w.host.empty() || w.host.find_first_of(" \n") != std::string::npos) {
+      throw ConfigError(str_cat(where, "worker ", w.id, " has an empty or malformed host name"));
+    }
+  }
+  if (reason.find('\n') != std::string::npos) throw ConfigError(where + "the reason must be one line");
+}
+
+ClusterSpec ClusterSpec::resized(int n, const std::string& host, std::string why) const {
+  if (n < min_size || n > max_size) {
+    throw ConfigError(str_cat("cannot resize to ", n, " workers: the job allows ", min_size, " to ", max_size,
+                              " (--min-np, --max-np)"));
+  }
+  ClusterSpec next = *this;
+  next.version = version + 1;
+  next.reason = std::move(why);
+  if (n < size()) next.workers.resize(std::size_t(n));
+  while (next.size() < n) next.workers.push_back({next.next_id++, host});
+  next.validate();
+  return next;
+}
+
+ClusterSpec ClusterSpec::without(const std::vector<std::uint64_t>& ids, std::string why) const {
+  ClusterSpec next = *this;
+  next.version = version + 1;
+  next.reason = std::move(why);
+  std::erase_if(next.workers,
+                [&](const WorkerSpec& w) { return std::find(ids.begin(), ids.end(), w.id) != ids.end(); });
+  return next;
+}
+
+ClusterSpec::Diff ClusterSpec::diff(const ClusterSpec& next) const {
+  Diff d;
+  for (const auto& w : next.workers) {
+    if (!contains(w.id)) d.added.push_back(w.id);
+  }
+  for (const auto& w : workers) {
+    if (!next.contains(w.id)) d.removed.push_back(w.id);
+  }
+  return d;
+}
+
+std::string ClusterSpec::encode() const {
+  std::string out = str_cat("version=", version, "\nmin=", min_size, "\nmax=", max_size, "\nnext_id=", next_id,
+                            "\nreason=", reason, "\nproposed_ms=", proposed_unix_ms, "\n");
+  for (const auto& w : workers) out += str_cat("worker=", w.id, " ", w.host, "\n");
+  return out;
+}
+
+ClusterSpec ClusterSpec::decode(std::string_view text) {
+  ClusterSpec spec;
+  spec.workers.clear();
+  bool have_version = false;
+  std::size_t begin = 0;
+  while (begin < text.size()) {
+    std::size_t end = text.find('\n', begin);
+    if (end == std::string_view::npos) end = text.size();
+    const std::string_view line = text.substr(begin, end - begin);
+    begin = end + 1;
+    if (line.empty()) continue;
+    if (line.size() > kMaxLineBytes) throw ProtocolError("cluster spec: a line is too long");
+    const auto eq = line.find('=');
+    if (eq == std::string_view::npos) {
+      throw ProtocolError(str_cat("cluster spec: line '", line, "' is not KEY=VALUE"));
+    }
+    const std::string_view key = line.substr(0, eq), value = line.substr(eq + 1);
+    if (key == "version") {
+      spec.version = parse_u64(key, value);
+      have_version = true;
+    } else if (key == "min") {
+      spec.min_size = int(std::min<std::uint64_t>(parse_u64(key, value), 1u << 30));
+    } else if (key == "max") {
+      spec.max_size = int(std::min<std::uint64_t>(parse_u64(key, value), 1u << 30));
+    } else if (key == "next_id") {
+      spec.next_id = parse_u64(key, value);
+    } else if (key == "reason") {
+      spec.reason = std::string(value);
+    } else if (key == "proposed_ms") {
+      spec.proposed_unix_ms = std::int64_t(parse_u64(key, value));
+    } else if (key == "worker") {
+      if (spec.workers.size() >= std::size_t(kMaxWorkers)) throw ProtocolError("cluster spec: too many workers");
+      const auto space = value.find(' ');
+      if (space == std::string_view::npos) {
+        throw ProtocolError(str_cat("cluster spec: worker line '", line, "' is not 'worker=ID HOST'"));
+      }
+      spec.workers.push_back({parse_u64("worker id", value.substr(0, space)), std::string(value.substr(space + 1))});
+    } else {
+      throw ProtocolError(str_cat("cluster spec: unknown key '", key, "'"));
+    }
+  }
+  if (!have_version) throw ProtocolError("cluster spec: no version line");
+  spec.validate();
+  return spec;
+}
+
+std::string ClusterSpec::describe() const {
+  std::string ids;
+  for (const auto& w : workers) {
+    if (!ids.empty()) ids += ' ';
+    ids += std::to_string(w.id);
+  }
+  return str_cat("version ", version, " (", reason, "): ", size(), " worker", size() == 1 ? "" : "s", " [", ids,
+                 "], min ", min_size, ", max ", max_size);
+}
+
+}  // namespace aikido

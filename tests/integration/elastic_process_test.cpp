@@ -1,0 +1,304 @@
+// Elastic jobs as real processes under aikido-run --elastic, with elastic_worker: resizes in a row with the
+// parameters equal everywhere after each, kill -9 of random workers (rank 0 included) with exact sample counts per
+// epoch, a stopped (SIGSTOP) worker found and removed, aikido-ctl, stale workers refused, and the stop below
+// --min-np with a checkpoint.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <regex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "subprocess.hpp"
+
+namespace aikido::testing {
+namespace {
+
+using namespace std::chrono_literals;
+
+const std::string kRun = AIKIDO_RUN_PATH;
+const std::string kCtl = AIKIDO_CTL_PATH;
+const std::string kWorker = ELASTIC_WORKER_PATH;
+constexpr auto kBound = 120s;
+
+// One JSON line of elastic_worker, fields as text.
+struct Event {
+  std::map<std::string, std::string> fields;
+  const std::string& operator[](const std::string& key) const {
+    static const std::string none;
+    auto it = fields.find(key);
+    return it == fields.end() ? none : it->second;
+  }
+  long long num(const std::string& key) const { return (*this)[key].empty() ? -1 : std::stoll((*this)[key]); }
+};
+
+std::vector<Event> events(const std::string& out, const std::string& kind = "") {
+  static const std::regex field(R"re("([a-z_]+)":("([^"]*)"|[^,}]*))re");
+  std::vector<Event> result;
+  std::size_t begin = 0;
+  while (begin < out.size()) {
+    std::size_t end = out.find('\n', begin);
+    if (end == std::string::npos) break;  // an unfinished line
+    const std::string line = out.substr(begin, end - begin);
+    begin = end + 1;
+    const auto brace = line.find("] {\"event\":");
+    if (brace == std::string::npos) continue;
+    Event e;
+    for (std::sregex_iterator it(line.begin() + long(brace), line.end(), field), stop; it != stop; ++it) {
+      e.fields[(*it)[1]] = (*it)[3].matched ? (*it)[3].str() : (*it)[2].str();
+    }
+    if (kind.empty() || e["event"] == kind) result.push_back(std::move(e));
+  }
+  return result;
+}
+
+// Every epoch report says the whole cluster processed each of the 60000 samples exactly once.
+void expect_exact_epochs(const std::string& out, int epochs) {
+  std::set<long long> finished;
+  for (const auto& e : events(out, "epoch")) {
+    EXPECT_EQ(e["global_samples"], "60000") << "worker " << e["worker"] << ", epoch " << e["finished_epoch"];
+    EXPECT_EQ(e["index_sum_ok"], "true") << "worker " << e["worker"] << ", epoch " << e["finished_epoch"];
+    finished.insert(e.num("finished_epoch"));
+  }
+  EXPECT_EQ(int(finished.size()), epochs);
+}
+
+// After each membership change every member reports the same parameters, and the last version's members all
+// finish with the same parameters.
+void expect_equal_parameters(const std::string& out) {
+  std::map<std::string, std::set<std::string>> params_by_version;
+  std::map<std::string, int> members;
+  for (const auto& e : events(out)) {
+    if (e["event"] != "changed" && e["event"] != "recovered") continue;
+    params_by_version[e["cluster_version"]].insert(e["params"]);
+    members[e["cluster_version"]] = int(e.num("workers"));
+  }
+  for (const auto& [version, params] : params_by_version) {
+    EXPECT_EQ(params.size(), 1u) << "members of cluster version " << version << " hold different parameters";
+  }
+  std::set<std::string> done;
+  for (const auto& e : events(out, "done")) done.insert(e["params"]);
+  EXPECT_EQ(done.size(), 1u) << "the workers finished with different parameters";
+}
+
+std::vector<std::string> elastic_job(std::vector<std::string> run_flags, std::vector<std::string> worker_flags) {
+  std::vector<std::string> argv = {kRun, "--elastic"};
+  argv.insert(argv.end(), run_flags.begin(), run_flags.end());
+  argv.push_back(kWorker);
+  argv.insert(argv.end(), worker_flags.begin(), worker_flags.end());
+  return argv;
+}
+
+// The newest step line: the current version and its members' pids by rank.
+struct Cluster {
+  long long version = -1;
+  long long step = -1;
+  std::map<long long, long long> pid_by_rank;
+};
+
+Cluster current_cluster(const std::string& out) {
+  Cluster c;
+  for (const auto& e : events(out, "step")) {
+    const long long v = e.num("cluster_version");
+    if (v > c.version) {
+      c.version = v;
+      c.pid_by_rank.clear();
+    }
+    if (v == c.version) {
+      c.pid_by_rank[e.num("rank")] = e.num("pid");
+      c.step = std::max(c.step, e.num("step"));
+    }
+  }
+  return c;
+}
+
+TEST(ElasticProcessTest, TwentyResizesInARowKeepTheParametersEqual) {
+  // Sizes between 1 and 4, each different from the previous one, at steps 3, 6, ..., 60.
+  const int sizes[20] = {4, 1, 3, 2, 4, 2, 1, 4, 3, 1, 2, 3, 4, 1, 2, 4, 1, 3, 2, 4};
+  std::string schedule;
+  for (int i = 0; i < 20; ++i)
+    schedule += (i ? "," : "") + std::to_string(3 * (i + 1)) + ":" + std::to_string(sizes[i]);
+  const auto r = run_process(
+      elastic_job({"-np", "2", "--max-np", "4", "--timeout", "20"}, {"--epochs", "2", "--schedule", schedule}), kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  std::map<long long, std::set<long long>> members;  // version -> workers that reported the change
+  for (const auto& e : events(r.out, "changed")) members[e.num("cluster_version")].insert(e.num("worker"));
+  for (int v = 1; v <= 20; ++v) {
+    ASSERT_EQ(int(members[v].size()), sizes[v - 1]) << "cluster version " << v << "\n" << r.describe();
+  }
+  expect_equal_parameters(r.out);
+  expect_exact_epochs(r.out, 2);
+  EXPECT_EQ(events(r.out, "done").size(), 4u) << r.describe();
+}
+
+TEST(ElasticProcessTest, KillNineOfRandomWorkersRankZeroIncluded) {
+  std::random_device device;
+  const unsigned seed = device();
+  std::mt19937 rng(seed);
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  Subprocess job(elastic_job({"-np", "3", "--max-np", "3", "--restart", "--timeout", "20"},
+                             {"--epochs", "3", "--step-ms", "4", "--print-every", "2"}));
+  long long version = 0;
+  for (int kill = 0; kill < 3; ++kill) {
+    const long long at_step = 20 + 60 * kill + std::uniform_int_distribution<int>(0, 20)(rng);
+    Cluster cluster;
+    ASSERT_TRUE(job.wait_for_output(
+        [&](const std::string& out, const std::string&) {
+          cluster = current_cluster(out);
+          return cluster.version >= version && cluster.step >= at_step && cluster.pid_by_rank.size() == 3;
+        },
+        60s))
+        << "the job did not reach step " << at_step << " with 3 workers";
+    const long long rank = kill == 0 ? 0 : std::uniform_int_distribution<int>(0, 2)(rng);
+    ASSERT_EQ(::kill(pid_t(cluster.pid_by_rank[rank]), SIGKILL), 0);
+    version = cluster.version + 1;
+    // The survivors recover and train on with the replacement before the next kill.
+    ASSERT_TRUE(job.wait_for_output(
+        [&](const std::string& out, const std::string&) {
+          const Cluster now = current_cluster(out);
+          return now.version >= version && now.pid_by_rank.size() == 3;
+        },
+        60s))
+        << "no recovery after killing rank " << rank << "\n"
+        << job.wait(kBound).describe();
+  }
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(count_of(r.err, "was killed by signal SIGKILL; removing it"), 3) << r.describe();
+  // Two survivors recover from each kill (in sync() or after a failed collective).
+  int recoveries = 0;
+  for (const auto& e : events(r.out)) recoveries += e["failure"] == "true" ? 1 : 0;
+  EXPECT_GE(recoveries, 6) << r.describe();
+  expect_equal_parameters(r.out);
+  expect_exact_epochs(r.out, 3);
+}
+
+TEST(ElasticProcessTest, StoppedWorkerIsDetectedAndRemoved) {
+  Subprocess job(elastic_job({"-np", "3", "--heartbeat-timeout", "1", "--timeout", "30"},
+                             {"--epochs", "2", "--step-ms", "4", "--print-every", "2"}));
+  Cluster cluster;
+  ASSERT_TRUE(job.wait_for_output(
+      [&](const std::string& out, const std::string&) {
+        cluster = current_cluster(out);
+        return cluster.step >= 20 && cluster.pid_by_rank.size() == 3;
+      },
+      60s));
+  ASSERT_EQ(::kill(pid_t(cluster.pid_by_rank[1]), SIGSTOP), 0);
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.err.find("stopped responding: no heartbeat"), std::string::npos) << r.describe();
+  EXPECT_EQ(current_cluster(r.out).pid_by_rank.size(), 2u) << r.describe();
+  EXPECT_LT(r.elapsed, 25s) << "the stop was found by the collective timeout (30 s), not the heartbeat";
+  expect_equal_parameters(r.out);
+  expect_exact_epochs(r.out, 2);
+}
+
+std::string temp_path(const std::string& name) {
+  return (std::filesystem::temp_directory_path() / (name + "-" + std::to_string(::getpid()))).string();
+}
+
+TEST(ElasticProcessTest, AikidoCtlShowsAndResizesTheJob) {
+  const std::string control = temp_path("aikido-ctl-test");
+  Subprocess job(elastic_job({"-np", "2", "--max-np", "4", "--control-file", control},
+                             {"--epochs", "3", "--step-ms", "5", "--print-every", "2"}));
+  ASSERT_TRUE(job.wait_for_output(
+      [&](const std::string& out, const std::string&) { return current_cluster(out).step >= 4; }, 60s));
+  struct stat st {};
+  ASSERT_EQ(::stat(control.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+
+  auto status = run_process({kCtl, "--control-file", control, "status"}, 30s);
+  ASSERT_TRUE(status.exited && status.exit_code == 0) << status.describe();
+  EXPECT_NE(status.out.find("cluster version 0 (initial): 2 workers, min 1, max 4"), std::string::npos) << status.out;
+  EXPECT_NE(status.out.find("rank 1: worker 1"), std::string::npos) << status.out;
+
+  auto too_many = run_process({kCtl, "--control-file", control, "resize", "5"}, 30s);
+  EXPECT_TRUE(too_many.exited && too_many.exit_code == 1) << too_many.describe();
+  EXPECT_NE(too_many.err.find("the job allows 1 to 4"), std::string::npos) << too_many.describe();
+  auto bad = run_process({kCtl, "--control-file", control, "resize", "zero"}, 30s);
+  EXPECT_TRUE(bad.exited && bad.exit_code == 2) << bad.describe();
+
+  // A request without the secret is refused.
+  const std::string forged = temp_path("aikido-ctl-forged");
+  {
+    std::ifstream in(control);
+    std::ofstream out(forged);
+    std::string line;
+    while (std::getline(in, line)) out << (line.starts_with("secret=") ? "secret=00112233" : line) << "\n";
+  }
+  auto refused = run_process({kCtl, "--control-file", forged, "resize", "3"}, 30s);
+  std::filesystem::remove(forged);
+  EXPECT_TRUE(refused.exited && refused.exit_code == 1) << refused.describe();
+  EXPECT_NE(refused.err.find("secret"), std::string::npos) << refused.describe();
+
+  for (int n : {3, 1, 4}) {
+    auto resized = run_process({kCtl, "--control-file", control, "resize", std::to_string(n)}, 30s);
+    ASSERT_TRUE(resized.exited && resized.exit_code == 0) << resized.describe();
+    ASSERT_TRUE(job.wait_for_output(
+        [&](const std::string& out, const std::string&) {
+          const Cluster c = current_cluster(out);
+          return int(c.pid_by_rank.size()) == n && (n != 1 || c.step >= 0);
+        },
+        60s))
+        << "the job did not reach " << n << " workers";
+    if (n == 1) {
+      // A worker removed by the resize cannot come back: its id is not in the current version.
+      std::map<std::string, std::string> values;
+      std::ifstream in(control);
+      std::string line;
+      while (std::getline(in, line)) {
+        const auto eq = line.find('=');
+        if (eq != std::string::npos) values[line.substr(0, eq)] = line.substr(eq + 1);
+      }
+      Subprocess::Options options;
+      options.set_env = {"AIKIDO_ELASTIC=1",
+                         "AIKIDO_WORKER_ID=1",
+                         "AIKIDO_STORE_ADDR=" + values["store"],
+                         "AIKIDO_SECRET=" + values["secret"],
+                         "AIKIDO_JOB_ID=" + values["job"],
+                         "AIKIDO_TIMEOUT=10"};
+      auto stale = run_process({kWorker}, 30s, options);
+      EXPECT_TRUE(stale.exited && stale.exit_code == 4) << stale.describe();
+      EXPECT_NE(stale.out.find("worker 1 is not a member of cluster version"), std::string::npos) << stale.describe();
+    }
+  }
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_FALSE(std::filesystem::exists(control)) << "aikido-run leaves its control file behind";
+  expect_equal_parameters(r.out);
+  expect_exact_epochs(r.out, 3);
+}
+
+TEST(ElasticProcessTest, BelowTheMinimumTheJobStopsAfterWritingACheckpoint) {
+  const std::string checkpoint = temp_path("aikido-checkpoint");
+  std::filesystem::remove(checkpoint);
+  Subprocess job(elastic_job({"-np", "2", "--min-np", "2", "--timeout", "2", "--checkpoint", checkpoint},
+                             {"--epochs", "50", "--step-ms", "4", "--print-every", "2"}));
+  Cluster cluster;
+  ASSERT_TRUE(job.wait_for_output(
+      [&](const std::string& out, const std::string&) {
+        cluster = current_cluster(out);
+        return cluster.step >= 10 && cluster.pid_by_rank.size() == 2;
+      },
+      60s));
+  ASSERT_EQ(::kill(pid_t(cluster.pid_by_rank[1]), SIGKILL), 0);
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code != 0) << r.describe();
+  EXPECT_NE(r.out.find("(--min-np); no replacement joined within 2 s"), std::string::npos) << r.describe();
+  std::ifstream in(checkpoint, std::ios::binary);
+  ASSERT_TRUE(in.good()) << "no checkpoint at " << checkpoint << "\n" << r.describe();
+  std::string magic(8, '\0');
+  in.read(magic.data(), 8);
+  EXPECT_EQ(magic, "AIKIDOCK");
+  std::filesystem::remove(checkpoint);
+}
+
+}  // namespace
+}  // namespace aikido::testing

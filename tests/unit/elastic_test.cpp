@@ -1,0 +1,347 @@
+// Elastic membership and the resize/recovery protocol, with workers as threads of this process: ClusterSpec
+// values, the versioned membership store, resizes with state transfer, recovery with rollback, and refusal of
+// connections from another cluster version.
+#include <gtest/gtest.h>
+
+#include <aikido/aikido.hpp>
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "cluster.hpp"
+#include "transport/handshake.hpp"
+#include "transport/socket.hpp"
+
+namespace aikido {
+namespace {
+
+using namespace std::chrono_literals;
+
+ClusterSpec spec_of(int n, int min = 1, int max = 8) {
+  ClusterSpec s;
+  s.min_size = min;
+  s.max_size = max;
+  for (int i = 0; i < n; ++i) s.workers.push_back({std::uint64_t(i), "h"});
+  s.next_id = std::uint64_t(n);
+  return s;
+}
+
+TEST(ClusterSpec, EncodeDecodeRoundTrip) {
+  ClusterSpec s = spec_of(3, 2, 5);
+  s.version = 7;
+  s.reason = "resize";
+  s.proposed_unix_ms = 1234;
+  EXPECT_EQ(ClusterSpec::decode(s.encode()), s);
+  EXPECT_NE(s.describe().find("version 7"), std::string::npos);
+}
+
+TEST(ClusterSpec, ValidationNamesTheProblem) {
+  ClusterSpec s = spec_of(2);
+  s.workers.push_back({0, "h"});
+  s.next_id = 5;
+  try {
+    s.validate();
+    FAIL() << "duplicate id accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("worker id 0 appears twice"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(spec_of(0).validate(), ConfigError);
+  EXPECT_THROW(spec_of(3, 4, 2).validate(), ConfigError);
+  EXPECT_THROW(spec_of(9, 1, 8).validate(), ConfigError);
+  EXPECT_THROW(ClusterSpec::decode("version=1\nworker=x h\n"), ProtocolError);
+  EXPECT_THROW(ClusterSpec::decode("min=1\n"), ProtocolError);
+  EXPECT_THROW(ClusterSpec::decode("version=1\nbogus=2\n"), ProtocolError);
+  EXPECT_THROW(ClusterSpec::decode("version=1\nnext_id=1\nworker=3 h\n"), ConfigError);  // id >= next_id
+}
+
+TEST(ClusterSpec, ResizeAndRemoveKeepRanksDense) {
+  const ClusterSpec s = spec_of(3, 1, 4);
+  const ClusterSpec up = s.resized(4, "h");
+  EXPECT_EQ(up.version, 1u);
+  ASSERT_EQ(up.size(), 4);
+  EXPECT_EQ(up.workers[3].id, 3u);
+  EXPECT_EQ(up.next_id, 4u);
+  const ClusterSpec down = up.resized(2, "h");
+  EXPECT_EQ(down.size(), 2);
+  EXPECT_EQ(down.rank_of(1), 1);
+  EXPECT_EQ(down.rank_of(2), -1);
+  const auto d = up.diff(down);
+  EXPECT_EQ(d.removed, (std::vector<std::uint64_t>{2, 3}));
+  EXPECT_TRUE(d.added.empty());
+  const ClusterSpec lost = up.without({0});
+  EXPECT_EQ(lost.rank_of(1), 0);  // ranks move down, rank 0 is replaceable
+  EXPECT_THROW(s.resized(5, "h"), ConfigError);
+  EXPECT_THROW(s.resized(0, "h"), ConfigError);
+}
+
+TEST(Membership, ProposeIsCompareAndSetOnTheNextVersion) {
+  auto m = make_membership_store(make_memory_store(), "job");
+  EXPECT_FALSE(m->latest().has_value());
+  ClusterSpec v0 = spec_of(2);
+  EXPECT_FALSE(m->propose(v0.resized(3, "h")));  // version 1 without a version 0
+  ASSERT_TRUE(m->propose(v0));
+  EXPECT_FALSE(m->propose(v0));  // version 0 exists
+  const ClusterSpec a = v0.resized(3, "h"), b = v0.resized(1, "h");
+  EXPECT_TRUE(m->propose(a));
+  EXPECT_FALSE(m->propose(b));  // lost the race for version 1
+  EXPECT_EQ(*m->latest(), a);
+  EXPECT_EQ(*m->get(0), v0);
+  EXPECT_FALSE(m->get(2).has_value());
+}
+
+TEST(Membership, WatchWakesOnTheNextVersion) {
+  auto m = make_membership_store(make_memory_store(), "job");
+  ASSERT_TRUE(m->propose(spec_of(2)));
+  EXPECT_FALSE(m->watch(0, 20ms).has_value());
+  std::thread t([&] { EXPECT_TRUE(m->propose(spec_of(2).resized(4, "h"))); });
+  auto seen = m->watch(0, 10s);
+  t.join();
+  ASSERT_TRUE(seen.has_value());
+  EXPECT_EQ(seen->version, 1u);
+  EXPECT_EQ(seen->size(), 4);
+}
+
+// A job of worker threads: the test plays the launcher, starting a thread for every worker a new version adds.
+class ThreadJob {
+ public:
+  using Body = std::function<void(ElasticSession&)>;
+
+  ThreadJob(int n, int max, Body body) : body_(std::move(body)) {
+    static std::atomic<int> counter{0};
+    job_id_ = "elastic" + std::to_string(counter++);
+    membership_ = make_membership_store(store_, job_id_);
+    ClusterSpec v0 = spec_of(n, 1, max);
+    EXPECT_TRUE(membership_->propose(v0));
+    for (const auto& w : v0.workers) start(w.id);
+  }
+
+  // Follows the membership until every worker thread has finished; rethrows the first worker error.
+  void run() {
+    std::uint64_t version = 0;
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (running_ == 0) break;
+      }
+      if (auto spec = membership_->watch(version, 20ms)) {
+        version = spec->version;
+        for (const auto& w : spec->workers) start(w.id);
+      }
+    }
+    for (auto& t : threads_) t.join();
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  std::shared_ptr<MembershipStore> membership() { return membership_; }
+
+ private:
+  void start(std::uint64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!started_.insert(id).second) return;
+    ++running_;
+    threads_.emplace_back([this, id] {
+      try {
+        ElasticConfig c;
+        c.peer = test::base_config();
+        c.peer.store = store_;
+        c.peer.job_id = job_id_;
+        c.membership = membership_;
+        c.worker_id = id;
+        ElasticSession session(c);
+        body_(session);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(mutex_);
+      --running_;
+    });
+  }
+
+  Body body_;
+  std::shared_ptr<Store> store_ = make_memory_store();
+  std::string job_id_;
+  std::shared_ptr<MembershipStore> membership_;
+  std::mutex mutex_;
+  std::set<std::uint64_t> started_;
+  std::vector<std::thread> threads_;
+  int running_ = 0;
+  std::exception_ptr error_;
+};
+
+constexpr std::int64_t kSteps = 24;
+constexpr std::size_t kDim = 1000;
+
+// Every rank's gradient at step s is (s + 1) * (i % 3 + 1), averaged over the current size: after kSteps steps
+// w[i] = (i % 3 + 1) * kSteps * (kSteps + 1) / 2 whatever the resizes and rollbacks, if state moved correctly.
+float expected_weight(std::size_t i) { return float((i % 3 + 1) * kSteps * (kSteps + 1) / 2); }
+
+struct Trainer {
+  std::vector<float> w = std::vector<float>(kDim, 0.0f);
+  std::int64_t step = 0;
+  void attach(ElasticSession& s) {
+    s.register_span("w", std::span<float>(w));
+    s.register_value("step", step);
+  }
+  void train_step(ElasticSession& s) {
+    std::vector<float> g(kDim);
+    for (std::size_t i = 0; i < kDim; ++i) g[i] = float((step + 1) * std::int64_t(i % 3 + 1));
+    s.peer().allreduce(std::span<float>(g), ReduceOp::sum, "grad");
+    for (std::size_t i = 0; i < kDim; ++i) w[i] += g[i] / float(s.size());
+    ++step;
+  }
+  void check_equal_everywhere(ElasticSession& s) {
+    EXPECT_TRUE(s.peer().consensus(std::as_bytes(std::span<const float>(w)), "check/w"))
+        << "parameters differ at version " << s.cluster_version();
+  }
+};
+
+TEST(ElasticSession, ResizesInARowMoveStateToNewWorkers) {
+  // size after step s (all ranks call resize at the same step)
+  const std::map<std::int64_t, int> schedule = {{3, 4}, {6, 1}, {9, 3}, {12, 2}, {15, 4}, {18, 2}};
+  std::atomic<int> changes{0};
+  ThreadJob job(2, 4, [&](ElasticSession& s) {
+    Trainer t;
+    t.attach(s);
+    while (t.step < kSteps) {
+      const SyncResult r = s.sync(t.step);
+      if (r == SyncResult::removed) return;
+      if (r == SyncResult::changed) t.check_equal_everywhere(s);
+      auto it = schedule.find(t.step);
+      if (it != schedule.end() && s.size() != it->second) {
+        if (s.resize(it->second) == SyncResult::removed) return;
+        EXPECT_EQ(s.size(), it->second) << "step " << t.step << " worker " << s.worker_id() << " version "
+                                        << s.cluster_version();
+        if (s.rank() == 0) ++changes;
+        t.check_equal_everywhere(s);
+      }
+      t.train_step(s);
+      if (t.step % 2 == 0) s.commit();
+    }
+    for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
+    EXPECT_EQ(s.size(), 2);
+  });
+  job.run();
+  EXPECT_EQ(changes.load(), 6);
+  EXPECT_EQ(job.membership()->latest()->version, 6u);
+}
+
+TEST(ElasticSession, SurvivorsRollBackAfterALostWorker) {
+  std::atomic<int> recoveries{0};
+  ThreadJob job(3, 4, [&](ElasticSession& s) {
+    Trainer t;
+    t.attach(s);
+    const std::uint64_t id = s.worker_id();
+    while (t.step < kSteps) {
+      if (s.sync(t.step) == SyncResult::removed) return;
+      // Worker 1 leaves abruptly in the middle of step 10 (after the commit of step 9 elsewhere).
+      if (id == 1 && t.step == 10) return;
+      try {
+        t.train_step(s);
+        if (t.step % 3 == 0) s.commit();
+      } catch (const PeerLostError&) {
+        const std::int64_t failed_at = t.step;
+        ASSERT_EQ(s.recover(), SyncResult::changed);
+        EXPECT_EQ(s.size(), 2);
+        EXPECT_LE(t.step, failed_at);  // rolled back to the commit
+        EXPECT_EQ(t.step % 3, 0);
+        if (s.rank() == 0) ++recoveries;
+        t.check_equal_everywhere(s);
+      }
+    }
+    for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
+  });
+  job.run();
+  EXPECT_EQ(recoveries.load(), 1);
+}
+
+TEST(ElasticSession, ResizeOutsideTheLimitsIsAConfigError) {
+  ThreadJob job(2, 3, [&](ElasticSession& s) {
+    s.sync();
+    EXPECT_THROW(s.resize(4), ConfigError);
+    EXPECT_THROW(s.peer().resize(0), ConfigError);
+    s.peer().barrier("end");
+  });
+  job.run();
+}
+
+TEST(ElasticSession, StaticSessionCommitsAndRollsBackLocally) {
+  PeerConfig c;
+  ElasticConfig ec;
+  ec.peer = c;
+  ElasticSession s(ec);
+  std::int64_t step = 0;
+  s.register_value("step", step);
+  EXPECT_EQ(s.sync(), SyncResult::unchanged);
+  EXPECT_FALSE(s.elastic());
+  step = 5;
+  s.commit();
+  EXPECT_THROW(s.resize(2), ConfigError);
+  EXPECT_THROW(s.peer().resize(2), ConfigError);
+}
+
+// A connection that claims an older cluster version is refused; the rendezvous of the current version goes on.
+TEST(ElasticSession, ConnectionOfAnOldVersionIsRefused) {
+  auto store = make_memory_store();
+  PeerConfig base = test::base_config();
+  base.store = store;
+  base.job_id = "versions";
+  base.transport = TransportKind::tcp;
+  base.size = 2;
+  base.cluster_version = 5;
+  std::thread first([&] {
+    PeerConfig c = base;
+    c.rank = 0;
+    Peer peer = Peer::create(c);
+    std::vector<float> x(4, 1.0f);
+    peer.allreduce(std::span<float>(x), ReduceOp::sum, "x");
+    EXPECT_EQ(x[0], 2.0f);
+  });
+  const std::string record = store->wait("versions/v5/endpoint/0", 10s);
+  const auto at = record.find("tcp=") + 4;
+  const std::string address = record.substr(at, record.find('\n', at) - at);
+  // Rank 0 accepts once every rank has published its address, so the stale rank knocks (first in the listen
+  // queue) while rank 1 joins.
+  transport::Socket stale = transport::connect(transport::Address::parse(address), transport::Clock::now() + 5s);
+  std::thread stale_rank([&] {
+    try {
+      transport::handshake_connect(stale, base.secret, transport::Channel::data, 4, 1, 10s);
+      ADD_FAILURE() << "a rank of cluster version 4 was accepted at version 5";
+    } catch (const ProtocolError& e) {
+      EXPECT_NE(std::string(e.what()).find("cluster version 4, the other side at 5"), std::string::npos) << e.what();
+    }
+  });
+  PeerConfig c = base;
+  c.rank = 1;
+  Peer peer = Peer::create(c);
+  std::vector<float> x(4, 1.0f);
+  peer.allreduce(std::span<float>(x), ReduceOp::sum, "x");
+  EXPECT_EQ(x[0], 2.0f);
+  stale_rank.join();
+  first.join();
+}
+
+TEST(ElasticSampler, GlobalPositionCoversTheEpochOnceAcrossResizes) {
+  ElasticSampler sampler(1000, 7);
+  std::vector<int> seen(1000, 0);
+  const int sizes[] = {1, 3, 4, 2, 4, 1};
+  int change = 0;
+  std::uint64_t steps = 0;
+  while (sampler.epoch() == 0) {
+    const int size = sizes[change++ % 6];  // a different size every step
+    for (int r = 0; r < size; ++r) {
+      const auto range = sampler.shard(r, size, 37);
+      for (auto p = range.begin; p < range.end; ++p) ++seen[sampler.index(p)];
+    }
+    sampler.advance(size, 37);
+    ++steps;
+  }
+  for (int i = 0; i < 1000; ++i) ASSERT_EQ(seen[std::size_t(i)], 1) << "sample " << i;
+  EXPECT_EQ(sampler.position(), 0u);
+  EXPECT_GT(steps, 5u);
+}
+
+}  // namespace
+}  // namespace aikido

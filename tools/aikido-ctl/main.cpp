@@ -1,0 +1,143 @@
+// aikido-ctl: inspects and resizes a running elastic job through the control file aikido-run wrote.
+//
+//   aikido-ctl --control-file F status        the cluster: version, workers, their rank and step
+//   aikido-ctl --control-file F resize N      asks for N workers (a new cluster version; workers switch at their
+//                                             next step boundary, aikido-run starts or stops processes)
+//
+// The control file holds the address of the job's store and the job secret; the store refuses connections that do
+// not prove the secret. Exit status: 0 done, 1 the request failed, 2 bad command line.
+#include <aikido/aikido.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+
+namespace {
+
+constexpr auto kTimeout = std::chrono::seconds(10);
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+const char* kUsage =
+    "usage: aikido-ctl --control-file F status\n"
+    "       aikido-ctl --control-file F resize N\n"
+    "\n"
+    "F is the file given to aikido-run --elastic --control-file F. status prints the cluster version, its workers\n"
+    "and their step; resize N asks for N workers (within the job's --min-np and --max-np).\n";
+
+std::map<std::string, std::string> read_key_values(const std::string& text, char separator) {
+  std::map<std::string, std::string> values;
+  std::istringstream in(text);
+  std::string item;
+  while (separator == '\n' ? static_cast<bool>(std::getline(in, item)) : static_cast<bool>(in >> item)) {
+    if (item.empty() || item[0] == '#') continue;
+    const auto eq = item.find('=');
+    if (eq != std::string::npos) values[item.substr(0, eq)] = item.substr(eq + 1);
+  }
+  return values;
+}
+
+struct Control {
+  std::string store;
+  std::string secret;
+  std::string job;
+};
+
+Control read_control_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw aikido::ConfigError("cannot read the control file '" + path + "'; is the job running?");
+  std::stringstream text;
+  text << in.rdbuf();
+  auto values = read_key_values(text.str(), '\n');
+  Control c{values["store"], values["secret"], values["job"]};
+  if (c.store.empty() || c.secret.empty() || c.job.empty()) {
+    throw aikido::ConfigError("the control file '" + path + "' lacks store=, secret= or job=");
+  }
+  return c;
+}
+
+int status(aikido::Store& store, aikido::MembershipStore& membership, const Control& control) {
+  const auto spec = membership.latest();
+  if (!spec) throw aikido::Error("the job has not published a cluster yet");
+  std::printf("cluster version %llu (%s): %d worker%s, min %d, max %d\n", (unsigned long long)spec->version,
+              spec->reason.c_str(), spec->size(), spec->size() == 1 ? "" : "s", spec->min_size, spec->max_size);
+  for (int rank = 0; rank < spec->size(); ++rank) {
+    const auto& w = spec->workers[std::size_t(rank)];
+    const auto value = store.get(aikido::worker_status_key(control.job, w.id));
+    auto fields = read_key_values(value.value_or(""), ' ');
+    std::printf("  rank %d: worker %llu on %s, step %s, at version %s\n", rank, (unsigned long long)w.id,
+                w.host.c_str(), fields.count("step") ? fields["step"].c_str() : "?",
+                fields.count("version") ? fields["version"].c_str() : "?");
+  }
+  return 0;
+}
+
+int resize(aikido::MembershipStore& membership, int n) {
+  for (;;) {
+    const auto spec = membership.latest();
+    if (!spec) throw aikido::Error("the job has not published a cluster yet");
+    if (spec->size() == n) {
+      std::printf("cluster version %llu already has %d workers\n", (unsigned long long)spec->version, n);
+      return 0;
+    }
+    aikido::ClusterSpec next = spec->resized(n, spec->workers.front().host);
+    next.proposed_unix_ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+            .count();
+    if (membership.propose(next)) {
+      std::printf("asked for %d workers: cluster version %llu\n", n, (unsigned long long)next.version);
+      return 0;
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    std::string control_file, command;
+    int n = 0;
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      if (arg == "-h" || arg == "--help") {
+        std::fputs(kUsage, stdout);
+        return 0;
+      }
+      if (arg == "--control-file" && i + 1 < argc) {
+        control_file = argv[++i];
+      } else if (arg.starts_with("--control-file=")) {
+        control_file = arg.substr(15);
+      } else if (command.empty() && (arg == "status" || arg == "resize")) {
+        command = arg;
+        if (arg == "resize") {
+          if (i + 1 >= argc) throw UsageError("resize needs the number of workers");
+          char* end = nullptr;
+          const long v = std::strtol(argv[++i], &end, 10);
+          if (*end != '\0' || v < 1 || v > aikido::ClusterSpec::kMaxWorkers) {
+            throw UsageError(std::string("resize: '") + argv[i] + "' is not a number of workers");
+          }
+          n = int(v);
+        }
+      } else {
+        throw UsageError("unexpected argument '" + arg + "'");
+      }
+    }
+    if (control_file.empty()) throw UsageError("missing --control-file F");
+    if (command.empty()) throw UsageError("missing command: status or resize N");
+    const Control control = read_control_file(control_file);
+    auto store = aikido::connect_tcp_store(control.store, control.secret, std::chrono::milliseconds(kTimeout));
+    auto membership = aikido::make_membership_store(store, control.job);
+    return command == "status" ? status(*store, *membership, control) : resize(*membership, n);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "aikido-ctl: %s\n%s", e.what(), kUsage);
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "aikido-ctl: %s\n", e.what());
+    return 1;
+  }
+}

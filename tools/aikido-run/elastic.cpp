@@ -1,0 +1,227 @@
+#include "elastic.hpp"
+
+#include <sys/eventfd.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <aikido/errors.hpp>
+#include <cstring>
+#include <optional>
+
+#include "base/env.hpp"
+#include "elastic/store_server.hpp"
+#include "output.hpp"
+#include "transport/socket.hpp"
+
+namespace aikido::run {
+namespace {
+
+using SteadyClock = std::chrono::steady_clock;
+
+// A removed worker leaves at its next step boundary; past this it is stopped.
+constexpr std::chrono::seconds kLeaveGrace{10};
+
+std::int64_t unix_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string describe_status(int status) {
+  if (WIFSIGNALED(status)) {
+    const char* abbrev = ::sigabbrev_np(WTERMSIG(status));
+    return std::string("was killed by signal ") +
+           (abbrev ? std::string("SIG") + abbrev : std::to_string(WTERMSIG(status)));
+  }
+  return "exited with status " + std::to_string(WEXITSTATUS(status));
+}
+
+}  // namespace
+
+ElasticController::ElasticController(const Options& options, elastic::StoreServer& server, std::string job_id,
+                                     std::vector<std::string> shared_environment)
+    : options_(options),
+      job_id_(std::move(job_id)),
+      host_(transport::host_name()),
+      shared_environment_(std::move(shared_environment)),
+      store_(server.local_store()),
+      membership_(make_membership_store(store_, job_id_)) {
+  // Per-worker values replace the shared ones.
+  std::erase_if(shared_environment_, [](const std::string& e) {
+    for (const char* name : {env::kSize, env::kLocalSize, env::kClusterVersion}) {
+      if (e.starts_with(std::string(name) + "=")) return true;
+    }
+    return false;
+  });
+  ClusterSpec v0;
+  v0.min_size = options.min_np;
+  v0.max_size = options.max_np;
+  for (int i = 0; i < options.np; ++i) v0.workers.push_back({std::uint64_t(i), host_});
+  v0.next_id = std::uint64_t(options.np);
+  v0.proposed_unix_ms = unix_ms();
+  if (!membership_->propose(v0)) throw Error("cannot publish cluster version 0 in the job's store");
+  wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake_fd_ < 0) throw Error(std::string("eventfd: ") + std::strerror(errno));
+  watcher_ = std::thread([this] { watch_loop(); });
+}
+
+ElasticController::~ElasticController() {
+  stopping_ = true;
+  if (watcher_.joinable()) watcher_.join();
+  ::close(wake_fd_);
+}
+
+void ElasticController::watch_loop() {
+  std::uint64_t version = 0;
+  while (!stopping_) {
+    try {
+      if (auto spec = membership_->watch(version, std::chrono::milliseconds(200))) {
+        version = spec->version;
+        const std::uint64_t one = 1;
+        [[maybe_unused]] const ssize_t n = ::write(wake_fd_, &one, sizeof one);
+      }
+    } catch (const Error&) {
+      return;  // the store is stopping
+    }
+  }
+}
+
+std::vector<Supervisor::Worker> ElasticController::initial_workers() {
+  const ClusterSpec spec = *membership_->get(0);
+  std::vector<Supervisor::Worker> workers;
+  for (const auto& w : spec.workers) {
+    workers.push_back(worker_for(spec, w.id));
+    started_.insert(w.id);
+  }
+  return workers;
+}
+
+Supervisor::Worker ElasticController::worker_for(const ClusterSpec& spec, std::uint64_t id) const {
+  Supervisor::Worker worker;
+  worker.rank = spec.rank_of(id);
+  worker.id = id;
+  worker.environment = shared_environment_;
+  auto add = [&](const char* name, const std::string& value) {
+    worker.environment.push_back(std::string(name) + "=" + value);
+  };
+  add(env::kElastic, "1");
+  add(env::kWorkerId, std::to_string(id));
+  add(env::kRank, std::to_string(worker.rank));
+  add(env::kLocalRank, std::to_string(worker.rank));
+  add(env::kSize, std::to_string(spec.size()));
+  add(env::kLocalSize, std::to_string(spec.size()));
+  add(env::kClusterVersion, std::to_string(spec.version));
+  if (!options_.checkpoint.empty()) add(env::kCheckpoint, options_.checkpoint);
+  return worker;
+}
+
+void ElasticController::on_wake(Supervisor& supervisor) {
+  std::uint64_t count;
+  while (::read(wake_fd_, &count, sizeof count) > 0) {
+  }
+  reconcile(supervisor);
+  check_heartbeats(supervisor);
+}
+
+void ElasticController::reconcile(Supervisor& supervisor) {
+  const auto spec = membership_->latest();
+  if (!spec) return;
+  for (const auto& w : spec->workers) {
+    if (started_.insert(w.id).second) {
+      report("aikido-run: starting worker " + std::to_string(w.id) + " as rank " + std::to_string(spec->rank_of(w.id)) +
+             " of cluster version " + std::to_string(spec->version));
+      supervisor.start_worker(worker_for(*spec, w.id));
+    }
+  }
+  const auto now = SteadyClock::now();
+  for (std::uint64_t id : supervisor.running_workers()) {
+    if (spec->contains(id)) continue;
+    auto [it, fresh] = removed_since_.emplace(id, now);
+    if (!fresh && now - it->second >= kLeaveGrace) {
+      report("aikido-run: worker " + std::to_string(id) +
+             " was removed from the cluster but has not left; stopping it");
+      supervisor.stop_worker(id);
+      it->second = now + std::chrono::hours(24);  // once
+    }
+  }
+}
+
+void ElasticController::check_heartbeats(Supervisor& supervisor) {
+  const auto spec = membership_->latest();
+  if (!spec) return;
+  const auto now = SteadyClock::now();
+  const auto timeout = std::chrono::milliseconds(std::int64_t(options_.heartbeat_timeout_s * 1000));
+  for (std::uint64_t id : supervisor.running_workers()) {
+    if (!spec->contains(id)) continue;
+    const auto value = store_->get(worker_status_key(job_id_, id));
+    if (!value || value->starts_with("state=left")) continue;  // not started yet, or finished
+    Heartbeat& hb = heartbeats_[id];
+    if (*value != hb.value) {
+      hb.value = *value;
+      hb.changed = now;
+      continue;
+    }
+    if (!hb.killed && now - hb.changed >= timeout) {
+      hb.killed = true;
+      report("aikido-run: worker " + std::to_string(id) + " (rank " + std::to_string(spec->rank_of(id)) +
+             ") stopped responding: no heartbeat for " + std::to_string(options_.heartbeat_timeout_s) +
+             " s; killing it (SIGKILL)");
+      supervisor.kill_worker(id);
+    }
+  }
+}
+
+std::optional<ClusterSpec> ElasticController::last_spec_with(std::uint64_t id, std::string* removed_by) const {
+  const auto latest = membership_->latest();
+  if (!latest) return std::nullopt;
+  std::string reason = latest->reason;
+  for (std::uint64_t v = latest->version + 1; v-- > 0;) {
+    auto spec = membership_->get(v);
+    if (!spec) return std::nullopt;
+    if (spec->contains(id)) {
+      if (removed_by) *removed_by = reason;
+      return spec;
+    }
+    reason = spec->reason;
+  }
+  return std::nullopt;
+}
+
+bool ElasticController::on_exit(Supervisor& supervisor, std::uint64_t id, int status) {
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return true;  // finished its work, or left the cluster
+  std::string removed_by;
+  const auto last = last_spec_with(id, &removed_by);
+  if (!last) return true;
+  const bool member = membership_->latest()->contains(id);
+  // Stopped or crashed after a planned shrink removed it: the cluster is meant to be smaller.
+  if (!member && removed_by == "resize") return true;
+  report("aikido-run: worker " + std::to_string(id) + " (rank " + std::to_string(last->rank_of(id)) + ") " +
+         describe_status(status) + "; removing it from the cluster" +
+         (options_.restart ? " and starting a replacement" : ""));
+  for (;;) {
+    const auto spec = membership_->latest();
+    ClusterSpec next = spec->contains(id) ? spec->without({id}, "lost") : *spec;
+    next.version = spec->version + 1;
+    if (options_.restart && next.size() < next.max_size) {
+      next.workers.push_back({next.next_id++, host_});
+      next.reason = "restart";
+    }
+    if (next.workers == spec->workers) break;  // the survivors removed it already, nothing to add
+    if (next.workers.empty()) {
+      report("aikido-run: no worker is left in the cluster");
+      return false;
+    }
+    next.proposed_unix_ms = unix_ms();
+    if (membership_->propose(next)) {
+      report("aikido-run: cluster " + next.describe());
+      break;
+    }
+  }
+  reconcile(supervisor);
+  for (std::uint64_t running : supervisor.running_workers()) {
+    if (membership_->latest()->contains(running)) return true;
+  }
+  report("aikido-run: no worker of the cluster is running");
+  return false;
+}
+
+}  // namespace aikido::run

@@ -1,0 +1,77 @@
+// aikido-run --elastic: follows the job's membership store, starts and stops workers, removes lost ones.
+#pragma once
+
+#include <aikido/elastic.hpp>
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "options.hpp"
+#include "supervisor.hpp"
+
+namespace aikido::elastic {
+class StoreServer;
+}
+
+namespace aikido::run {
+
+/// The launcher's side of an elastic job (the workers' side is aikido::ElasticSession).
+///
+/// - Publishes cluster version 0 with -np workers, --min-np and --max-np.
+/// - Follows the store (a watcher thread wakes the supervisor through an eventfd): starts every worker of the
+///   latest version that has no process yet; a worker that a version removed gets time to leave at its next step
+///   boundary, then is stopped.
+/// - A worker that crashes (any exit but status 0) is removed with a new version, and with --restart replaced by
+///   a new worker in the same version; the survivors recover (ElasticSession::recover).
+/// - A worker whose heartbeat (the status key its session updates) stays unchanged for --heartbeat-timeout is
+///   killed, which makes it a crashed worker: this is how a stopped (SIGSTOP) or frozen worker is found.
+class ElasticController final : public Controller {
+ public:
+  ElasticController(const Options& options, elastic::StoreServer& server, std::string job_id,
+                    std::vector<std::string> shared_environment);
+  ~ElasticController() override;
+
+  /// The workers of version 0.
+  std::vector<Supervisor::Worker> initial_workers();
+
+  int wake_fd() const override { return wake_fd_; }
+  std::chrono::milliseconds tick() const override { return std::chrono::milliseconds(100); }
+  void on_wake(Supervisor& supervisor) override;
+  bool on_exit(Supervisor& supervisor, std::uint64_t id, int status) override;
+
+ private:
+  struct Heartbeat {
+    std::string value;
+    std::chrono::steady_clock::time_point changed;
+    bool killed = false;
+  };
+
+  /// The newest spec that still holds worker `id`, and the reason of the version that removed it (empty while it
+  /// is a member).
+  std::optional<ClusterSpec> last_spec_with(std::uint64_t id, std::string* removed_by) const;
+  Supervisor::Worker worker_for(const ClusterSpec& spec, std::uint64_t id) const;
+  void reconcile(Supervisor& supervisor);
+  void check_heartbeats(Supervisor& supervisor);
+  void watch_loop();
+
+  const Options options_;
+  const std::string job_id_;
+  const std::string host_;
+  std::vector<std::string> shared_environment_;
+  std::shared_ptr<Store> store_;
+  std::shared_ptr<MembershipStore> membership_;
+  int wake_fd_ = -1;
+  std::atomic<bool> stopping_{false};
+  std::thread watcher_;
+  std::set<std::uint64_t> started_;
+  std::map<std::uint64_t, std::chrono::steady_clock::time_point> removed_since_;
+  std::map<std::uint64_t, Heartbeat> heartbeats_;
+};
+
+}  // namespace aikido::run
