@@ -6,10 +6,12 @@
 // Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist), or of --data DIR.
 #include <CLI/CLI.hpp>
 #include <aikido/aikido.hpp>
+#include <aikido/elastic.hpp>
 #include <aikido/torch.hpp>
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
@@ -76,6 +78,16 @@ torch::nn::Sequential make_model(const std::string& kind) {
                         nn::Flatten(), nn::Linear(32 * 7 * 7, 10));
 }
 
+// After a lost worker: the survivors agree on the cluster without it and roll back to the last commit. False when
+// this worker was left out.
+bool recover(aikido::ElasticSession& session, aikido::torch::DistributedOptimizer* opt, const std::string& what) {
+  std::cerr << "train_fashion_mnist: rank " << session.rank() << ": recovering after: " << what << std::endl;
+  if (opt) opt->finish_pending(/*after_failure=*/true);
+  if (session.recover() == aikido::SyncResult::removed) return false;
+  if (opt) opt->on_cluster_change();
+  return true;
+}
+
 torch::Tensor to_index(const std::vector<std::size_t>& indices) {
   auto t = torch::empty({static_cast<std::int64_t>(indices.size())}, torch::kInt64);
   auto* p = t.data_ptr<std::int64_t>();
@@ -94,6 +106,8 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 1;
   int threads = 0;
   bool skip_communication = false;
+  bool elastic = false;
+  std::int64_t commit_every = 10;
   double target_accuracy = 0;
   std::vector<std::string> policies;
   std::string monitor = "on";
@@ -126,6 +140,12 @@ int main(int argc, char** argv) {
   app.add_option("--target-accuracy", target_accuracy,
                  "stop after the first epoch whose test accuracy reaches this (0: train all epochs)")
       ->check(CLI::Range(0.0, 1.0));
+  app.add_flag("--elastic", elastic,
+               "follow the job's membership (aikido-run --elastic): survive resizes and lost workers, new workers get "
+               "the model, optimizer state and data position");
+  app.add_option("--commit-every", commit_every, "elastic: commit the training state every this many steps")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_flag("--skip-communication", skip_communication,
                "benchmarks only: every worker trains alone on its shard, without communication (the throughput "
                "ceiling of the same run)");
@@ -133,7 +153,9 @@ int main(int argc, char** argv) {
       "Each worker prints one JSON line per epoch with the keys epoch, rank, workers, cluster_version, samples (this "
       "worker's), global_samples (all workers'), seconds (training time of the epoch), train_loss (mean over all "
       "workers' samples), test_accuracy (0 to 1), samples_per_second (this worker's), global_samples_per_second, "
-      "batch_size (per worker), lr, strategy, model; and the gradient statistics as they stand at the end of the epoch: "
+      "batch_size (per worker), lr, strategy, model, steps; global_samples counts the samples whose updates are in the "
+      "model, so it equals the training set size in every epoch, resizes and lost workers included; and the "
+      "gradient statistics as they stand at the end of the epoch: "
       "noise_scale, gradient_variance, snr (null until measured).");
   CLI11_PARSE(app, argc, argv);
 
@@ -145,109 +167,177 @@ int main(int argc, char** argv) {
     const aikido::torch::Strategy strategy = aikido::torch::parse_strategy(strategy_name);
     auto policy_objects = aikido::torch::PolicyRunner::make(policies);  // bad specs fail before any work
 
-    aikido::Peer peer = aikido::Peer::from_env();
+    // With --elastic the session owns the Peer, follows the job's membership and carries the training state across
+    // resizes and lost workers; no collective may run before its first sync() (workers joining later start there).
+    std::unique_ptr<aikido::ElasticSession> session;
+    std::optional<aikido::Peer> own_peer;
+    if (elastic) {
+      session = aikido::ElasticSession::from_env();
+    } else {
+      own_peer.emplace(aikido::Peer::from_env());
+    }
+    aikido::Peer& peer = session ? session->peer() : *own_peer;
     const Split train = load_split(data_dir, "train");
     const Split test = load_split(data_dir, "t10k");
 
     torch::manual_seed(seed);
     torch::nn::Sequential model = make_model(model_kind);
     torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(lr).momentum(momentum));
-    aikido::torch::broadcast_parameters(peer, model->named_parameters(), /*root=*/0);
+    if (!session) aikido::torch::broadcast_parameters(peer, model->named_parameters(), /*root=*/0);
     std::unique_ptr<aikido::torch::DistributedOptimizer> opt;
     std::unique_ptr<aikido::torch::PolicyRunner> runner;
     if (!skip_communication) {
       aikido::torch::DistributedOptimizerOptions options;
       options.monitor = monitor == "on";
       options.seed = seed;
+      options.collective_setup = !session;
       opt = std::make_unique<aikido::torch::DistributedOptimizer>(peer, sgd, model->named_parameters(), strategy,
                                                                   options);
       runner = std::make_unique<aikido::torch::PolicyRunner>(*opt, batch_size, std::move(policy_objects));
-      runner->before_train();
-    } else if (!policies.empty()) {
-      throw aikido::ConfigError("--policy needs communication: drop --skip-communication");
+    } else if (!policies.empty() || session) {
+      throw aikido::ConfigError("--policy and --elastic need communication: drop --skip-communication");
     }
     aikido::torch::DistributedSampler sampler(static_cast<std::size_t>(train.images.size(0)), peer, seed);
 
-    for (int epoch = 0; epoch < epochs; ++epoch) {
-      sampler.set_epoch(epoch);
-      if (runner) runner->before_epoch(epoch);
-      model->train();
-      double loss_sum = 0;
-      std::int64_t samples = 0, steps = 0;
-      const auto start = std::chrono::steady_clock::now();
-      while (auto batch = sampler.next_batch(static_cast<std::size_t>(runner ? runner->batch_size() : batch_size))) {
-        if (max_steps > 0 && steps == max_steps) break;
-        ++steps;
-        if (opt) {
-          opt->zero_grad();
-        } else {
-          sgd.zero_grad();
-        }
-        if (!batch->empty()) {
-          const torch::Tensor index = to_index(*batch);
-          const torch::Tensor output = model->forward(train.images.index_select(0, index));
-          const torch::Tensor loss = torch::nn::functional::cross_entropy(output, train.labels.index_select(0, index));
-          loss.backward();
-          loss_sum += loss.item<double>() * static_cast<double>(batch->size());
-          samples += static_cast<std::int64_t>(batch->size());
-        }
-        if (opt) {
-          opt->step(static_cast<std::int64_t>(batch->size()));
-          runner->after_step();
-          if (runner->stopped()) break;
-        } else {
-          sgd.step();
-        }
-      }
-      if (runner) runner->after_epoch();
-      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    // What the cluster agrees on; with --elastic registered, committed every --commit-every steps and at the end of
+    // each epoch, and rolled back after a lost worker.
+    struct Progress {
+      std::int64_t step = 0;
+      std::uint64_t epoch_samples = 0;  // samples of this epoch whose updates are in the model
+    } progress;
+    if (session) {
+      aikido::torch::register_state(*session, model->named_parameters(), sgd, sampler);
+      session->register_value("progress", progress);
+    }
+    if (runner) runner->before_train();
 
-      // Test accuracy: each worker evaluates its share of the test set; the counts are summed.
-      model->eval();
-      double correct = 0;
-      {
-        torch::NoGradGuard no_grad;
-        const std::int64_t n = test.images.size(0);
-        const std::int64_t begin = n * peer.rank() / peer.size(), end = n * (peer.rank() + 1) / peer.size();
-        for (std::int64_t b = begin; b < end; b += 1000) {
-          const std::int64_t len = std::min<std::int64_t>(1000, end - b);
-          const auto predicted = model->forward(test.images.narrow(0, b, len)).argmax(1);
-          correct += predicted.eq(test.labels.narrow(0, b, len)).sum().item<double>();
+    // This worker's own view of the current epoch.
+    bool epoch_begun = false;
+    std::int64_t printed_epoch = -1, steps_in_epoch = 0;
+    double loss_sum = 0;
+    std::int64_t samples = 0;
+    auto start = std::chrono::steady_clock::now();
+    bool done = false;
+    while (!done && sampler.epoch() < epochs) {
+      try {
+        if (session) {
+          if (opt) opt->finish_pending();
+          const aikido::SyncResult r = session->sync(progress.step);
+          if (r == aikido::SyncResult::removed) return 0;
+          if (r == aikido::SyncResult::changed && opt) opt->on_cluster_change();
         }
-      }
-      std::vector<double> totals{correct, loss_sum, static_cast<double>(samples)};
-      peer.allreduce(std::span<double>(totals), aikido::ReduceOp::sum, "example/epoch-totals");
-      std::vector<double> slowest{seconds};
-      peer.allreduce(std::span<double>(slowest), aikido::ReduceOp::max, "example/epoch-seconds");
+        const std::int64_t epoch = sampler.epoch();
+        if (!epoch_begun) {
+          if (runner) runner->before_epoch(epoch);
+          model->train();
+          loss_sum = 0;
+          samples = steps_in_epoch = 0;
+          start = std::chrono::steady_clock::now();
+          epoch_begun = true;
+        }
+        const std::size_t position = sampler.position();
+        const std::size_t batch_now = static_cast<std::size_t>(runner ? runner->batch_size() : batch_size);
+        std::optional<std::vector<std::size_t>> batch;
+        if (max_steps == 0 || steps_in_epoch < max_steps) batch = sampler.next_batch(batch_now);
+        if (batch) {
+          if (opt) {
+            opt->zero_grad();
+          } else {
+            sgd.zero_grad();
+          }
+          if (!batch->empty()) {
+            const torch::Tensor index = to_index(*batch);
+            const torch::Tensor output = model->forward(train.images.index_select(0, index));
+            const torch::Tensor loss =
+                torch::nn::functional::cross_entropy(output, train.labels.index_select(0, index));
+            loss.backward();
+            loss_sum += loss.item<double>() * static_cast<double>(batch->size());
+            samples += static_cast<std::int64_t>(batch->size());
+          }
+          if (opt) {
+            opt->step(static_cast<std::int64_t>(batch->size()));
+          } else {
+            sgd.step();
+          }
+          progress.epoch_samples += sampler.position() - position;
+          ++progress.step;
+          ++steps_in_epoch;
+          if (session && progress.step % commit_every == 0) session->commit();
+          if (runner) {
+            runner->after_step();
+            if (runner->stopped()) done = true;
+          }
+          if (!done) continue;
+        }
 
-      nlohmann::json line;
-      line["epoch"] = epoch;
-      line["rank"] = peer.rank();
-      line["workers"] = peer.size();
-      line["cluster_version"] = peer.cluster_version();
-      line["samples"] = samples;
-      line["global_samples"] = static_cast<std::int64_t>(totals[2]);
-      line["seconds"] = seconds;
-      line["train_loss"] = totals[2] > 0 ? totals[1] / totals[2] : 0.0;
-      line["test_accuracy"] = totals[0] / static_cast<double>(test.images.size(0));
-      line["samples_per_second"] = seconds > 0 ? static_cast<double>(samples) / seconds : 0.0;
-      line["global_samples_per_second"] = slowest[0] > 0 ? totals[2] / slowest[0] : 0.0;
-      line["batch_size"] = runner ? runner->batch_size() : batch_size;
-      line["lr"] = opt ? opt->lr() : lr;
-      const auto statistic = [&](double v) { return aikido::TrainingMetrics::known(v) ? nlohmann::json(v) : nlohmann::json(); };
-      const aikido::TrainingMetrics none;
-      const aikido::TrainingMetrics& metrics = opt ? opt->metrics() : none;
-      line["noise_scale"] = statistic(metrics.noise_scale);
-      line["gradient_variance"] = statistic(metrics.gradient_variance);
-      line["snr"] = statistic(metrics.snr);
-      line["steps"] = opt ? opt->steps() : 0;
-      line["strategy"] = opt ? aikido::torch::strategy_name(opt->strategy()) : "none";
-      line["model"] = model_kind;
-      std::cout << line.dump() << std::endl;
-      if (target_accuracy > 0 && totals[0] / static_cast<double>(test.images.size(0)) >= target_accuracy) break;
-      if (runner && runner->stopped()) {
-        if (peer.rank() == 0) std::cerr << "train_fashion_mnist: stopped by policy: " << runner->stop_reason() << std::endl;
-        break;
+        // The end of the epoch.
+        if (runner) runner->after_epoch();
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        // Test accuracy: each worker evaluates its share of the test set; the counts are summed.
+        model->eval();
+        double correct = 0;
+        {
+          torch::NoGradGuard no_grad;
+          const std::int64_t n = test.images.size(0);
+          const std::int64_t begin = n * peer.rank() / peer.size(), end = n * (peer.rank() + 1) / peer.size();
+          for (std::int64_t b = begin; b < end; b += 1000) {
+            const std::int64_t len = std::min<std::int64_t>(1000, end - b);
+            const auto predicted = model->forward(test.images.narrow(0, b, len)).argmax(1);
+            correct += predicted.eq(test.labels.narrow(0, b, len)).sum().item<double>();
+          }
+        }
+        std::vector<double> totals{correct, loss_sum, static_cast<double>(samples)};
+        peer.allreduce(std::span<double>(totals), aikido::ReduceOp::sum, "example/epoch-totals");
+        std::vector<double> slowest{seconds};
+        peer.allreduce(std::span<double>(slowest), aikido::ReduceOp::max, "example/epoch-seconds");
+        const double accuracy = totals[0] / static_cast<double>(test.images.size(0));
+
+        if (printed_epoch < epoch) {  // a recovery may repeat the end of an epoch; say it once
+          nlohmann::json line;
+          line["epoch"] = epoch;
+          line["rank"] = peer.rank();
+          line["workers"] = peer.size();
+          line["cluster_version"] = peer.cluster_version();
+          line["samples"] = samples;
+          line["global_samples"] = progress.epoch_samples;
+          line["seconds"] = seconds;
+          line["train_loss"] = totals[2] > 0 ? totals[1] / totals[2] : 0.0;
+          line["test_accuracy"] = accuracy;
+          line["samples_per_second"] = seconds > 0 ? static_cast<double>(samples) / seconds : 0.0;
+          line["global_samples_per_second"] = slowest[0] > 0 ? totals[2] / slowest[0] : 0.0;
+          line["batch_size"] = runner ? runner->batch_size() : batch_size;
+          line["lr"] = opt ? opt->lr() : lr;
+          const auto statistic = [](double v) {
+            return aikido::TrainingMetrics::known(v) ? nlohmann::json(v) : nlohmann::json();
+          };
+          const aikido::TrainingMetrics none;
+          const aikido::TrainingMetrics& metrics = opt ? opt->metrics() : none;
+          line["noise_scale"] = statistic(metrics.noise_scale);
+          line["gradient_variance"] = statistic(metrics.gradient_variance);
+          line["snr"] = statistic(metrics.snr);
+          line["steps"] = progress.step;
+          line["strategy"] = opt ? aikido::torch::strategy_name(opt->strategy()) : "none";
+          line["model"] = model_kind;
+          std::cout << line.dump() << std::endl;
+          printed_epoch = epoch;
+        }
+        if (target_accuracy > 0 && accuracy >= target_accuracy) done = true;
+        if (runner && runner->stopped()) {
+          if (peer.rank() == 0) {
+            std::cerr << "train_fashion_mnist: stopped by policy: " << runner->stop_reason() << std::endl;
+          }
+          done = true;
+        }
+        sampler.set_epoch(epoch + 1);
+        progress.epoch_samples = 0;
+        epoch_begun = false;
+        if (session) session->commit();
+      } catch (const aikido::PeerLostError& e) {
+        if (!session) throw;
+        if (!recover(*session, opt.get(), e.what())) return 0;
+      } catch (const aikido::TimeoutError& e) {
+        if (!session) throw;
+        if (!recover(*session, opt.get(), e.what())) return 0;
       }
     }
     if (runner) runner->after_train();

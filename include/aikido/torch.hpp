@@ -9,6 +9,7 @@
 #include <aikido/policy.hpp>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <optional>
 #include <string>
@@ -16,9 +17,14 @@
 #include <torch/torch.h>
 #include <vector>
 
+namespace aikido {
+class ElasticSession;
+}
+
 namespace aikido::torch {
 
 using NamedParameters = ::torch::OrderedDict<std::string, ::torch::Tensor>;
+class DistributedSampler;
 
 /// How the workers of a DistributedOptimizer keep their models together (declared in aikido/policy.hpp, so that
 /// policies can name it):
@@ -67,6 +73,10 @@ struct DistributedOptimizerOptions {
   std::int64_t gradient_sample_interval = 16;
   /// Weight of a new step in the moving averages of the noise-scale estimator.
   double noise_smoothing = 0.05;
+  /// The constructor checks the parameters across workers (and, for pair averaging, publishes the model), which
+  /// are collectives. False: it communicates nothing, for workers that join an elastic job while the others train;
+  /// the ElasticSession's state transfer then checks the sizes and makes the models equal.
+  bool collective_setup = true;
 };
 
 /// Wraps a LibTorch optimizer so that `step()` keeps the workers' models together by the chosen Strategy.
@@ -122,6 +132,13 @@ class DistributedOptimizer {
 
   /// Steps taken through this object.
   std::int64_t steps() const { return steps_; }
+
+  /// Waits for the background work this optimizer started (the metrics allreduce, a model pull), so that none is in
+  /// flight: call it before ElasticSession::sync(). `after_failure`: for recover(); errors of that work are dropped.
+  void finish_pending(bool after_failure = false);
+  /// After the cluster changed (sync() or recover() returned changed): collective on the new cluster; pair
+  /// averaging publishes the model anew.
+  void on_cluster_change();
   Peer& peer() { return peer_; }
   ::torch::optim::Optimizer& optimizer() { return optimizer_; }
 
@@ -160,6 +177,7 @@ class DistributedOptimizer {
   bool hooks_installed_ = false;
   bool second_backward_ = false;  // a gradient arrived twice in one step
   std::string gradient_error_;    // an unsupported gradient seen by a hook, reported by step()
+  std::exception_ptr hook_error_; // a collective that failed to start inside a hook, rethrown by step()
   std::uint64_t rng_state_;       // pair averaging: choice of partner
   std::unique_ptr<Pull> pull_;    // pair averaging: the model being pulled
   // Monitoring.
@@ -218,6 +236,14 @@ class PolicyRunner {
   bool stopped_ = false;
   std::string stop_reason_;
 };
+
+/// Registers a LibTorch training loop's state with an elastic session (aikido/elastic.hpp), so that new workers
+/// receive it and a recovery rolls it back: the parameters (in place), the optimizer's state (serialised; it may
+/// grow after the first step) and the sampler's epoch and position. Register anything else (step counters, RNG
+/// state) on the session directly. Every worker registers the same things in the same order before its first
+/// sync().
+void register_state(ElasticSession& session, const NamedParameters& parameters, ::torch::optim::Optimizer& optimizer,
+                    DistributedSampler& sampler);
 
 /// Shards the indices 0..dataset_size-1 among the workers without overlap and reshuffles them every epoch from a
 /// seed all workers share: epoch e's order is a permutation drawn from (seed, e), the same on every worker.

@@ -359,7 +359,7 @@ DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer
                                            DistributedOptimizerOptions options)
     : peer_(peer), optimizer_(optimizer), strategy_(strategy), options_(options),
       rng_state_(options.seed * 0x9e3779b97f4a7c15ULL + static_cast<std::uint64_t>(peer.rank()) + 1) {
-  check_same_parameters(peer_, parameters, "parameters");
+  if (options_.collective_setup) check_same_parameters(peer_, parameters, "parameters");
   for (const auto& item : parameters) {
     if (!item.value().requires_grad()) continue;
     names_.push_back(item.key());
@@ -375,7 +375,7 @@ DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer
   metrics_.strategy = strategy_name(strategy_);
   metrics_.topology = topology_name(peer_.topology());
   metrics_.lr = lr();
-  if (strategy_ == Strategy::pair_averaging) publish_model(true);
+  if (strategy_ == Strategy::pair_averaging && options_.collective_setup) publish_model(true);
 }
 
 DistributedOptimizer::~DistributedOptimizer() {
@@ -493,7 +493,13 @@ void DistributedOptimizer::on_gradient(std::size_t i, const ::torch::Tensor& gra
   region.copy_(grad.reshape(-1));
   if (options_.monitor) monitor_->local_sq += sum_of_squares(region);
   slot.ready = true;
-  if (--bucket.pending == 0) launch(bucket, "grad");
+  if (--bucket.pending == 0) {
+    try {
+      launch(bucket, "grad");
+    } catch (...) {
+      hook_error_ = std::current_exception();  // rethrown by step(): exceptions do not cross autograd intact
+    }
+  }
 }
 
 // Starts the allreduce (mean) of a bucket, in place.
@@ -582,6 +588,13 @@ void DistributedOptimizer::step(std::int64_t samples) {
     throw ConfigError(
         "DistributedOptimizer: backward() ran twice before step(); with synchronous_sgd each step takes one backward "
         "pass (add the losses and call backward() once)");
+  }
+  if (hook_error_) {
+    const std::exception_ptr error = hook_error_;
+    hook_error_ = nullptr;
+    wait_launched();
+    reset_step();
+    std::rethrow_exception(error);
   }
   if (!gradient_error_.empty()) {
     const std::string error = std::move(gradient_error_);
@@ -773,6 +786,29 @@ void DistributedOptimizer::set_strategy(Strategy strategy) {
   }
   strategy_ = strategy;
   metrics_.strategy = strategy_name(strategy_);
+  if (strategy_ == Strategy::pair_averaging) publish_model(true);
+}
+
+void DistributedOptimizer::finish_pending(bool after_failure) {
+  if (after_failure) {
+    wait_launched();
+    reset_step();
+    monitor_->pending = false;
+    monitor_->measured = false;
+    monitor_->local_sq = monitor_->big_sq = monitor_->wait = monitor_->communication = 0;
+    second_backward_ = false;
+    hook_error_ = nullptr;
+    return;
+  }
+  absorb_metrics();
+  finish_pull();
+}
+
+void DistributedOptimizer::on_cluster_change() {
+  pull_.reset();
+  metrics_.workers = peer_.size();
+  metrics_.topology = topology_name(peer_.topology());
+  monitor_->noise.reset();  // the batch sizes it pairs changed
   if (strategy_ == Strategy::pair_averaging) publish_model(true);
 }
 

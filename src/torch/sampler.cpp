@@ -1,7 +1,10 @@
 // DistributedSampler (include/aikido/torch.hpp): one shared order per epoch, walked one global batch at a time.
+#include <aikido/elastic.hpp>
 #include <aikido/torch.hpp>
 
+#include <cstring>
 #include <numeric>
+#include <sstream>
 
 #include "base/error.hpp"
 
@@ -115,6 +118,47 @@ void DistributedSampler::load(::torch::serialize::InputArchive& archive) {
   archive.read("position", position, /*is_buffer=*/true);
   set_epoch(epoch.item<std::int64_t>());
   set_position(static_cast<std::size_t>(position.item<std::int64_t>()));
+}
+
+void register_state(ElasticSession& session, const NamedParameters& parameters, ::torch::optim::Optimizer& optimizer,
+                    DistributedSampler& sampler) {
+  for (const auto& item : parameters) {
+    const ::torch::Tensor& p = item.value();
+    if (!p.is_contiguous()) throw ConfigError(str_cat("register_state: parameter '", item.key(), "' is not contiguous"));
+    session.register_bytes("param/" + item.key(),
+                           std::span<std::byte>(static_cast<std::byte*>(p.data_ptr()), p.numel() * p.element_size()));
+  }
+  session.register_state(
+      "optimizer",
+      [&optimizer] {
+        ::torch::serialize::OutputArchive archive;
+        optimizer.save(archive);
+        std::ostringstream os;
+        archive.save_to(os);
+        const std::string bytes = os.str();
+        const auto* b = reinterpret_cast<const std::byte*>(bytes.data());
+        return std::vector<std::byte>(b, b + bytes.size());
+      },
+      [&optimizer](std::span<const std::byte> bytes) {
+        std::istringstream is(std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+        ::torch::serialize::InputArchive archive;
+        archive.load_from(is);
+        optimizer.load(archive);
+      });
+  session.register_state(
+      "sampler",
+      [&sampler] {
+        const std::uint64_t v[2] = {static_cast<std::uint64_t>(sampler.epoch()), sampler.position()};
+        const auto* b = reinterpret_cast<const std::byte*>(v);
+        return std::vector<std::byte>(b, b + sizeof v);
+      },
+      [&sampler](std::span<const std::byte> bytes) {
+        std::uint64_t v[2];
+        if (bytes.size() != sizeof v) throw ProtocolError("register_state: sampler state of the wrong size");
+        std::memcpy(v, bytes.data(), sizeof v);
+        if (static_cast<std::int64_t>(v[0]) != sampler.epoch()) sampler.set_epoch(static_cast<std::int64_t>(v[0]));
+        sampler.set_position(v[1]);
+      });
 }
 
 }  // namespace aikido::torch

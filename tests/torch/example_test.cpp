@@ -6,7 +6,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <signal.h>
+
 #include <fstream>
+#include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <sstream>
@@ -23,6 +27,7 @@ using namespace std::chrono_literals;
 
 const std::string kRun = AIKIDO_RUN_PATH;
 const std::string kExample = EXAMPLE_PATH;
+const std::string kCtl = AIKIDO_CTL_PATH;
 constexpr auto kBound = 300s;
 
 // The JSON lines of rank `rank` ("[r] {...}").
@@ -136,6 +141,67 @@ TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
   ASSERT_EQ(epochs.size(), 2u) << r.describe();
   EXPECT_TRUE(epochs[1]["noise_scale"].is_number()) << epochs[1].dump();
   EXPECT_TRUE(epochs[1]["snr"].is_number()) << epochs[1].dump();
+}
+
+// The worker processes aikido-run started (its children).
+std::vector<pid_t> children_of(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(pid) + "/children");
+  std::vector<pid_t> pids;
+  for (pid_t child; in >> child;) pids.push_back(child);
+  return pids;
+}
+
+std::string ctl(const std::string& control, const std::vector<std::string>& args) {
+  std::vector<std::string> argv = {kCtl, "--control-file", control};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return run_process(argv, 30s).out;
+}
+
+// Waits until aikido-ctl status shows `workers` workers all past `step`.
+bool wait_for_progress(const std::string& control, int workers, int step) {
+  for (int i = 0; i < 600; ++i) {
+    const std::string status = ctl(control, {"status"});
+    int past = 0;
+    std::smatch m;
+    for (auto it = status.cbegin(); std::regex_search(it, status.cend(), m, std::regex(R"(step (-?\d+))"));
+         it = m.suffix().first) {
+      if (std::stoi(m[1]) > step) ++past;
+    }
+    if (past == workers && status.find(std::to_string(workers) + " workers") != std::string::npos) return true;
+    std::this_thread::sleep_for(100ms);
+  }
+  return false;
+}
+
+TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
+  const std::string control = ::testing::TempDir() + "/aikido-example-control";
+  Subprocess job({kRun, "-np", "2", "--elastic", "--max-np", "3", "--restart", "--control-file", control, "--timeout",
+                  "20", kExample, "--elastic", "--epochs", "2", "--commit-every", "5"});
+  ASSERT_TRUE(wait_for_progress(control, 2, 20)) << ctl(control, {"status"});
+  EXPECT_NE(ctl(control, {"resize", "3"}).find("cluster version 1"), std::string::npos);
+  ASSERT_TRUE(wait_for_progress(control, 3, 200)) << ctl(control, {"status"});
+  const auto workers = children_of(job.pid());
+  ASSERT_EQ(workers.size(), 3u);
+  ::kill(workers.front(), SIGKILL);  // rank 0's process
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.err.find("starting a replacement"), std::string::npos) << r.describe();
+  std::map<std::int64_t, std::set<double>> accuracy;  // per epoch, as every worker reported it
+  int lines = 0;
+  for (int rank = 0; rank < 3; ++rank) {
+    for (const auto& line : epochs_of(r.out, rank)) {
+      ++lines;
+      EXPECT_EQ(line["global_samples"], 60000) << line.dump();
+      EXPECT_EQ(line["workers"], 3) << line.dump();
+      accuracy[line["epoch"].get<std::int64_t>()].insert(line["test_accuracy"].get<double>());
+    }
+  }
+  EXPECT_GE(lines, 2) << r.describe();
+  ASSERT_EQ(accuracy.size(), 2u) << r.describe();
+  for (const auto& [epoch, values] : accuracy) {
+    EXPECT_EQ(values.size(), 1u) << "workers disagree on the model in epoch " << epoch;
+    EXPECT_GT(*values.begin(), 0.8);
+  }
 }
 
 TEST(FashionMnistExample, BadInputIsAClearError) {
