@@ -206,6 +206,7 @@ int main(int argc, char** argv) {
       std::uint64_t epoch_samples = 0;  // samples of this epoch whose updates are in the model
     } progress;
     if (session) {
+      if (runner) runner->set_elastic_session(session.get());
       aikido::torch::register_state(*session, model->named_parameters(), sgd, sampler);
       session->register_value("progress", progress);
     }

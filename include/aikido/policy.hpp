@@ -55,7 +55,8 @@ class PolicyContext {
   virtual void set_lr(double lr) = 0;
   virtual void set_strategy(Strategy strategy) = 0;
   virtual void set_topology(Topology topology) = 0;
-  /// Asks for a cluster of `workers` workers. Refused with ConfigError until elastic resizing is available.
+  /// Asks for a cluster of `workers` workers: applied at the next step boundary of an elastic job; ConfigError in a
+  /// job that is not elastic.
   virtual void request_resize(int workers) = 0;
   /// Ends training after this hook; `reason` is reported.
   virtual void stop(std::string reason) = 0;

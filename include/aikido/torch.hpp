@@ -205,11 +205,14 @@ class DistributedOptimizer {
 /// (MismatchError naming the step otherwise) and applied. A policy that throws ends training on that worker with
 /// aikido::Error "policy 'NAME' failed in HOOK at step N: ..."; policies decide from the metrics only, so a
 /// failure happens at the same step on every worker (a worker that fails alone is seen by the others as a lost
-/// peer). A resize request is refused with ConfigError until elastic resizing is available.
+/// peer). A resize request needs an elastic session (set_elastic_session): rank 0 proposes the new size and every
+/// worker applies it at its next ElasticSession::sync(); without one it is refused with ConfigError.
 class PolicyRunner {
  public:
   PolicyRunner(DistributedOptimizer& optimizer, std::int64_t batch_size, std::vector<std::unique_ptr<Policy>> policies);
   ~PolicyRunner();
+  /// Lets policies resize the cluster through `session` (which must outlive the runner).
+  void set_elastic_session(ElasticSession* session) { session_ = session; }
   /// Policies from specs "NAME[:key=value,...]" (make_policy).
   static std::vector<std::unique_ptr<Policy>> make(const std::vector<std::string>& specs);
 
@@ -235,6 +238,7 @@ class PolicyRunner {
   std::vector<std::unique_ptr<Policy>> policies_;
   bool stopped_ = false;
   std::string stop_reason_;
+  ElasticSession* session_ = nullptr;
 };
 
 /// Registers a LibTorch training loop's state with an elastic session (aikido/elastic.hpp), so that new workers

@@ -246,7 +246,7 @@ class StrategySwitch : public Policy {
 };
 
 // schedule: options "<action>@<step|epoch><N>=<value>", for example lr@epoch2=0.01, batch@step500=128,
-// strategy@epoch1=ssgd, topology@step100=tree, stop@epoch5=1. Epoch triggers act when that epoch starts, step triggers
+// strategy@epoch1=ssgd, topology@step100=tree, workers@step300=4, stop@epoch5=1. Epoch triggers act when that epoch starts, step triggers
 // after that step.
 class Schedule : public Policy {
  public:
@@ -272,9 +272,11 @@ class Schedule : public Policy {
         parse_strategy(value);
       } else if (change.action == "topology") {
         parse_topology(value);
+      } else if (change.action == "workers") {
+        if (option_int({{key, value}}, key, 0) < 1) throw ConfigError(str_cat("policy schedule: ", key, " must be >= 1"));
       } else if (change.action != "stop") {
         throw ConfigError(str_cat("policy schedule: unknown action '", change.action,
-                                  "' (known: lr, batch, strategy, topology, stop)"));
+                                  "' (known: lr, batch, strategy, topology, workers, stop)"));
       }
       changes_.push_back(change);
     }
@@ -297,6 +299,7 @@ class Schedule : public Policy {
       if (ch.action == "batch") c.set_batch_size(std::stoll(ch.value));
       if (ch.action == "strategy") c.set_strategy(parse_strategy(ch.value));
       if (ch.action == "topology") c.set_topology(parse_topology(ch.value));
+      if (ch.action == "workers") c.request_resize(static_cast<int>(std::stoll(ch.value)));
       if (ch.action == "stop") c.stop(str_cat("schedule: stop at ", by_epoch ? "epoch " : "step ", now));
     }
   }

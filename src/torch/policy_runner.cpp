@@ -1,4 +1,5 @@
 // PolicyRunner (include/aikido/torch.hpp): calls the policies' hooks and applies their actions on every worker alike.
+#include <aikido/elastic.hpp>
 #include <aikido/torch.hpp>
 
 #include <cstring>
@@ -13,7 +14,7 @@ using detail::str_cat;
 // The actions requested during one hook call; applied when every policy of the hook has run.
 class PolicyRunner::Context : public PolicyContext {
  public:
-  explicit Context(const TrainingMetrics& metrics) : metrics_(metrics) {}
+  Context(const TrainingMetrics& metrics, bool elastic) : metrics_(metrics), elastic_(elastic) {}
   const TrainingMetrics& metrics() const override { return metrics_; }
   void set_batch_size(std::int64_t batch_size) override {
     if (batch_size < 1) throw ConfigError(str_cat("set_batch_size(", batch_size, "): the batch size must be >= 1"));
@@ -26,13 +27,17 @@ class PolicyRunner::Context : public PolicyContext {
   void set_strategy(Strategy strategy) override { strategy_ = strategy; }
   void set_topology(Topology topology) override { topology_ = topology; }
   void request_resize(int workers) override {
-    throw ConfigError(str_cat("request_resize(", workers,
-                              "): resizing a running cluster is not available in this version; start the job with "
-                              "the number of workers you need"));
+    if (!elastic_) {
+      throw ConfigError(str_cat("request_resize(", workers,
+                                "): resizing needs an elastic job (aikido-run --elastic, an aikido::ElasticSession "
+                                "given to PolicyRunner::set_elastic_session)"));
+    }
+    if (workers < 1) throw ConfigError(str_cat("request_resize(", workers, "): need at least one worker"));
+    resize_ = workers;
   }
   void stop(std::string reason) override { stop_ = std::move(reason); }
 
-  bool any() const { return batch_size_ || lr_ || strategy_ || topology_ || stop_; }
+  bool any() const { return batch_size_ || lr_ || strategy_ || topology_ || stop_ || resize_; }
   // Everything requested, as bytes that must be equal on every worker.
   std::string digest(std::int64_t step, const char* hook) const {
     std::string d = str_cat(hook, "@", step, ";");
@@ -45,10 +50,13 @@ class PolicyRunner::Context : public PolicyContext {
     if (strategy_) d += str_cat("strategy=", strategy_name(*strategy_), ";");
     if (topology_) d += str_cat("topology=", topology_name(*topology_), ";");
     if (stop_) d += "stop;";
+    if (resize_) d += str_cat("resize=", *resize_, ";");
     return d;
   }
 
   const TrainingMetrics& metrics_;
+  bool elastic_;
+  std::optional<int> resize_;
   std::optional<std::int64_t> batch_size_;
   std::optional<double> lr_;
   std::optional<Strategy> strategy_;
@@ -84,7 +92,7 @@ void PolicyRunner::after_train() { run("after_train", &Policy::after_train); }
 void PolicyRunner::run(const char* hook, void (Policy::*method)(PolicyContext&)) {
   if (policies_.empty()) return;
   const TrainingMetrics& metrics = optimizer_.metrics();
-  Context context(metrics);
+  Context context(metrics, session_ != nullptr);
   for (auto& policy : policies_) {
     try {
       ((*policy).*method)(context);
@@ -107,6 +115,8 @@ void PolicyRunner::run(const char* hook, void (Policy::*method)(PolicyContext&))
   if (context.lr_) optimizer_.set_lr(*context.lr_);
   if (context.strategy_ && *context.strategy_ != optimizer_.strategy()) optimizer_.set_strategy(*context.strategy_);
   if (context.topology_ && *context.topology_ != peer.topology()) peer.set_topology(*context.topology_);
+  // One proposal for the cluster; every worker applies it at its next ElasticSession::sync().
+  if (context.resize_ && *context.resize_ != peer.size() && peer.rank() == 0) session_->request_resize(*context.resize_);
   if (context.stop_) {
     stopped_ = true;
     stop_reason_ = *context.stop_;

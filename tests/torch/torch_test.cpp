@@ -659,7 +659,7 @@ TEST(TorchPolicies, ResizeIsRefusedClearly) {
     ADD_FAILURE() << "expected an error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("policy 'resizer' failed in after_epoch"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("resizing a running cluster is not available"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("resizing needs an elastic job"), std::string::npos);
   }
 }
 
