@@ -181,7 +181,7 @@ TEST(ElasticProcessTest, KillNineOfRandomWorkersRankZeroIncluded) {
 }
 
 TEST(ElasticProcessTest, StoppedWorkerIsDetectedAndRemoved) {
-  Subprocess job(elastic_job({"-np", "3", "--heartbeat-timeout", "1", "--timeout", "30"},
+  Subprocess job(elastic_job({"-np", "3", "--heartbeat-timeout", "2", "--timeout", "30"},
                              {"--epochs", "2", "--step-ms", "4", "--print-every", "2"}));
   Cluster cluster;
   ASSERT_TRUE(job.wait_for_output(

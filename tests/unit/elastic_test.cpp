@@ -5,6 +5,7 @@
 
 #include <aikido/aikido.hpp>
 #include <atomic>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <set>
@@ -181,15 +182,33 @@ float expected_weight(std::size_t i) { return float((i % 3 + 1) * kSteps * (kSte
 struct Trainer {
   std::vector<float> w = std::vector<float>(kDim, 0.0f);
   std::int64_t step = 0;
+  // State whose size changes (like optimizer state created lazily): the steps this model has seen, in order.
+  std::vector<std::int64_t> history;
   void attach(ElasticSession& s) {
     s.register_span("w", std::span<float>(w));
     s.register_value("step", step);
+    s.register_state(
+        "history",
+        [this] {
+          const auto bytes = std::as_bytes(std::span<const std::int64_t>(history));
+          return std::vector<std::byte>(bytes.begin(), bytes.end());
+        },
+        [this](std::span<const std::byte> bytes) {
+          history.resize(bytes.size() / sizeof(std::int64_t));
+          std::memcpy(history.data(), bytes.data(), bytes.size());
+        });
+  }
+  // Every step exactly once, in order, whatever resizes and rollbacks happened.
+  void check_history() const {
+    ASSERT_EQ(history.size(), std::size_t(kSteps));
+    for (std::int64_t i = 0; i < kSteps; ++i) ASSERT_EQ(history[std::size_t(i)], i);
   }
   void train_step(ElasticSession& s) {
     std::vector<float> g(kDim);
     for (std::size_t i = 0; i < kDim; ++i) g[i] = float((step + 1) * std::int64_t(i % 3 + 1));
     s.peer().allreduce(std::span<float>(g), ReduceOp::sum, "grad");
     for (std::size_t i = 0; i < kDim; ++i) w[i] += g[i] / float(s.size());
+    history.push_back(step);
     ++step;
   }
   void check_equal_everywhere(ElasticSession& s) {
@@ -221,6 +240,7 @@ TEST(ElasticSession, ResizesInARowMoveStateToNewWorkers) {
       if (t.step % 2 == 0) s.commit();
     }
     for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
+    t.check_history();
     EXPECT_EQ(s.size(), 2);
   });
   job.run();
@@ -252,6 +272,7 @@ TEST(ElasticSession, SurvivorsRollBackAfterALostWorker) {
       }
     }
     for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
+    t.check_history();
   });
   job.run();
   EXPECT_EQ(recoveries.load(), 1);
