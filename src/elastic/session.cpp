@@ -444,6 +444,7 @@ SyncResult ElasticSession::switch_to(ClusterSpec target, bool failure) {
       if (SteadyClock::now() >= deadline) throw;
       log::info("worker ", config_.worker_id, ": change to ", target.describe(), " failed: ", e.what());
       needs_rollback_ = true;
+      timings_.failure = true;  // members may have moved on: the change ends as a recovery
       target = next_spec_after_failure(deadline);
     }
   }

@@ -136,6 +136,13 @@ class ThreadJob {
   }
 
   std::shared_ptr<MembershipStore> membership() { return membership_; }
+  std::shared_ptr<Store> store() { return store_; }
+  const std::string& job_id() const { return job_id_; }
+  /// Worker `id` is never started: a process that fails to come up.
+  void never_start(std::uint64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    started_.insert(id);
+  }
 
  private:
   void start(std::uint64_t id) {
@@ -276,6 +283,46 @@ TEST(ElasticSession, SurvivorsRollBackAfterALostWorker) {
   });
   job.run();
   EXPECT_EQ(recoveries.load(), 1);
+}
+
+// A version whose new worker never comes up is superseded while the others wait for it: they abandon its
+// rendezvous, move on to the newer version and roll back to their last commit.
+TEST(ElasticSession, SupersededVersionIsAbandonedWhileConnecting) {
+  std::atomic<int> stuck_at_version_1{0};
+  ThreadJob* self = nullptr;
+  ThreadJob job(2, 4, [&](ElasticSession& s) {
+    Trainer t;
+    t.attach(s);
+    while (t.step < kSteps) {
+      const SyncResult r = s.sync(t.step);
+      ASSERT_NE(r, SyncResult::removed);
+      if (r == SyncResult::changed) {
+        EXPECT_EQ(s.cluster_version(), 2u);
+        EXPECT_EQ(s.size(), 2);
+        EXPECT_TRUE(s.last_change().failure) << "an abandoned change rolls back";
+        t.check_equal_everywhere(s);
+      }
+      if (t.step == 5 && s.rank() == 0 && s.cluster_version() == 0) s.request_resize(3);
+      t.train_step(s);
+      if (t.step % 2 == 0) s.commit();
+    }
+    for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
+    t.check_history();
+  });
+  self = &job;
+  job.never_start(2);
+  std::thread supersede([&] {
+    // Once a worker waits in the rendezvous of version 1 (which waits for worker 2 forever), drop worker 2.
+    self->store()->wait(self->job_id() + "/v1/endpoint/0", 20s);
+    ++stuck_at_version_1;
+    ClusterSpec v1 = *self->membership()->get(1);
+    ClusterSpec v2 = v1.without({2}, "resize");
+    EXPECT_TRUE(self->membership()->propose(v2));
+  });
+  job.run();
+  supersede.join();
+  EXPECT_EQ(stuck_at_version_1.load(), 1);
+  EXPECT_EQ(job.membership()->latest()->version, 2u);
 }
 
 TEST(ElasticSession, ResizeOutsideTheLimitsIsAConfigError) {
