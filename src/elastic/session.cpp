@@ -283,7 +283,7 @@ void ElasticSession::restore_snapshot(std::uint64_t seq) {
     auto& e = entries_[i];
     const auto& value = it->values[i];
     if (e.fixed()) {
-      std::memcpy(e.bytes.data(), value.data(), value.size());
+      if (!value.empty()) std::memcpy(e.bytes.data(), value.data(), value.size());
     } else {
       e.load(value);
     }
@@ -580,7 +580,9 @@ void ElasticSession::write_checkpoint() {
     log::warn("cannot write the checkpoint ", tmp);
     return;
   }
-  auto put = [&](const void* p, std::size_t n) { std::fwrite(p, 1, n, f); };
+  auto put = [&](const void* p, std::size_t n) {
+    if (n > 0) std::fwrite(p, 1, n, f);
+  };
   auto put_u64 = [&](std::uint64_t v) { put(&v, sizeof v); };
   put("AIKIDOCK", 8);
   put_u64(s.seq);

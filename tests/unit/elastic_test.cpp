@@ -202,7 +202,7 @@ struct Trainer {
         },
         [this](std::span<const std::byte> bytes) {
           history.resize(bytes.size() / sizeof(std::int64_t));
-          std::memcpy(history.data(), bytes.data(), bytes.size());
+          if (!bytes.empty()) std::memcpy(history.data(), bytes.data(), bytes.size());
         });
   }
   // Every step exactly once, in order, whatever resizes and rollbacks happened.
