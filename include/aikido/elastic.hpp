@@ -206,7 +206,8 @@ class ElasticSession {
   void register_sampler(std::string name, ElasticSampler& sampler);
 
   /// At a step boundary, on every worker: applies a pending membership change (see the class comment). `step` is
-  /// only reported in the status key.
+  /// only reported in the status key. Wait for this worker's own asynchronous collectives first: a change closes
+  /// the old version's connections, and collectives still in flight then fail.
   SyncResult sync(std::int64_t step = -1);
 
   /// Asks for `n` workers. Collective: every worker calls it at the same step boundary; it applies the change at

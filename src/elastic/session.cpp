@@ -109,8 +109,9 @@ ElasticSession::ElasticSession(ElasticConfig config, std::unique_ptr<Peer> peer)
   } else {
     auto latest = config_.membership->latest();
     if (!latest) {
-      latest = config_.membership->watch(0, config_.peer.timeout);  // version 0 not published yet
-      if (!latest) throw TimeoutError("no cluster spec was published in the membership store");
+      throw ConfigError(
+          "the membership store holds no cluster spec yet; the launcher publishes version 0 before "
+          "it starts the workers (aikido-run --elastic)");
     }
     latest_seen_ = latest->version;
     const double start = unix_ms_now();
@@ -120,24 +121,25 @@ ElasticSession::ElasticSession(ElasticConfig config, std::unique_ptr<Peer> peer)
     alone.cancel = nullptr;
     peer_ = std::make_unique<Peer>(Peer::create(alone));
     start_threads();
-    ClusterSpec target = *latest;
-    for (;;) {
-      if (!target.contains(config_.worker_id)) {
-        stop_threads();
-        throw ConfigError(str_cat("worker ", config_.worker_id, " is not a member of cluster ", target.describe(),
-                                  "; it was removed before it could join"));
-      }
-      try {
-        connect(target);
-        break;
-      } catch (const Error& e) {
-        if (!newer_version_seen(target.version)) {
-          stop_threads();
-          throw;
+    try {
+      ClusterSpec target = *latest;
+      for (;;) {
+        if (!target.contains(config_.worker_id)) {
+          throw ConfigError(str_cat("worker ", config_.worker_id, " is not a member of cluster ", target.describe(),
+                                    "; it was removed before it could join"));
         }
-        log::info("worker ", config_.worker_id, ": ", e.what());
-        target = *config_.membership->latest();
+        try {
+          connect(target);
+          break;
+        } catch (const Error& e) {
+          if (!newer_version_seen(target.version)) throw;
+          log::info("worker ", config_.worker_id, ": ", e.what());
+          target = *config_.membership->latest();
+        }
       }
+    } catch (...) {
+      stop_threads();  // the threads must not outlive a constructor that throws
+      throw;
     }
     joined_late_ = spec_.version > 0;
     timings_ = ChangeTimings{};
@@ -281,7 +283,7 @@ void ElasticSession::restore_snapshot(std::uint64_t seq) {
     auto& e = entries_[i];
     const auto& value = it->values[i];
     if (e.fixed()) {
-      std::memcpy(e.bytes.data(), value.data(), value.size());
+      if (!value.empty()) std::memcpy(e.bytes.data(), value.data(), value.size());
     } else {
       e.load(value);
     }
@@ -444,6 +446,7 @@ SyncResult ElasticSession::switch_to(ClusterSpec target, bool failure) {
       if (SteadyClock::now() >= deadline) throw;
       log::info("worker ", config_.worker_id, ": change to ", target.describe(), " failed: ", e.what());
       needs_rollback_ = true;
+      timings_.failure = true;  // members may have moved on: the change ends as a recovery
       target = next_spec_after_failure(deadline);
     }
   }
@@ -577,7 +580,9 @@ void ElasticSession::write_checkpoint() {
     log::warn("cannot write the checkpoint ", tmp);
     return;
   }
-  auto put = [&](const void* p, std::size_t n) { std::fwrite(p, 1, n, f); };
+  auto put = [&](const void* p, std::size_t n) {
+    if (n > 0) std::fwrite(p, 1, n, f);
+  };
   auto put_u64 = [&](std::uint64_t v) { put(&v, sizeof v); };
   put("AIKIDOCK", 8);
   put_u64(s.seq);

