@@ -947,8 +947,8 @@ void Engine::on_lost(transport::Connection& connection, const std::string& reaso
   run(lock, progress);
   if (shm_) shm_->peer_lost(p, why, goodbye);
   for (auto& r : failed) {
-    r->work->complete(std::make_exception_ptr(
-        PeerLostError(str_cat("request of '", r->name, "' from rank ", p, " failed: ", why))));
+    r->work->complete(
+        std::make_exception_ptr(PeerLostError(str_cat("request of '", r->name, "' from rank ", p, " failed: ", why))));
   }
 }
 

@@ -12,8 +12,8 @@
 #include "base/sha256.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/shm_collectives.hpp"
-#include "transport/shm_segment.hpp"
 #include "transport/handshake.hpp"
+#include "transport/shm_segment.hpp"
 
 namespace aikido {
 

@@ -31,8 +31,17 @@ constexpr std::uint64_t kAbandoned = std::uint64_t(1) << 63;
 constexpr std::uint64_t kWriting = std::uint64_t(1) << 62;
 constexpr std::uint64_t kValueMask = kWriting - 1;
 
+// A waiting thread first spins with pause instructions for kPause (a handoff between cores takes about 1 us; none
+// when there are more ranks than cores), then yields the core between looks until kSpin (another rank sharing the
+// core runs then; with nothing else to run the yield returns at once), then sleeps on its doorbell (futex).
+constexpr std::chrono::microseconds kPause{20};
+constexpr std::chrono::microseconds kSpin{1'000};
 // How long a thread of this rank sleeps at most before it looks at deadlines again.
 constexpr std::chrono::microseconds kMaxSleep{20'000};
+// After it last had work, the progress thread looks for more every kPollEvery for kPollFor, then sleeps until a
+// post wakes it.
+constexpr std::chrono::microseconds kPollEvery{1'000};
+constexpr std::chrono::milliseconds kPollFor{200};
 
 std::size_t round_up(std::size_t n, std::size_t to) { return (n + to - 1) / to * to; }
 
@@ -74,6 +83,16 @@ struct alignas(kLine) BayCounters {  // one rank's progress in the bay, counted 
 struct alignas(kLine) BayOwner {
   std::atomic<std::uint64_t> token;  // 0: free
 };
+
+// A seqlock reader's fence: the loads before it (inline data) complete before the loads after it (the arrival
+// words, checked again). x86 does not reorder loads with loads, so keeping the compiler from doing it is enough.
+inline void read_fence() {
+#if defined(__x86_64__)
+  asm volatile("" ::: "memory");
+#else
+  std::atomic_thread_fence(std::memory_order_acquire);
+#endif
+}
 
 std::uint64_t hash_name(const std::string& name) {
   std::uint64_t h = 1469598103934665603ull;  // FNV-1a
@@ -208,8 +227,7 @@ void ShmCollectives::format(transport::SharedSegment& segment, int ranks) {
   h->total = l.total;
   h->inline_bytes = l.inline_bytes;
   h->piece_bytes = l.piece_bytes;
-  std::atomic_thread_fence(std::memory_order_release);
-  h->magic = kMagic;
+  h->magic = kMagic;  // the others map the segment only after the store announced it
 }
 
 void ShmCollectives::check(const transport::SharedSegment& segment, int ranks) {
@@ -230,8 +248,8 @@ ShmCollectives::ShmCollectives(transport::SharedSegment segment, int rank, int s
       size_(size),
       cluster_version_(cluster_version),
       timeout_(timeout),
-      spin_(size > online_cpus() ? std::chrono::microseconds(20) : std::chrono::microseconds(100)),
-      oversubscribed_(size > online_cpus()),
+      spin_(kSpin),
+      pause_(size > online_cpus() ? std::chrono::microseconds(0) : kPause),
       posted_(kShmEntries, 0),
       busy_(kShmEntries, false) {
   check(segment_, size);
@@ -247,8 +265,8 @@ void ShmCollectives::close() {
     if (!closing_) {
       closing_ = true;
       for (auto& op : ops_) {
-        fail(*op, std::make_exception_ptr(Error(str_cat(op->label(), " was still in flight on rank ", rank_,
-                                                        " when its Peer was destroyed"))));
+        fail(*op, std::make_exception_ptr(Error(
+                      str_cat(op->label(), " was still in flight on rank ", rank_, " when its Peer was destroyed"))));
       }
       collect(finished);
     }
@@ -364,8 +382,8 @@ std::optional<Work> ShmCollectives::post(const Request& request, const std::stri
   Work work(op->work);
   if (!lost_.empty()) {
     op->work->done = true;
-    op->work->error = std::make_exception_ptr(PeerLostError(str_cat(
-        op->label(), " cannot run on rank ", rank_, " at cluster version ", cluster_version_, ": ", lost_)));
+    op->work->error = std::make_exception_ptr(PeerLostError(
+        str_cat(op->label(), " cannot run on rank ", rank_, " at cluster version ", cluster_version_, ": ", lost_)));
     return work;
   }
 
@@ -374,8 +392,8 @@ std::optional<Work> ShmCollectives::post(const Request& request, const std::stri
   Arrival& a = v.arrival(entry, op->half, rank_);
   const std::uint64_t value = op->occurrence + 1;
   if (!op->large) {
-    a.word.store(value | kWriting, std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_release);
+    // Seqlock writer: the data stores below cannot move above this read-modify-write.
+    a.word.exchange(value | kWriting, std::memory_order_acq_rel);
     if (bytes > 0) std::memcpy(v.inline_area(entry, op->half, rank_), op->send, bytes);
   }
   a.count = op->count;
@@ -391,24 +409,30 @@ std::optional<Work> ShmCollectives::post(const Request& request, const std::stri
   ring_others();
   // The last rank to arrive finishes a small collective right here.
   advance_all(finished);
-  const bool wake = !ops_.empty() && drivers_ == 0;
+  // Waking the progress thread costs a system call and a core: do it only when it sleeps deeply. While
+  // collectives keep coming it polls instead, and a blocking collective is driven by its waiting thread anyway.
+  const bool wake = !ops_.empty() && drivers_ == 0 && progress_asleep_;
+  if (wake) progress_asleep_ = false;
   lock.unlock();
   complete(finished);
   if (wake) wake_progress_.notify_one();
   return work;
 }
 
-void ShmCollectives::advance_all(std::vector<Finished>& finished) {
+bool ShmCollectives::advance_all(std::vector<Finished>& finished) {
   const auto now = Clock::now();
+  bool progressed = false;
   for (auto& op : ops_) {
     if (op->finished) continue;
     try {
-      advance(*op, now);
+      progressed |= advance(*op, now);
     } catch (...) {
       fail(*op, std::current_exception());
+      progressed = true;
     }
   }
   collect(finished);
+  return progressed;
 }
 
 void ShmCollectives::collect(std::vector<Finished>& finished) {
@@ -461,12 +485,12 @@ bool ShmCollectives::advance(ShmOp& op, Clock::time_point now) {
           return str_cat("rank ", rank, " posted ", kind_label(CollectiveKind(kind)), " of ", count, " ",
                          dtype_name(DType(dtype)), " elements, op ", reduce_op_name(ReduceOp(rop)));
         };
-        throw MismatchError(str_cat(
-            "ranks posted '", op.name, "' (seq ", op.occurrence, ", cluster version ", cluster_version_,
-            ") differently: ",
-            describe(rank_, std::uint8_t(op.kind), std::uint8_t(op.dtype), std::uint8_t(op.op), op.count), "; ",
-            describe(q, a.kind, a.dtype, a.op, a.count),
-            ". Every rank must post the same name with the same size, type, operation and root"));
+        throw MismatchError(
+            str_cat("ranks posted '", op.name, "' (seq ", op.occurrence, ", cluster version ", cluster_version_,
+                    ") differently: ",
+                    describe(rank_, std::uint8_t(op.kind), std::uint8_t(op.dtype), std::uint8_t(op.op), op.count), "; ",
+                    describe(q, a.kind, a.dtype, a.op, a.count),
+                    ". Every rank must post the same name with the same size, type, operation and root"));
       }
     }
     if (gave_up >= 0) {
@@ -482,7 +506,7 @@ bool ShmCollectives::advance(ShmOp& op, Clock::time_point now) {
           reduce_into(op.dtype, op.op, op.recv, v.inline_area(op.entry, op.half, q), op.count);
         }
       }
-      std::atomic_thread_fence(std::memory_order_acquire);
+      read_fence();
       for (int q = 0; q < size_; ++q) {
         if (v.arrival(op.entry, op.half, q).word.load(std::memory_order_relaxed) != value) {
           throw PeerLostError(str_cat(op.label(), " failed on rank ", rank_, " at cluster version ", cluster_version_,
@@ -624,7 +648,8 @@ bool ShmCollectives::advance_large(ShmOp& op) {
         const auto [first, len] = piece_range(j);
         for (int q = 0; q < n; ++q) {
           const std::size_t at = collective::block_offset(len, n, q), c = collective::block_count(len, n, q);
-          if (q != me && c > 0) std::memcpy(op.recv + (first + at) * esize, v.slot(op.bay, q, j) + at * esize, c * esize);
+          if (q != me && c > 0)
+            std::memcpy(op.recv + (first + at) * esize, v.slot(op.bay, q, j) + at * esize, c * esize);
         }
         v.counters(op.bay, me).done.store(j + 1, std::memory_order_release);
         ring_others();
@@ -668,8 +693,8 @@ void ShmCollectives::fail(ShmOp& op, std::exception_ptr error) {
   const std::uint64_t value = op.occurrence + 1;
   // Tell the other ranks, which may be waiting for this rank or reading its inline area.
   std::uint64_t expected = value;
-  v.arrival(op.entry, op.half, rank_).word.compare_exchange_strong(expected, value | kAbandoned,
-                                                                     std::memory_order_seq_cst);
+  v.arrival(op.entry, op.half, rank_)
+      .word.compare_exchange_strong(expected, value | kAbandoned, std::memory_order_seq_cst);
   if (op.large) {
     if (op.bay >= 0) {
       leave_bay(op.bay, rank_, op.token);
@@ -728,8 +753,8 @@ void ShmCollectives::peer_lost(int peer, const std::string& why, bool departed) 
     for (auto& op : ops_) {
       // What the peer has put in shared memory stays there: a small collective it arrived at needs nothing more
       // from it, nor does a large one it left on purpose (having finished its part, or marked it abandoned).
-      const bool arrived = v.arrival(op->entry, op->half, peer).word.load(std::memory_order_acquire) ==
-                           op->occurrence + 1;
+      const bool arrived =
+          v.arrival(op->entry, op->half, peer).word.load(std::memory_order_acquire) == op->occurrence + 1;
       if (arrived && (!op->large || departed)) continue;
       fail(*op, std::make_exception_ptr(PeerLostError(str_cat(op->label(), " failed on rank ", rank_,
                                                               " at cluster version ", cluster_version_, ": ", why))));
@@ -757,21 +782,22 @@ void ShmCollectives::drive(WorkState& work, Clock::time_point until) {
   std::vector<Finished> finished;
   while (!done()) {
     const std::uint32_t seen = bell.rings.load(std::memory_order_seq_cst);
+    bool progressed = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (closing_) break;
-      advance_all(finished);
+      progressed = advance_all(finished);
     }
-    if (!finished.empty()) {
+    if (progressed) {
       complete(finished);
       continue;
     }
     auto now = Clock::now();
     if (now >= until) break;
     // Nothing to do until another rank rings: spin on the doorbell for a moment, then sleep on it.
-    const auto spin_until = now + spin_;
-    while (bell.rings.load(std::memory_order_acquire) == seen && Clock::now() < spin_until) {
-      if (oversubscribed_) {
+    const auto spin_until = now + spin_, pause_until = now + pause_;
+    for (auto t = now; bell.rings.load(std::memory_order_acquire) == seen && t < spin_until; t = Clock::now()) {
+      if (t >= pause_until) {
         sched_yield();
       } else {
         for (int i = 0; i < 32; ++i) transport::cpu_relax();
@@ -795,17 +821,25 @@ void ShmCollectives::progress_loop() {
   Doorbell& bell = View{segment_.data(), layout_}.bell(rank_);
   std::vector<Finished> finished;
   std::unique_lock<std::mutex> lock(mutex_);
+  auto last_busy = Clock::now();
   for (;;) {
-    wake_progress_.wait(lock, [&] { return closing_ || (!ops_.empty() && drivers_ == 0); });
-    if (closing_) return;
-    const std::uint32_t seen = bell.rings.load(std::memory_order_seq_cst);
-    advance_all(finished);
-    lock.unlock();
-    if (!finished.empty()) {
-      complete(finished);
-    } else {
-      bell.sleep(seen, kMaxSleep);
+    auto needed = [&] { return closing_ || (!ops_.empty() && drivers_ == 0); };
+    while (!needed()) {
+      if (Clock::now() - last_busy < kPollFor) {
+        wake_progress_.wait_for(lock, kPollEvery);
+      } else {
+        progress_asleep_ = true;
+        wake_progress_.wait(lock, [&] { return needed() || !progress_asleep_; });
+        progress_asleep_ = false;
+      }
     }
+    if (closing_) return;
+    last_busy = Clock::now();
+    const std::uint32_t seen = bell.rings.load(std::memory_order_seq_cst);
+    const bool progressed = advance_all(finished);
+    lock.unlock();
+    complete(finished);
+    if (!progressed) bell.sleep(seen, kMaxSleep);
     lock.lock();
   }
 }

@@ -118,7 +118,7 @@ class ShmCollectives : public std::enable_shared_from_this<ShmCollectives> {
   // These run with mutex_ held.
   int entry_for(const std::string& name);
   bool advance(ShmOp& op, Clock::time_point now);
-  void advance_all(std::vector<Finished>& finished);
+  bool advance_all(std::vector<Finished>& finished);  // true when anything moved
   bool advance_large(ShmOp& op);
   bool join_bay(ShmOp& op);
   void leave_bay(int bay, int rank, std::uint64_t token);
@@ -136,20 +136,22 @@ class ShmCollectives : public std::enable_shared_from_this<ShmCollectives> {
   const int size_;
   const std::uint64_t cluster_version_;
   const std::chrono::milliseconds timeout_;
-  /// Spin this long on the doorbell before sleeping; with more ranks than cores, yield while spinning.
+  /// A waiting thread spins on the doorbell with pause instructions for `pause_`, then yielding the core until
+  /// `spin_`, then sleeps (see kPause and kSpin).
   const std::chrono::microseconds spin_;
-  const bool oversubscribed_;
+  const std::chrono::microseconds pause_;
 
   std::mutex mutex_;
   std::condition_variable wake_progress_;
   std::condition_variable idle_;
   bool closing_ = false;
-  int drivers_ = 0;
-  std::string lost_;  // why the cluster cannot run collectives here any more; empty while it can
+  int drivers_ = 0;               // threads in drive(); the progress thread stays out of the way while any are
+  bool progress_asleep_ = false;  // the progress thread waits for a post to wake it (it does not poll)
+  std::string lost_;              // why the cluster cannot run collectives here any more; empty while it can
   std::vector<std::shared_ptr<ShmOp>> ops_;
   std::unordered_map<std::string, int> entry_of_name_;  // -1: no record (the table was full)
-  std::vector<std::uint64_t> posted_;                    // occurrences posted, per entry
-  std::vector<bool> busy_;                               // an occurrence of the entry is in flight
+  std::vector<std::uint64_t> posted_;                   // occurrences posted, per entry
+  std::vector<bool> busy_;                              // an occurrence of the entry is in flight
   std::thread progress_;
 };
 

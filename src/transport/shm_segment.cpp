@@ -17,8 +17,7 @@ namespace aikido::transport {
 
 using detail::str_cat;
 
-SharedSegment::SharedSegment(SharedSegment&& other) noexcept
-    : data_(other.data_), size_(other.size_), fd_(other.fd_) {
+SharedSegment::SharedSegment(SharedSegment&& other) noexcept : data_(other.data_), size_(other.size_), fd_(other.fd_) {
   other.data_ = nullptr;
   other.size_ = 0;
   other.fd_ = -1;
@@ -63,7 +62,8 @@ SharedSegment SharedSegment::create(const std::string& label, std::size_t bytes)
   SharedSegment s;
   s.fd_ = ::memfd_create(label.c_str(), MFD_CLOEXEC);
   if (s.fd_ < 0) detail::throw_system("memfd_create for the same-host shared segment");
-  if (::ftruncate(s.fd_, off_t(bytes)) != 0) detail::throw_system(str_cat("ftruncate of the shared segment to ", bytes));
+  if (::ftruncate(s.fd_, off_t(bytes)) != 0)
+    detail::throw_system(str_cat("ftruncate of the shared segment to ", bytes));
   s.data_ = map_shared(s.fd_, bytes);
   s.size_ = bytes;
   return s;

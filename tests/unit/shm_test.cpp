@@ -87,8 +87,8 @@ void check(Peer& peer, ReduceOp op, std::size_t n, bool in_place, const std::str
   for (std::size_t i = 0; i < n; ++i) {
     if (back(y[i]) != expected<T>(peer.size(), i, op)) {
       FAIL() << name << " " << dtype_name(dtype_of<T>) << " " << reduce_op_name(op) << " n=" << n << " i=" << i
-             << ": got " << back(y[i]) << ", expected " << expected<T>(peer.size(), i, op) << " on rank "
-             << peer.rank() << " of " << peer.size();
+             << ": got " << back(y[i]) << ", expected " << expected<T>(peer.size(), i, op) << " on rank " << peer.rank()
+             << " of " << peer.size();
     }
   }
 }
@@ -231,8 +231,8 @@ TEST(SharedMemoryTable, FullTableFallsBackToSockets) {
       for (int k = 0; k < names; ++k) {
         const int j = peer.rank() % 2 == 0 ? k : names - 1 - k;  // different orders, so records go to any name
         std::fill(data[std::size_t(j)].begin(), data[std::size_t(j)].end(), j + peer.rank());
-        works.push_back(
-            peer.allreduce_async(std::span<std::int32_t>(data[std::size_t(j)]), ReduceOp::sum, "n" + std::to_string(j)));
+        works.push_back(peer.allreduce_async(std::span<std::int32_t>(data[std::size_t(j)]), ReduceOp::sum,
+                                             "n" + std::to_string(j)));
       }
       for (auto& w : works) w.wait();
       for (int j = 0; j < names; ++j) ASSERT_EQ(data[std::size_t(j)][2], 3 * j + 3) << "name " << j;

@@ -1,5 +1,6 @@
 // aikido-run: starts the workers of an Aikido job on this host. See `aikido-run --help` and options.cpp.
 #include <fcntl.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <aikido/errors.hpp>
@@ -79,10 +80,22 @@ int run_job(const Options& options) {
   elastic::StoreServer store("127.0.0.1", 0, secret);
   const JobEnvironment job = job_environment(options, store.address(), secret, job_id);
 
+  // Like mpirun's default: with a core each, a waiting worker spins on its own core and the scheduler cannot pile
+  // workers that wake each other onto one core.
+  std::vector<int> cpus;
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (options.bind_to_core && ::sched_getaffinity(0, sizeof allowed, &allowed) == 0) {
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+      if (CPU_ISSET(cpu, &allowed)) cpus.push_back(cpu);
+    }
+  }
+  const bool bind = options.bind_to_core && options.np <= int(cpus.size());
   std::vector<Supervisor::Worker> workers;
   for (int rank = 0; rank < options.np; ++rank) {
     Supervisor::Worker worker;
     worker.rank = rank;
+    if (bind) worker.cpu = cpus[std::size_t(rank)];
     worker.environment = job.shared;
     worker.environment.push_back(std::string(env::kRank) + "=" + std::to_string(rank));
     worker.environment.push_back(std::string(env::kLocalRank) + "=" + std::to_string(rank));

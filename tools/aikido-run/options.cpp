@@ -82,6 +82,8 @@ options:
   --timeout S           deadline of each collective, in seconds                  (sets AIKIDO_TIMEOUT)
   --transport K         same-host transport: auto, tcp or unix                   (sets AIKIDO_TRANSPORT)
   --segment-bytes B     pipelining segment size in bytes                         (sets AIKIDO_SEGMENT_BYTES)
+  --bind-to W           core (default): when there are no more workers than CPUs, bind worker i to the i-th CPU
+                        aikido-run may use, so that waiting workers spin on their own core; none: do not bind
   -h, --help            print this help and exit
   --                    end of options (use when PROGRAM starts with '-')
 
@@ -146,7 +148,7 @@ Options parse_options(int argc, char** argv) {
       value = arg.substr(eq + 1);
     }
     const bool known = flag == "-np" || flag == "--np" || flag == "-n" || flag == "--topology" || flag == "--timeout" ||
-                       flag == "--transport" || flag == "--segment-bytes";
+                       flag == "--transport" || flag == "--segment-bytes" || flag == "--bind-to";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
@@ -161,6 +163,11 @@ Options parse_options(int argc, char** argv) {
       options.timeout = check_seconds(*value);
     } else if (flag == "--transport") {
       options.transport = check_transport(*value);
+    } else if (flag == "--bind-to") {
+      if (*value != "core" && *value != "none") {
+        throw UsageError("aikido-run: --bind-to expects core or none, got '" + *value + "'");
+      }
+      options.bind_to_core = *value == "core";
     } else {
       options.segment_bytes = check_segment_bytes(*value);
     }

@@ -24,6 +24,8 @@ struct Options {
   std::optional<std::string> timeout;
   std::optional<std::string> transport;
   std::optional<std::string> segment_bytes;
+  /// Bind each worker to one CPU (the launcher's allowed CPUs, in order) when there are no more workers than CPUs.
+  bool bind_to_core = true;
   /// PROGRAM as given, and the file it resolved to (PATH lookup like execvp).
   std::string program;
   std::string program_path;

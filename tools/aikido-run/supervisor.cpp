@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/prctl.h>
@@ -92,6 +93,7 @@ struct ExecPlan {
   std::vector<char*> argv;
   std::vector<char*> envp;
   std::string failure_message;
+  int cpu = -1;
 };
 
 [[noreturn]] void exec_child(const std::string& path, ExecPlan& plan, pid_t launcher, int stdin_fd, int out_fd,
@@ -104,6 +106,12 @@ struct ExecPlan {
   sigset_t empty;
   sigemptyset(&empty);
   ::sigprocmask(SIG_SETMASK, &empty, nullptr);
+  if (plan.cpu >= 0) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(plan.cpu, &set);
+    ::sched_setaffinity(0, sizeof set, &set);  // best effort: an unbound worker still works
+  }
   ::dup2(stdin_fd, STDIN_FILENO);
   ::dup2(out_fd, STDOUT_FILENO);
   ::dup2(err_fd, STDERR_FILENO);
@@ -337,6 +345,7 @@ int Supervisor::run(const std::vector<Worker>& workers) {
     plan.envp.push_back(nullptr);
     plan.failure_message = "aikido-run: cannot execute '" + program_path_ + "': errno ";
     plan.failure_message.reserve(plan.failure_message.size() + 32);
+    plan.cpu = worker.cpu;
 
     int out_pipe[2];
     int err_pipe[2];

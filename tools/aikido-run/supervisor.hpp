@@ -21,6 +21,8 @@ class Supervisor {
     int rank = 0;
     /// Environment of the worker, "NAME=value" entries.
     std::vector<std::string> environment;
+    /// The CPU the worker is bound to before it starts; -1: not bound.
+    int cpu = -1;
   };
 
   /// Blocks the signals the supervisor handles (SIGCHLD, SIGINT, SIGTERM, SIGHUP) in the calling thread and
