@@ -19,7 +19,8 @@ namespace aikido {
 
 /// How ranks on the same host talk to each other. Ranks on different hosts always use TCP.
 enum class TransportKind : std::uint8_t {
-  automatic,    // Unix-domain sockets between ranks of one host, TCP across hosts (the default)
+  automatic,    // the default: when every rank is on one host, allreduce, barrier and consensus run through shared
+                // memory and the other collectives over Unix-domain sockets; across hosts, TCP
   tcp,          // TCP everywhere (the path used between hosts)
   unix_socket,  // Unix-domain sockets; all ranks must be on one host
 };

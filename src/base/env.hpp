@@ -10,7 +10,7 @@
 //   AIKIDO_JOB_ID           prefix of store keys and socket names                  (default "aikido")
 //   AIKIDO_CLUSTER_VERSION  version of the cluster membership                      (default 0)
 //   AIKIDO_TOPOLOGY         ring | tree | star | hierarchical                     (default ring)
-//   AIKIDO_TRANSPORT        auto | tcp | unix                                      (default auto)
+//   AIKIDO_TRANSPORT        auto | tcp | unix (auto: shared memory when all ranks share a host) (default auto)
 //   AIKIDO_TIMEOUT          deadline of each collective, in seconds                (default 60)
 //   AIKIDO_BIND_ADDRESS     address TCP listeners bind to                          (default 127.0.0.1)
 //   AIKIDO_SEGMENT_BYTES    pipelining segment size in bytes                       (default 1048576)

@@ -146,8 +146,9 @@ std::size_t Engine::CollectiveKeyHash::operator()(const CollectiveKey& k) const 
   return h ^ (std::hash<std::uint64_t>()(k.seq) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2));
 }
 
-Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::Socket> sockets)
-    : config_(std::move(config)), cluster_(std::move(cluster)), topology_(config_.topology) {
+Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::Socket> sockets,
+               std::shared_ptr<ShmCollectives> shm)
+    : config_(std::move(config)), cluster_(std::move(cluster)), topology_(config_.topology), shm_(std::move(shm)) {
   lost_.resize(std::size_t(config_.size));
   departed_.resize(std::size_t(config_.size), false);
   connections_.resize(std::size_t(config_.size));
@@ -164,6 +165,7 @@ Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::So
 }
 
 Engine::~Engine() {
+  if (shm_) shm_->close();
   {
     std::unique_lock<std::mutex> lock(mutex_);
     closing_ = true;
@@ -226,6 +228,9 @@ Work Engine::post(const Request& request) {
   if (name.size() > transport::kMaxNameBytes) {
     throw ConfigError(str_cat(kind_name(request.kind), " '", name.substr(0, 64), "...': the name has ", name.size(),
                               " bytes; the limit is ", transport::kMaxNameBytes));
+  }
+  if (shm_ && ShmCollectives::handles(request.kind)) {
+    if (auto work = shm_->post(request, name)) return *work;
   }
   auto c = std::make_shared<Collective>();
   c->name = name;
@@ -938,10 +943,12 @@ void Engine::on_lost(transport::Connection& connection, const std::string& reaso
     r->finished = true;
     requests_.erase(r->id);
   }
+  const std::string why = lost_[std::size_t(p)];
   run(lock, progress);
+  if (shm_) shm_->peer_lost(p, why, goodbye);
   for (auto& r : failed) {
-    r->work->complete(std::make_exception_ptr(
-        PeerLostError(str_cat("request of '", r->name, "' from rank ", p, " failed: ", lost_[std::size_t(p)]))));
+    r->work->complete(
+        std::make_exception_ptr(PeerLostError(str_cat("request of '", r->name, "' from rank ", p, " failed: ", why))));
   }
 }
 
@@ -1028,8 +1035,13 @@ void Engine::watchdog_loop() {
 }
 
 void Engine::drain() {
+  const auto deadline = Clock::now() + config_.timeout;
+  if (shm_ && !shm_->drain(deadline)) {
+    throw TimeoutError(
+        str_cat("rank ", config_.rank, ": collectives still in flight after ", seconds(config_.timeout)));
+  }
   std::unique_lock<std::mutex> lock(mutex_);
-  if (!idle_.wait_for(lock, config_.timeout, [&] { return active_.empty(); })) {
+  if (!idle_.wait_until(lock, deadline, [&] { return active_.empty(); })) {
     throw TimeoutError(
         str_cat("rank ", config_.rank, ": collectives still in flight after ", seconds(config_.timeout)));
   }

@@ -30,6 +30,7 @@
 
 #include "collective/algorithms.hpp"
 #include "runtime/buffer_pool.hpp"
+#include "runtime/shm_collectives.hpp"
 #include "runtime/work_state.hpp"
 #include "transport/connection.hpp"
 
@@ -63,7 +64,9 @@ struct PendingRequest {
 class Engine final : public transport::FrameHandler {
  public:
   /// Takes ownership of one connected, authenticated socket per other rank (index = rank; the own slot is empty).
-  Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::Socket> sockets);
+  /// `shm`, when given, runs allreduce, barrier and consensus through shared memory (every rank is on this host).
+  Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::Socket> sockets,
+         std::shared_ptr<ShmCollectives> shm = nullptr);
   ~Engine() override;
 
   const PeerConfig& config() const { return config_; }
@@ -192,6 +195,7 @@ class Engine final : public transport::FrameHandler {
       plans_;
 
   std::vector<std::unique_ptr<transport::Connection>> connections_;
+  std::shared_ptr<ShmCollectives> shm_;
   std::condition_variable watchdog_wake_;
   std::thread watchdog_;
 };

@@ -11,7 +11,9 @@
 #include "base/log.hpp"
 #include "base/sha256.hpp"
 #include "runtime/engine.hpp"
+#include "runtime/shm_collectives.hpp"
 #include "transport/handshake.hpp"
+#include "transport/shm_segment.hpp"
 
 namespace aikido {
 
@@ -109,6 +111,76 @@ void accept_all(const PeerConfig& config, std::vector<transport::Listener*> list
       }
     }
   }
+}
+
+// The same-host path: when every rank runs on this host and the transport is `auto`, rank 0 creates the shared
+// segment and announces it through the store; every rank maps it and says whether that worked; all use it only
+// when all could (otherwise all use sockets: the choice must be the same everywhere).
+std::shared_ptr<detail::ShmCollectives> setup_shared_memory(const PeerConfig& config, const detail::ClusterInfo& info,
+                                                            Clock::time_point deadline) {
+  if (config.transport != TransportKind::automatic || config.size < 2 || info.local_size != config.size) {
+    return nullptr;
+  }
+  const std::string prefix = str_cat(config.job_id, "/v", config.cluster_version, "/shm");
+  const detail::ShmLayout layout = detail::ShmLayout::for_ranks(config.size);
+  auto remaining = [&] {
+    return std::max(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()),
+                    std::chrono::milliseconds(1));
+  };
+  transport::SharedSegment segment;
+  std::string why;
+  if (config.rank == 0) {
+    try {
+      segment = transport::SharedSegment::create(str_cat("aikido-", config.job_id.substr(0, 32)), layout.total);
+      detail::ShmCollectives::format(segment, config.size);
+      config.store->set(prefix, str_cat(::getpid(), " ", segment.fd(), " ", layout.total));
+    } catch (const Error& e) {
+      why = e.what();
+      config.store->set(prefix, "none");
+    }
+  } else {
+    std::string record;
+    try {
+      record = config.store->wait(prefix, remaining());
+    } catch (const TimeoutError&) {
+      throw TimeoutError(str_cat("rank ", config.rank, ": rank 0 did not announce the shared segment within ",
+                                 config.timeout.count() / 1000.0, " s (AIKIDO_TIMEOUT)"));
+    }
+    int pid = 0, fd = -1;
+    std::size_t bytes = 0;
+    std::istringstream in(record);
+    if (record == "none") {
+      why = "rank 0 could not create it";
+    } else if (!(in >> pid >> fd >> bytes) || bytes != layout.total) {
+      why = str_cat("unreadable announcement '", record, "'");
+    } else {
+      try {
+        segment = transport::SharedSegment::open(pid, fd, bytes);
+        detail::ShmCollectives::check(segment, config.size);
+      } catch (const Error& e) {
+        why = e.what();
+      }
+    }
+  }
+  config.store->set(str_cat(prefix, "/mapped/", config.rank), why.empty() ? "ok" : why);
+  std::string failures;
+  for (int p = 0; p < config.size; ++p) {
+    std::string answer;
+    try {
+      answer = config.store->wait(str_cat(prefix, "/mapped/", p), remaining());
+    } catch (const TimeoutError&) {
+      throw TimeoutError(str_cat("rank ", config.rank, ": rank ", p, " did not map the shared segment within ",
+                                 config.timeout.count() / 1000.0, " s (AIKIDO_TIMEOUT)"));
+    }
+    if (answer != "ok") failures += str_cat(failures.empty() ? "" : "; ", "rank ", p, ": ", answer);
+  }
+  segment.close_fd();  // every rank has mapped it (or given up): the memory lives as long as the mappings
+  if (!failures.empty()) {
+    log::warn("rank ", config.rank, ": same-host shared memory is off, collectives use Unix sockets (", failures, ")");
+    return nullptr;
+  }
+  return std::make_shared<detail::ShmCollectives>(std::move(segment), config.rank, config.size, config.cluster_version,
+                                                  config.timeout);
 }
 
 }  // namespace
@@ -226,7 +298,8 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
     std::rethrow_exception(connect_error);
   }
   acceptor.get();
-  return std::make_unique<detail::Engine>(config, info, std::move(sockets));
+  auto shm = setup_shared_memory(config, info, deadline);
+  return std::make_unique<detail::Engine>(config, info, std::move(sockets), std::move(shm));
 }
 
 }  // namespace

@@ -25,14 +25,17 @@ Work::Work() : state_(std::make_shared<detail::WorkState>()) { state_->done = tr
 Work::Work(std::shared_ptr<detail::WorkState> state) : state_(std::move(state)) {}
 
 void Work::wait() const {
+  if (state_->drive) state_->drive(*state_, std::chrono::steady_clock::time_point::max());
   std::unique_lock<std::mutex> lock(state_->mutex);
   state_->changed.wait(lock, [&] { return state_->done; });
   if (state_->error) std::rethrow_exception(state_->error);
 }
 
 bool Work::wait(std::chrono::milliseconds timeout) const {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  if (state_->drive) state_->drive(*state_, until);
   std::unique_lock<std::mutex> lock(state_->mutex);
-  if (!state_->changed.wait_for(lock, timeout, [&] { return state_->done; })) return false;
+  if (!state_->changed.wait_until(lock, until, [&] { return state_->done; })) return false;
   if (state_->error) std::rethrow_exception(state_->error);
   return true;
 }

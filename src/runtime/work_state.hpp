@@ -1,6 +1,7 @@
 // The shared state behind aikido::Work.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <functional>
@@ -15,6 +16,10 @@ struct WorkState {
   bool done = false;
   std::exception_ptr error;
   std::vector<std::function<void(std::exception_ptr)>> callbacks;
+  /// Set for work that a waiting thread can drive to completion itself (the same-host path): Work::wait() calls it
+  /// first; it returns once the work is done, `until` passed, or the library is closing. Set before the Work handle
+  /// is handed out, never changed afterwards.
+  std::function<void(WorkState&, std::chrono::steady_clock::time_point until)> drive;
 
   /// Marks the work done and runs its callbacks on this thread. Call without holding other library locks.
   void complete(std::exception_ptr failure);

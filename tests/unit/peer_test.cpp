@@ -124,7 +124,9 @@ TEST(Peer, LostPeerFailsPendingAndLaterCollectives) {
 }
 
 TEST(Peer, MisuseIsRejectedClearly) {
-  run_cluster(2, base_config(), [](Peer& peer) {
+  std::promise<void> tried;  // rank 1 posts 'dup' only once rank 0 has tried it twice: rank 0's is then in flight
+  std::shared_future<void> may_post = tried.get_future().share();
+  run_cluster(2, base_config(), [&](Peer& peer) {
     std::vector<float> a(10), b(11), big(20), small(3);
     EXPECT_THROW(peer.allreduce(std::span<const float>(a), std::span<float>(b), ReduceOp::sum, "x"), ConfigError);
     EXPECT_THROW(peer.allgather(std::span<const float>(a), std::span<float>(b), "x"), ConfigError);
@@ -133,12 +135,16 @@ TEST(Peer, MisuseIsRejectedClearly) {
     EXPECT_THROW(peer.broadcast(std::span<float>(a), 5, "x"), ConfigError);
     EXPECT_THROW(peer.allreduce(std::span<float>(a), ReduceOp::sum, ""), ConfigError);
     // The same name posted twice at once.
+    if (peer.rank() == 1) may_post.wait();
     Work first = peer.allreduce_async(std::span<float>(a), ReduceOp::sum, "dup");
-    try {
-      peer.allreduce_async(std::span<float>(b), ReduceOp::sum, "dup");
-      ADD_FAILURE() << "a second 'dup' in flight was accepted";
-    } catch (const ConfigError& e) {
-      EXPECT_NE(std::string(e.what()).find("'dup'"), std::string::npos);
+    if (peer.rank() == 0) {
+      try {
+        peer.allreduce_async(std::span<float>(b), ReduceOp::sum, "dup");
+        ADD_FAILURE() << "a second 'dup' in flight was accepted";
+      } catch (const ConfigError& e) {
+        EXPECT_NE(std::string(e.what()).find("'dup'"), std::string::npos);
+      }
+      tried.set_value();
     }
     first.wait();
   });

@@ -126,10 +126,24 @@ int run_elastic_job(const Options& options, elastic::StoreServer& store, const s
 }
 
 int run_static_job(const Options& options, const JobEnvironment& job) {
+  // Like mpirun's default: when there are no more workers than CPUs, worker i gets its own block of CPUs (as many as
+  // its share of threads), so that a waiting worker spins on its own core and the scheduler cannot pile workers
+  // that wake each other onto one core.
+  std::vector<int> cpus;
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (options.bind_to_core && ::sched_getaffinity(0, sizeof allowed, &allowed) == 0) {
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+      if (CPU_ISSET(cpu, &allowed)) cpus.push_back(cpu);
+    }
+  }
+  const bool bind = options.bind_to_core && options.np <= int(cpus.size());
+  const std::size_t share = bind ? cpus.size() / std::size_t(options.np) : 0;
   std::vector<Supervisor::Worker> workers;
   for (int rank = 0; rank < options.np; ++rank) {
     Supervisor::Worker worker;
     worker.rank = rank;
+    for (std::size_t i = 0; i < share; ++i) worker.cpus.push_back(cpus[std::size_t(rank) * share + i]);
     worker.id = std::uint64_t(rank);
     worker.environment = job.shared;
     worker.environment.push_back(std::string(env::kRank) + "=" + std::to_string(rank));

@@ -112,6 +112,9 @@ options:
                         (default 3)
   --checkpoint F        elastic: where the last commit is written when the job stops below --min-np
                         (sets AIKIDO_CHECKPOINT)
+  --bind-to W           core (default): when there are no more workers than CPUs, bind each worker to its own
+                        block of the CPUs aikido-run may use (CPUs / N each), so that waiting workers spin on
+                        their own cores; none: do not bind (elastic jobs never bind)
   -h, --help            print this help and exit
   --                    end of options (use when PROGRAM starts with '-')
 
@@ -194,7 +197,7 @@ Options parse_options(int argc, char** argv) {
                        flag == "--transport" || flag == "--segment-bytes" || flag == "--metrics-port" ||
                        flag == "--metrics-file" || flag == "--metrics-interval" || flag == "--min-np" ||
                        flag == "--max-np" || flag == "--control-file" || flag == "--heartbeat-timeout" ||
-                       flag == "--checkpoint";
+                       flag == "--checkpoint" || flag == "--bind-to";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
@@ -233,6 +236,11 @@ Options parse_options(int argc, char** argv) {
     } else if (flag == "--heartbeat-timeout") {
       options.heartbeat_timeout_s = std::stod(check_seconds(*value, flag));
       elastic_flags.push_back(flag);
+    } else if (flag == "--bind-to") {
+      if (*value != "core" && *value != "none") {
+        throw UsageError("aikido-run: --bind-to expects core or none, got '" + *value + "'");
+      }
+      options.bind_to_core = *value == "core";
     } else {
       options.segment_bytes = check_segment_bytes(*value);
     }

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/prctl.h>
@@ -95,6 +96,7 @@ struct ExecPlan {
   std::vector<char*> argv;
   std::vector<char*> envp;
   std::string failure_message;
+  std::vector<int> cpus;
 };
 
 [[noreturn]] void exec_child(const std::string& path, ExecPlan& plan, pid_t launcher, int stdin_fd, int out_fd,
@@ -107,6 +109,12 @@ struct ExecPlan {
   sigset_t empty;
   sigemptyset(&empty);
   ::sigprocmask(SIG_SETMASK, &empty, nullptr);
+  if (!plan.cpus.empty()) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int cpu : plan.cpus) CPU_SET(cpu, &set);
+    ::sched_setaffinity(0, sizeof set, &set);  // best effort: an unbound worker still works
+  }
   ::dup2(stdin_fd, STDIN_FILENO);
   ::dup2(out_fd, STDOUT_FILENO);
   ::dup2(err_fd, STDERR_FILENO);
@@ -149,6 +157,7 @@ class Supervisor::Loop {
     plan.envp.push_back(nullptr);
     plan.failure_message = "aikido-run: cannot execute '" + owner_.program_path_ + "': errno ";
     plan.failure_message.reserve(plan.failure_message.size() + 32);
+    plan.cpus = worker.cpus;
 
     int out_pipe[2];
     int err_pipe[2];

@@ -43,6 +43,8 @@ class Supervisor {
     std::uint64_t id = 0;
     /// Environment of the worker, "NAME=value" entries.
     std::vector<std::string> environment;
+    /// The CPUs the worker is bound to before it starts; empty: not bound.
+    std::vector<int> cpus;
   };
 
   /// Blocks the signals the supervisor handles (SIGCHLD, SIGINT, SIGTERM, SIGHUP) in the calling thread and
