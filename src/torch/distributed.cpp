@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "base/error.hpp"
+#include "splitmix.hpp"
 
 namespace aikido::torch {
 
@@ -183,13 +184,6 @@ double sum_of_squares(const ::torch::Tensor& t) {
 
 double seconds_between(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
-}
-
-std::uint64_t splitmix64(std::uint64_t& state) {
-  std::uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
 }
 
 }  // namespace
@@ -747,7 +741,7 @@ void DistributedOptimizer::pair_step() {
   if (pull_->works.empty()) {
     // A random partner other than this worker.
     const auto others = static_cast<std::uint64_t>(peer_.size() - 1);
-    int partner = static_cast<int>(splitmix64(rng_state_) % others);
+    int partner = static_cast<int>(rng::splitmix64(rng_state_) % others);
     if (partner >= peer_.rank()) ++partner;
     pull_->partner = partner;
     for (std::size_t b = 0; b < buckets_.size(); ++b) {

@@ -7,21 +7,11 @@
 #include <sstream>
 
 #include "base/error.hpp"
+#include "splitmix.hpp"
 
 namespace aikido::torch {
 
 using detail::str_cat;
-
-namespace {
-
-std::uint64_t splitmix64(std::uint64_t& state) {
-  std::uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-}  // namespace
 
 DistributedSampler::DistributedSampler(std::size_t dataset_size, const Peer& peer, std::uint64_t seed, bool shuffle)
     : dataset_size_(dataset_size), peer_(&peer), seed_(seed), shuffle_(shuffle) {
@@ -48,7 +38,7 @@ void DistributedSampler::shuffle_order() {
   if (!shuffle_) return;
   std::uint64_t state = seed_ ^ (static_cast<std::uint64_t>(epoch_) * 0xd1b54a32d192ed03ULL);
   for (std::size_t i = dataset_size_; i > 1; --i) {
-    const std::size_t j = static_cast<std::size_t>(splitmix64(state) % i);
+    const std::size_t j = static_cast<std::size_t>(rng::splitmix64(state) % i);
     std::swap(order_[i - 1], order_[j]);
   }
 }
