@@ -10,8 +10,8 @@ For each model, per-worker batch size and number of workers it runs, in one go:
   ceiling    (N = 2 only) the Aikido run with --skip-communication: every worker trains alone, the throughput
              that communication can at best leave untouched
 Both sides get the same threads and malloc settings: what aikido-run gives its workers (this host's cores divided
-among the workers for OMP_NUM_THREADS and OPENBLAS_NUM_THREADS, and its GLIBC_TUNABLES); the DDP processes get them
-explicitly. Each run trains 2 epochs of at most S steps and the second epoch is measured (the first warms up);
+among the workers for OMP_NUM_THREADS, OPENBLAS_NUM_THREADS=1 and its GLIBC_TUNABLES); the DDP processes get them
+explicitly, and are bound to CPUs the same way (each its own block of CPUs when there are no more workers than CPUs). Each run trains 2 epochs of at most S steps and the second epoch is measured (the first warms up);
 throughput = samples of all workers / time of the slowest. Each configuration runs R times; medians are shown with
   aikido/ddp     Aikido throughput / DDP throughput (target: >= 1.3 at 2 and 4 workers)
   aikido/ceil    Aikido throughput / ceiling (target: >= 0.8 at 2 workers)
@@ -35,9 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def worker_env(np):
     """The environment aikido-run gives its workers by default (tools/aikido-run/main.cpp: worker_defaults)."""
     env = dict(os.environ)
-    threads = str(max(1, len(os.sched_getaffinity(0)) // np))
-    for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env.setdefault(key, threads)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // np)))
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
     return env
 
@@ -69,11 +68,16 @@ def run_ddp(model, batch, np, steps):
     env = worker_env(np)
     env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(np)})
     procs = []
+    cpus = sorted(os.sched_getaffinity(0))
+    share = len(cpus) // np if np <= len(cpus) else 0  # aikido-run's --bind-to core
     for rank in range(np):
         e = dict(env, RANK=str(rank))
+        mine = set(cpus[rank * share:(rank + 1) * share])
+        bind = (lambda m=mine: os.sched_setaffinity(0, m)) if mine else None
         procs.append(subprocess.Popen(["/usr/bin/python3", f"{HERE}/ddp_fashion_mnist.py", "--model", model,
                                        "--batch-size", str(batch), "--epochs", "2", "--max-steps", str(steps)],
-                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      preexec_fn=bind))
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         if p.returncode != 0:
