@@ -11,7 +11,7 @@ For each model, per-worker batch size and number of workers it runs, in one go:
              that communication can at best leave untouched
 Both sides get the same threads and malloc settings: what aikido-run gives its workers (this host's cores divided
 among the workers for OMP_NUM_THREADS, OPENBLAS_NUM_THREADS=1 and its GLIBC_TUNABLES); the DDP processes get them
-explicitly, and are bound to CPUs the same way (each its own block of CPUs when there are no more workers than CPUs). Each run trains 2 epochs of at most S steps and the second epoch is measured (the first warms up);
+explicitly (they are not bound to CPUs, as torchrun does not bind them). Each run trains 2 epochs of at most S steps and the second epoch is measured (the first warms up);
 throughput = samples of all workers / time of the slowest. Each configuration runs R times; medians are shown with
   aikido/ddp     Aikido throughput / DDP throughput (target: >= 1.3 at 2 and 4 workers)
   aikido/ceil    Aikido throughput / ceiling (target: >= 0.8 at 2 workers)
@@ -68,16 +68,11 @@ def run_ddp(model, batch, np, steps):
     env = worker_env(np)
     env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(np)})
     procs = []
-    cpus = sorted(os.sched_getaffinity(0))
-    share = len(cpus) // np if np <= len(cpus) else 0  # aikido-run's --bind-to core
     for rank in range(np):
         e = dict(env, RANK=str(rank))
-        mine = set(cpus[rank * share:(rank + 1) * share])
-        bind = (lambda m=mine: os.sched_setaffinity(0, m)) if mine else None
         procs.append(subprocess.Popen(["/usr/bin/python3", f"{HERE}/ddp_fashion_mnist.py", "--model", model,
                                        "--batch-size", str(batch), "--epochs", "2", "--max-steps", str(steps)],
-                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      preexec_fn=bind))
+                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         if p.returncode != 0:
