@@ -4,6 +4,8 @@
 //
 // Each worker prints one JSON line per epoch (see --help for the keys). The data are the IDX gzip files of
 // Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist), or of --data DIR.
+#include <zlib.h>
+
 #include <CLI/CLI.hpp>
 #include <aikido/aikido.hpp>
 #include <aikido/elastic.hpp>
@@ -11,11 +13,10 @@
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <stdexcept>
 #include <string>
-#include <zlib.h>
 
 namespace {
 
@@ -61,9 +62,14 @@ torch::Tensor read_idx(const std::string& path, std::uint32_t magic) {
 Split load_split(const std::string& dir, const std::string& prefix) {
   Split s;
   // Mean and standard deviation of the Fashion-MNIST training images.
-  s.images = read_idx(dir + "/" + prefix + "-images-idx3-ubyte.gz", 2051).to(torch::kFloat32).div_(255).sub_(0.2860).div_(0.3530);
+  s.images = read_idx(dir + "/" + prefix + "-images-idx3-ubyte.gz", 2051)
+                 .to(torch::kFloat32)
+                 .div_(255)
+                 .sub_(0.2860)
+                 .div_(0.3530);
   s.labels = read_idx(dir + "/" + prefix + "-labels-idx1-ubyte.gz", 2049).to(torch::kInt64);
-  if (s.images.size(0) != s.labels.size(0)) throw std::runtime_error("images and labels of " + prefix + " differ in number");
+  if (s.images.size(0) != s.labels.size(0))
+    throw std::runtime_error("images and labels of " + prefix + " differ in number");
   return s;
 }
 

@@ -17,7 +17,7 @@ namespace aikido {
 struct TrainingMetrics {
   static constexpr double kUnknown = std::numeric_limits<double>::quiet_NaN();
 
-  std::int64_t step = 0;   // steps completed
+  std::int64_t step = 0;  // steps completed
   std::int64_t epoch = 0;
   int workers = 1;
   std::int64_t batch_size = 0;         // per worker
@@ -37,9 +37,9 @@ struct TrainingMetrics {
   // Throughput and where the step's time goes (seconds, means over workers, last step).
   double samples_per_second = kUnknown;  // all workers together
   double step_seconds = kUnknown;
-  double compute_seconds = kUnknown;        // outside step(): forward, backward, data
-  double communication_seconds = kUnknown;  // first gradient collective started -> last one finished
-  double wait_seconds = kUnknown;           // blocked in step() waiting for communication
+  double compute_seconds = kUnknown;             // outside step(): forward, backward, data
+  double communication_seconds = kUnknown;       // first gradient collective started -> last one finished
+  double wait_seconds = kUnknown;                // blocked in step() waiting for communication
   double allreduce_bytes_per_second = kUnknown;  // gradient bytes / communication_seconds
 
   static bool known(double v) { return !std::isnan(v); }
@@ -64,7 +64,7 @@ class NoiseScaleEstimator {
   explicit NoiseScaleEstimator(double smoothing = 0.05);
   /// Adds one step's measurement. Ignored when b_big <= b_small (one worker) or a value is not finite.
   void update(double b_small, double b_big, double small_sq_norm, double big_sq_norm);
-  double noise_scale() const;      // NaN until the first update
+  double noise_scale() const;       // NaN until the first update
   double gradient_sq_norm() const;  // EMA of |G|^2
   double noise_trace() const;       // EMA of tr(Sigma)
   std::int64_t updates() const { return updates_; }

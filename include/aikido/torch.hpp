@@ -4,6 +4,8 @@
 // Inside namespace aikido::torch, the name `torch` means this namespace; LibTorch is spelled `::torch`.
 #pragma once
 
+#include <torch/torch.h>
+
 #include <aikido/metrics.hpp>
 #include <aikido/peer.hpp>
 #include <aikido/policy.hpp>
@@ -14,7 +16,6 @@
 #include <optional>
 #include <string>
 #include <string_view>
-#include <torch/torch.h>
 #include <vector>
 
 namespace aikido {
@@ -175,11 +176,11 @@ class DistributedOptimizer {
   std::vector<Bucket> buckets_;
   std::int64_t steps_ = 0;
   bool hooks_installed_ = false;
-  bool second_backward_ = false;  // a gradient arrived twice in one step
-  std::string gradient_error_;    // an unsupported gradient seen by a hook, reported by step()
-  std::exception_ptr hook_error_; // a collective that failed to start inside a hook, rethrown by step()
-  std::uint64_t rng_state_;       // pair averaging: choice of partner
-  std::unique_ptr<Pull> pull_;    // pair averaging: the model being pulled
+  bool second_backward_ = false;   // a gradient arrived twice in one step
+  std::string gradient_error_;     // an unsupported gradient seen by a hook, reported by step()
+  std::exception_ptr hook_error_;  // a collective that failed to start inside a hook, rethrown by step()
+  std::uint64_t rng_state_;        // pair averaging: choice of partner
+  std::unique_ptr<Pull> pull_;     // pair averaging: the model being pulled
   // Monitoring.
   struct Monitor;
   std::unique_ptr<Monitor> monitor_;

@@ -63,8 +63,7 @@ std::unique_ptr<MetricsPublisher> MetricsPublisher::from_env(int rank) {
   const auto interval = env::get_seconds(env::kMetricsInterval, std::chrono::milliseconds(1000));
   auto store = connect_tcp_store(*address, env::get(env::kSecret).value_or(""),
                                  env::get_seconds(env::kTimeout, env::kDefaultTimeout));
-  return std::make_unique<MetricsPublisher>(std::move(store), env::get(env::kJobId).value_or("aikido"), rank,
-                                            interval);
+  return std::make_unique<MetricsPublisher>(std::move(store), env::get(env::kJobId).value_or("aikido"), rank, interval);
 }
 
 MetricsPublisher::MetricsPublisher(std::shared_ptr<Store> store, std::string job_id, int rank,

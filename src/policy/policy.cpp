@@ -135,8 +135,11 @@ std::int64_t round_to_power_of_two(double x) {
 class AdaptiveBatch : public Policy {
  public:
   explicit AdaptiveBatch(const PolicyOptions& o)
-      : min_(option_int(o, "min", 0)), max_(option_int(o, "max", 1024)), interval_(option_int(o, "interval", 50)),
-        warmup_(option_int(o, "warmup", 50)), rule_(option_string(o, "rule", "sqrt")) {
+      : min_(option_int(o, "min", 0)),
+        max_(option_int(o, "max", 1024)),
+        interval_(option_int(o, "interval", 50)),
+        warmup_(option_int(o, "warmup", 50)),
+        rule_(option_string(o, "rule", "sqrt")) {
     require_known_keys("adaptive-batch", o, {"min", "max", "interval", "warmup", "rule"});
     if (rule_ != "linear" && rule_ != "sqrt" && rule_ != "adascale") {
       throw ConfigError(str_cat("policy adaptive-batch: rule '", rule_, "' is not linear, sqrt or adascale"));
@@ -190,13 +193,16 @@ class AdaptiveBatch : public Policy {
 class StrategySwitch : public Policy {
  public:
   explicit StrategySwitch(const PolicyOptions& o)
-      : to_(parse_strategy(option_string(o, "to", "ssgd"))), step_(option_int(o, "step", -1)),
-        epoch_(option_int(o, "epoch", -1)), noise_scale_(option_double(o, "noise_scale", -1)),
-        min_fraction_(option_double(o, "min_fraction", 0.5)), reference_steps_(option_int(o, "reference_steps", 20)),
+      : to_(parse_strategy(option_string(o, "to", "ssgd"))),
+        step_(option_int(o, "step", -1)),
+        epoch_(option_int(o, "epoch", -1)),
+        noise_scale_(option_double(o, "noise_scale", -1)),
+        min_fraction_(option_double(o, "min_fraction", 0.5)),
+        reference_steps_(option_int(o, "reference_steps", 20)),
         patience_(option_int(o, "patience", 10)) {
-    require_known_keys("strategy-switch", o,
-                       {"to", "step", "epoch", "noise_scale", "fallback_topology", "min_fraction", "reference_steps",
-                        "patience"});
+    require_known_keys(
+        "strategy-switch", o,
+        {"to", "step", "epoch", "noise_scale", "fallback_topology", "min_fraction", "reference_steps", "patience"});
     if (const auto t = option_string(o, "fallback_topology", ""); !t.empty()) fallback_ = parse_topology(t);
     if (step_ < 0 && epoch_ < 0 && noise_scale_ < 0 && !fallback_) {
       throw ConfigError(
@@ -246,8 +252,8 @@ class StrategySwitch : public Policy {
 };
 
 // schedule: options "<action>@<step|epoch><N>=<value>", for example lr@epoch2=0.01, batch@step500=128,
-// strategy@epoch1=ssgd, topology@step100=tree, workers@step300=4, stop@epoch5=1. Epoch triggers act when that epoch starts, step triggers
-// after that step.
+// strategy@epoch1=ssgd, topology@step100=tree, workers@step300=4, stop@epoch5=1. Epoch triggers act when that epoch
+// starts, step triggers after that step.
 class Schedule : public Policy {
  public:
   explicit Schedule(const PolicyOptions& o) {
@@ -267,13 +273,15 @@ class Schedule : public Policy {
       if (change.action == "lr") {
         option_double({{key, value}}, key, 0);
       } else if (change.action == "batch") {
-        if (option_int({{key, value}}, key, 0) < 1) throw ConfigError(str_cat("policy schedule: ", key, " must be >= 1"));
+        if (option_int({{key, value}}, key, 0) < 1)
+          throw ConfigError(str_cat("policy schedule: ", key, " must be >= 1"));
       } else if (change.action == "strategy") {
         parse_strategy(value);
       } else if (change.action == "topology") {
         parse_topology(value);
       } else if (change.action == "workers") {
-        if (option_int({{key, value}}, key, 0) < 1) throw ConfigError(str_cat("policy schedule: ", key, " must be >= 1"));
+        if (option_int({{key, value}}, key, 0) < 1)
+          throw ConfigError(str_cat("policy schedule: ", key, " must be >= 1"));
       } else if (change.action != "stop") {
         throw ConfigError(str_cat("policy schedule: unknown action '", change.action,
                                   "' (known: lr, batch, strategy, topology, workers, stop)"));

@@ -3,7 +3,6 @@
 // Terms. A *slot* is one parameter's place in a bucket. A *bucket* is a flat buffer of one dtype holding several
 // parameters (gradients for synchronous SGD, values for model averaging), communicated as one collective.
 #include <aikido/torch.hpp>
-
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -25,8 +24,7 @@ constexpr std::string_view kPrefix = "aikido.torch/";
 Work post_tensor(Peer& peer, detail::CollectiveKind kind, ::torch::Tensor& tensor, ReduceOp op, int root,
                  std::string_view name) {
   const auto count = static_cast<std::size_t>(tensor.numel());
-  return peer.post({kind, dtype_of_tensor(tensor), op, root, tensor.data_ptr(), tensor.data_ptr(), count, count,
-                    name});
+  return peer.post({kind, dtype_of_tensor(tensor), op, root, tensor.data_ptr(), tensor.data_ptr(), count, count, name});
 }
 
 // Calls fn(T{}) with the C++ element type of `tensor`.
@@ -73,7 +71,8 @@ Work request_tensor(Peer& peer, int target, const std::string& name, const ::tor
 std::string describe(const ::torch::Tensor& t) {
   std::ostringstream os;
   static constexpr const char* kNames[] = {"float32", "float64", "float16", "bfloat16", "int32", "int64", "uint8"};
-  static constexpr DType kTypes[] = {DType::f32, DType::f64, DType::f16, DType::bf16, DType::i32, DType::i64, DType::u8};
+  static constexpr DType kTypes[] = {DType::f32, DType::f64, DType::f16, DType::bf16,
+                                     DType::i32, DType::i64, DType::u8};
   const DType type = dtype_of_tensor(t);
   os << kNames[std::find(std::begin(kTypes), std::end(kTypes), type) - std::begin(kTypes)] << " [";
   for (std::int64_t d = 0; d < t.dim(); ++d) os << (d ? ", " : "") << t.size(d);
@@ -84,7 +83,8 @@ std::string describe(const ::torch::Tensor& t) {
 void require_cpu(const std::string& name, const ::torch::Tensor& t) {
   if (!t.defined()) throw ConfigError(str_cat("parameter '", name, "' is an undefined tensor"));
   if (!t.device().is_cpu()) {
-    throw ConfigError(str_cat("parameter '", name, "' is on ", t.device().str(), "; aikido::torch supports CPU tensors"));
+    throw ConfigError(
+        str_cat("parameter '", name, "' is on ", t.device().str(), "; aikido::torch supports CPU tensors"));
   }
 }
 
@@ -110,8 +110,9 @@ std::vector<Line> parse_signature(std::string_view text) {
 std::string first_difference(std::string_view what, const std::vector<Line>& a, const std::vector<Line>& b, int r) {
   for (std::size_t i = 0; i < std::max(a.size(), b.size()); ++i) {
     if (i >= b.size()) {
-      return str_cat(what, " differ across workers: '", a[i].name, "' (", a[i].description, ") exists on rank 0 but not on rank ", r,
-                     " (rank 0 has ", a.size(), " parameters, rank ", r, " has ", b.size(), ")");
+      return str_cat(what, " differ across workers: '", a[i].name, "' (", a[i].description,
+                     ") exists on rank 0 but not on rank ", r, " (rank 0 has ", a.size(), " parameters, rank ", r,
+                     " has ", b.size(), ")");
     }
     if (i >= a.size()) {
       return str_cat(what, " differ across workers: '", b[i].name, "' (", b[i].description, ") exists on rank ", r,
@@ -134,9 +135,8 @@ std::vector<std::vector<::torch::Tensor>> group_by_dtype(const NamedParameters& 
   std::vector<std::vector<::torch::Tensor>> groups;
   for (const auto& item : parameters) {
     require_cpu(item.key(), item.value());
-    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) {
-      return g.front().scalar_type() == item.value().scalar_type();
-    });
+    auto it = std::find_if(groups.begin(), groups.end(),
+                           [&](const auto& g) { return g.front().scalar_type() == item.value().scalar_type(); });
     if (it == groups.end()) {
       groups.push_back({item.value()});
     } else {
@@ -300,9 +300,9 @@ struct DistributedOptimizer::Slot {
 
 struct DistributedOptimizer::Bucket {
   std::size_t index = 0;
-  ::torch::Tensor flat;              // gradients (synchronous SGD) or values (model averaging) of its slots
-  std::vector<std::size_t> slots;    // parameter indices, in bucket order
-  std::size_t pending = 0;           // gradients still to come this step
+  ::torch::Tensor flat;            // gradients (synchronous SGD) or values (model averaging) of its slots
+  std::vector<std::size_t> slots;  // parameter indices, in bucket order
+  std::size_t pending = 0;         // gradients still to come this step
   bool launched = false;
   Work work;
 };
@@ -317,13 +317,13 @@ struct DistributedOptimizer::Monitor {
   NoiseScaleEstimator noise;
   std::unique_ptr<MetricsPublisher> publisher;  // when aikido-run exports metrics
   Clock::time_point last_step_end = Clock::now();
-  Clock::time_point entry;              // this step's call of step()
-  Clock::time_point first_launch;       // this step's first gradient collective
+  Clock::time_point entry;         // this step's call of step()
+  Clock::time_point first_launch;  // this step's first gradient collective
   bool launched = false;
-  double local_sq = 0;                  // this step: squared norm of this worker's gradient
-  bool measured = false;                // ... when it was measured (with the averaged one)
-  double big_sq = 0;                    // this step: squared norm of the averaged gradient
-  double wait = 0, communication = 0;   // this step, seconds
+  double local_sq = 0;                 // this step: squared norm of this worker's gradient
+  bool measured = false;               // ... when it was measured (with the averaged one)
+  double big_sq = 0;                   // this step: squared norm of the averaged gradient
+  double wait = 0, communication = 0;  // this step, seconds
   std::int64_t gradient_bytes = 0;
   std::int64_t batch_size = 0;
   // In flight: the values of the last step, and what only this worker knows about it.
@@ -351,7 +351,10 @@ struct DistributedOptimizer::Pull {
 DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer& optimizer,
                                            const NamedParameters& parameters, Strategy strategy,
                                            DistributedOptimizerOptions options)
-    : peer_(peer), optimizer_(optimizer), strategy_(strategy), options_(options),
+    : peer_(peer),
+      optimizer_(optimizer),
+      strategy_(strategy),
+      options_(options),
       rng_state_(options.seed * 0x9e3779b97f4a7c15ULL + static_cast<std::uint64_t>(peer.rank()) + 1) {
   if (options_.collective_setup) check_same_parameters(peer_, parameters, "parameters");
   for (const auto& item : parameters) {
@@ -684,14 +687,17 @@ void DistributedOptimizer::absorb_metrics() {
 
 void DistributedOptimizer::copy_parameters_into_buckets() {
   for (std::size_t i = 0; i < parameters_.size(); ++i) {
-    buckets_[slots_[i].bucket].flat.narrow(0, slots_[i].offset, slots_[i].numel).copy_(parameters_[i].detach().reshape(-1));
+    buckets_[slots_[i].bucket]
+        .flat.narrow(0, slots_[i].offset, slots_[i].numel)
+        .copy_(parameters_[i].detach().reshape(-1));
   }
 }
 
 void DistributedOptimizer::copy_buckets_into_parameters() {
   ::torch::NoGradGuard no_grad;
   for (std::size_t i = 0; i < parameters_.size(); ++i) {
-    parameters_[i].copy_(buckets_[slots_[i].bucket].flat.narrow(0, slots_[i].offset, slots_[i].numel).view_as(parameters_[i]));
+    parameters_[i].copy_(
+        buckets_[slots_[i].bucket].flat.narrow(0, slots_[i].offset, slots_[i].numel).view_as(parameters_[i]));
   }
 }
 
@@ -766,9 +772,10 @@ void DistributedOptimizer::set_strategy(Strategy strategy) {
   std::memcpy(bytes, &value.strategy, 1);
   std::memcpy(bytes + 8, &value.steps, 8);
   if (!peer_.consensus(std::span<const std::byte>(bytes), str_cat(kPrefix, "set_strategy"))) {
-    throw MismatchError(str_cat("set_strategy: workers asked for different strategies or switched at different steps "
-                                "(this worker, rank ",
-                                peer_.rank(), ": ", strategy_name(strategy), " after step ", steps_, ")"));
+    throw MismatchError(
+        str_cat("set_strategy: workers asked for different strategies or switched at different steps "
+                "(this worker, rank ",
+                peer_.rank(), ": ", strategy_name(strategy), " after step ", steps_, ")"));
   }
   finish_pull();
   pull_.reset();
@@ -807,7 +814,8 @@ void DistributedOptimizer::on_cluster_change() {
 }
 
 void DistributedOptimizer::set_lr(double lr) {
-  if (!(lr > 0) || !std::isfinite(lr)) throw ConfigError(str_cat("DistributedOptimizer: learning rate ", lr, " must be positive"));
+  if (!(lr > 0) || !std::isfinite(lr))
+    throw ConfigError(str_cat("DistributedOptimizer: learning rate ", lr, " must be positive"));
   for (auto& group : optimizer_.param_groups()) group.options().set_lr(lr);
   metrics_.lr = lr;
 }

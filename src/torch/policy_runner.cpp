@@ -1,7 +1,6 @@
 // PolicyRunner (include/aikido/torch.hpp): calls the policies' hooks and applies their actions on every worker alike.
 #include <aikido/elastic.hpp>
 #include <aikido/torch.hpp>
-
 #include <cstring>
 #include <optional>
 
@@ -21,7 +20,8 @@ class PolicyRunner::Context : public PolicyContext {
     batch_size_ = batch_size;
   }
   void set_lr(double lr) override {
-    if (!(lr > 0) || !std::isfinite(lr)) throw ConfigError(str_cat("set_lr(", lr, "): the learning rate must be positive"));
+    if (!(lr > 0) || !std::isfinite(lr))
+      throw ConfigError(str_cat("set_lr(", lr, "): the learning rate must be positive"));
     lr_ = lr;
   }
   void set_strategy(Strategy strategy) override { strategy_ = strategy; }
@@ -116,7 +116,8 @@ void PolicyRunner::run(const char* hook, void (Policy::*method)(PolicyContext&))
   if (context.strategy_ && *context.strategy_ != optimizer_.strategy()) optimizer_.set_strategy(*context.strategy_);
   if (context.topology_ && *context.topology_ != peer.topology()) peer.set_topology(*context.topology_);
   // One proposal for the cluster; every worker applies it at its next ElasticSession::sync().
-  if (context.resize_ && *context.resize_ != peer.size() && peer.rank() == 0) session_->request_resize(*context.resize_);
+  if (context.resize_ && *context.resize_ != peer.size() && peer.rank() == 0)
+    session_->request_resize(*context.resize_);
   if (context.stop_) {
     stopped_ = true;
     stop_reason_ = *context.stop_;

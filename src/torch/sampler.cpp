@@ -1,7 +1,6 @@
 // DistributedSampler (include/aikido/torch.hpp): one shared order per epoch, walked one global batch at a time.
 #include <aikido/elastic.hpp>
 #include <aikido/torch.hpp>
-
 #include <cstring>
 #include <numeric>
 #include <sstream>
@@ -114,7 +113,8 @@ void register_state(ElasticSession& session, const NamedParameters& parameters, 
                     DistributedSampler& sampler) {
   for (const auto& item : parameters) {
     const ::torch::Tensor& p = item.value();
-    if (!p.is_contiguous()) throw ConfigError(str_cat("register_state: parameter '", item.key(), "' is not contiguous"));
+    if (!p.is_contiguous())
+      throw ConfigError(str_cat("register_state: parameter '", item.key(), "' is not contiguous"));
     session.register_bytes("param/" + item.key(),
                            std::span<std::byte>(static_cast<std::byte*>(p.data_ptr()), p.numel() * p.element_size()));
   }

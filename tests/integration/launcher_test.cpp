@@ -123,8 +123,8 @@ TEST(LauncherTest, SetsTheEnvironmentAndPrefixesLines) {
 
 TEST(LauncherTest, InheritsSettingsThatNoFlagOverrides) {
   Subprocess::Options options;
-  options.set_env = {"AIKIDO_TOPOLOGY=star", "AIKIDO_TIMEOUT=9", "AIKIDO_RANK=17", "AIKIDO_SECRET=guessable",
-                     "OMP_NUM_THREADS=4", "GLIBC_TUNABLES=glibc.malloc.arena_max=2"};
+  options.set_env = {"AIKIDO_TOPOLOGY=star",    "AIKIDO_TIMEOUT=9",  "AIKIDO_RANK=17",
+                     "AIKIDO_SECRET=guessable", "OMP_NUM_THREADS=4", "GLIBC_TUNABLES=glibc.malloc.arena_max=2"};
   const auto r = run_process(launch({"-np", "2", "--timeout", "3", kFixture, "env"}), kBound, options);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
   for (int rank = 0; rank < 2; ++rank) {

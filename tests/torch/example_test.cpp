@@ -1,21 +1,19 @@
 // The Fashion-MNIST example under the real aikido-run: accuracy, the keys of its JSON lines, exact sample counts.
-#include <gtest/gtest.h>
-
 #include <arpa/inet.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <signal.h>
-
 #include <fstream>
 #include <map>
-#include <set>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <set>
 #include <sstream>
-#include <thread>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "subprocess.hpp"
