@@ -7,8 +7,23 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace aikido {
+
+class Peer;
+
+/// This worker's link to one other worker, measured by LinkMonitor with requests through the peer-to-peer model
+/// store (so over the same connections and code paths as collectives).
+struct LinkStats {
+  int peer = -1;
+  /// Half the round-trip time of an 8-byte request (median of the last round trips): one-way latency, as MPI
+  /// ping-pong benchmarks report it. NaN until measured.
+  double latency_seconds = std::numeric_limits<double>::quiet_NaN();
+  /// Probe bytes / (time of one probe-sized request - round-trip time of a small one). NaN until measured.
+  double bandwidth_bytes_per_second = std::numeric_limits<double>::quiet_NaN();
+  std::int64_t probes = 0;  // probe-sized requests completed
+};
 
 /// What a worker knows about training after a step. The LibTorch integration fills it (DistributedOptimizer::
 /// metrics()); every value that comes from several workers is reduced across them first, so all workers hold the
@@ -42,12 +57,18 @@ struct TrainingMetrics {
   double wait_seconds = kUnknown;                // blocked in step() waiting for communication
   double allreduce_bytes_per_second = kUnknown;  // gradient bytes / communication_seconds
 
+  // This worker's own links, one entry per other worker (LinkMonitor). Unlike the values above these are not
+  // reduced: each worker sees its own links. Empty when link probing is off or there is one worker.
+  std::vector<LinkStats> links;
+
   static bool known(double v) { return !std::isnan(v); }
 };
 
-/// Prometheus text exposition of `m` for one worker: one `aikido_<name>{rank="R"} value` line per known value.
+/// Prometheus text exposition of `m` for one worker: one `aikido_<name>{rank="R"} value` line per known value, and
+/// `aikido_link_latency_seconds{rank="R",peer="P"}` / `aikido_link_bandwidth_bytes_per_second{...}` per link.
 std::string to_prometheus(const TrainingMetrics& m, int rank, bool with_help = true);
-/// One JSON object (no newline); unknown values are null.
+/// One JSON object (no newline); unknown values are null; `links` is an array of objects with the keys `peer`,
+/// `latency_seconds`, `bandwidth_bytes_per_second` and `probes`.
 std::string to_json(const TrainingMetrics& m, int rank);
 
 /// The gradient noise scale B_simple from pairs of batch sizes (McCandlish et al. 2018, appendix A.1).
@@ -74,6 +95,43 @@ class NoiseScaleEstimator {
   double smoothing_;
   double g2_ = 0, trace_ = 0;
   std::int64_t updates_ = 0;
+};
+
+/// Measures latency and bandwidth of this worker's links to every other worker, a little at a time, without
+/// stopping training: each call of poll() at most starts one request to one peer (round robin), so a step never
+/// waits for a probe. Per peer one round is `round_trips` requests of 8 bytes (latency) and one of `probe_bytes`
+/// (bandwidth). Requests go through the peer-to-peer model store: the constructor saves the two probe buffers on
+/// this rank (names `aikido.link/small` and `aikido.link/probe`), and the peer's receive thread answers, so the
+/// peer's training thread does no work. A peer that has no LinkMonitor (yet) or fails a request is skipped until
+/// the next round; monitoring never throws into training. Not thread safe: one thread calls poll() (the training
+/// thread, once per step).
+class LinkMonitor {
+ public:
+  struct Options {
+    std::chrono::milliseconds interval{5000};  // from the start of one round to the start of the next
+    std::size_t probe_bytes = std::size_t(1) << 20;
+    int round_trips = 5;
+  };
+  /// Throws ConfigError for probe_bytes of 0 or over 1 GiB, round_trips below 1, a negative interval.
+  LinkMonitor(Peer& peer, Options options);
+  explicit LinkMonitor(Peer& peer) : LinkMonitor(peer, Options{}) {}
+  ~LinkMonitor();
+  LinkMonitor(const LinkMonitor&) = delete;
+  LinkMonitor& operator=(const LinkMonitor&) = delete;
+
+  /// Records a finished request and starts the next one when due. Cheap when nothing is due (a clock read).
+  void poll();
+  /// Measures every link once now, blocking (about round_trips + 1 requests per peer); returns links().
+  std::vector<LinkStats> measure();
+  /// Waits for the request in flight and forgets what was measured when the cluster changed (call before the
+  /// Peer reconnects; the next poll() starts over with the new cluster's peers).
+  void finish();
+  /// The latest measurement of every link (NaN where not measured yet), in peer order, self excluded.
+  std::vector<LinkStats> links() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
 };
 
 class Store;

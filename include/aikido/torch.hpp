@@ -74,6 +74,12 @@ struct DistributedOptimizerOptions {
   std::int64_t gradient_sample_interval = 16;
   /// Weight of a new step in the moving averages of the noise-scale estimator.
   double noise_smoothing = 0.05;
+  /// With monitoring on, the latency and bandwidth of this worker's links to every other worker are probed
+  /// (LinkMonitor, metrics().links) in rounds this far apart: per peer a few 8-byte requests and one of
+  /// `link_probe_bytes`, one request at a time, started from step() and answered by the peers' receive threads, so
+  /// no step waits for a probe. 0: no link probing.
+  std::chrono::milliseconds link_probe_interval{5000};
+  std::size_t link_probe_bytes = std::size_t(1) << 20;
   /// The constructor checks the parameters across workers (and, for pair averaging, publishes the model), which
   /// are collectives. False: it communicates nothing, for workers that join an elastic job while the others train;
   /// the ElasticSession's state transfer then checks the sizes and makes the models equal.

@@ -47,6 +47,8 @@ std::string number(double v) {
   return buffer;
 }
 
+std::string known_or_null(double v) { return TrainingMetrics::known(v) ? number(v) : "null"; }
+
 std::string quoted(const std::string& s) {
   std::string out = "\"";
   for (char c : s) {
@@ -72,6 +74,27 @@ std::string to_prometheus(const TrainingMetrics& m, int rank, bool with_help) {
     os << "aikido_info{rank=\"" << rank << "\",strategy=" << quoted(m.strategy) << ",topology=" << quoted(m.topology)
        << "} 1\n";
   }
+  const struct {
+    const char* name;
+    const char* help;
+    double LinkStats::*value;
+  } link_fields[] = {
+      {"link_latency_seconds", "one-way latency of this worker's link to a peer (half an 8-byte round trip)",
+       &LinkStats::latency_seconds},
+      {"link_bandwidth_bytes_per_second", "bandwidth of this worker's link to a peer",
+       &LinkStats::bandwidth_bytes_per_second},
+  };
+  for (const auto& f : link_fields) {
+    bool first = true;
+    for (const LinkStats& link : m.links) {
+      if (!TrainingMetrics::known(link.*f.value)) continue;
+      if (with_help && first)
+        os << "# HELP aikido_" << f.name << " " << f.help << "\n# TYPE aikido_" << f.name << " gauge\n";
+      first = false;
+      os << "aikido_" << f.name << "{rank=\"" << rank << "\",peer=\"" << link.peer << "\"} " << number(link.*f.value)
+         << "\n";
+    }
+  }
   return os.str();
 }
 
@@ -79,9 +102,16 @@ std::string to_json(const TrainingMetrics& m, int rank) {
   std::ostringstream os;
   os << "{\"rank\":" << rank;
   for (const auto& f : numeric_fields(m)) {
-    os << ",\"" << f.name << "\":" << (TrainingMetrics::known(f.value) ? number(f.value) : "null");
+    os << ",\"" << f.name << "\":" << known_or_null(f.value);
   }
-  os << ",\"strategy\":" << quoted(m.strategy) << ",\"topology\":" << quoted(m.topology) << "}";
+  os << ",\"strategy\":" << quoted(m.strategy) << ",\"topology\":" << quoted(m.topology) << ",\"links\":[";
+  for (std::size_t i = 0; i < m.links.size(); ++i) {
+    const LinkStats& link = m.links[i];
+    os << (i ? "," : "") << "{\"peer\":" << link.peer << ",\"latency_seconds\":" << known_or_null(link.latency_seconds)
+       << ",\"bandwidth_bytes_per_second\":" << known_or_null(link.bandwidth_bytes_per_second)
+       << ",\"probes\":" << link.probes << "}";
+  }
+  os << "]}";
   return os.str();
 }
 

@@ -316,6 +316,7 @@ struct DistributedOptimizer::Monitor {
   explicit Monitor(double smoothing) : noise(smoothing) {}
   NoiseScaleEstimator noise;
   std::unique_ptr<MetricsPublisher> publisher;  // when aikido-run exports metrics
+  std::unique_ptr<LinkMonitor> links;           // options().link_probe_interval > 0
   Clock::time_point last_step_end = Clock::now();
   Clock::time_point entry;         // this step's call of step()
   Clock::time_point first_launch;  // this step's first gradient collective
@@ -367,6 +368,12 @@ DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer
   install_hooks();
   monitor_ = std::make_unique<Monitor>(options_.noise_smoothing);
   if (options_.monitor) monitor_->publisher = MetricsPublisher::from_env(peer_.rank());
+  if (options_.monitor && options_.link_probe_interval.count() > 0) {
+    LinkMonitor::Options probe;
+    probe.interval = options_.link_probe_interval;
+    probe.probe_bytes = options_.link_probe_bytes;
+    monitor_->links = std::make_unique<LinkMonitor>(peer_, probe);
+  }
   for (const auto& p : parameters_) monitor_->gradient_bytes += p.numel() * static_cast<std::int64_t>(p.element_size());
   metrics_.workers = peer_.size();
   metrics_.strategy = strategy_name(strategy_);
@@ -623,6 +630,7 @@ void DistributedOptimizer::step(std::int64_t samples) {
   ++steps_;
   if (options_.monitor) {
     launch_metrics(static_cast<double>(samples), seconds_between(monitor_->last_step_end, Monitor::Clock::now()));
+    if (monitor_->links) monitor_->links->poll();
   }
   monitor_->last_step_end = Monitor::Clock::now();
 }
@@ -682,6 +690,7 @@ void DistributedOptimizer::absorb_metrics() {
     metrics_.gradient_sq_norm = m.noise.gradient_sq_norm();
     metrics_.gradient_noise_trace = m.noise.noise_trace();
   }
+  if (m.links) metrics_.links = m.links->links();
   if (m.publisher) m.publisher->update(metrics_);
 }
 
@@ -791,6 +800,7 @@ void DistributedOptimizer::set_strategy(Strategy strategy) {
 }
 
 void DistributedOptimizer::finish_pending(bool after_failure) {
+  if (monitor_->links) monitor_->links->finish();
   if (after_failure) {
     wait_launched();
     reset_step();

@@ -124,12 +124,15 @@ TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
   EXPECT_NE(r.err.find("aikido-run: metrics of rank 0: "), std::string::npos) << r.describe();
   EXPECT_NE(r.err.find("aikido-run: metrics of rank 1: "), std::string::npos) << r.describe();
+  // Each worker probed its link to the other (first round at the first step).
+  EXPECT_TRUE(std::regex_search(r.err, std::regex(R"(metrics of rank 0: .*, link to rank 1 \d+ us \d+\.\d\d GB/s)")))
+      << r.describe();
   std::ifstream in(file);
   int lines = 0;
   for (std::string line; std::getline(in, line); ++lines) {
     const auto j = nlohmann::json::parse(line);
     for (const char* key : {"time", "rank", "step", "noise_scale", "gradient_variance", "snr", "samples_per_second",
-                            "compute_seconds", "communication_seconds", "wait_seconds", "strategy"}) {
+                            "compute_seconds", "communication_seconds", "wait_seconds", "strategy", "links"}) {
       EXPECT_TRUE(j.contains(key)) << key << " missing in " << line;
     }
   }

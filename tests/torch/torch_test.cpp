@@ -103,8 +103,7 @@ void expect_ssgd_matches_single_process(int workers, ::torch::Dtype dtype, doubl
   });
   for (int r = 0; r < workers; ++r) {
     EXPECT_TRUE(::torch::allclose(results[r], expected, tolerance, tolerance))
-        << "rank " << r << " differs from the single process by "
-        << (results[r] - expected).abs().max().item<double>();
+        << "rank " << r << " differs from the single process by " << (results[r] - expected).abs().max().item<double>();
     EXPECT_TRUE(::torch::equal(results[r], results[0])) << "ranks 0 and " << r << " differ";
   }
 }
@@ -114,7 +113,9 @@ TEST(TorchSynchronousSgd, MatchesOneProcessWithTheGlobalBatch) {
   expect_ssgd_matches_single_process(3, ::torch::kFloat32, 1e-5);
 }
 
-TEST(TorchSynchronousSgd, MatchesOneProcessInFloat64) { expect_ssgd_matches_single_process(4, ::torch::kFloat64, 1e-12); }
+TEST(TorchSynchronousSgd, MatchesOneProcessInFloat64) {
+  expect_ssgd_matches_single_process(4, ::torch::kFloat64, 1e-12);
+}
 
 TEST(TorchSynchronousSgd, HalfPrecisionParametersStayEqualAcrossWorkers) {
   // LibTorch's CPU kernels lack some half-precision layers: the parameters are stored in half precision and used in
@@ -320,7 +321,8 @@ void expect_model_mismatch(const std::function<nn::Sequential(int rank)>& make, 
       errors[peer.rank()] = e.what();
     }
   });
-  for (int r = 0; r < 3; ++r) EXPECT_NE(errors[r].find(expected), std::string::npos) << "rank " << r << ": " << errors[r];
+  for (int r = 0; r < 3; ++r)
+    EXPECT_NE(errors[r].find(expected), std::string::npos) << "rank " << r << ": " << errors[r];
 }
 
 TEST(TorchModelCheck, DifferentShapeNamesParameterAndRanks) {
@@ -534,6 +536,40 @@ TEST(TorchMonitor, ModelAveragingSamplesTheGradient) {
   for (const auto& m : seen) EXPECT_DOUBLE_EQ(m.gradient_variance, 0.5);
 }
 
+TEST(TorchMonitor, LinksAreProbedDuringTraining) {
+  std::vector<TrainingMetrics> seen(2), off(2);
+  run_cluster(2, base_config(), [&](Peer& peer) {
+    for (const bool probe : {true, false}) {
+      Tensor w = ::torch::zeros({4}, ::torch::requires_grad());
+      at::NamedParameters named;
+      named.insert("w", w);
+      ::torch::optim::SGD sgd({w}, ::torch::optim::SGDOptions(0.1));
+      at::DistributedOptimizerOptions options;
+      options.link_probe_interval = std::chrono::milliseconds(probe ? 1 : 0);
+      options.link_probe_bytes = 64 * 1024;
+      at::DistributedOptimizer opt(peer, sgd, named, at::Strategy::synchronous_sgd, options);
+      for (int step = 0; step < 300; ++step) {
+        opt.zero_grad();
+        (w * w).sum().backward();
+        opt.step(4);
+        std::this_thread::sleep_for(std::chrono::microseconds(500));
+      }
+      opt.finish_pending();
+      (probe ? seen : off)[peer.rank()] = opt.metrics();
+      peer.barrier("links measured");
+    }
+  });
+  for (int rank = 0; rank < 2; ++rank) {
+    ASSERT_EQ(seen[rank].links.size(), 1u);
+    const LinkStats& link = seen[rank].links[0];
+    EXPECT_EQ(link.peer, 1 - rank);
+    EXPECT_GT(link.latency_seconds, 0);
+    EXPECT_GT(link.bandwidth_bytes_per_second, 0);
+    EXPECT_GE(link.probes, 1);
+    EXPECT_TRUE(off[rank].links.empty()) << "link_probe_interval 0 turns probing off";
+  }
+}
+
 // Records what every worker saw after each step.
 struct Trace {
   std::vector<std::string> rows;
@@ -585,9 +621,9 @@ std::vector<Trace> train_with_policies(int workers, int epochs,
         opt.step(static_cast<std::int64_t>(batch->size()));
         runner.after_step();
         const auto& m = runner.metrics();
-        traces[peer.rank()].rows.push_back(
-            std::to_string(m.step) + " batch=" + std::to_string(runner.batch_size()) + " lr=" +
-            std::to_string(opt.lr()) + " " + at::strategy_name(opt.strategy()) + " " + topology_name(peer.topology()));
+        traces[peer.rank()].rows.push_back(std::to_string(m.step) + " batch=" + std::to_string(runner.batch_size()) +
+                                           " lr=" + std::to_string(opt.lr()) + " " + at::strategy_name(opt.strategy()) +
+                                           " " + topology_name(peer.topology()));
         if (runner.stopped()) break;
       }
       runner.after_epoch();

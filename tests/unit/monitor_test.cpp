@@ -7,6 +7,8 @@
 #include <cmath>
 #include <random>
 
+#include "cluster.hpp"
+
 namespace aikido::test {
 namespace {
 
@@ -75,6 +77,112 @@ TEST(MetricsExport, PrometheusAndJson) {
   EXPECT_NE(json.find("\"snr\":null"), std::string::npos) << json;
   EXPECT_EQ(json.front(), '{');
   EXPECT_EQ(json.back(), '}');
+  EXPECT_NE(json.find("\"links\":[]"), std::string::npos) << json;
+}
+
+TEST(MetricsExport, LinksPerPeer) {
+  TrainingMetrics m;
+  LinkStats a;
+  a.peer = 0;
+  a.latency_seconds = 2.5e-05;
+  a.bandwidth_bytes_per_second = 3e9;
+  a.probes = 4;
+  LinkStats b;  // not measured yet
+  b.peer = 2;
+  m.links = {a, b};
+  const std::string text = to_prometheus(m, 1);
+  EXPECT_NE(text.find("# TYPE aikido_link_latency_seconds gauge\naikido_link_latency_seconds{rank=\"1\",peer=\"0\"} "
+                      "2.5e-05\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("aikido_link_bandwidth_bytes_per_second{rank=\"1\",peer=\"0\"} 3e+09\n"), std::string::npos)
+      << text;
+  EXPECT_EQ(text.find("peer=\"2\""), std::string::npos) << "unmeasured links are omitted";
+  const std::string json = to_json(m, 1);
+  EXPECT_NE(json.find("\"links\":[{\"peer\":0,\"latency_seconds\":2.5e-05,\"bandwidth_bytes_per_second\":3e+09,"
+                      "\"probes\":4},{\"peer\":2,\"latency_seconds\":null,\"bandwidth_bytes_per_second\":null,"
+                      "\"probes\":0}]}"),
+            std::string::npos)
+      << json;
+}
+
+void expect_measured(const std::vector<LinkStats>& links, int self, int size) {
+  ASSERT_EQ(links.size(), std::size_t(size - 1));
+  int expected_peer = 0;
+  for (const LinkStats& link : links) {
+    if (expected_peer == self) ++expected_peer;
+    EXPECT_EQ(link.peer, expected_peer++);
+    EXPECT_GT(link.latency_seconds, 0) << "rank " << self << " to " << link.peer;
+    EXPECT_LT(link.latency_seconds, 10) << "rank " << self << " to " << link.peer;
+    EXPECT_GT(link.bandwidth_bytes_per_second, 0) << "rank " << self << " to " << link.peer;
+    EXPECT_TRUE(std::isfinite(link.bandwidth_bytes_per_second));
+    EXPECT_GE(link.probes, 1);
+  }
+}
+
+TEST(LinkMonitor, MeasuresEveryLink) {
+  run_cluster(3, base_config(), [](Peer& peer) {
+    LinkMonitor::Options options;
+    options.probe_bytes = 256 * 1024;
+    options.round_trips = 3;
+    LinkMonitor monitor(peer, options);
+    peer.barrier("probes saved");
+    expect_measured(monitor.measure(), peer.rank(), peer.size());
+    peer.barrier("measured");
+  });
+}
+
+TEST(LinkMonitor, PollMeasuresWithoutBlockingAndRepeatsEveryInterval) {
+  run_cluster(2, base_config(), [](Peer& peer) {
+    LinkMonitor::Options options;
+    options.probe_bytes = 64 * 1024;
+    options.round_trips = 2;
+    options.interval = std::chrono::milliseconds(0);
+    LinkMonitor monitor(peer, options);
+    peer.barrier("probes saved");
+    EXPECT_TRUE(std::isnan(monitor.links().at(0).latency_seconds));
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (monitor.links().at(0).probes < 3 && std::chrono::steady_clock::now() < deadline) {
+      monitor.poll();
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+    monitor.finish();
+    expect_measured(monitor.links(), peer.rank(), peer.size());
+    EXPECT_GE(monitor.links().at(0).probes, 3) << "rounds repeat with interval 0";
+    peer.barrier("measured");
+  });
+}
+
+TEST(LinkMonitor, SkipsPeersWithoutAMonitorAndRejectsBadOptions) {
+  run_cluster(3, base_config(), [](Peer& peer) {
+    std::unique_ptr<LinkMonitor> monitor;
+    if (peer.rank() != 2) monitor = std::make_unique<LinkMonitor>(peer);
+    peer.barrier("probes saved");
+    if (monitor) {
+      const auto links = monitor->measure();  // rank 2 saved no probe: skipped, nothing thrown
+      ASSERT_EQ(links.size(), 2u);
+      const LinkStats& other = links[0].peer == 2 ? links[1] : links[0];
+      const LinkStats& silent = links[0].peer == 2 ? links[0] : links[1];
+      EXPECT_GT(other.bandwidth_bytes_per_second, 0);
+      EXPECT_TRUE(std::isnan(silent.latency_seconds));
+      EXPECT_EQ(silent.probes, 0);
+    }
+    peer.barrier("measured");
+    LinkMonitor::Options bad;
+    bad.probe_bytes = 0;
+    EXPECT_THROW(LinkMonitor(peer, bad), ConfigError);
+    bad = {};
+    bad.round_trips = 0;
+    EXPECT_THROW(LinkMonitor(peer, bad), ConfigError);
+  });
+}
+
+TEST(LinkMonitor, OneWorkerHasNoLinks) {
+  run_cluster(1, base_config(), [](Peer& peer) {
+    LinkMonitor monitor(peer);
+    monitor.poll();
+    EXPECT_TRUE(monitor.measure().empty());
+  });
 }
 
 // A context that records what policies ask for.
@@ -205,9 +313,8 @@ class CountingPolicy : public Policy {
 };
 
 TEST(PolicyRegistry, UserPoliciesRegisterByName) {
-  static PolicyRegistration registration("counting", [](const PolicyOptions&) {
-    return std::make_unique<CountingPolicy>();
-  });
+  static PolicyRegistration registration("counting",
+                                         [](const PolicyOptions&) { return std::make_unique<CountingPolicy>(); });
   EXPECT_EQ(make_policy("counting")->name(), "counting");
   const auto names = policy_names();
   EXPECT_NE(std::find(names.begin(), names.end(), "counting"), names.end());

@@ -167,13 +167,21 @@ std::vector<std::string> MetricsExporter::finish() {
       const auto num = [&](const char* key) {
         return j.contains(key) && j[key].is_number() ? j[key].get<double>() : NAN;
       };
-      std::string s = "aikido-run: metrics of rank " + std::to_string(rank) + ": " +
-                      format("%.0f", num("step")) + " steps, " + format("%.0f", num("samples_per_second")) +
-                      " samples/s, step " + format("%.2f", num("step_seconds") * 1e3) + " ms (compute " +
+      std::string s = "aikido-run: metrics of rank " + std::to_string(rank) + ": " + format("%.0f", num("step")) +
+                      " steps, " + format("%.0f", num("samples_per_second")) + " samples/s, step " +
+                      format("%.2f", num("step_seconds") * 1e3) + " ms (compute " +
                       format("%.2f", num("compute_seconds") * 1e3) + ", waiting for communication " +
                       format("%.2f", num("wait_seconds") * 1e3) + ")";
       if (!std::isnan(num("noise_scale"))) s += ", noise scale " + format("%.1f", num("noise_scale"));
       if (!std::isnan(num("snr"))) s += ", SNR " + format("%.3g", num("snr"));
+      if (j.contains("links") && j["links"].is_array()) {
+        for (const auto& link : j["links"]) {
+          if (!link["latency_seconds"].is_number() || !link["bandwidth_bytes_per_second"].is_number()) continue;
+          s += ", link to rank " + std::to_string(link["peer"].get<int>()) + " " +
+               format("%.0f", link["latency_seconds"].get<double>() * 1e6) + " us " +
+               format("%.2f", link["bandwidth_bytes_per_second"].get<double>() / 1e9) + " GB/s";
+        }
+      }
       summary.push_back(s);
     } catch (const std::exception&) {
     }
