@@ -106,7 +106,10 @@ class DistributedOptimizer {
   DistributedOptimizer(const DistributedOptimizer&) = delete;
   DistributedOptimizer& operator=(const DistributedOptimizer&) = delete;
 
-  /// Clears the gradients (sets them to zero) and prepares the next step.
+  /// Clears the gradients and prepares the next step. With synchronous_sgd on several workers the gradients become
+  /// undefined (like PyTorch's set_to_none), which saves a fill: backward() then stores fresh gradients and step()
+  /// replaces them by the averages, which share memory with the optimizer's communication buffers (no copy back;
+  /// they stay valid until the next backward). Otherwise they are set to zero.
   void zero_grad();
   /// Completes the step: synchronous_sgd waits for the averaged gradients and steps; synchronous_averaging steps
   /// and averages the models; pair_averaging averages with the last pulled model (if any), steps, publishes and
@@ -159,6 +162,7 @@ class DistributedOptimizer {
   void on_gradient(std::size_t parameter, const ::torch::Tensor& grad);
   void launch(Bucket& bucket, std::string_view purpose);
   void finish_gradients(bool apply);
+  void release_gradient_aliases();
   void fill_buckets_from_gradients();
   void reset_step();
   void launch_metrics(double samples, double step_seconds);

@@ -294,6 +294,10 @@ struct DistributedOptimizer::Slot {
   std::int64_t offset = 0;  // elements into the bucket
   std::int64_t numel = 0;
   bool ready = false;  // its gradient of this step is in the bucket
+  // Synchronous SGD: after step() the parameter's .grad() is this tensor, which shares the bucket's memory (the
+  // averaged gradient, without a copy back). Made with from_blob, not as a view of the bucket, so that LibTorch's
+  // zero_grad() (which detaches .grad() in place, refused for views) still works on it.
+  ::torch::Tensor grad_alias;
   unsigned hook = 0;
   bool hooked = false;
 };
@@ -455,6 +459,13 @@ void DistributedOptimizer::build_buckets() {
     const auto type = parameters_[bucket.slots.front()].scalar_type();
     bucket.flat = ::torch::zeros({sizes[b]}, ::torch::TensorOptions().dtype(type));
     bucket.pending = bucket.slots.size();
+    for (std::size_t i : bucket.slots) {
+      Slot& slot = slots_[i];
+      const ::torch::Tensor& p = parameters_[i];
+      void* data = static_cast<char*>(bucket.flat.data_ptr()) + slot.offset * bucket.flat.element_size();
+      slot.grad_alias = ::torch::from_blob(
+          data, p.sizes(), [keep = bucket.flat](void*) {}, bucket.flat.options());
+    }
   }
 }
 
@@ -496,6 +507,10 @@ void DistributedOptimizer::on_gradient(std::size_t i, const ::torch::Tensor& gra
   const ::torch::Tensor region = bucket.flat.narrow(0, slot.offset, slot.numel);
   region.copy_(grad.reshape(-1));
   if (options_.monitor) monitor_->local_sq += sum_of_squares(region);
+  // Autograd accumulates `grad` into .grad() right after this hook. .grad() may still be the last step's alias of
+  // this bucket, which the allreduce is about to work on: with .grad() undefined, autograd instead takes `grad`
+  // itself as .grad() (no zero fill, no addition, usually no copy). step() replaces it by the average.
+  parameters_[i].mutable_grad().reset();
   slot.ready = true;
   if (--bucket.pending == 0) {
     try {
@@ -514,7 +529,14 @@ void DistributedOptimizer::launch(Bucket& bucket, std::string_view purpose) {
                             bucket_name(bucket, purpose));
 }
 
-void DistributedOptimizer::zero_grad() { optimizer_.zero_grad(); }
+void DistributedOptimizer::zero_grad() {
+  if (strategy_ == Strategy::synchronous_sgd && peer_.size() > 1) {
+    // The hooks clear .grad() before autograd writes the new gradient anyway: skip the zero fill.
+    for (auto& p : parameters_) p.mutable_grad().reset();
+    return;
+  }
+  optimizer_.zero_grad();
+}
 
 // At step(): launches the gradient buckets the backward pass did not complete (parameters without a gradient this
 // step count as zero), waits for all and measures the averaged gradient. `apply` (synchronous SGD) writes the averages
@@ -539,15 +561,15 @@ void DistributedOptimizer::finish_gradients(bool apply) {
     monitor_->measured = true;
   }
   if (!apply) return;
-  ::torch::NoGradGuard no_grad;
+  for (std::size_t i = 0; i < parameters_.size(); ++i) parameters_[i].mutable_grad() = slots_[i].grad_alias;
+}
+
+// Gives parameters whose .grad() is an alias of a bucket a gradient of their own, before the buckets are used for
+// anything else (another strategy keeps model values in them).
+void DistributedOptimizer::release_gradient_aliases() {
   for (std::size_t i = 0; i < parameters_.size(); ++i) {
-    ::torch::Tensor& p = parameters_[i];
-    const auto average = buckets_[slots_[i].bucket].flat.narrow(0, slots_[i].offset, slots_[i].numel).view_as(p);
-    if (p.grad().defined()) {
-      p.mutable_grad().copy_(average);
-    } else {
-      p.mutable_grad() = average.clone();
-    }
+    ::torch::Tensor& grad = parameters_[i].mutable_grad();
+    if (grad.defined() && grad.data_ptr() == slots_[i].grad_alias.data_ptr()) grad = grad.clone();
   }
 }
 
@@ -788,6 +810,7 @@ void DistributedOptimizer::set_strategy(Strategy strategy) {
   }
   finish_pull();
   pull_.reset();
+  release_gradient_aliases();
   if (peer_.size() > 1) {
     NamedParameters named;
     for (std::size_t i = 0; i < parameters_.size(); ++i) named.insert(names_[i], parameters_[i]);

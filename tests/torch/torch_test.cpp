@@ -177,6 +177,36 @@ TEST(TorchSynchronousSgd, ParametersWithoutGradientCountAsZero) {
   EXPECT_TRUE(::torch::equal(results[0], results[1]));
 }
 
+TEST(TorchSynchronousSgd, AveragedGradientsSurviveEitherZeroGradAndAStrategySwitch) {
+  // Rank r's gradient is e_r: the average is (1/2, 1/2, 0, 0). After step() .grad() shares memory with the bucket;
+  // LibTorch's own zero_grad() must work on it, a following step must not add into it, and after a switch to model
+  // averaging (which fills the buckets with model values) the gradient must keep its value.
+  run_cluster(2, base_config(), [&](Peer& peer) {
+    Tensor w = ::torch::zeros({4}, ::torch::requires_grad());
+    at::NamedParameters named;
+    named.insert("w", w);
+    ::torch::optim::SGD sgd({w}, ::torch::optim::SGDOptions(0.1));
+    at::DistributedOptimizer opt(peer, sgd, named, at::Strategy::synchronous_sgd);
+    Tensor x = ::torch::zeros({4});
+    x[peer.rank()] = 1.0;
+    const Tensor average = ::torch::tensor({0.5f, 0.5f, 0.0f, 0.0f});
+    for (int step = 0; step < 4; ++step) {
+      if (step % 2) {
+        sgd.zero_grad();
+        EXPECT_TRUE(::torch::equal(w.grad(), ::torch::zeros({4})));
+      } else {
+        opt.zero_grad();
+      }
+      (w * x).sum().backward();
+      opt.step();
+      EXPECT_TRUE(::torch::allclose(w.grad(), average)) << "step " << step << ": " << w.grad();
+    }
+    opt.set_strategy(at::Strategy::synchronous_averaging);
+    opt.step();  // a local step with the same gradient, then the models are averaged through the buckets
+    EXPECT_TRUE(::torch::allclose(w.grad(), average)) << w.grad();
+  });
+}
+
 TEST(TorchSynchronousSgd, SecondBackwardBeforeStepIsAClearError) {
   run_cluster(2, base_config(), [&](Peer& peer) {
     nn::Sequential net = make_mlp(1);
