@@ -3,14 +3,17 @@
 
     python3 bench/time_to_accuracy.py BUILD_DIR [--model mlp|cnn] [--target A] [--seeds 1,2,3]
                                                 [--batches 32,64,256,1024] [--lrs 0.02,0.05,0.1,0.2]
+                                                [--scales 1,2,4]
 
 Two workers (aikido-run -np 2) train the Fashion-MNIST example with synchronous SGD until the test accuracy after an
 epoch reaches the target (default 0.87 for the MLP, 0.90 for the CNN) or --max-epochs pass. Time to accuracy is the
 training time summed over epochs (evaluation excluded), at epoch granularity.
   1. Sweep: for each fixed batch size, every learning rate with the first seed; the best (shortest time; runs that
-     never reach the target count as infinite) is kept.
-  2. Measure: each fixed batch size at its best learning rate, and adaptive-batch (starting from the smallest batch
-     with its best learning rate, growing toward the measured noise scale), over all seeds; medians.
+     never reach the target count as infinite) is kept. Likewise adaptive-batch, which starts from the smallest batch
+     with that batch's best learning rate and grows toward `scale` times the measured noise scale: every scale of
+     --scales with the first seed, the best kept (the same small sweep as the fixed settings get).
+  2. Measure: each fixed batch size at its best learning rate, and adaptive-batch at its best scale, over all
+     seeds; medians.
   adaptive/best   adaptive's median time / the best fixed setting's median time (target: <= 0.7)
 Standard library only.
 """
@@ -53,8 +56,9 @@ def main():
     p.add_argument("--batches", default="32,64,256,1024")
     p.add_argument("--lrs", default="0.02,0.05,0.1,0.2")
     p.add_argument("--max-epochs", type=int, default=10)
+    p.add_argument("--scales", default="1,2,4", help="adaptive-batch scales swept (default %(default)s)")
     p.add_argument("--policy", default="adaptive-batch:max=1024,rule=sqrt",
-                   help="the adaptive policy's spec (default %(default)s)")
+                   help="the adaptive policy's spec, without scale (default %(default)s)")
     args = p.parse_args()
     target = args.target or (0.87 if args.model == "mlp" else 0.90)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -70,6 +74,15 @@ def main():
         print(f"sweep batch {b:5d}: " + ", ".join(f"lr {lr}: {t:.1f} s" for lr, t in times.items()) +
               f" -> lr {best_lr[b]}", flush=True)
 
+    start = min(batches)
+    scales = [float(x) for x in args.scales.split(",")]
+    policy = {sc: f"{args.policy},scale={sc:g}" for sc in scales}
+    times = {sc: run(args.build, args.model, start, best_lr[start], seeds[0], target, args.max_epochs, policy[sc])[0]
+             for sc in scales}
+    best_scale = min(times, key=lambda sc: times[sc])
+    print(f"sweep adaptive from {start}: " + ", ".join(f"scale {sc:g}: {t:.1f} s" for sc, t in times.items()) +
+          f" -> scale {best_scale:g}", flush=True)
+
     print(f"{'setting':>28} {'lr':>6} {'median s':>9} {'runs (s)':>30}", flush=True)
     results = {}
     for b in batches:
@@ -77,17 +90,19 @@ def main():
         results[f"fixed {b}"] = statistics.median(t)
         print(f"{'fixed ' + str(b):>28} {best_lr[b]:6} {results[f'fixed {b}']:9.2f} "
               f"{', '.join(f'{x:.1f}' for x in t):>30}", flush=True)
-    start = min(batches)
-    runs = [run(args.build, args.model, start, best_lr[start], s, target, args.max_epochs, args.policy) for s in seeds]
+    runs = [run(args.build, args.model, start, best_lr[start], s, target, args.max_epochs, policy[best_scale])
+            for s in seeds]
     t = [x[0] for x in runs]
     results["adaptive"] = statistics.median(t)
     final_batch = [x[1][-1]["batch_size"] if x[1] else None for x in runs]
-    print(f"{'adaptive from ' + str(start):>28} {best_lr[start]:6} {results['adaptive']:9.2f} "
+    print(f"{'adaptive from ' + str(start) + ' scale ' + format(best_scale, 'g'):>28} {best_lr[start]:6} "
+          f"{results['adaptive']:9.2f} "
           f"{', '.join(f'{x:.1f}' for x in t):>30}  final per-worker batch {final_batch}", flush=True)
     best_fixed = min(v for k, v in results.items() if k != "adaptive")
     ratio = results["adaptive"] / best_fixed if best_fixed not in (0, math.inf) else math.nan
     print(f"adaptive/best fixed: {ratio:.2f} (target <= 0.7)", flush=True)
-    print(json.dumps({"target": target, "results": results, "best_lr": best_lr, "adaptive/best": ratio}))
+    print(json.dumps({"target": target, "results": results, "best_lr": best_lr, "best_scale": best_scale,
+                      "adaptive/best": ratio}))
 
 
 if __name__ == "__main__":

@@ -128,8 +128,8 @@ std::int64_t round_to_power_of_two(double x) {
   return std::int64_t(1) << static_cast<int>(std::lround(std::log2(x)));
 }
 
-// adaptive-batch: every `interval` steps after `warmup`, moves the per-worker batch toward noise_scale / workers
-// (rounded to a power of two, within [min, max], growing only and at most doubling per decision) and sets the
+// adaptive-batch: every `interval` steps after `warmup`, moves the per-worker batch toward scale * noise_scale /
+// workers (rounded to a power of two, within [min, max], growing only and at most doubling per decision) and sets the
 // learning rate by `rule`: linear (lr0 * B / B0), sqrt (lr0 * sqrt(B / B0)) or adascale (lr0 times AdaScale's
 // gain ratio (s2 + g2) / (s2 / S + g2), S = B / B0, s2 the gradient variance at batch B0, g2 = |G|^2).
 class AdaptiveBatch : public Policy {
@@ -139,13 +139,15 @@ class AdaptiveBatch : public Policy {
         max_(option_int(o, "max", 1024)),
         interval_(option_int(o, "interval", 50)),
         warmup_(option_int(o, "warmup", 50)),
-        rule_(option_string(o, "rule", "sqrt")) {
-    require_known_keys("adaptive-batch", o, {"min", "max", "interval", "warmup", "rule"});
+        rule_(option_string(o, "rule", "sqrt")),
+        scale_(option_double(o, "scale", 1.0)) {
+    require_known_keys("adaptive-batch", o, {"min", "max", "interval", "warmup", "rule", "scale"});
     if (rule_ != "linear" && rule_ != "sqrt" && rule_ != "adascale") {
       throw ConfigError(str_cat("policy adaptive-batch: rule '", rule_, "' is not linear, sqrt or adascale"));
     }
-    if (max_ < 1 || min_ < 0 || (min_ > 0 && min_ > max_) || interval_ < 1 || warmup_ < 0) {
-      throw ConfigError("policy adaptive-batch: need 1 <= min <= max, interval >= 1, warmup >= 0");
+    if (max_ < 1 || min_ < 0 || (min_ > 0 && min_ > max_) || interval_ < 1 || warmup_ < 0 ||
+        !(scale_ > 0 && std::isfinite(scale_))) {
+      throw ConfigError("policy adaptive-batch: need 1 <= min <= max, interval >= 1, warmup >= 0, scale > 0");
     }
   }
   std::string name() const override { return "adaptive-batch"; }
@@ -160,7 +162,7 @@ class AdaptiveBatch : public Policy {
     const TrainingMetrics& m = c.metrics();
     if (m.step < warmup_ || m.step % interval_ != 0 || !TrainingMetrics::known(m.noise_scale)) return;
     const std::int64_t current = m.batch_size;
-    std::int64_t target = round_to_power_of_two(m.noise_scale / std::max(1, m.workers));
+    std::int64_t target = round_to_power_of_two(scale_ * m.noise_scale / std::max(1, m.workers));
     target = std::clamp(target, std::max<std::int64_t>(1, min_), max_);
     target = std::min(target, current * 2);
     const std::int64_t next = std::max(target, current);
@@ -182,6 +184,7 @@ class AdaptiveBatch : public Policy {
  private:
   std::int64_t min_, max_, interval_, warmup_;
   std::string rule_;
+  double scale_;
   std::int64_t base_batch_ = 1;
   double base_lr_ = TrainingMetrics::kUnknown;
 };

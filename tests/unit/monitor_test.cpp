@@ -249,6 +249,26 @@ TEST(BuiltinPolicies, AdaptiveBatchGrowsTowardTheNoiseScale) {
   EXPECT_TRUE(c.actions.empty());
 }
 
+TEST(BuiltinPolicies, AdaptiveBatchScaleMultipliesTheTarget) {
+  // Noise scale 256 over 2 workers is 128 per worker: scale 1 stays at 128, scale 4 grows (doubling) toward 512.
+  for (const auto& [spec, expected] : std::vector<std::pair<std::string, std::vector<std::string>>>{
+           {"adaptive-batch:interval=10,warmup=0", {}},
+           {"adaptive-batch:interval=10,warmup=0,scale=4", {"batch=256", "lr=0.141421"}}}) {
+    auto p = make_policy(spec);
+    RecordingContext c;
+    c.m.batch_size = 128;
+    c.m.lr = 0.1;
+    c.m.workers = 2;
+    p->before_train(c);
+    c.m.step = 10;
+    c.m.noise_scale = 256;
+    p->after_step(c);
+    EXPECT_EQ(c.actions, expected) << spec;
+  }
+  EXPECT_THROW(make_policy("adaptive-batch:scale=0"), ConfigError);
+  EXPECT_THROW(make_policy("adaptive-batch:scale=-2"), ConfigError);
+}
+
 TEST(BuiltinPolicies, AdaScaleGainIsBetweenOneAndTheScale) {
   auto p = make_policy("adaptive-batch:interval=1,warmup=0,rule=adascale");
   RecordingContext c;
