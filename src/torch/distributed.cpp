@@ -182,6 +182,35 @@ double sum_of_squares(const ::torch::Tensor& t) {
   return t.to(::torch::kFloat64).square().sum().item<double>();
 }
 
+// dst = src (dst contiguous, same numel), returning the sum of squares of the values when `measure`: one pass over
+// the gradient instead of a copy and a second read.
+double copy_measuring(const ::torch::Tensor& dst, const ::torch::Tensor& src, bool measure) {
+  if (!measure || dst.scalar_type() != ::torch::kFloat32 || src.scalar_type() != ::torch::kFloat32 ||
+      !src.is_contiguous()) {
+    dst.copy_(src.reshape(-1));
+    return measure ? sum_of_squares(dst) : 0.0;
+  }
+  const float* in = src.data_ptr<float>();
+  float* out = dst.data_ptr<float>();
+  const std::int64_t n = dst.numel();
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      out[i + j] = in[i + j];
+      acc[j] += in[i + j] * in[i + j];
+    }
+  }
+  double total = 0;
+  for (; i < n; ++i) {
+    out[i] = in[i];
+    total += double(in[i]) * in[i];
+  }
+  for (float a : acc) total += a;
+  return total;
+}
+
 double seconds_between(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
@@ -504,9 +533,7 @@ void DistributedOptimizer::on_gradient(std::size_t i, const ::torch::Tensor& gra
     gradient_error_ = str_cat("parameter '", names_[i], "' has a sparse gradient; only dense gradients are supported");
     return;
   }
-  const ::torch::Tensor region = bucket.flat.narrow(0, slot.offset, slot.numel);
-  region.copy_(grad.reshape(-1));
-  if (options_.monitor) monitor_->local_sq += sum_of_squares(region);
+  monitor_->local_sq += copy_measuring(bucket.flat.narrow(0, slot.offset, slot.numel), grad, options_.monitor);
   // Autograd accumulates `grad` into .grad() right after this hook. .grad() may still be the last step's alias of
   // this bucket, which the allreduce is about to work on: with .grad() undefined, autograd instead takes `grad`
   // itself as .grad() (no zero fill, no addition, usually no copy). step() replaces it by the average.
@@ -579,8 +606,7 @@ void DistributedOptimizer::fill_buckets_from_gradients() {
     const ::torch::Tensor region = buckets_[slots_[i].bucket].flat.narrow(0, slots_[i].offset, slots_[i].numel);
     const ::torch::Tensor& grad = parameters_[i].grad();
     if (grad.defined()) {
-      region.copy_(grad.reshape(-1));
-      monitor_->local_sq += sum_of_squares(region);
+      monitor_->local_sq += copy_measuring(region, grad, true);
     } else {
       region.zero_();
     }
