@@ -177,18 +177,31 @@ TEST(TorchSynchronousSgd, ParametersWithoutGradientCountAsZero) {
   EXPECT_TRUE(::torch::equal(results[0], results[1]));
 }
 
+// One 4-element parameter `w` whose gradient on rank r is the unit vector e_r (loss (w * x).sum() with x = e_r).
+struct UnitGradient {
+  explicit UnitGradient(int rank)
+      : w(::torch::zeros({4}, ::torch::requires_grad())),
+        x(::torch::zeros({4})),
+        sgd({w}, ::torch::optim::SGDOptions(0.1)) {
+    named.insert("w", w);
+    x[rank] = 1.0;
+  }
+  void backward() { (w * x).sum().backward(); }
+  Tensor w, x;
+  at::NamedParameters named;
+  ::torch::optim::SGD sgd;
+};
+
 TEST(TorchSynchronousSgd, AveragedGradientsSurviveEitherZeroGradAndAStrategySwitch) {
   // Rank r's gradient is e_r: the average is (1/2, 1/2, 0, 0). After step() .grad() shares memory with the bucket;
   // LibTorch's own zero_grad() must work on it, a following step must not add into it, and after a switch to model
   // averaging (which fills the buckets with model values) the gradient must keep its value.
   run_cluster(2, base_config(), [&](Peer& peer) {
-    Tensor w = ::torch::zeros({4}, ::torch::requires_grad());
-    at::NamedParameters named;
-    named.insert("w", w);
-    ::torch::optim::SGD sgd({w}, ::torch::optim::SGDOptions(0.1));
+    UnitGradient g(peer.rank());
+    Tensor& w = g.w;
+    auto& named = g.named;
+    auto& sgd = g.sgd;
     at::DistributedOptimizer opt(peer, sgd, named, at::Strategy::synchronous_sgd);
-    Tensor x = ::torch::zeros({4});
-    x[peer.rank()] = 1.0;
     const Tensor average = ::torch::tensor({0.5f, 0.5f, 0.0f, 0.0f});
     for (int step = 0; step < 4; ++step) {
       if (step % 2) {
@@ -197,7 +210,7 @@ TEST(TorchSynchronousSgd, AveragedGradientsSurviveEitherZeroGradAndAStrategySwit
       } else {
         opt.zero_grad();
       }
-      (w * x).sum().backward();
+      g.backward();
       opt.step();
       EXPECT_TRUE(::torch::allclose(w.grad(), average)) << "step " << step << ": " << w.grad();
     }
@@ -516,16 +529,13 @@ TEST(TorchMonitor, GradientStatisticsAcrossWorkersAreExactAndEqual) {
   // squared distance to it 1/2: variance 1/2, SNR 1.
   std::vector<TrainingMetrics> seen(2);
   run_cluster(2, base_config(), [&](Peer& peer) {
-    Tensor w = ::torch::zeros({4}, ::torch::requires_grad());
-    at::NamedParameters named;
-    named.insert("w", w);
-    ::torch::optim::SGD sgd({w}, ::torch::optim::SGDOptions(0.1));
+    UnitGradient g(peer.rank());
+    auto& named = g.named;
+    auto& sgd = g.sgd;
     at::DistributedOptimizer opt(peer, sgd, named, at::Strategy::synchronous_sgd);
-    Tensor x = ::torch::zeros({4});
-    x[peer.rank()] = 1.0;
     for (int step = 0; step < 3; ++step) {
       opt.zero_grad();
-      (w * x).sum().backward();
+      g.backward();
       opt.step(4);
     }
     seen[peer.rank()] = opt.metrics();
@@ -547,18 +557,15 @@ TEST(TorchMonitor, GradientStatisticsAcrossWorkersAreExactAndEqual) {
 TEST(TorchMonitor, ModelAveragingSamplesTheGradient) {
   std::vector<TrainingMetrics> seen(2);
   run_cluster(2, base_config(), [&](Peer& peer) {
-    Tensor w = ::torch::zeros({4}, ::torch::requires_grad());
-    at::NamedParameters named;
-    named.insert("w", w);
-    ::torch::optim::SGD sgd({w}, ::torch::optim::SGDOptions(0.1));
+    UnitGradient g(peer.rank());
+    auto& named = g.named;
+    auto& sgd = g.sgd;
     at::DistributedOptimizerOptions options;
     options.gradient_sample_interval = 2;
     at::DistributedOptimizer opt(peer, sgd, named, at::Strategy::synchronous_averaging, options);
-    Tensor x = ::torch::zeros({4});
-    x[peer.rank()] = 1.0;
     for (int step = 0; step < 4; ++step) {
       opt.zero_grad();
-      (w * x).sum().backward();
+      g.backward();
       opt.step(4);
     }
     seen[peer.rank()] = opt.metrics();
@@ -570,10 +577,10 @@ TEST(TorchMonitor, LinksAreProbedDuringTraining) {
   std::vector<TrainingMetrics> seen(2), off(2);
   run_cluster(2, base_config(), [&](Peer& peer) {
     for (const bool probe : {true, false}) {
-      Tensor w = ::torch::zeros({4}, ::torch::requires_grad());
-      at::NamedParameters named;
-      named.insert("w", w);
-      ::torch::optim::SGD sgd({w}, ::torch::optim::SGDOptions(0.1));
+      UnitGradient g(peer.rank());
+      Tensor& w = g.w;
+      auto& named = g.named;
+      auto& sgd = g.sgd;
       at::DistributedOptimizerOptions options;
       options.link_probe_interval = std::chrono::milliseconds(probe ? 1 : 0);
       options.link_probe_bytes = 64 * 1024;
