@@ -254,6 +254,7 @@ class ElasticSession {
   void write_checkpoint();
   SyncResult leave(const ClusterSpec& target);
   SyncResult recover_in_sync();
+  SyncResult agree_on_version(std::int64_t version, const char* name);
 
   ElasticConfig config_;
   std::unique_ptr<Peer> peer_;

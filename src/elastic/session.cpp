@@ -521,17 +521,7 @@ SyncResult ElasticSession::sync(std::int64_t step) {
   if (!elastic()) return SyncResult::unchanged;
   if (++sync_count_ % std::uint64_t(config_.check_every) != 0) return SyncResult::unchanged;
   std::int64_t version = std::int64_t(latest_seen_.load());
-  try {
-    peer_->allreduce(std::span<std::int64_t>(&version, 1), ReduceOp::max, "aikido/elastic/check");
-  } catch (const PeerLostError&) {
-    return recover_in_sync();
-  } catch (const TimeoutError&) {
-    return recover_in_sync();
-  }
-  if (std::uint64_t(version) <= spec_.version) return SyncResult::unchanged;
-  auto target = config_.membership->get(std::uint64_t(version));
-  if (!target) throw ProtocolError(str_cat("cluster version ", version, " was announced but is not in the store"));
-  return switch_to(*target, false);
+  return agree_on_version(version, "aikido/elastic/check");
 }
 
 std::uint64_t ElasticSession::request_resize(int n) {
@@ -557,8 +547,14 @@ SyncResult ElasticSession::resize(int n) {
   }
   std::int64_t version = std::int64_t(latest_seen_.load());
   if (rank() == 0) version = std::max(version, std::int64_t(request_resize(n)));
+  return agree_on_version(version, "aikido/elastic/resize");
+}
+
+// Collective: the newest cluster version any worker knows of; switches to it when it is newer than ours. A peer
+// lost meanwhile turns this into a recovery.
+SyncResult ElasticSession::agree_on_version(std::int64_t version, const char* name) {
   try {
-    peer_->allreduce(std::span<std::int64_t>(&version, 1), ReduceOp::max, "aikido/elastic/resize");
+    peer_->allreduce(std::span<std::int64_t>(&version, 1), ReduceOp::max, name);
   } catch (const PeerLostError&) {
     return recover_in_sync();
   } catch (const TimeoutError&) {
