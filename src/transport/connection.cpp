@@ -4,7 +4,9 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <exception>
 #include <vector>
 
@@ -18,6 +20,8 @@ namespace {
 thread_local ReceiveGate* held_by_this_thread = nullptr;
 // How long after the gate was released its receive threads resume reading (unless it is held again by then).
 constexpr std::chrono::microseconds kResumeAfter{1'000};
+// Size of a connection's read-ahead buffer; larger reads go straight to their destination.
+constexpr std::size_t kReadAheadBytes = 64 * 1024;
 // Frames this thread is handling now (a completion callback run by a handler may wait for a collective).
 thread_local int frames_in_progress = 0;
 
@@ -56,6 +60,7 @@ bool ReceiveGate::try_hold() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (closed_ || held_) return false;
   held_ = true;
+  held_since_ = Clock::now();
   held_by_this_thread = this;
   if (pollers_ > 0 && !signalled_) {
     signal(held_fd_);  // moves receive threads waiting on their sockets to park()
@@ -66,7 +71,7 @@ bool ReceiveGate::try_hold() {
 
 bool ReceiveGate::held_here() const { return held_by_this_thread == this; }
 
-void ReceiveGate::release() {
+void ReceiveGate::release(bool hand_over) {
   if (held_by_this_thread != this) return;
   held_by_this_thread = nullptr;
   bool notify;
@@ -78,15 +83,16 @@ void ReceiveGate::release() {
     }
     held_ = false;
     released_at_ = Clock::now();
-    notify = closed_;
+    notify = closed_ || hand_over || released_at_ - held_since_ >= kResumeAfter;
+    if (hand_over) released_at_ -= kResumeAfter;  // the receive threads resume at once
   }
-  // The receive threads are not woken: they resume by themselves after kResumeAfter unless a thread holds the gate
-  // again by then, as a thread waiting for one collective after another does.
+  // After a short hold the receive threads are not woken: they resume by themselves after kResumeAfter unless a
+  // thread holds the gate again by then, as a thread waiting for one collective after another does.
   if (notify) free_.notify_all();
 }
 
 void ReceiveGate::release_current() {
-  if (held_by_this_thread != nullptr) held_by_this_thread->release();
+  if (held_by_this_thread != nullptr) held_by_this_thread->release(true);
 }
 
 void ReceiveGate::close() {
@@ -105,7 +111,13 @@ void ReceiveGate::park(const std::atomic<bool>& stop) {
   for (;;) {
     if (closed_ || stop.load()) return;
     if (held_) {
-      free_.wait_for(lock, kResumeAfter);
+      // A short hold ends without a wake-up: look again after kResumeAfter. A longer one wakes us when it ends.
+      const auto look = held_since_ + kResumeAfter;
+      if (Clock::now() < look) {
+        free_.wait_until(lock, look);
+      } else {
+        free_.wait(lock);
+      }
       continue;
     }
     const auto resume = released_at_ + kResumeAfter;
@@ -157,7 +169,8 @@ Connection::Connection(int self, int peer, std::uint64_t cluster_version, Socket
       cluster_version_(cluster_version),
       socket_(std::move(socket)),
       handler_(handler),
-      gate_(std::move(gate)) {}
+      gate_(std::move(gate)),
+      read_buffer_(kReadAheadBytes) {}
 
 Connection::~Connection() {
   shutdown();
@@ -237,7 +250,7 @@ void Connection::discard_payload(std::size_t size) {
   char scratch[16384];
   while (size > 0) {
     const std::size_t n = std::min(size, sizeof scratch);
-    socket_.read_exact(scratch, n);
+    read_bytes(scratch, n);
     size -= n;
   }
 }
@@ -285,21 +298,21 @@ Connection::Received Connection::try_receive() {
 bool Connection::receive_one(bool wait) {
   if (reading_ended_.load(std::memory_order_acquire)) return false;
   try {
-    FrameHeader header;
-    std::size_t got = 0;
-    if (!wait) {
-      got = socket_.try_read(&header, sizeof header);
-      if (got == 0) return false;
+    if (!wait && read_begin_ == read_end_) {
+      read_begin_ = 0;
+      read_end_ = socket_.try_read(read_buffer_.data(), read_buffer_.size());
+      if (read_end_ == 0) return false;
     }
     // The rest of a begun frame follows at once: the sender writes frames whole.
-    if (got < sizeof header) socket_.read_exact(reinterpret_cast<char*>(&header) + got, sizeof header - got);
+    FrameHeader header;
+    read_bytes(&header, sizeof header);
     validate_header(header, peer_);
     if (header.type == FrameType::goodbye) {
       end_reading("it closed its session", true);
       return true;
     }
     frame_name_.resize(header.name_bytes);
-    if (header.name_bytes > 0) socket_.read_exact(frame_name_.data(), frame_name_.size());
+    if (header.name_bytes > 0) read_bytes(frame_name_.data(), frame_name_.size());
     ++frames_in_progress;
     try {
       handler_.on_frame(*this, header, frame_name_);
@@ -312,6 +325,26 @@ bool Connection::receive_one(bool wait) {
     end_reading(e.what(), false);
   }
   return true;
+}
+
+void Connection::read_bytes(void* data, std::size_t size) {
+  auto* out = static_cast<char*>(data);
+  const std::size_t take = std::min(size, read_end_ - read_begin_);
+  if (take > 0) std::memcpy(out, read_buffer_.data() + read_begin_, take);
+  read_begin_ += take;
+  out += take;
+  size -= take;
+  if (size == 0) return;
+  if (size >= read_buffer_.size() / 2) {  // a large payload: no detour through the buffer
+    socket_.read_exact(out, size);
+    return;
+  }
+  read_begin_ = 0;
+  read_end_ = 0;
+  while (read_end_ < size)
+    read_end_ += socket_.read_some(read_buffer_.data() + read_end_, read_buffer_.size() - read_end_);
+  std::memcpy(out, read_buffer_.data(), size);
+  read_begin_ = size;
 }
 
 void Connection::end_reading(const std::string& reason, bool goodbye) {

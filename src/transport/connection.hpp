@@ -43,10 +43,11 @@ class ReceiveGate {
   bool try_hold();
   /// True when the calling thread holds the gate.
   bool held_here() const;
-  /// Gives the gate back (no-op when the calling thread does not hold it): the receive threads resume. Called by
-  /// the holder before anything that may block for long (so frames keep flowing), or when it is done.
-  void release();
-  /// Releases the gate the calling thread holds, if any: called before running code that may block (completion
+  /// Gives the gate back (no-op when the calling thread does not hold it). The receive threads resume shortly
+  /// after (see the top of this file), or at once with `hand_over`: for a holder about to do something that may
+  /// block for long, so that frames keep flowing.
+  void release(bool hand_over = false);
+  /// Hands over the gate the calling thread holds, if any: called before running code that may block (completion
   /// callbacks).
   static void release_current();
   /// No thread takes the gate after this; waits until the current holder released it.
@@ -76,6 +77,7 @@ class ReceiveGate {
   mutable std::mutex mutex_;
   std::condition_variable free_;
   bool held_ = false;
+  Clock::time_point held_since_{};
   Clock::time_point released_at_{};
   int pollers_ = 0;         // receive threads waiting on their sockets
   bool signalled_ = false;  // held_fd_ is readable
@@ -138,7 +140,7 @@ class Connection {
   bool receiving() const { return !reading_ended_.load(std::memory_order_acquire); }
   int fd() const { return socket_.fd(); }
   /// Reads payload bytes of the current frame; only from FrameHandler::on_frame.
-  void read_payload(void* data, std::size_t size) { socket_.read_exact(data, size); }
+  void read_payload(void* data, std::size_t size) { read_bytes(data, size); }
   void discard_payload(std::size_t size);
   /// Wakes both threads (the connection fails) without waiting for them.
   void shutdown();
@@ -151,6 +153,8 @@ class Connection {
   /// With read_mutex_ held: reads one frame if one has arrived (or waits for one: `wait`) and handles it. Returns
   /// false when nothing had arrived. Ends reading on failure.
   bool receive_one(bool wait);
+  /// With read_mutex_ held: reads exactly `size` bytes of the stream, first from the read-ahead buffer.
+  void read_bytes(void* data, std::size_t size);
   /// Reading ended: marks the connection broken and tells the handler (once).
   void end_reading(const std::string& reason, bool goodbye);
   void send_loop();
@@ -168,6 +172,11 @@ class Connection {
   std::atomic<bool> reading_ended_{false};
   std::atomic<bool> stop_receiving_{false};  // shut down: the receive thread must not park
   std::string frame_name_;                   // guarded by read_mutex_
+  // Read-ahead: one system call takes a whole small frame (header, name, payload) and whatever followed it.
+  // Guarded by read_mutex_; [read_begin_, read_end_) is unread.
+  std::vector<char> read_buffer_;
+  std::size_t read_begin_ = 0;
+  std::size_t read_end_ = 0;
   std::thread receive_thread_;
   std::thread send_thread_;
   std::mutex mutex_;
