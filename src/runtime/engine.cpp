@@ -37,6 +37,9 @@ constexpr std::uint64_t kMaxErrorText = 64 * 1024;
 // most kMaxSleep at a time.
 constexpr std::chrono::microseconds kPause{50};
 constexpr std::chrono::microseconds kSpin{1'000};
+// When ranks outnumber cores, a large collective (over kEagerBytes) yields for only kShortSpin: its frames are long
+// in coming and the core is better left to the ranks that copy them.
+constexpr std::chrono::microseconds kShortSpin{50};
 constexpr std::chrono::microseconds kMaxSleep{20'000};
 
 int usable_cpus() {
@@ -169,7 +172,8 @@ Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::So
       cluster_(std::move(cluster)),
       topology_(config_.topology),
       shm_(std::move(shm)),
-      pause_(cluster_.local_size > usable_cpus() ? std::chrono::microseconds(0) : kPause) {
+      pause_(cluster_.local_size > usable_cpus() ? std::chrono::microseconds(0) : kPause),
+      large_spin_(cluster_.local_size > int(std::max(1u, std::thread::hardware_concurrency())) ? kShortSpin : kSpin) {
   lost_.resize(std::size_t(config_.size));
   departed_.resize(std::size_t(config_.size), false);
   connections_.resize(std::size_t(config_.size));
@@ -405,9 +409,10 @@ Work Engine::post(const Request& request) {
   c->work = std::make_shared<WorkState>();
   if (gate_) {
     // The gate outlives the engine: once it is closed (the engine is going away) the hook does nothing.
-    c->work->drive = [gate = gate_, this](WorkState& w, Clock::time_point until) {
+    const auto spin = c->buffer_bytes > kEagerBytes ? large_spin_ : kSpin;
+    c->work->drive = [gate = gate_, this, spin](WorkState& w, Clock::time_point until) {
       if (gate->try_hold()) {
-        drive(w, until);
+        drive(w, until, spin);
         gate->release();
       } else {
         // Waiting inside a handler of the thread that drives (a completion callback): let the receive threads read.
@@ -715,7 +720,7 @@ void Engine::run(std::unique_lock<std::mutex>& lock, Progress& progress) {
   }
 }
 
-void Engine::drive(WorkState& work, Clock::time_point until) {
+void Engine::drive(WorkState& work, Clock::time_point until, std::chrono::microseconds spin) {
   auto done = [&] {
     std::lock_guard<std::mutex> lock(work.mutex);
     return work.done;
@@ -741,7 +746,7 @@ void Engine::drive(WorkState& work, Clock::time_point until) {
     const auto idle = now - last_frame;
     if (idle < pause_) {
       transport::cpu_relax();
-    } else if (idle < kSpin) {
+    } else if (idle < spin) {
       sched_yield();
     } else {
       const auto left = std::chrono::duration_cast<std::chrono::microseconds>(until - now);
@@ -948,7 +953,7 @@ void Engine::receive_data(transport::Connection& connection, const FrameHeader& 
   const auto deadline = Clock::now() + config_.timeout;
   while (mailbox_bytes_ + bytes > kMailboxCap && !closing_) {
     // A thread driving the connections must not keep the other connections unread while it waits here.
-    if (gate_) gate_->release();
+    if (gate_) gate_->release(true);
     if (mailbox_space_.wait_until(lock, deadline) == std::cv_status::timeout) {
       throw TimeoutError(str_cat("rank ", config_.rank, ": more than ", kMailboxCap,
                                  " bytes of early segments waited for collectives that were not posted within ",

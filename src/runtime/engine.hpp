@@ -167,9 +167,9 @@ class Engine final : public transport::FrameHandler {
   void receive_p2p_reply(transport::Connection& connection, const transport::FrameHeader& header);
   std::string read_text(transport::Connection& connection, std::uint64_t bytes);
   void watchdog_loop();
-  /// The Work::wait() hook: reads the connections on the calling thread until `work` is done or `until`. Called
-  /// with gate_ held by this thread.
-  void drive(WorkState& work, Clock::time_point until);
+  /// The Work::wait() hook: reads the connections on the calling thread until `work` is done or `until`, yielding
+  /// the core between looks for `spin` after the last frame before it sleeps. Called with gate_ held by this thread.
+  void drive(WorkState& work, Clock::time_point until, std::chrono::microseconds spin);
 
   std::shared_ptr<const collective::Plan> plan_for(const collective::PlanSpec& spec);
 
@@ -211,6 +211,7 @@ class Engine final : public transport::FrameHandler {
   std::shared_ptr<transport::ReceiveGate> gate_;  // null without connections
   std::vector<transport::Connection*> readers_;   // the connections, for drive()
   const std::chrono::microseconds pause_;         // how long drive() spins with pause instructions
+  const std::chrono::microseconds large_spin_;    // how long drive() yields for a large collective
   std::condition_variable watchdog_wake_;
   std::thread watchdog_;
 };
