@@ -213,6 +213,7 @@ Engine::~Engine() {
     }
     run(lock, progress);
   }
+  if (gate_) gate_->wake_holder();
   watchdog_wake_.notify_all();
   for (auto& c : connections_) {
     if (c) c->close();
@@ -407,19 +408,7 @@ Work Engine::post(const Request& request) {
   c->ready_from.assign(std::size_t(size), false);
   c->stall_posted.assign(std::size_t(size), -1);
   c->work = std::make_shared<WorkState>();
-  if (gate_) {
-    // The gate outlives the engine: once it is closed (the engine is going away) the hook does nothing.
-    const auto spin = c->buffer_bytes > kEagerBytes ? large_spin_ : kSpin;
-    c->work->drive = [gate = gate_, this, spin](WorkState& w, Clock::time_point until) {
-      if (gate->try_hold()) {
-        drive(w, until, spin);
-        gate->release();
-      } else {
-        // Waiting inside a handler of the thread that drives (a completion callback): let the receive threads read.
-        transport::ReceiveGate::release_current();
-      }
-    };
-  }
+  set_drive(*c->work, c->buffer_bytes);
   c->start = Clock::now();
   c->deadline = c->start + config_.timeout;
   Work work(c->work);
@@ -718,6 +707,21 @@ void Engine::run(std::unique_lock<std::mutex>& lock, Progress& progress) {
     idle_.notify_all();
     if (gate_) gate_->wake_holder();  // it may wait for one of these, asleep in poll()
   }
+}
+
+void Engine::set_drive(WorkState& work, std::size_t bytes) {
+  if (!gate_) return;
+  const auto spin = bytes > kEagerBytes ? large_spin_ : kSpin;
+  // The gate outlives the engine: once it is closed (the engine is going away) the hook does nothing.
+  work.drive = [gate = gate_, this, spin](WorkState& w, Clock::time_point until) {
+    if (gate->try_hold()) {
+      drive(w, until, spin);
+      gate->release();
+    } else {
+      // Waiting inside a handler of the thread that drives (a completion callback): let the receive threads read.
+      transport::ReceiveGate::release_current();
+    }
+  };
 }
 
 void Engine::drive(WorkState& work, Clock::time_point until, std::chrono::microseconds spin) {
@@ -1033,6 +1037,7 @@ void Engine::on_lost(transport::Connection& connection, const std::string& reaso
     r->work->complete(
         std::make_exception_ptr(PeerLostError(str_cat("request of '", r->name, "' from rank ", p, " failed: ", why))));
   }
+  if (!failed.empty() && gate_) gate_->wake_holder();
 }
 
 std::string Engine::describe_wait(const Collective& c) const {
@@ -1113,6 +1118,7 @@ void Engine::watchdog_loop() {
       r->work->complete(std::make_exception_ptr(TimeoutError(str_cat(
           "request of '", r->name, "' from rank ", r->target, " got no answer within ", seconds(config_.timeout)))));
     }
+    if (!expired.empty() && gate_) gate_->wake_holder();
     lock.lock();
   }
 }

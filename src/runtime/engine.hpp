@@ -170,6 +170,9 @@ class Engine final : public transport::FrameHandler {
   /// The Work::wait() hook: reads the connections on the calling thread until `work` is done or `until`, yielding
   /// the core between looks for `spin` after the last frame before it sleeps. Called with gate_ held by this thread.
   void drive(WorkState& work, Clock::time_point until, std::chrono::microseconds spin);
+  /// Lets Work::wait() on `work` (of a collective or request of `bytes`) drive the connections (see drive). Call
+  /// before the work is handed out.
+  void set_drive(WorkState& work, std::size_t bytes);
 
   std::shared_ptr<const collective::Plan> plan_for(const collective::PlanSpec& spec);
 

@@ -141,6 +141,23 @@ TEST_P(SocketWait, CallbacksMayWaitForOtherCollectives) {
   });
 }
 
+TEST_P(SocketWait, RequestsAreAnsweredWhileTheirWaiterReadsTheSockets) {
+  run_cluster(3, config(), [](Peer& peer) {
+    std::vector<double> model(70'000, double(peer.rank()));  // over the eager limit
+    peer.save("model", std::span<const double>(model));
+    peer.barrier("saved");
+    const int target = (peer.rank() + 1) % peer.size();
+    std::vector<double> got(model.size());
+    for (int i = 0; i < 10; ++i) {
+      std::fill(got.begin(), got.end(), -1.0);
+      peer.request(target, "model", std::span<double>(got));
+      ASSERT_EQ(got.back(), double(target));
+    }
+    EXPECT_THROW(peer.request(target, "missing", std::span<double>(got)), ConfigError);
+    peer.barrier("done");
+  });
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, SocketWait, ::testing::Values(TransportKind::tcp, TransportKind::unix_socket),
                          [](const auto& info) { return std::string(transport_name(info.param)); });
 
