@@ -22,7 +22,8 @@ thread_local ReceiveGate* held_by_this_thread = nullptr;
 constexpr std::chrono::microseconds kResumeAfter{1'000};
 // Size of a connection's read-ahead buffer; larger reads go straight to their destination.
 constexpr std::size_t kReadAheadBytes = 64 * 1024;
-// Frames this thread is handling now (a completion callback run by a handler may wait for a collective).
+// Connections this thread reads a frame from now, holding their read lock (a completion callback run by a handler
+// may wait for a collective).
 thread_local int frames_in_progress = 0;
 
 void signal(int fd) {
@@ -297,6 +298,12 @@ Connection::Received Connection::try_receive() {
 
 bool Connection::receive_one(bool wait) {
   if (reading_ended_.load(std::memory_order_acquire)) return false;
+  // Code run from here (handlers, on_lost, completion callbacks) must not take the gate: this thread holds the
+  // read lock, which the holder's reading would take again.
+  struct Reading {
+    Reading() { ++frames_in_progress; }
+    ~Reading() { --frames_in_progress; }
+  } reading;
   try {
     if (!wait && read_begin_ == read_end_) {
       read_begin_ = 0;
@@ -313,14 +320,7 @@ bool Connection::receive_one(bool wait) {
     }
     frame_name_.resize(header.name_bytes);
     if (header.name_bytes > 0) read_bytes(frame_name_.data(), frame_name_.size());
-    ++frames_in_progress;
-    try {
-      handler_.on_frame(*this, header, frame_name_);
-    } catch (...) {
-      --frames_in_progress;
-      throw;
-    }
-    --frames_in_progress;
+    handler_.on_frame(*this, header, frame_name_);
   } catch (const std::exception& e) {
     end_reading(e.what(), false);
   }
