@@ -711,6 +711,13 @@ void Engine::run(std::unique_lock<std::mutex>& lock, Progress& progress) {
 
 void Engine::set_drive(WorkState& work, std::size_t bytes) {
   if (!gate_) return;
+  if (bytes > kEagerBytes && readers_.size() > 1) {
+    // Large transfers with several peers are left to the receive threads, one per connection: one thread reading
+    // a large payload would hold up the frames of the other connections (a `ready` that lets the next segment go
+    // out, data from another peer). Measured: 16 MiB at 4 ranks ran at 0.75x the speed with one reading thread.
+    work.drive = [gate = gate_](WorkState&, Clock::time_point) { gate->resume_receivers(); };
+    return;
+  }
   const auto spin = bytes > kEagerBytes ? large_spin_ : kSpin;
   // The gate outlives the engine: once it is closed (the engine is going away) the hook does nothing.
   work.drive = [gate = gate_, this, spin](WorkState& w, Clock::time_point until) {

@@ -92,6 +92,15 @@ void ReceiveGate::release(bool hand_over) {
   if (notify) free_.notify_all();
 }
 
+void ReceiveGate::resume_receivers() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (held_ || released_at_ <= Clock::now() - kResumeAfter) return;  // held, or they read already
+    released_at_ = Clock::now() - kResumeAfter;
+  }
+  free_.notify_all();
+}
+
 void ReceiveGate::release_current() {
   if (held_by_this_thread != nullptr) held_by_this_thread->release(true);
 }

@@ -47,6 +47,8 @@ class ReceiveGate {
   /// after (see the top of this file), or at once with `hand_over`: for a holder about to do something that may
   /// block for long, so that frames keep flowing.
   void release(bool hand_over = false);
+  /// Receive threads parked after a release resume now (for a thread about to wait without holding the gate).
+  void resume_receivers();
   /// Hands over the gate the calling thread holds, if any: called before running code that may block (completion
   /// callbacks).
   static void release_current();
