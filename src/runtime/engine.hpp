@@ -17,8 +17,9 @@
 // waiter is not woken by a condition variable at the end. It gives the gate back before anything that may block
 // (mailbox full, completion callbacks), so a blocked handler never keeps frames of other collectives from being
 // read. Collectives nobody waits for progress on the receive threads as before, and so do collectives over
-// kEagerBytes when there are several connections (one thread reading a large payload would hold up the others).
-// Model-store requests are waited for the same way.
+// kEagerBytes when there are several connections (one thread reading a large payload would hold up the others),
+// and everything when more ranks than cores share the host (see set_drive). Model-store requests are waited for
+// the same way.
 //
 // Agreement: `ready` carries the receiver's signature of the collective (kind, type, op, root, count, topology),
 // and a collective completes only once every rank it sends to has said `ready` and every frame it received matched
@@ -217,6 +218,7 @@ class Engine final : public transport::FrameHandler {
   std::vector<transport::Connection*> readers_;   // the connections, for drive()
   const std::chrono::microseconds pause_;         // how long drive() spins with pause instructions
   const std::chrono::microseconds large_spin_;    // how long drive() yields for a large collective
+  const bool oversubscribed_;                     // more local ranks than cores: waiting threads do not read
   std::condition_variable watchdog_wake_;
   std::thread watchdog_;
 };

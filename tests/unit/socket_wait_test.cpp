@@ -1,12 +1,12 @@
 // A thread waiting for a socket collective reads the connections itself (src/runtime/engine.hpp, "Waiting"): lost
 // peers, many collectives in flight, collectives nobody waits for, wait timeouts and completion callbacks must all
-// behave as with the receive threads alone.
+// behave as with the receive threads alone. Mostly 2 ranks: with more ranks than cores (as 3 ranks on a 2-core
+// machine) the receive threads do all the reading.
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <chrono>
 #include <future>
-#include <latch>
 #include <string>
 #include <thread>
 #include <typeinfo>
@@ -34,8 +34,7 @@ TEST_P(SocketWait, LostPeerFailsTheWaitingThreadBeforeTheTimeout) {
   c.timeout = std::chrono::milliseconds(120'000);  // a loss must be reported at once, never found by the deadline
   std::promise<void> waiting;
   std::shared_future<void> rank0_waits = waiting.get_future().share();
-  std::latch survivors_done(2);
-  run_cluster(3, c, [&](Peer& peer) {
+  run_cluster(2, c, [&](Peer& peer) {
     std::vector<float> x(1000, 1.0f);
     peer.allreduce(std::span<float>(x), ReduceOp::sum, "warmup");
     if (peer.rank() == 1) {
@@ -46,7 +45,7 @@ TEST_P(SocketWait, LostPeerFailsTheWaitingThreadBeforeTheTimeout) {
       return;
     }
     Work w = peer.allreduce_async(std::span<float>(x), ReduceOp::sum, "never");
-    if (peer.rank() == 0) waiting.set_value();
+    waiting.set_value();
     try {
       w.wait();
       ADD_FAILURE() << "completed without rank 1";
@@ -55,31 +54,32 @@ TEST_P(SocketWait, LostPeerFailsTheWaitingThreadBeforeTheTimeout) {
     } catch (const std::exception& e) {
       ADD_FAILURE() << "unexpected " << typeid(e).name() << ": " << e.what();
     }
-    survivors_done.arrive_and_wait();
   });
 }
 
 TEST_P(SocketWait, ManyAsyncCollectivesWithOneWaiter) {
   constexpr int kCount = 40;
-  run_cluster(3, config(), [](Peer& peer) {
-    // Sizes below and above the eager limit; every rank posts in its own order and waits for one collective only.
-    std::vector<std::vector<float>> buffers(kCount);
-    std::vector<Work> works(kCount);
-    for (int k = 0; k < kCount; ++k) {
-      const int step = peer.rank() == 0 ? 1 : peer.rank() == 1 ? 3 : 7;  // coprime with kCount
-      const int i = (k * step + 5 * peer.rank()) % kCount;               // a permutation of 0..kCount-1 per rank
-      buffers[std::size_t(i)].assign(std::size_t(i % 4 == 0 ? 100'000 : 10 + i), float(peer.rank() + i));
-      works[std::size_t(i)] =
-          peer.allreduce_async(std::span<float>(buffers[std::size_t(i)]), ReduceOp::sum, "async." + std::to_string(i));
-    }
-    works[std::size_t(kCount - 1)].wait();
-    for (int i = 0; i < kCount; ++i) {
-      works[std::size_t(i)].wait();
-      const float expected = float(0 + 1 + 2 + 3 * i);
-      EXPECT_EQ(buffers[std::size_t(i)].front(), expected) << i;
-      EXPECT_EQ(buffers[std::size_t(i)].back(), expected) << i;
-    }
-  });
+  for (int size : {2, 3}) {
+    run_cluster(size, config(), [&](Peer& peer) {
+      // Sizes below and above the eager limit; every rank posts in its own order and waits for one collective only.
+      std::vector<std::vector<float>> buffers(kCount);
+      std::vector<Work> works(kCount);
+      for (int k = 0; k < kCount; ++k) {
+        const int step = peer.rank() == 0 ? 1 : peer.rank() == 1 ? 3 : 7;  // coprime with kCount
+        const int i = (k * step + 5 * peer.rank()) % kCount;               // a permutation of 0..kCount-1 per rank
+        buffers[std::size_t(i)].assign(std::size_t(i % 4 == 0 ? 100'000 : 10 + i), float(peer.rank() + i));
+        works[std::size_t(i)] = peer.allreduce_async(std::span<float>(buffers[std::size_t(i)]), ReduceOp::sum,
+                                                     "async." + std::to_string(i));
+      }
+      works[std::size_t(kCount - 1)].wait();
+      for (int i = 0; i < kCount; ++i) {
+        works[std::size_t(i)].wait();
+        const float expected = float(size * (size - 1) / 2 + size * i);
+        EXPECT_EQ(buffers[std::size_t(i)].front(), expected) << i;
+        EXPECT_EQ(buffers[std::size_t(i)].back(), expected) << i;
+      }
+    });
+  }
 }
 
 TEST_P(SocketWait, CollectivesNobodyWaitsForComplete) {
@@ -120,7 +120,7 @@ TEST_P(SocketWait, TimedWaitReturnsAndALaterWaitCompletes) {
 }
 
 TEST_P(SocketWait, CallbacksMayWaitForOtherCollectives) {
-  run_cluster(3, config(), [](Peer& peer) {
+  run_cluster(2, config(), [](Peer& peer) {
     std::vector<float> x(1000, 1.0f), y(1000, 1.0f);
     Work second = peer.allreduce_async(std::span<float>(y), ReduceOp::sum, "second");
     std::promise<bool> inner;
@@ -136,13 +136,13 @@ TEST_P(SocketWait, CallbacksMayWaitForOtherCollectives) {
     });
     first.wait();
     EXPECT_TRUE(inner.get_future().get());
-    EXPECT_EQ(x[0], 3.0f);
-    EXPECT_EQ(y[999], 3.0f);
+    EXPECT_EQ(x[0], 2.0f);
+    EXPECT_EQ(y[999], 2.0f);
   });
 }
 
 TEST_P(SocketWait, RequestsAreAnsweredWhileTheirWaiterReadsTheSockets) {
-  run_cluster(3, config(), [](Peer& peer) {
+  run_cluster(2, config(), [](Peer& peer) {
     std::vector<double> model(70'000, double(peer.rank()));  // over the eager limit
     peer.save("model", std::span<const double>(model));
     peer.barrier("saved");
