@@ -37,9 +37,6 @@ constexpr std::uint64_t kMaxErrorText = 64 * 1024;
 // most kMaxSleep at a time.
 constexpr std::chrono::microseconds kPause{50};
 constexpr std::chrono::microseconds kSpin{1'000};
-// When ranks outnumber cores, a large collective (over kEagerBytes) yields for only kShortSpin: its frames are long
-// in coming and the core is better left to the ranks that copy them.
-constexpr std::chrono::microseconds kShortSpin{50};
 constexpr std::chrono::microseconds kMaxSleep{20'000};
 
 int usable_cpus() {
@@ -173,7 +170,6 @@ Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::So
       topology_(config_.topology),
       shm_(std::move(shm)),
       pause_(cluster_.local_size > usable_cpus() ? std::chrono::microseconds(0) : kPause),
-      large_spin_(cluster_.local_size > int(std::max(1u, std::thread::hardware_concurrency())) ? kShortSpin : kSpin),
       oversubscribed_(cluster_.local_size > int(std::max(1u, std::thread::hardware_concurrency()))) {
   lost_.resize(std::size_t(config_.size));
   departed_.resize(std::size_t(config_.size), false);
@@ -721,11 +717,10 @@ void Engine::set_drive(WorkState& work, std::size_t bytes) {
     work.drive = [gate = gate_](WorkState&, Clock::time_point) { gate->resume_receivers(); };
     return;
   }
-  const auto spin = bytes > kEagerBytes ? large_spin_ : kSpin;
   // The gate outlives the engine: once it is closed (the engine is going away) the hook does nothing.
-  work.drive = [gate = gate_, this, spin](WorkState& w, Clock::time_point until) {
+  work.drive = [gate = gate_, this](WorkState& w, Clock::time_point until) {
     if (gate->try_hold()) {
-      drive(w, until, spin);
+      drive(w, until);
       gate->release();
     } else {
       // Waiting inside a handler of the thread that drives (a completion callback): let the receive threads read.
@@ -734,7 +729,7 @@ void Engine::set_drive(WorkState& work, std::size_t bytes) {
   };
 }
 
-void Engine::drive(WorkState& work, Clock::time_point until, std::chrono::microseconds spin) {
+void Engine::drive(WorkState& work, Clock::time_point until) {
   auto done = [&] {
     std::lock_guard<std::mutex> lock(work.mutex);
     return work.done;
@@ -760,7 +755,7 @@ void Engine::drive(WorkState& work, Clock::time_point until, std::chrono::micros
     const auto idle = now - last_frame;
     if (idle < pause_) {
       transport::cpu_relax();
-    } else if (idle < spin) {
+    } else if (idle < kSpin) {
       sched_yield();
     } else {
       const auto left = std::chrono::duration_cast<std::chrono::microseconds>(until - now);

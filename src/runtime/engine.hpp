@@ -170,9 +170,9 @@ class Engine final : public transport::FrameHandler {
   void receive_p2p_reply(transport::Connection& connection, const transport::FrameHeader& header);
   std::string read_text(transport::Connection& connection, std::uint64_t bytes);
   void watchdog_loop();
-  /// The Work::wait() hook: reads the connections on the calling thread until `work` is done or `until`, yielding
-  /// the core between looks for `spin` after the last frame before it sleeps. Called with gate_ held by this thread.
-  void drive(WorkState& work, Clock::time_point until, std::chrono::microseconds spin);
+  /// The Work::wait() hook: reads the connections on the calling thread until `work` is done or `until`. Called
+  /// with gate_ held by this thread.
+  void drive(WorkState& work, Clock::time_point until);
   /// Lets Work::wait() on `work` (of a collective or request of `bytes`) drive the connections (see drive). Call
   /// before the work is handed out.
   void set_drive(WorkState& work, std::size_t bytes);
@@ -217,7 +217,6 @@ class Engine final : public transport::FrameHandler {
   std::shared_ptr<transport::ReceiveGate> gate_;  // null without connections
   std::vector<transport::Connection*> readers_;   // the connections, for drive()
   const std::chrono::microseconds pause_;         // how long drive() spins with pause instructions
-  const std::chrono::microseconds large_spin_;    // how long drive() yields for a large collective
   const bool oversubscribed_;                     // more local ranks than cores: waiting threads do not read
   std::condition_variable watchdog_wake_;
   std::thread watchdog_;
