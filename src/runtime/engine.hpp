@@ -9,6 +9,18 @@
 // Flow control: segments up to `kEagerBytes` are sent at once; larger ones only after the receiver said `ready`
 // for that collective (it has posted it), so unexpected data is bounded by what receivers have posted.
 //
+// Waiting: a thread in Work::wait() for a collective drives the connections itself while it waits: it takes the
+// connections' ReceiveGate (the receive threads park), reads and handles every frame that arrives, on any
+// connection and for any collective, and leaves when its collective is done or its wait times out. It spins
+// briefly (pause instructions for kPause unless ranks outnumber the CPUs it may use, then yielding the core until
+// kSpin), then sleeps in poll() on the sockets. So a chain of messages costs no thread hand-off per message, and the
+// waiter is not woken by a condition variable at the end. It gives the gate back before anything that may block
+// (mailbox full, completion callbacks), so a blocked handler never keeps frames of other collectives from being
+// read. Collectives nobody waits for progress on the receive threads as before, and so do collectives over
+// kEagerBytes when there are several connections (one thread reading a large payload would hold up the others),
+// and everything when more ranks than cores share the host (see set_drive). Model-store requests are waited for
+// the same way.
+//
 // Agreement: `ready` carries the receiver's signature of the collective (kind, type, op, root, count, topology),
 // and a collective completes only once every rank it sends to has said `ready` and every frame it received matched
 // its own signature. So each rank checks all of its plan's neighbours, and a mismatch found anywhere is sent to
@@ -158,6 +170,12 @@ class Engine final : public transport::FrameHandler {
   void receive_p2p_reply(transport::Connection& connection, const transport::FrameHeader& header);
   std::string read_text(transport::Connection& connection, std::uint64_t bytes);
   void watchdog_loop();
+  /// The Work::wait() hook: reads the connections on the calling thread until `work` is done or `until`. Called
+  /// with gate_ held by this thread.
+  void drive(WorkState& work, Clock::time_point until);
+  /// Lets Work::wait() on `work` (of a collective or request of `bytes`) drive the connections (see drive). Call
+  /// before the work is handed out.
+  void set_drive(WorkState& work, std::size_t bytes);
 
   std::shared_ptr<const collective::Plan> plan_for(const collective::PlanSpec& spec);
 
@@ -196,6 +214,10 @@ class Engine final : public transport::FrameHandler {
 
   std::vector<std::unique_ptr<transport::Connection>> connections_;
   std::shared_ptr<ShmCollectives> shm_;
+  std::shared_ptr<transport::ReceiveGate> gate_;  // null without connections
+  std::vector<transport::Connection*> readers_;   // the connections, for drive()
+  const std::chrono::microseconds pause_;         // how long drive() spins with pause instructions
+  const bool oversubscribed_;                     // more local ranks than cores: waiting threads do not read
   std::condition_variable watchdog_wake_;
   std::thread watchdog_;
 };

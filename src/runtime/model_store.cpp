@@ -58,6 +58,7 @@ Work Engine::request(int target, std::string_view name, DType dtype, void* out, 
   r->out = out;
   r->deadline = Clock::now() + config_.timeout;
   r->work = work;
+  set_drive(*work, count * dtype_size(dtype));
   requests_.emplace(r->id, r);
   transport::OutgoingFrame frame;
   frame.header.type = FrameType::p2p_request;

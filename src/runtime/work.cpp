@@ -1,6 +1,7 @@
 #include <aikido/work.hpp>
 
 #include "runtime/work_state.hpp"
+#include "transport/connection.hpp"
 
 namespace aikido {
 namespace detail {
@@ -15,6 +16,9 @@ void WorkState::complete(std::exception_ptr failure) {
     run.swap(callbacks);
   }
   changed.notify_all();
+  // A thread reading for its connections' receive threads must not block them while it runs a callback (which may
+  // wait for other collectives): they take over.
+  if (!run.empty()) transport::ReceiveGate::release_current();
   for (auto& callback : run) callback(failure);
 }
 

@@ -87,6 +87,28 @@ void Socket::read_exact(void* data, std::size_t size) {
   }
 }
 
+std::size_t Socket::try_read(void* data, std::size_t size) {
+  for (;;) {
+    const ssize_t n = ::recv(fd_, data, size, MSG_DONTWAIT);
+    if (n > 0) return std::size_t(n);
+    if (n == 0) throw PeerLostError("connection closed by the other side");
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+    throw PeerLostError(str_cat("connection failed while reading: ", std::strerror(errno)));
+  }
+}
+
+std::size_t Socket::read_some(void* data, std::size_t size) {
+  for (;;) {
+    const ssize_t n = ::recv(fd_, data, size, 0);
+    if (n > 0) return std::size_t(n);
+    if (n == 0) throw PeerLostError("connection closed by the other side");
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) throw TimeoutError("timed out reading from connection");
+    throw PeerLostError(str_cat("connection failed while reading: ", std::strerror(errno)));
+  }
+}
+
 void Socket::write_all(const void* data, std::size_t size) {
   iovec iov{const_cast<void*>(data), size};
   writev_all(&iov, 1);

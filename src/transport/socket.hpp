@@ -41,6 +41,11 @@ class Socket {
   /// Reads exactly `size` bytes. Throws PeerLostError on end of stream or error, TimeoutError when a receive
   /// timeout set by set_timeout() expires.
   void read_exact(void* data, std::size_t size);
+  /// Reads what has arrived, up to `size` bytes, without blocking; returns the number of bytes read (0 when
+  /// nothing is there). Throws PeerLostError on end of stream or error.
+  std::size_t try_read(void* data, std::size_t size);
+  /// Reads what has arrived, at least one byte, up to `size` bytes, waiting for the first. Throws like read_exact.
+  std::size_t read_some(void* data, std::size_t size);
   /// Writes all of `size` bytes; throws PeerLostError when the connection is gone.
   void write_all(const void* data, std::size_t size);
   /// Writes all the buffers in order with as few system calls as possible. Modifies `iov`.
