@@ -19,7 +19,7 @@ namespace {
 // The gate this thread holds, if any.
 thread_local ReceiveGate* held_by_this_thread = nullptr;
 // How long after the gate was released its receive threads resume reading (unless it is held again by then).
-constexpr std::chrono::microseconds kResumeAfter{1'000};
+constexpr std::chrono::microseconds kResumeAfter{200};
 // Size of a connection's read-ahead buffer; larger reads go straight to their destination.
 constexpr std::size_t kReadAheadBytes = 64 * 1024;
 // Connections this thread reads a frame from now, holding their read lock (a completion callback run by a handler

@@ -5,7 +5,7 @@
 // Reading can also be done by another thread: a thread waiting for a collective takes the connections' shared
 // ReceiveGate and reads frames itself with try_receive(), which saves the wake-up of a receive thread per frame
 // and of the waiting thread per completion. While the gate is held the receive threads park (they do not wait on
-// their sockets, so arriving frames do not wake them); they resume reading 1 ms after it was released unless a
+// their sockets, so arriving frames do not wake them); they resume reading 200 us after it was released unless a
 // thread holds it again by then (a thread waiting for collective after collective keeps them parked without a
 // wake-up per wait). One frame is read and handled by one thread at a time (a per-connection read lock), so
 // frames are handled in order either way.
