@@ -88,8 +88,9 @@ enum class ReduceOp : std::uint8_t { sum, min, max, prod, mean };
 const char* reduce_op_name(ReduceOp op);
 
 /// Communication graph used by the collectives.
-/// ring: bandwidth-optimal for large buffers; tree: binary tree, log-depth latency; star: everything through
-/// rank 0; hierarchical: reduce inside each host, ring across one leader per host, broadcast inside each host.
+/// ring: bandwidth-optimal for large buffers (over sockets an allreduce of at most 64 KiB runs on the tree); tree:
+/// binary tree, log-depth latency; star: everything through rank 0; hierarchical: reduce inside each host, ring across
+/// one leader per host, broadcast inside each host.
 enum class Topology : std::uint8_t { ring, tree, star, hierarchical };
 const char* topology_name(Topology topology);
 Topology parse_topology(std::string_view name);  // throws ConfigError naming the accepted values

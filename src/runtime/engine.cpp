@@ -24,6 +24,8 @@ namespace {
 
 /// Segments up to this size are sent without waiting for the receiver's `ready`.
 constexpr std::size_t kEagerBytes = 64 * 1024;
+/// An allreduce of at most this many bytes on the ring topology runs on the tree (latency over bandwidth).
+constexpr std::size_t kSmallAllreduceBytes = 64 * 1024;
 /// Bound on data that arrived before its receive was armed; past it the receiving thread waits (and so holds the
 /// sender back through the connection's flow control).
 constexpr std::size_t kMailboxCap = std::size_t(256) << 20;
@@ -375,8 +377,14 @@ Work Engine::post(const Request& request) {
 
   std::unique_lock<std::mutex> lock(mutex_);
   if (closing_) throw Error("the Peer is closing");
-  c->topology = topology_;
-  spec.topology = topology_;
+  // The ring's 2(n-1) hops suit large buffers; a small allreduce takes the tree's 2 log2(n) hops instead (the choice
+  // depends only on what every rank posts, so all ranks make it alike). Measured over TCP with 4 ranks: 4 KiB 2.5x
+  // and 64 KiB 2x faster on the tree, 1 MiB about equal.
+  c->topology = topology_ == Topology::ring && spec.kind == CollectiveKind::allreduce && config_.size > 2 &&
+                        c->buffer_bytes <= kSmallAllreduceBytes
+                    ? Topology::tree
+                    : topology_;
+  spec.topology = c->topology;
   const std::string lost = lost_summary();
   if (!lost.empty()) {
     auto work = std::make_shared<WorkState>();
