@@ -37,7 +37,8 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--models", default="mlp,cnn")
     p.add_argument("--batches", default="64,256")
-    p.add_argument("--samples", type=int, default=16384, help="samples per worker in the measured epoch")
+    p.add_argument("--samples", type=int, default=28672,
+                   help="samples per worker in the measured epoch (at most the 30000 of an epoch)")
     args = p.parse_args()
     print(f"# step time (ms) with and without monitoring, {args.workers} workers, medians of {args.repeats}",
           flush=True)

@@ -163,4 +163,32 @@ void divide_by_count(DType dtype, void* dst, std::size_t count, int divisor) {
   }
 }
 
+// One pass over the data: with `dst` the copy is made in the same loop. Float lanes keep the loop vectorisable
+// (a single double accumulator would serialise it); the lanes are added up in double.
+template <bool kCopy>
+double squares_pass(float* dst, const float* src, std::size_t count) {
+  constexpr std::size_t kLanes = 16;
+  float acc[kLanes] = {};
+  std::size_t i = 0;
+  for (; i + kLanes <= count; i += kLanes) {
+    for (std::size_t j = 0; j < kLanes; ++j) {
+      if constexpr (kCopy) dst[i + j] = src[i + j];
+      acc[j] += src[i + j] * src[i + j];
+    }
+  }
+  double total = 0;
+  for (; i < count; ++i) {
+    if constexpr (kCopy) dst[i] = src[i];
+    total += double(src[i]) * src[i];
+  }
+  for (float a : acc) total += a;
+  return total;
+}
+
+double sum_of_squares(const float* data, std::size_t count) { return squares_pass<false>(nullptr, data, count); }
+
+double copy_sum_of_squares(float* dst, const float* src, std::size_t count) {
+  return squares_pass<true>(dst, src, count);
+}
+
 }  // namespace aikido::detail

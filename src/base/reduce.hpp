@@ -13,4 +13,9 @@ void reduce_into(DType dtype, ReduceOp op, void* dst, const void* src, std::size
 /// dst[i] /= divisor (integer division for integer types): the last step of ReduceOp::mean.
 void divide_by_count(DType dtype, void* dst, std::size_t count, int divisor);
 
+/// The sum of the squares of `count` floats (16 float lanes, added up in double at the end).
+double sum_of_squares(const float* data, std::size_t count);
+/// dst = src (not overlapping), returning what sum_of_squares(src, count) returns: a copy and a norm in one pass.
+double copy_sum_of_squares(float* dst, const float* src, std::size_t count);
+
 }  // namespace aikido::detail

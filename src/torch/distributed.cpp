@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "base/error.hpp"
+#include "base/reduce.hpp"
 #include "splitmix.hpp"
 
 namespace aikido::torch {
@@ -165,19 +166,8 @@ void unflatten(const ::torch::Tensor& flat, const std::vector<::torch::Tensor>& 
 // Sum of squares of a contiguous 1-D tensor. float32 (the common case) in one vectorised pass over memory that is
 // usually still in cache; other types through LibTorch.
 double sum_of_squares(const ::torch::Tensor& t) {
-  if (t.scalar_type() == ::torch::kFloat32) {
-    const float* p = t.data_ptr<float>();
-    const std::int64_t n = t.numel();
-    constexpr int kLanes = 16;
-    float acc[kLanes] = {};
-    std::int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) acc[j] += p[i + j] * p[i + j];
-    }
-    double total = 0;
-    for (; i < n; ++i) total += double(p[i]) * p[i];
-    for (float a : acc) total += a;
-    return total;
+  if (t.scalar_type() == ::torch::kFloat32 && t.is_contiguous()) {
+    return detail::sum_of_squares(t.data_ptr<float>(), static_cast<std::size_t>(t.numel()));
   }
   return t.to(::torch::kFloat64).square().sum().item<double>();
 }
@@ -190,25 +180,8 @@ double copy_measuring(const ::torch::Tensor& dst, const ::torch::Tensor& src, bo
     dst.copy_(src.reshape(-1));
     return measure ? sum_of_squares(dst) : 0.0;
   }
-  const float* in = src.data_ptr<float>();
-  float* out = dst.data_ptr<float>();
-  const std::int64_t n = dst.numel();
-  constexpr int kLanes = 16;
-  float acc[kLanes] = {};
-  std::int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      out[i + j] = in[i + j];
-      acc[j] += in[i + j] * in[i + j];
-    }
-  }
-  double total = 0;
-  for (; i < n; ++i) {
-    out[i] = in[i];
-    total += double(in[i]) * in[i];
-  }
-  for (float a : acc) total += a;
-  return total;
+  return detail::copy_sum_of_squares(dst.data_ptr<float>(), src.data_ptr<float>(),
+                                     static_cast<std::size_t>(dst.numel()));
 }
 
 double seconds_between(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {

@@ -15,6 +15,20 @@ using detail::to_hex;
 
 std::string hex_of(const detail::Digest& d) { return to_hex(d); }
 
+TEST(Reduce, SumOfSquaresAndCopyInOnePass) {
+  for (std::size_t count : {std::size_t(0), std::size_t(1), std::size_t(15), std::size_t(16), std::size_t(1000)}) {
+    std::vector<float> src(count), dst(count, -1.0f);
+    double expected = 0;
+    for (std::size_t i = 0; i < count; ++i) {
+      src[i] = float(int(i % 7) - 3) * 0.5f;
+      expected += double(src[i]) * src[i];
+    }
+    EXPECT_DOUBLE_EQ(detail::sum_of_squares(src.data(), count), expected) << count;
+    EXPECT_DOUBLE_EQ(detail::copy_sum_of_squares(dst.data(), src.data(), count), expected) << count;
+    EXPECT_EQ(dst, src) << count;
+  }
+}
+
 TEST(Sha256, KnownVectors) {
   EXPECT_EQ(hex_of(detail::sha256("", 0)), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
   EXPECT_EQ(hex_of(detail::sha256("abc", 3)), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
