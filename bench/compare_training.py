@@ -115,8 +115,10 @@ def main():
     rows = []
     for model in args.models.split(","):
         for batch in [int(b) for b in args.batches.split(",")]:
-            steps = max(8, samples // batch)
             for np in [int(n) for n in args.workers.split(",")]:
+                # At most the full batches of one worker's share of an epoch (60000 training images): a measured
+                # epoch that ran out of data would end early, and DDP's workers would fall out of step.
+                steps = max(8, min(samples, 60000 // np) // batch)
                 a, d, c = [], [], []
                 for _ in range(repeats):
                     a.append(run_aikido(args.build, model, batch, np, steps, []))
