@@ -3,17 +3,19 @@
 
     python3 bench/time_to_accuracy.py BUILD_DIR [--model mlp|cnn] [--target A] [--seeds 1,2,3]
                                                 [--batches 32,64,256,1024] [--lrs 0.02,0.05,0.1,0.2]
-                                                [--scales 1,2,4]
+                                                [--scales 1,2,4] [--start B] [--eval-every N]
 
-Two workers (aikido-run -np 2) train the Fashion-MNIST example with synchronous SGD until the test accuracy after an
-epoch reaches the target (default 0.87 for the MLP, 0.90 for the CNN) or --max-epochs pass. Time to accuracy is the
-training time summed over epochs (evaluation excluded), at epoch granularity.
+Two workers (aikido-run -np 2) train the Fashion-MNIST example with synchronous SGD until the test accuracy reaches the
+target (default 0.87 for the MLP, 0.90 for the CNN) or --max-epochs pass. The test set is scored every --eval-every
+samples of all workers (default 6000, a tenth of an epoch; 0: at the end of each epoch only). Time to accuracy is the
+training time up to the first test at or above the target, tests excluded.
   1. Sweep: for each fixed batch size, every learning rate with the first seed; the best (shortest time; runs that
-     never reach the target count as infinite) is kept. Likewise adaptive-batch, which starts from the smallest batch
-     with that batch's best learning rate and grows toward `scale` times the measured noise scale: every scale of
-     --scales with the first seed, the best kept (the same small sweep as the fixed settings get).
-  2. Measure: each fixed batch size at its best learning rate, and adaptive-batch at its best scale, over all
-     seeds; medians.
+     never reach the target count as infinite) is kept. Likewise adaptive-batch, which starts from --start (default: the
+     smallest batch) and grows toward `scale` times the measured noise scale: its two knobs, the starting learning
+     rate (every one of --lrs) and the scale (every one of --scales), are swept together with the first seed and the
+     best pair kept.
+  2. Measure: each fixed batch size at its best learning rate, and adaptive-batch at its best learning rate and
+     scale, over all seeds; medians.
   adaptive/best   adaptive's median time / the best fixed setting's median time (target: <= 0.7)
 Standard library only.
 """
@@ -24,10 +26,13 @@ import statistics
 import subprocess
 
 
+EVAL_EVERY = 6000
+
+
 def run(build, model, batch, lr, seed, target, max_epochs, policy=None):
     cmd = [f"{build}/bin/aikido-run", "-np", "2", f"{build}/bin/train_fashion_mnist", "--model", model,
            "--batch-size", str(batch), "--lr", str(lr), "--seed", str(seed), "--epochs", str(max_epochs),
-           "--target-accuracy", str(target)]
+           "--target-accuracy", str(target), "--eval-every", str(EVAL_EVERY)]
     if policy:
         cmd += ["--policy", policy]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -48,6 +53,7 @@ def run(build, model, batch, lr, seed, target, max_epochs, policy=None):
 
 
 def main():
+    global EVAL_EVERY
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("build")
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
@@ -59,13 +65,18 @@ def main():
     p.add_argument("--scales", default="1,2,4", help="adaptive-batch scales swept (default %(default)s)")
     p.add_argument("--policy", default="adaptive-batch:max=1024,rule=sqrt",
                    help="the adaptive policy's spec, without scale (default %(default)s)")
+    p.add_argument("--start", type=int, default=0,
+                   help="adaptive-batch's first per-worker batch, one of --batches (default: the smallest)")
+    p.add_argument("--eval-every", type=int, default=6000,
+                   help="score the test set every this many samples (default %(default)s; 0: once per epoch)")
     args = p.parse_args()
+    EVAL_EVERY = args.eval_every
     target = args.target or (0.87 if args.model == "mlp" else 0.90)
     seeds = [int(s) for s in args.seeds.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
     print(f"# time to test accuracy {target} ({args.model}, 2 workers, seeds {seeds}, at most {args.max_epochs} "
-          f"epochs)", flush=True)
+          f"epochs, tested " + (f"every {args.eval_every} samples)" if args.eval_every else "after each epoch)"), flush=True)
 
     best_lr = {}
     for b in batches:
@@ -74,14 +85,19 @@ def main():
         print(f"sweep batch {b:5d}: " + ", ".join(f"lr {lr}: {t:.1f} s" for lr, t in times.items()) +
               f" -> lr {best_lr[b]}", flush=True)
 
-    start = min(batches)
+    start = args.start or min(batches)
+    if start not in batches:
+        p.error(f"--start {start} is not one of --batches {args.batches}")
     scales = [float(x) for x in args.scales.split(",")]
     policy = {sc: f"{args.policy},scale={sc:g}" for sc in scales}
-    times = {sc: run(args.build, args.model, start, best_lr[start], seeds[0], target, args.max_epochs, policy[sc])[0]
-             for sc in scales}
-    best_scale = min(times, key=lambda sc: times[sc])
-    print(f"sweep adaptive from {start}: " + ", ".join(f"scale {sc:g}: {t:.1f} s" for sc, t in times.items()) +
-          f" -> scale {best_scale:g}", flush=True)
+    times = {}
+    for lr in lrs:
+        for sc in scales:
+            times[(lr, sc)] = run(args.build, args.model, start, lr, seeds[0], target, args.max_epochs, policy[sc])[0]
+        print(f"sweep adaptive from {start}, lr {lr}: " +
+              ", ".join(f"scale {sc:g}: {times[(lr, sc)]:.1f} s" for sc in scales), flush=True)
+    adaptive_lr, best_scale = min(times, key=lambda k: times[k])
+    print(f"  -> adaptive lr {adaptive_lr}, scale {best_scale:g}", flush=True)
 
     print(f"{'setting':>28} {'lr':>6} {'median s':>9} {'runs (s)':>30}", flush=True)
     results = {}
@@ -90,18 +106,19 @@ def main():
         results[f"fixed {b}"] = statistics.median(t)
         print(f"{'fixed ' + str(b):>28} {best_lr[b]:6} {results[f'fixed {b}']:9.2f} "
               f"{', '.join(f'{x:.1f}' for x in t):>30}", flush=True)
-    runs = [run(args.build, args.model, start, best_lr[start], s, target, args.max_epochs, policy[best_scale])
+    runs = [run(args.build, args.model, start, adaptive_lr, s, target, args.max_epochs, policy[best_scale])
             for s in seeds]
     t = [x[0] for x in runs]
     results["adaptive"] = statistics.median(t)
     final_batch = [x[1][-1]["batch_size"] if x[1] else None for x in runs]
-    print(f"{'adaptive from ' + str(start) + ' scale ' + format(best_scale, 'g'):>28} {best_lr[start]:6} "
+    print(f"{'adaptive from ' + str(start) + ' scale ' + format(best_scale, 'g'):>28} {adaptive_lr:6} "
           f"{results['adaptive']:9.2f} "
           f"{', '.join(f'{x:.1f}' for x in t):>30}  final per-worker batch {final_batch}", flush=True)
     best_fixed = min(v for k, v in results.items() if k != "adaptive")
     ratio = results["adaptive"] / best_fixed if best_fixed not in (0, math.inf) else math.nan
     print(f"adaptive/best fixed: {ratio:.2f} (target <= 0.7)", flush=True)
-    print(json.dumps({"target": target, "results": results, "best_lr": best_lr, "best_scale": best_scale,
+    print(json.dumps({"target": target, "results": results, "best_lr": best_lr, "adaptive_lr": adaptive_lr,
+                      "best_scale": best_scale,
                       "adaptive/best": ratio}))
 
 

@@ -115,6 +115,7 @@ int main(int argc, char** argv) {
   bool elastic = false;
   std::int64_t commit_every = 10;
   double target_accuracy = 0;
+  std::int64_t eval_every = 0;
   std::vector<std::string> policies;
   std::string monitor = "on";
   app.add_option("--model", model_kind, "mlp (784-512-256-10) or cnn (two 5x5 conv layers)")
@@ -146,6 +147,11 @@ int main(int argc, char** argv) {
   app.add_option("--target-accuracy", target_accuracy,
                  "stop after the first epoch whose test accuracy reaches this (0: train all epochs)")
       ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--eval-every", eval_every,
+                 "with --target-accuracy: also test after every this many samples (all workers') inside an epoch and "
+                 "stop as soon as the target is reached; the last epoch's line then covers part of an epoch and its "
+                 "seconds exclude the tests (0: test at the end of each epoch only)")
+      ->check(CLI::NonNegativeNumber);
   app.add_flag("--elastic", elastic,
                "follow the job's membership (aikido-run --elastic): survive resizes and lost workers, new workers get "
                "the model, optimizer state and data position");
@@ -171,6 +177,9 @@ int main(int argc, char** argv) {
     }
     if (threads > 0) torch::set_num_threads(threads);
     const aikido::torch::Strategy strategy = aikido::torch::parse_strategy(strategy_name);
+    if (eval_every > 0 && target_accuracy <= 0) {
+      throw aikido::ConfigError("--eval-every needs --target-accuracy (it tests only to stop at the target)");
+    }
     auto policy_objects = aikido::torch::PolicyRunner::make(policies);  // bad specs fail before any work
 
     // With --elastic the session owns the Peer, follows the job's membership and carries the training state across
@@ -218,11 +227,33 @@ int main(int argc, char** argv) {
     }
     if (runner) runner->before_train();
 
+    // Test accuracy: each worker evaluates its share of the test set; the counts are summed (a collective).
+    const auto evaluate = [&] {
+      model->eval();
+      double correct = 0;
+      {
+        torch::NoGradGuard no_grad;
+        const std::int64_t n = test.images.size(0);
+        const std::int64_t begin = n * peer.rank() / peer.size(), end = n * (peer.rank() + 1) / peer.size();
+        for (std::int64_t b = begin; b < end; b += 1000) {
+          const std::int64_t len = std::min<std::int64_t>(1000, end - b);
+          const auto predicted = model->forward(test.images.narrow(0, b, len)).argmax(1);
+          correct += predicted.eq(test.labels.narrow(0, b, len)).sum().item<double>();
+        }
+      }
+      std::vector<double> total{correct};
+      peer.allreduce(std::span<double>(total), aikido::ReduceOp::sum, "example/test-correct");
+      model->train();
+      return total[0] / static_cast<double>(test.images.size(0));
+    };
+
     // This worker's own view of the current epoch.
     bool epoch_begun = false;
     std::int64_t printed_epoch = -1, steps_in_epoch = 0;
     double loss_sum = 0;
     std::int64_t samples = 0;
+    double test_seconds = 0;  // time of this epoch's tests inside the epoch (--eval-every), not counted as training
+    std::uint64_t next_test = 0;
     auto start = std::chrono::steady_clock::now();
     bool done = false;
     while (!done && sampler.epoch() < epochs) {
@@ -239,6 +270,8 @@ int main(int argc, char** argv) {
           model->train();
           loss_sum = 0;
           samples = steps_in_epoch = 0;
+          test_seconds = 0;
+          next_test = static_cast<std::uint64_t>(eval_every);
           start = std::chrono::steady_clock::now();
           epoch_begun = true;
         }
@@ -274,30 +307,26 @@ int main(int argc, char** argv) {
             runner->after_step();
             if (runner->stopped()) done = true;
           }
+          // progress.epoch_samples is global, so every worker tests after the same step.
+          if (!done && eval_every > 0 && progress.epoch_samples >= next_test &&
+              progress.epoch_samples < sampler.dataset_size()) {
+            const auto test_start = std::chrono::steady_clock::now();
+            if (evaluate() >= target_accuracy) done = true;
+            test_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - test_start).count();
+            while (next_test <= progress.epoch_samples) next_test += static_cast<std::uint64_t>(eval_every);
+          }
           if (!done) continue;
         }
 
         // The end of the epoch.
         if (runner) runner->after_epoch();
-        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        // Test accuracy: each worker evaluates its share of the test set; the counts are summed.
-        model->eval();
-        double correct = 0;
-        {
-          torch::NoGradGuard no_grad;
-          const std::int64_t n = test.images.size(0);
-          const std::int64_t begin = n * peer.rank() / peer.size(), end = n * (peer.rank() + 1) / peer.size();
-          for (std::int64_t b = begin; b < end; b += 1000) {
-            const std::int64_t len = std::min<std::int64_t>(1000, end - b);
-            const auto predicted = model->forward(test.images.narrow(0, b, len)).argmax(1);
-            correct += predicted.eq(test.labels.narrow(0, b, len)).sum().item<double>();
-          }
-        }
-        std::vector<double> totals{correct, loss_sum, static_cast<double>(samples)};
+        const double seconds =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() - test_seconds;
+        const double accuracy = evaluate();
+        std::vector<double> totals{loss_sum, static_cast<double>(samples)};
         peer.allreduce(std::span<double>(totals), aikido::ReduceOp::sum, "example/epoch-totals");
         std::vector<double> slowest{seconds};
         peer.allreduce(std::span<double>(slowest), aikido::ReduceOp::max, "example/epoch-seconds");
-        const double accuracy = totals[0] / static_cast<double>(test.images.size(0));
 
         if (printed_epoch < epoch) {  // a recovery may repeat the end of an epoch; say it once
           nlohmann::json line;
@@ -308,10 +337,10 @@ int main(int argc, char** argv) {
           line["samples"] = samples;
           line["global_samples"] = progress.epoch_samples;
           line["seconds"] = seconds;
-          line["train_loss"] = totals[2] > 0 ? totals[1] / totals[2] : 0.0;
+          line["train_loss"] = totals[1] > 0 ? totals[0] / totals[1] : 0.0;
           line["test_accuracy"] = accuracy;
           line["samples_per_second"] = seconds > 0 ? static_cast<double>(samples) / seconds : 0.0;
-          line["global_samples_per_second"] = slowest[0] > 0 ? totals[2] / slowest[0] : 0.0;
+          line["global_samples_per_second"] = slowest[0] > 0 ? totals[1] / slowest[0] : 0.0;
           line["batch_size"] = runner ? runner->batch_size() : batch_size;
           line["lr"] = opt ? opt->lr() : lr;
           const auto statistic = [](double v) {

@@ -65,6 +65,22 @@ TEST(FashionMnistExample, TwoWorkersReachTheTargetAccuracy) {
   }
 }
 
+TEST(FashionMnistExample, StopsInsideAnEpochOnceTheTargetIsReached) {
+  const auto r = run_process({kRun, "-np", "2", kExample, "--epochs", "2", "--target-accuracy", "0.7", "--eval-every",
+                              "6000"},
+                             kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  for (int rank = 0; rank < 2; ++rank) {
+    const auto epochs = epochs_of(r.out, rank);
+    ASSERT_EQ(epochs.size(), 1u) << r.describe();
+    EXPECT_GE(epochs[0]["test_accuracy"].get<double>(), 0.7) << r.describe();
+    const auto global = epochs[0]["global_samples"].get<std::int64_t>();
+    EXPECT_GE(global, 6000) << r.describe();
+    EXPECT_LT(global, 60000) << r.describe();  // stopped inside the first epoch
+    EXPECT_EQ(epochs[0]["samples"].get<std::int64_t>(), global / 2) << r.describe();
+  }
+}
+
 TEST(FashionMnistExample, AveragingStrategiesTrain) {
   for (const char* strategy : {"sma", "pair"}) {
     const auto r = run_process({kRun, "-np", "2", kExample, "--strategy", strategy, "--epochs", "1"}, kBound);
@@ -215,6 +231,9 @@ TEST(FashionMnistExample, BadInputIsAClearError) {
   r = run_process({kExample, "--policy", "adaptive-batch:rule=cubic"}, kBound);
   EXPECT_TRUE(r.exited && r.exit_code == 1) << r.describe();
   EXPECT_NE(r.err.find("rule 'cubic' is not linear, sqrt or adascale"), std::string::npos) << r.describe();
+  r = run_process({kExample, "--eval-every", "6000"}, kBound);
+  EXPECT_TRUE(r.exited && r.exit_code == 1) << r.describe();
+  EXPECT_NE(r.err.find("--eval-every needs --target-accuracy"), std::string::npos) << r.describe();
   r = run_process({kRun, "-np", "1", "--metrics-port", "70000", kExample}, kBound);
   EXPECT_TRUE(r.exited && r.exit_code == 2) << r.describe();
   EXPECT_NE(r.err.find("--metrics-port '70000' is not a port number"), std::string::npos) << r.describe();
