@@ -15,7 +15,7 @@ training time up to the first test at or above the target, tests excluded.
      rate (every one of --lrs) and the scale (every one of --scales), are swept together with the first seed and the
      best pair kept.
   2. Measure: each fixed batch size at its best learning rate, and adaptive-batch at its best learning rate and
-     scale, over all seeds; medians.
+     scale, over all seeds (seed-major: all settings with one seed, then the next); medians.
   adaptive/best   adaptive's median time / the best fixed setting's median time (target: <= 0.7)
 Standard library only.
 """
@@ -99,21 +99,24 @@ def main():
     adaptive_lr, best_scale = min(times, key=lambda k: times[k])
     print(f"  -> adaptive lr {adaptive_lr}, scale {best_scale:g}", flush=True)
 
+    # Seed-major order: every setting runs once per seed before the next seed, so that a slow spell of the machine
+    # falls on all settings alike rather than on whichever setting happens to run then.
+    settings = [(f"fixed {b}", b, best_lr[b], None) for b in batches]
+    settings.append((f"adaptive from {start} scale {best_scale:g}", start, adaptive_lr, policy[best_scale]))
+    runs = {name: [] for name, *_ in settings}
+    for s in seeds:
+        for name, b, lr, pol in settings:
+            runs[name].append(run(args.build, args.model, b, lr, s, target, args.max_epochs, pol))
     print(f"{'setting':>28} {'lr':>6} {'median s':>9} {'runs (s)':>30}", flush=True)
     results = {}
-    for b in batches:
-        t = [run(args.build, args.model, b, best_lr[b], s, target, args.max_epochs)[0] for s in seeds]
-        results[f"fixed {b}"] = statistics.median(t)
-        print(f"{'fixed ' + str(b):>28} {best_lr[b]:6} {results[f'fixed {b}']:9.2f} "
-              f"{', '.join(f'{x:.1f}' for x in t):>30}", flush=True)
-    runs = [run(args.build, args.model, start, adaptive_lr, s, target, args.max_epochs, policy[best_scale])
-            for s in seeds]
-    t = [x[0] for x in runs]
-    results["adaptive"] = statistics.median(t)
-    final_batch = [x[1][-1]["batch_size"] if x[1] else None for x in runs]
-    print(f"{'adaptive from ' + str(start) + ' scale ' + format(best_scale, 'g'):>28} {adaptive_lr:6} "
-          f"{results['adaptive']:9.2f} "
-          f"{', '.join(f'{x:.1f}' for x in t):>30}  final per-worker batch {final_batch}", flush=True)
+    for name, b, lr, pol in settings:
+        t = [x[0] for x in runs[name]]
+        key = "adaptive" if pol else name
+        results[key] = statistics.median(t)
+        extra = ""
+        if pol:
+            extra = f"  final per-worker batch {[x[1][-1]['batch_size'] if x[1] else None for x in runs[name]]}"
+        print(f"{name:>28} {lr:6} {results[key]:9.2f} {', '.join(f'{x:.1f}' for x in t):>30}{extra}", flush=True)
     best_fixed = min(v for k, v in results.items() if k != "adaptive")
     ratio = results["adaptive"] / best_fixed if best_fixed not in (0, math.inf) else math.nan
     print(f"adaptive/best fixed: {ratio:.2f} (target <= 0.7)", flush=True)
