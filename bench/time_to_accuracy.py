@@ -26,13 +26,10 @@ import statistics
 import subprocess
 
 
-EVAL_EVERY = 6000
-
-
-def run(build, model, batch, lr, seed, target, max_epochs, policy=None):
+def run(build, model, batch, lr, seed, target, max_epochs, eval_every, policy=None):
     cmd = [f"{build}/bin/aikido-run", "-np", "2", f"{build}/bin/train_fashion_mnist", "--model", model,
            "--batch-size", str(batch), "--lr", str(lr), "--seed", str(seed), "--epochs", str(max_epochs),
-           "--target-accuracy", str(target), "--eval-every", str(EVAL_EVERY)]
+           "--target-accuracy", str(target), "--eval-every", str(eval_every)]
     if policy:
         cmd += ["--policy", policy]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -53,7 +50,6 @@ def run(build, model, batch, lr, seed, target, max_epochs, policy=None):
 
 
 def main():
-    global EVAL_EVERY
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("build")
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
@@ -70,30 +66,35 @@ def main():
     p.add_argument("--eval-every", type=int, default=6000,
                    help="score the test set every this many samples (default %(default)s; 0: once per epoch)")
     args = p.parse_args()
-    EVAL_EVERY = args.eval_every
     target = args.target or (0.87 if args.model == "mlp" else 0.90)
     seeds = [int(s) for s in args.seeds.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
+    start = args.start or min(batches)
+    if start not in batches:  # checked before any run
+        p.error(f"--start {start} is not one of --batches {args.batches}")
+    if args.eval_every < 0:
+        p.error("--eval-every must be 0 or more")
+
+    def go(batch, lr, seed, policy=None):
+        return run(args.build, args.model, batch, lr, seed, target, args.max_epochs, args.eval_every, policy)
+
     print(f"# time to test accuracy {target} ({args.model}, 2 workers, seeds {seeds}, at most {args.max_epochs} "
           f"epochs, tested " + (f"every {args.eval_every} samples)" if args.eval_every else "after each epoch)"), flush=True)
 
     best_lr = {}
     for b in batches:
-        times = {lr: run(args.build, args.model, b, lr, seeds[0], target, args.max_epochs)[0] for lr in lrs}
+        times = {lr: go(b, lr, seeds[0])[0] for lr in lrs}
         best_lr[b] = min(times, key=lambda lr: times[lr])
         print(f"sweep batch {b:5d}: " + ", ".join(f"lr {lr}: {t:.1f} s" for lr, t in times.items()) +
               f" -> lr {best_lr[b]}", flush=True)
 
-    start = args.start or min(batches)
-    if start not in batches:
-        p.error(f"--start {start} is not one of --batches {args.batches}")
     scales = [float(x) for x in args.scales.split(",")]
     policy = {sc: f"{args.policy},scale={sc:g}" for sc in scales}
     times = {}
     for lr in lrs:
         for sc in scales:
-            times[(lr, sc)] = run(args.build, args.model, start, lr, seeds[0], target, args.max_epochs, policy[sc])[0]
+            times[(lr, sc)] = go(start, lr, seeds[0], policy[sc])[0]
         print(f"sweep adaptive from {start}, lr {lr}: " +
               ", ".join(f"scale {sc:g}: {times[(lr, sc)]:.1f} s" for sc in scales), flush=True)
     adaptive_lr, best_scale = min(times, key=lambda k: times[k])
@@ -106,7 +107,7 @@ def main():
     runs = {name: [] for name, *_ in settings}
     for s in seeds:
         for name, b, lr, pol in settings:
-            runs[name].append(run(args.build, args.model, b, lr, s, target, args.max_epochs, pol))
+            runs[name].append(go(b, lr, s, pol))
     print(f"{'setting':>28} {'lr':>6} {'median s':>9} {'runs (s)':>30}", flush=True)
     results = {}
     for name, b, lr, pol in settings:

@@ -66,9 +66,8 @@ TEST(FashionMnistExample, TwoWorkersReachTheTargetAccuracy) {
 }
 
 TEST(FashionMnistExample, StopsInsideAnEpochOnceTheTargetIsReached) {
-  const auto r = run_process({kRun, "-np", "2", kExample, "--epochs", "2", "--target-accuracy", "0.7", "--eval-every",
-                              "6000"},
-                             kBound);
+  const auto r = run_process(
+      {kRun, "-np", "2", kExample, "--epochs", "2", "--target-accuracy", "0.7", "--eval-every", "6000"}, kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
   for (int rank = 0; rank < 2; ++rank) {
     const auto epochs = epochs_of(r.out, rank);

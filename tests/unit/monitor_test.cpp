@@ -199,6 +199,14 @@ class RecordingContext : public PolicyContext {
   void stop(std::string reason) override { actions.push_back("stop:" + reason); }
 };
 
+// Training starts at per-worker batch `batch`, learning rate `lr` and `workers` workers: `p` sees before_train.
+void start_training(Policy& p, RecordingContext& c, std::int64_t batch, double lr, int workers) {
+  c.m.batch_size = batch;
+  c.m.lr = lr;
+  c.m.workers = workers;
+  p.before_train(c);
+}
+
 TEST(PolicySpec, ParsesNamesAndOptions) {
   const auto spec = PolicySpec::parse("adaptive-batch:max=512,rule=linear");
   EXPECT_EQ(spec.name, "adaptive-batch");
@@ -226,10 +234,7 @@ TEST(PolicySpec, ParsesNamesAndOptions) {
 TEST(BuiltinPolicies, AdaptiveBatchGrowsTowardTheNoiseScale) {
   auto p = make_policy("adaptive-batch:max=256,interval=10,warmup=0,rule=linear");
   RecordingContext c;
-  c.m.batch_size = 32;
-  c.m.lr = 0.1;
-  c.m.workers = 2;
-  p->before_train(c);
+  start_training(*p, c, 32, 0.1, 2);
   c.m.step = 10;
   c.m.noise_scale = 1000;  // wants 500 per worker: doubles, at most
   p->after_step(c);
@@ -256,10 +261,7 @@ TEST(BuiltinPolicies, AdaptiveBatchScaleMultipliesTheTarget) {
            {"adaptive-batch:interval=10,warmup=0,scale=4", {"batch=256", "lr=0.141421"}}}) {
     auto p = make_policy(spec);
     RecordingContext c;
-    c.m.batch_size = 128;
-    c.m.lr = 0.1;
-    c.m.workers = 2;
-    p->before_train(c);
+    start_training(*p, c, 128, 0.1, 2);
     c.m.step = 10;
     c.m.noise_scale = 256;
     p->after_step(c);
@@ -272,10 +274,7 @@ TEST(BuiltinPolicies, AdaptiveBatchScaleMultipliesTheTarget) {
 TEST(BuiltinPolicies, AdaScaleGainIsBetweenOneAndTheScale) {
   auto p = make_policy("adaptive-batch:interval=1,warmup=0,rule=adascale");
   RecordingContext c;
-  c.m.batch_size = 32;
-  c.m.lr = 0.1;
-  c.m.workers = 1;
-  p->before_train(c);
+  start_training(*p, c, 32, 0.1, 1);
   c.m.step = 1;
   c.m.batch_size = 64;  // S = 2
   c.m.noise_scale = 32;
