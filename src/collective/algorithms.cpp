@@ -172,11 +172,28 @@ void host_groups(const PlanSpec& spec, Group* local, Group* leaders) {
   *leaders = make_group(std::move(heads), spec.rank);
 }
 
+// Recursive doubling over all ranks (a power of two of them): see PlanSpec::recursive_doubling.
+void recursive_doubling(PlanBuilder& b, int size, int rank, Range r, unsigned phase, std::size_t seg) {
+  AIKIDO_ENFORCE(size > 0 && (size & (size - 1)) == 0, "recursive doubling needs a power-of-two number of ranks, not ",
+                 size);
+  for (int step = 0; (1 << step) < size; ++step) {
+    const int partner = rank ^ (1 << step);
+    for_each_segment(r.offset, r.count, seg, [&](std::size_t o, std::size_t c) {
+      b.send(partner, make_tag(phase, unsigned(step), o), o, c);
+      b.recv_reduce(partner, make_tag(phase, unsigned(step), o), o, c);
+    });
+  }
+}
+
 Plan allreduce_plan(const PlanSpec& spec) {
   PlanBuilder b;
   const std::size_t seg = spec.segment_elems;
   const Range all{0, spec.count};
   const Group everyone = rotated(spec.size, 0, spec.rank);
+  if (spec.recursive_doubling) {
+    recursive_doubling(b, spec.size, spec.rank, all, 1, seg);
+    return b.finish();
+  }
   switch (spec.topology) {
     case Topology::ring: {
       const auto blocks = even_blocks(0, spec.count, spec.size);

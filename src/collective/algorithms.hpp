@@ -27,6 +27,11 @@ struct PlanSpec {
   std::size_t segment_elems = 1;
   /// Host group of each rank (0..hosts-1), used by the hierarchical topology.
   std::vector<int> host_of_rank;
+  /// Allreduce on a power-of-two number of ranks only: recursive doubling, which ignores `topology`. At step s each
+  /// rank sends its whole buffer to the rank whose index differs in bit s and reduces that rank's buffer into its
+  /// own: log2(n) hops, the fewest there are, at n log2(n) whole-buffer messages, so it suits small buffers. Both
+  /// ranks of a pair reduce the same two values (a + b on one, b + a on the other), so all ranks end bit-equal.
+  bool recursive_doubling = false;
 };
 
 /// Builds the plan. Allreduce and reduce_scatter leave the reduction in the buffer (the caller divides for mean

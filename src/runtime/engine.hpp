@@ -209,7 +209,8 @@ class Engine final : public transport::FrameHandler {
   std::uint64_t next_request_ = 1;
 
   std::mutex plans_mutex_;
-  std::map<std::tuple<int, int, int, std::size_t, std::size_t, std::size_t>, std::shared_ptr<const collective::Plan>>
+  std::map<std::tuple<int, int, bool, int, std::size_t, std::size_t, std::size_t>,
+           std::shared_ptr<const collective::Plan>>
       plans_;
 
   std::vector<std::unique_ptr<transport::Connection>> connections_;

@@ -118,8 +118,23 @@ void ReceiveGate::close() {
 
 void ReceiveGate::park(const std::atomic<bool>& stop) {
   std::unique_lock<std::mutex> lock(mutex_);
+  bool timer = false;  // this thread keeps the time for all parked threads
+  auto leave = [&] {
+    if (timer) {
+      timer_taken_ = false;
+      free_.notify_all();  // the others resume too, or one of them takes over the timer
+    }
+  };
   for (;;) {
-    if (closed_ || stop.load()) return;
+    if (closed_ || stop.load()) return leave();
+    if (!held_ && Clock::now() >= released_at_ + kResumeAfter) return leave();
+    if (!timer && timer_taken_) {
+      // Another parked thread looks at the clock; it (or a release after a long hold) wakes this one. With one
+      // thread timing the look-agains, back-to-back short holds wake one receive thread per process, not all.
+      free_.wait(lock);
+      continue;
+    }
+    timer = timer_taken_ = true;
     if (held_) {
       // A short hold ends without a wake-up: look again after kResumeAfter. A longer one wakes us when it ends.
       const auto look = held_since_ + kResumeAfter;
@@ -130,9 +145,7 @@ void ReceiveGate::park(const std::atomic<bool>& stop) {
       }
       continue;
     }
-    const auto resume = released_at_ + kResumeAfter;
-    if (Clock::now() >= resume) return;
-    free_.wait_until(lock, resume);
+    free_.wait_until(lock, released_at_ + kResumeAfter);
   }
 }
 

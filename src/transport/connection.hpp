@@ -7,8 +7,9 @@
 // and of the waiting thread per completion. While the gate is held the receive threads park (they do not wait on
 // their sockets, so arriving frames do not wake them); they resume reading 200 us after it was released unless a
 // thread holds it again by then (a thread waiting for collective after collective keeps them parked without a
-// wake-up per wait). One frame is read and handled by one thread at a time (a per-connection read lock), so
-// frames are handled in order either way.
+// wake-up per wait). One parked thread keeps that time and wakes the others when they resume: measured with 4
+// ranks on 2 cores, every parked thread looking at the clock itself made 60k context switches a second. One frame is
+// read and handled by one thread at a time (a per-connection read lock), so frames are handled in order either way.
 #pragma once
 
 #include <atomic>
@@ -81,8 +82,9 @@ class ReceiveGate {
   bool held_ = false;
   Clock::time_point held_since_{};
   Clock::time_point released_at_{};
-  int pollers_ = 0;         // receive threads waiting on their sockets
-  bool signalled_ = false;  // held_fd_ is readable
+  int pollers_ = 0;           // receive threads waiting on their sockets
+  bool signalled_ = false;    // held_fd_ is readable
+  bool timer_taken_ = false;  // a parked receive thread keeps the time (see park())
   bool closed_ = false;
   int held_fd_ = -1;  // eventfd: nonzero while held
   int wake_fd_ = -1;  // eventfd: wakes the holder

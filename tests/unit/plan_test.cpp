@@ -1,8 +1,10 @@
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <map>
 #include <tuple>
 
+#include "base/error.hpp"
 #include "collective/algorithms.hpp"
 
 namespace aikido::collective {
@@ -81,6 +83,42 @@ INSTANTIATE_TEST_SUITE_P(AllKinds, PlanMatching,
                                             ::testing::Values(Topology::ring, Topology::tree, Topology::star,
                                                               Topology::hierarchical),
                                             ::testing::Values(1, 2, 3, 5, 8)));
+
+// Recursive doubling: at step s each rank exchanges every segment with the rank whose index differs in bit s, and
+// what it receives is reduced into the segment it sent (so the send must finish first).
+TEST(RecursiveDoubling, PartnersExchangeTheWholeBufferInLog2Steps) {
+  for (int size : {1, 2, 4, 8}) {
+    std::map<std::tuple<int, int, std::uint64_t>, std::size_t> sent, received;
+    for (int rank = 0; rank < size; ++rank) {
+      PlanSpec spec;
+      spec.rank = rank;
+      spec.size = size;
+      spec.count = 10;
+      spec.segment_elems = 4;  // segments of 4, 4 and 2
+      spec.recursive_doubling = true;
+      const Plan plan = build_plan(spec);
+      ASSERT_EQ(plan.ops.size(), std::size_t(size == 1 ? 0 : 6 * std::countr_zero(unsigned(size))));
+      for (std::size_t i = 0; i < plan.ops.size(); ++i) {
+        const Op& op = plan.ops[i];
+        const int step = int((op.tag >> 40) & 0xffff);
+        EXPECT_EQ(op.peer, rank ^ (1 << step));
+        if (op.kind == OpKind::send) {
+          sent[{rank, op.peer, op.tag}] = op.count;
+        } else {
+          ASSERT_EQ(op.kind, OpKind::recv_reduce);
+          received[{op.peer, rank, op.tag}] = op.count;
+          EXPECT_GE(plan.dependency_count[i], 1u) << "a receive must wait for the send of the same segment";
+        }
+      }
+    }
+    EXPECT_EQ(sent, received) << size << " ranks";
+  }
+  PlanSpec three;
+  three.size = 3;
+  three.count = 4;
+  three.recursive_doubling = true;
+  EXPECT_THROW(build_plan(three), Error);
+}
 
 }  // namespace
 }  // namespace aikido::collective
