@@ -5,6 +5,7 @@
 #include <immintrin.h>
 #endif
 #include <cstdint>
+#include <cstring>
 
 #include "base/error.hpp"
 #include "base/half.hpp"
@@ -42,6 +43,36 @@ void apply(void* dst, const void* src, std::size_t count, Op op) {
   T* __restrict d = static_cast<T*>(dst);
   const T* __restrict s = static_cast<const T*>(src);
   for (std::size_t i = 0; i < count; ++i) d[i] = op(d[i], s[i]);
+}
+
+template <class T, class Op>
+void apply_pair(void* dst, const void* a, const void* b, std::size_t count, Op op) {
+  T* __restrict d = static_cast<T*>(dst);
+  const T* __restrict x = static_cast<const T*>(a);
+  const T* __restrict y = static_cast<const T*>(b);
+  for (std::size_t i = 0; i < count; ++i) d[i] = op(x[i], y[i]);
+}
+
+template <class Op>
+void dispatch_pair(DType dtype, void* dst, const void* a, const void* b, std::size_t count, Op op) {
+  switch (dtype) {
+    case DType::f32:
+      return apply_pair<float>(dst, a, b, count, op);
+    case DType::f64:
+      return apply_pair<double>(dst, a, b, count, op);
+    case DType::i32:
+      return apply_pair<std::int32_t>(dst, a, b, count, op);
+    case DType::i64:
+      return apply_pair<std::int64_t>(dst, a, b, count, op);
+    case DType::u8:
+      return apply_pair<std::uint8_t>(dst, a, b, count, op);
+    case DType::f16:
+    case DType::bf16:
+      break;
+  }
+  // Half types (and anything unknown, which reduce_into rejects): copy, then reduce.
+  std::memcpy(dst, a, count * dtype_size(dtype));
+  return dispatch(dtype, dst, b, count, op);
 }
 
 // Half types: convert blocks to float, reduce, convert back, so the float loop vectorises.
@@ -140,6 +171,21 @@ void reduce_into(DType dtype, ReduceOp op, void* dst, const void* src, std::size
       return dispatch(dtype, dst, src, count, Max{});
     case ReduceOp::prod:
       return dispatch(dtype, dst, src, count, Prod{});
+  }
+  throw Error(str_cat("reduce: unknown operation code ", int(op)));
+}
+
+void reduce_pair(DType dtype, ReduceOp op, void* dst, const void* a, const void* b, std::size_t count) {
+  switch (op) {
+    case ReduceOp::sum:
+    case ReduceOp::mean:
+      return dispatch_pair(dtype, dst, a, b, count, Sum{});
+    case ReduceOp::min:
+      return dispatch_pair(dtype, dst, a, b, count, Min{});
+    case ReduceOp::max:
+      return dispatch_pair(dtype, dst, a, b, count, Max{});
+    case ReduceOp::prod:
+      return dispatch_pair(dtype, dst, a, b, count, Prod{});
   }
   throw Error(str_cat("reduce: unknown operation code ", int(op)));
 }

@@ -10,6 +10,10 @@ namespace aikido::detail {
 /// dst and src must not overlap. `mean` reduces as a sum (divide_by_count finishes it).
 void reduce_into(DType dtype, ReduceOp op, void* dst, const void* src, std::size_t count);
 
+/// dst[i] = op(a[i], b[i]): a copy of `a` followed by reduce_into(dst, b) in one pass (bitwise the same result).
+/// dst must overlap neither input.
+void reduce_pair(DType dtype, ReduceOp op, void* dst, const void* a, const void* b, std::size_t count);
+
 /// dst[i] /= divisor (integer division for integer types): the last step of ReduceOp::mean.
 void divide_by_count(DType dtype, void* dst, std::size_t count, int divisor);
 

@@ -105,7 +105,12 @@ void check_kernel(ReduceOp op) {
     a[i] = T(float(i % 5 + 1));
     b[i] = T(float(i % 3 + 1));
   }
+  // reduce_pair(dst, a, b) must give what a copy of a followed by reduce_into(copy, b) gives, bit for bit.
+  std::vector<T> pair(n);
+  detail::reduce_pair(dtype_of<T>, op, pair.data(), a.data(), b.data(), n);
   detail::reduce_into(dtype_of<T>, op, a.data(), b.data(), n);
+  ASSERT_EQ(std::memcmp(pair.data(), a.data(), n * sizeof(T)), 0)
+      << dtype_name(dtype_of<T>) << " " << reduce_op_name(op);
   for (std::size_t i = 0; i < n; ++i) {
     const double x = double(i % 5 + 1), y = double(i % 3 + 1);
     double want = 0;
