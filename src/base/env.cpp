@@ -1,5 +1,8 @@
 #include "base/env.hpp"
 
+#include <sched.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -37,6 +40,13 @@ std::chrono::milliseconds get_seconds(const char* name, std::chrono::millisecond
     throw ConfigError(detail::str_cat(name, "='", *value, "' is not a positive number of seconds; fix or unset it"));
   }
   return std::chrono::milliseconds(std::max<std::int64_t>(1, std::llround(seconds * 1000.0)));
+}
+
+int local_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  const int own = ::sched_getaffinity(0, sizeof set, &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
+  return int(get_int(kLocalCpus, own, 1, 1 << 20));
 }
 
 }  // namespace aikido::env

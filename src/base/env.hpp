@@ -4,6 +4,9 @@
 //   AIKIDO_SIZE             number of workers                                      (default 1)
 //   AIKIDO_LOCAL_RANK       rank among the workers of this host (informational; the Peer recomputes it)
 //   AIKIDO_LOCAL_SIZE       number of workers on this host (informational)
+//   AIKIDO_LOCAL_CPUS       CPUs the workers of this host share; with more workers than that, waiting threads do not
+//                           spin (default: the CPUs this process may run on; aikido-run sets it, since it binds
+//                           each worker to its own CPUs)
 //   AIKIDO_HOST             identity of this worker's host                         (default: gethostname())
 //   AIKIDO_STORE_ADDR       "host:port" of the rendezvous store served by aikido-run (required when size > 1)
 //   AIKIDO_SECRET           the job secret, hex; every connection proves it knows it (required when size > 1)
@@ -34,6 +37,7 @@ inline constexpr const char* kRank = "AIKIDO_RANK";
 inline constexpr const char* kSize = "AIKIDO_SIZE";
 inline constexpr const char* kLocalRank = "AIKIDO_LOCAL_RANK";
 inline constexpr const char* kLocalSize = "AIKIDO_LOCAL_SIZE";
+inline constexpr const char* kLocalCpus = "AIKIDO_LOCAL_CPUS";
 inline constexpr const char* kHost = "AIKIDO_HOST";
 inline constexpr const char* kStoreAddr = "AIKIDO_STORE_ADDR";
 inline constexpr const char* kSecret = "AIKIDO_SECRET";
@@ -56,6 +60,9 @@ inline constexpr std::chrono::milliseconds kDefaultTimeout{60'000};
 std::optional<std::string> get(const char* name);
 /// Integer value; throws ConfigError naming the variable when it is not an integer in [min, max].
 std::int64_t get_int(const char* name, std::int64_t fallback, std::int64_t min, std::int64_t max);
+/// CPUs the workers of this host share: AIKIDO_LOCAL_CPUS when set, else the CPUs this process may run on
+/// (sched_getaffinity). A worker bound to one CPU by its launcher still sees the job's CPUs through the variable.
+int local_cpus();
 /// Duration given in (possibly fractional) seconds; throws ConfigError when not a positive number.
 std::chrono::milliseconds get_seconds(const char* name, std::chrono::milliseconds fallback);
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/log.hpp"
 #include "base/reduce.hpp"
@@ -40,13 +41,6 @@ constexpr std::uint64_t kMaxErrorText = 64 * 1024;
 constexpr std::chrono::microseconds kPause{50};
 constexpr std::chrono::microseconds kSpin{1'000};
 constexpr std::chrono::microseconds kMaxSleep{20'000};
-
-int usable_cpus() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return int(std::max(1u, std::thread::hardware_concurrency()));
-}
 
 enum class OpState : std::uint8_t { waiting, armed, running, done };
 
@@ -174,8 +168,8 @@ Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::So
       cluster_(std::move(cluster)),
       topology_(config_.topology),
       shm_(std::move(shm)),
-      pause_(cluster_.local_size > usable_cpus() ? std::chrono::microseconds(0) : kPause),
-      oversubscribed_(cluster_.local_size > int(std::max(1u, std::thread::hardware_concurrency()))) {
+      oversubscribed_(cluster_.local_size > env::local_cpus()),
+      pause_(oversubscribed_ ? std::chrono::microseconds(0) : kPause) {
   lost_.resize(std::size_t(config_.size));
   departed_.resize(std::size_t(config_.size), false);
   connections_.resize(std::size_t(config_.size));

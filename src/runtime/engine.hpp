@@ -217,8 +217,10 @@ class Engine final : public transport::FrameHandler {
   std::shared_ptr<ShmCollectives> shm_;
   std::shared_ptr<transport::ReceiveGate> gate_;  // null without connections
   std::vector<transport::Connection*> readers_;   // the connections, for drive()
-  const std::chrono::microseconds pause_;         // how long drive() spins with pause instructions
-  const bool oversubscribed_;                     // more local ranks than cores: waiting threads do not read
+  // More ranks on this host than CPUs its workers share (env::local_cpus(), not this process's affinity: a worker
+  // bound to one CPU is not oversubscribed): waiting threads do not spin, and do not read large collectives.
+  const bool oversubscribed_;
+  const std::chrono::microseconds pause_;  // how long drive() spins with pause instructions
   std::condition_variable watchdog_wake_;
   std::thread watchdog_;
 };

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <thread>
 
+#include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/reduce.hpp"
 #include "base/sha256.hpp"
@@ -122,13 +123,6 @@ std::string rank_list(const std::vector<int>& ranks) {
   std::string out;
   for (std::size_t i = 0; i < ranks.size(); ++i) out += (i ? ", " : "") + std::to_string(ranks[i]);
   return out;
-}
-
-int online_cpus() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return int(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 }  // namespace
@@ -249,7 +243,7 @@ ShmCollectives::ShmCollectives(transport::SharedSegment segment, int rank, int s
       cluster_version_(cluster_version),
       timeout_(timeout),
       spin_(kSpin),
-      pause_(size > online_cpus() ? std::chrono::microseconds(0) : kPause),
+      pause_(size > env::local_cpus() ? std::chrono::microseconds(0) : kPause),
       posted_(kShmEntries, 0),
       busy_(kShmEntries, false) {
   check(segment_, size);

@@ -4,9 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <algorithm>
-
 #include <aikido/errors.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -58,9 +57,7 @@ std::vector<std::pair<std::string, std::string>> worker_defaults(int np) {
   const std::string threads = std::to_string(std::max(1, cores / std::max(1, np)));
   // OpenBLAS runs inside LibTorch's intra-op threads: threads of its own would oversubscribe the cores (measured: an
   // MLP step 3x slower with 2 + 2 threads on 2 cores than with 2 + 1).
-  return {{"OMP_NUM_THREADS", threads},
-          {"OPENBLAS_NUM_THREADS", "1"},
-          {"GLIBC_TUNABLES", kMallocTunables}};
+  return {{"OMP_NUM_THREADS", threads}, {"OPENBLAS_NUM_THREADS", "1"}, {"GLIBC_TUNABLES", kMallocTunables}};
 }
 
 JobEnvironment job_environment(const Options& options, const std::string& store_address, const std::string& secret,
@@ -68,6 +65,7 @@ JobEnvironment job_environment(const Options& options, const std::string& store_
   std::vector<std::pair<std::string, std::string>> settings = {
       {env::kSize, std::to_string(options.np)},
       {env::kLocalSize, std::to_string(options.np)},
+      {env::kLocalCpus, std::to_string(env::local_cpus())},  // workers bound to one CPU each still see them all
       {env::kHost, transport::host_name()},
       {env::kStoreAddr, store_address},
       {env::kSecret, secret},
