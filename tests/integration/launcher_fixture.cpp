@@ -50,9 +50,9 @@ void wait_for_all_ranks() {
 }
 
 int mode_env() {
-  std::printf("rank=%s size=%s local_rank=%s local_size=%s\n", env_or("AIKIDO_RANK", "unset").c_str(),
+  std::printf("rank=%s size=%s local_rank=%s local_size=%s local_cpus=%s\n", env_or("AIKIDO_RANK", "unset").c_str(),
               env_or("AIKIDO_SIZE", "unset").c_str(), env_or("AIKIDO_LOCAL_RANK", "unset").c_str(),
-              env_or("AIKIDO_LOCAL_SIZE", "unset").c_str());
+              env_or("AIKIDO_LOCAL_SIZE", "unset").c_str(), env_or("AIKIDO_LOCAL_CPUS", "unset").c_str());
   std::printf("host=%s store=%s secret_bytes=%zu job=%s version=%s\n", env_or("AIKIDO_HOST", "unset").c_str(),
               env_or("AIKIDO_STORE_ADDR", "unset").c_str(), env_or("AIKIDO_SECRET", "").size(),
               env_or("AIKIDO_JOB_ID", "unset").c_str(), env_or("AIKIDO_CLUSTER_VERSION", "unset").c_str());

@@ -103,7 +103,8 @@ TEST(LauncherTest, SetsTheEnvironmentAndPrefixesLines) {
     const auto lines = lines_with_prefix(r.out, p);
     ASSERT_EQ(lines.size(), 3u) << r.describe();
     EXPECT_EQ(lines[0],
-              p + "rank=" + std::to_string(rank) + " size=3 local_rank=" + std::to_string(rank) + " local_size=3");
+              p + "rank=" + std::to_string(rank) + " size=3 local_rank=" + std::to_string(rank) +
+                  " local_size=3 local_cpus=" + std::to_string(cores()));  // the launcher's CPUs, not a bound worker's
     std::smatch m;
     ASSERT_TRUE(std::regex_match(
         lines[1], m, std::regex(R"(\[\d\] host=\S+ store=(127\.0\.0\.1:\d+) secret_bytes=64 job=(\w+) version=0)")))

@@ -2,9 +2,11 @@
 
 #include <aikido/aikido.hpp>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
+#include "base/env.hpp"
 #include "base/reduce.hpp"
 #include "base/sha256.hpp"
 
@@ -131,6 +133,21 @@ void check_kernel(ReduceOp op) {
     }
     ASSERT_EQ(double(float(a[i])), want) << dtype_name(dtype_of<T>) << " " << reduce_op_name(op) << " at " << i;
   }
+}
+
+TEST(Env, LocalCpus) {
+  ::unsetenv("AIKIDO_LOCAL_CPUS");
+  EXPECT_GE(env::local_cpus(), 1);
+  ::setenv("AIKIDO_LOCAL_CPUS", "6", 1);
+  EXPECT_EQ(env::local_cpus(), 6);
+  ::setenv("AIKIDO_LOCAL_CPUS", "0", 1);
+  try {
+    env::local_cpus();
+    ADD_FAILURE() << "AIKIDO_LOCAL_CPUS=0 was accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("AIKIDO_LOCAL_CPUS"), std::string::npos) << e.what();
+  }
+  ::unsetenv("AIKIDO_LOCAL_CPUS");
 }
 
 TEST(Reduce, EveryTypeAndOp) {
