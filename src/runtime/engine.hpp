@@ -12,19 +12,21 @@
 // Waiting: a thread in Work::wait() for a collective drives the connections itself while it waits: it takes the
 // connections' ReceiveGate (the receive threads park), reads and handles every frame that arrives, on any
 // connection and for any collective, and leaves when its collective is done or its wait times out. It spins
-// briefly (pause instructions for kPause unless ranks outnumber the CPUs it may use, then yielding the core until
-// kSpin), then sleeps in poll() on the sockets. So a chain of messages costs no thread hand-off per message, and the
-// waiter is not woken by a condition variable at the end. It gives the gate back before anything that may block
+// briefly (pause instructions for kPause unless ranks outnumber the host's CPUs, env::local_cpus(); then yielding the
+// core until kSpin), then sleeps in poll() on the sockets. So a chain of messages costs no thread hand-off per message,
+// and the waiter is not woken by a condition variable at the end. It gives the gate back before anything that may block
 // (mailbox full, completion callbacks), so a blocked handler never keeps frames of other collectives from being
 // read. Collectives nobody waits for progress on the receive threads as before, and so do collectives over
 // kEagerBytes when there are several connections (one thread reading a large payload would hold up the others),
-// and everything when more ranks than cores share the host (see set_drive). Model-store requests are waited for
-// the same way.
+// and collectives over kEagerBytes when more ranks than CPUs share the host (see set_drive). Model-store requests are
+// waited for the same way.
 //
 // Agreement: `ready` carries the receiver's signature of the collective (kind, type, op, root, count, topology),
 // and a collective completes only once every rank it sends to has said `ready` and every frame it received matched
-// its own signature. So each rank checks all of its plan's neighbours, and a mismatch found anywhere is sent to
-// every rank (`abort`).
+// its own signature. In a small allreduce (all segments eager) a rank that both sends to and receives from a peer
+// sends it no `ready`: the peer's data frames, signed alike, stand for it. So each rank checks all of its plan's
+// neighbours, and a mismatch found anywhere is sent to every rank (`abort`); a rank that hears of a failure passes
+// it on to every rank before anything else it sends, its goodbye included.
 #pragma once
 
 #include <aikido/peer.hpp>
