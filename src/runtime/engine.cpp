@@ -764,6 +764,18 @@ void Engine::drive(WorkState& work, Clock::time_point until) {
     return work.done;
   };
   thread_local std::vector<transport::Connection*> watch;
+  // Frames read ahead into a connection's buffer are handled before the gate goes back: the receive threads wait on
+  // the sockets, which hold nothing more, so such a frame (a request from a peer, say) would wait until the next
+  // one arrives. Found as a request that never got its answer under load.
+  struct HandleReadAhead {
+    Engine& engine;
+    ~HandleReadAhead() {
+      for (transport::Connection* c : engine.readers_) {
+        while (engine.gate_->held_here() && c->try_receive_buffered() == transport::Connection::Received::frame) {
+        }
+      }
+    }
+  } handle_read_ahead{*this};
   auto last_frame = Clock::now();
   while (gate_->held_here() && !done()) {
     bool progressed = false;

@@ -20,6 +20,8 @@ namespace {
 thread_local ReceiveGate* held_by_this_thread = nullptr;
 // How long after the gate was released its receive threads resume reading (unless it is held again by then).
 constexpr std::chrono::microseconds kResumeAfter{200};
+// Longest a receive thread waits on its socket before it looks at its read-ahead buffer again.
+constexpr std::chrono::milliseconds kLookAgain{20};
 // Size of a connection's read-ahead buffer; larger reads go straight to their destination.
 constexpr std::size_t kReadAheadBytes = 64 * 1024;
 // Connections this thread reads a frame from now, holding their read lock (a completion callback run by a handler
@@ -318,6 +320,14 @@ Connection::Received Connection::try_receive() {
   return receive_one(false) ? Received::frame : Received::nothing;
 }
 
+Connection::Received Connection::try_receive_buffered() {
+  if (reading_ended_.load(std::memory_order_acquire)) return Received::nothing;
+  std::unique_lock<std::mutex> lock(read_mutex_, std::try_to_lock);
+  if (!lock) return Received::busy;
+  if (read_begin_ == read_end_) return Received::nothing;
+  return receive_one(false) ? Received::frame : Received::nothing;
+}
+
 bool Connection::receive_one(bool wait) {
   if (reading_ended_.load(std::memory_order_acquire)) return false;
   // Code run from here (handlers, on_lost, completion callbacks) must not take the gate: this thread holds the
@@ -396,10 +406,12 @@ void Connection::receive_loop() {
       if (receive_one(false)) continue;
     }
     if (reading_ended_.load(std::memory_order_acquire)) break;
-    // Wait for a frame, or for a thread taking the gate (then park: frames arriving for it must not wake us).
+    // Wait for a frame, or for a thread taking the gate (then park: frames arriving for it must not wake us). The
+    // wait is bounded: a holder that handed the gate back from inside a handler may leave frames it read ahead in
+    // read_buffer_, and the socket then stays quiet (look again at least every kLookAgain).
     if (!gate_->begin_poll()) continue;
     pollfd fds[2] = {{socket_.fd(), POLLIN, 0}, {gate_->held_fd(), POLLIN, 0}};
-    ::poll(fds, 2, -1);
+    ::poll(fds, 2, int(kLookAgain.count()));
     gate_->end_poll();
   }
 }

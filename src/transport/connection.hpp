@@ -140,6 +140,10 @@ class Connection {
   /// for). `busy`: another thread is reading from this connection now. When reading ends (the peer closed, failed
   /// or broke the protocol) on_lost is called here. For the thread holding the gate.
   Received try_receive();
+  /// Like try_receive, but handles only a frame already in the read-ahead buffer, never reading the socket. A holder
+  /// calls it until it returns `nothing` before it gives the gate back: frames it read ahead would otherwise wait
+  /// unseen, since the receive threads wait on the socket, which the read-ahead emptied.
+  Received try_receive_buffered();
   /// False once the connection's reading ended (on_lost was called or is being called).
   bool receiving() const { return !reading_ended_.load(std::memory_order_acquire); }
   int fd() const { return socket_.fd(); }
