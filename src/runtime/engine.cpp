@@ -571,8 +571,12 @@ bool Engine::needs_peer(const Collective& c, int peer) const {
     if (op.kind != OpKind::send && mailbox_.count(MessageKey{c.name, c.seq, op.tag, peer})) continue;
     return true;
   }
+  // Past the loop every receive from `peer` has its data; where that data stands for the peer's `ready`
+  // (ready_in_data), the peer posted the collective even if no frame of it has been matched yet (a frame that waits
+  // in the mailbox is checked when its receive is armed).
   const auto& targets = c.plan->targets;
-  return std::find(targets.begin(), targets.end(), peer) != targets.end() && !c.ready_from[std::size_t(peer)];
+  return std::find(targets.begin(), targets.end(), peer) != targets.end() && !c.ready_from[std::size_t(peer)] &&
+         !c.ready_in_data[std::size_t(peer)];
 }
 
 void Engine::complete_op(const std::shared_ptr<Collective>& c, std::uint32_t i, Progress& progress) {

@@ -158,6 +158,34 @@ TEST_P(SocketWait, RequestsAreAnsweredWhileTheirWaiterReadsTheSockets) {
   });
 }
 
+// Rank 1 sends the data of a collective rank 0 waits for and, right behind it, a request. Rank 0's waiting thread
+// reads both from the socket in one go, handles the data, and its wait is over; rank 0 then sleeps. The request it
+// read ahead must still be answered at once (it used to wait for the next frame on that socket).
+TEST_P(SocketWait, ARequestReadAheadByAWaiterIsAnswered) {
+  run_cluster(2, config(), [](Peer& peer) {
+    std::vector<float> small(16, 1.0f);
+    peer.save("small", std::span<const float>(small));
+    peer.barrier("saved");
+    std::vector<float> x(256, 1.0f);
+    for (int round = 0; round < 20; ++round) {
+      const std::string name = "pair " + std::to_string(round);
+      if (peer.rank() == 0) {
+        peer.allreduce(std::span<float>(x), ReduceOp::sum, name);  // waits, reading the socket itself
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));  // not reading now
+      } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));  // rank 0 is waiting by now
+        Work sum = peer.allreduce_async(std::span<float>(x), ReduceOp::sum, name);
+        std::vector<float> got(small.size());
+        const auto start = std::chrono::steady_clock::now();
+        peer.request(0, "small", std::span<float>(got));
+        EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(60)) << "round " << round;
+        sum.wait();
+      }
+      peer.barrier(name + " done");
+    }
+  });
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, SocketWait, ::testing::Values(TransportKind::tcp, TransportKind::unix_socket),
                          [](const auto& info) { return std::string(transport_name(info.param)); });
 
