@@ -10,6 +10,9 @@
 // wake-up per wait). One parked thread keeps that time and wakes the others when they resume: measured with 4
 // ranks on 2 cores, every parked thread looking at the clock itself made 60k context switches a second. One frame is
 // read and handled by one thread at a time (a per-connection read lock), so frames are handled in order either way.
+// Reads go through a per-connection read-ahead buffer, which may hold frames the socket no longer shows: a holder
+// handles those (try_receive_buffered) before it gives the gate back, and a receive thread waiting on its socket
+// looks at its buffer again at least every 20 ms (for a holder that had to hand the gate over mid-frame).
 #pragma once
 
 #include <atomic>
