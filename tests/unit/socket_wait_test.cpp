@@ -170,7 +170,7 @@ TEST_P(SocketWait, ARequestReadAheadByAWaiterIsAnswered) {
     for (int round = 0; round < 20; ++round) {
       const std::string name = "pair " + std::to_string(round);
       if (peer.rank() == 0) {
-        peer.allreduce(std::span<float>(x), ReduceOp::sum, name);  // waits, reading the socket itself
+        peer.allreduce(std::span<float>(x), ReduceOp::sum, name);     // waits, reading the socket itself
         std::this_thread::sleep_for(std::chrono::milliseconds(100));  // not reading now
       } else {
         std::this_thread::sleep_for(std::chrono::milliseconds(5));  // rank 0 is waiting by now
