@@ -1,7 +1,4 @@
 #include "runtime/engine.hpp"
-
-#include <sched.h>
-
 #include <algorithm>
 #include <cstring>
 
@@ -23,9 +20,8 @@ using transport::WireError;
 
 namespace {
 
-/// Segments up to this size are sent without waiting for the receiver's `ready`.
-constexpr std::size_t kEagerBytes = 64 * 1024;
-/// An allreduce of at most this many bytes on the ring topology runs on the tree (latency over bandwidth).
+/// An allreduce of at most this many bytes on the ring topology takes fewer hops: recursive doubling on 2 ranks, the
+/// tree on more (latency over bandwidth; see post()).
 constexpr std::size_t kSmallAllreduceBytes = 64 * 1024;
 /// Bound on data that arrived before its receive was armed; past it the receiving thread waits (and so holds the
 /// sender back through the connection's flow control).
@@ -34,13 +30,6 @@ constexpr std::size_t kMailboxCap = std::size_t(256) << 20;
 constexpr std::size_t kScratchBytes = 256 * 1024;
 constexpr std::size_t kMaxTombstones = 4096;
 constexpr std::uint64_t kMaxErrorText = 64 * 1024;
-// A thread driving the connections while it waits (see engine.hpp) spins with pause instructions for kPause after
-// the last frame (a loopback round trip is tens of microseconds; none when ranks outnumber cores), then yields the
-// core between looks until kSpin (other threads and ranks sharing the core run then), then sleeps in poll() for at
-// most kMaxSleep at a time.
-constexpr std::chrono::microseconds kPause{50};
-constexpr std::chrono::microseconds kSpin{1'000};
-constexpr std::chrono::microseconds kMaxSleep{20'000};
 
 enum class OpState : std::uint8_t { waiting, armed, running, done };
 
@@ -169,7 +158,7 @@ Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::So
       topology_(config_.topology),
       shm_(std::move(shm)),
       oversubscribed_(cluster_.local_size > env::local_cpus()),
-      pause_(oversubscribed_ ? std::chrono::microseconds(0) : kPause) {
+      pause_(wait_pause(oversubscribed_)) {
   lost_.resize(std::size_t(config_.size));
   departed_.resize(std::size_t(config_.size), false);
   connections_.resize(std::size_t(config_.size));
@@ -630,13 +619,7 @@ void Engine::fail(const std::shared_ptr<Collective>& c, std::exception_ptr error
     tombstones_.erase(tombstone_order_.front());
     tombstone_order_.pop_front();
   }
-  if (tell_peers) {
-    for (int p = 0; p < config_.size; ++p) {
-      if (p != config_.rank && lost_[std::size_t(p)].empty()) {
-        send_control(p, FrameType::abort, c->name, c->seq, std::int32_t(kind), text);
-      }
-    }
-  }
+  if (tell_peers) send_abort(c->name, c->seq, std::int32_t(kind), text, -1);
   if (kind == WireError::timeout || kind == WireError::other) abandon_transfers(*c);
   maybe_finish(c, progress);
 }
@@ -677,6 +660,15 @@ bool Engine::check_signature(const std::shared_ptr<Collective>& c, const FrameHe
                                    ". Every rank must post the same name with the same size, type, operation and root");
   fail(c, std::make_exception_ptr(MismatchError(text)), WireError::mismatch, true, progress);
   return false;
+}
+
+void Engine::send_abort(const std::string& name, std::uint64_t seq, std::int32_t kind, const std::string& text,
+                        int except) {
+  for (int p = 0; p < config_.size; ++p) {
+    if (p != config_.rank && p != except && lost_[std::size_t(p)].empty()) {
+      send_control(p, FrameType::abort, name, seq, kind, text);
+    }
+  }
 }
 
 void Engine::send_control(int peer, FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
@@ -735,77 +727,6 @@ void Engine::run(std::unique_lock<std::mutex>& lock, Progress& progress) {
   if (!finished.empty()) {
     idle_.notify_all();
     if (gate_) gate_->wake_holder();  // it may wait for one of these, asleep in poll()
-  }
-}
-
-void Engine::set_drive(WorkState& work, std::size_t bytes) {
-  // With more ranks than cores the receive threads do the reading of large collectives: measured with 4 ranks on
-  // 2 cores over TCP, waiting threads that read made 4 KiB allreduce faster (about 150 us against 100) and 64 KiB
-  // (275 us against 175) but 1 MiB slower (about 1.3x, cause not found).
-  if (!gate_ || (oversubscribed_ && bytes > kEagerBytes)) return;
-  if (bytes > kEagerBytes && readers_.size() > 1) {
-    // Large transfers with several peers are left to the receive threads, one per connection: one thread reading
-    // a large payload would hold up the frames of the other connections (a `ready` that lets the next segment go
-    // out, data from another peer). Measured: 16 MiB at 4 ranks ran at 0.75x the speed with one reading thread.
-    work.drive = [gate = gate_](WorkState&, Clock::time_point) { gate->resume_receivers(); };
-    return;
-  }
-  // The gate outlives the engine: once it is closed (the engine is going away) the hook does nothing.
-  work.drive = [gate = gate_, this](WorkState& w, Clock::time_point until) {
-    if (gate->try_hold()) {
-      drive(w, until);
-      gate->release();
-    } else {
-      // Waiting inside a handler of the thread that drives (a completion callback): let the receive threads read.
-      transport::ReceiveGate::release_current();
-    }
-  };
-}
-
-void Engine::drive(WorkState& work, Clock::time_point until) {
-  auto done = [&] {
-    std::lock_guard<std::mutex> lock(work.mutex);
-    return work.done;
-  };
-  thread_local std::vector<transport::Connection*> watch;
-  // Frames read ahead into a connection's buffer are handled before the gate goes back: the receive threads wait on
-  // the sockets, which hold nothing more, so such a frame (a request from a peer, say) would wait until the next
-  // one arrives. Found as a request that never got its answer under load.
-  struct HandleReadAhead {
-    Engine& engine;
-    ~HandleReadAhead() {
-      for (transport::Connection* c : engine.readers_) {
-        while (engine.gate_->held_here() && c->try_receive_buffered() == transport::Connection::Received::frame) {
-        }
-      }
-    }
-  } handle_read_ahead{*this};
-  auto last_frame = Clock::now();
-  while (gate_->held_here() && !done()) {
-    bool progressed = false;
-    watch.clear();
-    for (transport::Connection* c : readers_) {
-      const auto received = c->try_receive();
-      if (received == transport::Connection::Received::frame) progressed = true;
-      // A connection another thread reads now is left out of poll(): it would be readable all along.
-      if (received != transport::Connection::Received::busy && c->receiving()) watch.push_back(c);
-      if (!gate_->held_here()) return;  // a handler gave the gate back before blocking
-    }
-    const auto now = Clock::now();
-    if (progressed) {
-      last_frame = now;
-      continue;
-    }
-    if (now >= until) return;
-    const auto idle = now - last_frame;
-    if (idle < pause_) {
-      transport::cpu_relax();
-    } else if (idle < kSpin) {
-      sched_yield();
-    } else {
-      const auto left = std::chrono::duration_cast<std::chrono::microseconds>(until - now);
-      gate_->wait_for_frames(watch, std::min(kMaxSleep, left), done);
-    }
   }
 }
 
@@ -883,13 +804,7 @@ void Engine::on_frame(transport::Connection& connection, const FrameHeader& head
         news = tombstones_.emplace(key, Tombstone{text, std::uint8_t(header.root)}).second;
         if (news) tombstone_order_.push_back(key);
       }
-      if (news) {
-        for (int p = 0; p < config_.size; ++p) {
-          if (p != config_.rank && p != header.source && lost_[std::size_t(p)].empty()) {
-            send_control(p, FrameType::abort, name, header.seq, header.root, text);
-          }
-        }
-      }
+      if (news) send_abort(name, header.seq, header.root, text, header.source);
       run(lock, progress);
       return;
     }

@@ -50,6 +50,9 @@
 
 namespace aikido::detail {
 
+/// Segments up to this size are sent without waiting for the receiver's `ready`.
+inline constexpr std::size_t kEagerBytes = 64 * 1024;
+
 using Clock = std::chrono::steady_clock;
 
 /// What a rank learned about the cluster at rendezvous.
@@ -157,6 +160,8 @@ class Engine final : public transport::FrameHandler {
   std::string describe_wait(const Collective& c) const;
   void send_control(int peer, transport::FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
                     std::string payload);
+  /// Tells every connected rank but `except` (-1: none) that collective (name, seq) failed with `kind`.
+  void send_abort(const std::string& name, std::uint64_t seq, std::int32_t kind, const std::string& text, int except);
   void send_ready(const Collective& c, int peer);
   void on_ready(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header, Progress& progress);
   /// True when `c` still needs something from `peer` that has not arrived yet.
@@ -178,6 +183,8 @@ class Engine final : public transport::FrameHandler {
   /// Lets Work::wait() on `work` (of a collective or request of `bytes`) drive the connections (see drive). Call
   /// before the work is handed out.
   void set_drive(WorkState& work, std::size_t bytes);
+  /// How long drive() spins with pause instructions before it yields (engine_wait.cpp).
+  static std::chrono::microseconds wait_pause(bool oversubscribed);
 
   std::shared_ptr<const collective::Plan> plan_for(const collective::PlanSpec& spec);
 

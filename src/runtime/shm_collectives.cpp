@@ -495,12 +495,10 @@ bool ShmCollectives::advance(ShmOp& op, Clock::time_point now) {
     if (!op.large) {
       const std::size_t bytes = op.count * op.element_bytes;
       if (bytes > 0) {
-        if (size_ == 1) {
-          std::memcpy(op.recv, v.inline_area(op.entry, op.half, 0), bytes);
-        } else {  // the first two in one pass: a copy and a reduction would read and write the output twice
-          reduce_pair(op.dtype, op.op, op.recv, v.inline_area(op.entry, op.half, 0),
-                      v.inline_area(op.entry, op.half, 1), op.count);
-        }
+        // The first two in one pass (a copy and a reduction would read and write the output twice). There are at
+        // least two: a one-rank Peer has no segment.
+        reduce_pair(op.dtype, op.op, op.recv, v.inline_area(op.entry, op.half, 0), v.inline_area(op.entry, op.half, 1),
+                    op.count);
         for (int q = 2; q < size_; ++q) {
           reduce_into(op.dtype, op.op, op.recv, v.inline_area(op.entry, op.half, q), op.count);
         }

@@ -50,10 +50,7 @@ struct JobEnvironment {
 // intra-op threads), and OpenBLAS one thread. glibc's malloc by default gives blocks over 128 KiB fresh pages of their
 // own and hands freed memory back to the kernel, so that every step of a training loop pays page faults for its
 // large, short-lived tensors (a CNN at batch 256 ran 4x faster without them); kMallocTunables keeps them in the heap.
-std::vector<std::pair<std::string, std::string>> worker_defaults(int np) {
-  cpu_set_t cpus;
-  CPU_ZERO(&cpus);
-  int cores = ::sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
+std::vector<std::pair<std::string, std::string>> worker_defaults(int np, int cores) {
   const std::string threads = std::to_string(std::max(1, cores / std::max(1, np)));
   // OpenBLAS runs inside LibTorch's intra-op threads: threads of its own would oversubscribe the cores (measured: an
   // MLP step 3x slower with 2 + 2 threads on 2 cores than with 2 + 1).
@@ -62,10 +59,11 @@ std::vector<std::pair<std::string, std::string>> worker_defaults(int np) {
 
 JobEnvironment job_environment(const Options& options, const std::string& store_address, const std::string& secret,
                                const std::string& job_id) {
+  const int cpus = env::local_cpus();  // this host's CPUs, shared by its workers
   std::vector<std::pair<std::string, std::string>> settings = {
       {env::kSize, std::to_string(options.np)},
       {env::kLocalSize, std::to_string(options.np)},
-      {env::kLocalCpus, std::to_string(env::local_cpus())},  // workers bound to one CPU each still see them all
+      {env::kLocalCpus, std::to_string(cpus)},  // workers bound to one CPU each still see them all
       {env::kHost, transport::host_name()},
       {env::kStoreAddr, store_address},
       {env::kSecret, secret},
@@ -92,7 +90,7 @@ JobEnvironment job_environment(const Options& options, const std::string& store_
     inherited.insert(name);
     job.shared.push_back(entry);
   }
-  for (const auto& [name, value] : worker_defaults(options.np)) {
+  for (const auto& [name, value] : worker_defaults(options.np, cpus)) {
     if (inherited.count(name) == 0) job.shared.push_back(name + "=" + value);
   }
   for (const auto& [name, value] : settings) job.shared.push_back(name + "=" + value);
