@@ -1,4 +1,5 @@
 #include "runtime/engine.hpp"
+
 #include <algorithm>
 #include <cstring>
 
