@@ -15,4 +15,12 @@ void throw_system(const std::string& what) {
   throw Error(str_cat(what, ": ", std::strerror(err)));
 }
 
+std::string seconds(std::chrono::milliseconds ms) { return str_cat(double(ms.count()) / 1000.0, " s"); }
+
+std::string rank_list(const std::vector<int>& ranks) {
+  std::string out;
+  for (std::size_t i = 0; i < ranks.size(); ++i) out += (i ? ", " : "") + std::to_string(ranks[i]);
+  return out;
+}
+
 }  // namespace aikido::detail

@@ -2,8 +2,10 @@
 #pragma once
 
 #include <aikido/errors.hpp>
+#include <chrono>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace aikido::detail {
 
@@ -17,6 +19,11 @@ std::string str_cat(const Args&... args) {
   (out << ... << args);
   return out.str();
 }
+
+/// For error messages: "1.5 s".
+std::string seconds(std::chrono::milliseconds ms);
+/// For error messages: "0, 2, 3".
+std::string rank_list(const std::vector<int>& ranks);
 
 }  // namespace aikido::detail
 

@@ -54,12 +54,6 @@ const char* kind_name(CollectiveKind kind) {
   return "collective";
 }
 
-std::string rank_list(const std::vector<int>& ranks) {
-  std::string out;
-  for (std::size_t i = 0; i < ranks.size(); ++i) out += (i ? ", " : "") + std::to_string(ranks[i]);
-  return out;
-}
-
 // The exception a failure of this kind raises on ranks that hear of it from another rank.
 std::exception_ptr error_for(WireError kind, const std::string& text) {
   switch (kind) {
@@ -73,8 +67,6 @@ std::exception_ptr error_for(WireError kind, const std::string& text) {
       return std::make_exception_ptr(PeerLostError(text));
   }
 }
-
-std::string seconds(std::chrono::milliseconds ms) { return str_cat(double(ms.count()) / 1000.0, " s"); }
 
 }  // namespace
 

@@ -117,14 +117,6 @@ const char* kind_label(CollectiveKind kind) {
   }
 }
 
-std::string seconds(std::chrono::milliseconds ms) { return str_cat(double(ms.count()) / 1000.0, " s"); }
-
-std::string rank_list(const std::vector<int>& ranks) {
-  std::string out;
-  for (std::size_t i = 0; i < ranks.size(); ++i) out += (i ? ", " : "") + std::to_string(ranks[i]);
-  return out;
-}
-
 }  // namespace
 
 /// One rank's part of one posted collective.
