@@ -145,7 +145,14 @@ template <class T>
 void divide(void* dst, std::size_t count, int divisor) {
   T* d = static_cast<T*>(dst);
   if constexpr (std::is_floating_point_v<T>) {
-    // Division keeps results exact where they are representable; a multiply by 1/n would not.
+    // Division keeps results exact where they are representable; a multiply by 1/n would not, except where n is a
+    // power of two: 1/n is then exact and x * (1/n) is the same correctly rounded value as x / n, at a fraction of
+    // the cost of a division.
+    if ((divisor & (divisor - 1)) == 0) {
+      const T inverse = T(1) / T(divisor);
+      for (std::size_t i = 0; i < count; ++i) d[i] = d[i] * inverse;
+      return;
+    }
     for (std::size_t i = 0; i < count; ++i) d[i] = d[i] / T(divisor);
   } else {
     for (std::size_t i = 0; i < count; ++i) d[i] = T(d[i] / T(divisor));
@@ -155,6 +162,11 @@ void divide(void* dst, std::size_t count, int divisor) {
 template <class H>
 void divide_half(void* dst, std::size_t count, int divisor) {
   H* d = static_cast<H*>(dst);
+  if ((divisor & (divisor - 1)) == 0) {  // as in divide()
+    const float inverse = 1.0f / float(divisor);
+    for (std::size_t i = 0; i < count; ++i) d[i] = H(float(d[i]) * inverse);
+    return;
+  }
   for (std::size_t i = 0; i < count; ++i) d[i] = H(float(d[i]) / float(divisor));
 }
 

@@ -618,6 +618,9 @@ bool ShmCollectives::advance_large(ShmOp& op) {
           for (int q = 0; q < n; ++q) {
             if (q != me) reduce_into(op.dtype, op.op, out, v.slot(op.bay, q, j) + own_at * esize, own_len);
           }
+          // A mean is finished here, while the share is in cache, so that every rank copies out finished values
+          // (the same division, so the same bits, as a pass over the whole output at the end).
+          if (op.op == ReduceOp::mean) divide_by_count(op.dtype, out, own_len, n);
           std::memcpy(v.slot(op.bay, me, j) + own_at * esize, out, own_len * esize);
         }
         v.counters(op.bay, me).reduced.store(j + 1, std::memory_order_release);
@@ -660,7 +663,7 @@ bool ShmCollectives::advance_large(ShmOp& op) {
 
 void ShmCollectives::finish(ShmOp& op) {
   try {
-    if (op.kind == CollectiveKind::allreduce && op.op == ReduceOp::mean && op.count > 0) {
+    if (op.kind == CollectiveKind::allreduce && op.op == ReduceOp::mean && op.count > 0 && !op.large) {
       divide_by_count(op.dtype, op.recv, op.count, size_);
     }
     if (op.kind == CollectiveKind::consensus && op.agreed) {

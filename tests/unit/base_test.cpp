@@ -202,5 +202,61 @@ TEST(Reduce, DivideForMean) {
   EXPECT_EQ(d, (std::vector<double>{0.25, 0.75}));
 }
 
+// Powers of two divide by multiplying with the exact inverse: the same bits as a division for every value
+// (subnormal results, infinities and NaNs included), every divisor 1 to 16, float, double and both half types.
+template <class T, class Bits>
+void expect_divide_bitwise(DType dtype, const std::vector<Bits>& patterns) {
+  for (int n = 1; n <= 16; ++n) {
+    std::vector<T> values(patterns.size());
+    std::memcpy(static_cast<void*>(values.data()), patterns.data(), patterns.size() * sizeof(T));
+    std::vector<Bits> expected(patterns.size());
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      T q;
+      if constexpr (std::is_floating_point_v<T>) {
+        q = values[i] / T(n);
+      } else {
+        q = T(float(values[i]) / float(n));
+      }
+      std::memcpy(&expected[i], &q, sizeof(T));
+    }
+    detail::divide_by_count(dtype, values.data(), values.size(), n);
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      Bits got;
+      std::memcpy(&got, &values[i], sizeof(T));
+      if (std::isnan(double(float(values[i])))) continue;  // NaN payloads may differ; NaN stays NaN (checked below)
+      ASSERT_EQ(got, expected[i]) << dtype_name(dtype) << " pattern 0x" << std::hex << patterns[i] << std::dec << " / "
+                                  << n;
+    }
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      Bits e = expected[i];
+      T q;
+      std::memcpy(static_cast<void*>(&q), &e, sizeof(T));
+      EXPECT_EQ(std::isnan(double(float(values[i]))), std::isnan(double(float(q))));
+    }
+  }
+}
+
+TEST(Reduce, DivideByPowersOfTwoIsBitwiseADivision) {
+  std::vector<std::uint32_t> f32;
+  std::vector<std::uint64_t> f64;
+  std::vector<std::uint16_t> halves;
+  std::uint64_t x = 0x9E3779B97F4A7C15ull;
+  for (int i = 0; i < 4096; ++i) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    f32.push_back(std::uint32_t(x));
+    f64.push_back(x);
+    halves.push_back(std::uint16_t(x));
+  }
+  for (std::uint32_t b = 0; b < 64; ++b)
+    f32.push_back(b), f32.push_back(0x00800000u + b), f32.push_back(0x80000000u | b);
+  for (std::uint32_t special : {0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7f7fffffu, 0x00ffffffu})
+    f32.push_back(special);
+  for (std::uint32_t b = 0; b < 65536; ++b) halves.push_back(std::uint16_t(b));
+  expect_divide_bitwise<float>(DType::f32, f32);
+  expect_divide_bitwise<double>(DType::f64, f64);
+  expect_divide_bitwise<float16>(DType::f16, halves);
+  expect_divide_bitwise<bfloat16>(DType::bf16, halves);
+}
+
 }  // namespace
 }  // namespace aikido
