@@ -89,6 +89,9 @@ struct Request {
 /// Every collective is asynchronous underneath; the blocking forms wait on the Work handle. Posting the same name
 /// twice while the first is still running raises ConfigError. All methods are thread safe.
 ///
+/// Buffers given to an `_async` call must stay alive and unchanged until its Work is done (see Work): `send` is
+/// read while the collective runs (an out-of-place allreduce reads its input where it lies, without a copy).
+///
 /// Errors: TimeoutError when a collective does not finish within timeout(); PeerLostError when a rank it needs has
 /// gone; MismatchError when ranks posted the same name with different sizes, types, operations or roots. After a
 /// lost peer every later collective fails at once with PeerLostError.

@@ -12,6 +12,32 @@ bool overlap(const Op& a, const Op& b) {
   return a.offset < b.offset + b.count && b.offset < a.offset + a.count;
 }
 
+// How much of [begin, end) the merged intervals cover: none, part or all.
+enum class Cover { none, part, all };
+Cover coverage(const std::map<std::size_t, std::size_t>& set, std::size_t begin, std::size_t end) {
+  auto it = set.upper_bound(begin);
+  if (it != set.begin()) {
+    auto before = std::prev(it);
+    if (before->second > begin) return before->second >= end ? Cover::all : Cover::part;
+  }
+  return it != set.end() && it->first < end ? Cover::part : Cover::none;
+}
+
+void insert(std::map<std::size_t, std::size_t>& set, std::size_t begin, std::size_t end) {
+  auto it = set.upper_bound(begin);
+  if (it != set.begin() && std::prev(it)->second >= begin) {
+    --it;
+    begin = it->first;
+    end = std::max(end, it->second);
+    it = set.erase(it);
+  }
+  while (it != set.end() && it->first <= end) {
+    end = std::max(end, it->second);
+    it = set.erase(it);
+  }
+  set.emplace(begin, end);
+}
+
 }  // namespace
 
 void PlanBuilder::send(int peer, std::uint64_t tag, std::size_t offset, std::size_t count) {
@@ -25,7 +51,15 @@ void PlanBuilder::recv_reduce(int peer, std::uint64_t tag, std::size_t offset, s
 }
 
 void PlanBuilder::add(OpKind kind, int peer, std::uint64_t tag, std::size_t offset, std::size_t count) {
-  const Op op{kind, peer, tag, offset, count};
+  Op op{kind, peer, tag, offset, count};
+  if (count > 0) {
+    // Ops on overlapping regions run in the order they were added (each depends on the conflicting ones before
+    // it), so "no earlier op wrote any of it" holds at run time too.
+    const Cover cover = coverage(written_, offset, offset + count);
+    op.from_input = cover == Cover::none;
+    if (cover == Cover::part) plan_.mixed_input = true;
+    if (writes(kind)) insert(written_, offset, offset + count);
+  }
   const auto index = std::uint32_t(plan_.ops.size());
   std::uint32_t deps = 0;
   // Depend on the latest earlier op that conflicts on each overlapping region. Scanning backwards and stopping at
@@ -47,6 +81,10 @@ void PlanBuilder::add(OpKind kind, int peer, std::uint64_t tag, std::size_t offs
   if (std::find(peers.begin(), peers.end(), peer) == peers.end()) peers.push_back(peer);
 }
 
-Plan PlanBuilder::finish() { return std::move(plan_); }
+Plan PlanBuilder::finish() {
+  plan_.written.assign(written_.begin(), written_.end());
+  written_.clear();
+  return std::move(plan_);
+}
 
 }  // namespace aikido::collective

@@ -10,6 +10,9 @@
 //            buffer or reduces it into what the buffer holds.
 //   tag      names one message of a plan between two ranks: (phase, step, offset of its segment). Receivers match on
 //            (collective name, occurrence, tag, source rank), never on arrival order.
+//   input    where the buffer's initial values come from when they live elsewhere (an out-of-place allreduce's
+//            send buffer). An op marked `from_input` touches a region no earlier op has written: a send reads it
+//            from the input, a reduction combines the input with what arrives (no copy of the input up front).
 //
 // Dependencies between ops are inferred from the regions they touch (read after write, write after read, write
 // after write), so ops on different segments run concurrently and a plan is correct by construction.
@@ -17,6 +20,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <utility>
 #include <vector>
 
 namespace aikido::collective {
@@ -27,8 +32,9 @@ struct Op {
   OpKind kind;
   int peer;
   std::uint64_t tag;
-  std::size_t offset;  // elements into the buffer
-  std::size_t count;   // elements
+  std::size_t offset;       // elements into the buffer
+  std::size_t count;        // elements
+  bool from_input = false;  // no earlier op wrote this region: its values are still the input's
 };
 
 /// Phase in the top 8 bits, step in the next 16, segment offset in the low 40 (offsets are below 2^40 elements).
@@ -46,6 +52,12 @@ struct Plan {
   /// Ranks this rank receives from / sends to, each once.
   std::vector<int> sources;
   std::vector<int> targets;
+  /// The regions some op writes, sorted and merged ([begin, end) in elements). Any other element of the buffer
+  /// keeps its input value: a caller with a separate input copies those elements in.
+  std::vector<std::pair<std::size_t, std::size_t>> written;
+  /// True when an op touches a region that earlier ops wrote only in part: such a plan cannot read its input in
+  /// place, and the caller copies the whole input into the buffer first (no plan built here does this).
+  bool mixed_input = false;
 };
 
 /// Builds a plan op by op, inferring dependencies from overlapping regions.
@@ -59,6 +71,7 @@ class PlanBuilder {
  private:
   void add(OpKind kind, int peer, std::uint64_t tag, std::size_t offset, std::size_t count);
   Plan plan_;
+  std::map<std::size_t, std::size_t> written_;  // begin -> end, merged
 };
 
 /// Splits [offset, offset + count) into segments of at most `segment_elems` elements and calls fn(offset, count)

@@ -82,6 +82,9 @@ struct Collective {
   std::size_t element_bytes = 0;
   std::byte* buffer = nullptr;
   std::size_t buffer_bytes = 0;
+  // An out-of-place allreduce reads its send buffer in place: ops marked `from_input` read the region from here
+  // instead of `buffer` (see collective/plan.hpp). Null when the input was copied into the buffer.
+  const std::byte* input = nullptr;
   PooledBuffer workspace;
   std::shared_ptr<const Plan> plan;
   std::vector<std::uint32_t> waiting;
@@ -112,6 +115,34 @@ struct Collective {
 
   std::string label() const { return str_cat(kind_name(kind), " '", name, "' (seq ", seq, ")"); }
 };
+
+namespace {
+
+// An out-of-place allreduce: the plan's ops read the send buffer where it still holds the input; the elements no op
+// writes are copied into the buffer now. A plan that cannot read its input in place (none built here) and buffers
+// that overlap get a copy of the whole input.
+void take_input(Collective& c) {
+  const std::size_t esize = c.element_bytes, bytes = c.count * esize;
+  const bool overlapping = c.input < c.buffer + bytes && c.buffer < c.input + bytes;
+  if (c.plan->mixed_input || overlapping) {
+    std::memmove(c.buffer, c.input, bytes);
+    c.input = nullptr;
+    return;
+  }
+  std::size_t at = 0;
+  auto copy = [&](std::size_t begin, std::size_t end) {
+    if (end > begin) std::memcpy(c.buffer + begin * esize, c.input + begin * esize, (end - begin) * esize);
+  };
+  for (const auto& [begin, end] : c.plan->written) {
+    copy(at, std::min<std::size_t>(begin, c.count));
+    at = std::max(at, end);
+  }
+  copy(at, c.count);
+}
+
+const std::byte* source_of(const Collective& c, const Op& op) { return op.from_input && c.input ? c.input : c.buffer; }
+
+}  // namespace
 
 namespace {
 
@@ -274,7 +305,7 @@ Work Engine::post(const Request& request) {
         throw bad(str_cat("send has ", k, " elements but recv has ", request.recv_count, "; they must be equal"));
       }
       c->buffer = static_cast<std::byte*>(request.recv);
-      if (k > 0 && request.send != request.recv) std::memmove(request.recv, request.send, k * esize);
+      if (k > 0 && request.send != request.recv) c->input = static_cast<const std::byte*>(request.send);
       spec.count = k;
       break;
     case CollectiveKind::broadcast:
@@ -385,6 +416,7 @@ Work Engine::post(const Request& request) {
   c->seq = posted++;
   lock.unlock();
   c->plan = plan_for(spec);
+  if (c->input) take_input(*c);
   lock.lock();
 
   const Plan& plan = *c->plan;
@@ -483,7 +515,7 @@ void Engine::issue_send(const std::shared_ptr<Collective>& c, std::uint32_t i, P
   frame.header.tag = op.tag;
   frame.header.payload_bytes = op.count * c->element_bytes;
   frame.name = c->name;
-  frame.payload = c->buffer + op.offset * c->element_bytes;
+  frame.payload = source_of(*c, op) + op.offset * c->element_bytes;
   frame.keep_alive = c;
   const int peer = op.peer;
   frame.start = [this, c, i, peer] {
@@ -698,6 +730,8 @@ void Engine::run(std::unique_lock<std::mutex>& lock, Progress& progress) {
         // an empty segment carries nothing
       } else if (op.kind == OpKind::recv_copy) {
         std::memcpy(dst, copy.early.data.data(), op.count * c.element_bytes);
+      } else if (op.from_input && c.input) {
+        reduce_pair(c.dtype, c.op, dst, c.input + op.offset * c.element_bytes, copy.early.data.data(), op.count);
       } else {
         reduce_into(c.dtype, c.op, dst, copy.early.data.data(), op.count);
       }
@@ -879,10 +913,15 @@ void Engine::receive_data(transport::Connection& connection, const FrameHeader& 
       } else {
         thread_local std::vector<std::byte> scratch(kScratchBytes);
         const std::size_t step = kScratchBytes / c->element_bytes;
+        const std::byte* input = op.from_input && c->input ? c->input + op.offset * c->element_bytes : nullptr;
         for (std::size_t done = 0; done < op.count; done += step) {
-          const std::size_t n = std::min(step, op.count - done);
+          const std::size_t n = std::min(step, op.count - done), at = done * c->element_bytes;
           connection.read_payload(scratch.data(), n * c->element_bytes);
-          reduce_into(c->dtype, c->op, dst + done * c->element_bytes, scratch.data(), n);
+          if (input) {
+            reduce_pair(c->dtype, c->op, dst + at, input + at, scratch.data(), n);
+          } else {
+            reduce_into(c->dtype, c->op, dst + at, scratch.data(), n);
+          }
         }
       }
     } catch (...) {

@@ -36,6 +36,32 @@ TEST(PlanBuilder, InfersDependencies) {
   EXPECT_EQ(p.sources, (std::vector<int>{2}));
 }
 
+// An op that touches only elements no earlier op wrote reads the input (a send) or combines the input with what
+// arrives (a reduction); written regions are merged; an op over a region written in part marks the plan mixed.
+TEST(PlanBuilder, MarksOpsThatReadTheInput) {
+  PlanBuilder b;
+  b.send(1, make_tag(1, 0, 0), 0, 10);          // reads [0,10), never written: from the input
+  b.recv_reduce(2, make_tag(1, 0, 0), 0, 10);   // first write of [0,10): input + incoming
+  b.send(1, make_tag(2, 0, 0), 0, 10);          // [0,10) written: from the buffer
+  b.recv_copy(1, make_tag(2, 0, 10), 10, 5);    // [10,15): overwrites, reads nothing
+  b.recv_reduce(1, make_tag(2, 0, 20), 20, 0);  // empty: touches nothing
+  b.send(3, make_tag(3, 0, 30), 30, 5);         // [30,35): from the input
+  Plan p = b.finish();
+  std::vector<bool> from_input;
+  for (const Op& op : p.ops) from_input.push_back(op.from_input);
+  EXPECT_EQ(from_input, (std::vector<bool>{true, true, false, true, false, true}));
+  EXPECT_EQ(p.written, (std::vector<std::pair<std::size_t, std::size_t>>{{0, 15}}));
+  EXPECT_FALSE(p.mixed_input);
+
+  PlanBuilder m;
+  m.recv_copy(1, make_tag(1, 0, 0), 0, 4);
+  m.recv_copy(1, make_tag(1, 0, 8), 8, 4);
+  m.send(2, make_tag(2, 0, 0), 2, 8);  // [2,10): [2,4) and [8,10) written, [4,8) not
+  p = m.finish();
+  EXPECT_TRUE(p.mixed_input);
+  EXPECT_EQ(p.written, (std::vector<std::pair<std::size_t, std::size_t>>{{0, 4}, {8, 12}}));
+}
+
 // Every message a rank's plan sends must be received exactly once by its target's plan, with the same size.
 class PlanMatching : public ::testing::TestWithParam<std::tuple<CollectiveKind, Topology, int>> {};
 
@@ -61,6 +87,10 @@ TEST_P(PlanMatching, SendsMeetReceives) {
           spec.segment_elems = segment;
           for (int r = 0; r < size; ++r) spec.host_of_rank.push_back(r / 3);
           const Plan plan = build_plan(spec);
+          // An out-of-place allreduce reads its send buffer in place (Engine) only for plans that are not mixed.
+          if (kind == CollectiveKind::allreduce) {
+            EXPECT_FALSE(plan.mixed_input);
+          }
           for (const Op& op : plan.ops) {
             ASSERT_LE(op.offset + op.count, spec.count);
             ASSERT_NE(op.peer, rank);
