@@ -25,6 +25,7 @@
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/log.hpp"
+#include "base/thread.hpp"
 
 namespace aikido {
 
@@ -157,7 +158,11 @@ ElasticSession::~ElasticSession() {
 
 void ElasticSession::start_threads() {
   watcher_ = std::thread([this] { watch_loop(); });
-  if (config_.status_store) heartbeat_ = std::thread([this] { heartbeat_loop(); });
+  detail::name_thread(watcher_, "aikido-elastic");
+  if (config_.status_store) {
+    heartbeat_ = std::thread([this] { heartbeat_loop(); });
+    detail::name_thread(heartbeat_, "aikido-heartbt");
+  }
 }
 
 void ElasticSession::stop_threads() {

@@ -8,6 +8,7 @@
 
 #include "base/env.hpp"
 #include "base/log.hpp"
+#include "base/thread.hpp"
 
 namespace aikido {
 
@@ -75,6 +76,7 @@ MetricsPublisher::MetricsPublisher(std::shared_ptr<Store> store, std::string job
   state_->rank = rank;
   state_->interval = interval;
   state_->thread = std::thread([s = state_.get()] { s->loop(); });
+  detail::name_thread(state_->thread, "aikido-metrics");
 }
 
 MetricsPublisher::~MetricsPublisher() {

@@ -8,6 +8,7 @@
 #include "base/log.hpp"
 #include "base/reduce.hpp"
 #include "base/sha256.hpp"
+#include "base/thread.hpp"
 #include "transport/shm_segment.hpp"
 
 namespace aikido::detail {
@@ -198,6 +199,7 @@ Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::So
     if (c) c->start();
   }
   watchdog_ = std::thread([this] { watchdog_loop(); });
+  name_thread(watchdog_, "aikido-watchdog");
 }
 
 Engine::~Engine() {

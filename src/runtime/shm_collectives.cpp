@@ -12,6 +12,7 @@
 #include "base/error.hpp"
 #include "base/reduce.hpp"
 #include "base/sha256.hpp"
+#include "base/thread.hpp"
 #include "collective/algorithms.hpp"
 
 namespace aikido::detail {
@@ -240,6 +241,7 @@ ShmCollectives::ShmCollectives(transport::SharedSegment segment, int rank, int s
       busy_(kShmEntries, false) {
   check(segment_, size);
   progress_ = std::thread([this] { progress_loop(); });
+  name_thread(progress_, "aikido-shm");
 }
 
 ShmCollectives::~ShmCollectives() { close(); }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "base/error.hpp"
+#include "base/thread.hpp"
 
 namespace aikido::transport {
 
@@ -205,7 +206,9 @@ Connection::~Connection() {
 
 void Connection::start() {
   receive_thread_ = std::thread([this] { receive_loop(); });
+  detail::name_thread(receive_thread_, detail::str_cat("aikido-recv-", peer_));
   send_thread_ = std::thread([this] { send_loop(); });
+  detail::name_thread(send_thread_, detail::str_cat("aikido-send-", peer_));
 }
 
 void Connection::send(OutgoingFrame frame) {

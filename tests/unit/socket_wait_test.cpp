@@ -6,7 +6,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <future>
+#include <set>
 #include <string>
 #include <thread>
 #include <typeinfo>
@@ -185,6 +188,32 @@ TEST_P(SocketWait, ARequestReadAheadByAWaiterIsAnswered) {
       peer.barrier(name + " done");
     }
   });
+}
+
+// The library's threads carry names (top -H, perf, gdb): a connection's receive and send threads name their peer.
+TEST_P(SocketWait, ConnectionThreadsAreNamed) {
+  auto thread_names = [] {
+    std::set<std::string> names;
+    for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+      std::ifstream comm(task.path() / "comm");
+      std::string name;
+      std::getline(comm, name);
+      names.insert(name);
+    }
+    return names;
+  };
+  std::atomic<int> checked{0};
+  run_cluster(2, config(), [&](Peer& peer) {
+    peer.barrier("named");
+    const auto names = thread_names();
+    const std::string other = std::to_string(1 - peer.rank());
+    EXPECT_TRUE(names.count("aikido-recv-" + other)) << "no receive thread for rank " << other;
+    EXPECT_TRUE(names.count("aikido-send-" + other)) << "no send thread for rank " << other;
+    EXPECT_TRUE(names.count("aikido-watchdog"));
+    ++checked;
+    peer.barrier("named done");
+  });
+  EXPECT_EQ(checked.load(), 2);
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, SocketWait, ::testing::Values(TransportKind::tcp, TransportKind::unix_socket),
