@@ -27,6 +27,8 @@ enum class TransportKind : std::uint8_t {
 const char* transport_name(TransportKind kind);
 TransportKind parse_transport(std::string_view name);  // "auto", "tcp", "unix"; throws ConfigError otherwise
 
+inline constexpr const char* kDefaultTcpCongestion = "cubic";
+
 /// Everything a Peer needs to join a cluster. Peer::from_env() fills it from the AIKIDO_* environment
 /// (src/base/env.hpp lists every variable with its default).
 struct PeerConfig {
@@ -49,6 +51,12 @@ struct PeerConfig {
   std::string bind_address = "127.0.0.1";
   /// Size of the pieces a large buffer is cut into for pipelining (see src/collective/plan.hpp).
   std::size_t segment_bytes = std::size_t(1) << 20;
+  /// TCP congestion control of data connections (Linux's TCP_CONGESTION; `sysctl
+  /// net.ipv4.tcp_allowed_congestion_control` lists what a process may choose). Empty: the system's default.
+  /// cubic by default: with BBR, the default of some distributions, each burst of a collective is paced, and 4 MiB
+  /// allreduces over loopback took about 1.6x as long (see bench/README.md). If the kernel lacks the default, the
+  /// system's default is used; a congestion control set here that the kernel refuses is a ConfigError.
+  std::string tcp_congestion = kDefaultTcpCongestion;
   /// Prefix of store keys and socket names, so that several jobs can share a store or a host.
   std::string job_id = "aikido";
   /// Checked while create() waits for other ranks: when it returns true, create() gives up and throws

@@ -48,6 +48,7 @@ inline constexpr const char* kTransport = "AIKIDO_TRANSPORT";
 inline constexpr const char* kTimeout = "AIKIDO_TIMEOUT";
 inline constexpr const char* kBindAddress = "AIKIDO_BIND_ADDRESS";
 inline constexpr const char* kSegmentBytes = "AIKIDO_SEGMENT_BYTES";
+inline constexpr const char* kTcpCongestion = "AIKIDO_TCP_CONGESTION";  // "system": the kernel's default
 inline constexpr const char* kLogLevel = "AIKIDO_LOG_LEVEL";
 inline constexpr const char* kMetricsInterval = "AIKIDO_METRICS_INTERVAL";
 inline constexpr const char* kElastic = "AIKIDO_ELASTIC";

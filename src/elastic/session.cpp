@@ -26,6 +26,7 @@
 #include "base/error.hpp"
 #include "base/log.hpp"
 #include "base/thread.hpp"
+#include "runtime/peer_env.hpp"
 
 namespace aikido {
 
@@ -71,15 +72,7 @@ std::unique_ptr<ElasticSession> ElasticSession::from_env() {
     return std::unique_ptr<ElasticSession>(new ElasticSession(std::move(config), std::move(peer)));
   }
   PeerConfig& c = config.peer;
-  if (auto host = env::get(env::kHost)) c.host = *host;
-  if (auto secret = env::get(env::kSecret)) c.secret = *secret;
-  if (auto job = env::get(env::kJobId)) c.job_id = *job;
-  if (auto t = env::get(env::kTopology)) c.topology = parse_topology(*t);
-  if (auto t = env::get(env::kTransport)) c.transport = parse_transport(*t);
-  c.timeout = env::get_seconds(env::kTimeout, env::kDefaultTimeout);
-  if (auto a = env::get(env::kBindAddress)) c.bind_address = *a;
-  c.segment_bytes =
-      std::size_t(env::get_int(env::kSegmentBytes, std::int64_t(c.segment_bytes), 8, std::int64_t(1) << 40));
+  detail::read_peer_env(c);
   const auto address = env::get(env::kStoreAddr);
   if (!address)
     throw ConfigError(

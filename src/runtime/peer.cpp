@@ -1,7 +1,10 @@
 #include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <aikido/peer.hpp>
+#include <cstring>
+#include <fstream>
 #include <future>
 #include <map>
 #include <sstream>
@@ -11,6 +14,7 @@
 #include "base/log.hpp"
 #include "base/sha256.hpp"
 #include "runtime/engine.hpp"
+#include "runtime/peer_env.hpp"
 #include "runtime/shm_collectives.hpp"
 #include "transport/handshake.hpp"
 #include "transport/shm_segment.hpp"
@@ -33,6 +37,40 @@ void validate(const PeerConfig& c) {
   if (c.size > 1 && !c.store) throw ConfigError("a cluster of several ranks needs a rendezvous store");
   if (c.size > 1 && c.secret.empty()) {
     throw ConfigError("a cluster of several ranks needs a job secret (AIKIDO_SECRET; aikido-run sets it)");
+  }
+}
+
+// Checks config.tcp_congestion on a throwaway socket before any connection is made: a name the kernel refuses is a
+// ConfigError, except the built-in default, which quietly gives way to the system's (a kernel without cubic).
+void choose_congestion_control(PeerConfig& config) {
+  if (config.tcp_congestion.empty() || config.transport == TransportKind::unix_socket) return;
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return;  // the connections will fail with a clearer error
+  const int err = transport::set_congestion_control(fd, config.tcp_congestion);
+  ::close(fd);
+  if (err == 0) return;
+  if (config.tcp_congestion == kDefaultTcpCongestion) {
+    log::debug("TCP congestion control ", config.tcp_congestion, " refused (", std::strerror(err),
+               "): data connections keep the system's default");
+    config.tcp_congestion.clear();
+    return;
+  }
+  std::ifstream allowed_file("/proc/sys/net/ipv4/tcp_allowed_congestion_control");
+  std::string allowed;
+  std::getline(allowed_file, allowed);
+  throw ConfigError(str_cat("TCP congestion control '", config.tcp_congestion, "' (", env::kTcpCongestion,
+                            ") is refused by the kernel: ", std::strerror(err), "; this process may choose: ",
+                            allowed.empty() ? "unknown" : allowed, ", or 'system' for the kernel's default"));
+}
+
+// Kernel buffers and congestion control of a data connection.
+void tune_data_socket(transport::Socket& socket, const PeerConfig& config) {
+  transport::set_bulk_buffers(socket);
+  int domain = 0;
+  socklen_t len = sizeof domain;
+  if (::getsockopt(socket.fd(), SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || domain == AF_UNIX) return;
+  if (const int err = transport::set_congestion_control(socket.fd(), config.tcp_congestion)) {
+    log::warn("cannot set TCP congestion control ", config.tcp_congestion, ": ", std::strerror(err));
   }
 }
 
@@ -103,7 +141,7 @@ void accept_all(const PeerConfig& config, std::vector<transport::Listener*> list
           log::warn("rank ", config.rank, ": refused a connection claiming rank ", p);
           continue;
         }
-        transport::set_bulk_buffers(s);
+        tune_data_socket(s, config);
         sockets[std::size_t(p)] = std::move(s);
         --expected;
       } catch (const Error& e) {
@@ -196,6 +234,7 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
   PeerConfig config = input;
   if (config.host.empty()) config.host = transport::host_name();
   validate(config);
+  choose_congestion_control(config);
   detail::ClusterInfo info;
   if (config.size == 1) {
     info.host_of_rank = {0};
@@ -283,7 +322,7 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
         throw ProtocolError(str_cat("rank ", config.rank, " connected to the address of rank ", p, " but rank ",
                                     result.peer_rank, " answered"));
       }
-      transport::set_bulk_buffers(s);
+      tune_data_socket(s, config);
       sockets[std::size_t(p)] = std::move(s);
     }
   } catch (...) {
@@ -304,22 +343,31 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
 
 }  // namespace
 
-Peer Peer::create(const PeerConfig& input) { return Peer(connect_engine(input)); }
+namespace detail {
 
-Peer Peer::from_env() {
-  PeerConfig config;
-  config.rank = int(env::get_int(env::kRank, 0, 0, 1 << 20));
-  config.size = int(env::get_int(env::kSize, 1, 1, 1 << 20));
+void read_peer_env(PeerConfig& config) {
   if (auto host = env::get(env::kHost)) config.host = *host;
   if (auto secret = env::get(env::kSecret)) config.secret = *secret;
   if (auto job = env::get(env::kJobId)) config.job_id = *job;
-  config.cluster_version = std::uint64_t(env::get_int(env::kClusterVersion, 0, 0, INT64_MAX));
   if (auto t = env::get(env::kTopology)) config.topology = parse_topology(*t);
   if (auto t = env::get(env::kTransport)) config.transport = parse_transport(*t);
   config.timeout = env::get_seconds(env::kTimeout, env::kDefaultTimeout);
   if (auto a = env::get(env::kBindAddress)) config.bind_address = *a;
   config.segment_bytes =
       std::size_t(env::get_int(env::kSegmentBytes, std::int64_t(config.segment_bytes), 8, std::int64_t(1) << 40));
+  if (auto cc = env::get(env::kTcpCongestion)) config.tcp_congestion = *cc == "system" ? "" : *cc;
+}
+
+}  // namespace detail
+
+Peer Peer::create(const PeerConfig& input) { return Peer(connect_engine(input)); }
+
+Peer Peer::from_env() {
+  PeerConfig config;
+  config.rank = int(env::get_int(env::kRank, 0, 0, 1 << 20));
+  config.size = int(env::get_int(env::kSize, 1, 1, 1 << 20));
+  config.cluster_version = std::uint64_t(env::get_int(env::kClusterVersion, 0, 0, INT64_MAX));
+  detail::read_peer_env(config);
   if (config.size > 1) {
     auto address = env::get(env::kStoreAddr);
     if (!address) {

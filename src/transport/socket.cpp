@@ -303,6 +303,12 @@ void set_bulk_buffers(Socket& socket) {
   ::setsockopt(socket.fd(), SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
 }
 
+int set_congestion_control(int fd, const std::string& name) {
+  if (name.empty()) return 0;
+  if (::setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, name.data(), socklen_t(name.size())) == 0) return 0;
+  return errno;
+}
+
 std::string host_name() {
   char name[256] = {};
   if (::gethostname(name, sizeof name - 1) != 0) return "localhost";

@@ -94,6 +94,10 @@ Socket connect(const Address& address, Clock::time_point deadline);
 /// Large kernel buffers for bulk data connections.
 void set_bulk_buffers(Socket& socket);
 
+/// Sets the TCP congestion control of `fd` (a TCP socket; the empty name leaves it alone); 0 or the errno of the
+/// refusal.
+int set_congestion_control(int fd, const std::string& name);
+
 /// This machine's host name.
 std::string host_name();
 

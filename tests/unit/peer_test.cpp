@@ -1,10 +1,16 @@
 // Peer API semantics and failure behaviour: mismatches, timeouts, lost peers, misuse, the model store,
 // topology switches, transports and the handshake.
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <filesystem>
 #include <future>
 #include <latch>
+#include <set>
 #include <thread>
 #include <typeinfo>
 
@@ -248,6 +254,49 @@ TEST(Peer, Transports) {
       peer.allreduce(std::span<std::int32_t>(x), ReduceOp::sum, "t");
       EXPECT_EQ(x[99999], 3);
     });
+  }
+}
+
+// Data connections over TCP use the configured congestion control (reno: built into every kernel, and no
+// system's default, so the test sees the setting rather than the default).
+TEST(Peer, TcpCongestionControlIsSetOnDataConnections) {
+  auto congestion_controls = [] {
+    std::multiset<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+      const int fd = std::atoi(entry.path().filename().c_str());
+      char name[32] = {};
+      socklen_t len = sizeof name;
+      if (::getsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, name, &len) == 0) names.insert(name);
+    }
+    return names;
+  };
+  PeerConfig c = base_config();
+  c.transport = TransportKind::tcp;
+  c.tcp_congestion = "reno";
+  std::atomic<int> checked{0};
+  run_cluster(3, c, [&](Peer& peer) {
+    peer.barrier("cc");
+    // Three ranks in this process: 3 connections, each seen from both ends.
+    EXPECT_GE(congestion_controls().count("reno"), 6u);
+    ++checked;
+    peer.barrier("cc done");
+  });
+  EXPECT_EQ(checked.load(), 3);
+}
+
+TEST(Peer, RefusedTcpCongestionControlIsAConfigError) {
+  PeerConfig c = base_config();
+  c.transport = TransportKind::tcp;
+  c.tcp_congestion = "no-such-algorithm";
+  c.size = 2;
+  c.store = make_memory_store();
+  try {
+    Peer peer = Peer::create(c);
+    ADD_FAILURE() << "created a peer with an unknown congestion control";
+  } catch (const ConfigError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("'no-such-algorithm' (AIKIDO_TCP_CONGESTION)"), std::string::npos) << what;
+    EXPECT_NE(what.find("may choose"), std::string::npos) << what;
   }
 }
 
