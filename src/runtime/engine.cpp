@@ -22,9 +22,11 @@ using transport::WireError;
 
 namespace {
 
-/// An allreduce of at most this many bytes on the ring topology takes fewer hops: recursive doubling on 2 ranks, the
-/// tree on more (latency over bandwidth; see post()).
+/// An allreduce of at most this many bytes on the ring topology takes fewer hops: the tree on more than 2 ranks
+/// (latency over bandwidth; see post()).
 constexpr std::size_t kSmallAllreduceBytes = 64 * 1024;
+/// On 2 ranks, an allreduce of at most this many bytes on the ring topology uses recursive doubling (see post()).
+constexpr std::size_t kRecursiveDoublingBytes = std::size_t(1) << 20;
 /// Bound on data that arrived before its receive was armed; past it the receiving thread waits (and so holds the
 /// sender back through the connection's flow control).
 constexpr std::size_t kMailboxCap = std::size_t(256) << 20;
@@ -394,10 +396,13 @@ Work Engine::post(const Request& request) {
   // exchange of the whole buffer. Measured over TCP: with 4 ranks 4 KiB 2.5x and 64 KiB 2x faster on the tree than
   // on the ring, 1 MiB about equal; with 2 ranks 4 KiB (11.8 us against 20) and 64 KiB (about 35 us against 44)
   // faster with recursive doubling than on the ring. With 4 ranks on 2 cores recursive doubling was slower than the
-  // tree (4 KiB: 165 us against 80; all four ranks exchange at once), so it is not used past two ranks.
-  const bool small_ring =
-      topology_ == Topology::ring && spec.kind == CollectiveKind::allreduce && c->buffer_bytes <= kSmallAllreduceBytes;
-  spec.recursive_doubling = small_ring && size == 2;
+  // tree (4 KiB: 165 us against 80; all four ranks exchange at once), so it is not used past two ranks. On two
+  // ranks it also wins up to 1 MiB, where the ring's second half waits for its first (TCP, medians of 3 runs:
+  // 128 KiB 61 us against 92, 512 KiB 149 against 165, 1 MiB 234 against 247), and loses from 2 MiB (433 against
+  // 395: the whole buffer is reduced on both ranks).
+  const bool ring_allreduce = topology_ == Topology::ring && spec.kind == CollectiveKind::allreduce;
+  const bool small_ring = ring_allreduce && c->buffer_bytes <= kSmallAllreduceBytes;
+  spec.recursive_doubling = ring_allreduce && size == 2 && c->buffer_bytes <= kRecursiveDoublingBytes;
   c->topology = small_ring && size > 2 ? Topology::tree : topology_;
   spec.topology = c->topology;
   const std::string lost = lost_summary();
