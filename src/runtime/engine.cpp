@@ -509,7 +509,7 @@ void Engine::arm(const std::shared_ptr<Collective>& c, std::uint32_t i, Progress
   mailbox_.erase(m);
   mailbox_bytes_ -= early.header.payload_bytes;
   mailbox_space_.notify_all();
-  if (!check_signature(c, early.header, progress)) return;
+  if (!accept_frame(c, early.header, progress)) return;
   c->state[i] = OpState::running;
   ++c->running;
   progress.copies.push_back({c, i, std::move(early)});
@@ -566,7 +566,7 @@ void Engine::send_ready(const Collective& c, int peer) {
 }
 
 void Engine::on_ready(const std::shared_ptr<Collective>& c, const FrameHeader& header, Progress& progress) {
-  if (c->failed || !check_signature(c, header, progress)) return;
+  if (c->failed || !accept_frame(c, header, progress)) return;
   if (c->ready_from[std::size_t(header.source)]) return;
   c->ready_from[std::size_t(header.source)] = true;
   ++c->ready_count;
@@ -666,7 +666,7 @@ void Engine::abandon_transfers(const Collective& c) {
   }
 }
 
-bool Engine::check_signature(const std::shared_ptr<Collective>& c, const FrameHeader& h, Progress& progress) {
+bool Engine::accept_frame(const std::shared_ptr<Collective>& c, const FrameHeader& h, Progress& progress) {
   const bool same = h.kind == std::uint8_t(c->kind) && h.dtype == std::uint8_t(c->dtype) &&
                     h.op == std::uint8_t(c->op) && h.topology == std::uint8_t(c->topology) && h.root == c->root &&
                     h.count == c->count;
@@ -899,7 +899,7 @@ void Engine::receive_data(transport::Connection& connection, const FrameHeader& 
     auto c = armed->second.collective;
     const std::uint32_t i = armed->second.op;
     armed_.erase(armed);
-    if (!check_signature(c, header, progress)) {
+    if (!accept_frame(c, header, progress)) {
       run(lock, progress);
       connection.discard_payload(bytes);
       return;
@@ -955,7 +955,7 @@ void Engine::receive_data(transport::Connection& connection, const FrameHeader& 
   auto active = active_.find(CollectiveKey{name, header.seq});
   if (active != active_.end()) {
     auto c = active->second;
-    if (!check_signature(c, header, progress)) {
+    if (!accept_frame(c, header, progress)) {
       run(lock, progress);
       connection.discard_payload(bytes);
       return;
@@ -1002,7 +1002,7 @@ void Engine::receive_data(transport::Connection& connection, const FrameHeader& 
     armed_.erase(armed);
     mailbox_bytes_ -= bytes;
     mailbox_space_.notify_all();
-    if (check_signature(c, header, progress)) {
+    if (accept_frame(c, header, progress)) {
       if (bytes != c->plan->ops[i].count * c->element_bytes) {
         throw ProtocolError(str_cat("rank ", source, " sent ", bytes, " bytes for a segment of ", c->label(),
                                     " where this rank expects ", c->plan->ops[i].count * c->element_bytes));

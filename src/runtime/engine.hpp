@@ -155,7 +155,9 @@ class Engine final : public transport::FrameHandler {
   void fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, transport::WireError kind, bool tell_peers,
             Progress& progress);
   void abandon_transfers(const Collective& c);
-  bool check_signature(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header, Progress& progress);
+  /// A frame of `c` arrived: false (and `c` failed with MismatchError) when its signature differs from this rank's;
+  /// otherwise a data frame that stands for its sender's `ready` (see post()) counts as that `ready`.
+  bool accept_frame(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header, Progress& progress);
   std::string lost_summary() const;
   std::string describe_wait(const Collective& c) const;
   void send_control(int peer, transport::FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
