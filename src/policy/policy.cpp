@@ -9,8 +9,10 @@
 #include <aikido/policy.hpp>
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 #include "base/error.hpp"
 
@@ -132,6 +134,12 @@ std::int64_t round_to_power_of_two(double x) {
 // workers (rounded to a power of two, within [min, max], growing only and at most doubling per decision) and sets the
 // learning rate by `rule`: linear (lr0 * B / B0), sqrt (lr0 * sqrt(B / B0)) or adascale (lr0 times AdaScale's
 // gain ratio (s2 + g2) / (s2 / S + g2), S = B / B0, s2 the gradient variance at batch B0, g2 = |G|^2).
+//
+// With min_speedup > 0 a doubling is a trial: at the next decision, the throughput measured at the new batch (mean
+// samples/s of the steps since the change, the first kSettleSteps left out) must be at least min_speedup times the
+// one measured at the old batch, or the batch and learning rate go back and that batch is not tried again. Where the
+// hardware gives no more samples/s for a larger batch (a model bound by compute), growing only costs progress per
+// sample. The throughput is reduced across workers, so every worker takes the same decision.
 class AdaptiveBatch : public Policy {
  public:
   explicit AdaptiveBatch(const PolicyOptions& o)
@@ -140,14 +148,22 @@ class AdaptiveBatch : public Policy {
         interval_(option_int(o, "interval", 50)),
         warmup_(option_int(o, "warmup", 50)),
         rule_(option_string(o, "rule", "sqrt")),
-        scale_(option_double(o, "scale", 1.0)) {
-    require_known_keys("adaptive-batch", o, {"min", "max", "interval", "warmup", "rule", "scale"});
+        scale_(option_double(o, "scale", 1.0)),
+        min_speedup_(option_double(o, "min_speedup", 0.0)) {
+    require_known_keys("adaptive-batch", o, {"min", "max", "interval", "warmup", "rule", "scale", "min_speedup"});
     if (rule_ != "linear" && rule_ != "sqrt" && rule_ != "adascale") {
       throw ConfigError(str_cat("policy adaptive-batch: rule '", rule_, "' is not linear, sqrt or adascale"));
     }
     if (max_ < 1 || min_ < 0 || (min_ > 0 && min_ > max_) || interval_ < 1 || warmup_ < 0 ||
         !(scale_ > 0 && std::isfinite(scale_))) {
       throw ConfigError("policy adaptive-batch: need 1 <= min <= max, interval >= 1, warmup >= 0, scale > 0");
+    }
+    if (!(min_speedup_ >= 0 && std::isfinite(min_speedup_))) {
+      throw ConfigError("policy adaptive-batch: min_speedup must be 0 (off) or a positive factor such as 1.1");
+    }
+    if (min_speedup_ > 0 && interval_ <= kSettleSteps) {
+      throw ConfigError(str_cat("policy adaptive-batch: min_speedup needs interval > ", kSettleSteps,
+                                " (the throughput of a new batch is measured between two decisions)"));
     }
   }
   std::string name() const override { return "adaptive-batch"; }
@@ -160,13 +176,45 @@ class AdaptiveBatch : public Policy {
 
   void after_step(PolicyContext& c) override {
     const TrainingMetrics& m = c.metrics();
+    record_throughput(m);
     if (m.step < warmup_ || m.step % interval_ != 0 || !TrainingMetrics::known(m.noise_scale)) return;
     const std::int64_t current = m.batch_size;
+    if (trial_from_ > 0) {
+      if (current != trial_to_) {
+        trial_from_ = 0;  // the batch changed by other means: no verdict
+      } else {
+        const auto now = mean_throughput(current), before = mean_throughput(trial_from_);
+        if (!now || !before) return;  // not measured yet: the verdict waits for the next decision
+        const std::int64_t from = trial_from_;
+        trial_from_ = 0;
+        if (*now < min_speedup_ * *before) {
+          refused_.push_back(current);
+          c.set_batch_size(from);
+          set_lr(c, m, from, current);
+          return;
+        }
+      }
+    }
     std::int64_t target = round_to_power_of_two(scale_ * m.noise_scale / std::max(1, m.workers));
     target = std::clamp(target, std::max<std::int64_t>(1, min_), max_);
     target = std::min(target, current * 2);
-    const std::int64_t next = std::max(target, current);
+    std::int64_t next = std::max(target, current);
+    if (next != current && min_speedup_ > 0) {
+      if (std::find(refused_.begin(), refused_.end(), next) != refused_.end()) {
+        next = current;
+      } else {
+        trial_from_ = current;
+        trial_to_ = next;
+      }
+    }
     if (next != current) c.set_batch_size(next);
+    set_lr(c, m, next, current);
+  }
+
+ private:
+  static constexpr int kSettleSteps = 5;  // steps after a batch change whose throughput is not counted
+
+  void set_lr(PolicyContext& c, const TrainingMetrics& m, std::int64_t next, std::int64_t current) const {
     const double scale = static_cast<double>(next) / static_cast<double>(base_batch_);
     if (!TrainingMetrics::known(base_lr_)) return;
     if (rule_ == "linear") {
@@ -181,12 +229,35 @@ class AdaptiveBatch : public Policy {
     }
   }
 
- private:
+  void record_throughput(const TrainingMetrics& m) {
+    if (min_speedup_ <= 0) return;
+    if (m.batch_size != measured_batch_) {
+      measured_batch_ = m.batch_size;
+      steps_at_batch_ = 0;
+    }
+    if (++steps_at_batch_ <= kSettleSteps || !TrainingMetrics::known(m.samples_per_second)) return;
+    auto& [sum, n] = throughput_[m.batch_size];
+    sum += m.samples_per_second;
+    ++n;
+  }
+
+  std::optional<double> mean_throughput(std::int64_t batch) const {
+    const auto it = throughput_.find(batch);
+    if (it == throughput_.end() || it->second.second < 3) return std::nullopt;
+    return it->second.first / it->second.second;
+  }
+
   std::int64_t min_, max_, interval_, warmup_;
   std::string rule_;
-  double scale_;
+  double scale_, min_speedup_;
   std::int64_t base_batch_ = 1;
   double base_lr_ = TrainingMetrics::kUnknown;
+  // min_speedup: samples/s (sum, count) per per-worker batch; the doubling on trial; batches that did not pay.
+  std::map<std::int64_t, std::pair<double, int>> throughput_;
+  std::int64_t measured_batch_ = -1;
+  int steps_at_batch_ = 0;
+  std::int64_t trial_from_ = 0, trial_to_ = 0;
+  std::vector<std::int64_t> refused_;
 };
 
 // strategy-switch: switches to `to` (default ssgd) once, at `step`, at the start of `epoch`, or when the noise scale

@@ -271,6 +271,50 @@ TEST(BuiltinPolicies, AdaptiveBatchScaleMultipliesTheTarget) {
   EXPECT_THROW(make_policy("adaptive-batch:scale=-2"), ConfigError);
 }
 
+// min_speedup: a doubling that does not raise the measured samples/s by the factor is undone and not tried again;
+// one that does stays, and growth goes on.
+TEST(BuiltinPolicies, AdaptiveBatchKeepsADoublingOnlyWhereThroughputGrows) {
+  // Steps first..last at per-worker batch `batch` with `sps` samples/s; after_step on each.
+  auto steps = [](Policy& p, RecordingContext& c, std::int64_t first, std::int64_t last, std::int64_t batch,
+                  double sps) {
+    for (std::int64_t s = first; s <= last; ++s) {
+      c.m.step = s;
+      c.m.batch_size = batch;
+      c.m.samples_per_second = sps;
+      p.after_step(c);
+    }
+  };
+  for (const double speedup_at_128 : {1.03, 1.5}) {
+    auto p = make_policy("adaptive-batch:interval=10,warmup=0,rule=linear,min_speedup=1.1");
+    RecordingContext c;
+    start_training(*p, c, 64, 0.1, 2);
+    c.m.noise_scale = 4096;  // wants the maximum: doubles at every decision it may
+    steps(*p, c, 1, 10, 64, 1000);
+    EXPECT_EQ(c.actions, (std::vector<std::string>{"batch=128", "lr=0.200000"}));  // a trial
+    c.actions.clear();
+    steps(*p, c, 11, 20, 128, 1000 * speedup_at_128);
+    if (speedup_at_128 < 1.1) {
+      EXPECT_EQ(c.actions, (std::vector<std::string>{"batch=64", "lr=0.100000"})) << "3% more samples/s: undone";
+      c.actions.clear();
+      steps(*p, c, 21, 40, 64, 1000);
+      EXPECT_TRUE(c.actions.empty()) << "128 is not tried again";
+    } else {
+      EXPECT_EQ(c.actions, (std::vector<std::string>{"batch=256", "lr=0.400000"})) << "kept, and grows on";
+    }
+  }
+  // Without min_speedup the throughput plays no part: the same 3% doubling is kept.
+  auto p = make_policy("adaptive-batch:interval=10,warmup=0,rule=linear");
+  RecordingContext c;
+  start_training(*p, c, 64, 0.1, 2);
+  c.m.noise_scale = 4096;
+  steps(*p, c, 1, 10, 64, 1000);
+  c.actions.clear();
+  steps(*p, c, 11, 20, 128, 1030);
+  EXPECT_EQ(c.actions, (std::vector<std::string>{"batch=256", "lr=0.400000"}));
+  EXPECT_THROW(make_policy("adaptive-batch:min_speedup=-1"), ConfigError);
+  EXPECT_THROW(make_policy("adaptive-batch:min_speedup=1.1,interval=3"), ConfigError);
+}
+
 TEST(BuiltinPolicies, AdaScaleGainIsBetweenOneAndTheScale) {
   auto p = make_policy("adaptive-batch:interval=1,warmup=0,rule=adascale");
   RecordingContext c;
