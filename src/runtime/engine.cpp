@@ -145,10 +145,6 @@ void take_input(Collective& c) {
 
 const std::byte* source_of(const Collective& c, const Op& op) { return op.from_input && c.input ? c.input : c.buffer; }
 
-}  // namespace
-
-namespace {
-
 // A frame header carrying the collective's signature, which the receiver checks against its own.
 FrameHeader signed_header(const Collective& c, FrameType type) {
   FrameHeader h;
