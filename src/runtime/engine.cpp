@@ -9,6 +9,7 @@
 #include "base/reduce.hpp"
 #include "base/sha256.hpp"
 #include "base/thread.hpp"
+#include "runtime/engine_collective.hpp"
 #include "transport/shm_segment.hpp"
 
 namespace aikido::detail {
@@ -32,10 +33,9 @@ constexpr std::size_t kRecursiveDoublingBytes = std::size_t(1) << 20;
 constexpr std::size_t kMailboxCap = std::size_t(256) << 20;
 /// Bytes of scratch each receive thread reduces through.
 constexpr std::size_t kScratchBytes = 256 * 1024;
-constexpr std::size_t kMaxTombstones = 4096;
 constexpr std::uint64_t kMaxErrorText = 64 * 1024;
 
-enum class OpState : std::uint8_t { waiting, armed, running, done };
+}  // namespace
 
 const char* kind_name(CollectiveKind kind) {
   switch (kind) {
@@ -57,7 +57,6 @@ const char* kind_name(CollectiveKind kind) {
   return "collective";
 }
 
-// The exception a failure of this kind raises on ranks that hear of it from another rank.
 std::exception_ptr error_for(WireError kind, const std::string& text) {
   switch (kind) {
     case WireError::mismatch:
@@ -70,54 +69,6 @@ std::exception_ptr error_for(WireError kind, const std::string& text) {
       return std::make_exception_ptr(PeerLostError(text));
   }
 }
-
-}  // namespace
-
-struct Collective {
-  std::string name;
-  std::uint64_t seq = 0;
-  CollectiveKind kind{};
-  DType dtype{};
-  ReduceOp op{};
-  Topology topology{};
-  int root = 0;
-  std::uint64_t count = 0;  // signature: elements each rank contributes
-  std::size_t element_bytes = 0;
-  std::byte* buffer = nullptr;
-  std::size_t buffer_bytes = 0;
-  // An out-of-place allreduce reads its send buffer in place: ops marked `from_input` read the region from here
-  // instead of `buffer` (see collective/plan.hpp). Null when the input was copied into the buffer.
-  const std::byte* input = nullptr;
-  PooledBuffer workspace;
-  std::shared_ptr<const Plan> plan;
-  std::vector<std::uint32_t> waiting;
-  std::vector<OpState> state;
-  std::size_t remaining = 0;
-  int running = 0;
-  std::vector<int> running_by_peer;
-  std::vector<bool> ready_from;
-  std::size_t ready_count = 0;
-  // A small allreduce (every segment eager) with a peer it both sends to and receives from sends that peer no
-  // `ready`: the peer's first data frame, signed like a `ready`, stands for it (see post()).
-  std::vector<bool> ready_in_data;
-  std::vector<std::uint32_t> deferred;
-  bool failed = false;
-  bool finished = false;
-  std::exception_ptr error;
-  std::shared_ptr<WorkState> work;
-  Clock::time_point start;
-  Clock::time_point deadline;
-  bool stall_queried = false;
-  std::vector<int> stall_posted;  // -1 unknown, 0 not posted, 1 posted
-  // Finishing touches.
-  void* recv = nullptr;
-  std::size_t recv_count = 0;
-  bool* agreed = nullptr;
-  int world = 1;
-  int rank = 0;
-
-  std::string label() const { return str_cat(kind_name(kind), " '", name, "' (seq ", seq, ")"); }
-};
 
 namespace {
 
@@ -249,16 +200,6 @@ std::shared_ptr<const Plan> Engine::plan_for(const collective::PlanSpec& spec) {
   auto plan = std::make_shared<const Plan>(collective::build_plan(spec));
   plans_.emplace(key, plan);
   return plan;
-}
-
-std::string Engine::lost_summary() const {
-  std::string out;
-  for (std::size_t p = 0; p < lost_.size(); ++p) {
-    if (lost_[p].empty() || departed_[p]) continue;
-    if (!out.empty()) out += "; ";
-    out += lost_[p];
-  }
-  return out;
 }
 
 Work Engine::post(const Request& request) {
@@ -613,55 +554,6 @@ void Engine::maybe_finish(const std::shared_ptr<Collective>& c, Progress& progre
   active_.erase(CollectiveKey{c->name, c->seq});
 }
 
-void Engine::fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, WireError kind, bool tell_peers,
-                  Progress& progress) {
-  if (c->finished) return;
-  if (c->failed) {  // the first error stands; a transfer that ended with this one may let the collective finish
-    maybe_finish(c, progress);
-    return;
-  }
-  c->failed = true;
-  c->error = error;
-  for (std::uint32_t i = 0; i < c->plan->ops.size(); ++i) {
-    const Op& op = c->plan->ops[i];
-    if (op.kind == OpKind::send || c->state[i] == OpState::done || c->state[i] == OpState::running) continue;
-    MessageKey key{c->name, c->seq, op.tag, op.peer};
-    armed_.erase(key);
-    auto m = mailbox_.find(key);
-    if (m != mailbox_.end()) {
-      mailbox_bytes_ -= m->second.header.payload_bytes;
-      mailbox_.erase(m);
-      mailbox_space_.notify_all();
-    }
-  }
-  c->deferred.clear();
-  std::string text;
-  try {
-    std::rethrow_exception(error);
-  } catch (const std::exception& e) {
-    text = e.what();
-  }
-  CollectiveKey key{c->name, c->seq};
-  if (tombstones_.emplace(key, Tombstone{text, std::uint8_t(kind)}).second) tombstone_order_.push_back(key);
-  while (tombstone_order_.size() > kMaxTombstones) {
-    tombstones_.erase(tombstone_order_.front());
-    tombstone_order_.pop_front();
-  }
-  if (tell_peers) send_abort(c->name, c->seq, std::int32_t(kind), text, -1);
-  if (kind == WireError::timeout || kind == WireError::other) abandon_transfers(*c);
-  maybe_finish(c, progress);
-}
-
-void Engine::abandon_transfers(const Collective& c) {
-  // A transfer stuck in the middle of a frame cannot be abandoned without breaking the stream, so the connection
-  // goes: its peer is then lost for later collectives too.
-  for (int p = 0; p < config_.size; ++p) {
-    if (c.running_by_peer[std::size_t(p)] > 0 && connections_[std::size_t(p)]) {
-      connections_[std::size_t(p)]->shutdown();
-    }
-  }
-}
-
 bool Engine::accept_frame(const std::shared_ptr<Collective>& c, const FrameHeader& h, Progress& progress) {
   const bool same = h.kind == std::uint8_t(c->kind) && h.dtype == std::uint8_t(c->dtype) &&
                     h.op == std::uint8_t(c->op) && h.topology == std::uint8_t(c->topology) && h.root == c->root &&
@@ -688,15 +580,6 @@ bool Engine::accept_frame(const std::shared_ptr<Collective>& c, const FrameHeade
                                    ". Every rank must post the same name with the same size, type, operation and root");
   fail(c, std::make_exception_ptr(MismatchError(text)), WireError::mismatch, true, progress);
   return false;
-}
-
-void Engine::send_abort(const std::string& name, std::uint64_t seq, std::int32_t kind, const std::string& text,
-                        int except) {
-  for (int p = 0; p < config_.size; ++p) {
-    if (p != config_.rank && p != except && lost_[std::size_t(p)].empty()) {
-      send_control(p, FrameType::abort, name, seq, kind, text);
-    }
-  }
 }
 
 void Engine::send_control(int peer, FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
@@ -1011,127 +894,6 @@ void Engine::receive_data(transport::Connection& connection, const FrameHeader& 
     return;
   }
   mailbox_.emplace(std::move(key), std::move(early));
-}
-
-void Engine::on_lost(transport::Connection& connection, const std::string& reason, bool goodbye) {
-  const int p = connection.peer();
-  std::unique_lock<std::mutex> lock(mutex_);
-  if (closing_ || !lost_[std::size_t(p)].empty()) return;
-  lost_[std::size_t(p)] =
-      goodbye ? str_cat("rank ", p, " closed its session") : str_cat("rank ", p, " is lost (", reason, ")");
-  departed_[std::size_t(p)] = goodbye;
-  if (!goodbye) log::warn("rank ", config_.rank, ": ", lost_[std::size_t(p)]);
-  Progress progress;
-  std::vector<std::shared_ptr<Collective>> all;
-  for (auto& [key, c] : active_) {
-    if (needs_peer(*c, p)) all.push_back(c);
-  }
-  for (auto& c : all) {
-    fail(c,
-         std::make_exception_ptr(
-             PeerLostError(str_cat(c->label(), " failed on rank ", config_.rank, " at cluster version ",
-                                   config_.cluster_version, ": ", lost_[std::size_t(p)]))),
-         WireError::lost, true, progress);
-  }
-  std::vector<std::shared_ptr<PendingRequest>> failed;
-  for (auto& [id, r] : requests_) {
-    if (r->target == p && !r->finished && !r->running) failed.push_back(r);
-  }
-  for (auto& r : failed) {
-    r->finished = true;
-    requests_.erase(r->id);
-  }
-  const std::string why = lost_[std::size_t(p)];
-  run(lock, progress);
-  if (shm_) shm_->peer_lost(p, why, goodbye);
-  for (auto& r : failed) {
-    r->work->complete(
-        std::make_exception_ptr(PeerLostError(str_cat("request of '", r->name, "' from rank ", p, " failed: ", why))));
-  }
-  if (!failed.empty() && gate_) gate_->wake_holder();
-}
-
-std::string Engine::describe_wait(const Collective& c) const {
-  std::vector<int> data_from, not_posted, ready_from;
-  for (std::uint32_t i = 0; i < c.plan->ops.size(); ++i) {
-    const Op& op = c.plan->ops[i];
-    if (c.state[i] == OpState::done) continue;
-    auto add = [](std::vector<int>& v, int p) {
-      if (std::find(v.begin(), v.end(), p) == v.end()) v.push_back(p);
-    };
-    if (op.kind != OpKind::send) add(data_from, op.peer);
-  }
-  for (int p : c.plan->targets) {
-    if (!c.ready_from[std::size_t(p)]) ready_from.push_back(p);
-  }
-  for (int p = 0; p < config_.size; ++p) {
-    if (c.stall_posted[std::size_t(p)] == 0) not_posted.push_back(p);
-  }
-  std::sort(data_from.begin(), data_from.end());
-  std::sort(ready_from.begin(), ready_from.end());
-  const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - c.start);
-  std::string text = str_cat(c.label(), " on rank ", config_.rank, " at cluster version ", config_.cluster_version,
-                             " has waited ", seconds(waited));
-  if (!not_posted.empty()) {
-    text += str_cat("; rank", not_posted.size() > 1 ? "s " : " ", rank_list(not_posted),
-                    not_posted.size() > 1 ? " have" : " has", " not posted it");
-  }
-  if (!data_from.empty()) text += str_cat("; waiting for data from rank(s) ", rank_list(data_from));
-  if (!ready_from.empty()) text += str_cat("; waiting for rank(s) ", rank_list(ready_from), " to post it");
-  return text;
-}
-
-void Engine::watchdog_loop() {
-  std::unique_lock<std::mutex> lock(mutex_);
-  while (!closing_) {
-    watchdog_wake_.wait_for(lock, std::chrono::milliseconds(50));
-    if (closing_) break;
-    const auto now = Clock::now();
-    Progress progress;
-    std::vector<std::shared_ptr<Collective>> all;
-    for (auto& [key, c] : active_) all.push_back(c);
-    for (auto& c : all) {
-      if (c->failed) {
-        // Failed, but a transfer with a healthy peer is still running: bound that too.
-        if (now >= c->deadline) abandon_transfers(*c);
-        continue;
-      }
-      if (now >= c->deadline) {
-        fail(c,
-             std::make_exception_ptr(TimeoutError(
-                 str_cat(describe_wait(*c), "; the timeout is ", seconds(config_.timeout), " (AIKIDO_TIMEOUT)"))),
-             WireError::timeout, false, progress);
-      } else if (!c->stall_queried && now >= c->start + config_.timeout / 2) {
-        c->stall_queried = true;
-        for (int p = 0; p < config_.size; ++p) {
-          if (p != config_.rank && lost_[std::size_t(p)].empty()) {
-            send_control(p, FrameType::stall_query, c->name, c->seq, 0, {});
-          }
-        }
-      }
-    }
-    std::vector<std::shared_ptr<PendingRequest>> expired;
-    for (auto& [id, r] : requests_) {
-      if (!r->finished && now >= r->deadline) {
-        if (r->running) {
-          connections_[std::size_t(r->target)]->shutdown();
-        } else {
-          expired.push_back(r);
-        }
-      }
-    }
-    for (auto& r : expired) {
-      r->finished = true;
-      requests_.erase(r->id);
-    }
-    run(lock, progress);
-    for (auto& r : expired) {
-      r->work->complete(std::make_exception_ptr(TimeoutError(str_cat(
-          "request of '", r->name, "' from rank ", r->target, " got no answer within ", seconds(config_.timeout)))));
-    }
-    if (!expired.empty() && gate_) gate_->wake_holder();
-    lock.lock();
-  }
 }
 
 void Engine::drain() {

@@ -27,6 +27,10 @@
 // sends it no `ready`: the peer's data frames, signed alike, stand for it. So each rank checks all of its plan's
 // neighbours, and a mismatch found anywhere is sent to every rank (`abort`); a rank that hears of a failure passes
 // it on to every rank before anything else it sends, its goodbye included.
+//
+// Files: engine.cpp posts, runs and finishes collectives; engine_wait.cpp is the waiting above; engine_failures.cpp
+// fails collectives, handles lost peers and runs the watchdog (timeouts, descriptions of stalled collectives). The
+// Collective record they share is in engine_collective.hpp.
 #pragma once
 
 #include <aikido/peer.hpp>

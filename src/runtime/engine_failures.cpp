@@ -1,0 +1,213 @@
+// Engine: failures of collectives, lost peers, and the watchdog that times out stalled collectives and describes
+// what they wait for (engine.hpp lists the files of the engine).
+#include <algorithm>
+
+#include "base/error.hpp"
+#include "base/log.hpp"
+#include "runtime/engine.hpp"
+#include "runtime/engine_collective.hpp"
+
+namespace aikido::detail {
+
+using collective::Op;
+using collective::OpKind;
+using transport::FrameType;
+using transport::WireError;
+
+namespace {
+
+/// Failed collectives remembered (by name and occurrence) so that their late frames are dropped and late posts fail.
+constexpr std::size_t kMaxTombstones = 4096;
+
+}  // namespace
+
+std::string Engine::lost_summary() const {
+  std::string out;
+  for (std::size_t p = 0; p < lost_.size(); ++p) {
+    if (lost_[p].empty() || departed_[p]) continue;
+    if (!out.empty()) out += "; ";
+    out += lost_[p];
+  }
+  return out;
+}
+
+void Engine::fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, WireError kind, bool tell_peers,
+                  Progress& progress) {
+  if (c->finished) return;
+  if (c->failed) {  // the first error stands; a transfer that ended with this one may let the collective finish
+    maybe_finish(c, progress);
+    return;
+  }
+  c->failed = true;
+  c->error = error;
+  for (std::uint32_t i = 0; i < c->plan->ops.size(); ++i) {
+    const Op& op = c->plan->ops[i];
+    if (op.kind == OpKind::send || c->state[i] == OpState::done || c->state[i] == OpState::running) continue;
+    MessageKey key{c->name, c->seq, op.tag, op.peer};
+    armed_.erase(key);
+    auto m = mailbox_.find(key);
+    if (m != mailbox_.end()) {
+      mailbox_bytes_ -= m->second.header.payload_bytes;
+      mailbox_.erase(m);
+      mailbox_space_.notify_all();
+    }
+  }
+  c->deferred.clear();
+  std::string text;
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    text = e.what();
+  }
+  CollectiveKey key{c->name, c->seq};
+  if (tombstones_.emplace(key, Tombstone{text, std::uint8_t(kind)}).second) tombstone_order_.push_back(key);
+  while (tombstone_order_.size() > kMaxTombstones) {
+    tombstones_.erase(tombstone_order_.front());
+    tombstone_order_.pop_front();
+  }
+  if (tell_peers) send_abort(c->name, c->seq, std::int32_t(kind), text, -1);
+  if (kind == WireError::timeout || kind == WireError::other) abandon_transfers(*c);
+  maybe_finish(c, progress);
+}
+
+void Engine::abandon_transfers(const Collective& c) {
+  // A transfer stuck in the middle of a frame cannot be abandoned without breaking the stream, so the connection
+  // goes: its peer is then lost for later collectives too.
+  for (int p = 0; p < config_.size; ++p) {
+    if (c.running_by_peer[std::size_t(p)] > 0 && connections_[std::size_t(p)]) {
+      connections_[std::size_t(p)]->shutdown();
+    }
+  }
+}
+
+void Engine::send_abort(const std::string& name, std::uint64_t seq, std::int32_t kind, const std::string& text,
+                        int except) {
+  for (int p = 0; p < config_.size; ++p) {
+    if (p != config_.rank && p != except && lost_[std::size_t(p)].empty()) {
+      send_control(p, FrameType::abort, name, seq, kind, text);
+    }
+  }
+}
+
+void Engine::on_lost(transport::Connection& connection, const std::string& reason, bool goodbye) {
+  const int p = connection.peer();
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (closing_ || !lost_[std::size_t(p)].empty()) return;
+  lost_[std::size_t(p)] =
+      goodbye ? str_cat("rank ", p, " closed its session") : str_cat("rank ", p, " is lost (", reason, ")");
+  departed_[std::size_t(p)] = goodbye;
+  if (!goodbye) log::warn("rank ", config_.rank, ": ", lost_[std::size_t(p)]);
+  Progress progress;
+  std::vector<std::shared_ptr<Collective>> all;
+  for (auto& [key, c] : active_) {
+    if (needs_peer(*c, p)) all.push_back(c);
+  }
+  for (auto& c : all) {
+    fail(c,
+         std::make_exception_ptr(
+             PeerLostError(str_cat(c->label(), " failed on rank ", config_.rank, " at cluster version ",
+                                   config_.cluster_version, ": ", lost_[std::size_t(p)]))),
+         WireError::lost, true, progress);
+  }
+  std::vector<std::shared_ptr<PendingRequest>> failed;
+  for (auto& [id, r] : requests_) {
+    if (r->target == p && !r->finished && !r->running) failed.push_back(r);
+  }
+  for (auto& r : failed) {
+    r->finished = true;
+    requests_.erase(r->id);
+  }
+  const std::string why = lost_[std::size_t(p)];
+  run(lock, progress);
+  if (shm_) shm_->peer_lost(p, why, goodbye);
+  for (auto& r : failed) {
+    r->work->complete(
+        std::make_exception_ptr(PeerLostError(str_cat("request of '", r->name, "' from rank ", p, " failed: ", why))));
+  }
+  if (!failed.empty() && gate_) gate_->wake_holder();
+}
+
+std::string Engine::describe_wait(const Collective& c) const {
+  std::vector<int> data_from, not_posted, ready_from;
+  for (std::uint32_t i = 0; i < c.plan->ops.size(); ++i) {
+    const Op& op = c.plan->ops[i];
+    if (c.state[i] == OpState::done) continue;
+    auto add = [](std::vector<int>& v, int p) {
+      if (std::find(v.begin(), v.end(), p) == v.end()) v.push_back(p);
+    };
+    if (op.kind != OpKind::send) add(data_from, op.peer);
+  }
+  for (int p : c.plan->targets) {
+    if (!c.ready_from[std::size_t(p)]) ready_from.push_back(p);
+  }
+  for (int p = 0; p < config_.size; ++p) {
+    if (c.stall_posted[std::size_t(p)] == 0) not_posted.push_back(p);
+  }
+  std::sort(data_from.begin(), data_from.end());
+  std::sort(ready_from.begin(), ready_from.end());
+  const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - c.start);
+  std::string text = str_cat(c.label(), " on rank ", config_.rank, " at cluster version ", config_.cluster_version,
+                             " has waited ", seconds(waited));
+  if (!not_posted.empty()) {
+    text += str_cat("; rank", not_posted.size() > 1 ? "s " : " ", rank_list(not_posted),
+                    not_posted.size() > 1 ? " have" : " has", " not posted it");
+  }
+  if (!data_from.empty()) text += str_cat("; waiting for data from rank(s) ", rank_list(data_from));
+  if (!ready_from.empty()) text += str_cat("; waiting for rank(s) ", rank_list(ready_from), " to post it");
+  return text;
+}
+
+void Engine::watchdog_loop() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (!closing_) {
+    watchdog_wake_.wait_for(lock, std::chrono::milliseconds(50));
+    if (closing_) break;
+    const auto now = Clock::now();
+    Progress progress;
+    std::vector<std::shared_ptr<Collective>> all;
+    for (auto& [key, c] : active_) all.push_back(c);
+    for (auto& c : all) {
+      if (c->failed) {
+        // Failed, but a transfer with a healthy peer is still running: bound that too.
+        if (now >= c->deadline) abandon_transfers(*c);
+        continue;
+      }
+      if (now >= c->deadline) {
+        fail(c,
+             std::make_exception_ptr(TimeoutError(
+                 str_cat(describe_wait(*c), "; the timeout is ", seconds(config_.timeout), " (AIKIDO_TIMEOUT)"))),
+             WireError::timeout, false, progress);
+      } else if (!c->stall_queried && now >= c->start + config_.timeout / 2) {
+        c->stall_queried = true;
+        for (int p = 0; p < config_.size; ++p) {
+          if (p != config_.rank && lost_[std::size_t(p)].empty()) {
+            send_control(p, FrameType::stall_query, c->name, c->seq, 0, {});
+          }
+        }
+      }
+    }
+    std::vector<std::shared_ptr<PendingRequest>> expired;
+    for (auto& [id, r] : requests_) {
+      if (!r->finished && now >= r->deadline) {
+        if (r->running) {
+          connections_[std::size_t(r->target)]->shutdown();
+        } else {
+          expired.push_back(r);
+        }
+      }
+    }
+    for (auto& r : expired) {
+      r->finished = true;
+      requests_.erase(r->id);
+    }
+    run(lock, progress);
+    for (auto& r : expired) {
+      r->work->complete(std::make_exception_ptr(TimeoutError(str_cat(
+          "request of '", r->name, "' from rank ", r->target, " got no answer within ", seconds(config_.timeout)))));
+    }
+    if (!expired.empty() && gate_) gate_->wake_holder();
+    lock.lock();
+  }
+}
+
+}  // namespace aikido::detail
