@@ -141,14 +141,15 @@ void dispatch(DType dtype, void* dst, const void* src, std::size_t count, Op op)
   throw Error(str_cat("reduce: unknown element type code ", int(dtype)));
 }
 
+// 1/n is exact for these, and x * (1/n) is then the same correctly rounded value as x / n, at a fraction of the cost.
+bool is_power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
+
 template <class T>
 void divide(void* dst, std::size_t count, int divisor) {
   T* d = static_cast<T*>(dst);
   if constexpr (std::is_floating_point_v<T>) {
-    // Division keeps results exact where they are representable; a multiply by 1/n would not, except where n is a
-    // power of two: 1/n is then exact and x * (1/n) is the same correctly rounded value as x / n, at a fraction of
-    // the cost of a division.
-    if ((divisor & (divisor - 1)) == 0) {
+    // Division keeps results exact where they are representable; a multiply by 1/n would not, but for powers of two.
+    if (is_power_of_two(divisor)) {
       const T inverse = T(1) / T(divisor);
       for (std::size_t i = 0; i < count; ++i) d[i] = d[i] * inverse;
       return;
@@ -162,7 +163,7 @@ void divide(void* dst, std::size_t count, int divisor) {
 template <class H>
 void divide_half(void* dst, std::size_t count, int divisor) {
   H* d = static_cast<H*>(dst);
-  if ((divisor & (divisor - 1)) == 0) {  // as in divide()
+  if (is_power_of_two(divisor)) {
     const float inverse = 1.0f / float(divisor);
     for (std::size_t i = 0; i < count; ++i) d[i] = H(float(d[i]) * inverse);
     return;

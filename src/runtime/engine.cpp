@@ -96,6 +96,17 @@ void take_input(Collective& c) {
 
 const std::byte* source_of(const Collective& c, const Op& op) { return op.from_input && c.input ? c.input : c.buffer; }
 
+// Combines `n` arrived elements into elements [at, at + n) of receive `op`'s region: with the input where the op
+// reads it (from_input), else with what the buffer holds.
+void reduce_arrived(const Collective& c, const Op& op, std::size_t at, const std::byte* data, std::size_t n) {
+  const std::size_t byte = (op.offset + at) * c.element_bytes;
+  if (op.from_input && c.input) {
+    reduce_pair(c.dtype, c.op, c.buffer + byte, c.input + byte, data, n);
+  } else {
+    reduce_into(c.dtype, c.op, c.buffer + byte, data, n);
+  }
+}
+
 // A frame header carrying the collective's signature, which the receiver checks against its own.
 FrameHeader signed_header(const Collective& c, FrameType type) {
   FrameHeader h;
@@ -616,10 +627,8 @@ void Engine::run(std::unique_lock<std::mutex>& lock, Progress& progress) {
         // an empty segment carries nothing
       } else if (op.kind == OpKind::recv_copy) {
         std::memcpy(dst, copy.early.data.data(), op.count * c.element_bytes);
-      } else if (op.from_input && c.input) {
-        reduce_pair(c.dtype, c.op, dst, c.input + op.offset * c.element_bytes, copy.early.data.data(), op.count);
       } else {
-        reduce_into(c.dtype, c.op, dst, copy.early.data.data(), op.count);
+        reduce_arrived(c, op, 0, copy.early.data.data(), op.count);
       }
       copy.early.data = PooledBuffer();
     }
@@ -717,7 +726,7 @@ void Engine::on_frame(transport::Connection& connection, const FrameHeader& head
         news = tombstones_.emplace(key, Tombstone{text, std::uint8_t(header.root)}).second;
         if (news) tombstone_order_.push_back(key);
       }
-      if (news) send_abort(name, header.seq, header.root, text, header.source);
+      if (news) send_control_to_all(FrameType::abort, name, header.seq, header.root, text, header.source);
       run(lock, progress);
       return;
     }
@@ -799,15 +808,10 @@ void Engine::receive_data(transport::Connection& connection, const FrameHeader& 
       } else {
         thread_local std::vector<std::byte> scratch(kScratchBytes);
         const std::size_t step = kScratchBytes / c->element_bytes;
-        const std::byte* input = op.from_input && c->input ? c->input + op.offset * c->element_bytes : nullptr;
         for (std::size_t done = 0; done < op.count; done += step) {
-          const std::size_t n = std::min(step, op.count - done), at = done * c->element_bytes;
+          const std::size_t n = std::min(step, op.count - done);
           connection.read_payload(scratch.data(), n * c->element_bytes);
-          if (input) {
-            reduce_pair(c->dtype, c->op, dst + at, input + at, scratch.data(), n);
-          } else {
-            reduce_into(c->dtype, c->op, dst + at, scratch.data(), n);
-          }
+          reduce_arrived(*c, op, done, scratch.data(), n);
         }
       }
     } catch (...) {

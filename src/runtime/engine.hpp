@@ -166,8 +166,11 @@ class Engine final : public transport::FrameHandler {
   std::string describe_wait(const Collective& c) const;
   void send_control(int peer, transport::FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
                     std::string payload);
-  /// Tells every connected rank but `except` (-1: none) that collective (name, seq) failed with `kind`.
-  void send_abort(const std::string& name, std::uint64_t seq, std::int32_t kind, const std::string& text, int except);
+  /// send_control to every connected rank but this one and `except` (-1: none): an `abort` tells them that collective
+  /// (name, seq) failed (root: the WireError kind, payload: the error text); a `stall_query` asks whether they posted
+  /// it.
+  void send_control_to_all(transport::FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
+                           const std::string& payload, int except);
   void send_ready(const Collective& c, int peer);
   void on_ready(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header, Progress& progress);
   /// True when `c` still needs something from `peer` that has not arrived yet.

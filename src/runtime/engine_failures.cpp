@@ -65,7 +65,7 @@ void Engine::fail(const std::shared_ptr<Collective>& c, std::exception_ptr error
     tombstones_.erase(tombstone_order_.front());
     tombstone_order_.pop_front();
   }
-  if (tell_peers) send_abort(c->name, c->seq, std::int32_t(kind), text, -1);
+  if (tell_peers) send_control_to_all(FrameType::abort, c->name, c->seq, std::int32_t(kind), text, -1);
   if (kind == WireError::timeout || kind == WireError::other) abandon_transfers(*c);
   maybe_finish(c, progress);
 }
@@ -80,11 +80,11 @@ void Engine::abandon_transfers(const Collective& c) {
   }
 }
 
-void Engine::send_abort(const std::string& name, std::uint64_t seq, std::int32_t kind, const std::string& text,
-                        int except) {
+void Engine::send_control_to_all(FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
+                                 const std::string& payload, int except) {
   for (int p = 0; p < config_.size; ++p) {
     if (p != config_.rank && p != except && lost_[std::size_t(p)].empty()) {
-      send_control(p, FrameType::abort, name, seq, kind, text);
+      send_control(p, type, name, seq, root, payload);
     }
   }
 }
@@ -179,11 +179,7 @@ void Engine::watchdog_loop() {
              WireError::timeout, false, progress);
       } else if (!c->stall_queried && now >= c->start + config_.timeout / 2) {
         c->stall_queried = true;
-        for (int p = 0; p < config_.size; ++p) {
-          if (p != config_.rank && lost_[std::size_t(p)].empty()) {
-            send_control(p, FrameType::stall_query, c->name, c->seq, 0, {});
-          }
-        }
+        send_control_to_all(FrameType::stall_query, c->name, c->seq, 0, {}, -1);
       }
     }
     std::vector<std::shared_ptr<PendingRequest>> expired;

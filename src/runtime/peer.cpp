@@ -43,7 +43,7 @@ void validate(const PeerConfig& c) {
 // Checks config.tcp_congestion on a throwaway socket before any connection is made: a name the kernel refuses is a
 // ConfigError, except the built-in default, which quietly gives way to the system's (a kernel without cubic).
 void choose_congestion_control(PeerConfig& config) {
-  if (config.tcp_congestion.empty() || config.transport == TransportKind::unix_socket) return;
+  if (config.size == 1 || config.tcp_congestion.empty() || config.transport == TransportKind::unix_socket) return;
   const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return;  // the connections will fail with a clearer error
   const int err = transport::set_congestion_control(fd, config.tcp_congestion);
