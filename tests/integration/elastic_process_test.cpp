@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -14,6 +15,7 @@
 #include <regex>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "subprocess.hpp"
@@ -201,6 +203,60 @@ TEST(ElasticProcessTest, StoppedWorkerIsDetectedAndRemoved) {
   EXPECT_NE(r.err.find("stopped responding: no heartbeat"), std::string::npos) << r.describe();
   EXPECT_EQ(current_cluster(r.out).pid_by_rank.size(), 2u) << r.describe();
   EXPECT_LT(r.elapsed, 25s) << "the stop was found by the collective timeout (30 s), not the heartbeat";
+  expect_equal_parameters(r.out);
+  expect_exact_epochs(r.out, 2);
+}
+
+bool process_gone(long long pid) { return ::kill(pid_t(pid), 0) != 0 && errno == ESRCH; }
+
+TEST(ElasticProcessTest, AWorkerLostAfterTheOthersFinishedIsNotReplaced) {
+  Subprocess job(elastic_job({"-np", "3", "--restart", "--timeout", "20"},
+                             {"--epochs", "1", "--step-ms", "1", "--print-every", "20", "--linger-rank", "0"}));
+  std::map<long long, long long> pid_by_rank;
+  ASSERT_TRUE(job.wait_for_output(
+      [&](const std::string& out, const std::string&) {
+        for (const auto& e : events(out, "done")) pid_by_rank[e.num("rank")] = e.num("pid");
+        return pid_by_rank.size() == 3;
+      },
+      60s))
+      << job.wait(kBound).describe();
+  // Ranks 1 and 2 finish and are reaped by aikido-run; rank 0 lingers after its last step, and dies there.
+  for (int i = 0; i < 600 && !(process_gone(pid_by_rank[1]) && process_gone(pid_by_rank[2])); ++i) {
+    std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_TRUE(process_gone(pid_by_rank[1]) && process_gone(pid_by_rank[2]));
+  ASSERT_EQ(::kill(pid_t(pid_by_rank[0]), SIGKILL), 0);
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.err.find("was killed by signal SIGKILL; removing it from the cluster; not replacing it: worker "),
+            std::string::npos)
+      << r.describe();
+  EXPECT_EQ(r.err.find("starting worker 3"), std::string::npos) << r.describe();
+  EXPECT_LT(r.elapsed, 50s) << "the job waited for the lingering worker";
+}
+
+TEST(ElasticProcessTest, MaxRestartsBoundsTheReplacements) {
+  Subprocess job(elastic_job({"-np", "3", "--restart", "--max-restarts", "1", "--timeout", "20"},
+                             {"--epochs", "2", "--step-ms", "4", "--print-every", "2"}));
+  long long version = 0;
+  for (int kill = 0; kill < 2; ++kill) {
+    Cluster cluster;
+    ASSERT_TRUE(job.wait_for_output(
+        [&](const std::string& out, const std::string&) {
+          cluster = current_cluster(out);
+          return cluster.version >= version && cluster.step >= 20 + 40 * kill && cluster.pid_by_rank.size() == 3;
+        },
+        60s))
+        << job.wait(kBound).describe();
+    ASSERT_EQ(::kill(pid_t(cluster.pid_by_rank[1]), SIGKILL), 0);
+    version = cluster.version + 1;
+  }
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(count_of(r.err, "and starting a replacement"), 1) << r.describe();
+  EXPECT_NE(r.err.find("not replacing it: the job has started 1 replacement (--max-restarts 1)"), std::string::npos)
+      << r.describe();
+  EXPECT_EQ(current_cluster(r.out).pid_by_rank.size(), 2u) << r.describe();
   expect_equal_parameters(r.out);
   expect_exact_epochs(r.out, 2);
 }

@@ -16,7 +16,7 @@
 //
 // options: --epochs E (2)  --batch B per worker (250)  --dim D (4096)  --commit-every K (4)  --step-ms M simulated
 // compute per step (0)  --print-every P (10)  --schedule S:N,S:N,...  (at global step S, all workers call
-// peer.resize(N))
+// peer.resize(N))  --linger-rank R the worker at rank R waits 60 s after "done" before it exits (to be killed there)
 #include <unistd.h>
 
 #include <aikido/aikido.hpp>
@@ -40,6 +40,7 @@ struct Options {
   int step_ms = 0;
   std::int64_t print_every = 10;
   std::map<std::int64_t, int> schedule;
+  int linger_rank = -1;
 };
 
 Options parse(int argc, char** argv) {
@@ -58,6 +59,8 @@ Options parse(int argc, char** argv) {
       o.step_ms = std::stoi(value);
     else if (flag == "--print-every")
       o.print_every = std::stoll(value);
+    else if (flag == "--linger-rank")
+      o.linger_rank = std::stoi(value);
     else if (flag == "--schedule") {
       std::size_t begin = 0;
       while (begin < value.size()) {
@@ -157,6 +160,7 @@ class Worker {
       }
     }
     say("done", "\"params\":\"" + hash_of(w_) + "\"");
+    if (s_.rank() == o_.linger_rank) std::this_thread::sleep_for(std::chrono::seconds(60));
     return 0;
   }
 

@@ -80,6 +80,10 @@ TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
       {{"-np", "2", "--control-file", "f", kFixture}, "--control-file needs --elastic"},
       {{"-np", "2", "--elastic=yes", kFixture}, "--elastic takes no value"},
       {{"-np", "2", "--elastic", "--heartbeat-timeout", "0", kFixture}, "--heartbeat-timeout '0' is not a positive"},
+      {{"-np", "2", "--elastic", "--max-restarts", "3", kFixture}, "--max-restarts needs --restart"},
+      {{"-np", "2", "--max-restarts", "3", kFixture}, "--max-restarts needs --elastic"},
+      {{"-np", "2", "--elastic", "--restart", "--max-restarts", "-1", kFixture},
+       "--max-restarts '-1' is not a number of replacements"},
   };
   for (const auto& c : cases) {
     const auto r = run_process(launch(c.args), kBound);

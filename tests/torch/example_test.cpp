@@ -159,12 +159,17 @@ TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
   EXPECT_TRUE(epochs[1]["snr"].is_number()) << epochs[1].dump();
 }
 
-// The worker processes aikido-run started (its children).
-std::vector<pid_t> children_of(pid_t pid) {
+// The worker processes aikido-run started (its children), by the worker id in their environment.
+std::map<std::string, pid_t> workers_of(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(pid) + "/children");
-  std::vector<pid_t> pids;
-  for (pid_t child; in >> child;) pids.push_back(child);
-  return pids;
+  std::map<std::string, pid_t> workers;
+  for (pid_t child; in >> child;) {
+    std::ifstream environ("/proc/" + std::to_string(child) + "/environ");
+    for (std::string entry; std::getline(environ, entry, '\0');) {
+      if (entry.starts_with("AIKIDO_WORKER_ID=")) workers[entry.substr(entry.find('=') + 1)] = child;
+    }
+  }
+  return workers;
 }
 
 std::string ctl(const std::string& control, const std::vector<std::string>& args) {
@@ -196,12 +201,18 @@ TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
   ASSERT_TRUE(wait_for_progress(control, 2, 20)) << ctl(control, {"status"});
   EXPECT_NE(ctl(control, {"resize", "3"}).find("cluster version 1"), std::string::npos);
   ASSERT_TRUE(wait_for_progress(control, 3, 200)) << ctl(control, {"status"});
-  const auto workers = children_of(job.pid());
+  const auto workers = workers_of(job.pid());
   ASSERT_EQ(workers.size(), 3u);
-  ::kill(workers.front(), SIGKILL);  // rank 0's process
+  ASSERT_TRUE(workers.contains("0"));
+  const std::string status = ctl(control, {"status"});
+  ASSERT_EQ(::kill(workers.at("0"), SIGKILL), 0);  // rank 0's process
   const auto r = job.wait(kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
-  EXPECT_NE(r.err.find("starting a replacement"), std::string::npos) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: worker 0 (rank 0) was killed by signal SIGKILL; removing it from the cluster and "
+                       "starting a replacement"),
+            std::string::npos)
+      << "killed pid " << workers.at("0") << " at\n"
+      << status << r.describe();
   std::map<std::int64_t, std::set<double>> accuracy;  // per epoch, as every worker reported it
   int lines = 0;
   for (int rank = 0; rank < 3; ++rank) {

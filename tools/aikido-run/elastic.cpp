@@ -187,32 +187,55 @@ std::optional<ClusterSpec> ElasticController::last_spec_with(std::uint64_t id, s
 }
 
 bool ElasticController::on_exit(Supervisor& supervisor, std::uint64_t id, int status) {
-  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return true;  // finished its work, or left the cluster
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+    // A member that exits cleanly has finished its training (a removed worker is no longer a member): the job is
+    // ending, and a worker that fails from now on is not replaced, since a replacement would wait for finished
+    // workers to join it.
+    const auto latest = membership_->latest();
+    if (!finished_by_ && latest && latest->contains(id)) {
+      finished_by_ = id;
+      if (options_.restart) {
+        report("aikido-run: worker " + std::to_string(id) + " (rank " + std::to_string(latest->rank_of(id)) +
+               ") has finished the training; workers that fail from now on are not replaced");
+      }
+    }
+    return true;
+  }
   std::string removed_by;
   const auto last = last_spec_with(id, &removed_by);
   if (!last) return true;
   const bool member = membership_->latest()->contains(id);
   // Stopped or crashed after a planned shrink removed it: the cluster is meant to be smaller.
   if (!member && removed_by == "resize") return true;
+  std::string not_replaced;
+  if (options_.restart && finished_by_) {
+    not_replaced = "; not replacing it: worker " + std::to_string(*finished_by_) + " has finished the training";
+  } else if (options_.restart && restarts_ >= options_.max_restarts) {
+    not_replaced = "; not replacing it: the job has started " + std::to_string(restarts_) + " replacement" +
+                   (restarts_ == 1 ? "" : "s") + " (--max-restarts " + std::to_string(options_.max_restarts) + ")";
+  }
+  const bool replace = options_.restart && not_replaced.empty();
   report("aikido-run: worker " + std::to_string(id) + " (rank " + std::to_string(last->rank_of(id)) + ") " +
-         describe_status(status) + "; removing it from the cluster" +
-         (options_.restart ? " and starting a replacement" : ""));
+         describe_status(status) + "; removing it from the cluster" + (replace ? " and starting a replacement" : "") +
+         not_replaced);
   for (;;) {
     const auto spec = membership_->latest();
     ClusterSpec next = spec->contains(id) ? spec->without({id}, "lost") : *spec;
     next.version = spec->version + 1;
-    if (options_.restart && next.size() < next.max_size) {
+    const bool adds = replace && next.size() < next.max_size;
+    if (adds) {
       next.workers.push_back({next.next_id++, host_});
       next.reason = "restart";
     }
     if (next.workers == spec->workers) break;  // the survivors removed it already, nothing to add
     if (next.workers.empty()) {
       report("aikido-run: no worker is left in the cluster");
-      return false;
+      return finished_by_.has_value();
     }
     next.proposed_unix_ms = unix_ms();
     if (membership_->propose(next)) {
       report("aikido-run: cluster " + next.describe());
+      if (adds) ++restarts_;
       break;
     }
   }
@@ -220,6 +243,7 @@ bool ElasticController::on_exit(Supervisor& supervisor, std::uint64_t id, int st
   for (std::uint64_t running : supervisor.running_workers()) {
     if (membership_->latest()->contains(running)) return true;
   }
+  if (finished_by_) return true;  // the others finished: the failure came too late to lose any work
   report("aikido-run: no worker of the cluster is running");
   return false;
 }

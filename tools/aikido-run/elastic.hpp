@@ -28,7 +28,10 @@ namespace aikido::run {
 ///   latest version that has no process yet; a worker that a version removed gets time to leave at its next step
 ///   boundary, then is stopped.
 /// - A worker that crashes (any exit but status 0) is removed with a new version, and with --restart replaced by
-///   a new worker in the same version; the survivors recover (ElasticSession::recover).
+///   a new worker in the same version (at most --max-restarts times); the survivors recover
+///   (ElasticSession::recover).
+/// - A member that exits with status 0 has finished the training: from then on the job is ending, and a worker
+///   that fails is removed but not replaced (a replacement would wait for the finished workers to join it).
 /// - A worker whose heartbeat (the status key its session updates) stays unchanged for --heartbeat-timeout is
 ///   killed, which makes it a crashed worker: this is how a stopped (SIGSTOP) or frozen worker is found.
 class ElasticController final : public Controller {
@@ -72,6 +75,8 @@ class ElasticController final : public Controller {
   std::set<std::uint64_t> started_;
   std::map<std::uint64_t, std::chrono::steady_clock::time_point> removed_since_;
   std::map<std::uint64_t, Heartbeat> heartbeats_;
+  std::optional<std::uint64_t> finished_by_;  // the first member that exited with status 0
+  int restarts_ = 0;                          // replacements started
 };
 
 }  // namespace aikido::run

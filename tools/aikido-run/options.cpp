@@ -79,6 +79,16 @@ int parse_count(const std::string& flag, const std::string& value) {
   return n;
 }
 
+int parse_restarts(const std::string& value) {
+  errno = 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(value.c_str(), &end, 10);
+  if (value.empty() || errno != 0 || *end != '\0' || n < 0 || n > 1'000'000) {
+    throw UsageError("aikido-run: --max-restarts '" + value + "' is not a number of replacements (0 or more)");
+  }
+  return int(n);
+}
+
 bool is_executable_file(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(path.c_str(), X_OK) == 0;
@@ -106,7 +116,9 @@ options:
                         spec in the job's store (aikido::ElasticSession); see "Elastic jobs" below
   --min-np A            elastic: fewest workers the job runs with (default 1)
   --max-np B            elastic: most workers the job may grow to (default: N)
-  --restart             elastic: start a replacement for every worker that crashes or stops responding
+  --restart             elastic: start a replacement for every worker that crashes or stops responding, until
+                        one member has finished the training
+  --max-restarts R      elastic: start at most R replacements in the job (default 10; 0: none)
   --control-file F      elastic: write the control endpoint and the job secret to F (mode 0600) for aikido-ctl
   --heartbeat-timeout S elastic: a worker whose heartbeat is silent this long is killed and replaced
                         (default 3)
@@ -170,6 +182,7 @@ std::string find_program(const std::string& program) {
 Options parse_options(int argc, char** argv) {
   Options options;
   bool have_np = false;
+  bool max_restarts_given = false;
   std::vector<std::string> elastic_flags;
   int i = 1;
   for (; i < argc; ++i) {
@@ -198,7 +211,7 @@ Options parse_options(int argc, char** argv) {
                        flag == "--transport" || flag == "--segment-bytes" || flag == "--metrics-port" ||
                        flag == "--metrics-file" || flag == "--metrics-interval" || flag == "--min-np" ||
                        flag == "--max-np" || flag == "--control-file" || flag == "--heartbeat-timeout" ||
-                       flag == "--checkpoint" || flag == "--bind-to";
+                       flag == "--checkpoint" || flag == "--bind-to" || flag == "--max-restarts";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
@@ -237,6 +250,10 @@ Options parse_options(int argc, char** argv) {
     } else if (flag == "--heartbeat-timeout") {
       options.heartbeat_timeout_s = std::stod(check_seconds(*value, flag));
       elastic_flags.push_back(flag);
+    } else if (flag == "--max-restarts") {
+      options.max_restarts = parse_restarts(*value);
+      max_restarts_given = true;
+      elastic_flags.push_back(flag);
     } else if (flag == "--bind-to") {
       if (*value != "core" && *value != "none") {
         throw UsageError("aikido-run: --bind-to expects core or none, got '" + *value + "'");
@@ -251,6 +268,7 @@ Options parse_options(int argc, char** argv) {
   if (!options.elastic && !elastic_flags.empty()) {
     throw UsageError("aikido-run: " + elastic_flags.front() + " needs --elastic");
   }
+  if (max_restarts_given && !options.restart) throw UsageError("aikido-run: --max-restarts needs --restart");
   if (options.max_np == 0) options.max_np = options.np;
   if (options.min_np > options.np) {
     throw UsageError("aikido-run: --min-np " + std::to_string(options.min_np) + " is above -np " +

@@ -38,6 +38,7 @@ struct Options {
   int min_np = 1;
   int max_np = 0;  // 0: -np
   bool restart = false;
+  int max_restarts = 10;  // replacements --restart starts in one job
   std::string control_file;
   double heartbeat_timeout_s = 3.0;
   std::string checkpoint;
