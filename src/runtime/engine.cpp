@@ -215,15 +215,17 @@ std::shared_ptr<const Plan> Engine::plan_for(const collective::PlanSpec& spec) {
 
 Work Engine::post(const Request& request) {
   const int size = config_.size, rank = config_.rank;
-  const std::string name(request.name);
-  if (name.empty()) throw ConfigError(str_cat(kind_name(request.kind), ": the collective needs a non-empty name"));
-  if (name.size() > transport::kMaxNameBytes) {
-    throw ConfigError(str_cat(kind_name(request.kind), " '", name.substr(0, 64), "...': the name has ", name.size(),
-                              " bytes; the limit is ", transport::kMaxNameBytes));
+  if (request.name.empty()) {
+    throw ConfigError(str_cat(kind_name(request.kind), ": the collective needs a non-empty name"));
+  }
+  if (request.name.size() > transport::kMaxNameBytes) {
+    throw ConfigError(str_cat(kind_name(request.kind), " '", request.name.substr(0, 64), "...': the name has ",
+                              request.name.size(), " bytes; the limit is ", transport::kMaxNameBytes));
   }
   if (shm_ && ShmCollectives::handles(request.kind)) {
-    if (auto work = shm_->post(request, name)) return *work;
+    if (auto work = shm_->post(request, request.name)) return *work;
   }
+  const std::string name(request.name);
   auto c = std::make_shared<Collective>();
   c->name = name;
   c->kind = request.kind;

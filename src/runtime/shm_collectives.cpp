@@ -96,7 +96,7 @@ inline void read_fence() {
 #endif
 }
 
-std::uint64_t hash_name(const std::string& name) {
+std::uint64_t hash_name(std::string_view name) {
   std::uint64_t h = 1469598103934665603ull;  // FNV-1a
   for (unsigned char c : name) h = (h ^ c) * 1099511628211ull;
   return h;
@@ -121,8 +121,10 @@ const char* kind_label(CollectiveKind kind) {
 }  // namespace
 
 /// One rank's part of one posted collective.
+// One collective in flight. A single allocation per call: the Work handle shares `state` through an aliasing pointer
+// that keeps the whole ShmOp alive.
 struct ShmOp {
-  std::string name;
+  const std::string* name = nullptr;  // the key in entry_of_name_, which is never erased
   CollectiveKind kind{};
   DType dtype{};
   ReduceOp op{};
@@ -145,10 +147,11 @@ struct ShmOp {
   std::size_t next_copy = 0, next_reduce = 0, next_out = 0;
   bool finished = false;
   std::exception_ptr error;
-  std::shared_ptr<WorkState> work;
+  WorkState state;
+  std::weak_ptr<ShmCollectives> owner;  // for state.drive, which may run after the Peer is gone
   std::chrono::steady_clock::time_point start, deadline;
 
-  std::string label() const { return str_cat(kind_label(kind), " '", name, "' (seq ", occurrence, ")"); }
+  std::string label() const { return str_cat(kind_label(kind), " '", *name, "' (seq ", occurrence, ")"); }
 };
 
 ShmLayout ShmLayout::for_ranks(int ranks) {
@@ -272,9 +275,9 @@ void ShmCollectives::ring_others() {
   }
 }
 
-int ShmCollectives::entry_for(const std::string& name) {
+const std::pair<const std::string, int>& ShmCollectives::entry_for(std::string_view name) {
   auto cached = entry_of_name_.find(name);
-  if (cached != entry_of_name_.end()) return cached->second;
+  if (cached != entry_of_name_.end()) return *cached;
   const View v{segment_.data(), layout_};
   const std::uint64_t h = hash_name(name);
   int found = -1;
@@ -303,13 +306,11 @@ int ShmCollectives::entry_for(const std::string& name) {
     }
     if (r.hash == h && r.length == name.size() && std::memcmp(r.name, name.data(), name.size()) == 0) found = e;
   }
-  entry_of_name_.emplace(name, found);
-  return found;
+  return *entry_of_name_.emplace(std::string(name), found).first;
 }
 
-std::optional<Work> ShmCollectives::post(const Request& request, const std::string& name) {
+std::optional<Work> ShmCollectives::post(const Request& request, std::string_view name) {
   auto op = std::make_shared<ShmOp>();
-  op->name = name;
   op->kind = request.kind;
   op->dtype = request.dtype;
   op->op = request.op;
@@ -354,8 +355,9 @@ std::optional<Work> ShmCollectives::post(const Request& request, const std::stri
   std::vector<Finished> finished;
   std::unique_lock<std::mutex> lock(mutex_);
   if (closing_) throw Error("the Peer is closing");
-  const int entry = entry_for(name);
+  const auto& [recorded_name, entry] = entry_for(name);
   if (entry < 0) return std::nullopt;
+  op->name = &recorded_name;
   op->entry = entry;
   if (busy_[std::size_t(entry)]) {
     throw ConfigError(str_cat(kind_label(request.kind), " '", name, "' was posted again on rank ", rank_,
@@ -364,13 +366,12 @@ std::optional<Work> ShmCollectives::post(const Request& request, const std::stri
   }
   op->occurrence = posted_[std::size_t(entry)]++;
   op->half = int(op->occurrence & 1);
-  op->work = std::make_shared<WorkState>();
   op->start = Clock::now();
   op->deadline = op->start + timeout_;
-  Work work(op->work);
+  Work work(std::shared_ptr<WorkState>(op, &op->state));
   if (!lost_.empty()) {
-    op->work->done = true;
-    op->work->error = std::make_exception_ptr(PeerLostError(
+    op->state.done = true;
+    op->state.error = std::make_exception_ptr(PeerLostError(
         str_cat(op->label(), " cannot run on rank ", rank_, " at cluster version ", cluster_version_, ": ", lost_)));
     return work;
   }
@@ -390,13 +391,15 @@ std::optional<Work> ShmCollectives::post(const Request& request, const std::stri
   a.op = std::uint8_t(op->op);
   a.word.store(value, std::memory_order_seq_cst);
   busy_[std::size_t(entry)] = true;
-  op->work->drive = [weak = weak_from_this()](WorkState& w, Clock::time_point until) {
-    if (auto self = weak.lock()) self->drive(w, until);
+  op->owner = weak_from_this();
+  // Captures one pointer, which std::function stores without allocating; the state lives inside the ShmOp.
+  op->state.drive = [raw = op.get()](WorkState& w, Clock::time_point until) {
+    if (auto self = raw->owner.lock()) self->drive(w, until);
   };
   ops_.push_back(op);
   ring_others();
   // The last rank to arrive finishes a small collective right here.
-  advance_all(finished);
+  advance_all(finished, op->start);
   // Waking the progress thread costs a system call and a core: do it only when it sleeps deeply. While
   // collectives keep coming it polls instead, and a blocking collective is driven by its waiting thread anyway.
   const bool wake = !ops_.empty() && drivers_ == 0 && progress_asleep_;
@@ -407,8 +410,7 @@ std::optional<Work> ShmCollectives::post(const Request& request, const std::stri
   return work;
 }
 
-bool ShmCollectives::advance_all(std::vector<Finished>& finished) {
-  const auto now = Clock::now();
+bool ShmCollectives::advance_all(std::vector<Finished>& finished, Clock::time_point now) {
   bool progressed = false;
   for (auto& op : ops_) {
     if (op->finished) continue;
@@ -428,7 +430,7 @@ void ShmCollectives::collect(std::vector<Finished>& finished) {
   for (auto& op : ops_) {
     if (!op->finished) continue;
     busy_[std::size_t(op->entry)] = false;
-    finished.push_back({op->work, op->error});
+    finished.push_back({std::shared_ptr<WorkState>(op, &op->state), op->error});
     any = true;
   }
   if (!any) return;
@@ -474,7 +476,7 @@ bool ShmCollectives::advance(ShmOp& op, Clock::time_point now) {
                          dtype_name(DType(dtype)), " elements, op ", reduce_op_name(ReduceOp(rop)));
         };
         throw MismatchError(
-            str_cat("ranks posted '", op.name, "' (seq ", op.occurrence, ", cluster version ", cluster_version_,
+            str_cat("ranks posted '", *op.name, "' (seq ", op.occurrence, ", cluster version ", cluster_version_,
                     ") differently: ",
                     describe(rank_, std::uint8_t(op.kind), std::uint8_t(op.dtype), std::uint8_t(op.op), op.count), "; ",
                     describe(q, a.kind, a.dtype, a.op, a.count),
@@ -780,7 +782,7 @@ void ShmCollectives::drive(WorkState& work, Clock::time_point until) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (closing_) break;
-      progressed = advance_all(finished);
+      progressed = advance_all(finished, Clock::now());
     }
     if (progressed) {
       complete(finished);
@@ -830,7 +832,7 @@ void ShmCollectives::progress_loop() {
     if (closing_) return;
     last_busy = Clock::now();
     const std::uint32_t seen = bell.rings.load(std::memory_order_seq_cst);
-    const bool progressed = advance_all(finished);
+    const bool progressed = advance_all(finished, Clock::now());
     lock.unlock();
     complete(finished);
     if (!progressed) bell.sleep(seen, kMaxSleep);

@@ -49,6 +49,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -97,7 +98,7 @@ class ShmCollectives : public std::enable_shared_from_this<ShmCollectives> {
   }
   /// Posts a collective of a kind handles() accepts. nullopt when its name has no record (the table is full):
   /// the caller runs it on the message path, as every other rank does. Throws ConfigError on misuse.
-  std::optional<Work> post(const Request& request, const std::string& name);
+  std::optional<Work> post(const Request& request, std::string_view name);
   /// Rank `peer` is gone (`departed`: it closed its session rather than failing): what in flight still needs it
   /// fails, and so does every later post.
   void peer_lost(int peer, const std::string& why, bool departed);
@@ -116,9 +117,10 @@ class ShmCollectives : public std::enable_shared_from_this<ShmCollectives> {
   void drive(WorkState& work, Clock::time_point until);
   void progress_loop();
   // These run with mutex_ held.
-  int entry_for(const std::string& name);
+  /// The name's record in the segment (-1: none, the table is full), with the cached copy of the name.
+  const std::pair<const std::string, int>& entry_for(std::string_view name);
   bool advance(ShmOp& op, Clock::time_point now);
-  bool advance_all(std::vector<Finished>& finished);  // true when anything moved
+  bool advance_all(std::vector<Finished>& finished, Clock::time_point now);  // true when anything moved
   bool advance_large(ShmOp& op);
   bool join_bay(ShmOp& op);
   void leave_bay(int bay, int rank, std::uint64_t token);
@@ -149,9 +151,14 @@ class ShmCollectives : public std::enable_shared_from_this<ShmCollectives> {
   bool progress_asleep_ = false;  // the progress thread waits for a post to wake it (it does not poll)
   std::string lost_;              // why the cluster cannot run collectives here any more; empty while it can
   std::vector<std::shared_ptr<ShmOp>> ops_;
-  std::unordered_map<std::string, int> entry_of_name_;  // -1: no record (the table was full)
-  std::vector<std::uint64_t> posted_;                   // occurrences posted, per entry
-  std::vector<bool> busy_;                              // an occurrence of the entry is in flight
+  struct NameHash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view name) const { return std::hash<std::string_view>()(name); }
+  };
+  // -1: no record (the table was full). Never erased: ops point at the keys.
+  std::unordered_map<std::string, int, NameHash, std::equal_to<>> entry_of_name_;
+  std::vector<std::uint64_t> posted_;  // occurrences posted, per entry
+  std::vector<bool> busy_;             // an occurrence of the entry is in flight
   std::thread progress_;
 };
 
