@@ -261,6 +261,16 @@ TEST(ElasticProcessTest, MaxRestartsBoundsTheReplacements) {
   expect_exact_epochs(r.out, 2);
 }
 
+TEST(ElasticProcessTest, AWorkerThatAlwaysFailsDoesNotRestartForEver) {
+  const auto r = run_process({kRun, "-np", "2", "--elastic", "--restart", "--max-restarts", "3", "/bin/false"}, kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 1) << r.describe();
+  EXPECT_EQ(count_of(r.err, "and starting a replacement"), 3) << r.describe();
+  EXPECT_NE(r.err.find("not replacing it: the job has started 3 replacements (--max-restarts 3)"), std::string::npos)
+      << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: no worker is left in the cluster"), std::string::npos) << r.describe();
+  EXPECT_TRUE(std::regex_search(r.err, std::regex("aikido-run: worker [0-9]+ exited with status 1"))) << r.describe();
+}
+
 std::string temp_path(const std::string& name) {
   return (std::filesystem::temp_directory_path() / (name + "-" + std::to_string(::getpid()))).string();
 }

@@ -372,7 +372,7 @@ class Supervisor::Loop {
   // notices another's failure exits with a status, it does not die of a signal.
   void reap() {
     struct Failure {
-      int rank;
+      std::string who;  // "rank R", or "worker ID" in elastic jobs (ranks change there)
       int status;
     };
     std::vector<Failure> failures;
@@ -388,14 +388,14 @@ class Supervisor::Loop {
           // Elastic: the controller decides; a failure it does not absorb ends the job.
           if (owner_.controller_->on_exit(owner_, p.id, status)) break;
           if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-            failures.push_back({int(p.id), status});
+            failures.push_back({"worker " + std::to_string(p.id), status});
           } else if (!exit_code_) {
             set_exit_code(0);
           }
           break;
         }
         const bool failed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
-        if (failed && !stopped_by_us(status)) failures.push_back({p.rank, status});
+        if (failed && !stopped_by_us(status)) failures.push_back({"rank " + std::to_string(p.rank), status});
         break;
       }
     }
@@ -404,11 +404,10 @@ class Supervisor::Loop {
     });
     for (const auto& f : failures) {
       if (WIFSIGNALED(f.status)) {
-        report("aikido-run: rank " + std::to_string(f.rank) + " killed by signal " + signal_name(WTERMSIG(f.status)));
+        report("aikido-run: " + f.who + " killed by signal " + signal_name(WTERMSIG(f.status)));
         set_exit_code(128 + WTERMSIG(f.status));
       } else {
-        report("aikido-run: rank " + std::to_string(f.rank) + " exited with status " +
-               std::to_string(WEXITSTATUS(f.status)));
+        report("aikido-run: " + f.who + " exited with status " + std::to_string(WEXITSTATUS(f.status)));
         set_exit_code(WEXITSTATUS(f.status));
       }
     }
