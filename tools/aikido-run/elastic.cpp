@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <aikido/errors.hpp>
+#include <cstdio>
 #include <cstring>
 #include <optional>
 
@@ -24,6 +25,13 @@ constexpr std::chrono::seconds kLeaveGrace{10};
 std::int64_t unix_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
       .count();
+}
+
+// 3 -> "3", 2.5 -> "2.5".
+std::string seconds_text(double seconds) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", seconds);
+  return text;
 }
 
 std::string describe_status(int status) {
@@ -163,7 +171,7 @@ void ElasticController::check_heartbeats(Supervisor& supervisor) {
     if (!hb.killed && now - hb.changed >= timeout) {
       hb.killed = true;
       report("aikido-run: worker " + std::to_string(id) + " (rank " + std::to_string(spec->rank_of(id)) +
-             ") stopped responding: no heartbeat for " + std::to_string(options_.heartbeat_timeout_s) +
+             ") stopped responding: no heartbeat for " + seconds_text(options_.heartbeat_timeout_s) +
              " s; killing it (SIGKILL)");
       supervisor.kill_worker(id);
     }
