@@ -140,14 +140,14 @@ class DistributedOptimizer {
   /// the last one; the rest (lr, batch size, strategy, step) are current.
   const TrainingMetrics& metrics() const { return metrics_; }
 
-  /// Steps taken through this object.
+  /// Steps taken through this object; after on_cluster_change(), rank 0's count (the same on every worker).
   std::int64_t steps() const { return steps_; }
 
   /// Waits for the background work this optimizer started (the metrics allreduce, a model pull), so that none is in
   /// flight: call it before ElasticSession::sync(). `after_failure`: for recover(); errors of that work are dropped.
   void finish_pending(bool after_failure = false);
-  /// After the cluster changed (sync() or recover() returned changed): collective on the new cluster; pair
-  /// averaging publishes the model anew.
+  /// After the cluster changed (sync() or recover() returned changed): collective on the new cluster. Every member
+  /// takes rank 0's step count (steps()), and pair averaging publishes the model anew.
   void on_cluster_change();
   Peer& peer() { return peer_; }
   ::torch::optim::Optimizer& optimizer() { return optimizer_; }
@@ -191,6 +191,7 @@ class DistributedOptimizer {
   std::exception_ptr hook_error_;  // a collective that failed to start inside a hook, rethrown by step()
   std::uint64_t rng_state_;        // pair averaging: choice of partner
   std::unique_ptr<Pull> pull_;     // pair averaging: the model being pulled
+  bool published_ = false;         // pair averaging: every worker has published its model since the last change
   // Monitoring.
   struct Monitor;
   std::unique_ptr<Monitor> monitor_;

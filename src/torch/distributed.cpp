@@ -758,6 +758,7 @@ void DistributedOptimizer::publish_model(bool first) {
     save_tensor(peer_, bucket_name(bucket, "pair"), bucket.flat);
   }
   if (first) peer_.barrier(str_cat(kPrefix, "pair/published"));
+  published_ = true;
 }
 
 void DistributedOptimizer::pair_step() {
@@ -769,7 +770,9 @@ void DistributedOptimizer::pair_step() {
     copy_buckets_into_parameters();
     pull_->works.clear();
   }
-  publish_model(false);
+  // Without a collective setup (workers of an elastic job) the first publication happens here, at the first step,
+  // which is the same on every worker.
+  publish_model(!published_);
   if (!pull_) {
     pull_ = std::make_unique<Pull>();
     for (const auto& bucket : buckets_) pull_->flats.push_back(::torch::empty_like(bucket.flat));
@@ -842,6 +845,15 @@ void DistributedOptimizer::on_cluster_change() {
   metrics_.workers = peer_.size();
   metrics_.topology = topology_name(peer_.topology());
   monitor_->noise.reset();  // the batch sizes it pairs changed
+  if (peer_.size() > 1) {
+    // A worker that joined counts its steps from 0 (and a rollback restores the model, not this count): every
+    // member takes rank 0's, so that the steps that also allreduce gradients (model and pair averaging with
+    // monitoring) are the same steps everywhere; otherwise their collectives would not meet.
+    std::int64_t steps = steps_;
+    peer_.broadcast(std::span<std::int64_t>(&steps, 1), 0, str_cat(kPrefix, "steps"));
+    steps_ = steps;
+  }
+  published_ = false;
   if (strategy_ == Strategy::pair_averaging) publish_model(true);
 }
 

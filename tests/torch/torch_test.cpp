@@ -5,6 +5,7 @@
 #include <cmath>
 #include <mutex>
 #include <set>
+#include <thread>
 
 #include "cluster.hpp"
 
@@ -307,6 +308,84 @@ TEST(TorchModelAveraging, ConvergesAndSwitchesToSynchronousSgd) {
 
 TEST(TorchPairAveraging, ConvergesAndSwitchesToSynchronousSgd) {
   expect_converges_then_switch_equalises(at::Strategy::pair_averaging, 3);
+}
+
+// Workers of an elastic job build their optimizer without collectives (collective_setup = false), and a worker
+// that joins later starts counting steps at 0. on_cluster_change() must bring every member to the same step count,
+// or the steps that also sample the gradient (gradient_sample_interval) differ and the collectives never meet.
+void expect_a_replacement_follows_the_cluster(at::Strategy strategy) {
+  const Regression data = make_regression();
+  PeerConfig config = base_config();
+  config.timeout = std::chrono::milliseconds(5'000);
+  std::vector<std::int64_t> steps(2);
+  std::vector<Tensor> results(2);
+  run_cluster(2, config, [&](Peer& peer) {
+    std::unique_lock<std::mutex> lock(model_mutex());
+    ::torch::manual_seed(11);
+    nn::Linear net(6, 1);
+    lock.unlock();
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.05));
+    at::DistributedOptimizerOptions options;
+    options.gradient_sample_interval = 2;
+    options.collective_setup = false;
+    auto train = [&](at::DistributedOptimizer& opt, int count) {
+      for (int step = 0; step < count; ++step) {
+        opt.zero_grad();
+        const Tensor i = ::torch::arange(peer.rank() * 16, peer.rank() * 16 + 16);
+        ::torch::mse_loss(net->forward(data.x.index_select(0, i)), data.y.index_select(0, i)).backward();
+        opt.step();
+      }
+    };
+    auto opt = std::make_unique<at::DistributedOptimizer>(peer, sgd, net->named_parameters(), strategy, options);
+    train(*opt, 3);
+    opt->finish_pending();
+    if (peer.rank() == 1) {  // rank 1 is a replacement that has taken no step
+      opt = std::make_unique<at::DistributedOptimizer>(peer, sgd, net->named_parameters(), strategy, options);
+      EXPECT_EQ(opt->steps(), 0);
+    }
+    opt->on_cluster_change();
+    steps[peer.rank()] = opt->steps();
+    train(*opt, 4);
+    opt->set_strategy(at::Strategy::synchronous_sgd);
+    train(*opt, 1);
+    results[peer.rank()] = ::torch::cat({net->weight.detach().reshape(-1), net->bias.detach()});
+  });
+  EXPECT_EQ(steps[0], 3);
+  EXPECT_EQ(steps[1], 3);
+  EXPECT_TRUE(::torch::equal(results[0], results[1]));
+}
+
+TEST(TorchModelAveraging, AReplacementFollowsTheClusterAfterOnClusterChange) {
+  expect_a_replacement_follows_the_cluster(at::Strategy::synchronous_averaging);
+}
+
+TEST(TorchPairAveraging, AReplacementFollowsTheClusterAfterOnClusterChange) {
+  expect_a_replacement_follows_the_cluster(at::Strategy::pair_averaging);
+}
+
+// Without a collective setup, the first pair-averaging step publishes every model before any worker pulls one,
+// however late a worker comes to it.
+TEST(TorchPairAveraging, FirstStepWithoutCollectiveSetupWaitsForEveryModel) {
+  const Regression data = make_regression();
+  run_cluster(3, base_config(), [&](Peer& peer) {
+    std::unique_lock<std::mutex> lock(model_mutex());
+    ::torch::manual_seed(11 + peer.rank());
+    nn::Linear net(6, 1);
+    lock.unlock();
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.05));
+    at::DistributedOptimizerOptions options;
+    options.collective_setup = false;
+    options.gradient_sample_interval = 0;  // no gradient allreduce in the first step to line the workers up
+    at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::pair_averaging, options);
+    if (peer.rank() != 0) std::this_thread::sleep_for(std::chrono::milliseconds(200 * peer.rank()));
+    for (int step = 0; step < 5; ++step) {
+      opt.zero_grad();
+      const Tensor i = ::torch::arange(peer.rank() * 16, peer.rank() * 16 + 16);
+      ::torch::mse_loss(net->forward(data.x.index_select(0, i)), data.y.index_select(0, i)).backward();
+      opt.step();
+    }
+    opt.finish_pending();
+  });
 }
 
 TEST(TorchModelAveraging, AveragesDifferentModels) {
