@@ -185,6 +185,9 @@ class ElasticSession {
   bool elastic() const { return config_.membership != nullptr; }
   /// True once this worker was removed from the cluster (sync() returned removed).
   bool removed() const { return removed_; }
+  /// True for a worker that joined a running job, until its first sync() gives it the registered state: until then
+  /// it must not run collectives of its own (the members would not post them).
+  bool joining() const { return joined_late_; }
 
   // State registry. Names must be registered in the same order with the same sizes on every worker before the
   // first sync(); MismatchError otherwise.

@@ -23,10 +23,12 @@
 
 #include <aikido/metrics.hpp>
 #include <aikido/types.hpp>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -72,6 +74,11 @@ class Policy {
   virtual void after_step(PolicyContext&) {}
   virtual void after_epoch(PolicyContext&) {}
   virtual void after_train(PolicyContext&) {}
+  /// The state this policy's decisions depend on, for elastic jobs: the runner registers it with the session, so a
+  /// worker that joins receives rank 0's and a recovery rolls it back with the model. Stateless policies (those that
+  /// decide from the metrics alone) keep the defaults. load_state gets exactly what save_state returned.
+  virtual std::vector<std::byte> save_state() const { return {}; }
+  virtual void load_state(std::span<const std::byte> /*state*/) {}
 };
 
 /// key=value options of a policy spec.

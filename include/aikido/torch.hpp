@@ -149,6 +149,9 @@ class DistributedOptimizer {
   /// After the cluster changed (sync() or recover() returned changed): collective on the new cluster. Every member
   /// takes rank 0's step count (steps()), and pair averaging publishes the model anew.
   void on_cluster_change();
+  /// Sets the strategy on this worker alone, without the collectives of set_strategy(): for state that an elastic
+  /// session restores on every member (PolicyRunner), followed by on_cluster_change().
+  void restore_strategy(Strategy strategy);
   Peer& peer() { return peer_; }
   ::torch::optim::Optimizer& optimizer() { return optimizer_; }
 
@@ -223,8 +226,11 @@ class PolicyRunner {
  public:
   PolicyRunner(DistributedOptimizer& optimizer, std::int64_t batch_size, std::vector<std::unique_ptr<Policy>> policies);
   ~PolicyRunner();
-  /// Lets policies resize the cluster through `session` (which must outlive the runner).
-  void set_elastic_session(ElasticSession* session) { session_ = session; }
+  /// Lets policies resize the cluster through `session` (which must outlive the runner), and registers the
+  /// runner's state with it (call before the first sync(), like every registration): batch size, strategy,
+  /// topology, a stop, and every policy's save_state(). A worker that joins receives them, a recovery rolls them
+  /// back, and a joining worker skips before_train() (the members ran it long ago).
+  void set_elastic_session(ElasticSession* session);
   /// Policies from specs "NAME[:key=value,...]" (make_policy).
   static std::vector<std::unique_ptr<Policy>> make(const std::vector<std::string>& specs);
 

@@ -9,9 +9,12 @@
 #include <aikido/policy.hpp>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <span>
+#include <type_traits>
 #include <vector>
 
 #include "base/error.hpp"
@@ -140,6 +143,43 @@ std::int64_t round_to_power_of_two(double x) {
 // one measured at the old batch, or the batch and learning rate go back and that batch is not tried again. Where the
 // hardware gives no more samples/s for a larger batch (a model bound by compute), growing only costs progress per
 // sample. The throughput is reduced across workers, so every worker takes the same decision.
+// Packs trivially copyable values into a policy's saved state and reads them back.
+class StateWriter {
+ public:
+  template <class T>
+  StateWriter& put(const T& value) {
+    static_assert(std::is_trivially_copyable_v<T>);
+    const auto* b = reinterpret_cast<const std::byte*>(&value);
+    bytes_.insert(bytes_.end(), b, b + sizeof(T));
+    return *this;
+  }
+  std::vector<std::byte> take() { return std::move(bytes_); }
+
+ private:
+  std::vector<std::byte> bytes_;
+};
+
+class StateReader {
+ public:
+  StateReader(std::span<const std::byte> bytes, const char* policy) : bytes_(bytes), policy_(policy) {}
+  template <class T>
+  T get() {
+    static_assert(std::is_trivially_copyable_v<T>);
+    if (bytes_.size() < sizeof(T)) throw ProtocolError(str_cat("policy ", policy_, ": saved state is too short"));
+    T value;
+    std::memcpy(&value, bytes_.data(), sizeof(T));
+    bytes_ = bytes_.subspan(sizeof(T));
+    return value;
+  }
+  void finish() const {
+    if (!bytes_.empty()) throw ProtocolError(str_cat("policy ", policy_, ": saved state is too long"));
+  }
+
+ private:
+  std::span<const std::byte> bytes_;
+  const char* policy_;
+};
+
 class AdaptiveBatch : public Policy {
  public:
   explicit AdaptiveBatch(const PolicyOptions& o)
@@ -167,6 +207,41 @@ class AdaptiveBatch : public Policy {
     }
   }
   std::string name() const override { return "adaptive-batch"; }
+
+  std::vector<std::byte> save_state() const override {
+    StateWriter w;
+    w.put(min_)
+        .put(base_batch_)
+        .put(base_lr_)
+        .put(measured_batch_)
+        .put(steps_at_batch_)
+        .put(trial_from_)
+        .put(trial_to_);
+    w.put(std::uint64_t(throughput_.size()));
+    for (const auto& [batch, sum_count] : throughput_) w.put(batch).put(sum_count.first).put(sum_count.second);
+    w.put(std::uint64_t(refused_.size()));
+    for (std::int64_t batch : refused_) w.put(batch);
+    return w.take();
+  }
+  void load_state(std::span<const std::byte> state) override {
+    StateReader r(state, "adaptive-batch");
+    min_ = r.get<std::int64_t>();
+    base_batch_ = r.get<std::int64_t>();
+    base_lr_ = r.get<double>();
+    measured_batch_ = r.get<std::int64_t>();
+    steps_at_batch_ = r.get<int>();
+    trial_from_ = r.get<std::int64_t>();
+    trial_to_ = r.get<std::int64_t>();
+    throughput_.clear();
+    for (auto n = r.get<std::uint64_t>(); n > 0; --n) {
+      const auto batch = r.get<std::int64_t>();
+      const auto sum = r.get<double>();
+      throughput_[batch] = {sum, r.get<int>()};
+    }
+    refused_.clear();
+    for (auto n = r.get<std::uint64_t>(); n > 0; --n) refused_.push_back(r.get<std::int64_t>());
+    r.finish();
+  }
 
   void before_train(PolicyContext& c) override {
     base_batch_ = c.metrics().batch_size;
@@ -284,6 +359,19 @@ class StrategySwitch : public Policy {
     }
   }
   std::string name() const override { return "strategy-switch"; }
+
+  std::vector<std::byte> save_state() const override {
+    return StateWriter().put(switched_).put(moved_).put(reference_).put(measured_).put(below_).take();
+  }
+  void load_state(std::span<const std::byte> state) override {
+    StateReader r(state, "strategy-switch");
+    switched_ = r.get<bool>();
+    moved_ = r.get<bool>();
+    reference_ = r.get<double>();
+    measured_ = r.get<std::int64_t>();
+    below_ = r.get<std::int64_t>();
+    r.finish();
+  }
 
   void before_epoch(PolicyContext& c) override {
     if (!switched_ && epoch_ >= 0 && c.metrics().epoch >= epoch_) switch_now(c);

@@ -857,6 +857,15 @@ void DistributedOptimizer::on_cluster_change() {
   if (strategy_ == Strategy::pair_averaging) publish_model(true);
 }
 
+void DistributedOptimizer::restore_strategy(Strategy strategy) {
+  if (strategy == strategy_) return;
+  pull_.reset();
+  release_gradient_aliases();
+  strategy_ = strategy;
+  metrics_.strategy = strategy_name(strategy_);
+  published_ = false;
+}
+
 void DistributedOptimizer::set_lr(double lr) {
   if (!(lr > 0) || !std::isfinite(lr))
     throw ConfigError(str_cat("DistributedOptimizer: learning rate ", lr, " must be positive"));

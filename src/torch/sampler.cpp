@@ -123,6 +123,13 @@ void register_state(ElasticSession& session, const NamedParameters& parameters, 
       [&optimizer] {
         ::torch::serialize::OutputArchive archive;
         optimizer.save(archive);
+        // LibTorch's load() restores the per-parameter state but not the groups' options (learning rate,
+        // momentum, ...), which training may have changed: they travel beside it.
+        for (std::size_t i = 0; i < optimizer.param_groups().size(); ++i) {
+          ::torch::serialize::OutputArchive options(archive.compilation_unit());
+          optimizer.param_groups()[i].options().serialize(options);
+          archive.write(str_cat("aikido/options/", i), options);
+        }
         std::ostringstream os;
         archive.save_to(os);
         const std::string bytes = os.str();
@@ -134,6 +141,12 @@ void register_state(ElasticSession& session, const NamedParameters& parameters, 
         ::torch::serialize::InputArchive archive;
         archive.load_from(is);
         optimizer.load(archive);
+        for (std::size_t i = 0; i < optimizer.param_groups().size(); ++i) {
+          ::torch::serialize::InputArchive options;
+          if (archive.try_read(str_cat("aikido/options/", i), options)) {
+            optimizer.param_groups()[i].options().serialize(options);
+          }
+        }
       });
   session.register_state(
       "sampler",

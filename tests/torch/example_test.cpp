@@ -197,7 +197,8 @@ bool wait_for_progress(const std::string& control, int workers, int step) {
 TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
   const std::string control = ::testing::TempDir() + "/aikido-example-control";
   Subprocess job({kRun, "-np", "2", "--elastic", "--max-np", "3", "--restart", "--control-file", control, "--timeout",
-                  "20", kExample, "--elastic", "--epochs", "2", "--commit-every", "5"});
+                  "20", kExample, "--elastic", "--epochs", "2", "--commit-every", "5", "--policy",
+                  "adaptive-batch:interval=20,warmup=20,max=256"});
   ASSERT_TRUE(wait_for_progress(control, 2, 20)) << ctl(control, {"status"});
   EXPECT_NE(ctl(control, {"resize", "3"}).find("cluster version 1"), std::string::npos);
   ASSERT_TRUE(wait_for_progress(control, 3, 200)) << ctl(control, {"status"});
@@ -213,7 +214,10 @@ TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
             std::string::npos)
       << "killed pid " << workers.at("0") << " at\n"
       << status << r.describe();
-  std::map<std::int64_t, std::set<double>> accuracy;  // per epoch, as every worker reported it
+  // Per epoch, as every worker reported it. The replacement received the policy's and the optimizer's state
+  // (batch size, learning rate), so every worker reports the same values.
+  std::map<std::int64_t, std::set<double>> accuracy, lr;
+  std::map<std::int64_t, std::set<std::int64_t>> batch;
   int lines = 0;
   for (int rank = 0; rank < 3; ++rank) {
     for (const auto& line : epochs_of(r.out, rank)) {
@@ -221,6 +225,8 @@ TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
       EXPECT_EQ(line["global_samples"], 60000) << line.dump();
       EXPECT_EQ(line["workers"], 3) << line.dump();
       accuracy[line["epoch"].get<std::int64_t>()].insert(line["test_accuracy"].get<double>());
+      lr[line["epoch"].get<std::int64_t>()].insert(line["lr"].get<double>());
+      batch[line["epoch"].get<std::int64_t>()].insert(line["batch_size"].get<std::int64_t>());
     }
   }
   EXPECT_GE(lines, 2) << r.describe();
@@ -228,7 +234,10 @@ TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
   for (const auto& [epoch, values] : accuracy) {
     EXPECT_EQ(values.size(), 1u) << "workers disagree on the model in epoch " << epoch;
     EXPECT_GT(*values.begin(), 0.8);
+    EXPECT_EQ(lr[epoch].size(), 1u) << "workers disagree on the learning rate in epoch " << epoch << "\n" << r.out;
+    EXPECT_EQ(batch[epoch].size(), 1u) << "workers disagree on the batch size in epoch " << epoch << "\n" << r.out;
   }
+  EXPECT_GT(*batch[1].begin(), 64) << "the policy never grew the batch: the test shows nothing\n" << r.out;
 }
 
 TEST(FashionMnistExample, BadInputIsAClearError) {

@@ -3,11 +3,14 @@
 
 #include <aikido/torch.hpp>
 #include <cmath>
+#include <map>
 #include <mutex>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "cluster.hpp"
+#include "thread_job.hpp"
 
 namespace aikido::test {
 namespace {
@@ -747,6 +750,66 @@ std::vector<Trace> train_with_policies(int workers, int epochs,
     runner.after_train();
   });
   return traces;
+}
+
+// An elastic job with a policy runner grows from 2 to 3 workers after policies changed the batch size, the learning
+// rate and the strategy. The worker that joins receives the runner's, the policies' and the optimizer's state and the
+// step count, skips before_train, and from then on every worker steps alike (otherwise its collectives would not
+// meet the others': it would still run synchronous SGD at the first batch size).
+TEST(TorchElastic, AJoiningWorkerTakesOverTheRunnersAndTheOptimizersState) {
+  const Data data = make_data(512);
+  std::mutex mutex;
+  std::map<std::uint64_t, std::vector<std::string>> rows;  // per worker, one per step at 3 workers
+  test::ThreadJob job(2, 3, [&](ElasticSession& s) {
+    nn::Sequential net = make_mlp(5);
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.05).momentum(0.9));
+    at::DistributedOptimizerOptions options;
+    options.collective_setup = false;
+    options.gradient_sample_interval = 2;
+    at::DistributedOptimizer opt(s.peer(), sgd, net->named_parameters(), at::Strategy::synchronous_sgd, options);
+    at::PolicyRunner runner(opt, 8,
+                            at::PolicyRunner::make({"adaptive-batch:interval=2,warmup=2,min=16,max=32,rule=linear",
+                                                    "schedule:lr@step5=0.02,strategy@step6=sma"}));
+    at::DistributedSampler sampler(512, s.peer(), 1);
+    std::int64_t step = 0;
+    runner.set_elastic_session(&s);
+    at::register_state(s, net->named_parameters(), sgd, sampler);
+    s.register_value("step", step);
+    runner.before_train();
+    while (step < 16) {
+      opt.finish_pending();
+      SyncResult r = s.sync(step);
+      if (step == 8 && s.size() == 2) r = s.resize(3);
+      if (r == SyncResult::removed) return;
+      if (r == SyncResult::changed) opt.on_cluster_change();
+      auto batch = sampler.next_batch(static_cast<std::size_t>(runner.batch_size()));
+      if (!batch) {
+        sampler.set_epoch(sampler.epoch() + 1);
+        continue;
+      }
+      opt.zero_grad();
+      if (!batch->empty()) loss_on(net, data, index_of(*batch)).backward();
+      opt.step(static_cast<std::int64_t>(batch->size()));
+      runner.after_step();
+      ++step;
+      if (step % 2 == 0) s.commit();
+      if (s.size() == 3) {
+        std::lock_guard<std::mutex> lock(mutex);
+        std::ostringstream row;
+        row << "step " << step << " optimizer steps " << opt.steps() << " batch " << runner.batch_size() << " lr "
+            << opt.lr() << " " << at::strategy_name(opt.strategy());
+        rows[s.worker_id()].push_back(row.str());
+      }
+    }
+    opt.finish_pending();
+  });
+  job.run();
+  ASSERT_EQ(rows.size(), 3u);
+  ASSERT_FALSE(rows[0].empty());
+  EXPECT_EQ(rows[1], rows[0]);
+  EXPECT_EQ(rows[2], rows[0]) << "the worker that joined";
+  EXPECT_NE(rows[0].front().find("synchronous_averaging"), std::string::npos) << rows[0].front();
+  EXPECT_EQ(rows[0].front().find("batch 8 "), std::string::npos) << "the batch never grew: " << rows[0].front();
 }
 
 TEST(TorchPolicies, EveryWorkerTakesTheSameDecisionsAtTheSameStep) {

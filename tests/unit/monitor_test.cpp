@@ -315,6 +315,58 @@ TEST(BuiltinPolicies, AdaptiveBatchKeepsADoublingOnlyWhereThroughputGrows) {
   EXPECT_THROW(make_policy("adaptive-batch:min_speedup=1.1,interval=3"), ConfigError);
 }
 
+// A worker that joins an elastic job gets rank 0's policy state (PolicyRunner registers save_state with the session):
+// from then on it must decide exactly as the policy it was copied from.
+TEST(BuiltinPolicies, SavedStateMakesAFreshPolicyDecideAlike) {
+  auto steps = [](Policy& p, RecordingContext& c, std::int64_t first, std::int64_t last, std::int64_t batch) {
+    for (std::int64_t s = first; s <= last; ++s) {
+      c.m.step = s;
+      c.m.batch_size = batch;
+      c.m.samples_per_second = 1000;
+      p.after_step(c);
+    }
+  };
+  const std::string spec = "adaptive-batch:interval=10,warmup=0,rule=linear,min_speedup=1.1";
+  auto member = make_policy(spec);
+  RecordingContext c;
+  start_training(*member, c, 64, 0.1, 2);
+  c.m.noise_scale = 4096;
+  steps(*member, c, 1, 10, 64);    // a trial of 128
+  steps(*member, c, 11, 20, 128);  // no faster: undone, 128 refused
+  // A fresh policy that never ran before_train (a joining worker) and one that received the member's state.
+  auto fresh = make_policy(spec);
+  auto joined = make_policy(spec);
+  joined->load_state(member->save_state());
+  RecordingContext a, b, d;
+  for (auto* ctx : {&a, &b, &d}) ctx->m = c.m;
+  steps(*member, a, 21, 40, 64);
+  steps(*joined, b, 21, 40, 64);
+  steps(*fresh, d, 21, 40, 64);
+  EXPECT_TRUE(a.actions.empty()) << "128 was refused";
+  EXPECT_EQ(b.actions, a.actions);
+  EXPECT_NE(d.actions, a.actions) << "without the state the decisions differ (the test would prove nothing)";
+  EXPECT_EQ(joined->save_state(), member->save_state());
+
+  auto switcher = make_policy("strategy-switch:step=5,to=ssgd");
+  RecordingContext e;
+  e.m.step = 6;
+  switcher->after_step(e);
+  ASSERT_EQ(e.actions, (std::vector<std::string>{"strategy=synchronous_sgd"}));
+  auto switched = make_policy("strategy-switch:step=5,to=ssgd");
+  switched->load_state(switcher->save_state());
+  RecordingContext f;
+  f.m.step = 7;
+  switched->after_step(f);
+  EXPECT_TRUE(f.actions.empty()) << "it switched once already";
+
+  auto state = member->save_state();
+  state.pop_back();
+  EXPECT_THROW(fresh->load_state(state), ProtocolError);
+  state = member->save_state();
+  state.push_back(std::byte{0});
+  EXPECT_THROW(fresh->load_state(state), ProtocolError);
+}
+
 TEST(BuiltinPolicies, AdaScaleGainIsBetweenOneAndTheScale) {
   auto p = make_policy("adaptive-batch:interval=1,warmup=0,rule=adascale");
   RecordingContext c;
