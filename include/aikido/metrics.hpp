@@ -155,6 +155,9 @@ class MetricsPublisher {
   MetricsPublisher& operator=(const MetricsPublisher&) = delete;
 
   void update(const TrainingMetrics& metrics);
+  /// The worker's rank changed (an elastic job): from the next update on it publishes under `rank`, and empties
+  /// what it published under the old one.
+  void set_rank(int rank);
 
  private:
   struct State;

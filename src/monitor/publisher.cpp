@@ -28,14 +28,19 @@ struct MetricsPublisher::State {
   std::mutex mutex;
   std::condition_variable wake;
   TrainingMetrics latest;
-  bool fresh = false;  // latest not yet published
+  bool fresh = false;        // latest not yet published
+  std::vector<int> retired;  // ranks this worker published under before set_rank(): their keys are emptied
   bool stopping = false;
   std::thread thread;
 
-  void publish(const TrainingMetrics& m) {
+  void publish(const TrainingMetrics& m, int as_rank, const std::vector<int>& emptied) {
     try {
-      store->set(metrics_key_prometheus(job_id, rank), to_prometheus(m, rank, /*with_help=*/false));
-      store->set(metrics_key_json(job_id, rank), to_json(m, rank));
+      for (int old : emptied) {
+        store->set(metrics_key_prometheus(job_id, old), "");
+        store->set(metrics_key_json(job_id, old), "");
+      }
+      store->set(metrics_key_prometheus(job_id, as_rank), to_prometheus(m, as_rank, /*with_help=*/false));
+      store->set(metrics_key_json(job_id, as_rank), to_json(m, as_rank));
     } catch (const std::exception& e) {
       log::warn("metrics: cannot publish to the store: ", e.what());
     }
@@ -47,9 +52,12 @@ struct MetricsPublisher::State {
       wake.wait_for(lock, interval, [&] { return stopping; });
       if (fresh) {
         const TrainingMetrics copy = latest;
+        const int now_rank = rank;
+        std::vector<int> old;
+        old.swap(retired);
         fresh = false;
         lock.unlock();
-        publish(copy);
+        publish(copy, now_rank, old);
         lock.lock();
       }
       if (stopping) return;
@@ -86,6 +94,13 @@ MetricsPublisher::~MetricsPublisher() {
   }
   state_->wake.notify_all();
   state_->thread.join();
+}
+
+void MetricsPublisher::set_rank(int rank) {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  if (rank == state_->rank) return;
+  state_->retired.push_back(state_->rank);
+  state_->rank = rank;
 }
 
 void MetricsPublisher::update(const TrainingMetrics& metrics) {

@@ -845,6 +845,7 @@ void DistributedOptimizer::on_cluster_change() {
   metrics_.workers = peer_.size();
   metrics_.topology = topology_name(peer_.topology());
   monitor_->noise.reset();  // the batch sizes it pairs changed
+  if (monitor_->publisher) monitor_->publisher->set_rank(peer_.rank());
   if (peer_.size() > 1) {
     // A worker that joined counts its steps from 0 (and a rollback restores the model, not this count): every
     // member takes rank 0's, so that the steps that also allreduce gradients (model and pair averaging with

@@ -317,6 +317,31 @@ TEST(BuiltinPolicies, AdaptiveBatchKeepsADoublingOnlyWhereThroughputGrows) {
 
 // A worker that joins an elastic job gets rank 0's policy state (PolicyRunner registers save_state with the session):
 // from then on it must decide exactly as the policy it was copied from.
+// In an elastic job a worker's rank changes: it publishes under the new rank and empties the old rank's keys (the
+// exporter skips empty values), so no rank shows two workers' metrics or a departed worker's.
+TEST(MetricsPublisher, ARankChangeMovesTheMetricsAndEmptiesTheOldKeys) {
+  auto store = make_memory_store();
+  MetricsPublisher publisher(store, "job", 2, std::chrono::milliseconds(5));
+  TrainingMetrics m;
+  m.step = 7;
+  auto published = [&](int rank) {
+    for (int i = 0; i < 1000; ++i) {
+      const auto json = store->get(metrics_key_json("job", rank));
+      if (json && json->find("\"step\":7") != std::string::npos) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return false;
+  };
+  publisher.update(m);
+  ASSERT_TRUE(published(2));
+  publisher.set_rank(1);
+  publisher.update(m);
+  ASSERT_TRUE(published(1));
+  EXPECT_EQ(store->get(metrics_key_json("job", 2)), std::optional<std::string>(""));
+  EXPECT_EQ(store->get(metrics_key_prometheus("job", 2)), std::optional<std::string>(""));
+  EXPECT_NE(store->get(metrics_key_prometheus("job", 1))->find("rank=\"1\""), std::string::npos);
+}
+
 TEST(BuiltinPolicies, SavedStateMakesAFreshPolicyDecideAlike) {
   auto steps = [](Policy& p, RecordingContext& c, std::int64_t first, std::int64_t last, std::int64_t batch) {
     for (std::int64_t s = first; s <= last; ++s) {
