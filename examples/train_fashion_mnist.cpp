@@ -216,9 +216,13 @@ int main(int argc, char** argv) {
 
     // What the cluster agrees on; with --elastic registered, committed every --commit-every steps and at the end of
     // each epoch, and rolled back after a lost worker.
+    // A worker that joins receives it, so it knows whether the epoch has begun (before_epoch ran) and where tests and
+    // --max-steps fall, like the members.
     struct Progress {
       std::int64_t step = 0;
       std::uint64_t epoch_samples = 0;  // samples of this epoch whose updates are in the model
+      std::int64_t steps_in_epoch = 0;
+      bool epoch_begun = false;
     } progress;
     if (session) {
       if (runner) runner->set_elastic_session(session.get());
@@ -248,13 +252,11 @@ int main(int argc, char** argv) {
     };
 
     // This worker's own view of the current epoch.
-    bool epoch_begun = false;
-    std::int64_t printed_epoch = -1, steps_in_epoch = 0;
+    std::int64_t printed_epoch = -1;
     double loss_sum = 0;
     std::int64_t samples = 0;
     double test_seconds = 0;  // time of this epoch's tests inside the epoch (--eval-every), not counted as training
     double reached = -1;      // the accuracy of a test inside the epoch that reached the target
-    std::uint64_t next_test = 0;
     auto start = std::chrono::steady_clock::now();
     bool done = false;
     while (!done && sampler.epoch() < epochs) {
@@ -266,21 +268,21 @@ int main(int argc, char** argv) {
           if (r == aikido::SyncResult::changed && opt) opt->on_cluster_change();
         }
         const std::int64_t epoch = sampler.epoch();
-        if (!epoch_begun) {
+        if (!progress.epoch_begun) {
           if (runner) runner->before_epoch(epoch);
           model->train();
           loss_sum = 0;
-          samples = steps_in_epoch = 0;
+          samples = 0;
+          progress.steps_in_epoch = 0;
           test_seconds = 0;
           reached = -1;
-          next_test = static_cast<std::uint64_t>(eval_every);
           start = std::chrono::steady_clock::now();
-          epoch_begun = true;
+          progress.epoch_begun = true;
         }
         const std::size_t position = sampler.position();
         const std::size_t batch_now = static_cast<std::size_t>(runner ? runner->batch_size() : batch_size);
         std::optional<std::vector<std::size_t>> batch;
-        if (max_steps == 0 || steps_in_epoch < max_steps) batch = sampler.next_batch(batch_now);
+        if (max_steps == 0 || progress.steps_in_epoch < max_steps) batch = sampler.next_batch(batch_now);
         if (batch) {
           if (opt) {
             opt->zero_grad();
@@ -301,16 +303,19 @@ int main(int argc, char** argv) {
           } else {
             sgd.step();
           }
+          const std::uint64_t samples_before = progress.epoch_samples;
           progress.epoch_samples += sampler.position() - position;
           ++progress.step;
-          ++steps_in_epoch;
+          ++progress.steps_in_epoch;
           if (session && progress.step % commit_every == 0) session->commit();
           if (runner) {
             runner->after_step();
             if (runner->stopped()) done = true;
           }
-          // progress.epoch_samples is global, so every worker tests after the same step.
-          if (!done && eval_every > 0 && progress.epoch_samples >= next_test &&
+          // A test whenever the epoch's samples pass a multiple of --eval-every: progress.epoch_samples is global, so
+          // every worker tests after the same step.
+          const auto every = static_cast<std::uint64_t>(std::max<std::int64_t>(eval_every, 1));
+          if (!done && eval_every > 0 && progress.epoch_samples / every > samples_before / every &&
               progress.epoch_samples < sampler.dataset_size()) {
             const auto test_start = std::chrono::steady_clock::now();
             if (const double accuracy = evaluate(); accuracy >= target_accuracy) {
@@ -318,7 +323,6 @@ int main(int argc, char** argv) {
               done = true;
             }
             test_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - test_start).count();
-            while (next_test <= progress.epoch_samples) next_test += static_cast<std::uint64_t>(eval_every);
           }
           if (!done) continue;
         }
@@ -371,7 +375,7 @@ int main(int argc, char** argv) {
         }
         sampler.set_epoch(epoch + 1);
         progress.epoch_samples = 0;
-        epoch_begun = false;
+        progress.epoch_begun = false;
         if (session) session->commit();
       } catch (const aikido::PeerLostError& e) {
         if (!session) throw;
