@@ -215,9 +215,8 @@ int main(int argc, char** argv) {
     aikido::torch::DistributedSampler sampler(static_cast<std::size_t>(train.images.size(0)), peer, seed);
 
     // What the cluster agrees on; with --elastic registered, committed every --commit-every steps and at the end of
-    // each epoch, and rolled back after a lost worker.
-    // A worker that joins receives it, so it knows whether the epoch has begun (before_epoch ran) and where tests and
-    // --max-steps fall, like the members.
+    // each epoch, and rolled back after a lost worker. A worker that joins receives it, so it knows whether the epoch
+    // has begun (before_epoch ran) and where tests and --max-steps fall, like the members.
     struct Progress {
       std::int64_t step = 0;
       std::uint64_t epoch_samples = 0;  // samples of this epoch whose updates are in the model
@@ -258,6 +257,7 @@ int main(int argc, char** argv) {
     double test_seconds = 0;  // time of this epoch's tests inside the epoch (--eval-every), not counted as training
     double reached = -1;      // the accuracy of a test inside the epoch that reached the target
     auto start = std::chrono::steady_clock::now();
+    const auto test_every = static_cast<std::uint64_t>(std::max<std::int64_t>(eval_every, 1));
     bool done = false;
     while (!done && sampler.epoch() < epochs) {
       try {
@@ -314,8 +314,7 @@ int main(int argc, char** argv) {
           }
           // A test whenever the epoch's samples pass a multiple of --eval-every: progress.epoch_samples is global, so
           // every worker tests after the same step.
-          const auto every = static_cast<std::uint64_t>(std::max<std::int64_t>(eval_every, 1));
-          if (!done && eval_every > 0 && progress.epoch_samples / every > samples_before / every &&
+          if (!done && eval_every > 0 && progress.epoch_samples / test_every > samples_before / test_every &&
               progress.epoch_samples < sampler.dataset_size()) {
             const auto test_start = std::chrono::steady_clock::now();
             if (const double accuracy = evaluate(); accuracy >= target_accuracy) {

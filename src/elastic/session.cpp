@@ -385,7 +385,8 @@ void ElasticSession::establish(bool is_new) {
   take_snapshot(std::uint64_t(std::max<std::int64_t>(newest, 0)) + 1);
   needs_rollback_ = false;
   established_ = true;
-  sync_count_ = 0;  // the check cadence restarts together on every member
+  joined_late_ = false;  // the state has arrived
+  sync_count_ = 0;       // the check cadence restarts together on every member
 }
 
 SyncResult ElasticSession::leave(const ClusterSpec& target) {
@@ -507,6 +508,7 @@ SyncResult ElasticSession::sync(std::int64_t step) {
     return SyncResult::unchanged;
   }
   if (!established_) {
+    const bool joined = joined_late_;
     try {
       establish(!established_);
     } catch (const PeerLostError&) {
@@ -514,7 +516,7 @@ SyncResult ElasticSession::sync(std::int64_t step) {
     } catch (const TimeoutError&) {
       return recover_in_sync();
     }
-    return joined_late_ ? SyncResult::changed : SyncResult::unchanged;
+    return joined ? SyncResult::changed : SyncResult::unchanged;
   }
   if (!elastic()) return SyncResult::unchanged;
   if (++sync_count_ % std::uint64_t(config_.check_every) != 0) return SyncResult::unchanged;

@@ -9,14 +9,13 @@
 #include <aikido/policy.hpp>
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <span>
-#include <type_traits>
 #include <vector>
 
+#include "base/bytes.hpp"
 #include "base/error.hpp"
 
 namespace aikido {
@@ -143,43 +142,6 @@ std::int64_t round_to_power_of_two(double x) {
 // one measured at the old batch, or the batch and learning rate go back and that batch is not tried again. Where the
 // hardware gives no more samples/s for a larger batch (a model bound by compute), growing only costs progress per
 // sample. The throughput is reduced across workers, so every worker takes the same decision.
-// Packs trivially copyable values into a policy's saved state and reads them back.
-class StateWriter {
- public:
-  template <class T>
-  StateWriter& put(const T& value) {
-    static_assert(std::is_trivially_copyable_v<T>);
-    const auto* b = reinterpret_cast<const std::byte*>(&value);
-    bytes_.insert(bytes_.end(), b, b + sizeof(T));
-    return *this;
-  }
-  std::vector<std::byte> take() { return std::move(bytes_); }
-
- private:
-  std::vector<std::byte> bytes_;
-};
-
-class StateReader {
- public:
-  StateReader(std::span<const std::byte> bytes, const char* policy) : bytes_(bytes), policy_(policy) {}
-  template <class T>
-  T get() {
-    static_assert(std::is_trivially_copyable_v<T>);
-    if (bytes_.size() < sizeof(T)) throw ProtocolError(str_cat("policy ", policy_, ": saved state is too short"));
-    T value;
-    std::memcpy(&value, bytes_.data(), sizeof(T));
-    bytes_ = bytes_.subspan(sizeof(T));
-    return value;
-  }
-  void finish() const {
-    if (!bytes_.empty()) throw ProtocolError(str_cat("policy ", policy_, ": saved state is too long"));
-  }
-
- private:
-  std::span<const std::byte> bytes_;
-  const char* policy_;
-};
-
 class AdaptiveBatch : public Policy {
  public:
   explicit AdaptiveBatch(const PolicyOptions& o)
@@ -209,7 +171,7 @@ class AdaptiveBatch : public Policy {
   std::string name() const override { return "adaptive-batch"; }
 
   std::vector<std::byte> save_state() const override {
-    StateWriter w;
+    detail::ByteWriter w;
     w.put(min_)
         .put(base_batch_)
         .put(base_lr_)
@@ -224,7 +186,7 @@ class AdaptiveBatch : public Policy {
     return w.take();
   }
   void load_state(std::span<const std::byte> state) override {
-    StateReader r(state, "adaptive-batch");
+    detail::ByteReader r(state, "policy adaptive-batch");
     min_ = r.get<std::int64_t>();
     base_batch_ = r.get<std::int64_t>();
     base_lr_ = r.get<double>();
@@ -361,10 +323,10 @@ class StrategySwitch : public Policy {
   std::string name() const override { return "strategy-switch"; }
 
   std::vector<std::byte> save_state() const override {
-    return StateWriter().put(switched_).put(moved_).put(reference_).put(measured_).put(below_).take();
+    return detail::ByteWriter().put(switched_).put(moved_).put(reference_).put(measured_).put(below_).take();
   }
   void load_state(std::span<const std::byte> state) override {
-    StateReader r(state, "strategy-switch");
+    detail::ByteReader r(state, "policy strategy-switch");
     switched_ = r.get<bool>();
     moved_ = r.get<bool>();
     reference_ = r.get<double>();

@@ -120,9 +120,8 @@ const char* kind_label(CollectiveKind kind) {
 
 }  // namespace
 
-/// One rank's part of one posted collective.
-// One collective in flight. A single allocation per call: the Work handle shares `state` through an aliasing pointer
-// that keeps the whole ShmOp alive.
+/// One rank's part of one posted collective. A single allocation per call: the Work handle shares `state` through an
+/// aliasing pointer that keeps the whole ShmOp alive.
 struct ShmOp {
   const std::string* name = nullptr;  // the key in entry_of_name_, which is never erased
   CollectiveKind kind{};

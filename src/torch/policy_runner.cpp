@@ -4,6 +4,7 @@
 #include <cstring>
 #include <optional>
 
+#include "base/bytes.hpp"
 #include "base/error.hpp"
 
 namespace aikido::torch {
@@ -84,58 +85,28 @@ void PolicyRunner::set_elastic_session(ElasticSession* session) {
   session->register_state(
       "aikido.torch/policy-runner",
       [this] {
-        std::vector<std::byte> bytes;
-        auto put = [&bytes](const void* data, std::size_t size) {
-          const auto* b = static_cast<const std::byte*>(data);
-          bytes.insert(bytes.end(), b, b + size);
-        };
-        const std::int64_t batch = batch_size_;
-        const std::uint8_t flags[3] = {static_cast<std::uint8_t>(optimizer_.strategy()),
-                                       static_cast<std::uint8_t>(optimizer_.peer().topology()),
-                                       static_cast<std::uint8_t>(stopped_)};
-        put(&batch, sizeof batch);
-        put(flags, sizeof flags);
-        const std::uint64_t reason = stop_reason_.size();
-        put(&reason, sizeof reason);
-        put(stop_reason_.data(), stop_reason_.size());
-        for (const auto& policy : policies_) {
-          const std::vector<std::byte> state = policy->save_state();
-          const std::uint64_t size = state.size();
-          put(&size, sizeof size);
-          put(state.data(), state.size());
-        }
-        return bytes;
+        detail::ByteWriter w;
+        w.put(batch_size_).put(optimizer_.strategy()).put(optimizer_.peer().topology()).put(stopped_);
+        w.put_string(stop_reason_);
+        for (const auto& policy : policies_) w.put_bytes(policy->save_state());
+        return w.take();
       },
       [this](std::span<const std::byte> bytes) {
-        auto take = [&bytes](void* data, std::size_t size) {
-          if (bytes.size() < size) throw ProtocolError("PolicyRunner: the saved state is too short");
-          std::memcpy(data, bytes.data(), size);
-          bytes = bytes.subspan(size);
-        };
-        std::int64_t batch = 0;
-        std::uint8_t flags[3];
-        std::uint64_t reason = 0;
-        take(&batch, sizeof batch);
-        take(flags, sizeof flags);
-        take(&reason, sizeof reason);
-        std::string stop_reason(reason, '\0');
-        take(stop_reason.data(), reason);
-        std::vector<std::vector<std::byte>> states;
-        for (std::size_t i = 0; i < policies_.size(); ++i) {
-          std::uint64_t size = 0;
-          take(&size, sizeof size);
-          std::vector<std::byte> state(size);
-          take(state.data(), size);
-          states.push_back(std::move(state));
-        }
-        if (!bytes.empty()) throw ProtocolError("PolicyRunner: the saved state is too long (different policies?)");
+        detail::ByteReader r(bytes, "PolicyRunner");
+        const auto batch = r.get<std::int64_t>();
+        const auto strategy = r.get<Strategy>();
+        const auto topology = r.get<Topology>();
+        const auto stopped = r.get<bool>();
+        std::string stop_reason = r.get_string();
+        std::vector<std::span<const std::byte>> states;
+        for (std::size_t i = 0; i < policies_.size(); ++i) states.push_back(r.get_bytes());
+        r.finish(" (different policies?)");
         for (std::size_t i = 0; i < policies_.size(); ++i) policies_[i]->load_state(states[i]);
         batch_size_ = batch;
         optimizer_.set_batch_size(batch);
-        optimizer_.restore_strategy(static_cast<Strategy>(flags[0]));
-        if (static_cast<Topology>(flags[1]) != optimizer_.peer().topology())
-          optimizer_.peer().set_topology(static_cast<Topology>(flags[1]));
-        stopped_ = flags[2] != 0;
+        optimizer_.restore_strategy(strategy);
+        if (topology != optimizer_.peer().topology()) optimizer_.peer().set_topology(topology);
+        stopped_ = stopped;
         stop_reason_ = std::move(stop_reason);
       });
 }

@@ -1,10 +1,10 @@
 // DistributedSampler (include/aikido/torch.hpp): one shared order per epoch, walked one global batch at a time.
 #include <aikido/elastic.hpp>
 #include <aikido/torch.hpp>
-#include <cstring>
 #include <numeric>
 #include <sstream>
 
+#include "base/bytes.hpp"
 #include "base/error.hpp"
 #include "splitmix.hpp"
 
@@ -149,18 +149,14 @@ void register_state(ElasticSession& session, const NamedParameters& parameters, 
         }
       });
   session.register_state(
-      "sampler",
-      [&sampler] {
-        const std::uint64_t v[2] = {static_cast<std::uint64_t>(sampler.epoch()), sampler.position()};
-        const auto* b = reinterpret_cast<const std::byte*>(v);
-        return std::vector<std::byte>(b, b + sizeof v);
-      },
+      "sampler", [&sampler] { return detail::ByteWriter().put(sampler.epoch()).put(sampler.position()).take(); },
       [&sampler](std::span<const std::byte> bytes) {
-        std::uint64_t v[2];
-        if (bytes.size() != sizeof v) throw ProtocolError("register_state: sampler state of the wrong size");
-        std::memcpy(v, bytes.data(), sizeof v);
-        if (static_cast<std::int64_t>(v[0]) != sampler.epoch()) sampler.set_epoch(static_cast<std::int64_t>(v[0]));
-        sampler.set_position(v[1]);
+        detail::ByteReader r(bytes, "register_state: sampler");
+        const auto epoch = r.get<std::int64_t>();
+        const auto position = r.get<std::size_t>();
+        r.finish();
+        if (epoch != sampler.epoch()) sampler.set_epoch(epoch);
+        sampler.set_position(position);
       });
 }
 

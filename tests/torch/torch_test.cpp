@@ -262,15 +262,28 @@ Regression make_regression() {
   return r;
 }
 
+nn::Linear make_linear(std::uint64_t seed) {
+  std::lock_guard<std::mutex> lock(model_mutex());
+  ::torch::manual_seed(seed);
+  return nn::Linear(6, 1);
+}
+
+// `steps` steps of `opt`, each on the 16 samples of `rank`'s own slice of the data.
+void train_on_own_slice(at::DistributedOptimizer& opt, nn::Linear& net, const Regression& data, int rank, int steps) {
+  const Tensor i = ::torch::arange(rank * 16, rank * 16 + 16);
+  for (int step = 0; step < steps; ++step) {
+    opt.zero_grad();
+    ::torch::mse_loss(net->forward(data.x.index_select(0, i)), data.y.index_select(0, i)).backward();
+    opt.step();
+  }
+}
+
 void expect_converges_then_switch_equalises(at::Strategy strategy, int workers) {
   const Regression data = make_regression();
   std::vector<Tensor> results(workers);
   std::vector<double> losses(workers);
   run_cluster(workers, base_config(), [&](Peer& peer) {
-    std::unique_lock<std::mutex> lock(model_mutex());
-    ::torch::manual_seed(11 + peer.rank());  // different starting points: averaging must bring them together
-    nn::Linear net(6, 1);
-    lock.unlock();
+    nn::Linear net = make_linear(11 + peer.rank());  // different starting points: averaging must bring them together
     ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.05).momentum(0.5));
     at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), strategy);
     at::DistributedSampler sampler(512, peer, 3);
@@ -289,12 +302,7 @@ void expect_converges_then_switch_equalises(at::Strategy strategy, int workers) 
     }
     opt.set_strategy(at::Strategy::synchronous_sgd);
     EXPECT_EQ(opt.strategy(), at::Strategy::synchronous_sgd);
-    for (int step = 0; step < 5; ++step) {
-      opt.zero_grad();
-      const Tensor i = ::torch::arange(peer.rank() * 16, peer.rank() * 16 + 16);
-      ::torch::mse_loss(net->forward(data.x.index_select(0, i)), data.y.index_select(0, i)).backward();
-      opt.step();
-    }
+    train_on_own_slice(opt, net, data, peer.rank(), 5);
     std::vector<Tensor> flat;
     for (const auto& p : net->parameters()) flat.push_back(p.detach().reshape(-1));
     results[peer.rank()] = ::torch::cat(flat);
@@ -323,21 +331,13 @@ void expect_a_replacement_follows_the_cluster(at::Strategy strategy) {
   std::vector<std::int64_t> steps(2);
   std::vector<Tensor> results(2);
   run_cluster(2, config, [&](Peer& peer) {
-    std::unique_lock<std::mutex> lock(model_mutex());
-    ::torch::manual_seed(11);
-    nn::Linear net(6, 1);
-    lock.unlock();
+    nn::Linear net = make_linear(11);
     ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.05));
     at::DistributedOptimizerOptions options;
     options.gradient_sample_interval = 2;
     options.collective_setup = false;
-    auto train = [&](at::DistributedOptimizer& opt, int count) {
-      for (int step = 0; step < count; ++step) {
-        opt.zero_grad();
-        const Tensor i = ::torch::arange(peer.rank() * 16, peer.rank() * 16 + 16);
-        ::torch::mse_loss(net->forward(data.x.index_select(0, i)), data.y.index_select(0, i)).backward();
-        opt.step();
-      }
+    auto train = [&](at::DistributedOptimizer& opt, int steps) {
+      train_on_own_slice(opt, net, data, peer.rank(), steps);
     };
     auto opt = std::make_unique<at::DistributedOptimizer>(peer, sgd, net->named_parameters(), strategy, options);
     train(*opt, 3);
@@ -371,22 +371,14 @@ TEST(TorchPairAveraging, AReplacementFollowsTheClusterAfterOnClusterChange) {
 TEST(TorchPairAveraging, FirstStepWithoutCollectiveSetupWaitsForEveryModel) {
   const Regression data = make_regression();
   run_cluster(3, base_config(), [&](Peer& peer) {
-    std::unique_lock<std::mutex> lock(model_mutex());
-    ::torch::manual_seed(11 + peer.rank());
-    nn::Linear net(6, 1);
-    lock.unlock();
+    nn::Linear net = make_linear(11 + peer.rank());
     ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.05));
     at::DistributedOptimizerOptions options;
     options.collective_setup = false;
     options.gradient_sample_interval = 0;  // no gradient allreduce in the first step to line the workers up
     at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::pair_averaging, options);
     if (peer.rank() != 0) std::this_thread::sleep_for(std::chrono::milliseconds(200 * peer.rank()));
-    for (int step = 0; step < 5; ++step) {
-      opt.zero_grad();
-      const Tensor i = ::torch::arange(peer.rank() * 16, peer.rank() * 16 + 16);
-      ::torch::mse_loss(net->forward(data.x.index_select(0, i)), data.y.index_select(0, i)).backward();
-      opt.step();
-    }
+    train_on_own_slice(opt, net, data, peer.rank(), 5);
     opt.finish_pending();
   });
 }
@@ -775,10 +767,12 @@ TEST(TorchElastic, AJoiningWorkerTakesOverTheRunnersAndTheOptimizersState) {
     runner.set_elastic_session(&s);
     at::register_state(s, net->named_parameters(), sgd, sampler);
     s.register_value("step", step);
+    EXPECT_EQ(s.joining(), s.worker_id() == 2) << "worker " << s.worker_id();
     runner.before_train();
     while (step < 16) {
       opt.finish_pending();
       SyncResult r = s.sync(step);
+      EXPECT_FALSE(s.joining()) << "the state has arrived";
       if (step == 8 && s.size() == 2) r = s.resize(3);
       if (r == SyncResult::removed) return;
       if (r == SyncResult::changed) opt.on_cluster_change();

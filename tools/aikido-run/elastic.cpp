@@ -5,11 +5,11 @@
 #include <unistd.h>
 
 #include <aikido/errors.hpp>
-#include <cstdio>
 #include <cstring>
 #include <optional>
 
 #include "base/env.hpp"
+#include "base/error.hpp"
 #include "elastic/store_server.hpp"
 #include "output.hpp"
 #include "transport/socket.hpp"
@@ -25,13 +25,6 @@ constexpr std::chrono::seconds kLeaveGrace{10};
 std::int64_t unix_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
       .count();
-}
-
-// 3 -> "3", 2.5 -> "2.5".
-std::string seconds_text(double seconds) {
-  char text[32];
-  std::snprintf(text, sizeof text, "%g", seconds);
-  return text;
 }
 
 std::string describe_status(int status) {
@@ -171,8 +164,7 @@ void ElasticController::check_heartbeats(Supervisor& supervisor) {
     if (!hb.killed && now - hb.changed >= timeout) {
       hb.killed = true;
       report("aikido-run: worker " + std::to_string(id) + " (rank " + std::to_string(spec->rank_of(id)) +
-             ") stopped responding: no heartbeat for " + seconds_text(options_.heartbeat_timeout_s) +
-             " s; killing it (SIGKILL)");
+             ") stopped responding: no heartbeat for " + detail::seconds(timeout) + "; killing it (SIGKILL)");
       supervisor.kill_worker(id);
     }
   }

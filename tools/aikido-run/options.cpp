@@ -14,25 +14,30 @@
 namespace aikido::run {
 namespace {
 
-void parse_np(const std::string& flag, const std::string& value, int* np) {
+// `value` as a whole decimal integer within [min, max]; nullopt when it is not one.
+std::optional<long long> integer_in(const std::string& value, long long min, long long max) {
   errno = 0;
   char* end = nullptr;
   const long long n = std::strtoll(value.c_str(), &end, 10);
-  if (value.empty() || errno != 0 || *end != '\0' || n < 1 || n > kMaxWorkers) {
+  if (value.empty() || errno != 0 || *end != '\0' || n < min || n > max) return std::nullopt;
+  return n;
+}
+
+void parse_np(const std::string& flag, const std::string& value, int* np) {
+  const auto n = integer_in(value, 1, kMaxWorkers);
+  if (!n) {
     throw UsageError("aikido-run: " + flag + " '" + value + "' is not a positive integer (at most " +
                      std::to_string(kMaxWorkers) + ")");
   }
-  *np = int(n);
+  *np = int(*n);
 }
 
 int check_port(const std::string& value) {
-  errno = 0;
-  char* end = nullptr;
-  const long long port = std::strtoll(value.c_str(), &end, 10);
-  if (value.empty() || errno != 0 || *end != '\0' || port < 0 || port > 65535) {
+  const auto port = integer_in(value, 0, 65535);
+  if (!port) {
     throw UsageError("aikido-run: --metrics-port '" + value + "' is not a port number (0..65535; 0 picks a free one)");
   }
-  return int(port);
+  return int(*port);
 }
 
 std::string check_seconds(const std::string& value, const std::string& flag = "--timeout") {
@@ -46,10 +51,7 @@ std::string check_seconds(const std::string& value, const std::string& flag = "-
 }
 
 std::string check_segment_bytes(const std::string& value) {
-  errno = 0;
-  char* end = nullptr;
-  const long long bytes = std::strtoll(value.c_str(), &end, 10);
-  if (value.empty() || errno != 0 || *end != '\0' || bytes < 1 || bytes > (1ll << 40)) {
+  if (!integer_in(value, 1, 1ll << 40)) {
     throw UsageError("aikido-run: --segment-bytes '" + value + "' is not a positive number of bytes");
   }
   return value;
@@ -80,13 +82,9 @@ int parse_count(const std::string& flag, const std::string& value) {
 }
 
 int parse_restarts(const std::string& value) {
-  errno = 0;
-  char* end = nullptr;
-  const long long n = std::strtoll(value.c_str(), &end, 10);
-  if (value.empty() || errno != 0 || *end != '\0' || n < 0 || n > 1'000'000) {
-    throw UsageError("aikido-run: --max-restarts '" + value + "' is not a number of replacements (0 or more)");
-  }
-  return int(n);
+  const auto n = integer_in(value, 0, 1'000'000);
+  if (!n) throw UsageError("aikido-run: --max-restarts '" + value + "' is not a number of replacements (0 or more)");
+  return int(*n);
 }
 
 bool is_executable_file(const std::string& path) {
