@@ -155,7 +155,9 @@ struct ElasticConfig {
 /// connections at the new version (connections of other versions are refused in the handshake); then all
 /// members exchange a small header (allgather), roll back to the agreed commit when any of them recovers from a
 /// failure, rank 0 broadcasts the registered state to new workers, and everyone commits. A worker started for a
-/// new version (aikido-run starts them) receives the state in its first sync().
+/// new version (aikido-run starts them) receives the state in its first sync(). The topology (Peer::set_topology)
+/// belongs to the cluster: after a change every member, new workers included, uses the one the members used before
+/// it (a recovery does not roll it back).
 ///
 /// Failures. When a collective throws PeerLostError or TimeoutError, call recover() (sync() does it itself for
 /// its own check): it proposes the cluster without the lost workers (or adopts a version aikido-run or another
@@ -203,6 +205,8 @@ class ElasticSession {
     register_span(std::move(name), std::span<T>(&value, 1));
   }
   /// State of any shape (optimizer state created lazily, RNG state): `save` serialises it, `load` restores it.
+  /// `load` runs on one worker at a time (a rollback, or the state arriving at a new worker), at points that the
+  /// other workers do not share: it must not run collectives.
   void register_state(std::string name, std::function<std::vector<std::byte>()> save,
                       std::function<void(std::span<const std::byte>)> load);
   /// The sampler's epoch and position.
@@ -266,6 +270,7 @@ class ElasticSession {
   bool established_ = false;
   bool joined_late_ = false;  // this worker joined a running job and has not received the state yet
   bool needs_rollback_ = false;
+  std::optional<Topology> topology_before_change_;  // the members' topology when the current change began
   bool recovered_outside_sync_ = false;
   std::uint64_t sync_count_ = 0;
   std::vector<Entry> entries_;

@@ -152,6 +152,9 @@ class DistributedOptimizer {
   /// Sets the strategy on this worker alone, without the collectives of set_strategy(): for state that an elastic
   /// session restores on every member (PolicyRunner), followed by on_cluster_change().
   void restore_strategy(Strategy strategy);
+  /// Sets steps() on this worker alone: for state that an elastic session restores on every member (PolicyRunner
+  /// rolls the count back with the model, so that step-triggered decisions fall at the same training steps).
+  void restore_steps(std::int64_t steps);
   Peer& peer() { return peer_; }
   ::torch::optim::Optimizer& optimizer() { return optimizer_; }
 
@@ -227,9 +230,10 @@ class PolicyRunner {
   PolicyRunner(DistributedOptimizer& optimizer, std::int64_t batch_size, std::vector<std::unique_ptr<Policy>> policies);
   ~PolicyRunner();
   /// Lets policies resize the cluster through `session` (which must outlive the runner), and registers the
-  /// runner's state with it (call before the first sync(), like every registration): batch size, strategy,
-  /// topology, a stop, and every policy's save_state(). A worker that joins receives them, a recovery rolls them
-  /// back, and a joining worker skips before_train() (the members ran it long ago).
+  /// runner's state with it (call before the first sync(), like every registration): batch size, strategy, the
+  /// optimizer's step count (which policies read as metrics().step), a stop, and every policy's save_state(). A worker
+  /// that joins receives them, a recovery rolls them back, and a joining worker skips before_train() (the members ran
+  /// it long ago). The topology is the session's (it keeps the members' topology across changes).
   void set_elastic_session(ElasticSession* session);
   /// Policies from specs "NAME[:key=value,...]" (make_policy).
   static std::vector<std::unique_ptr<Policy>> make(const std::vector<std::string>& specs);

@@ -8,7 +8,11 @@
 // highest version, whatever order proposals came in.
 //
 // Establishing a version. Once connected, every member runs establish(): an allgather of a small header
-// (has state, wants rollback, newest and oldest commit), a consensus on the state registry, then:
+// (has state, wants rollback, newest and oldest commit, topology), a consensus on the state registry, then:
+//   - topology: a Peer reconnects with its configured topology, so every member runs the establishing collectives
+//     on the same one; then all adopt the topology the lowest-ranked member with state used before the change
+//     (set_topology, called by every member since all read the same header), so a topology chosen during training
+//     survives changes and reaches new workers;
 //   - rollback, when any member recovers from a failure: members with state load the newest commit that all of
 //     them hold (commits are taken at the same steps everywhere and differ by at most one between workers);
 //   - transfer, when any member has no state (a new worker): the lowest-ranked member with state broadcasts
@@ -46,7 +50,7 @@ double unix_ms_now() {
 std::int64_t unix_ms() { return std::int64_t(unix_ms_now()); }
 
 // Header each member contributes to establish().
-enum HeaderField { kHasState, kWantsRollback, kNewestCommit, kOldestCommit, kHeaderFields };
+enum HeaderField { kHasState, kWantsRollback, kNewestCommit, kOldestCommit, kTopology, kHeaderFields };
 
 }  // namespace
 
@@ -303,6 +307,7 @@ void ElasticSession::establish(bool is_new) {
   mine[kWantsRollback] = needs_rollback_ ? 1 : 0;
   mine[kNewestCommit] = snapshots_.empty() ? 0 : std::int64_t(snapshots_.back().seq);
   mine[kOldestCommit] = snapshots_.empty() ? 0 : std::int64_t(snapshots_.front().seq);
+  mine[kTopology] = topology_before_change_ ? std::int64_t(*topology_before_change_) : -1;
   peer.allgather(std::span<const std::int64_t>(mine), std::span<std::int64_t>(all), "aikido/elastic/header");
 
   std::string registry;
@@ -331,6 +336,8 @@ void ElasticSession::establish(bool is_new) {
     newest = std::max(newest, h[kNewestCommit]);
   }
   if (source < 0) source = 0;  // a fresh job: everyone starts from rank 0's initial state
+  const std::int64_t topology = all[std::size_t(source * kHeaderFields + kTopology)];
+  if (topology >= 0) peer.set_topology(Topology(topology));
 
   if (rollback && !is_new && target > 0 && target != INT64_MAX) restore_snapshot(std::uint64_t(target));
   if (transfer) {
@@ -410,6 +417,8 @@ SyncResult ElasticSession::switch_to(ClusterSpec target, bool failure) {
   timings_.failure = failure;
   if (target.proposed_unix_ms > 0) timings_.decided_to_agreed = agreed - double(target.proposed_unix_ms);
   if (failure) needs_rollback_ = true;
+  // The topology the members agreed on, read before connect() replaces the Peer's engine (establish() restores it).
+  if (established_) topology_before_change_ = peer_->topology();
   const auto deadline = SteadyClock::now() + config_.recovery_timeout;
   for (;;) {
     if (!target.contains(config_.worker_id)) return leave(target);

@@ -847,15 +847,22 @@ void DistributedOptimizer::on_cluster_change() {
   monitor_->noise.reset();  // the batch sizes it pairs changed
   if (monitor_->publisher) monitor_->publisher->set_rank(peer_.rank());
   if (peer_.size() > 1) {
-    // A worker that joined counts its steps from 0 (and a rollback restores the model, not this count): every
-    // member takes rank 0's, so that the steps that also allreduce gradients (model and pair averaging with
-    // monitoring) are the same steps everywhere; otherwise their collectives would not meet.
+    // Without a PolicyRunner (which registers this count with the session), a worker that joined counts its steps
+    // from 0 and a rollback restores the model, not this count: every member takes rank 0's, so that the steps that
+    // also allreduce gradients (model and pair averaging with monitoring) are the same steps everywhere; otherwise
+    // their collectives would not meet.
     std::int64_t steps = steps_;
     peer_.broadcast(std::span<std::int64_t>(&steps, 1), 0, str_cat(kPrefix, "steps"));
     steps_ = steps;
   }
   published_ = false;
   if (strategy_ == Strategy::pair_averaging) publish_model(true);
+}
+
+void DistributedOptimizer::restore_steps(std::int64_t steps) {
+  if (steps < 0) throw ConfigError(str_cat("DistributedOptimizer::restore_steps: ", steps, " is negative"));
+  steps_ = steps;
+  metrics_.step = steps;
 }
 
 void DistributedOptimizer::restore_strategy(Strategy strategy) {

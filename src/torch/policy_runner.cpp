@@ -86,7 +86,10 @@ void PolicyRunner::set_elastic_session(ElasticSession* session) {
       "aikido.torch/policy-runner",
       [this] {
         detail::ByteWriter w;
-        w.put(batch_size_).put(optimizer_.strategy()).put(optimizer_.peer().topology()).put(stopped_);
+        w.put(batch_size_)
+            .put(optimizer_.strategy())
+            .put(optimizer_.steps())
+            .put(stopped_);  // not the topology: the session's
         w.put_string(stop_reason_);
         for (const auto& policy : policies_) w.put_bytes(policy->save_state());
         return w.take();
@@ -95,7 +98,7 @@ void PolicyRunner::set_elastic_session(ElasticSession* session) {
         detail::ByteReader r(bytes, "PolicyRunner");
         const auto batch = r.get<std::int64_t>();
         const auto strategy = r.get<Strategy>();
-        const auto topology = r.get<Topology>();
+        const auto steps = r.get<std::int64_t>();
         const auto stopped = r.get<bool>();
         std::string stop_reason = r.get_string();
         std::vector<std::span<const std::byte>> states;
@@ -105,7 +108,7 @@ void PolicyRunner::set_elastic_session(ElasticSession* session) {
         batch_size_ = batch;
         optimizer_.set_batch_size(batch);
         optimizer_.restore_strategy(strategy);
-        if (topology != optimizer_.peer().topology()) optimizer_.peer().set_topology(topology);
+        optimizer_.restore_steps(steps);
         stopped_ = stopped;
         stop_reason_ = std::move(stop_reason);
       });

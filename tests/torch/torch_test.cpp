@@ -806,6 +806,79 @@ TEST(TorchElastic, AJoiningWorkerTakesOverTheRunnersAndTheOptimizersState) {
   EXPECT_EQ(rows[0].front().find("batch 8 "), std::string::npos) << "the batch never grew: " << rows[0].front();
 }
 
+// A policy switched the topology and the strategy; then a worker is lost and the launcher replaces it at once, so
+// one change both rolls the survivors back and brings the state to a new worker. The topology comes from the
+// session, not from the runner's rolled-back state: restoring it there ran a collective on the survivors only,
+// while the new worker waited for the state (a hang until the timeout).
+TEST(TorchElastic, AReplacementJoinsARollbackAfterAPolicySwitchedTheTopology) {
+  const Data data = make_data(512);
+  std::mutex mutex;
+  std::map<std::uint64_t, std::vector<std::string>> rows;  // per worker, one per step after the replacement
+  std::atomic<test::ThreadJob*> self{nullptr};
+  test::ThreadJob job(3, 3, [&](ElasticSession& s) {
+    nn::Sequential net = make_mlp(5);
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.05).momentum(0.9));
+    at::DistributedOptimizerOptions options;
+    options.collective_setup = false;
+    at::DistributedOptimizer opt(s.peer(), sgd, net->named_parameters(), at::Strategy::synchronous_sgd, options);
+    at::PolicyRunner runner(opt, 8, at::PolicyRunner::make({"schedule:topology@step3=tree,strategy@step5=sma"}));
+    at::DistributedSampler sampler(512, s.peer(), 1);
+    std::int64_t step = 0;
+    runner.set_elastic_session(&s);
+    at::register_state(s, net->named_parameters(), sgd, sampler);
+    s.register_value("step", step);
+    runner.before_train();
+    while (step < 14) {
+      try {
+        opt.finish_pending();
+        const SyncResult r = s.sync(step);
+        if (r == SyncResult::removed) return;
+        if (r == SyncResult::changed) opt.on_cluster_change();
+        if (s.worker_id() == 1 && step == 7) {
+          // Lost after the commit of step 6; the launcher proposes its replacement before anyone notices.
+          ClusterSpec next = s.spec().without({1}, "restart").resized(3, "h", "restart");
+          next.version = s.spec().version + 1;
+          EXPECT_TRUE(self.load()->membership()->propose(next));
+          return;
+        }
+        auto batch = sampler.next_batch(static_cast<std::size_t>(runner.batch_size()));
+        if (!batch) {
+          sampler.set_epoch(sampler.epoch() + 1);
+          continue;
+        }
+        opt.zero_grad();
+        if (!batch->empty()) loss_on(net, data, index_of(*batch)).backward();
+        opt.step(static_cast<std::int64_t>(batch->size()));
+        runner.after_step();
+        ++step;
+        if (step % 2 == 0) s.commit();
+      } catch (const PeerLostError&) {
+        opt.finish_pending(/*after_failure=*/true);
+        ASSERT_EQ(s.recover(), SyncResult::changed);
+        opt.on_cluster_change();
+        continue;
+      }
+      if (s.cluster_version() >= 1) {
+        std::lock_guard<std::mutex> lock(mutex);
+        std::ostringstream row;
+        row << "step " << step << " optimizer steps " << opt.steps() << " " << at::strategy_name(opt.strategy()) << " "
+            << topology_name(s.peer().topology()) << " version " << s.cluster_version();
+        rows[s.worker_id()].push_back(row.str());
+      }
+    }
+    opt.finish_pending();
+  });
+  self = &job;
+  job.run();
+  ASSERT_EQ(rows.size(), 3u);
+  ASSERT_EQ(rows.count(3), 1u) << "the replacement trained";
+  ASSERT_FALSE(rows[0].empty());
+  EXPECT_EQ(rows[0].front(), "step 7 optimizer steps 7 synchronous_averaging tree version 1")
+      << "rolled back to the commit of step 6";
+  EXPECT_EQ(rows[2], rows[0]);
+  EXPECT_EQ(rows[3], rows[0]) << "the replacement";
+}
+
 TEST(TorchPolicies, EveryWorkerTakesTheSameDecisionsAtTheSameStep) {
   const auto traces = train_with_policies(3, 3, [](int) {
     return at::PolicyRunner::make({"adaptive-batch:interval=5,warmup=5,max=32",

@@ -205,6 +205,57 @@ TEST(ElasticSession, SurvivorsRollBackAfterALostWorker) {
   EXPECT_EQ(recoveries.load(), 1);
 }
 
+// A topology switched during training belongs to the cluster: a worker that joins adopts it, and a recovery keeps
+// it. Over TCP, where every frame carries its topology, a worker on another topology fails the collectives.
+TEST(ElasticSession, TheTopologyChosenDuringTrainingSurvivesChangesAndReachesNewWorkers) {
+  std::atomic<int> checked_changes{0};
+  ThreadJob job(
+      2, 4,
+      [&](ElasticSession& s) {
+        Trainer t;
+        t.attach(s);
+        const std::uint64_t id = s.worker_id();
+        auto expect_tree = [&](const char* when) {
+          EXPECT_STREQ(topology_name(s.peer().topology()), "tree")
+              << when << ": worker " << id << " at version " << s.cluster_version() << ", step " << t.step;
+          ++checked_changes;
+        };
+        while (t.step < kSteps) {
+          const SyncResult r = s.sync(t.step);
+          if (r == SyncResult::removed) return;
+          if (r == SyncResult::changed) {
+            expect_tree("after a change");
+            t.check_equal_everywhere(s);
+          }
+          if (t.step == 3) s.peer().set_topology(Topology::tree);  // workers 0 and 1, at version 0
+          if (t.step == 6 && s.size() == 2) {
+            ASSERT_EQ(s.resize(3), SyncResult::changed);
+            expect_tree("after the resize");
+            t.check_equal_everywhere(s);
+          }
+          if (id == 1 && t.step == 10) return;  // leaves abruptly after the commit of step 9
+          try {
+            t.train_step(s);
+            if (t.step % 3 == 0) s.commit();
+          } catch (const PeerLostError&) {
+            ASSERT_EQ(s.recover(), SyncResult::changed);
+            EXPECT_EQ(s.size(), 2);
+            expect_tree("after the recovery");
+            t.check_equal_everywhere(s);
+          }
+        }
+        for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
+        t.check_history();
+        EXPECT_STREQ(topology_name(s.peer().topology()), "tree");
+      },
+      [](ElasticConfig& c) { c.peer.transport = TransportKind::tcp; });
+  job.run();
+  // Version 1: workers 0 and 1 after resize(), worker 2 after its first sync(); version 2: workers 0 and 2 after
+  // recover().
+  EXPECT_EQ(checked_changes.load(), 5);
+  EXPECT_EQ(job.membership()->latest()->version, 2u);
+}
+
 // A version whose new worker never comes up is superseded while the others wait for it: they abandon its
 // rendezvous, move on to the newer version and roll back to their last commit.
 TEST(ElasticSession, SupersededVersionIsAbandonedWhileConnecting) {

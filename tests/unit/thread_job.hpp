@@ -30,7 +30,9 @@ class ThreadJob {
  public:
   using Body = std::function<void(ElasticSession&)>;
 
-  ThreadJob(int n, int max, Body body) : body_(std::move(body)) {
+  /// `configure` adjusts every worker's configuration (transport, timeouts) before its session starts.
+  ThreadJob(int n, int max, Body body, std::function<void(ElasticConfig&)> configure = {})
+      : body_(std::move(body)), configure_(std::move(configure)) {
     static std::atomic<int> counter{0};
     job_id_ = "elastic" + std::to_string(counter++);
     membership_ = make_membership_store(store_, job_id_);
@@ -78,6 +80,7 @@ class ThreadJob {
         c.peer.job_id = job_id_;
         c.membership = membership_;
         c.worker_id = id;
+        if (configure_) configure_(c);
         ElasticSession session(c);
         body_(session);
       } catch (...) {
@@ -90,6 +93,7 @@ class ThreadJob {
   }
 
   Body body_;
+  std::function<void(ElasticConfig&)> configure_;
   std::shared_ptr<Store> store_ = make_memory_store();
   std::string job_id_;
   std::shared_ptr<MembershipStore> membership_;
