@@ -159,6 +159,37 @@ TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
   EXPECT_TRUE(epochs[1]["snr"].is_number()) << epochs[1].dump();
 }
 
+// After an elastic job shrinks, the exporter serves and summarises only the ranks of the current cluster: the worker
+// that left published under rank 2, and its last values would show a worker that no longer trains.
+TEST(FashionMnistExample, MetricsOfAnElasticJobFollowTheCluster) {
+  Subprocess job({kRun, "-np", "3", "--elastic", "--metrics-port", "0", "--metrics-interval", "0.1", kExample,
+                  "--elastic", "--epochs", "3", "--max-steps", "400", "--policy", "schedule:workers@step100=2"});
+  int port = 0;
+  ASSERT_TRUE(job.wait_for_output(
+      [&](const std::string&, const std::string& err) {
+        std::smatch m;
+        if (!std::regex_search(err, m, std::regex(R"(metrics at http://127\.0\.0\.1:(\d+)/metrics)"))) return false;
+        port = std::stoi(m[1]);
+        return true;
+      },
+      30s));
+  bool saw_three = false, saw_two_alone = false;
+  std::string body;
+  for (int i = 0; i < 600 && !saw_two_alone; ++i) {
+    body = http_get(port, "/metrics");
+    if (body.find("aikido_workers{rank=\"2\"} 3") != std::string::npos) saw_three = true;
+    saw_two_alone =
+        body.find("aikido_workers{rank=\"0\"} 2") != std::string::npos && body.find("{rank=\"2\"") == std::string::npos;
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_TRUE(saw_three) << "rank 2 never published";
+  EXPECT_TRUE(saw_two_alone) << "rank 2 still served after the shrink:\n" << body;
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: metrics of rank 1: "), std::string::npos) << r.describe();
+  EXPECT_EQ(r.err.find("aikido-run: metrics of rank 2: "), std::string::npos) << r.describe();
+}
+
 // The worker processes aikido-run started (its children), by the worker id in their environment.
 std::map<std::string, pid_t> workers_of(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(pid) + "/children");

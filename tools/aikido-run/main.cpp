@@ -162,8 +162,8 @@ int run_job(const Options& options) {
   std::optional<MetricsExporter> exporter;
   if (options.metrics_port || options.metrics_file) {
     const int workers = std::max(options.np, options.max_np);  // ranks that may publish
-    exporter.emplace(MetricsExporter::Config{store.address(), secret, job_id, workers, options.metrics_interval,
-                                             options.metrics_port, options.metrics_file});
+    exporter.emplace(MetricsExporter::Config{store.address(), secret, job_id, workers, options.elastic,
+                                             options.metrics_interval, options.metrics_port, options.metrics_file});
     if (options.metrics_port) {
       report("aikido-run: metrics at http://127.0.0.1:" + std::to_string(exporter->port()) + "/metrics");
     }

@@ -7,9 +7,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <aikido/elastic.hpp>
 #include <aikido/errors.hpp>
 #include <aikido/metrics.hpp>
 #include <aikido/store.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -47,6 +49,7 @@ MetricsExporter::MetricsExporter(Config config) : config_(std::move(config)) {
   prometheus_.resize(config_.workers);
   json_.resize(config_.workers);
   store_ = connect_tcp_store(config_.store_address, config_.secret, std::chrono::milliseconds(10'000));
+  if (config_.elastic) membership_ = make_membership_store(store_, config_.job_id);
   if (config_.file) {
     file_fd_ = ::open(config_.file->c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (file_fd_ < 0) {
@@ -83,9 +86,24 @@ MetricsExporter::~MetricsExporter() {
   if (file_fd_ >= 0) ::close(file_fd_);
 }
 
-// Reads every worker's latest metrics; appends the ones that changed to the file.
+// Reads every worker's latest metrics; appends the ones that changed to the file. In an elastic job, ranks beyond
+// the latest cluster version's size are forgotten: their workers left, and their last values would show a worker
+// that no longer trains.
 void MetricsExporter::poll() {
-  for (int rank = 0; rank < config_.workers; ++rank) {
+  int ranks = config_.workers;
+  if (membership_) {
+    try {
+      if (auto spec = membership_->latest()) ranks = std::min(ranks, spec->size());
+    } catch (const std::exception&) {
+      return;  // the store is gone: the job is ending
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (int rank = ranks; rank < config_.workers; ++rank) {
+      prometheus_[rank].clear();
+      json_[rank].clear();
+    }
+  }
+  for (int rank = 0; rank < ranks; ++rank) {
     std::optional<std::string> prom, json;
     try {
       prom = store_->get(metrics_key_prometheus(config_.job_id, rank));

@@ -13,7 +13,8 @@
 
 namespace aikido {
 class Store;
-}
+class MembershipStore;
+}  // namespace aikido
 
 namespace aikido::run {
 
@@ -23,7 +24,8 @@ class MetricsExporter {
     std::string store_address;
     std::string secret;
     std::string job_id;
-    int workers = 1;
+    int workers = 1;       // ranks that may publish (elastic: --max-np)
+    bool elastic = false;  // serve only the ranks of the job's latest cluster version
     double interval_seconds = 1.0;
     std::optional<int> port;          // serve http://127.0.0.1:port/metrics (0: any free port)
     std::optional<std::string> file;  // JSON lines
@@ -47,6 +49,7 @@ class MetricsExporter {
 
   Config config_;
   std::shared_ptr<Store> store_;
+  std::shared_ptr<MembershipStore> membership_;  // elastic jobs
   int listen_fd_ = -1;
   int port_ = 0;
   int file_fd_ = -1;

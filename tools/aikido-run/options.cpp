@@ -145,6 +145,7 @@ Workers read standard input from /dev/null.
 Training metrics (gradient noise scale, variance, SNR, throughput, step time split; see the README) come from
 workers that use the LibTorch integration's DistributedOptimizer. With --metrics-port or --metrics-file, workers
 publish them to aikido-run every interval; at the end aikido-run prints a summary line per worker on stderr.
+In an elastic job only the ranks of the latest cluster version are served and summarised.
 
 When a worker exits with a non-zero status or is killed by a signal, aikido-run reports it, stops the other
 workers (SIGTERM, then SIGKILL after 3 s) and exits with that worker's status (128 + signal number for a
