@@ -139,6 +139,10 @@ struct ElasticConfig {
   std::chrono::milliseconds recovery_timeout{0};
   /// When the job stops below its minimum size, rank 0 writes the committed state here first (empty: nowhere).
   std::string checkpoint_path;
+  /// A checkpoint written through checkpoint_path: when no member holds state yet (a fresh job), rank 0 reads it
+  /// and every worker starts from it instead of its initial state (empty: none). The program must register the
+  /// same state as the one that wrote it; ConfigError on every worker otherwise.
+  std::string resume_path;
 };
 
 /// One worker's membership in an elastic job, and the state it carries across membership changes.
@@ -214,7 +218,8 @@ class ElasticSession {
 
   /// At a step boundary, on every worker: applies a pending membership change (see the class comment). `step` is
   /// only reported in the status key. Wait for this worker's own asynchronous collectives first: a change closes
-  /// the old version's connections, and collectives still in flight then fail.
+  /// the old version's connections, and collectives still in flight then fail. The first sync() of a job that
+  /// resumed from a checkpoint (ElasticConfig::resume_path) returns changed on every worker: the state was replaced.
   SyncResult sync(std::int64_t step = -1);
 
   /// Asks for `n` workers. Collective: every worker calls it at the same step boundary; it applies the change at
@@ -259,6 +264,7 @@ class ElasticSession {
   void take_snapshot(std::uint64_t seq);
   void restore_snapshot(std::uint64_t seq);
   void write_checkpoint();
+  void read_checkpoint(const std::string& path);
   SyncResult leave(const ClusterSpec& target);
   SyncResult recover_in_sync();
   SyncResult agree_on_version(std::int64_t version, const char* name);
@@ -270,6 +276,7 @@ class ElasticSession {
   bool established_ = false;
   bool joined_late_ = false;  // this worker joined a running job and has not received the state yet
   bool needs_rollback_ = false;
+  bool resumed_ = false;  // the last establish() started the job from ElasticConfig::resume_path
   std::optional<Topology> topology_before_change_;  // the members' topology when the current change began
   bool recovered_outside_sync_ = false;
   std::uint64_t sync_count_ = 0;

@@ -24,6 +24,8 @@
 //   AIKIDO_WORKER_ID        this worker's id in the ClusterSpec (elastic jobs)     (default: AIKIDO_RANK)
 //   AIKIDO_CHECKPOINT       file the committed state is written to when an elastic job stops below its minimum
 //                           size                                                   (default: none)
+//   AIKIDO_RESUME           a checkpoint (AIKIDO_CHECKPOINT) that an elastic job starts from when no worker holds
+//                           state yet                                              (default: none)
 #pragma once
 
 #include <chrono>
@@ -54,6 +56,7 @@ inline constexpr const char* kMetricsInterval = "AIKIDO_METRICS_INTERVAL";
 inline constexpr const char* kElastic = "AIKIDO_ELASTIC";
 inline constexpr const char* kWorkerId = "AIKIDO_WORKER_ID";
 inline constexpr const char* kCheckpoint = "AIKIDO_CHECKPOINT";
+inline constexpr const char* kResume = "AIKIDO_RESUME";
 
 inline constexpr std::chrono::milliseconds kDefaultTimeout{60'000};
 

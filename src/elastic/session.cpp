@@ -23,9 +23,12 @@
 #include <aikido/elastic.hpp>
 #include <aikido/errors.hpp>
 #include <algorithm>
+#include <array>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 
+#include "base/bytes.hpp"
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/log.hpp"
@@ -48,6 +51,9 @@ double unix_ms_now() {
 }
 
 std::int64_t unix_ms() { return std::int64_t(unix_ms_now()); }
+
+// Checkpoint files: "AIKIDOCK", u64 commit, u64 entries, then per entry u64 name length, name, u64 size, bytes.
+constexpr std::array<char, 8> kCheckpointMagic = {'A', 'I', 'K', 'I', 'D', 'O', 'C', 'K'};
 
 // Header each member contributes to establish().
 enum HeaderField { kHasState, kWantsRollback, kNewestCommit, kOldestCommit, kTopology, kHeaderFields };
@@ -88,6 +94,7 @@ std::unique_ptr<ElasticSession> ElasticSession::from_env() {
   config.status_store = connect_tcp_store(*address, c.secret, c.timeout);
   config.worker_id = std::uint64_t(env::get_int(env::kWorkerId, env::get_int(env::kRank, 0, 0, 1 << 30), 0, INT64_MAX));
   if (auto path = env::get(env::kCheckpoint)) config.checkpoint_path = *path;
+  if (auto path = env::get(env::kResume)) config.resume_path = *path;
   return std::make_unique<ElasticSession>(std::move(config));
 }
 
@@ -174,7 +181,7 @@ void ElasticSession::stop_threads() {
     // Tell aikido-run that the silence from now on is not a hang.
     try {
       config_.status_store->set(worker_status_key(config_.peer.job_id, config_.worker_id),
-                                str_cat("state=left step=", step_.load()));
+                                str_cat("state=left version=", status_version_.load(), " step=", step_.load()));
     } catch (const Error&) {
     }
   }
@@ -335,7 +342,10 @@ void ElasticSession::establish(bool is_new) {
     target = std::min(target, h[kNewestCommit]);
     newest = std::max(newest, h[kNewestCommit]);
   }
-  if (source < 0) source = 0;  // a fresh job: everyone starts from rank 0's initial state
+  // A fresh job starts from rank 0's initial state, or from the checkpoint that rank 0 reads.
+  const bool resume = source < 0 && !config_.resume_path.empty();
+  if (source < 0) source = 0;
+  resumed_ = resume;
   const std::int64_t topology = all[std::size_t(source * kHeaderFields + kTopology)];
   if (topology >= 0) peer.set_topology(Topology(topology));
 
@@ -343,8 +353,17 @@ void ElasticSession::establish(bool is_new) {
   if (transfer) {
     // Sizes first (callback entries may change size), then every entry's bytes.
     const bool sending = peer.rank() == source;
+    std::string resume_error;
+    if (resume && sending) {
+      try {
+        read_checkpoint(config_.resume_path);
+      } catch (const Error& e) {
+        resume_error = e.what();
+      }
+    }
     std::vector<std::vector<std::byte>> saved(entries_.size());
-    std::vector<std::int64_t> sizes(entries_.size(), 0);
+    std::vector<std::int64_t> sizes(entries_.size() + 1, 0);  // the last: whether the source failed to resume
+    sizes.back() = resume_error.empty() ? 0 : 1;
     for (std::size_t i = 0; i < entries_.size(); ++i) {
       auto& e = entries_[i];
       if (e.fixed()) {
@@ -355,6 +374,11 @@ void ElasticSession::establish(bool is_new) {
       }
     }
     peer.broadcast(std::span<std::int64_t>(sizes), source, "aikido/elastic/sizes");
+    if (sizes.back() != 0) {
+      throw ConfigError(sending ? resume_error
+                                : str_cat("rank ", source, " could not resume from the checkpoint ",
+                                          config_.resume_path, " (its own error says why)"));
+    }
     std::vector<Work> works;
     for (std::size_t i = 0; i < entries_.size(); ++i) {
       auto& e = entries_[i];
@@ -525,7 +549,7 @@ SyncResult ElasticSession::sync(std::int64_t step) {
     } catch (const TimeoutError&) {
       return recover_in_sync();
     }
-    return joined ? SyncResult::changed : SyncResult::unchanged;
+    return joined || resumed_ ? SyncResult::changed : SyncResult::unchanged;
   }
   if (!elastic()) return SyncResult::unchanged;
   if (++sync_count_ % std::uint64_t(config_.check_every) != 0) return SyncResult::unchanged;
@@ -577,34 +601,74 @@ SyncResult ElasticSession::agree_on_version(std::int64_t version, const char* na
 
 void ElasticSession::write_checkpoint() {
   if (config_.checkpoint_path.empty() || snapshots_.empty()) return;
-  // Format: "AIKIDOCK", u64 commit, u64 entries, then per entry u64 name length, name, u64 size, bytes.
   const Snapshot& s = snapshots_.back();
+  detail::ByteWriter w;
+  w.put(kCheckpointMagic).put(std::uint64_t(s.seq)).put(std::uint64_t(entries_.size()));
+  for (std::size_t i = 0; i < entries_.size(); ++i) w.put_string(entries_[i].name).put_bytes(s.values[i]);
+  const std::vector<std::byte> bytes = w.take();
   const std::string tmp = config_.checkpoint_path + ".tmp";
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (!f) {
-    log::warn("cannot write the checkpoint ", tmp);
-    return;
-  }
-  auto put = [&](const void* p, std::size_t n) {
-    if (n > 0) std::fwrite(p, 1, n, f);
-  };
-  auto put_u64 = [&](std::uint64_t v) { put(&v, sizeof v); };
-  put("AIKIDOCK", 8);
-  put_u64(s.seq);
-  put_u64(entries_.size());
-  for (std::size_t i = 0; i < entries_.size(); ++i) {
-    put_u64(entries_[i].name.size());
-    put(entries_[i].name.data(), entries_[i].name.size());
-    put_u64(s.values[i].size());
-    put(s.values[i].data(), s.values[i].size());
-  }
-  const bool ok = std::fflush(f) == 0;
-  std::fclose(f);
+  bool ok = f && std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+  if (f) ok = std::fclose(f) == 0 && ok;
   if (ok && std::rename(tmp.c_str(), config_.checkpoint_path.c_str()) == 0) {
     log::warn("wrote the last commit (", s.seq, ") to ", config_.checkpoint_path);
   } else {
-    log::warn("cannot write the checkpoint ", config_.checkpoint_path);
+    log::warn("cannot write the checkpoint ", config_.checkpoint_path, ": ", std::strerror(errno));
   }
+}
+
+// Loads a checkpoint into the registered state (this worker only; establish() then sends it to the others).
+void ElasticSession::read_checkpoint(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) throw ConfigError(str_cat("cannot read the checkpoint ", path, " to resume from: ", std::strerror(errno)));
+  std::vector<std::byte> bytes;
+  std::byte chunk[1 << 16];
+  for (std::size_t n; (n = std::fread(chunk, 1, sizeof chunk, f)) > 0;) bytes.insert(bytes.end(), chunk, chunk + n);
+  std::fclose(f);
+  const std::string what = str_cat("the checkpoint ", path);
+  if (bytes.size() < kCheckpointMagic.size() ||
+      std::memcmp(bytes.data(), kCheckpointMagic.data(), kCheckpointMagic.size()) != 0) {
+    throw ConfigError(str_cat(what, " is not an Aikido checkpoint (aikido-run --checkpoint writes them)"));
+  }
+  detail::ByteReader r(std::span<const std::byte>(bytes).subspan(kCheckpointMagic.size()), what);
+  std::uint64_t seq = 0;
+  std::vector<std::span<const std::byte>> values;
+  std::string mismatch;
+  try {
+    seq = r.get<std::uint64_t>();
+    const auto count = r.get<std::uint64_t>();
+    for (std::uint64_t i = 0; i < count; ++i) {
+      std::string name = r.get_string();
+      values.push_back(r.get_bytes());
+      if (mismatch.empty() && (i >= entries_.size() || entries_[i].name != name)) {
+        mismatch = str_cat("its entry ", i, " is '", name, "' where this program registered ",
+                           i < entries_.size() ? str_cat("'", entries_[i].name, "'") : std::string("nothing"));
+      } else if (mismatch.empty() && entries_[i].fixed() && values.back().size() != entries_[i].bytes.size()) {
+        mismatch = str_cat("'", name, "' holds ", values.back().size(), " bytes where this program registered ",
+                           entries_[i].bytes.size());
+      }
+    }
+    r.finish();
+  } catch (const ProtocolError&) {
+    throw ConfigError(str_cat(what, " is truncated or damaged"));
+  }
+  const std::size_t count = values.size();
+  if (mismatch.empty() && count != entries_.size()) {
+    mismatch = str_cat("it holds ", count, " entries where this program registered ", entries_.size());
+  }
+  if (!mismatch.empty()) {
+    throw ConfigError(str_cat(what, " does not fit this program's registered state: ", mismatch,
+                              "; resume with the program (and model) that wrote it"));
+  }
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    Entry& e = entries_[i];
+    if (e.fixed()) {
+      if (!values[i].empty()) std::memcpy(e.bytes.data(), values[i].data(), values[i].size());
+    } else {
+      e.load(values[i]);
+    }
+  }
+  log::info("resumed from commit ", seq, " in ", path);
 }
 
 }  // namespace aikido

@@ -235,6 +235,29 @@ TEST(ElasticProcessTest, AWorkerLostAfterTheOthersFinishedIsNotReplaced) {
   EXPECT_LT(r.elapsed, 50s) << "the job waited for the lingering worker";
 }
 
+// A worker dies after every worker finished its last step but before any exited: aikido-run starts a replacement,
+// which would wait for the finished workers until its timeout. Once a member exits (finished at the version before
+// the replacement's), aikido-run stops the replacement and the job ends at once.
+TEST(ElasticProcessTest, AReplacementThatTheFinishedWorkersNeverJoinIsStopped) {
+  Subprocess job(elastic_job({"-np", "3", "--restart", "--timeout", "30"},
+                             {"--epochs", "1", "--step-ms", "1", "--print-every", "20", "--linger-ms", "2000"}));
+  std::map<long long, long long> pid_by_rank;
+  ASSERT_TRUE(job.wait_for_output(
+      [&](const std::string& out, const std::string&) {
+        for (const auto& e : events(out, "done")) pid_by_rank[e.num("rank")] = e.num("pid");
+        return pid_by_rank.size() == 3;
+      },
+      60s));
+  ASSERT_EQ(::kill(pid_t(pid_by_rank[2]), SIGKILL), 0);
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.err.find("starting worker 3"), std::string::npos) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: stopping worker 3: it was started for cluster version 1, which worker "),
+            std::string::npos)
+      << r.describe();
+  EXPECT_LT(r.elapsed, 20s) << "the replacement waited for its timeout";
+}
+
 TEST(ElasticProcessTest, MaxRestartsBoundsTheReplacements) {
   Subprocess job(elastic_job({"-np", "3", "--restart", "--max-restarts", "1", "--timeout", "20"},
                              {"--epochs", "2", "--step-ms", "4", "--print-every", "2"}));
@@ -359,11 +382,13 @@ TEST(ElasticProcessTest, AikidoCtlShowsAndResizesTheJob) {
   expect_exact_epochs(r.out, -1);
 }
 
-TEST(ElasticProcessTest, BelowTheMinimumTheJobStopsAfterWritingACheckpoint) {
+// Below --min-np the job stops after writing its last commit; a new job started with --resume continues from it and
+// ends exactly where a job that was never interrupted ends: every epoch's samples once, the same parameters.
+TEST(ElasticProcessTest, BelowTheMinimumTheJobWritesACheckpointThatANewJobResumesFrom) {
   const std::string checkpoint = temp_path("aikido-checkpoint");
   std::filesystem::remove(checkpoint);
-  Subprocess job(elastic_job({"-np", "2", "--min-np", "2", "--timeout", "2", "--checkpoint", checkpoint},
-                             {"--epochs", "50", "--step-ms", "4", "--print-every", "2"}));
+  const std::vector<std::string> training = {"--epochs", "2", "--step-ms", "4", "--print-every", "2"};
+  Subprocess job(elastic_job({"-np", "2", "--min-np", "2", "--timeout", "2", "--checkpoint", checkpoint}, training));
   Cluster cluster;
   ASSERT_TRUE(job.wait_for_output(
       [&](const std::string& out, const std::string&) {
@@ -375,11 +400,39 @@ TEST(ElasticProcessTest, BelowTheMinimumTheJobStopsAfterWritingACheckpoint) {
   const auto r = job.wait(kBound);
   ASSERT_TRUE(r.exited && r.exit_code != 0) << r.describe();
   EXPECT_NE(r.out.find("(--min-np); no replacement joined within 2 s"), std::string::npos) << r.describe();
-  std::ifstream in(checkpoint, std::ios::binary);
-  ASSERT_TRUE(in.good()) << "no checkpoint at " << checkpoint << "\n" << r.describe();
-  std::string magic(8, '\0');
-  in.read(magic.data(), 8);
-  EXPECT_EQ(magic, "AIKIDOCK");
+  {
+    std::ifstream in(checkpoint, std::ios::binary);
+    ASSERT_TRUE(in.good()) << "no checkpoint at " << checkpoint << "\n" << r.describe();
+    std::string magic(8, '\0');
+    in.read(magic.data(), 8);
+    EXPECT_EQ(magic, "AIKIDOCK");
+  }
+
+  // A program that registers other state is refused on every worker, with the reason.
+  auto other = training;
+  other.insert(other.end(), {"--dim", "1024"});
+  const auto refused = run_process(elastic_job({"-np", "2", "--resume", checkpoint}, other), kBound);
+  EXPECT_TRUE(refused.exited && refused.exit_code != 0) << refused.describe();
+  EXPECT_NE(refused.out.find("does not fit this program's registered state: 'model' holds 16384 bytes where this "
+                             "program registered 4096"),
+            std::string::npos)
+      << refused.describe();
+
+  const auto resumed = run_process(elastic_job({"-np", "2", "--resume", checkpoint}, training), kBound);
+  ASSERT_TRUE(resumed.exited && resumed.exit_code == 0) << resumed.describe();
+  const auto first = events(resumed.out, "changed");
+  ASSERT_EQ(first.size(), 2u) << "both workers start from the checkpoint\n" << resumed.describe();
+  EXPECT_GE(first[0].num("step"), 8) << "resumed at the last commit, not at step 0";
+  EXPECT_LE(first[0].num("step"), cluster.step + 4);
+  expect_exact_epochs(r.out + resumed.out, 2);
+
+  const auto whole = run_process(elastic_job({"-np", "2"}, training), kBound);
+  ASSERT_TRUE(whole.exited && whole.exit_code == 0) << whole.describe();
+  const auto done = events(resumed.out, "done"), done_whole = events(whole.out, "done");
+  ASSERT_EQ(done.size(), 2u) << resumed.describe();
+  ASSERT_EQ(done_whole.size(), 2u) << whole.describe();
+  EXPECT_EQ(done[0]["params"], done_whole[0]["params"]) << "the resumed job ends elsewhere than an uninterrupted one";
+  EXPECT_EQ(done[0]["step"], done_whole[0]["step"]);
   std::filesystem::remove(checkpoint);
 }
 

@@ -17,6 +17,7 @@
 // options: --epochs E (2)  --batch B per worker (250)  --dim D (4096)  --commit-every K (4)  --step-ms M simulated
 // compute per step (0)  --print-every P (10)  --schedule S:N,S:N,...  (at global step S, all workers call
 // peer.resize(N))  --linger-rank R the worker at rank R waits 60 s after "done" before it exits (to be killed there)
+// --linger-ms M every worker waits M ms after "done" before it exits
 #include <unistd.h>
 
 #include <aikido/aikido.hpp>
@@ -41,6 +42,7 @@ struct Options {
   std::int64_t print_every = 10;
   std::map<std::int64_t, int> schedule;
   int linger_rank = -1;
+  int linger_ms = 0;
 };
 
 Options parse(int argc, char** argv) {
@@ -61,6 +63,8 @@ Options parse(int argc, char** argv) {
       o.print_every = std::stoll(value);
     else if (flag == "--linger-rank")
       o.linger_rank = std::stoi(value);
+    else if (flag == "--linger-ms")
+      o.linger_ms = std::stoi(value);
     else if (flag == "--schedule") {
       std::size_t begin = 0;
       while (begin < value.size()) {
@@ -161,6 +165,7 @@ class Worker {
     }
     say("done", "\"params\":\"" + hash_of(w_) + "\"");
     if (s_.rank() == o_.linger_rank) std::this_thread::sleep_for(std::chrono::seconds(60));
+    if (o_.linger_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(o_.linger_ms));
     return 0;
   }
 

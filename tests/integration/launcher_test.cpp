@@ -84,6 +84,9 @@ TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
       {{"-np", "2", "--max-restarts", "3", kFixture}, "--max-restarts needs --elastic"},
       {{"-np", "2", "--elastic", "--restart", "--max-restarts", "-1", kFixture},
        "--max-restarts '-1' is not a number of replacements"},
+      {{"-np", "2", "--elastic", "--resume", "/nonexistent/aikido.ck", kFixture},
+       "--resume /nonexistent/aikido.ck: cannot read it"},
+      {{"-np", "2", "--resume", "/dev/null", kFixture}, "--resume needs --elastic"},
   };
   for (const auto& c : cases) {
     const auto r = run_process(launch(c.args), kBound);

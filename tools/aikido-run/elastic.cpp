@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <aikido/errors.hpp>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 
@@ -91,7 +92,7 @@ std::vector<Supervisor::Worker> ElasticController::initial_workers() {
   std::vector<Supervisor::Worker> workers;
   for (const auto& w : spec.workers) {
     workers.push_back(worker_for(spec, w.id));
-    started_.insert(w.id);
+    started_for_[w.id] = spec.version;
   }
   return workers;
 }
@@ -112,6 +113,7 @@ Supervisor::Worker ElasticController::worker_for(const ClusterSpec& spec, std::u
   add(env::kLocalSize, std::to_string(spec.size()));
   add(env::kClusterVersion, std::to_string(spec.version));
   if (!options_.checkpoint.empty()) add(env::kCheckpoint, options_.checkpoint);
+  if (!options_.resume.empty()) add(env::kResume, options_.resume);
   return worker;
 }
 
@@ -127,7 +129,7 @@ void ElasticController::reconcile(Supervisor& supervisor) {
   const auto spec = membership_->latest();
   if (!spec) return;
   for (const auto& w : spec->workers) {
-    if (started_.insert(w.id).second) {
+    if (started_for_.emplace(w.id, spec->version).second) {
       report("aikido-run: starting worker " + std::to_string(w.id) + " as rank " + std::to_string(spec->rank_of(w.id)) +
              " of cluster version " + std::to_string(spec->version));
       supervisor.start_worker(worker_for(*spec, w.id));
@@ -170,6 +172,29 @@ void ElasticController::check_heartbeats(Supervisor& supervisor) {
   }
 }
 
+// A member finished the training in cluster version V (its session's last status says which): workers started for a
+// later version, which counts it as a member, wait for it in vain until their timeout. Stop them now.
+void ElasticController::stop_workers_that_cannot_join(Supervisor& supervisor, std::uint64_t finished) {
+  std::optional<std::string> status;
+  try {
+    status = store_->get(worker_status_key(job_id_, finished));
+  } catch (const Error&) {
+    return;
+  }
+  if (!status) return;
+  const auto at = status->find("version=");
+  if (at == std::string::npos) return;
+  const std::uint64_t version = std::strtoull(status->c_str() + at + 8, nullptr, 10);
+  for (std::uint64_t id : supervisor.running_workers()) {
+    const auto it = started_for_.find(id);
+    if (it == started_for_.end() || it->second <= version) continue;
+    report("aikido-run: stopping worker " + std::to_string(id) + ": it was started for cluster version " +
+           std::to_string(it->second) + ", which worker " + std::to_string(finished) +
+           " never joined before it finished the training (at version " + std::to_string(version) + ")");
+    supervisor.stop_worker(id);
+  }
+}
+
 std::optional<ClusterSpec> ElasticController::last_spec_with(std::uint64_t id, std::string* removed_by) const {
   const auto latest = membership_->latest();
   if (!latest) return std::nullopt;
@@ -199,6 +224,7 @@ bool ElasticController::on_exit(Supervisor& supervisor, std::uint64_t id, int st
                ") has finished the training; workers that fail from now on are not replaced");
       }
     }
+    if (latest && latest->contains(id)) stop_workers_that_cannot_join(supervisor, id);
     return true;
   }
   std::string removed_by;

@@ -31,7 +31,8 @@ namespace aikido::run {
 ///   a new worker in the same version (at most --max-restarts times); the survivors recover
 ///   (ElasticSession::recover).
 /// - A member that exits with status 0 has finished the training: from then on the job is ending, and a worker
-///   that fails is removed but not replaced (a replacement would wait for the finished workers to join it).
+///   that fails is removed but not replaced (a replacement would wait for the finished workers to join it), and
+///   workers started for a later version than the one the finished member last joined are stopped.
 /// - A worker whose heartbeat (the status key its session updates) stays unchanged for --heartbeat-timeout is
 ///   killed, which makes it a crashed worker: this is how a stopped (SIGSTOP) or frozen worker is found.
 class ElasticController final : public Controller {
@@ -61,6 +62,7 @@ class ElasticController final : public Controller {
   Supervisor::Worker worker_for(const ClusterSpec& spec, std::uint64_t id) const;
   void reconcile(Supervisor& supervisor);
   void check_heartbeats(Supervisor& supervisor);
+  void stop_workers_that_cannot_join(Supervisor& supervisor, std::uint64_t finished);
   void watch_loop();
 
   const Options options_;
@@ -72,7 +74,7 @@ class ElasticController final : public Controller {
   int wake_fd_ = -1;
   std::atomic<bool> stopping_{false};
   std::thread watcher_;
-  std::set<std::uint64_t> started_;
+  std::map<std::uint64_t, std::uint64_t> started_for_;  // every worker started: the cluster version it was for
   std::map<std::uint64_t, std::chrono::steady_clock::time_point> removed_since_;
   std::map<std::uint64_t, Heartbeat> heartbeats_;
   std::optional<std::uint64_t> finished_by_;  // the first member that exited with status 0

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string_view>
 
 namespace aikido::run {
@@ -122,6 +123,8 @@ options:
                         (default 3)
   --checkpoint F        elastic: where the last commit is written when the job stops below --min-np
                         (sets AIKIDO_CHECKPOINT)
+  --resume F            elastic: start from the checkpoint F (written by --checkpoint) instead of the
+                        program's initial state; the program must register the same state (sets AIKIDO_RESUME)
   --bind-to W           core (default): when there are no more workers than CPUs, bind each worker to its own
                         block of the CPUs aikido-run may use (CPUs / N each), so that waiting workers spin on
                         their own cores; none: do not bind (elastic jobs never bind)
@@ -210,7 +213,7 @@ Options parse_options(int argc, char** argv) {
                        flag == "--transport" || flag == "--segment-bytes" || flag == "--metrics-port" ||
                        flag == "--metrics-file" || flag == "--metrics-interval" || flag == "--min-np" ||
                        flag == "--max-np" || flag == "--control-file" || flag == "--heartbeat-timeout" ||
-                       flag == "--checkpoint" || flag == "--bind-to" || flag == "--max-restarts";
+                       flag == "--checkpoint" || flag == "--resume" || flag == "--bind-to" || flag == "--max-restarts";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
@@ -245,6 +248,14 @@ Options parse_options(int argc, char** argv) {
     } else if (flag == "--checkpoint") {
       if (value->empty()) throw UsageError("aikido-run: --checkpoint needs a file name");
       options.checkpoint = *value;
+      elastic_flags.push_back(flag);
+    } else if (flag == "--resume") {
+      if (value->empty()) throw UsageError("aikido-run: --resume needs a checkpoint file");
+      if (::access(value->c_str(), R_OK) != 0) {
+        throw UsageError("aikido-run: --resume " + *value + ": cannot read it (" + std::strerror(errno) +
+                         "); give a file that --checkpoint wrote");
+      }
+      options.resume = *value;
       elastic_flags.push_back(flag);
     } else if (flag == "--heartbeat-timeout") {
       options.heartbeat_timeout_s = std::stod(check_seconds(*value, flag));

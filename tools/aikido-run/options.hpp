@@ -42,6 +42,7 @@ struct Options {
   std::string control_file;
   double heartbeat_timeout_s = 3.0;
   std::string checkpoint;
+  std::string resume;  // a checkpoint the job starts from
   /// Bind each worker to one CPU (the launcher's allowed CPUs, in order) when there are no more workers than CPUs.
   bool bind_to_core = true;
   /// PROGRAM as given, and the file it resolved to (PATH lookup like execvp).
