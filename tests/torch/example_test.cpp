@@ -108,19 +108,26 @@ std::string http_get(int port, const std::string& path) {
   return reply;
 }
 
-TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
-  const std::string file = ::testing::TempDir() + "/aikido-metrics.jsonl";
-  Subprocess job({kRun, "-np", "2", "--metrics-port", "0", "--metrics-file", file, "--metrics-interval", "0.2",
-                  kExample, "--epochs", "2", "--max-steps", "400", "--policy", "adaptive-batch"});
+// The port aikido-run reports for --metrics-port 0; 0 when it reports none within 30 s.
+int metrics_port_of(Subprocess& job) {
   int port = 0;
-  ASSERT_TRUE(job.wait_for_output(
+  job.wait_for_output(
       [&](const std::string&, const std::string& err) {
         std::smatch m;
         if (!std::regex_search(err, m, std::regex(R"(metrics at http://127\.0\.0\.1:(\d+)/metrics)"))) return false;
         port = std::stoi(m[1]);
         return true;
       },
-      30s));
+      30s);
+  return port;
+}
+
+TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
+  const std::string file = ::testing::TempDir() + "/aikido-metrics.jsonl";
+  Subprocess job({kRun, "-np", "2", "--metrics-port", "0", "--metrics-file", file, "--metrics-interval", "0.2",
+                  kExample, "--epochs", "2", "--max-steps", "400", "--policy", "adaptive-batch"});
+  const int port = metrics_port_of(job);
+  ASSERT_GT(port, 0) << job.wait(kBound).describe();
   // Poll until both workers have published their noise scale.
   std::string body;
   for (int i = 0; i < 200; ++i) {
@@ -164,15 +171,8 @@ TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
 TEST(FashionMnistExample, MetricsOfAnElasticJobFollowTheCluster) {
   Subprocess job({kRun, "-np", "3", "--elastic", "--metrics-port", "0", "--metrics-interval", "0.1", kExample,
                   "--elastic", "--epochs", "3", "--max-steps", "400", "--policy", "schedule:workers@step100=2"});
-  int port = 0;
-  ASSERT_TRUE(job.wait_for_output(
-      [&](const std::string&, const std::string& err) {
-        std::smatch m;
-        if (!std::regex_search(err, m, std::regex(R"(metrics at http://127\.0\.0\.1:(\d+)/metrics)"))) return false;
-        port = std::stoi(m[1]);
-        return true;
-      },
-      30s));
+  const int port = metrics_port_of(job);
+  ASSERT_GT(port, 0) << job.wait(kBound).describe();
   bool saw_three = false, saw_two_alone = false;
   std::string body;
   for (int i = 0; i < 600 && !saw_two_alone; ++i) {

@@ -744,6 +744,21 @@ std::vector<Trace> train_with_policies(int workers, int epochs,
   return traces;
 }
 
+// One step of the elastic loops below at the runner's batch size; false when the epoch ended (the sampler moved on).
+bool policy_step(nn::Sequential& net, const Data& data, at::DistributedOptimizer& opt, at::PolicyRunner& runner,
+                 at::DistributedSampler& sampler) {
+  auto batch = sampler.next_batch(static_cast<std::size_t>(runner.batch_size()));
+  if (!batch) {
+    sampler.set_epoch(sampler.epoch() + 1);
+    return false;
+  }
+  opt.zero_grad();
+  if (!batch->empty()) loss_on(net, data, index_of(*batch)).backward();
+  opt.step(static_cast<std::int64_t>(batch->size()));
+  runner.after_step();
+  return true;
+}
+
 // An elastic job with a policy runner grows from 2 to 3 workers after policies changed the batch size, the learning
 // rate and the strategy. The worker that joins receives the runner's, the policies' and the optimizer's state and the
 // step count, skips before_train, and from then on every worker steps alike (otherwise its collectives would not
@@ -776,15 +791,7 @@ TEST(TorchElastic, AJoiningWorkerTakesOverTheRunnersAndTheOptimizersState) {
       if (step == 8 && s.size() == 2) r = s.resize(3);
       if (r == SyncResult::removed) return;
       if (r == SyncResult::changed) opt.on_cluster_change();
-      auto batch = sampler.next_batch(static_cast<std::size_t>(runner.batch_size()));
-      if (!batch) {
-        sampler.set_epoch(sampler.epoch() + 1);
-        continue;
-      }
-      opt.zero_grad();
-      if (!batch->empty()) loss_on(net, data, index_of(*batch)).backward();
-      opt.step(static_cast<std::int64_t>(batch->size()));
-      runner.after_step();
+      if (!policy_step(net, data, opt, runner, sampler)) continue;
       ++step;
       if (step % 2 == 0) s.commit();
       if (s.size() == 3) {
@@ -841,15 +848,7 @@ TEST(TorchElastic, AReplacementJoinsARollbackAfterAPolicySwitchedTheTopology) {
           EXPECT_TRUE(self.load()->membership()->propose(next));
           return;
         }
-        auto batch = sampler.next_batch(static_cast<std::size_t>(runner.batch_size()));
-        if (!batch) {
-          sampler.set_epoch(sampler.epoch() + 1);
-          continue;
-        }
-        opt.zero_grad();
-        if (!batch->empty()) loss_on(net, data, index_of(*batch)).backward();
-        opt.step(static_cast<std::int64_t>(batch->size()));
-        runner.after_step();
+        if (!policy_step(net, data, opt, runner, sampler)) continue;
         ++step;
         if (step % 2 == 0) s.commit();
       } catch (const PeerLostError&) {
