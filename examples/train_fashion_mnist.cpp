@@ -165,7 +165,8 @@ int main(int argc, char** argv) {
       "Each worker prints one JSON line per epoch with the keys epoch, rank, workers, cluster_version, samples (this "
       "worker's), global_samples (all workers'), seconds (training time of the epoch), train_loss (mean over all "
       "workers' samples), test_accuracy (0 to 1), samples_per_second (this worker's), global_samples_per_second, "
-      "batch_size (per worker), lr, strategy, model, steps; global_samples counts the samples whose updates are in the "
+      "batch_size (per worker), lr, strategy, model, steps, threads (LibTorch intra-op threads); global_samples counts "
+      "the samples whose updates are in the "
       "model, so it equals the training set size in every epoch, resizes and lost workers included; and the "
       "gradient statistics as they stand at the end of the epoch: "
       "noise_scale, gradient_variance, snr (null until measured).");
@@ -362,6 +363,7 @@ int main(int argc, char** argv) {
           line["steps"] = progress.step;
           line["strategy"] = opt ? aikido::torch::strategy_name(opt->strategy()) : "none";
           line["model"] = model_kind;
+          line["threads"] = torch::get_num_threads();
           std::cout << line.dump() << std::endl;
           printed_epoch = epoch;
         }

@@ -147,7 +147,9 @@ class DistributedOptimizer {
   /// flight: call it before ElasticSession::sync(). `after_failure`: for recover(); errors of that work are dropped.
   void finish_pending(bool after_failure = false);
   /// After the cluster changed (sync() or recover() returned changed): collective on the new cluster. Every member
-  /// takes rank 0's step count (steps()), and pair averaging publishes the model anew.
+  /// takes rank 0's step count (steps()), and pair averaging publishes the model anew. When aikido-run chose the
+  /// thread count (AIKIDO_AUTO_THREADS) and the program kept it, LibTorch's intra-op threads become this host's
+  /// CPUs divided by the workers now on it.
   void on_cluster_change();
   /// Sets the strategy on this worker alone, without the collectives of set_strategy(): for state that an elastic
   /// session restores on every member (PolicyRunner), followed by on_cluster_change().
@@ -197,6 +199,7 @@ class DistributedOptimizer {
   std::exception_ptr hook_error_;  // a collective that failed to start inside a hook, rethrown by step()
   std::uint64_t rng_state_;        // pair averaging: choice of partner
   std::unique_ptr<Pull> pull_;     // pair averaging: the model being pulled
+  int auto_threads_ = 0;           // the intra-op thread count aikido-run chose, while it is in force; 0: none
   bool published_ = false;         // pair averaging: every worker has published its model since the last change
   // Monitoring.
   struct Monitor;

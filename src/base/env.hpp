@@ -7,6 +7,8 @@
 //   AIKIDO_LOCAL_CPUS       CPUs the workers of this host share; with more workers than that, waiting threads do not
 //                           spin (default: the CPUs this process may run on; aikido-run sets it, since it binds
 //                           each worker to its own CPUs)
+//   AIKIDO_AUTO_THREADS     1: aikido-run chose OMP_NUM_THREADS (this host's CPUs / its workers), so the LibTorch
+//                           integration may change the thread count when an elastic job's size changes
 //   AIKIDO_HOST             identity of this worker's host                         (default: gethostname())
 //   AIKIDO_STORE_ADDR       "host:port" of the rendezvous store served by aikido-run (required when size > 1)
 //   AIKIDO_SECRET           the job secret, hex; every connection proves it knows it (required when size > 1)
@@ -40,6 +42,7 @@ inline constexpr const char* kSize = "AIKIDO_SIZE";
 inline constexpr const char* kLocalRank = "AIKIDO_LOCAL_RANK";
 inline constexpr const char* kLocalSize = "AIKIDO_LOCAL_SIZE";
 inline constexpr const char* kLocalCpus = "AIKIDO_LOCAL_CPUS";
+inline constexpr const char* kAutoThreads = "AIKIDO_AUTO_THREADS";
 inline constexpr const char* kHost = "AIKIDO_HOST";
 inline constexpr const char* kStoreAddr = "AIKIDO_STORE_ADDR";
 inline constexpr const char* kSecret = "AIKIDO_SECRET";

@@ -90,7 +90,8 @@ int resize(aikido::MembershipStore& membership, int n) {
         std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
             .count();
     if (membership.propose(next)) {
-      std::printf("asked for %d workers: cluster version %llu\n", n, (unsigned long long)next.version);
+      std::printf("asked for %d worker%s: cluster version %llu\n", n, n == 1 ? "" : "s",
+                  (unsigned long long)next.version);
       return 0;
     }
   }

@@ -78,7 +78,7 @@ JobEnvironment job_environment(const Options& options, const std::string& store_
     settings.emplace_back(env::kMetricsInterval, std::to_string(options.metrics_interval));
   }
 
-  std::set<std::string> replaced = {env::kRank, env::kLocalRank};
+  std::set<std::string> replaced = {env::kRank, env::kLocalRank, env::kAutoThreads};
   for (const auto& [name, value] : settings) replaced.insert(name);
 
   JobEnvironment job;
@@ -91,7 +91,10 @@ JobEnvironment job_environment(const Options& options, const std::string& store_
     job.shared.push_back(entry);
   }
   for (const auto& [name, value] : worker_defaults(options.np, cpus)) {
-    if (inherited.count(name) == 0) job.shared.push_back(name + "=" + value);
+    if (inherited.count(name) > 0) continue;
+    job.shared.push_back(name + "=" + value);
+    // An elastic job's size changes: the LibTorch integration then keeps threads x workers at the CPUs.
+    if (name == "OMP_NUM_THREADS") job.shared.push_back(std::string(env::kAutoThreads) + "=1");
   }
   for (const auto& [name, value] : settings) job.shared.push_back(name + "=" + value);
   return job;

@@ -138,7 +138,9 @@ Each worker gets AIKIDO_RANK, AIKIDO_SIZE, AIKIDO_LOCAL_RANK, AIKIDO_LOCAL_SIZE,
 AIKIDO_SECRET (a fresh random job secret), AIKIDO_JOB_ID (a fresh random id) and AIKIDO_CLUSTER_VERSION=0.
 Unless aikido-run's own environment sets them, workers also get settings for their numeric libraries:
   OMP_NUM_THREADS                         this host's cores divided by the number of workers (at least 1), so that
-                                          workers sharing the host do not oversubscribe its cores
+                                          workers sharing the host do not oversubscribe its cores; with it
+                                          AIKIDO_AUTO_THREADS=1, by which the LibTorch integration keeps that share
+                                          as an elastic job grows and shrinks
   OPENBLAS_NUM_THREADS=1                  BLAS runs inside those threads (threads of its own would oversubscribe)
   GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296
                                           malloc keeps large freed blocks for reuse instead of returning them to
