@@ -39,7 +39,7 @@ struct MetricsPublisher::State {
         store->set(metrics_key_prometheus(job_id, old), "");
         store->set(metrics_key_json(job_id, old), "");
       }
-      store->set(metrics_key_prometheus(job_id, as_rank), to_prometheus(m, as_rank, /*with_help=*/false));
+      store->set(metrics_key_prometheus(job_id, as_rank), to_prometheus(m, as_rank));
       store->set(metrics_key_json(job_id, as_rank), to_json(m, as_rank));
     } catch (const std::exception& e) {
       log::warn("metrics: cannot publish to the store: ", e.what());

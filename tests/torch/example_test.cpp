@@ -142,6 +142,13 @@ TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
   EXPECT_NE(body.find("aikido_noise_scale{rank=\"1\"}"), std::string::npos) << body;
   EXPECT_NE(body.find("aikido_samples_per_second{rank=\"0\"}"), std::string::npos) << body;
   EXPECT_NE(http_get(port, "/elsewhere").find("404"), std::string::npos);
+  // The exposition format: each family once, HELP and TYPE first, then every worker's samples together.
+  EXPECT_EQ(count_of(body, "# TYPE aikido_noise_scale gauge\n"), 1) << body;
+  EXPECT_NE(body.find("# HELP aikido_noise_scale "), std::string::npos) << body;
+  EXPECT_NE(body.find("aikido_noise_scale{rank=\"0\"} "), std::string::npos) << body;
+  EXPECT_TRUE(std::regex_search(
+      body, std::regex("\naikido_noise_scale\\{rank=\"0\"\\} [^\n]*\naikido_noise_scale\\{rank=\"1\"\\} ")))
+      << body;
   const auto r = job.wait(kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
   EXPECT_NE(r.err.find("aikido-run: metrics of rank 0: "), std::string::npos) << r.describe();

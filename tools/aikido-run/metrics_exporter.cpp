@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <nlohmann/json.hpp>
 
 namespace aikido::run {
@@ -35,6 +36,37 @@ void write_all(int fd, const std::string& text) {
 
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+// Every worker's Prometheus text as one exposition: each metric family once, with its HELP and TYPE lines, then its
+// samples from every worker (the format wants a family's lines together).
+std::string merge_prometheus(const std::vector<std::string>& texts) {
+  std::vector<std::string> order;
+  std::map<std::string, std::pair<std::string, std::string>> families;  // name -> (HELP and TYPE lines, samples)
+  for (const auto& text : texts) {
+    std::size_t begin = 0;
+    while (begin < text.size()) {
+      std::size_t end = text.find('\n', begin);
+      if (end == std::string::npos) end = text.size();
+      const std::string line = text.substr(begin, end - begin);
+      begin = end + 1;
+      if (line.empty()) continue;
+      const bool comment = line.rfind("# HELP ", 0) == 0 || line.rfind("# TYPE ", 0) == 0;
+      if (line[0] == '#' && !comment) continue;
+      const std::size_t name_at = comment ? 7 : 0;
+      const std::string name = line.substr(name_at, line.find_first_of("{ ", name_at) - name_at);
+      auto [it, fresh] = families.try_emplace(name);
+      if (fresh) order.push_back(name);
+      if (!comment) {
+        it->second.second += line + "\n";
+      } else if (it->second.first.find(line.substr(0, 7)) == std::string::npos) {
+        it->second.first += line + "\n";
+      }
+    }
+  }
+  std::string out;
+  for (const auto& name : order) out += families[name].first + families[name].second;
+  return out;
 }
 
 std::string format(const char* fmt, double v) {
@@ -162,8 +194,7 @@ void MetricsExporter::answer(int fd) {
   std::string status = "200 OK", body;
   if (line.rfind("GET /metrics ", 0) == 0 || line.rfind("GET / ", 0) == 0) {
     std::lock_guard<std::mutex> lock(mutex_);
-    body = "# Aikido training metrics, one series per worker (label rank)\n";
-    for (const auto& text : prometheus_) body += text;
+    body = "# Aikido training metrics, one series per worker (label rank)\n" + merge_prometheus(prometheus_);
   } else {
     status = "404 Not Found";
     body = "not found: GET /metrics\n";
