@@ -119,13 +119,18 @@ MetricsExporter::~MetricsExporter() {
 }
 
 // Reads every worker's latest metrics; appends the ones that changed to the file. In an elastic job, ranks beyond
-// the latest cluster version's size are forgotten: their workers left, and their last values would show a worker
-// that no longer trains.
+// the latest cluster version's size are forgotten, in the store too: their workers left, and their last values would
+// show a worker that no longer trains (or, after a later grow, stand for the new worker of that rank).
 void MetricsExporter::poll() {
   int ranks = config_.workers;
   if (membership_) {
     try {
       if (auto spec = membership_->latest()) ranks = std::min(ranks, spec->size());
+      for (int rank = ranks; rank < config_.workers; ++rank) {
+        for (const auto& key : {metrics_key_prometheus(config_.job_id, rank), metrics_key_json(config_.job_id, rank)}) {
+          if (auto value = store_->get(key); value && !value->empty()) store_->set(key, "");
+        }
+      }
     } catch (const std::exception&) {
       return;  // the store is gone: the job is ending
     }
