@@ -229,7 +229,12 @@ bool ElasticController::on_exit(Supervisor& supervisor, std::uint64_t id, int st
   }
   std::string removed_by;
   const auto last = last_spec_with(id, &removed_by);
-  if (!last) return true;
+  if (!last) {
+    // Every worker aikido-run starts is in some version; say so rather than drop a failure silently.
+    report("aikido-run: worker " + std::to_string(id) + " " + describe_status(status) +
+           "; no cluster version in the store holds it, so nothing is changed");
+    return true;
+  }
   const bool member = membership_->latest()->contains(id);
   // Stopped or crashed after a planned shrink removed it: the cluster is meant to be smaller.
   if (!member && removed_by == "resize") return true;
