@@ -49,6 +49,12 @@ std::shared_ptr<MembershipStore> make_membership_store(std::shared_ptr<Store> st
 /// it to find workers that stopped responding and aikido-ctl to print the cluster.
 std::string worker_status_key(const std::string& job_id, std::uint64_t worker_id);
 
+/// Keys by which aikido-run asks for a checkpoint before it stops a job (SIGINT, SIGTERM): it writes a request id
+/// under checkpoint_request_key; rank 0's session writes its newest commit to ElasticConfig::checkpoint_path and
+/// answers under checkpoint_done_key with "ID " and what happened.
+std::string checkpoint_request_key(const std::string& job_id);
+std::string checkpoint_done_key(const std::string& job_id);
+
 /// Global-position sharding of an index space for elastic data parallelism.
 ///
 /// The epoch's position counts the samples the whole cluster has consumed. A step with `size` workers and a
@@ -137,7 +143,8 @@ struct ElasticConfig {
   /// How long recover() waits for a usable cluster (a new version, or replacements when below the minimum).
   /// Zero: the peer's timeout.
   std::chrono::milliseconds recovery_timeout{0};
-  /// When the job stops below its minimum size, rank 0 writes the committed state here first (empty: nowhere).
+  /// When the job stops below its minimum size, or aikido-run is asked to stop it (checkpoint_request_key), rank 0
+  /// writes the newest commit here first (empty: nowhere).
   std::string checkpoint_path;
   /// A checkpoint written through checkpoint_path: when no member holds state yet (a fresh job), rank 0 reads it
   /// and every worker starts from it instead of its initial state (empty: none). The program must register the
@@ -263,7 +270,9 @@ class ElasticSession {
   void establish(bool is_new);
   void take_snapshot(std::uint64_t seq);
   void restore_snapshot(std::uint64_t seq);
-  void write_checkpoint();
+  /// Writes the newest commit to checkpoint_path; says what happened. Any thread (the heartbeat answers requests).
+  std::string write_checkpoint();
+  void answer_checkpoint_request();
   void read_checkpoint(const std::string& path);
   SyncResult leave(const ClusterSpec& target);
   SyncResult recover_in_sync();
@@ -277,7 +286,10 @@ class ElasticSession {
   bool joined_late_ = false;  // this worker joined a running job and has not received the state yet
   bool needs_rollback_ = false;
   bool resumed_ = false;  // the last establish() started the job from ElasticConfig::resume_path
-  std::optional<Topology> topology_before_change_;  // the members' topology when the current change began
+  std::optional<Topology> topology_before_change_;
+  std::mutex snapshots_mutex_;       // snapshots_: changed by the training thread, read by the heartbeat
+  std::string answered_checkpoint_;  // the last checkpoint request the heartbeat answered  // the members' topology
+                                     // when the current change began
   bool recovered_outside_sync_ = false;
   std::uint64_t sync_count_ = 0;
   std::vector<Entry> entries_;

@@ -25,7 +25,7 @@
 //   AIKIDO_ELASTIC          1: the membership is in the store (aikido-run --elastic); ElasticSession follows it
 //   AIKIDO_WORKER_ID        this worker's id in the ClusterSpec (elastic jobs)     (default: AIKIDO_RANK)
 //   AIKIDO_CHECKPOINT       file the committed state is written to when an elastic job stops below its minimum
-//                           size                                                   (default: none)
+//                           size or aikido-run is asked to stop it                 (default: none)
 //   AIKIDO_RESUME           a checkpoint (AIKIDO_CHECKPOINT) that an elastic job starts from when no worker holds
 //                           state yet                                              (default: none)
 #pragma once

@@ -220,6 +220,7 @@ void ElasticSession::heartbeat_loop() {
     lock.unlock();
     try {
       config_.status_store->set(worker_status_key(config_.peer.job_id, config_.worker_id), value);
+      answer_checkpoint_request();
     } catch (const Error& e) {
       log::debug("worker ", config_.worker_id, ": heartbeat failed: ", e.what());
     }
@@ -264,6 +265,7 @@ void ElasticSession::take_snapshot(std::uint64_t seq) {
   // Reuse the storage of the oldest commit once two are kept: touching fresh pages costs more than the copy.
   Snapshot snapshot;
   if (snapshots_.size() >= 2) {
+    std::lock_guard<std::mutex> lock(snapshots_mutex_);
     snapshot = std::move(snapshots_.front());
     snapshots_.erase(snapshots_.begin());
   }
@@ -278,6 +280,7 @@ void ElasticSession::take_snapshot(std::uint64_t seq) {
       snapshot.values[i] = e.save();
     }
   }
+  std::lock_guard<std::mutex> lock(snapshots_mutex_);
   snapshots_.push_back(std::move(snapshot));
   commit_seq_ = seq;
 }
@@ -297,6 +300,7 @@ void ElasticSession::restore_snapshot(std::uint64_t seq) {
       e.load(value);
     }
   }
+  std::lock_guard<std::mutex> lock(snapshots_mutex_);
   snapshots_.erase(std::next(it), snapshots_.end());
   commit_seq_ = seq;
 }
@@ -412,7 +416,10 @@ void ElasticSession::establish(bool is_new) {
       }
     }
   }
-  if (is_new) snapshots_.clear();
+  if (is_new) {
+    std::lock_guard<std::mutex> lock(snapshots_mutex_);
+    snapshots_.clear();
+  }
   take_snapshot(std::uint64_t(std::max<std::int64_t>(newest, 0)) + 1);
   needs_rollback_ = false;
   established_ = true;
@@ -599,22 +606,38 @@ SyncResult ElasticSession::agree_on_version(std::int64_t version, const char* na
   return switch_to(*target, false);
 }
 
-void ElasticSession::write_checkpoint() {
-  if (config_.checkpoint_path.empty() || snapshots_.empty()) return;
-  const Snapshot& s = snapshots_.back();
-  detail::ByteWriter w;
-  w.put(kCheckpointMagic).put(std::uint64_t(s.seq)).put(std::uint64_t(entries_.size()));
-  for (std::size_t i = 0; i < entries_.size(); ++i) w.put_string(entries_[i].name).put_bytes(s.values[i]);
-  const std::vector<std::byte> bytes = w.take();
+std::string ElasticSession::write_checkpoint() {
+  if (config_.checkpoint_path.empty()) return "no checkpoint file was given";
+  std::vector<std::byte> bytes;
+  std::uint64_t seq = 0;
+  {
+    std::lock_guard<std::mutex> lock(snapshots_mutex_);
+    if (snapshots_.empty()) return "nothing is committed yet";
+    const Snapshot& s = snapshots_.back();
+    seq = s.seq;
+    detail::ByteWriter w;
+    w.put(kCheckpointMagic).put(std::uint64_t(s.seq)).put(std::uint64_t(entries_.size()));
+    for (std::size_t i = 0; i < entries_.size(); ++i) w.put_string(entries_[i].name).put_bytes(s.values[i]);
+    bytes = w.take();
+  }
   const std::string tmp = config_.checkpoint_path + ".tmp";
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   bool ok = f && std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
   if (f) ok = std::fclose(f) == 0 && ok;
-  if (ok && std::rename(tmp.c_str(), config_.checkpoint_path.c_str()) == 0) {
-    log::warn("wrote the last commit (", s.seq, ") to ", config_.checkpoint_path);
-  } else {
-    log::warn("cannot write the checkpoint ", config_.checkpoint_path, ": ", std::strerror(errno));
-  }
+  std::string said = ok && std::rename(tmp.c_str(), config_.checkpoint_path.c_str()) == 0
+                         ? str_cat("wrote the last commit (", seq, ") to ", config_.checkpoint_path)
+                         : str_cat("cannot write the checkpoint ", config_.checkpoint_path, ": ", std::strerror(errno));
+  log::warn(said);
+  return said;
+}
+
+// On rank 0, from the heartbeat thread: answers aikido-run's request for a checkpoint (it is stopping the job).
+void ElasticSession::answer_checkpoint_request() {
+  if (config_.checkpoint_path.empty() || status_rank_.load() != 0) return;
+  const auto request = config_.status_store->get(checkpoint_request_key(config_.peer.job_id));
+  if (!request || request->empty() || *request == answered_checkpoint_) return;
+  answered_checkpoint_ = *request;
+  config_.status_store->set(checkpoint_done_key(config_.peer.job_id), *request + " " + write_checkpoint());
 }
 
 // Loads a checkpoint into the registered state (this worker only; establish() then sends it to the others).

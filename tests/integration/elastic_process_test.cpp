@@ -382,6 +382,28 @@ TEST(ElasticProcessTest, AikidoCtlShowsAndResizesTheJob) {
   expect_exact_epochs(r.out, -1);
 }
 
+// A job resumed from `checkpoint` (written by the job whose output is `first_out`, at a commit of step `at_most` or
+// before) starts at that commit and ends exactly where an uninterrupted job ends: every epoch's samples once, the
+// same parameters at the same step.
+void expect_resumes_like_an_uninterrupted_job(const std::string& checkpoint, const std::vector<std::string>& training,
+                                              const std::string& first_out, long long at_most) {
+  const auto resumed = run_process(elastic_job({"-np", "2", "--resume", checkpoint}, training), kBound);
+  ASSERT_TRUE(resumed.exited && resumed.exit_code == 0) << resumed.describe();
+  const auto first = events(resumed.out, "changed");
+  ASSERT_EQ(first.size(), 2u) << "both workers start from the checkpoint\n" << resumed.describe();
+  EXPECT_GE(first[0].num("step"), 8) << "resumed at the last commit, not at step 0";
+  EXPECT_LE(first[0].num("step"), at_most);
+  expect_exact_epochs(first_out + resumed.out, 2);
+
+  const auto whole = run_process(elastic_job({"-np", "2"}, training), kBound);
+  ASSERT_TRUE(whole.exited && whole.exit_code == 0) << whole.describe();
+  const auto done = events(resumed.out, "done"), done_whole = events(whole.out, "done");
+  ASSERT_EQ(done.size(), 2u) << resumed.describe();
+  ASSERT_EQ(done_whole.size(), 2u) << whole.describe();
+  EXPECT_EQ(done[0]["params"], done_whole[0]["params"]) << "the resumed job ends elsewhere than an uninterrupted one";
+  EXPECT_EQ(done[0]["step"], done_whole[0]["step"]);
+}
+
 // Below --min-np the job stops after writing its last commit; a new job started with --resume continues from it and
 // ends exactly where a job that was never interrupted ends: every epoch's samples once, the same parameters.
 TEST(ElasticProcessTest, BelowTheMinimumTheJobWritesACheckpointThatANewJobResumesFrom) {
@@ -418,21 +440,29 @@ TEST(ElasticProcessTest, BelowTheMinimumTheJobWritesACheckpointThatANewJobResume
             std::string::npos)
       << refused.describe();
 
-  const auto resumed = run_process(elastic_job({"-np", "2", "--resume", checkpoint}, training), kBound);
-  ASSERT_TRUE(resumed.exited && resumed.exit_code == 0) << resumed.describe();
-  const auto first = events(resumed.out, "changed");
-  ASSERT_EQ(first.size(), 2u) << "both workers start from the checkpoint\n" << resumed.describe();
-  EXPECT_GE(first[0].num("step"), 8) << "resumed at the last commit, not at step 0";
-  EXPECT_LE(first[0].num("step"), cluster.step + 4);
-  expect_exact_epochs(r.out + resumed.out, 2);
+  expect_resumes_like_an_uninterrupted_job(checkpoint, training, r.out, cluster.step + 8);
+  std::filesystem::remove(checkpoint);
+}
 
-  const auto whole = run_process(elastic_job({"-np", "2"}, training), kBound);
-  ASSERT_TRUE(whole.exited && whole.exit_code == 0) << whole.describe();
-  const auto done = events(resumed.out, "done"), done_whole = events(whole.out, "done");
-  ASSERT_EQ(done.size(), 2u) << resumed.describe();
-  ASSERT_EQ(done_whole.size(), 2u) << whole.describe();
-  EXPECT_EQ(done[0]["params"], done_whole[0]["params"]) << "the resumed job ends elsewhere than an uninterrupted one";
-  EXPECT_EQ(done[0]["step"], done_whole[0]["step"]);
+// Stopped from outside (Ctrl-C, a scheduler's SIGTERM), aikido-run first has rank 0 write its newest commit to
+// --checkpoint; a new job resumes from it.
+TEST(ElasticProcessTest, ASignalledJobWritesACheckpointThatANewJobResumesFrom) {
+  const std::string checkpoint = temp_path("aikido-checkpoint-signal");
+  std::filesystem::remove(checkpoint);
+  const std::vector<std::string> training = {"--epochs", "2", "--step-ms", "4", "--print-every", "2"};
+  Subprocess job(elastic_job({"-np", "2", "--checkpoint", checkpoint}, training));
+  Cluster cluster;
+  ASSERT_TRUE(job.wait_for_output(
+      [&](const std::string& out, const std::string&) {
+        cluster = current_cluster(out);
+        return cluster.step >= 10 && cluster.pid_by_rank.size() == 2;
+      },
+      60s));
+  ASSERT_EQ(::kill(job.pid(), SIGTERM), 0);
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 128 + SIGTERM) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: rank 0: wrote the last commit ("), std::string::npos) << r.describe();
+  expect_resumes_like_an_uninterrupted_job(checkpoint, training, r.out, current_cluster(r.out).step);
   std::filesystem::remove(checkpoint);
 }
 

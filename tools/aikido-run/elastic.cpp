@@ -172,6 +172,32 @@ void ElasticController::check_heartbeats(Supervisor& supervisor) {
   }
 }
 
+bool ElasticController::prepare_stop() {
+  if (options_.checkpoint.empty()) return false;
+  checkpoint_request_ = std::to_string(unix_ms());
+  try {
+    store_->set(checkpoint_request_key(job_id_), checkpoint_request_);
+  } catch (const Error&) {
+    return false;
+  }
+  report("aikido-run: asking rank 0 to write the last commit to " + options_.checkpoint +
+         " before stopping the workers (a second signal stops them at once)");
+  return true;
+}
+
+bool ElasticController::stop_ready() {
+  std::optional<std::string> done;
+  try {
+    done = store_->get(checkpoint_done_key(job_id_));
+  } catch (const Error&) {
+    return true;
+  }
+  const std::string prefix = checkpoint_request_ + " ";
+  if (!done || done->rfind(prefix, 0) != 0) return false;
+  report("aikido-run: rank 0: " + done->substr(prefix.size()));
+  return true;
+}
+
 // A member finished the training in cluster version V (its session's last status says which): workers started for a
 // later version, which counts it as a member, wait for it in vain until their timeout. Stop them now.
 void ElasticController::stop_workers_that_cannot_join(Supervisor& supervisor, std::uint64_t finished) {

@@ -33,6 +33,8 @@ namespace aikido::run {
 /// - A member that exits with status 0 has finished the training: from then on the job is ending, and a worker
 ///   that fails is removed but not replaced (a replacement would wait for the finished workers to join it), and
 ///   workers started for a later version than the one the finished member last joined are stopped.
+/// - Asked to stop (SIGINT, SIGTERM) with --checkpoint, it first has rank 0 write its newest commit there (up to
+///   10 s), so that a job stopped from outside can resume (--resume).
 /// - A worker whose heartbeat (the status key its session updates) stays unchanged for --heartbeat-timeout is
 ///   killed, which makes it a crashed worker: this is how a stopped (SIGSTOP) or frozen worker is found.
 class ElasticController final : public Controller {
@@ -48,6 +50,9 @@ class ElasticController final : public Controller {
   std::chrono::milliseconds tick() const override { return std::chrono::milliseconds(100); }
   void on_wake(Supervisor& supervisor) override;
   bool on_exit(Supervisor& supervisor, std::uint64_t id, int status) override;
+  /// With --checkpoint: asks rank 0 for its newest commit before the workers are stopped.
+  bool prepare_stop() override;
+  bool stop_ready() override;
 
  private:
   struct Heartbeat {
@@ -79,6 +84,7 @@ class ElasticController final : public Controller {
   std::map<std::uint64_t, Heartbeat> heartbeats_;
   std::optional<std::uint64_t> finished_by_;  // the first member that exited with status 0
   int restarts_ = 0;                          // replacements started
+  std::string checkpoint_request_;            // the request prepare_stop() made
 };
 
 }  // namespace aikido::run

@@ -121,8 +121,8 @@ options:
   --control-file F      elastic: write the control endpoint and the job secret to F (mode 0600) for aikido-ctl
   --heartbeat-timeout S elastic: a worker whose heartbeat is silent this long is killed and replaced
                         (default 3)
-  --checkpoint F        elastic: where the last commit is written when the job stops below --min-np
-                        (sets AIKIDO_CHECKPOINT)
+  --checkpoint F        elastic: where rank 0 writes the last commit when the job stops below --min-np or
+                        is stopped by SIGINT or SIGTERM (sets AIKIDO_CHECKPOINT)
   --resume F            elastic: start from the checkpoint F (written by --checkpoint) instead of the
                         program's initial state; the program must register the same state (sets AIKIDO_RESUME)
   --bind-to W           core (default): when there are no more workers than CPUs, bind each worker to its own
@@ -155,7 +155,8 @@ In an elastic job only the ranks of the latest cluster version are served and su
 When a worker exits with a non-zero status or is killed by a signal, aikido-run reports it, stops the other
 workers (SIGTERM, then SIGKILL after 3 s) and exits with that worker's status (128 + signal number for a
 signal). On SIGINT or SIGTERM it stops all workers the same way and exits with 130 or 143; a second signal
-kills them at once. A bad command line exits with status 2.
+kills them at once (an elastic job with --checkpoint first has rank 0 write its last commit, up to 10 s; then
+a second signal stops the workers, a third kills them). A bad command line exits with status 2.
 )";
 }
 

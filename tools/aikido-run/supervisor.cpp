@@ -26,6 +26,8 @@ using Clock = std::chrono::steady_clock;
 // Output of the workers may still arrive after the last one exited (a process it started holds the pipe). Wait
 // this long for the pipes to close before giving up on them.
 constexpr std::chrono::milliseconds kDrainTimeout{2000};
+// Longest a controller's stop preparation (a checkpoint) may delay stopping the workers.
+constexpr std::chrono::milliseconds kStopPreparation{10'000};
 
 sigset_t handled_signals() {
   sigset_t set;
@@ -263,6 +265,7 @@ class Supervisor::Loop {
       if (controller && !stopping_ && (fds[1].revents != 0 || Clock::now() >= next_tick_)) {
         next_tick_ = Clock::now() + controller->tick();
         controller->on_wake(owner_);
+        if (preparing_ && (controller->stop_ready() || Clock::now() >= prepare_until_)) begin_stop();
       }
       check_deadlines();
     }
@@ -354,9 +357,17 @@ class Supervisor::Loop {
       const int sig = int(info.ssi_signo);
       if (sig == SIGCHLD) {
         reap();
-      } else if (!stopping_) {
+      } else if (!stopping_ && !preparing_) {
         report("aikido-run: received " + signal_name(sig));
         set_exit_code(128 + sig);
+        if (owner_.controller_ && owner_.controller_->prepare_stop()) {
+          preparing_ = true;
+          prepare_until_ = Clock::now() + kStopPreparation;
+        } else {
+          begin_stop();
+        }
+      } else if (!stopping_) {
+        report("aikido-run: received " + signal_name(sig) + " again; stopping the workers now");
         begin_stop();
       } else if (!killed_) {
         report("aikido-run: received " + signal_name(sig) + " again; killing the workers (SIGKILL)");
@@ -438,6 +449,8 @@ class Supervisor::Loop {
   Clock::time_point next_tick_{};
   int running_ = 0;
   bool stopping_ = false;
+  bool preparing_ = false;  // asked to stop; the controller prepares (prepare_stop) until prepare_until_
+  Clock::time_point prepare_until_{};
   bool killed_ = false;
   Clock::time_point kill_at_{};
   std::optional<Clock::time_point> drain_until_;

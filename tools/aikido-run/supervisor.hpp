@@ -27,6 +27,11 @@ class Controller {
   /// Worker `id` exited with wait status `status`. Returns true when the job goes on without it (a removed
   /// worker, or a lost one the cluster recovers from), false when its failure ends the job.
   virtual bool on_exit(Supervisor& supervisor, std::uint64_t id, int status) = 0;
+  /// aikido-run was asked to stop (SIGINT or SIGTERM): true when the controller wants the workers to run a little
+  /// longer first (to write a checkpoint); the supervisor then stops them once stop_ready() returns true, after
+  /// 10 s at the latest, or at a second signal.
+  virtual bool prepare_stop() { return false; }
+  virtual bool stop_ready() { return true; }
 };
 
 /// Spawns one process per worker, relays their output with a rank prefix, and stops all of them when one fails
