@@ -187,16 +187,35 @@ TEST(ElasticProcessTest, KillNineOfRandomWorkersRankZeroIncluded) {
   expect_exact_epochs(r.out, 3);
 }
 
+// Waits (up to 60 s) until the job's newest step line shows step `step` or later with `workers` members.
+Cluster wait_for_step(Subprocess& job, long long step, std::size_t workers) {
+  Cluster cluster;
+  job.wait_for_output(
+      [&](const std::string& out, const std::string&) {
+        cluster = current_cluster(out);
+        return cluster.step >= step && cluster.pid_by_rank.size() == workers;
+      },
+      60s);
+  return cluster;
+}
+
+// Waits (up to 60 s) until `workers` ranks printed "done"; their pids by rank.
+std::map<long long, long long> wait_for_done(Subprocess& job, std::size_t workers) {
+  std::map<long long, long long> pid_by_rank;
+  job.wait_for_output(
+      [&](const std::string& out, const std::string&) {
+        for (const auto& e : events(out, "done")) pid_by_rank[e.num("rank")] = e.num("pid");
+        return pid_by_rank.size() == workers;
+      },
+      60s);
+  return pid_by_rank;
+}
+
 TEST(ElasticProcessTest, StoppedWorkerIsDetectedAndRemoved) {
   Subprocess job(elastic_job({"-np", "3", "--heartbeat-timeout", "2", "--timeout", "30"},
                              {"--epochs", "2", "--step-ms", "4", "--print-every", "2"}));
-  Cluster cluster;
-  ASSERT_TRUE(job.wait_for_output(
-      [&](const std::string& out, const std::string&) {
-        cluster = current_cluster(out);
-        return cluster.step >= 20 && cluster.pid_by_rank.size() == 3;
-      },
-      60s));
+  Cluster cluster = wait_for_step(job, 20, 3);
+  ASSERT_TRUE(cluster.step >= 20 && cluster.pid_by_rank.size() == 3u) << job.wait(kBound).describe();
   ASSERT_EQ(::kill(pid_t(cluster.pid_by_rank[1]), SIGSTOP), 0);
   const auto r = job.wait(kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
@@ -212,14 +231,8 @@ bool process_gone(long long pid) { return ::kill(pid_t(pid), 0) != 0 && errno ==
 TEST(ElasticProcessTest, AWorkerLostAfterTheOthersFinishedIsNotReplaced) {
   Subprocess job(elastic_job({"-np", "3", "--restart", "--timeout", "20"},
                              {"--epochs", "1", "--step-ms", "1", "--print-every", "20", "--linger-rank", "0"}));
-  std::map<long long, long long> pid_by_rank;
-  ASSERT_TRUE(job.wait_for_output(
-      [&](const std::string& out, const std::string&) {
-        for (const auto& e : events(out, "done")) pid_by_rank[e.num("rank")] = e.num("pid");
-        return pid_by_rank.size() == 3;
-      },
-      60s))
-      << job.wait(kBound).describe();
+  std::map<long long, long long> pid_by_rank = wait_for_done(job, 3);
+  ASSERT_EQ(pid_by_rank.size(), 3u) << job.wait(kBound).describe();
   // Ranks 1 and 2 finish and are reaped by aikido-run; rank 0 lingers after its last step, and dies there.
   for (int i = 0; i < 600 && !(process_gone(pid_by_rank[1]) && process_gone(pid_by_rank[2])); ++i) {
     std::this_thread::sleep_for(50ms);
@@ -241,13 +254,8 @@ TEST(ElasticProcessTest, AWorkerLostAfterTheOthersFinishedIsNotReplaced) {
 TEST(ElasticProcessTest, AReplacementThatTheFinishedWorkersNeverJoinIsStopped) {
   Subprocess job(elastic_job({"-np", "3", "--restart", "--timeout", "30"},
                              {"--epochs", "1", "--step-ms", "1", "--print-every", "20", "--linger-ms", "2000"}));
-  std::map<long long, long long> pid_by_rank;
-  ASSERT_TRUE(job.wait_for_output(
-      [&](const std::string& out, const std::string&) {
-        for (const auto& e : events(out, "done")) pid_by_rank[e.num("rank")] = e.num("pid");
-        return pid_by_rank.size() == 3;
-      },
-      60s));
+  std::map<long long, long long> pid_by_rank = wait_for_done(job, 3);
+  ASSERT_EQ(pid_by_rank.size(), 3u) << job.wait(kBound).describe();
   ASSERT_EQ(::kill(pid_t(pid_by_rank[2]), SIGKILL), 0);
   const auto r = job.wait(kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
@@ -411,13 +419,8 @@ TEST(ElasticProcessTest, BelowTheMinimumTheJobWritesACheckpointThatANewJobResume
   std::filesystem::remove(checkpoint);
   const std::vector<std::string> training = {"--epochs", "2", "--step-ms", "4", "--print-every", "2"};
   Subprocess job(elastic_job({"-np", "2", "--min-np", "2", "--timeout", "2", "--checkpoint", checkpoint}, training));
-  Cluster cluster;
-  ASSERT_TRUE(job.wait_for_output(
-      [&](const std::string& out, const std::string&) {
-        cluster = current_cluster(out);
-        return cluster.step >= 10 && cluster.pid_by_rank.size() == 2;
-      },
-      60s));
+  Cluster cluster = wait_for_step(job, 10, 2);
+  ASSERT_TRUE(cluster.step >= 10 && cluster.pid_by_rank.size() == 2u) << job.wait(kBound).describe();
   ASSERT_EQ(::kill(pid_t(cluster.pid_by_rank[1]), SIGKILL), 0);
   const auto r = job.wait(kBound);
   ASSERT_TRUE(r.exited && r.exit_code != 0) << r.describe();
@@ -451,13 +454,8 @@ TEST(ElasticProcessTest, ASignalledJobWritesACheckpointThatANewJobResumesFrom) {
   std::filesystem::remove(checkpoint);
   const std::vector<std::string> training = {"--epochs", "2", "--step-ms", "4", "--print-every", "2"};
   Subprocess job(elastic_job({"-np", "2", "--checkpoint", checkpoint}, training));
-  Cluster cluster;
-  ASSERT_TRUE(job.wait_for_output(
-      [&](const std::string& out, const std::string&) {
-        cluster = current_cluster(out);
-        return cluster.step >= 10 && cluster.pid_by_rank.size() == 2;
-      },
-      60s));
+  Cluster cluster = wait_for_step(job, 10, 2);
+  ASSERT_TRUE(cluster.step >= 10 && cluster.pid_by_rank.size() == 2u) << job.wait(kBound).describe();
   ASSERT_EQ(::kill(job.pid(), SIGTERM), 0);
   const auto r = job.wait(kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 128 + SIGTERM) << r.describe();
