@@ -29,11 +29,7 @@ std::int64_t unix_ms() {
 }
 
 std::string describe_status(int status) {
-  if (WIFSIGNALED(status)) {
-    const char* abbrev = ::sigabbrev_np(WTERMSIG(status));
-    return std::string("was killed by signal ") +
-           (abbrev ? std::string("SIG") + abbrev : std::to_string(WTERMSIG(status)));
-  }
+  if (WIFSIGNALED(status)) return "was " + killed_by(WTERMSIG(status));
   return "exited with status " + std::to_string(WEXITSTATUS(status));
 }
 

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 
 namespace aikido::run {
 
@@ -29,6 +30,17 @@ bool write_fully(int fd, const char* data, std::size_t size) {
 void report(const std::string& message) {
   const std::string line = message + "\n";
   write_fully(STDERR_FILENO, line.data(), line.size());
+}
+
+std::string signal_name(int sig) {
+  const char* abbrev = ::sigabbrev_np(sig);
+  if (abbrev == nullptr) return "signal " + std::to_string(sig);
+  return std::string("SIG") + abbrev;
+}
+
+std::string killed_by(int sig) {
+  const std::string name = signal_name(sig);
+  return "killed by " + (name.rfind("SIG", 0) == 0 ? "signal " + name : name);
 }
 
 LinePrefixer::LinePrefixer(int rank, int out_fd) : prefix_("[" + std::to_string(rank) + "] "), out_fd_(out_fd) {}

@@ -13,6 +13,11 @@ bool write_fully(int fd, const char* data, std::size_t size);
 /// Writes one message line of aikido-run itself to standard error, in one write.
 void report(const std::string& message);
 
+/// "SIGTERM", or "signal N" for a number without a name.
+std::string signal_name(int sig);
+/// "killed by signal SIGTERM" ("killed by signal N" without a name).
+std::string killed_by(int sig);
+
 /// Splits one stream of one worker into lines and writes each complete line, prefixed with "[RANK] ", to a
 /// descriptor. The lines of one feed() go out in one write, so they never interleave with other streams.
 /// Not thread safe; the supervisor's event loop owns it.

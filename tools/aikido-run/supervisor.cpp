@@ -39,12 +39,6 @@ sigset_t handled_signals() {
   return set;
 }
 
-std::string signal_name(int sig) {
-  const char* abbrev = ::sigabbrev_np(sig);
-  if (abbrev == nullptr) return "signal " + std::to_string(sig);
-  return std::string("SIG") + abbrev;
-}
-
 std::string errno_text() { return std::string(::strerror(errno)); }
 
 // A descriptor closed on destruction.
@@ -415,7 +409,7 @@ class Supervisor::Loop {
     });
     for (const auto& f : failures) {
       if (WIFSIGNALED(f.status)) {
-        report("aikido-run: " + f.who + " killed by signal " + signal_name(WTERMSIG(f.status)));
+        report("aikido-run: " + f.who + " " + killed_by(WTERMSIG(f.status)));
         set_exit_code(128 + WTERMSIG(f.status));
       } else {
         report("aikido-run: " + f.who + " exited with status " + std::to_string(WEXITSTATUS(f.status)));
