@@ -45,8 +45,9 @@ class MembershipStore {
 /// connection when the store serialises requests (the TCP client does).
 std::shared_ptr<MembershipStore> make_membership_store(std::shared_ptr<Store> store, std::string job_id);
 
-/// Key under which ElasticSession publishes a worker's status ("rank=R version=V step=S beat=N"); aikido-run reads
-/// it to find workers that stopped responding and aikido-ctl to print the cluster.
+/// Key under which ElasticSession publishes a worker's status ("rank=R version=V step=S beat=N", and
+/// "state=left version=V step=S" once its session ends); aikido-run reads it to find workers that stopped responding
+/// and the version a finished worker last joined, and aikido-ctl to print the cluster.
 std::string worker_status_key(const std::string& job_id, std::uint64_t worker_id);
 
 /// Keys by which aikido-run asks for a checkpoint before it stops a job (SIGINT, SIGTERM): it writes a request id
@@ -267,7 +268,8 @@ class ElasticSession {
   /// Reconnects the Peer for `target` (or a newer spec that supersedes it while connecting) and establishes it.
   SyncResult switch_to(ClusterSpec target, bool failure);
   void connect(const ClusterSpec& spec);
-  void establish(bool is_new);
+  /// Returns true when the state came from ElasticConfig::resume_path.
+  bool establish(bool is_new);
   void take_snapshot(std::uint64_t seq);
   void restore_snapshot(std::uint64_t seq);
   /// Writes the newest commit to checkpoint_path; says what happened. Any thread (the heartbeat answers requests).
@@ -285,11 +287,9 @@ class ElasticSession {
   bool established_ = false;
   bool joined_late_ = false;  // this worker joined a running job and has not received the state yet
   bool needs_rollback_ = false;
-  bool resumed_ = false;  // the last establish() started the job from ElasticConfig::resume_path
-  std::optional<Topology> topology_before_change_;
-  std::mutex snapshots_mutex_;       // snapshots_: changed by the training thread, read by the heartbeat
-  std::string answered_checkpoint_;  // the last checkpoint request the heartbeat answered  // the members' topology
-                                     // when the current change began
+  std::optional<Topology> topology_before_change_;  // the members' topology when the current change began
+  std::mutex snapshots_mutex_;                      // snapshots_: changed by the training thread, read by the heartbeat
+  std::string answered_checkpoint_;                 // the last checkpoint request the heartbeat answered
   bool recovered_outside_sync_ = false;
   std::uint64_t sync_count_ = 0;
   std::vector<Entry> entries_;

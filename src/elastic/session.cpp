@@ -66,6 +66,14 @@ struct ElasticSession::Entry {
   std::function<std::vector<std::byte>()> save;
   std::function<void(std::span<const std::byte>)> load;
   bool fixed() const { return !save; }
+  /// Restores a saved value (of the registered size, for a fixed entry).
+  void restore(std::span<const std::byte> value) {
+    if (!fixed()) {
+      load(value);
+    } else if (!value.empty()) {
+      std::memcpy(bytes.data(), value.data(), value.size());
+    }
+  }
 };
 
 struct ElasticSession::Snapshot {
@@ -291,15 +299,7 @@ void ElasticSession::restore_snapshot(std::uint64_t seq) {
     throw Error(str_cat("worker ", config_.worker_id, " holds no commit ", seq,
                         " to roll back to; commit() must be called at the same steps on every worker"));
   }
-  for (std::size_t i = 0; i < entries_.size(); ++i) {
-    auto& e = entries_[i];
-    const auto& value = it->values[i];
-    if (e.fixed()) {
-      if (!value.empty()) std::memcpy(e.bytes.data(), value.data(), value.size());
-    } else {
-      e.load(value);
-    }
-  }
+  for (std::size_t i = 0; i < entries_.size(); ++i) entries_[i].restore(it->values[i]);
   std::lock_guard<std::mutex> lock(snapshots_mutex_);
   snapshots_.erase(std::next(it), snapshots_.end());
   commit_seq_ = seq;
@@ -310,7 +310,7 @@ void ElasticSession::commit() {
   take_snapshot(commit_seq_ + 1);
 }
 
-void ElasticSession::establish(bool is_new) {
+bool ElasticSession::establish(bool is_new) {
   Peer& peer = *peer_;
   const int size = peer.size();
   std::vector<std::int64_t> mine(kHeaderFields, 0), all(std::size_t(kHeaderFields * size));
@@ -349,7 +349,6 @@ void ElasticSession::establish(bool is_new) {
   // A fresh job starts from rank 0's initial state, or from the checkpoint that rank 0 reads.
   const bool resume = source < 0 && !config_.resume_path.empty();
   if (source < 0) source = 0;
-  resumed_ = resume;
   const std::int64_t topology = all[std::size_t(source * kHeaderFields + kTopology)];
   if (topology >= 0) peer.set_topology(Topology(topology));
 
@@ -425,6 +424,7 @@ void ElasticSession::establish(bool is_new) {
   established_ = true;
   joined_late_ = false;  // the state has arrived
   sync_count_ = 0;       // the check cadence restarts together on every member
+  return resume;
 }
 
 SyncResult ElasticSession::leave(const ClusterSpec& target) {
@@ -549,14 +549,15 @@ SyncResult ElasticSession::sync(std::int64_t step) {
   }
   if (!established_) {
     const bool joined = joined_late_;
+    bool resumed = false;
     try {
-      establish(!established_);
+      resumed = establish(!established_);
     } catch (const PeerLostError&) {
       return recover_in_sync();
     } catch (const TimeoutError&) {
       return recover_in_sync();
     }
-    return joined || resumed_ ? SyncResult::changed : SyncResult::unchanged;
+    return joined || resumed ? SyncResult::changed : SyncResult::unchanged;
   }
   if (!elastic()) return SyncResult::unchanged;
   if (++sync_count_ % std::uint64_t(config_.check_every) != 0) return SyncResult::unchanged;
@@ -612,7 +613,7 @@ std::string ElasticSession::write_checkpoint() {
   std::uint64_t seq = 0;
   {
     std::lock_guard<std::mutex> lock(snapshots_mutex_);
-    if (snapshots_.empty()) return "nothing is committed yet";
+    if (snapshots_.empty()) return "nothing is committed yet, so no checkpoint was written";
     const Snapshot& s = snapshots_.back();
     seq = s.seq;
     detail::ByteWriter w;
@@ -645,9 +646,14 @@ void ElasticSession::read_checkpoint(const std::string& path) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) throw ConfigError(str_cat("cannot read the checkpoint ", path, " to resume from: ", std::strerror(errno)));
   std::vector<std::byte> bytes;
-  std::byte chunk[1 << 16];
-  for (std::size_t n; (n = std::fread(chunk, 1, sizeof chunk, f)) > 0;) bytes.insert(bytes.end(), chunk, chunk + n);
+  if (std::fseek(f, 0, SEEK_END) == 0) {
+    const long size = std::ftell(f);
+    std::rewind(f);
+    if (size > 0) bytes.resize(std::size_t(size));
+  }
+  const std::size_t got = std::fread(bytes.data(), 1, bytes.size(), f);
   std::fclose(f);
+  bytes.resize(got);
   const std::string what = str_cat("the checkpoint ", path);
   if (bytes.size() < kCheckpointMagic.size() ||
       std::memcmp(bytes.data(), kCheckpointMagic.data(), kCheckpointMagic.size()) != 0) {
@@ -683,14 +689,7 @@ void ElasticSession::read_checkpoint(const std::string& path) {
     throw ConfigError(str_cat(what, " does not fit this program's registered state: ", mismatch,
                               "; resume with the program (and model) that wrote it"));
   }
-  for (std::size_t i = 0; i < entries_.size(); ++i) {
-    Entry& e = entries_[i];
-    if (e.fixed()) {
-      if (!values[i].empty()) std::memcpy(e.bytes.data(), values[i].data(), values[i].size());
-    } else {
-      e.load(values[i]);
-    }
-  }
+  for (std::size_t i = 0; i < entries_.size(); ++i) entries_[i].restore(values[i]);
   log::info("resumed from commit ", seq, " in ", path);
 }
 

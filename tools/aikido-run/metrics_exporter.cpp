@@ -19,6 +19,7 @@
 #include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 namespace aikido::run {
 
@@ -44,12 +45,8 @@ std::string merge_prometheus(const std::vector<std::string>& texts) {
   std::vector<std::string> order;
   std::map<std::string, std::pair<std::string, std::string>> families;  // name -> (HELP and TYPE lines, samples)
   for (const auto& text : texts) {
-    std::size_t begin = 0;
-    while (begin < text.size()) {
-      std::size_t end = text.find('\n', begin);
-      if (end == std::string::npos) end = text.size();
-      const std::string line = text.substr(begin, end - begin);
-      begin = end + 1;
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);) {
       if (line.empty()) continue;
       const bool comment = line.rfind("# HELP ", 0) == 0 || line.rfind("# TYPE ", 0) == 0;
       if (line[0] == '#' && !comment) continue;
@@ -126,7 +123,8 @@ void MetricsExporter::poll() {
   if (membership_) {
     try {
       if (auto spec = membership_->latest()) ranks = std::min(ranks, spec->size());
-      for (int rank = ranks; rank < config_.workers; ++rank) {
+      // Only ranks that once trained can have keys to empty (not every rank up to --max-np, every interval).
+      for (int rank = ranks; rank < highest_served_; ++rank) {
         for (const auto& key : {metrics_key_prometheus(config_.job_id, rank), metrics_key_json(config_.job_id, rank)}) {
           if (auto value = store_->get(key); value && !value->empty()) store_->set(key, "");
         }
@@ -135,10 +133,11 @@ void MetricsExporter::poll() {
       return;  // the store is gone: the job is ending
     }
     std::lock_guard<std::mutex> lock(mutex_);
-    for (int rank = ranks; rank < config_.workers; ++rank) {
+    for (int rank = ranks; rank < highest_served_; ++rank) {
       prometheus_[rank].clear();
       json_[rank].clear();
     }
+    highest_served_ = std::max(highest_served_, ranks);
   }
   for (int rank = 0; rank < ranks; ++rank) {
     std::optional<std::string> prom, json;

@@ -50,6 +50,7 @@ class MetricsExporter {
   Config config_;
   std::shared_ptr<Store> store_;
   std::shared_ptr<MembershipStore> membership_;  // elastic jobs
+  int highest_served_ = 0;                       // elastic jobs: the largest cluster size seen so far
   int listen_fd_ = -1;
   int port_ = 0;
   int file_fd_ = -1;
