@@ -138,6 +138,9 @@ class EtcdWatch {
   std::atomic<bool> interrupted_{false};
 };
 
+/// The key of job `job_id`'s newest ClusterSpec (make_etcd_membership), for readers that need its revision.
+inline std::string etcd_cluster_key(std::string_view job_id) { return std::string(job_id) + "/cluster"; }
+
 /// Standard padded base64 (RFC 4648), as the gateway writes bytes. decode throws ProtocolError on bad input.
 std::string base64_encode(std::string_view bytes);
 std::string base64_decode(std::string_view text);

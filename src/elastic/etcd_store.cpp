@@ -122,7 +122,7 @@ class EtcdStore final : public Store {
 class EtcdMembership final : public MembershipStore {
  public:
   EtcdMembership(const EtcdOptions& options, std::string job_id)
-      : client_(options), key_(std::move(job_id) + "/cluster") {}
+      : client_(options), key_(elastic::etcd_cluster_key(job_id)) {}
 
   std::optional<ClusterSpec> latest() override {
     auto range = client_.range(key_);
