@@ -5,6 +5,8 @@
 #                                         they are removed as soon as process PID has exited (a killed test)
 #   scripts/hosts.sh down                 remove every emulated host and the bridge
 #   scripts/hosts.sh exec I CMD [ARG...]  run CMD on host I: in its namespace, with host name hI
+#   scripts/hosts.sh ssh hI 'COMMAND LINE' like ssh: run the command line with sh -c on host I (aikido-run's
+#                                         --launch-command "scripts/hosts.sh ssh" starts launchers this way)
 #   scripts/hosts.sh address I            print host I's address
 #   scripts/hosts.sh shape I RATE         limit host I's link to RATE (tc units: 1gbit, 100mbit, ...) both ways
 #   scripts/hosts.sh unshape I            remove the limit
@@ -83,12 +85,16 @@ up() {
 }
 
 host_index() {
-  [[ "${1:-}" =~ ^[0-9]+$ ]] || die "host index must be a number, not '${1:-}'"
+  [[ "${1:-}" =~ ^[0-9]+$ ]] || die "host index must be a number (or hN), not '${1:-}'"
   ip netns list | awk '{print $1}' | grep -qx "$prefix$1" || die "host $1 does not exist (scripts/hosts.sh up N)"
 }
 
 cmd=${1:-}
 shift || true
+# Hosts may be named by their index or their host name (hI).
+if [ $# -ge 1 ] && [[ "$cmd" =~ ^(exec|ssh|shape|unshape|cut|heal|address)$ ]] && [[ "$1" =~ ^h[0-9]+$ ]]; then
+  set -- "${1#h}" "${@:2}"
+fi
 case "$cmd" in
   up)
     [ $# -ge 1 ] || die "usage: hosts.sh up N [--owner PID]"
@@ -104,6 +110,11 @@ case "$cmd" in
     shift
     [ $# -ge 1 ] || die "usage: hosts.sh exec I CMD [ARG...]"
     exec ip netns exec "$prefix$i" unshare --uts sh -c 'hostname "$0" && exec "$@"' "h$i" "$@"
+    ;;
+  ssh)
+    host_index "${1:-}"
+    [ $# -eq 2 ] || die "usage: hosts.sh ssh HOST 'COMMAND LINE' (one command line, as ssh takes it)"
+    exec ip netns exec "$prefix$1" unshare --uts sh -c 'hostname "$0" && exec sh -c "$1"' "h$1" "$2"
     ;;
   address) host_address "${1:?usage: hosts.sh address I}" ;;
   shape)
