@@ -1,6 +1,7 @@
 #include "base/launcher_env.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -161,7 +162,7 @@ void detect_slurm(const Reader& r, Detected& d) {
     info.hosts = expand_hostlist(*r.get(list_var), list_var);
     info.node_count = int(info.hosts.size());
     d.hosts_from = list_var;
-    d.from.node_count = list_var;
+    d.from.node_count = str_cat("the hosts in ", list_var);
   }
   if (auto tasks_text = r.get(tasks_var)) {
     const std::vector<int> tasks = expand_tasks_per_node(*tasks_text, tasks_var);
@@ -176,11 +177,11 @@ void detect_slurm(const Reader& r, Detected& d) {
     }
     if (!info.node_count) {
       info.node_count = int(tasks.size());
-      d.from.node_count = tasks_var;
+      d.from.node_count = str_cat("the nodes in ", tasks_var);
     }
     if (info.node_rank && *info.node_rank < int(tasks.size())) {
       info.local_size = tasks[std::size_t(*info.node_rank)];
-      d.from.local_size = str_cat(tasks_var, " (node ", *info.node_rank, ")");
+      d.from.local_size = str_cat("the tasks of node ", *info.node_rank, " in ", tasks_var);
     }
   }
   if (auto job = r.get("SLURM_JOB_ID").value_or(r.get("SLURM_JOBID").value_or("")); !job.empty()) {
@@ -237,26 +238,32 @@ void detect_plain(const Reader& r, Detected& d) {
   d.from = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "", ""};
 }
 
+// "NAME=value" for a variable, "value (description)" for a value derived from one.
+std::string named(const std::string& source, int value) {
+  const bool variable = std::all_of(source.begin(), source.end(), [](char c) { return std::isupper(c) || c == '_'; });
+  return variable ? str_cat(source, "=", value) : str_cat(value, " (", source, ")");
+}
+
 void check_consistent(const Detected& d) {
   const LaunchInfo& info = d.info;
   const Sources& from = d.from;
   if (info.rank >= info.size) {
-    throw ConfigError(str_cat(from.rank, "=", info.rank, " is not below ", from.size, "=", info.size));
+    throw ConfigError(str_cat(named(from.rank, info.rank), " is not below ", named(from.size, info.size)));
   }
   if (info.local_size && *info.local_size > info.size) {
-    throw ConfigError(str_cat(from.local_size, "=", *info.local_size, " is more than ", from.size, "=", info.size));
+    throw ConfigError(str_cat(named(from.local_size, *info.local_size), " is more than ", named(from.size, info.size)));
   }
   if (info.local_rank && info.local_size && *info.local_rank >= *info.local_size) {
     throw ConfigError(
-        str_cat(from.local_rank, "=", *info.local_rank, " is not below ", from.local_size, "=", *info.local_size));
+        str_cat(named(from.local_rank, *info.local_rank), " is not below ", named(from.local_size, *info.local_size)));
   }
   if (info.node_rank && info.node_count && *info.node_rank >= *info.node_count) {
     throw ConfigError(
-        str_cat(from.node_rank, "=", *info.node_rank, " is not below ", from.node_count, "=", *info.node_count));
+        str_cat(named(from.node_rank, *info.node_rank), " is not below ", named(from.node_count, *info.node_count)));
   }
   if (info.node_count && *info.node_count > info.size) {
-    throw ConfigError(
-        str_cat(from.node_count, " gives ", *info.node_count, " hosts for ", from.size, "=", info.size, " workers"));
+    throw ConfigError(str_cat("more hosts (", named(from.node_count, *info.node_count), ") than workers (",
+                              named(from.size, info.size), ")"));
   }
 }
 
