@@ -96,7 +96,9 @@ void detect_aikido(const Reader& r, Detected& d) {
   auto& info = d.info;
   info.launcher = Launcher::aikido;
   info.size = r.opt_int(kSize, 1, kMaxRanks).value_or(1);
-  if (info.size > 1) {
+  // An elastic job's ranks come from its membership, not from the environment.
+  const bool elastic = r.get(kElastic).value_or("0") == "1";
+  if (info.size > 1 && !elastic) {
     info.rank = r.req_int(kRank, 0, kMaxRanks, str_cat(kSize, "=", info.size, " says this is one of several workers"));
   } else {
     info.rank = r.opt_int(kRank, 0, kMaxRanks).value_or(0);

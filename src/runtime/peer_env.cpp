@@ -118,8 +118,9 @@ PeerConfig peer_config_from_env(env::LaunchInfo& launch) {
       config.store = serve_store(bind_host, launch.master_port, config.secret);
     } catch (const Error& e) {
       throw ConfigError(str_cat("rank 0 cannot serve the job's store on ", bind_host, ":", launch.master_port, " (",
-                                launch.store_url, "): ", e.what(), "; choose another port with ", env::kStorePort,
-                                " (or MASTER_PORT), the same for every worker"));
+                                launch.store_url, "): ", e.what(),
+                                "; MASTER_ADDR must name rank 0's host, and a port in use needs another ",
+                                env::kStorePort, " (or MASTER_PORT), the same for every worker"));
     }
   } else {
     config.store = connect_store(launch.store_url, config.secret, config.timeout);

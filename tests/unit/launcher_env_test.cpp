@@ -175,6 +175,8 @@ TEST(DetectLaunch, AikidoWithoutStoreSaysToUseAikidoRun) {
 TEST(DetectLaunch, AikidoSizeWithoutRank) {
   const std::string message = detect_error({{"AIKIDO_SIZE", "2"}, {"AIKIDO_STORE_ADDR", "127.0.0.1:4000"}});
   EXPECT_TRUE(contains(message, "AIKIDO_RANK is not set")) << message;
+  // An elastic job's ranks come from its membership.
+  EXPECT_EQ(detect({{"AIKIDO_SIZE", "2"}, {"AIKIDO_ELASTIC", "1"}, {"AIKIDO_STORE_ADDR", "127.0.0.1:4000"}}).size, 2);
 }
 
 TEST(DetectLaunch, Torchrun) {
