@@ -7,6 +7,7 @@
 #include <fstream>
 #include <future>
 #include <map>
+#include <optional>
 #include <sstream>
 
 #include "base/env.hpp"
@@ -325,16 +326,25 @@ Peer Peer::create(const PeerConfig& input) { return Peer(connect_engine(input));
 
 Peer Peer::from_env() {
   env::LaunchInfo launch;
-  Peer peer = create(detail::peer_config_from_env(launch));
+  const PeerConfig config = detail::peer_config_from_env(launch);
+  const bool store_of_rank0 = launch.rank0_serves_store && config.size > 1;
+  std::optional<Peer> joined;
+  try {
+    joined.emplace(create(config));
+  } catch (const Error&) {
+    if (store_of_rank0) detail::leave_failed_rendezvous(config);
+    throw;
+  }
+  Peer& peer = *joined;
   // Rank 0's store goes with its Peer. Other ranks read it until their create() returns (the shared-memory setup
   // waits for every rank's answer), so no rank leaves here before all have joined.
-  if (launch.rank0_serves_store && peer.size() > 1) peer.barrier("aikido/from_env/joined");
+  if (store_of_rank0) peer.barrier("aikido/from_env/joined");
   if (launch.local_size && *launch.local_size != peer.local_size()) {
     log::warn("rank ", peer.rank(), ": ", env::launcher_name(launch.launcher), " places ", *launch.local_size,
               " workers on this host, but ", peer.local_size(), " rank(s) gave the host id '", peer.config().host,
               "'; same-host paths follow the host id: set ", env::kHost, " where host names do not tell hosts apart");
   }
-  return peer;
+  return std::move(peer);
 }
 
 int Peer::rank() const { return engine_->config().rank; }

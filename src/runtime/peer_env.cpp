@@ -1,6 +1,8 @@
 #include "runtime/peer_env.hpp"
 
 #include <aikido/store.hpp>
+#include <algorithm>
+#include <chrono>
 
 #include "base/env.hpp"
 #include "base/error.hpp"
@@ -126,6 +128,26 @@ PeerConfig peer_config_from_env(env::LaunchInfo& launch) {
     config.store = connect_store(launch.store_url, config.secret, config.timeout);
   }
   return config;
+}
+
+void leave_failed_rendezvous(const PeerConfig& config) {
+  if (!config.store) return;
+  const auto key = [&](int rank) { return str_cat(config.job_id, "/v", config.cluster_version, "/failed/", rank); };
+  try {
+    if (config.rank != 0) {
+      config.store->set(key(config.rank), "1");
+      return;
+    }
+    const auto deadline = std::chrono::steady_clock::now() + std::min(config.timeout, kFailedRendezvousLinger);
+    for (int p = 1; p < config.size; ++p) {
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return;
+      config.store->wait(key(p), left);
+    }
+  } catch (const Error& e) {
+    log::debug("rank ", config.rank, ": after a failed rendezvous: ", e.what());
+  }
 }
 
 }  // namespace aikido::detail

@@ -33,4 +33,11 @@ std::string choose_bind_address(const env::Lookup& lookup, const env::LaunchInfo
 /// Reads the process environment; `launch` receives what was detected.
 PeerConfig peer_config_from_env(env::LaunchInfo& launch);
 
+/// After a failed create() in a job whose rank 0 serves the store: every rank marks in the store that it has left,
+/// and rank 0 keeps its store up until all others have (at most kFailedRendezvousLinger), so that each of them
+/// reports the failure it found itself (such as a loopback address across hosts, which every rank detects) rather
+/// than a store that went away under it. Best effort: errors of the store itself are ignored.
+inline constexpr std::chrono::milliseconds kFailedRendezvousLinger{5'000};
+void leave_failed_rendezvous(const PeerConfig& config);
+
 }  // namespace aikido::detail
