@@ -180,8 +180,9 @@ struct ElasticConfig {
 /// no other thread may use peer() while they run. Registered buffers must outlive the session.
 class ElasticSession {
  public:
-  /// Joins the job described by aikido-run's environment. With `aikido-run --elastic` the membership comes from
-  /// the job's store; otherwise a static session around Peer::from_env(). Blocks until connected.
+  /// Joins the job its launcher describes in the environment. With `aikido-run --elastic` (AIKIDO_ELASTIC=1) the
+  /// membership comes from the job's store (AIKIDO_STORE or AIKIDO_STORE_ADDR); otherwise, and under torchrun,
+  /// mpirun, srun or Kubernetes, a static session around Peer::from_env(). Blocks until connected.
   static std::unique_ptr<ElasticSession> from_env();
   /// Joins with explicit settings (tests, other launchers). Finds this worker in the latest ClusterSpec; throws
   /// ConfigError when it is not a member.

@@ -44,6 +44,11 @@ EtcdOptions parse_etcd_url(std::string_view url);
 /// advised). Throws ConfigError when the file cannot be read or lacks a line.
 void read_etcd_credentials(const std::string& path, EtcdOptions& options);
 
+/// Options for `url` (parse_etcd_url) with the TLS files and credentials of AIKIDO_STORE_CA, AIKIDO_STORE_CERT,
+/// AIKIDO_STORE_KEY and AIKIDO_STORE_CREDENTIALS; calls give up after `timeout` without an answer. This is what
+/// connect_store("etcd://...") and ElasticSession::from_env() use.
+EtcdOptions etcd_options_from_env(std::string_view url, std::chrono::milliseconds timeout);
+
 /// An aikido::Store kept in etcd under options.prefix: set is a put, compare_and_set a transaction on the value,
 /// and wait() a watch of the key (no polling). Thread safe; every call may block up to options.unavailable_timeout
 /// while etcd is away.

@@ -105,7 +105,13 @@ struct Request {
 /// lost peer every later collective fails at once with PeerLostError.
 class Peer {
  public:
-  /// Joins the cluster described by the AIKIDO_* environment that `aikido-run` sets. Without it, a 1-rank peer.
+  /// Joins the cluster its launcher describes in the environment: aikido-run's AIKIDO_* variables, or those of
+  /// torchrun, OpenMPI's mpirun, PMIx/PMI, Slurm's srun, or RANK and WORLD_SIZE (Kubeflow); without any, a 1-rank
+  /// peer. Started by another launcher, rank 0 serves the job's store (at MASTER_ADDR:MASTER_PORT unless
+  /// AIKIDO_STORE names one) for as long as its Peer lives, and the other ranks wait for it; returns on every rank
+  /// once all have joined. Throws ConfigError naming the variable to fix (malformed or contradictory launcher
+  /// variables, no job secret for several ranks, no store address, a loopback address across hosts); see
+  /// src/base/launcher_env.hpp and the README's "Started by other launchers".
   static Peer from_env();
   /// Joins the cluster described by `config`; blocks until every rank has connected (or config.timeout).
   static Peer create(const PeerConfig& config);

@@ -2,9 +2,11 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace aikido {
 
@@ -30,5 +32,23 @@ std::shared_ptr<Store> make_memory_store();
 /// Client of the store served by `aikido-run` (address "host:port"); every connection proves knowledge of `secret`.
 std::shared_ptr<Store> connect_tcp_store(const std::string& address, const std::string& secret,
                                          std::chrono::milliseconds timeout);
+
+/// Opens the store a URL names: "SCHEME://ADDRESS". Built in: tcp://HOST:PORT, the store that aikido-run (or rank 0
+/// of a job started by another launcher) serves; every connection proves knowledge of `secret`. Other schemes
+/// (etcd://H1:P1,H2:P2) are those registered with register_store_scheme. Waits up to `timeout` for the store to
+/// come up (a server that refuses connections, a host name that does not resolve yet) before TimeoutError.
+/// Throws ConfigError for a malformed URL or an unknown scheme (the message lists the known ones), AuthError when
+/// the store rejects the secret. Thread safe.
+std::shared_ptr<Store> connect_store(const std::string& url, const std::string& secret,
+                                     std::chrono::milliseconds timeout);
+
+/// Opens a store of one scheme: called with the whole URL, the secret and the timeout of connect_store.
+using StoreConnector = std::function<std::shared_ptr<Store>(const std::string& url, const std::string& secret,
+                                                            std::chrono::milliseconds timeout)>;
+/// Makes connect_store open URLs of `scheme` ("etcd") with `connector`, replacing an earlier registration of the
+/// same scheme. Thread safe; register before the first connect_store that needs it.
+void register_store_scheme(const std::string& scheme, StoreConnector connector);
+/// The schemes connect_store knows, sorted.
+std::vector<std::string> store_schemes();
 
 }  // namespace aikido

@@ -11,13 +11,30 @@
 //                           integration may change the thread count when an elastic job's size changes
 //   AIKIDO_HOST             identity of this worker's host                         (default: gethostname())
 //   AIKIDO_STORE_ADDR       "host:port" of the rendezvous store served by aikido-run (required when size > 1)
+//   AIKIDO_STORE            URL of the job's store, which takes precedence over AIKIDO_STORE_ADDR: tcp://HOST:PORT,
+//                           or etcd://H1:P1[,H2:P2] (etcds:// for TLS) (default: AIKIDO_STORE_ADDR;
+//                           started by other launchers, rank 0 serves one at MASTER_ADDR: src/base/launcher_env.hpp)
+//   AIKIDO_STORE_CA         etcd's TLS: the CA file that signed the servers' certificates     (default: none)
+//   AIKIDO_STORE_CERT       etcd's TLS: this client's certificate file, with AIKIDO_STORE_KEY (default: none)
+//   AIKIDO_STORE_KEY        etcd's TLS: the key of AIKIDO_STORE_CERT                          (default: none)
+//   AIKIDO_STORE_CREDENTIALS  etcd's authentication: a file of "user=NAME" and "password=SECRET" lines (default: none)
+//   AIKIDO_STORE_PORT       port of the store rank 0 serves when started by other launchers (default: MASTER_PORT,
+//                           else derived from the launcher's job id)
 //   AIKIDO_SECRET           the job secret, hex; every connection proves it knows it (required when size > 1)
-//   AIKIDO_JOB_ID           prefix of store keys and socket names                  (default "aikido")
+//   AIKIDO_SECRET_FILE      a file whose first line is the job secret, read when AIKIDO_SECRET is unset; every
+//                           worker must be able to read it (make one: openssl rand -hex 32 > FILE)
+//   AIKIDO_JOB_ID           prefix of store keys and socket names (default: the job id of the launcher that started
+//                           the workers, when not aikido-run: Slurm's, OpenMPI's...; else "aikido")
 //   AIKIDO_CLUSTER_VERSION  version of the cluster membership                      (default 0)
 //   AIKIDO_TOPOLOGY         ring | tree | star | hierarchical                     (default ring)
 //   AIKIDO_TRANSPORT        auto | tcp | unix (auto: shared memory when all ranks share a host) (default auto)
 //   AIKIDO_TIMEOUT          deadline of each collective, in seconds                (default 60)
-//   AIKIDO_BIND_ADDRESS     address TCP listeners bind to                          (default 127.0.0.1)
+//   AIKIDO_BIND_ADDRESS     address TCP listeners bind to and advertise (default: 127.0.0.1 when every worker is on
+//                           one host; otherwise the address of AIKIDO_IFACE, or of the interface that routes to the
+//                           store's host)
+//   AIKIDO_IFACE            the interface whose first IPv4 address TCP listeners use, in NCCL_SOCKET_IFNAME's forms:
+//                           eth0 or eth (name prefixes, comma-separated), =eth0 (exact), ^lo,docker (all but these)
+//                           (default: unset; set at most one of AIKIDO_IFACE and AIKIDO_BIND_ADDRESS)
 //   AIKIDO_SEGMENT_BYTES    pipelining segment size in bytes                       (default 1048576)
 //   AIKIDO_LOG_LEVEL        error | warn | info | debug                            (default warn)
 //   AIKIDO_METRICS_INTERVAL seconds between publications of a worker's training metrics to the store, for
@@ -45,13 +62,21 @@ inline constexpr const char* kLocalCpus = "AIKIDO_LOCAL_CPUS";
 inline constexpr const char* kAutoThreads = "AIKIDO_AUTO_THREADS";
 inline constexpr const char* kHost = "AIKIDO_HOST";
 inline constexpr const char* kStoreAddr = "AIKIDO_STORE_ADDR";
+inline constexpr const char* kStore = "AIKIDO_STORE";
+inline constexpr const char* kStorePort = "AIKIDO_STORE_PORT";
+inline constexpr const char* kStoreCa = "AIKIDO_STORE_CA";
+inline constexpr const char* kStoreCert = "AIKIDO_STORE_CERT";
+inline constexpr const char* kStoreKey = "AIKIDO_STORE_KEY";
+inline constexpr const char* kStoreCredentials = "AIKIDO_STORE_CREDENTIALS";
 inline constexpr const char* kSecret = "AIKIDO_SECRET";
+inline constexpr const char* kSecretFile = "AIKIDO_SECRET_FILE";
 inline constexpr const char* kJobId = "AIKIDO_JOB_ID";
 inline constexpr const char* kClusterVersion = "AIKIDO_CLUSTER_VERSION";
 inline constexpr const char* kTopology = "AIKIDO_TOPOLOGY";
 inline constexpr const char* kTransport = "AIKIDO_TRANSPORT";
 inline constexpr const char* kTimeout = "AIKIDO_TIMEOUT";
 inline constexpr const char* kBindAddress = "AIKIDO_BIND_ADDRESS";
+inline constexpr const char* kIface = "AIKIDO_IFACE";
 inline constexpr const char* kSegmentBytes = "AIKIDO_SEGMENT_BYTES";
 inline constexpr const char* kTcpCongestion = "AIKIDO_TCP_CONGESTION";  // "system": the kernel's default
 inline constexpr const char* kLogLevel = "AIKIDO_LOG_LEVEL";

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <mutex>
 
+#include "base/env.hpp"
 #include "base/error.hpp"
 #include "elastic/etcd_client.hpp"
 #include "elastic/proposal.hpp"
@@ -59,6 +60,16 @@ void read_etcd_credentials(const std::string& path, EtcdOptions& options) {
   }
   options.user = std::move(user);
   options.password = std::move(password);
+}
+
+EtcdOptions etcd_options_from_env(std::string_view url, std::chrono::milliseconds timeout) {
+  EtcdOptions options = parse_etcd_url(url);
+  if (auto ca = env::get(env::kStoreCa)) options.ca_file = *ca;
+  if (auto cert = env::get(env::kStoreCert)) options.cert_file = *cert;
+  if (auto key = env::get(env::kStoreKey)) options.key_file = *key;
+  if (auto file = env::get(env::kStoreCredentials)) read_etcd_credentials(*file, options);
+  options.unavailable_timeout = timeout;
+  return options;
 }
 
 namespace {
@@ -195,6 +206,17 @@ class EtcdMembership final : public MembershipStore {
   std::unique_ptr<EtcdWatch> watch_;
   std::optional<ClusterSpec> known_;
 };
+
+// connect_store("etcd://...") and ("etcds://..."): the secret is not needed, since etcd has its own TLS and
+// authentication, and nothing secret is written to it.
+const bool kSchemesRegistered = [] {
+  for (const char* scheme : {"etcd", "etcds"}) {
+    register_store_scheme(scheme, [](const std::string& url, const std::string&, std::chrono::milliseconds timeout) {
+      return connect_etcd_store(etcd_options_from_env(url, timeout));
+    });
+  }
+  return true;
+}();
 
 }  // namespace
 

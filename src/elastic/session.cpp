@@ -22,6 +22,7 @@
 
 #include <aikido/elastic.hpp>
 #include <aikido/errors.hpp>
+#include <aikido/etcd.hpp>
 #include <algorithm>
 #include <array>
 #include <cerrno>
@@ -31,6 +32,7 @@
 #include "base/bytes.hpp"
 #include "base/env.hpp"
 #include "base/error.hpp"
+#include "base/launcher_env.hpp"
 #include "base/log.hpp"
 #include "base/thread.hpp"
 #include "runtime/peer_env.hpp"
@@ -91,15 +93,26 @@ std::unique_ptr<ElasticSession> ElasticSession::from_env() {
   }
   PeerConfig& c = config.peer;
   detail::read_peer_env(c);
-  const auto address = env::get(env::kStoreAddr);
-  if (!address)
-    throw ConfigError(
-        str_cat(env::kElastic, "=1 but ", env::kStoreAddr, " is not set; start workers with aikido-run --elastic"));
+  const env::Lookup lookup = env::process_lookup();
+  if (!lookup(env::kStore) && !lookup(env::kStoreAddr)) {
+    throw ConfigError(str_cat(env::kElastic, "=1 but neither ", env::kStore, " nor ", env::kStoreAddr,
+                              " is set: an elastic job's membership lives in the store its launcher publishes it in; "
+                              "start workers with aikido-run --elastic"));
+  }
+  const env::LaunchInfo launch = env::detect_launch(lookup);
+  c.bind_address = detail::choose_bind_address(lookup, launch);
   // Three connections: rendezvous and proposals, the watcher's blocking waits, the heartbeat.
-  c.store = connect_tcp_store(*address, c.secret, c.timeout);
-  config.membership = make_membership_store(c.store, c.job_id);
-  config.watch_membership = make_membership_store(connect_tcp_store(*address, c.secret, c.timeout), c.job_id);
-  config.status_store = connect_tcp_store(*address, c.secret, c.timeout);
+  c.store = connect_store(launch.store_url, c.secret, c.timeout);
+  config.status_store = connect_store(launch.store_url, c.secret, c.timeout);
+  if (launch.store_url.starts_with("etcd")) {
+    // Jobs across hosts: the membership is one etcd key changed by transactions and followed by a watch stream.
+    const EtcdOptions etcd = etcd_options_from_env(launch.store_url, c.timeout);
+    config.membership = make_etcd_membership(etcd, c.job_id);
+    config.watch_membership = make_etcd_membership(etcd, c.job_id);
+  } else {
+    config.membership = make_membership_store(c.store, c.job_id);
+    config.watch_membership = make_membership_store(connect_store(launch.store_url, c.secret, c.timeout), c.job_id);
+  }
   config.worker_id = std::uint64_t(env::get_int(env::kWorkerId, env::get_int(env::kRank, 0, 0, 1 << 30), 0, INT64_MAX));
   if (auto path = env::get(env::kCheckpoint)) config.checkpoint_path = *path;
   if (auto path = env::get(env::kResume)) config.resume_path = *path;

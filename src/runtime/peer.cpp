@@ -7,20 +7,24 @@
 #include <fstream>
 #include <future>
 #include <map>
+#include <optional>
 #include <sstream>
 
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/log.hpp"
 #include "base/sha256.hpp"
+#include "runtime/endpoint.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/peer_env.hpp"
 #include "runtime/shm_collectives.hpp"
 #include "transport/handshake.hpp"
+#include "transport/interfaces.hpp"
 #include "transport/shm_segment.hpp"
 
 namespace aikido {
 
+using detail::Endpoint;
 using detail::str_cat;
 using transport::Address;
 using transport::Clock;
@@ -72,33 +76,6 @@ void tune_data_socket(transport::Socket& socket, const PeerConfig& config) {
   if (const int err = transport::set_congestion_control(socket.fd(), config.tcp_congestion)) {
     log::warn("cannot set TCP congestion control ", config.tcp_congestion, ": ", std::strerror(err));
   }
-}
-
-// What each rank publishes at rendezvous: "host=H\ntcp=ADDR\nunix=ADDR\n".
-struct Endpoint {
-  std::string host;
-  std::string tcp;
-  std::string unix_path;
-};
-
-std::string encode(const Endpoint& e) { return "host=" + e.host + "\ntcp=" + e.tcp + "\nunix=" + e.unix_path + "\n"; }
-
-Endpoint decode(const std::string& text, int rank) {
-  Endpoint e;
-  std::istringstream in(text);
-  std::string line;
-  while (std::getline(in, line)) {
-    const auto eq = line.find('=');
-    if (eq == std::string::npos) continue;
-    const std::string key = line.substr(0, eq), value = line.substr(eq + 1);
-    if (key == "host") e.host = value;
-    if (key == "tcp") e.tcp = value;
-    if (key == "unix") e.unix_path = value;
-  }
-  if (e.host.empty() || (e.tcp.empty() && e.unix_path.empty())) {
-    throw ProtocolError(str_cat("rank ", rank, " published an unreadable address record: '", text, "'"));
-  }
-  return e;
 }
 
 constexpr std::chrono::milliseconds kCancelSlice{100};
@@ -248,6 +225,7 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
   std::vector<transport::Listener*> listeners;
   Endpoint mine;
   mine.host = config.host;
+  mine.network = transport::network_id();
   if (config.transport != TransportKind::unix_socket) {
     tcp = transport::Listener::bind_tcp(config.bind_address, 0);
     mine.tcp = tcp.address().to_string();
@@ -261,7 +239,7 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
     listeners.push_back(&unix_listener);
   }
   const std::string prefix = str_cat(config.job_id, "/v", config.cluster_version, "/endpoint/");
-  config.store->set(prefix + std::to_string(config.rank), encode(mine));
+  config.store->set(prefix + std::to_string(config.rank), detail::encode_endpoint(mine));
 
   std::vector<Endpoint> endpoints(std::size_t(config.size));
   for (int p = 0; p < config.size; ++p) {
@@ -287,8 +265,9 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
                                    " s (AIKIDO_TIMEOUT); is it running?"));
       }
     }
-    endpoints[std::size_t(p)] = decode(record, p);
+    endpoints[std::size_t(p)] = detail::decode_endpoint(record, p);
   }
+  detail::check_reachable(config, endpoints);
 
   std::map<std::string, int> host_index;
   info.host_of_rank.resize(std::size_t(config.size));
@@ -343,40 +322,29 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
 
 }  // namespace
 
-namespace detail {
-
-void read_peer_env(PeerConfig& config) {
-  if (auto host = env::get(env::kHost)) config.host = *host;
-  if (auto secret = env::get(env::kSecret)) config.secret = *secret;
-  if (auto job = env::get(env::kJobId)) config.job_id = *job;
-  if (auto t = env::get(env::kTopology)) config.topology = parse_topology(*t);
-  if (auto t = env::get(env::kTransport)) config.transport = parse_transport(*t);
-  config.timeout = env::get_seconds(env::kTimeout, env::kDefaultTimeout);
-  if (auto a = env::get(env::kBindAddress)) config.bind_address = *a;
-  config.segment_bytes =
-      std::size_t(env::get_int(env::kSegmentBytes, std::int64_t(config.segment_bytes), 8, std::int64_t(1) << 40));
-  if (auto cc = env::get(env::kTcpCongestion)) config.tcp_congestion = *cc == "system" ? "" : *cc;
-}
-
-}  // namespace detail
-
 Peer Peer::create(const PeerConfig& input) { return Peer(connect_engine(input)); }
 
 Peer Peer::from_env() {
-  PeerConfig config;
-  config.rank = int(env::get_int(env::kRank, 0, 0, 1 << 20));
-  config.size = int(env::get_int(env::kSize, 1, 1, 1 << 20));
-  config.cluster_version = std::uint64_t(env::get_int(env::kClusterVersion, 0, 0, INT64_MAX));
-  detail::read_peer_env(config);
-  if (config.size > 1) {
-    auto address = env::get(env::kStoreAddr);
-    if (!address) {
-      throw ConfigError(str_cat(env::kSize, "=", config.size, " but ", env::kStoreAddr,
-                                " is not set; start workers with aikido-run"));
-    }
-    config.store = connect_tcp_store(*address, config.secret, config.timeout);
+  env::LaunchInfo launch;
+  const PeerConfig config = detail::peer_config_from_env(launch);
+  const bool store_of_rank0 = launch.rank0_serves_store && config.size > 1;
+  std::optional<Peer> joined;
+  try {
+    joined.emplace(create(config));
+  } catch (const Error&) {
+    if (store_of_rank0) detail::leave_failed_rendezvous(config);
+    throw;
   }
-  return create(config);
+  Peer& peer = *joined;
+  // Rank 0's store goes with its Peer. Other ranks read it until their create() returns (the shared-memory setup
+  // waits for every rank's answer), so no rank leaves here before all have joined.
+  if (store_of_rank0) peer.barrier("aikido/from_env/joined");
+  if (launch.local_size && *launch.local_size != peer.local_size()) {
+    log::warn("rank ", peer.rank(), ": ", env::launcher_name(launch.launcher), " places ", *launch.local_size,
+              " workers on this host, but ", peer.local_size(), " rank(s) gave the host id '", peer.config().host,
+              "'; same-host paths follow the host id: set ", env::kHost, " where host names do not tell hosts apart");
+  }
+  return std::move(peer);
 }
 
 int Peer::rank() const { return engine_->config().rank; }

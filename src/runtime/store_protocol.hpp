@@ -1,4 +1,4 @@
-// Wire protocol of the rendezvous store that aikido-run serves (src/elastic/store_server.*) and workers use
+// Wire protocol of the rendezvous store that aikido-run serves (src/runtime/store_server.*) and workers use
 // (src/runtime/tcp_store.cpp).
 //
 // A connection starts with the handshake of transport/handshake.hpp on Channel::store; nothing below is parsed

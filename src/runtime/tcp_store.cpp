@@ -1,4 +1,5 @@
-// Client of the rendezvous store served by aikido-run (protocol: runtime/store_protocol.hpp).
+// Client of the rendezvous store served by aikido-run or by rank 0 (protocol: runtime/store_protocol.hpp; server:
+// runtime/store_server.hpp).
 #include <aikido/errors.hpp>
 #include <aikido/store.hpp>
 #include <mutex>
@@ -126,9 +127,13 @@ class TcpStore final : public Store {
       transport::handshake_connect(socket, secret_, transport::Channel::store, 0, -1, timeout_);
       socket_ = std::move(socket);
     } catch (const AuthError& e) {
-      throw AuthError(str_cat(context, e.what(), "; use the AIKIDO_SECRET that aikido-run gave this job"));
+      throw AuthError(str_cat(context, e.what(),
+                              "; every worker needs the job's secret (AIKIDO_SECRET or AIKIDO_SECRET_FILE; aikido-run "
+                              "gives its workers one)"));
     } catch (const TimeoutError& e) {
-      throw TimeoutError(str_cat(context, e.what(), "; check AIKIDO_STORE_ADDR and that aikido-run is still running"));
+      throw TimeoutError(str_cat(context, e.what(),
+                                 "; check the store's address (AIKIDO_STORE_ADDR, AIKIDO_STORE, or MASTER_ADDR and "
+                                 "MASTER_PORT) and that its server (aikido-run, or rank 0) is still running"));
     } catch (const Error&) {
       rethrow_with_context(context);
     }

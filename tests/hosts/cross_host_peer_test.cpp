@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "elastic/store_server.hpp"
 #include "emulated_hosts.hpp"
+#include "runtime/store_server.hpp"
 
 namespace aikido::testing {
 namespace {

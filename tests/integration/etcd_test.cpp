@@ -4,6 +4,8 @@
 
 #include <aikido/errors.hpp>
 #include <aikido/etcd.hpp>
+#include <aikido/peer.hpp>
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <fstream>
@@ -325,6 +327,35 @@ TEST_F(EtcdTest, AuthenticationWithUserAndPassword) {
   }
   std::ofstream(file) << "user=trainer\n";
   EXPECT_THROW(read_etcd_credentials(file, o), ConfigError);
+}
+
+TEST_F(EtcdTest, PeersMeetThroughAnEtcdUrl) {
+  // connect_store knows etcd:// once the library is loaded: ranks rendezvous through etcd like through aikido-run's
+  // store, and the job's keys stay under the prefix.
+  const auto schemes = store_schemes();
+  EXPECT_NE(std::find(schemes.begin(), schemes.end(), "etcd"), schemes.end());
+  constexpr int kRanks = 3;
+  std::vector<std::thread> ranks;
+  std::vector<float> sums(kRanks, -1);
+  for (int r = 0; r < kRanks; ++r) {
+    ranks.emplace_back([&, r] {
+      PeerConfig c;
+      c.rank = r;
+      c.size = kRanks;
+      c.secret = "00112233445566778899aabbccddeeff";
+      c.job_id = "etcd-peers";
+      c.timeout = 20s;
+      c.store = connect_store(server_->url(), c.secret, c.timeout);
+      Peer peer = Peer::create(c);
+      std::vector<float> x(1000, float(r + 1));
+      peer.allreduce(std::span<float>(x), ReduceOp::sum, "x");
+      sums[std::size_t(r)] = x[999];
+    });
+  }
+  for (auto& t : ranks) t.join();
+  EXPECT_EQ(sums, std::vector<float>(kRanks, 6.0f));
+  EtcdOptions o = parse_etcd_url(server_->url());
+  EXPECT_FALSE(elastic::EtcdClient(o).range("etcd-peers/", true).kvs.empty());
 }
 
 TEST(EtcdCluster, OneMemberOfThreeDownChangesNothingForClients) {

@@ -9,7 +9,7 @@
 #include <thread>
 #include <vector>
 
-#include "elastic/store_server.hpp"
+#include "runtime/store_server.hpp"
 #include "runtime/store_protocol.hpp"
 #include "transport/handshake.hpp"
 #include "transport/socket.hpp"

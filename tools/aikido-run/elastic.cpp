@@ -11,7 +11,7 @@
 
 #include "base/env.hpp"
 #include "base/error.hpp"
-#include "elastic/store_server.hpp"
+#include "runtime/store_server.hpp"
 #include "output.hpp"
 #include "transport/socket.hpp"
 

@@ -19,7 +19,7 @@
 #include "base/env.hpp"
 #include "base/sha256.hpp"
 #include "elastic.hpp"
-#include "elastic/store_server.hpp"
+#include "runtime/store_server.hpp"
 #include "metrics_exporter.hpp"
 #include "options.hpp"
 #include "output.hpp"

@@ -1,4 +1,6 @@
-// The rendezvous store that aikido-run serves to its workers (client: aikido::connect_tcp_store).
+// The embedded rendezvous store: served by aikido-run to its workers, and by rank 0 of a job that another launcher
+// (torchrun, mpirun, srun, Kubernetes) started, which is why it lives in the runtime layer. Client:
+// aikido::connect_tcp_store (src/runtime/tcp_store.cpp), or aikido::connect_store with a tcp:// URL.
 #pragma once
 
 #include <condition_variable>
@@ -18,6 +20,7 @@ namespace aikido {
 class Store;
 }
 
+// Declared in aikido::elastic, the namespace its launcher-side users name it by.
 namespace aikido::elastic {
 
 /// A key-value store served over TCP with the protocol of runtime/store_protocol.hpp.
@@ -90,3 +93,14 @@ class StoreServer {
 };
 
 }  // namespace aikido::elastic
+
+namespace aikido::detail {
+
+/// Serves a store at `bind_host`:`port` (StoreServer) and returns this process's handle on it, which uses it without
+/// a connection. The handle owns the server: it serves as long as the handle or a copy of it lives, and stops (closing
+/// every client's connection) when the last one goes. Rank 0 of a job started by another launcher keeps its handle in
+/// PeerConfig::store, so the store lives as long as rank 0's Peer (and anything else holding its config, such as an
+/// ElasticSession); other ranks only need it while they join. Throws aikido::Error when the address cannot be bound.
+std::shared_ptr<Store> serve_store(const std::string& bind_host, int port, const std::string& secret);
+
+}  // namespace aikido::detail

@@ -1,4 +1,4 @@
-#include "elastic/store_server.hpp"
+#include "runtime/store_server.hpp"
 
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -333,3 +333,36 @@ std::string StoreServer::handle_cas(const std::string& key, const std::optional<
 }
 
 }  // namespace aikido::elastic
+
+namespace aikido::detail {
+namespace {
+
+// The handle serve_store() returns: the in-process store, and the server it belongs to.
+class ServedStore final : public Store {
+ public:
+  ServedStore(const std::string& bind_host, int port, const std::string& secret)
+      : server_(bind_host, port, secret), local_(server_.local_store()) {}
+  ~ServedStore() override { server_.stop(); }
+
+  void set(const std::string& key, const std::string& value) override { local_->set(key, value); }
+  std::optional<std::string> get(const std::string& key) override { return local_->get(key); }
+  std::string wait(const std::string& key, std::chrono::milliseconds timeout) override {
+    return local_->wait(key, timeout);
+  }
+  std::optional<std::string> compare_and_set(const std::string& key, const std::optional<std::string>& expected,
+                                             const std::string& desired) override {
+    return local_->compare_and_set(key, expected, desired);
+  }
+
+ private:
+  elastic::StoreServer server_;
+  std::shared_ptr<Store> local_;  // refers to server_
+};
+
+}  // namespace
+
+std::shared_ptr<Store> serve_store(const std::string& bind_host, int port, const std::string& secret) {
+  return std::make_shared<ServedStore>(bind_host, port, secret);
+}
+
+}  // namespace aikido::detail
