@@ -23,6 +23,8 @@ set -euo pipefail
 readonly bridge=aikido-br
 readonly bridge_address=198.18.0.1
 readonly prefix=aikido-h
+# Who made the hosts now present (up --owner PID writes it): a watchdog removes only the hosts of its own owner.
+readonly owner_file=/run/aikido-hosts.owner
 
 die() {
   echo "hosts.sh: $*" >&2
@@ -54,6 +56,7 @@ down() {
     ip netns del "$ns" 2>/dev/null || true
   done
   ip link del "$bridge" 2>/dev/null || true
+  rm -f "$owner_file"
   # veth ends left in the root namespace vanish with their peers; remove strays all the same.
   for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep "^${prefix}[0-9]*-br$" || true); do
     ip link del "$link" 2>/dev/null || true
@@ -64,6 +67,7 @@ up() {
   local n=$1 owner=${2:-}
   [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 200 ] || die "up N: N must be 1..200, not '$n'"
   down
+  echo "${owner:-none}" >"$owner_file"
   ip link add "$bridge" type bridge
   ip addr add "$bridge_address/24" dev "$bridge"
   ip link set "$bridge" up
@@ -79,8 +83,10 @@ up() {
     ip netns exec "$ns" ip route add default via "$bridge_address" dev eth0
   done
   if [ -n "$owner" ]; then
-    # Removes the hosts once the owner has gone, however it ended. Detached, so that it outlives this script.
-    setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 0.5; done; '$0' down" </dev/null >/dev/null 2>&1 &
+    # Removes the hosts once the owner has gone, however it ended, unless another owner has made hosts since.
+    # Detached, so that it outlives this script.
+    setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 0.5; done
+      [ \"\$(cat $owner_file 2>/dev/null)\" = $owner ] && '$0' down" </dev/null >/dev/null 2>&1 &
   fi
 }
 

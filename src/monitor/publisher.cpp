@@ -67,11 +67,18 @@ struct MetricsPublisher::State {
 
 std::unique_ptr<MetricsPublisher> MetricsPublisher::from_env(int rank) {
   if (!env::get(env::kMetricsInterval)) return nullptr;
-  const auto address = env::get(env::kStoreAddr);
-  if (!address) return nullptr;
+  // The job's store: etcd in a job across hosts (AIKIDO_STORE), else the one aikido-run serves.
+  std::string url;
+  if (auto store_url = env::get(env::kStore)) {
+    url = *store_url;
+  } else if (auto address = env::get(env::kStoreAddr)) {
+    url = "tcp://" + *address;
+  } else {
+    return nullptr;
+  }
   const auto interval = env::get_seconds(env::kMetricsInterval, std::chrono::milliseconds(1000));
-  auto store = connect_tcp_store(*address, env::get(env::kSecret).value_or(""),
-                                 env::get_seconds(env::kTimeout, env::kDefaultTimeout));
+  auto store =
+      connect_store(url, env::get(env::kSecret).value_or(""), env::get_seconds(env::kTimeout, env::kDefaultTimeout));
   return std::make_unique<MetricsPublisher>(std::move(store), env::get(env::kJobId).value_or("aikido"), rank, interval);
 }
 
