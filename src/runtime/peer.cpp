@@ -346,6 +346,7 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
 namespace detail {
 
 void read_peer_env(PeerConfig& config) {
+  env::check_environment();  // every AIKIDO_* setting, also those read later or elsewhere (log level, metrics)
   if (auto host = env::get(env::kHost)) config.host = *host;
   if (auto secret = env::get(env::kSecret)) config.secret = *secret;
   if (auto job = env::get(env::kJobId)) config.job_id = *job;

@@ -9,6 +9,7 @@
 //   partial             prints a line without its newline and exits
 //   lines N             prints N numbered lines as fast as it can, on stdout
 //   store               rendezvous through the store of aikido-run: every rank sets a key, waits for all others
+//   peer                opens a Peer from the environment (Peer::from_env) and prints "peer of N ranks"
 #include <signal.h>
 #include <unistd.h>
 
@@ -131,6 +132,11 @@ int main(int argc, char** argv) {
     }
     if (mode == "lines" && argc >= 3) return mode_lines(std::atoi(argv[2]));
     if (mode == "store") return mode_store();
+    if (mode == "peer") {
+      aikido::Peer peer = aikido::Peer::from_env();
+      std::printf("peer of %d ranks\n", peer.size());
+      return 0;
+    }
   } catch (const aikido::Error& e) {
     std::fprintf(stderr, "launcher_fixture: %s\n", e.what());
     return 70;

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <regex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "subprocess.hpp"
@@ -68,6 +69,7 @@ TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
       {{"-np", "2", "--transport=carrier-pigeon", kFixture}, "unknown transport 'carrier-pigeon'"},
       {{"-np", "2", "--timeout", "-1", kFixture}, "--timeout '-1' is not a positive number"},
       {{"-np", "2", "--segment-bytes", "lots", kFixture}, "--segment-bytes 'lots'"},
+      {{"-np", "2", "--segment-bytes", "4", kFixture}, "--segment-bytes '4' is not a number of bytes from 8"},
       {{"-np", "2"}, "missing PROGRAM"},
       {{"-np", "2", "aikido-no-such-program"}, "program 'aikido-no-such-program' not found in PATH"},
       {{"-np", "2", "./aikido-no-such-program"}, "program './aikido-no-such-program' does not exist"},
@@ -97,6 +99,43 @@ TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
         << r.describe();
     EXPECT_TRUE(r.out.empty()) << r.describe();
   }
+}
+
+// Settings that workers would inherit are checked like the flags, before any worker starts: a worker that met them
+// would fail (or, for AIKIDO_LOG_LEVEL, ignore them) on its own.
+TEST(LauncherTest, BadSettingsInTheEnvironmentExitWithStatus2) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"AIKIDO_TIMEOUT=abc", "AIKIDO_TIMEOUT='abc' is not a positive number of seconds"},
+      {"AIKIDO_LOG_LEVEL=verbose", "AIKIDO_LOG_LEVEL='verbose' is not error, warn, info or debug"},
+      {"AIKIDO_SEGMENT_BYTES=4", "AIKIDO_SEGMENT_BYTES='4' is not an integer in [8, "},
+      {"AIKIDO_TRANSPORT=pigeon", "AIKIDO_TRANSPORT='pigeon': unknown transport 'pigeon'"},
+      {"AIKIDO_METRICS_INTERVAL=often", "AIKIDO_METRICS_INTERVAL='often' is not a positive number of seconds"},
+      {"AIKIDO_LOCAL_CPUS=all", "AIKIDO_LOCAL_CPUS='all' is not an integer"},
+  };
+  for (const auto& [setting, message] : cases) {
+    const auto r = run_process(launch({"-np", "2", kFixture, "env"}), kBound, Subprocess::Options{{setting}, ""});
+    EXPECT_TRUE(r.exited && r.exit_code == 2) << setting << "\n" << r.describe();
+    EXPECT_NE(r.err.find("aikido-run: " + message), std::string::npos) << setting << "\n" << r.describe();
+    EXPECT_TRUE(r.out.empty()) << "a worker started despite " << setting << "\n" << r.describe();
+  }
+  // A flag replaces the setting it overrides, and settings only aikido-run gives are not inherited: no error.
+  const auto r = run_process(launch({"-np", "1", "--timeout", "5", kFixture, "env"}), kBound,
+                             Subprocess::Options{{"AIKIDO_TIMEOUT=abc", "AIKIDO_ELASTIC=yes"}, ""});
+  EXPECT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.out.find("timeout=5 "), std::string::npos) << r.describe();
+}
+
+// Started by other means (mpirun, by hand), a worker refuses bad settings itself, when it creates its Peer, with the
+// same message.
+TEST(LauncherTest, AWorkerRefusesBadSettingsWhenItCreatesItsPeer) {
+  auto r = run_process({kFixture, "peer"}, kBound, Subprocess::Options{{"AIKIDO_LOG_LEVEL=verbose"}, ""});
+  EXPECT_TRUE(r.exited && r.exit_code == 70) << r.describe();
+  EXPECT_NE(r.err.find("AIKIDO_LOG_LEVEL='verbose' is not error, warn, info or debug; fix or unset it"),
+            std::string::npos)
+      << r.describe();
+  r = run_process({kFixture, "peer"}, kBound, Subprocess::Options{{"AIKIDO_LOG_LEVEL=debug"}, ""});
+  EXPECT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(r.out, "peer of 1 ranks\n") << r.describe();
 }
 
 TEST(LauncherTest, SetsTheEnvironmentAndPrefixesLines) {

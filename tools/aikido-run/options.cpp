@@ -12,6 +12,8 @@
 #include <cstring>
 #include <string_view>
 
+#include "base/env.hpp"
+
 namespace aikido::run {
 namespace {
 
@@ -52,8 +54,9 @@ std::string check_seconds(const std::string& value, const std::string& flag = "-
 }
 
 std::string check_segment_bytes(const std::string& value) {
-  if (!integer_in(value, 1, 1ll << 40)) {
-    throw UsageError("aikido-run: --segment-bytes '" + value + "' is not a positive number of bytes");
+  if (!integer_in(value, env::kMinSegmentBytes, env::kMaxSegmentBytes)) {
+    throw UsageError("aikido-run: --segment-bytes '" + value + "' is not a number of bytes from " +
+                     std::to_string(env::kMinSegmentBytes) + " to " + std::to_string(env::kMaxSegmentBytes));
   }
   return value;
 }
@@ -132,7 +135,8 @@ options:
   --                    end of options (use when PROGRAM starts with '-')
 
 Options take their value as the next argument or after '=' (--timeout=5). Options not given on the command line
-pass through from aikido-run's own environment (AIKIDO_TOPOLOGY, AIKIDO_TIMEOUT, ...).
+pass through from aikido-run's own environment (AIKIDO_TOPOLOGY, AIKIDO_TIMEOUT, AIKIDO_LOG_LEVEL, ...); aikido-run
+checks them like the options and exits with status 2, starting no worker, when one has a bad value.
 
 Each worker gets AIKIDO_RANK, AIKIDO_SIZE, AIKIDO_LOCAL_RANK, AIKIDO_LOCAL_SIZE, AIKIDO_HOST, AIKIDO_STORE_ADDR,
 AIKIDO_SECRET (a fresh random job secret), AIKIDO_JOB_ID (a fresh random id) and AIKIDO_CLUSTER_VERSION=0.
