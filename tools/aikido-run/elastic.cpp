@@ -134,7 +134,10 @@ void ElasticController::reconcile(Supervisor& supervisor) {
   }
   const auto now = SteadyClock::now();
   for (std::uint64_t id : supervisor.running_workers()) {
-    if (spec->contains(id)) continue;
+    if (spec->contains(id)) {
+      supervisor.set_rank(id, spec->rank_of(id));  // its output lines name its rank in the newest version
+      continue;
+    }
     auto [it, fresh] = removed_since_.emplace(id, now);
     if (!fresh && now - it->second >= kLeaveGrace) {
       report("aikido-run: worker " + std::to_string(id) +

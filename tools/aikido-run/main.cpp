@@ -29,12 +29,19 @@
 namespace aikido::run {
 namespace {
 
-constexpr std::chrono::milliseconds kGracePeriod{3000};
-
 std::string random_hex(std::size_t bytes) {
   std::vector<std::uint8_t> buffer(bytes);
   detail::random_bytes(buffer.data(), buffer.size());
   return detail::to_hex(buffer);
+}
+
+Supervisor::Config supervisor_config(const Options& options) {
+  Supervisor::Config config;
+  config.program_path = options.program_path;
+  config.argv = options.argv;
+  config.grace = std::chrono::milliseconds(std::int64_t(options.grace_period_s * 1000));
+  config.stdout_tty = options.stdout_tty;
+  return config;
 }
 
 // The control file tells aikido-ctl where the job's store is and proves it may talk to it: owner-only (0600).
@@ -56,7 +63,7 @@ int run_elastic_job(const Options& options, elastic::StoreServer& store, const s
                     const std::string& job_id, const JobEnvironment& job) {
   ElasticController controller(options, store, job_id, job.shared);
   if (!options.control_file.empty()) write_control_file(options.control_file, store.address(), secret, job_id);
-  Supervisor supervisor(options.program_path, options.argv, kGracePeriod);
+  Supervisor supervisor(supervisor_config(options));
   supervisor.set_controller(&controller);
   const int status = supervisor.run(controller.initial_workers());
   if (!options.control_file.empty()) ::unlink(options.control_file.c_str());
@@ -88,7 +95,7 @@ int run_static_job(const Options& options, const JobEnvironment& job) {
     worker.environment.push_back(std::string(env::kLocalRank) + "=" + std::to_string(rank));
     workers.push_back(std::move(worker));
   }
-  Supervisor supervisor(options.program_path, options.argv, kGracePeriod);
+  Supervisor supervisor(supervisor_config(options));
   return supervisor.run(workers);
 }
 
