@@ -28,13 +28,13 @@ const std::string kExample = EXAMPLE_PATH;
 const std::string kCtl = AIKIDO_CTL_PATH;
 constexpr auto kBound = 300s;
 
-// The JSON lines of rank `rank` ("[r] {...}").
+// The JSON lines of rank `rank` ("[r] {...}", or "[r|wID] {...}" from an elastic worker whose id differs).
 std::vector<nlohmann::json> epochs_of(const std::string& out, int rank) {
   std::vector<nlohmann::json> lines;
   std::istringstream in(out);
-  const std::string prefix = "[" + std::to_string(rank) + "] {";
+  const std::regex prefix("^\\[" + std::to_string(rank) + "(\\|w\\d+)?\\] \\{");
   for (std::string line; std::getline(in, line);) {
-    if (line.rfind(prefix, 0) == 0) lines.push_back(nlohmann::json::parse(line.substr(prefix.size() - 1)));
+    if (std::regex_search(line, prefix)) lines.push_back(nlohmann::json::parse(line.substr(line.find("] {") + 2)));
   }
   return lines;
 }
