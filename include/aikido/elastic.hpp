@@ -45,10 +45,17 @@ class MembershipStore {
 /// connection when the store serialises requests (the TCP client does).
 std::shared_ptr<MembershipStore> make_membership_store(std::shared_ptr<Store> store, std::string job_id);
 
-/// Key under which ElasticSession publishes a worker's status ("rank=R version=V step=S beat=N", and
-/// "state=left version=V step=S" once its session ends); aikido-run reads it to find workers that stopped responding
-/// and the version a finished worker last joined, and aikido-ctl to print the cluster.
+/// Key under which ElasticSession publishes a worker's status: "state=joining version=V beat=N" from the moment the
+/// session opens (before it publishes its rendezvous address) until it has joined, then "rank=R version=V step=S
+/// beat=N", and "state=left version=V step=S" once its session ends. aikido-run reads it to find workers that stopped
+/// responding, workers that never open a session, and the version a finished worker last joined; aikido-ctl to
+/// print the cluster.
 std::string worker_status_key(const std::string& job_id, std::uint64_t worker_id);
+
+/// Key under which aikido-run records that the job's program does not open an ElasticSession: "plain-peer MESSAGE"
+/// when a worker joined with a plain Peer, "silent MESSAGE" while a worker has not opened a session long after its
+/// start; empty or absent otherwise. aikido-ctl shows it and refuses to resize a job whose workers use plain Peers.
+std::string no_session_key(const std::string& job_id);
 
 /// Keys by which aikido-run asks for a checkpoint before it stops a job (SIGINT, SIGTERM): it writes a request id
 /// under checkpoint_request_key; rank 0's session writes its newest commit to ElasticConfig::checkpoint_path and
@@ -299,7 +306,8 @@ class ElasticSession {
 
   std::atomic<std::uint64_t> latest_seen_{0};
   std::atomic<std::int64_t> step_{-1};
-  std::atomic<int> status_rank_{0};
+  std::atomic<int> status_rank_{-1};  // -1 until connected to the first cluster version
+  std::uint64_t beat_ = 0;            // heartbeats published: the constructor's, then the heartbeat thread's
   std::atomic<std::uint64_t> status_version_{0};
   std::mutex thread_mutex_;
   std::condition_variable thread_wake_;

@@ -133,6 +133,10 @@ ElasticSession::ElasticSession(ElasticConfig config, std::unique_ptr<Peer> peer)
     alone.size = 1;
     alone.cancel = nullptr;
     peer_ = std::make_unique<Peer>(Peer::create(alone));
+    // The status key exists before this worker publishes its rendezvous address: aikido-run takes a worker whose
+    // address appears without it for a program that joined with a plain Peer instead of a session.
+    status_version_ = latest->version;
+    if (config_.status_store) publish_status();
     start_threads();
     try {
       ClusterSpec target = *latest;
@@ -219,15 +223,24 @@ void ElasticSession::watch_loop() {
   }
 }
 
+// "state=joining version=V ..." until the worker has connected to its first cluster version (status_rank_ < 0), then
+// "rank=R version=V step=S ..." (worker_status_key). Each value differs from the last (beat): aikido-run takes an
+// unchanged value for a hung worker.
+void ElasticSession::publish_status() {
+  const int rank = status_rank_.load();
+  const std::string value =
+      rank < 0 ? str_cat("state=joining version=", status_version_.load(), " beat=", beat_++, " pid=", ::getpid())
+               : str_cat("rank=", rank, " version=", status_version_.load(), " step=", step_.load(), " beat=", beat_++,
+                         " pid=", ::getpid());
+  config_.status_store->set(worker_status_key(config_.peer.job_id, config_.worker_id), value);
+}
+
 void ElasticSession::heartbeat_loop() {
   std::unique_lock<std::mutex> lock(thread_mutex_);
-  std::uint64_t beat = 0;
   while (!stopping_) {
-    const std::string value = str_cat("rank=", status_rank_.load(), " version=", status_version_.load(),
-                                      " step=", step_.load(), " beat=", beat++, " pid=", ::getpid());
     lock.unlock();
     try {
-      config_.status_store->set(worker_status_key(config_.peer.job_id, config_.worker_id), value);
+      publish_status();
       answer_checkpoint_request();
     } catch (const Error& e) {
       log::debug("worker ", config_.worker_id, ": heartbeat failed: ", e.what());

@@ -16,7 +16,8 @@
 //   peer-hold S         opens a plain Peer (Peer::from_env), prints "ready" and sleeps S seconds: a program that
 //                       never opens an ElasticSession, run under aikido-run --elastic
 //   session S [hold]    opens an ElasticSession, registers a counter, prints "ready" after its first sync and
-//                       commit, then syncs and commits every 20 ms for S seconds; with "hold" it ignores SIGTERM
+//                       commit, then syncs and commits every 20 ms for S seconds, printing "changed rank=R size=N
+//                       version=V" when the cluster changed; with "hold" it ignores SIGTERM
 #include <sched.h>
 #include <signal.h>
 #include <unistd.h>
@@ -133,7 +134,12 @@ int mode_session(int seconds, bool hold) {
   const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
   bool said = false;
   while (std::chrono::steady_clock::now() < end) {
-    if (session->sync(step) == aikido::SyncResult::removed) return 0;
+    const aikido::SyncResult result = session->sync(step);
+    if (result == aikido::SyncResult::removed) return 0;
+    if (result == aikido::SyncResult::changed) {
+      std::printf("changed rank=%d size=%d version=%llu\n", session->rank(), session->size(),
+                  static_cast<unsigned long long>(session->cluster_version()));
+    }
     ++step;
     session->commit();
     if (!said) {

@@ -450,6 +450,9 @@ TEST(LauncherTest, AnElasticJobStopsAtTheSecondSigintAndIsKilledAtTheThird) {
   ASSERT_TRUE(stderr_has(launcher, "asking rank 0 to write the last commit")) << launcher.wait(1s).describe();
   launcher.send_signal(SIGINT);
   ASSERT_TRUE(stderr_has(launcher, "received SIGINT again; stopping the workers now")) << launcher.wait(1s).describe();
+  ASSERT_TRUE(stderr_has(
+      launcher, "no checkpoint was written to " + checkpoint + ": rank 0 had not written it before the second signal"))
+      << launcher.wait(1s).describe();
   launcher.send_signal(SIGINT);
   const auto r = launcher.wait(kBound);
   ASSERT_FALSE(r.timed_out) << r.describe();

@@ -295,7 +295,12 @@ class Supervisor::Loop {
       if (controller && !stopping_ && (fds[1].revents != 0 || Clock::now() >= next_tick_)) {
         next_tick_ = Clock::now() + controller->tick();
         controller->on_wake(owner_);
-        if (preparing_ && (controller->stop_ready() || Clock::now() >= prepare_until_)) begin_stop();
+        if (preparing_ && controller->stop_ready()) {
+          begin_stop();
+        } else if (preparing_ && Clock::now() >= prepare_until_) {
+          controller->stop_preparation_abandoned("within " + std::to_string(kStopPreparation.count() / 1000) + " s");
+          begin_stop();
+        }
       }
       check_deadlines();
     }
@@ -398,6 +403,7 @@ class Supervisor::Loop {
         }
       } else if (!stopping_) {
         report("aikido-run: received " + signal_name(sig) + " again; stopping the workers now");
+        if (owner_.controller_) owner_.controller_->stop_preparation_abandoned("before the second signal");
         begin_stop();
       } else if (!killed_) {
         report("aikido-run: received " + signal_name(sig) + " again; killing the workers (SIGKILL)");
@@ -535,6 +541,16 @@ pid_t Supervisor::pid_of(std::uint64_t id) const { return loop_ != nullptr ? loo
 
 void Supervisor::set_rank(std::uint64_t id, int rank) {
   if (loop_ != nullptr) loop_->set_rank(id, rank);
+}
+
+void Supervisor::set_exit_code(int code) {
+  if (loop_ != nullptr) loop_->set_exit_code(code);
+}
+
+void Supervisor::stop_job(int code) {
+  if (loop_ == nullptr) return;
+  loop_->set_exit_code(code);
+  loop_->begin_stop();
 }
 
 }  // namespace aikido::run

@@ -32,6 +32,8 @@ class Controller {
   /// 10 s at the latest, or at a second signal.
   virtual bool prepare_stop() { return false; }
   virtual bool stop_ready() { return true; }
+  /// The workers are stopped before stop_ready() returned true: after 10 s (`why` says so) or at a second signal.
+  virtual void stop_preparation_abandoned(const std::string& /*why*/) {}
 };
 
 /// Spawns one process per worker, relays their output with a rank prefix, and stops all of them when one fails
@@ -95,6 +97,11 @@ class Supervisor {
   pid_t pid_of(std::uint64_t id) const;
   /// Worker `id` has rank `rank` from now on: its output lines say so.
   void set_rank(std::uint64_t id, int rank);
+  /// The job's exit status, unless one was set before (the first failure's status wins).
+  void set_exit_code(int code);
+  /// Stops every worker (SIGTERM, SIGKILL after the grace period); the job exits with `code` unless an earlier
+  /// failure set its status.
+  void stop_job(int code);
 
  private:
   class Loop;
