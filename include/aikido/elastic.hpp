@@ -209,6 +209,9 @@ class ElasticSession {
   /// True for a worker that joined a running job, until its first sync() gives it the registered state: until then
   /// it must not run collectives of its own (the members would not post them).
   bool joining() const { return joined_late_; }
+  /// True once the registered state came from the checkpoint ElasticConfig::resume_path (the first sync() of a job
+  /// that resumed; it returned changed), on every worker of that first cluster.
+  bool resumed() const { return resumed_; }
 
   // State registry. Names must be registered in the same order with the same sizes on every worker before the
   // first sync(); MismatchError otherwise.
@@ -232,9 +235,10 @@ class ElasticSession {
   void register_sampler(std::string name, ElasticSampler& sampler);
 
   /// At a step boundary, on every worker: applies a pending membership change (see the class comment). `step` is
-  /// only reported in the status key. Wait for this worker's own asynchronous collectives first: a change closes
-  /// the old version's connections, and collectives still in flight then fail. The first sync() of a job that
-  /// resumed from a checkpoint (ElasticConfig::resume_path) returns changed on every worker: the state was replaced.
+  /// reported in the status key and names the commits taken since the last sync() (give the steps completed). Wait for
+  /// this worker's own asynchronous collectives first: a change closes the old version's connections, and collectives
+  /// still in flight then fail. The first sync() of a job that resumed from a checkpoint (ElasticConfig::resume_path)
+  /// returns changed on every worker: the state was replaced.
   SyncResult sync(std::int64_t step = -1);
 
   /// Asks for `n` workers. Collective: every worker calls it at the same step boundary; it applies the change at
@@ -246,7 +250,8 @@ class ElasticSession {
   std::uint64_t request_resize(int n);
 
   /// Copies the registered state into the in-memory commit (the previous commit is kept too). Call at the same
-  /// step on every worker, after the step's collectives succeeded.
+  /// step on every worker, after the step's collectives succeeded. The commit belongs to the step that the next
+  /// sync() is given: a checkpoint written from it says "the commit of step S".
   void commit();
 
   /// After a collective failed with PeerLostError or TimeoutError: agrees on the new cluster, reconnects and
@@ -277,12 +282,13 @@ class ElasticSession {
   void connect(const ClusterSpec& spec);
   /// Returns true when the state came from ElasticConfig::resume_path.
   bool establish(bool is_new);
-  void take_snapshot(std::uint64_t seq);
+  void take_snapshot(std::uint64_t seq, std::int64_t step);
   void restore_snapshot(std::uint64_t seq);
   /// Writes the newest commit to checkpoint_path; says what happened. Any thread (the heartbeat answers requests).
   std::string write_checkpoint();
   void answer_checkpoint_request();
-  void read_checkpoint(const std::string& path);
+  /// Loads the checkpoint into the registered state; returns the step it was committed at (-1: unknown).
+  std::int64_t read_checkpoint(const std::string& path);
   SyncResult leave(const ClusterSpec& target);
   SyncResult recover_in_sync();
   SyncResult agree_on_version(std::int64_t version, const char* name);
@@ -293,6 +299,7 @@ class ElasticSession {
   bool removed_ = false;
   bool established_ = false;
   bool joined_late_ = false;  // this worker joined a running job and has not received the state yet
+  bool resumed_ = false;      // the state came from the resume checkpoint
   bool needs_rollback_ = false;
   std::optional<Topology> topology_before_change_;  // the members' topology when the current change began
   std::mutex snapshots_mutex_;                      // snapshots_: changed by the training thread, read by the heartbeat

@@ -52,8 +52,10 @@ double unix_ms_now() {
 
 std::int64_t unix_ms() { return std::int64_t(unix_ms_now()); }
 
-// Checkpoint files: "AIKIDOCK", u64 commit, u64 entries, then per entry u64 name length, name, u64 size, bytes.
-constexpr std::array<char, 8> kCheckpointMagic = {'A', 'I', 'K', 'I', 'D', 'O', 'C', 'K'};
+// Checkpoint files: "AIKIDOC2", u64 commit, i64 step (-1: unknown), u64 entries, then per entry u64 name length,
+// name, u64 size, bytes. Files of the first format ("AIKIDOCK") have no step and are read too.
+constexpr std::array<char, 8> kCheckpointMagic = {'A', 'I', 'K', 'I', 'D', 'O', 'C', '2'};
+constexpr std::array<char, 8> kCheckpointMagicWithoutStep = {'A', 'I', 'K', 'I', 'D', 'O', 'C', 'K'};
 
 // Header each member contributes to establish().
 enum HeaderField { kHasState, kWantsRollback, kNewestCommit, kOldestCommit, kTopology, kHeaderFields };
@@ -78,6 +80,11 @@ struct ElasticSession::Entry {
 
 struct ElasticSession::Snapshot {
   std::uint64_t seq = 0;
+  // The step the committed state stands at, as the first sync() after the commit names it (-1: unknown). Until that
+  // sync() runs, the step after the last sync()'s: a training loop gives sync() the steps completed and commits at
+  // the end of a step.
+  std::int64_t step = -1;
+  bool step_provisional = false;
   std::vector<std::vector<std::byte>> values;  // one per entry
 };
 
@@ -282,7 +289,7 @@ void ElasticSession::register_sampler(std::string name, ElasticSampler& sampler)
   register_value(std::move(name), sampler.state());
 }
 
-void ElasticSession::take_snapshot(std::uint64_t seq) {
+void ElasticSession::take_snapshot(std::uint64_t seq, std::int64_t step) {
   // Reuse the storage of the oldest commit once two are kept: touching fresh pages costs more than the copy.
   Snapshot snapshot;
   if (snapshots_.size() >= 2) {
@@ -291,6 +298,8 @@ void ElasticSession::take_snapshot(std::uint64_t seq) {
     snapshots_.erase(snapshots_.begin());
   }
   snapshot.seq = seq;
+  snapshot.step = step;
+  snapshot.step_provisional = false;
   snapshot.values.resize(entries_.size());
   for (std::size_t i = 0; i < entries_.size(); ++i) {
     auto& e = entries_[i];
@@ -320,7 +329,10 @@ void ElasticSession::restore_snapshot(std::uint64_t seq) {
 
 void ElasticSession::commit() {
   if (!established_) throw ConfigError("commit() before the first sync()");
-  take_snapshot(commit_seq_ + 1);
+  const std::int64_t last = step_.load();  // negative: sync() is not given steps
+  take_snapshot(commit_seq_ + 1, last >= 0 ? last + 1 : -1);
+  std::lock_guard<std::mutex> lock(snapshots_mutex_);
+  snapshots_.back().step_provisional = true;
 }
 
 bool ElasticSession::establish(bool is_new) {
@@ -365,21 +377,29 @@ bool ElasticSession::establish(bool is_new) {
   const std::int64_t topology = all[std::size_t(source * kHeaderFields + kTopology)];
   if (topology >= 0) peer.set_topology(Topology(topology));
 
-  if (rollback && !is_new && target > 0 && target != INT64_MAX) restore_snapshot(std::uint64_t(target));
+  // The step the state stands at after this change (named in checkpoint messages): this step boundary's, the
+  // restored commit's, or the one the source sends with the state.
+  std::int64_t state_step = step_.load();
+  if (rollback && !is_new && target > 0 && target != INT64_MAX) {
+    restore_snapshot(std::uint64_t(target));
+    state_step = snapshots_.back().step;
+  }
   if (transfer) {
     // Sizes first (callback entries may change size), then every entry's bytes.
     const bool sending = peer.rank() == source;
     std::string resume_error;
     if (resume && sending) {
       try {
-        read_checkpoint(config_.resume_path);
+        state_step = read_checkpoint(config_.resume_path);
       } catch (const Error& e) {
         resume_error = e.what();
       }
     }
     std::vector<std::vector<std::byte>> saved(entries_.size());
-    std::vector<std::int64_t> sizes(entries_.size() + 1, 0);  // the last: whether the source failed to resume
-    sizes.back() = resume_error.empty() ? 0 : 1;
+    // After the entries' sizes: whether the source failed to resume, and the step its state stands at.
+    std::vector<std::int64_t> sizes(entries_.size() + 2, 0);
+    sizes[entries_.size()] = resume_error.empty() ? 0 : 1;
+    sizes[entries_.size() + 1] = state_step;
     for (std::size_t i = 0; i < entries_.size(); ++i) {
       auto& e = entries_[i];
       if (e.fixed()) {
@@ -390,7 +410,8 @@ bool ElasticSession::establish(bool is_new) {
       }
     }
     peer.broadcast(std::span<std::int64_t>(sizes), source, "aikido/elastic/sizes");
-    if (sizes.back() != 0) {
+    state_step = sizes[entries_.size() + 1];
+    if (sizes[entries_.size()] != 0) {
       throw ConfigError(sending ? resume_error
                                 : str_cat("rank ", source, " could not resume from the checkpoint ",
                                           config_.resume_path, " (its own error says why)"));
@@ -432,8 +453,9 @@ bool ElasticSession::establish(bool is_new) {
     std::lock_guard<std::mutex> lock(snapshots_mutex_);
     snapshots_.clear();
   }
-  take_snapshot(std::uint64_t(std::max<std::int64_t>(newest, 0)) + 1);
+  take_snapshot(std::uint64_t(std::max<std::int64_t>(newest, 0)) + 1, state_step);
   needs_rollback_ = false;
+  if (resume) resumed_ = true;
   established_ = true;
   joined_late_ = false;  // the state has arrived
   sync_count_ = 0;       // the check cadence restarts together on every member
@@ -556,6 +578,13 @@ SyncResult ElasticSession::recover_in_sync() {
 SyncResult ElasticSession::sync(std::int64_t step) {
   if (removed_) return SyncResult::removed;
   step_ = step;
+  {
+    std::lock_guard<std::mutex> lock(snapshots_mutex_);
+    for (auto& snapshot : snapshots_) {
+      if (snapshot.step_provisional) snapshot.step = std::max<std::int64_t>(step, -1);
+      snapshot.step_provisional = false;
+    }
+  }
   if (recovered_outside_sync_) {
     recovered_outside_sync_ = false;
     return SyncResult::unchanged;
@@ -623,14 +652,14 @@ SyncResult ElasticSession::agree_on_version(std::int64_t version, const char* na
 std::string ElasticSession::write_checkpoint() {
   if (config_.checkpoint_path.empty()) return "no checkpoint file was given";
   std::vector<std::byte> bytes;
-  std::uint64_t seq = 0;
+  std::int64_t step = -1;
   {
     std::lock_guard<std::mutex> lock(snapshots_mutex_);
     if (snapshots_.empty()) return "nothing is committed yet, so no checkpoint was written";
     const Snapshot& s = snapshots_.back();
-    seq = s.seq;
+    step = s.step >= 0 ? s.step : -1;
     detail::ByteWriter w;
-    w.put(kCheckpointMagic).put(std::uint64_t(s.seq)).put(std::uint64_t(entries_.size()));
+    w.put(kCheckpointMagic).put(std::uint64_t(s.seq)).put(step).put(std::uint64_t(entries_.size()));
     for (std::size_t i = 0; i < entries_.size(); ++i) w.put_string(entries_[i].name).put_bytes(s.values[i]);
     bytes = w.take();
   }
@@ -638,10 +667,16 @@ std::string ElasticSession::write_checkpoint() {
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   bool ok = f && std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
   if (f) ok = std::fclose(f) == 0 && ok;
-  std::string said = ok && std::rename(tmp.c_str(), config_.checkpoint_path.c_str()) == 0
-                         ? str_cat("wrote the last commit (", seq, ") to ", config_.checkpoint_path)
-                         : str_cat("cannot write the checkpoint ", config_.checkpoint_path, ": ", std::strerror(errno));
-  log::warn(said);
+  if (!ok || std::rename(tmp.c_str(), config_.checkpoint_path.c_str()) != 0) {
+    const std::string said =
+        str_cat("cannot write the checkpoint ", config_.checkpoint_path, ": ", std::strerror(errno));
+    log::warn(said);
+    return said;
+  }
+  // Normal on a stop: aikido-run prints the answer, and a stop below the minimum says it in its error.
+  const std::string said = step >= 0 ? str_cat("wrote the commit of step ", step, " to ", config_.checkpoint_path)
+                                     : str_cat("wrote the last commit to ", config_.checkpoint_path);
+  log::info(said);
   return said;
 }
 
@@ -655,7 +690,7 @@ void ElasticSession::answer_checkpoint_request() {
 }
 
 // Loads a checkpoint into the registered state (this worker only; establish() then sends it to the others).
-void ElasticSession::read_checkpoint(const std::string& path) {
+std::int64_t ElasticSession::read_checkpoint(const std::string& path) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) throw ConfigError(str_cat("cannot read the checkpoint ", path, " to resume from: ", std::strerror(errno)));
   std::vector<std::byte> bytes;
@@ -668,16 +703,20 @@ void ElasticSession::read_checkpoint(const std::string& path) {
   std::fclose(f);
   bytes.resize(got);
   const std::string what = str_cat("the checkpoint ", path);
-  if (bytes.size() < kCheckpointMagic.size() ||
-      std::memcmp(bytes.data(), kCheckpointMagic.data(), kCheckpointMagic.size()) != 0) {
+  const auto starts_with = [&](const std::array<char, 8>& magic) {
+    return bytes.size() >= magic.size() && std::memcmp(bytes.data(), magic.data(), magic.size()) == 0;
+  };
+  const bool has_step = starts_with(kCheckpointMagic);
+  if (!has_step && !starts_with(kCheckpointMagicWithoutStep)) {
     throw ConfigError(str_cat(what, " is not an Aikido checkpoint (aikido-run --checkpoint writes them)"));
   }
   detail::ByteReader r(std::span<const std::byte>(bytes).subspan(kCheckpointMagic.size()), what);
-  std::uint64_t seq = 0;
+  std::int64_t step = -1;
   std::vector<std::span<const std::byte>> values;
   std::string mismatch;
   try {
-    seq = r.get<std::uint64_t>();
+    r.get<std::uint64_t>();  // the commit number
+    if (has_step) step = r.get<std::int64_t>();
     const auto count = r.get<std::uint64_t>();
     for (std::uint64_t i = 0; i < count; ++i) {
       std::string name = r.get_string();
@@ -703,7 +742,12 @@ void ElasticSession::read_checkpoint(const std::string& path) {
                               "; resume with the program (and model) that wrote it"));
   }
   for (std::size_t i = 0; i < entries_.size(); ++i) entries_[i].restore(values[i]);
-  log::info("resumed from commit ", seq, " in ", path);
+  if (step >= 0) {
+    log::info("resumed from ", path, " at step ", step);
+  } else {
+    log::info("resumed from ", path);
+  }
+  return step;
 }
 
 }  // namespace aikido
