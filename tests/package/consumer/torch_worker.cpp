@@ -22,9 +22,8 @@ int main() {
         opt.zero_grad();
         std::vector<std::int64_t> indices(batch->begin(), batch->end());
         const torch::Tensor index = torch::tensor(indices, torch::kInt64);
-        const torch::Tensor loss =
-            torch::nn::functional::cross_entropy(model->forward(inputs.index_select(0, index)),
-                                                 labels.index_select(0, index));
+        const torch::Tensor loss = torch::nn::functional::cross_entropy(model->forward(inputs.index_select(0, index)),
+                                                                        labels.index_select(0, index));
         loss.backward();
         opt.step();
       }
