@@ -8,6 +8,7 @@ packages=(
   libtorch-dev libopenblas0-pthread dataset-fashion-mnist python3-torch
   openmpi-bin libopenmpi-dev libgloo-dev
   iproute2 procps python3
+  libcurl4-openssl-dev etcd-server etcd-client
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -55,6 +55,22 @@ struct ClusterSpec {
   /// The next version without the workers `ids` (ranks above them move down). Unknown ids are ignored.
   ClusterSpec without(const std::vector<std::uint64_t>& ids, std::string reason = "lost") const;
 
+  // Jobs that span hosts keep each host's workers contiguous, hosts in the order they joined, so that ranks
+  // r..r+k-1 share a host (the hierarchical topology and the same-host path rely on it). The three changes below
+  // keep that order; resized() and without() keep it too when only the last host grows or shrinks.
+  /// The next version with `n` workers: shrinking removes the highest ranks; each new worker goes to the host
+  /// that has the fewest workers (the earlier host on a tie), right after that host's last worker. Throws
+  /// ConfigError like resized().
+  ClusterSpec with_size(int n, std::string reason = "resize") const;
+  /// The next version with `n` new workers on `host`, after its last worker (appended for a new host).
+  ClusterSpec with_workers_on(const std::string& host, int n, std::string reason) const;
+  /// The next version without any worker on `host` (an empty cluster is allowed here: validate() refuses it).
+  ClusterSpec without_host(const std::string& host, std::string reason) const;
+  /// The hosts in rank order, each once.
+  std::vector<std::string> hosts() const;
+  /// Number of workers on `host`.
+  int workers_on(const std::string& host) const;
+
   /// What changed from this spec to `next`: workers only in `next` (added) and only here (removed).
   struct Diff {
     std::vector<std::uint64_t> added;

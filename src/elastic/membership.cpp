@@ -4,6 +4,7 @@
 
 #include "base/error.hpp"
 #include "base/sha256.hpp"
+#include "elastic/proposal.hpp"
 
 namespace aikido {
 namespace {
@@ -39,11 +40,7 @@ class StoreMembership final : public MembershipStore {
   bool propose(const ClusterSpec& next) override {
     next.validate();
     if (next.version > 0 && !store_->get(key(next.version - 1))) return false;  // not based on the latest
-    // A random token makes every proposal's text unique, so that the compare-and-set's answer tells ours from
-    // an identical proposal that won.
-    std::uint8_t token[8];
-    detail::random_bytes(token, sizeof token);
-    const std::string text = str_cat("proposal=", detail::to_hex(token), "\n", next.encode());
+    const std::string text = elastic::encode_proposal(next);
     const auto after = store_->compare_and_set(key(next.version), std::nullopt, text);
     if (!after || *after != text) return false;
     store_->set(prefix_ + "latest", std::to_string(next.version));
@@ -60,13 +57,7 @@ class StoreMembership final : public MembershipStore {
   }
 
  private:
-  static ClusterSpec decode(std::string_view text) {
-    if (text.starts_with("proposal=")) {
-      const auto end = text.find('\n');
-      text.remove_prefix(end == std::string_view::npos ? text.size() : end + 1);
-    }
-    return ClusterSpec::decode(text);
-  }
+  static ClusterSpec decode(std::string_view text) { return elastic::decode_proposal(text); }
 
   std::string key(std::uint64_t version) const { return prefix_ + "v" + std::to_string(version); }
 
@@ -86,6 +77,24 @@ class StoreMembership final : public MembershipStore {
 };
 
 }  // namespace
+
+namespace elastic {
+
+std::string encode_proposal(const ClusterSpec& spec) {
+  std::uint8_t token[8];
+  detail::random_bytes(token, sizeof token);
+  return str_cat("proposal=", detail::to_hex(token), "\n", spec.encode());
+}
+
+ClusterSpec decode_proposal(std::string_view text) {
+  if (text.starts_with("proposal=")) {
+    const auto end = text.find('\n');
+    text.remove_prefix(end == std::string_view::npos ? text.size() : end + 1);
+  }
+  return ClusterSpec::decode(text);
+}
+
+}  // namespace elastic
 
 std::shared_ptr<MembershipStore> make_membership_store(std::shared_ptr<Store> store, std::string job_id) {
   return std::make_shared<StoreMembership>(std::move(store), std::move(job_id));

@@ -79,6 +79,62 @@ ClusterSpec ClusterSpec::without(const std::vector<std::uint64_t>& ids, std::str
   return next;
 }
 
+ClusterSpec ClusterSpec::with_size(int n, std::string why) const {
+  if (n < min_size || n > max_size) {
+    throw ConfigError(str_cat("cannot resize to ", n, " workers: the job allows ", min_size, " to ", max_size,
+                              " (--min-np, --max-np)"));
+  }
+  ClusterSpec next = *this;
+  next.version = version + 1;
+  next.reason = std::move(why);
+  if (n < size()) next.workers.resize(std::size_t(n));
+  const std::vector<std::string> order = hosts();
+  while (next.size() < n) {
+    const std::string* least = &order.front();
+    for (const auto& h : order) {
+      if (next.workers_on(h) < next.workers_on(*least)) least = &h;
+    }
+    next = next.with_workers_on(*least, 1, next.reason);
+    next.version = version + 1;
+  }
+  next.validate();
+  return next;
+}
+
+ClusterSpec ClusterSpec::with_workers_on(const std::string& host, int n, std::string why) const {
+  ClusterSpec next = *this;
+  next.version = version + 1;
+  next.reason = std::move(why);
+  auto after = next.workers.end();
+  for (auto it = next.workers.begin(); it != next.workers.end(); ++it) {
+    if (it->host == host) after = it + 1;
+  }
+  std::vector<WorkerSpec> added;
+  for (int i = 0; i < n; ++i) added.push_back({next.next_id++, host});
+  next.workers.insert(after, added.begin(), added.end());
+  return next;
+}
+
+ClusterSpec ClusterSpec::without_host(const std::string& host, std::string why) const {
+  ClusterSpec next = *this;
+  next.version = version + 1;
+  next.reason = std::move(why);
+  std::erase_if(next.workers, [&](const WorkerSpec& w) { return w.host == host; });
+  return next;
+}
+
+std::vector<std::string> ClusterSpec::hosts() const {
+  std::vector<std::string> out;
+  for (const auto& w : workers) {
+    if (std::find(out.begin(), out.end(), w.host) == out.end()) out.push_back(w.host);
+  }
+  return out;
+}
+
+int ClusterSpec::workers_on(const std::string& host) const {
+  return int(std::count_if(workers.begin(), workers.end(), [&](const WorkerSpec& w) { return w.host == host; }));
+}
+
 ClusterSpec::Diff ClusterSpec::diff(const ClusterSpec& next) const {
   Diff d;
   for (const auto& w : next.workers) {
