@@ -251,7 +251,7 @@ class ElasticSession {
 
   /// Copies the registered state into the in-memory commit (the previous commit is kept too). Call at the same
   /// step on every worker, after the step's collectives succeeded. The commit belongs to the step that the next
-  /// sync() is given: a checkpoint written from it says "the commit of step S".
+  /// sync() is given, which a checkpoint written from it names ("wrote the last commit (step S) to F").
   void commit();
 
   /// After a collective failed with PeerLostError or TimeoutError: agrees on the new cluster, reconnects and

@@ -52,10 +52,10 @@ double unix_ms_now() {
 
 std::int64_t unix_ms() { return std::int64_t(unix_ms_now()); }
 
-// Checkpoint files: "AIKIDOC2", u64 commit, i64 step (-1: unknown), u64 entries, then per entry u64 name length,
-// name, u64 size, bytes. Files of the first format ("AIKIDOCK") have no step and are read too.
-constexpr std::array<char, 8> kCheckpointMagic = {'A', 'I', 'K', 'I', 'D', 'O', 'C', '2'};
-constexpr std::array<char, 8> kCheckpointMagicWithoutStep = {'A', 'I', 'K', 'I', 'D', 'O', 'C', 'K'};
+// Checkpoint files: "AIKIDOCK", u64 commit, u64 entries, then per entry u64 name length, name, u64 size, bytes; then
+// "STEP" and the i64 step of the commit (-1: unknown), which files written before steps were recorded lack.
+constexpr std::array<char, 8> kCheckpointMagic = {'A', 'I', 'K', 'I', 'D', 'O', 'C', 'K'};
+constexpr std::array<char, 4> kCheckpointStepTag = {'S', 'T', 'E', 'P'};
 
 // Header each member contributes to establish().
 enum HeaderField { kHasState, kWantsRollback, kNewestCommit, kOldestCommit, kTopology, kHeaderFields };
@@ -659,8 +659,9 @@ std::string ElasticSession::write_checkpoint() {
     const Snapshot& s = snapshots_.back();
     step = s.step >= 0 ? s.step : -1;
     detail::ByteWriter w;
-    w.put(kCheckpointMagic).put(std::uint64_t(s.seq)).put(step).put(std::uint64_t(entries_.size()));
+    w.put(kCheckpointMagic).put(std::uint64_t(s.seq)).put(std::uint64_t(entries_.size()));
     for (std::size_t i = 0; i < entries_.size(); ++i) w.put_string(entries_[i].name).put_bytes(s.values[i]);
+    w.put(kCheckpointStepTag).put(step);
     bytes = w.take();
   }
   const std::string tmp = config_.checkpoint_path + ".tmp";
@@ -674,7 +675,7 @@ std::string ElasticSession::write_checkpoint() {
     return said;
   }
   // Normal on a stop: aikido-run prints the answer, and a stop below the minimum says it in its error.
-  const std::string said = step >= 0 ? str_cat("wrote the commit of step ", step, " to ", config_.checkpoint_path)
+  const std::string said = step >= 0 ? str_cat("wrote the last commit (step ", step, ") to ", config_.checkpoint_path)
                                      : str_cat("wrote the last commit to ", config_.checkpoint_path);
   log::info(said);
   return said;
@@ -703,11 +704,8 @@ std::int64_t ElasticSession::read_checkpoint(const std::string& path) {
   std::fclose(f);
   bytes.resize(got);
   const std::string what = str_cat("the checkpoint ", path);
-  const auto starts_with = [&](const std::array<char, 8>& magic) {
-    return bytes.size() >= magic.size() && std::memcmp(bytes.data(), magic.data(), magic.size()) == 0;
-  };
-  const bool has_step = starts_with(kCheckpointMagic);
-  if (!has_step && !starts_with(kCheckpointMagicWithoutStep)) {
+  if (bytes.size() < kCheckpointMagic.size() ||
+      std::memcmp(bytes.data(), kCheckpointMagic.data(), kCheckpointMagic.size()) != 0) {
     throw ConfigError(str_cat(what, " is not an Aikido checkpoint (aikido-run --checkpoint writes them)"));
   }
   detail::ByteReader r(std::span<const std::byte>(bytes).subspan(kCheckpointMagic.size()), what);
@@ -716,7 +714,6 @@ std::int64_t ElasticSession::read_checkpoint(const std::string& path) {
   std::string mismatch;
   try {
     r.get<std::uint64_t>();  // the commit number
-    if (has_step) step = r.get<std::int64_t>();
     const auto count = r.get<std::uint64_t>();
     for (std::uint64_t i = 0; i < count; ++i) {
       std::string name = r.get_string();
@@ -728,6 +725,10 @@ std::int64_t ElasticSession::read_checkpoint(const std::string& path) {
         mismatch = str_cat("'", name, "' holds ", values.back().size(), " bytes where this program registered ",
                            entries_[i].bytes.size());
       }
+    }
+    if (r.remaining() > 0) {
+      if (r.get<std::array<char, 4>>() != kCheckpointStepTag) throw ProtocolError(what);
+      step = r.get<std::int64_t>();
     }
     r.finish();
   } catch (const ProtocolError&) {

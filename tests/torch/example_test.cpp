@@ -360,7 +360,8 @@ TEST(FashionMnistExample, AResumedJobSaysWhereItStarts) {
   const auto stopped = job.wait(kBound);
   EXPECT_TRUE(stopped.exited && stopped.exit_code == 143) << stopped.describe();
   std::smatch m;
-  ASSERT_TRUE(std::regex_search(stopped.err, m, std::regex("aikido-run: rank 0: wrote the commit of step (\\d+) to ")))
+  ASSERT_TRUE(
+      std::regex_search(stopped.err, m, std::regex("aikido-run: rank 0: wrote the last commit \\(step (\\d+)\\) to ")))
       << stopped.describe();
   const std::string step = m[1];
   EXPECT_EQ(stopped.err.find("[aikido warn]"), std::string::npos) << stopped.describe();

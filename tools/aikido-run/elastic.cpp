@@ -355,7 +355,7 @@ bool ElasticController::on_exit(Supervisor& supervisor, std::uint64_t id, int st
     if (latest && latest->contains(id)) stop_workers_that_cannot_join(supervisor, id);
     if (!options_.resume.empty() && !session_open(id) && !std::exchange(resume_unmet_reported_, true)) {
       report("aikido-run: worker " + std::to_string(id) +
-             " finished without opening an aikido::ElasticSession, so it " + "did not resume from " + options_.resume +
+             " finished without opening an aikido::ElasticSession, so it did not resume from " + options_.resume +
              "; " + kUseASession);
       supervisor.set_exit_code(1);
     }
