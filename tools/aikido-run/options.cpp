@@ -162,6 +162,14 @@ workers that use the LibTorch integration's DistributedOptimizer. With --metrics
 publish them to aikido-run every interval; at the end aikido-run prints a summary line per worker on stderr.
 In an elastic job only the ranks of the latest cluster version are served and summarised.
 
+Elastic jobs (--elastic): the program opens an aikido::ElasticSession (ElasticSession::from_env()), which follows
+the job's cluster spec, sends the training state to new workers and rolls it back after a lost worker. aikido-run
+publishes version 0 with N workers, starts the workers a new version adds (aikido-ctl resize, a policy), stops
+those it removes if they do not leave, and removes a worker that crashes or whose heartbeat stops (with --restart
+it starts a replacement). A program whose workers join with a plain aikido::Peer instead is named at once (a worker
+without any session, after 10 s): it runs like a static job, aikido-ctl refuses to resize it, a lost worker ends it,
+--checkpoint writes nothing and --resume stops it.
+
 When a worker exits with a non-zero status or is killed by a signal, aikido-run reports it, stops the other
 workers (SIGTERM, then SIGKILL after --grace-period, 3 s) and exits with that worker's status (128 + signal number
 for a signal). On SIGINT or SIGTERM it stops all workers the same way and exits with 130 or 143; a second signal
