@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -206,6 +207,8 @@ TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
     }
   }
   EXPECT_GE(lines, 2);
+  in.close();
+  std::remove(file.c_str());
   // The epoch lines carry the statistics too.
   const auto epochs = epochs_of(r.out, 0);
   ASSERT_EQ(epochs.size(), 2u) << r.describe();
