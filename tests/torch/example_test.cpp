@@ -164,7 +164,7 @@ int metrics_port_of(Subprocess& job) {
 }
 
 TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
-  const std::string file = ::testing::TempDir() + "/aikido-metrics.jsonl";
+  const std::string file = ::testing::TempDir() + "/aikido-metrics-" + std::to_string(::getpid()) + ".jsonl";
   Subprocess job({kRun, "-np", "2", "--metrics-port", "0", "--metrics-file", file, "--metrics-interval", "0.2",
                   kExample, "--epochs", "2", "--max-steps", "400", "--policy", "adaptive-batch"});
   const int port = metrics_port_of(job);
@@ -302,7 +302,7 @@ bool wait_for_progress(const std::string& control, int workers, int step) {
 
 // The example follows aikido-run --elastic without its own --elastic flag.
 TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
-  const std::string control = ::testing::TempDir() + "/aikido-example-control";
+  const std::string control = ::testing::TempDir() + "/aikido-example-control-" + std::to_string(::getpid());
   Subprocess job({kRun, "-np", "2", "--elastic", "--max-np", "3", "--restart", "--control-file", control, "--timeout",
                   "20", kExample, "--epochs", "2", "--commit-every", "5", "--all-ranks", "--policy",
                   "adaptive-batch:interval=20,warmup=20,max=256"});
@@ -351,7 +351,7 @@ TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
 // writing it is what the stop asked for), the resumed job says where it starts, and one already past --epochs says
 // so instead of exiting without a word.
 TEST(FashionMnistExample, AResumedJobSaysWhereItStarts) {
-  const std::string checkpoint = ::testing::TempDir() + "/aikido-example-resume.ck";
+  const std::string checkpoint = ::testing::TempDir() + "/aikido-example-resume-" + std::to_string(::getpid()) + ".ck";
   ::unlink(checkpoint.c_str());
   Subprocess job(
       {kRun, "-np", "2", "--elastic", "--checkpoint", checkpoint, kExample, "--epochs", "50", "--max-steps", "40"});
