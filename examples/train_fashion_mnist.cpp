@@ -2,8 +2,10 @@
 //
 //   aikido-run -np 2 build/bin/train_fashion_mnist --model mlp --epochs 3
 //
-// Each worker prints one JSON line per epoch (see --help for the keys). The data are the IDX gzip files of
-// Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist), or of --data DIR.
+// Rank 0 prints a "starting" line with the configuration (stderr), then one JSON line per epoch (stdout; every
+// rank's with --all-ranks; see --help for the keys). Under aikido-run --elastic it follows the job's membership by
+// itself. The data are the IDX gzip files of Debian's dataset-fashion-mnist package
+// (/usr/share/datasets/fashion-mnist), or of --data DIR.
 #include <zlib.h>
 
 #include <CLI/CLI.hpp>
@@ -11,10 +13,12 @@
 #include <aikido/elastic.hpp>
 #include <aikido/torch.hpp>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -94,6 +98,38 @@ bool recover(aikido::ElasticSession& session, aikido::torch::DistributedOptimize
   return true;
 }
 
+// CLI11's own range checks print the limits of the type ("Value 0 not in range 0.000000 to 1797693134862315..."):
+// these say what is accepted. `whole`: an integer.
+CLI::Validator at_least(double min, bool whole, const std::string& accepted) {
+  return CLI::Validator(
+      [=](std::string& text) -> std::string {
+        try {
+          std::size_t used = 0;
+          const double value = std::stod(text, &used);
+          if (used == text.size() && value >= min && std::isfinite(value) && (!whole || value == std::floor(value))) {
+            return "";
+          }
+        } catch (const std::exception&) {
+        }
+        return "'" + text + "' is not " + accepted;
+      },
+      "");
+}
+
+CLI::Validator between(double low, double high, const std::string& accepted) {
+  return CLI::Validator(
+      [=](std::string& text) -> std::string {
+        try {
+          std::size_t used = 0;
+          const double value = std::stod(text, &used);
+          if (used == text.size() && value >= low && value <= high) return "";
+        } catch (const std::exception&) {
+        }
+        return "'" + text + "' is not " + accepted;
+      },
+      "");
+}
+
 torch::Tensor to_index(const std::vector<std::size_t>& indices) {
   auto t = torch::empty({static_cast<std::int64_t>(indices.size())}, torch::kInt64);
   auto* p = t.data_ptr<std::int64_t>();
@@ -112,7 +148,10 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 1;
   int threads = 0;
   bool skip_communication = false;
-  bool elastic = false;
+  // Under aikido-run --elastic (AIKIDO_ELASTIC=1) the example follows the membership without being told.
+  const char* elastic_job = std::getenv("AIKIDO_ELASTIC");
+  bool elastic = elastic_job != nullptr && std::string(elastic_job) == "1";
+  bool all_ranks = false;
   std::int64_t commit_every = 10;
   double target_accuracy = 0;
   std::int64_t eval_every = 0;
@@ -121,12 +160,18 @@ int main(int argc, char** argv) {
   app.add_option("--model", model_kind, "mlp (784-512-256-10) or cnn (two 5x5 conv layers)")
       ->check(CLI::IsMember({"mlp", "cnn"}))
       ->capture_default_str();
-  app.add_option("--epochs", epochs, "passes over the training set")->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--batch-size", batch_size, "samples per step on each worker")
-      ->check(CLI::PositiveNumber)
+  app.add_option("--epochs", epochs, "passes over the training set")
+      ->check(at_least(1, true, "a number of epochs (1 or more)"))
       ->capture_default_str();
-  app.add_option("--lr", lr, "learning rate of SGD")->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--momentum", momentum, "momentum of SGD")->check(CLI::Range(0.0, 1.0))->capture_default_str();
+  app.add_option("--batch-size", batch_size, "samples per step on each worker")
+      ->check(at_least(1, true, "a number of samples (1 or more)"))
+      ->capture_default_str();
+  app.add_option("--lr", lr, "learning rate of SGD")
+      ->check(at_least(1e-300, false, "a learning rate above 0"))
+      ->capture_default_str();
+  app.add_option("--momentum", momentum, "momentum of SGD")
+      ->check(between(0, 1, "a momentum from 0 to 1"))
+      ->capture_default_str();
   app.add_option("--strategy", strategy_name,
                  "ssgd (synchronous SGD), sma (synchronous model averaging) or pair (asynchronous pair averaging)")
       ->check(CLI::IsMember({"ssgd", "sma", "pair", "synchronous_sgd", "synchronous_averaging", "pair_averaging"}))
@@ -135,9 +180,9 @@ int main(int argc, char** argv) {
   app.add_option("--data", data_dir, "folder with the Fashion-MNIST IDX gzip files")->capture_default_str();
   app.add_option("--threads", threads,
                  "LibTorch intra-op threads per worker (default: OMP_NUM_THREADS, which aikido-run sets)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(at_least(0, true, "a number of threads (0: the default)"));
   app.add_option("--max-steps", max_steps, "stop each epoch after this many steps (0: the whole epoch)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(at_least(0, true, "a number of steps (0: the whole epoch)"));
   app.add_option("--policy", policies,
                  "adaptation policy NAME[:key=value,...] (repeatable): adaptive-batch, strategy-switch, schedule, or "
                  "one registered by the program");
@@ -146,30 +191,33 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--target-accuracy", target_accuracy,
                  "stop after the first epoch whose test accuracy reaches this (0: train all epochs)")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(between(0, 1, "an accuracy from 0 to 1"));
   app.add_option("--eval-every", eval_every,
                  "with --target-accuracy: also test after every this many samples (all workers') inside an epoch and "
                  "stop as soon as the target is reached; the last epoch's line then covers part of an epoch and its "
                  "seconds exclude the tests (0: test at the end of each epoch only)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(at_least(0, true, "a number of samples (0: test at the end of each epoch only)"));
   app.add_flag("--elastic", elastic,
-               "follow the job's membership (aikido-run --elastic): survive resizes and lost workers, new workers get "
-               "the model, optimizer state and data position");
+               "follow the job's membership: survive resizes and lost workers, new workers get the model, optimizer "
+               "state and data position (on by itself under aikido-run --elastic)");
   app.add_option("--commit-every", commit_every, "elastic: commit the training state every this many steps")
-      ->check(CLI::PositiveNumber)
+      ->check(at_least(1, true, "a number of steps (1 or more)"))
       ->capture_default_str();
+  app.add_flag("--all-ranks", all_ranks, "every rank prints its epoch lines (default: rank 0 alone)");
   app.add_flag("--skip-communication", skip_communication,
                "benchmarks only: every worker trains alone on its shard, without communication (the throughput "
                "ceiling of the same run)");
   app.footer(
-      "Each worker prints one JSON line per epoch with the keys epoch, rank, workers, cluster_version, samples (this "
-      "worker's), global_samples (all workers'), seconds (training time of the epoch), train_loss (mean over all "
-      "workers' samples), test_accuracy (0 to 1), samples_per_second (this worker's), global_samples_per_second, "
-      "batch_size (per worker), lr, strategy, model, steps, threads (LibTorch intra-op threads); global_samples counts "
-      "the samples whose updates are in the "
-      "model, so it equals the training set size in every epoch, resizes and lost workers included; and the "
-      "gradient statistics as they stand at the end of the epoch: "
-      "noise_scale, gradient_variance, snr (null until measured).");
+      "Rank 0 (every rank with --all-ranks) prints one JSON line per epoch, keys in this order: epoch, rank, workers, "
+      "test_accuracy (0 to 1), train_loss (mean over all workers' samples), seconds (the epoch's training time: the "
+      "slowest worker's, so the same on every worker), steps (steps taken since the start, all epochs), samples "
+      "(this worker's), global_samples (all workers'; it counts the samples whose updates are in the model, so it "
+      "equals the training set size in every epoch, resizes and lost workers included), samples_per_second (this "
+      "worker's), global_samples_per_second, batch_size (per worker), lr, strategy, model, threads (LibTorch "
+      "intra-op threads), cluster_version, and the gradient statistics as they stand at the end of the epoch: "
+      "noise_scale, gradient_variance, snr (null until measured). Before training, rank 0 prints a line that starts "
+      "with 'train_fashion_mnist: starting:' and gives the configuration (stderr); a job that resumed from a "
+      "checkpoint says from where.");
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -260,6 +308,7 @@ int main(int argc, char** argv) {
     auto start = std::chrono::steady_clock::now();
     const auto test_every = static_cast<std::uint64_t>(std::max<std::int64_t>(eval_every, 1));
     bool done = false;
+    bool started = false;
     while (!done && sampler.epoch() < epochs) {
       try {
         if (session) {
@@ -267,6 +316,36 @@ int main(int argc, char** argv) {
           const aikido::SyncResult r = session->sync(progress.step);
           if (r == aikido::SyncResult::removed) return 0;
           if (r == aikido::SyncResult::changed && opt) opt->on_cluster_change();
+        }
+        if (!started) {  // after the first sync(): a new or resumed worker has the cluster's state now
+          started = true;
+          if (peer.rank() == 0) {
+            std::ostringstream line;
+            line << "train_fashion_mnist: starting: " << peer.size() << (peer.size() == 1 ? " worker" : " workers")
+                 << ", model " << model_kind << ", strategy "
+                 << (opt ? aikido::torch::strategy_name(opt->strategy()) : "none (--skip-communication)") << ", "
+                 << epochs << (epochs == 1 ? " epoch" : " epochs") << " of " << sampler.dataset_size()
+                 << " samples, batch " << batch_size << " per worker (" << batch_size * peer.size() << " in all), lr "
+                 << lr << ", momentum " << momentum << ", seed " << seed << ", " << torch::get_num_threads()
+                 << " LibTorch thread" << (torch::get_num_threads() == 1 ? "" : "s") << " per worker";
+            if (max_steps > 0) line << ", at most " << max_steps << " steps per epoch";
+            for (const auto& policy : policies) line << ", policy " << policy;
+            if (session && session->elastic()) line << ", elastic (commit every " << commit_every << " steps)";
+            std::cerr << line.str() << std::endl;
+            if (session && session->resumed()) {
+              const char* path = std::getenv("AIKIDO_RESUME");
+              std::cerr << "train_fashion_mnist: resumed from " << (path ? path : "the checkpoint") << " at epoch "
+                        << sampler.epoch() << " (" << progress.epoch_samples << " of " << sampler.dataset_size()
+                        << " samples done), step " << progress.step << std::endl;
+            }
+          }
+          if (sampler.epoch() >= epochs) {
+            if (peer.rank() == 0) {
+              std::cerr << "train_fashion_mnist: nothing left to train: the state is at epoch " << sampler.epoch()
+                        << " and --epochs is " << epochs << std::endl;
+            }
+            break;
+          }
         }
         const std::int64_t epoch = sampler.epoch();
         if (!progress.epoch_begun) {
@@ -334,39 +413,43 @@ int main(int argc, char** argv) {
         const double accuracy = reached >= 0 ? reached : evaluate();  // the model is unchanged since that test
         std::vector<double> totals{loss_sum, static_cast<double>(samples)};
         peer.allreduce(std::span<double>(totals), aikido::ReduceOp::sum, "example/epoch-totals");
+        // One synchronous epoch has one duration: the slowest worker's (each worker's own clock started when it
+        // began the epoch, which the first collective of the epoch evens out, and stopped at a different moment).
         std::vector<double> slowest{seconds};
         peer.allreduce(std::span<double>(slowest), aikido::ReduceOp::max, "example/epoch-seconds");
+        const double epoch_seconds = slowest[0];
 
-        if (printed_epoch < epoch) {  // a recovery may repeat the end of an epoch; say it once
-          nlohmann::json line;
-          line["epoch"] = epoch;
-          line["rank"] = peer.rank();
-          line["workers"] = peer.size();
-          line["cluster_version"] = peer.cluster_version();
-          line["samples"] = samples;
-          line["global_samples"] = progress.epoch_samples;
-          line["seconds"] = seconds;
-          line["train_loss"] = totals[1] > 0 ? totals[0] / totals[1] : 0.0;
-          line["test_accuracy"] = accuracy;
-          line["samples_per_second"] = seconds > 0 ? static_cast<double>(samples) / seconds : 0.0;
-          line["global_samples_per_second"] = slowest[0] > 0 ? totals[1] / slowest[0] : 0.0;
-          line["batch_size"] = runner ? runner->batch_size() : batch_size;
-          line["lr"] = opt ? opt->lr() : lr;
+        // A recovery may repeat the end of an epoch; say it once.
+        if (printed_epoch < epoch && (all_ranks || peer.rank() == 0)) {
           const auto statistic = [](double v) {
-            return aikido::TrainingMetrics::known(v) ? nlohmann::json(v) : nlohmann::json();
+            return aikido::TrainingMetrics::known(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json();
           };
           const aikido::TrainingMetrics none;
           const aikido::TrainingMetrics& metrics = opt ? opt->metrics() : none;
-          line["noise_scale"] = statistic(metrics.noise_scale);
-          line["gradient_variance"] = statistic(metrics.gradient_variance);
-          line["snr"] = statistic(metrics.snr);
+          nlohmann::ordered_json line;  // what a reader looks for first comes first
+          line["epoch"] = epoch;
+          line["rank"] = peer.rank();
+          line["workers"] = peer.size();
+          line["test_accuracy"] = accuracy;
+          line["train_loss"] = totals[1] > 0 ? totals[0] / totals[1] : 0.0;
+          line["seconds"] = epoch_seconds;
           line["steps"] = progress.step;
+          line["samples"] = samples;
+          line["global_samples"] = progress.epoch_samples;
+          line["samples_per_second"] = epoch_seconds > 0 ? static_cast<double>(samples) / epoch_seconds : 0.0;
+          line["global_samples_per_second"] = epoch_seconds > 0 ? totals[1] / epoch_seconds : 0.0;
+          line["batch_size"] = runner ? runner->batch_size() : batch_size;
+          line["lr"] = opt ? opt->lr() : lr;
           line["strategy"] = opt ? aikido::torch::strategy_name(opt->strategy()) : "none";
           line["model"] = model_kind;
           line["threads"] = torch::get_num_threads();
+          line["cluster_version"] = peer.cluster_version();
+          line["noise_scale"] = statistic(metrics.noise_scale);
+          line["gradient_variance"] = statistic(metrics.gradient_variance);
+          line["snr"] = statistic(metrics.snr);
           std::cout << line.dump() << std::endl;
-          printed_epoch = epoch;
         }
+        printed_epoch = std::max(printed_epoch, epoch);
         if (target_accuracy > 0 && accuracy >= target_accuracy) done = true;
         if (runner && runner->stopped()) {
           if (peer.rank() == 0) {
@@ -386,6 +469,9 @@ int main(int argc, char** argv) {
         if (!recover(*session, opt.get(), e.what())) return 0;
       }
     }
+    // The metrics of the last step travel in an allreduce that the next step would wait for: wait here, so that the
+    // last values published (aikido-run's summary) count every step.
+    if (opt) opt->finish_pending();
     if (runner) runner->after_train();
     return 0;
   } catch (const std::exception& e) {

@@ -45,10 +45,17 @@ class MembershipStore {
 /// connection when the store serialises requests (the TCP client does).
 std::shared_ptr<MembershipStore> make_membership_store(std::shared_ptr<Store> store, std::string job_id);
 
-/// Key under which ElasticSession publishes a worker's status ("rank=R version=V step=S beat=N", and
-/// "state=left version=V step=S" once its session ends); aikido-run reads it to find workers that stopped responding
-/// and the version a finished worker last joined, and aikido-ctl to print the cluster.
+/// Key under which ElasticSession publishes a worker's status: "state=joining version=V beat=N" from the moment the
+/// session opens (before it publishes its rendezvous address) until it has joined, then "rank=R version=V step=S
+/// beat=N", and "state=left version=V step=S" once its session ends. aikido-run reads it to find workers that stopped
+/// responding, workers that never open a session, and the version a finished worker last joined; aikido-ctl to
+/// print the cluster.
 std::string worker_status_key(const std::string& job_id, std::uint64_t worker_id);
+
+/// Key under which aikido-run records that the job's program does not open an ElasticSession: "plain-peer MESSAGE"
+/// when a worker joined with a plain Peer, "silent MESSAGE" while a worker has not opened a session long after its
+/// start; empty or absent otherwise. aikido-ctl shows it and refuses to resize a job whose workers use plain Peers.
+std::string no_session_key(const std::string& job_id);
 
 /// Keys by which aikido-run asks for a checkpoint before it stops a job (SIGINT, SIGTERM): it writes a request id
 /// under checkpoint_request_key; rank 0's session writes its newest commit to ElasticConfig::checkpoint_path and
@@ -203,6 +210,9 @@ class ElasticSession {
   /// True for a worker that joined a running job, until its first sync() gives it the registered state: until then
   /// it must not run collectives of its own (the members would not post them).
   bool joining() const { return joined_late_; }
+  /// True once the registered state came from the checkpoint ElasticConfig::resume_path (the first sync() of a job
+  /// that resumed; it returned changed), on every worker of that first cluster.
+  bool resumed() const { return resumed_; }
 
   // State registry. Names must be registered in the same order with the same sizes on every worker before the
   // first sync(); MismatchError otherwise.
@@ -226,9 +236,10 @@ class ElasticSession {
   void register_sampler(std::string name, ElasticSampler& sampler);
 
   /// At a step boundary, on every worker: applies a pending membership change (see the class comment). `step` is
-  /// only reported in the status key. Wait for this worker's own asynchronous collectives first: a change closes
-  /// the old version's connections, and collectives still in flight then fail. The first sync() of a job that
-  /// resumed from a checkpoint (ElasticConfig::resume_path) returns changed on every worker: the state was replaced.
+  /// reported in the status key and names the commits taken since the last sync() (give the steps completed). Wait for
+  /// this worker's own asynchronous collectives first: a change closes the old version's connections, and collectives
+  /// still in flight then fail. The first sync() of a job that resumed from a checkpoint (ElasticConfig::resume_path)
+  /// returns changed on every worker: the state was replaced.
   SyncResult sync(std::int64_t step = -1);
 
   /// Asks for `n` workers. Collective: every worker calls it at the same step boundary; it applies the change at
@@ -240,7 +251,8 @@ class ElasticSession {
   std::uint64_t request_resize(int n);
 
   /// Copies the registered state into the in-memory commit (the previous commit is kept too). Call at the same
-  /// step on every worker, after the step's collectives succeeded.
+  /// step on every worker, after the step's collectives succeeded. The commit belongs to the step that the next
+  /// sync() is given, which a checkpoint written from it names ("wrote the last commit (step S) to F").
   void commit();
 
   /// After a collective failed with PeerLostError or TimeoutError: agrees on the new cluster, reconnects and
@@ -271,12 +283,13 @@ class ElasticSession {
   void connect(const ClusterSpec& spec);
   /// Returns true when the state came from ElasticConfig::resume_path.
   bool establish(bool is_new);
-  void take_snapshot(std::uint64_t seq);
+  void take_snapshot(std::uint64_t seq, std::int64_t step);
   void restore_snapshot(std::uint64_t seq);
   /// Writes the newest commit to checkpoint_path; says what happened. Any thread (the heartbeat answers requests).
   std::string write_checkpoint();
   void answer_checkpoint_request();
-  void read_checkpoint(const std::string& path);
+  /// Loads the checkpoint into the registered state; returns the step it was committed at (-1: unknown).
+  std::int64_t read_checkpoint(const std::string& path);
   SyncResult leave(const ClusterSpec& target);
   SyncResult recover_in_sync();
   SyncResult agree_on_version(std::int64_t version, const char* name);
@@ -287,6 +300,7 @@ class ElasticSession {
   bool removed_ = false;
   bool established_ = false;
   bool joined_late_ = false;  // this worker joined a running job and has not received the state yet
+  bool resumed_ = false;      // the state came from the resume checkpoint
   bool needs_rollback_ = false;
   std::optional<Topology> topology_before_change_;  // the members' topology when the current change began
   std::mutex snapshots_mutex_;                      // snapshots_: changed by the training thread, read by the heartbeat
@@ -300,7 +314,8 @@ class ElasticSession {
 
   std::atomic<std::uint64_t> latest_seen_{0};
   std::atomic<std::int64_t> step_{-1};
-  std::atomic<int> status_rank_{0};
+  std::atomic<int> status_rank_{-1};  // -1 until connected to the first cluster version
+  std::uint64_t beat_ = 0;            // heartbeats published: the constructor's, then the heartbeat thread's
   std::atomic<std::uint64_t> status_version_{0};
   std::mutex thread_mutex_;
   std::condition_variable thread_wake_;

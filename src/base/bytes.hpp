@@ -57,6 +57,8 @@ class ByteReader {
     const auto bytes = get_bytes();
     return std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size());
   }
+  /// Bytes not read yet.
+  std::size_t remaining() const { return bytes_.size(); }
   /// Throws unless everything was read; `hint` is appended to the message.
   void finish(std::string_view hint = {}) const {
     if (!bytes_.empty()) throw ProtocolError(str_cat(owner_, ": saved state is too long", hint));

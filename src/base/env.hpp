@@ -37,20 +37,27 @@
 //                           (default: unset; set at most one of AIKIDO_IFACE and AIKIDO_BIND_ADDRESS)
 //   AIKIDO_SEGMENT_BYTES    pipelining segment size in bytes                       (default 1048576)
 //   AIKIDO_LOG_LEVEL        error | warn | info | debug                            (default warn)
+//   AIKIDO_TCP_CONGESTION   TCP congestion control of data connections; "system": the kernel's (default cubic)
 //   AIKIDO_METRICS_INTERVAL seconds between publications of a worker's training metrics to the store, for
 //                           aikido-run's --metrics-port / --metrics-file (unset: not published)
 //   AIKIDO_ELASTIC          1: the membership is in the store (aikido-run --elastic); ElasticSession follows it
+//                           (0 or unset: not elastic)
 //   AIKIDO_WORKER_ID        this worker's id in the ClusterSpec (elastic jobs)     (default: AIKIDO_RANK)
 //   AIKIDO_CHECKPOINT       file the committed state is written to when an elastic job stops below its minimum
 //                           size or aikido-run is asked to stop it                 (default: none)
 //   AIKIDO_RESUME           a checkpoint (AIKIDO_CHECKPOINT) that an elastic job starts from when no worker holds
 //                           state yet                                              (default: none)
+//
+// A bad value is never ignored: the reader throws ConfigError naming the variable and what it accepts, Peer creation
+// checks every setting above first (check_environment), and aikido-run checks those it passes on before it starts
+// any worker.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 
 namespace aikido::env {
 
@@ -87,6 +94,9 @@ inline constexpr const char* kCheckpoint = "AIKIDO_CHECKPOINT";
 inline constexpr const char* kResume = "AIKIDO_RESUME";
 
 inline constexpr std::chrono::milliseconds kDefaultTimeout{60'000};
+/// Accepted range of AIKIDO_SEGMENT_BYTES.
+inline constexpr std::int64_t kMinSegmentBytes = 8;
+inline constexpr std::int64_t kMaxSegmentBytes = std::int64_t(1) << 40;
 
 /// The raw value, or nullopt when unset or empty.
 std::optional<std::string> get(const char* name);
@@ -97,5 +107,13 @@ std::int64_t get_int(const char* name, std::int64_t fallback, std::int64_t min, 
 int local_cpus();
 /// Duration given in (possibly fractional) seconds; throws ConfigError when not a positive number.
 std::chrono::milliseconds get_seconds(const char* name, std::chrono::milliseconds fallback);
+
+/// Why `value` is not a valid value of the setting `name` (one of the variables above), as a message that names the
+/// variable and what it accepts ("AIKIDO_TIMEOUT='abc' is not a positive number of seconds; fix or unset it");
+/// nullopt when it is valid or `name` is not one of them. An empty value counts as unset (valid).
+std::optional<std::string> check_setting(std::string_view name, std::string_view value);
+/// check_setting() for every variable above that this process's environment sets; throws ConfigError with the
+/// first problem.
+void check_environment();
 
 }  // namespace aikido::env

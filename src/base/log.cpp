@@ -13,6 +13,9 @@ Level level_from_env() {
   if (*value == "error") return Level::error;
   if (*value == "info") return Level::info;
   if (*value == "debug") return Level::debug;
+  // Logging cannot throw; Peer creation refuses the value (env::check_environment). Say it once here too, for
+  // programs that log before or without a Peer.
+  write(Level::warn, env::check_setting(env::kLogLevel, *value).value_or("") + " (logging at warn)");
   return Level::warn;
 }
 

@@ -104,6 +104,8 @@ std::string worker_status_key(const std::string& job_id, std::uint64_t worker_id
   return job_id + "/status/w" + std::to_string(worker_id);
 }
 
+std::string no_session_key(const std::string& job_id) { return job_id + "/launcher/no-session"; }
+
 std::string checkpoint_request_key(const std::string& job_id) { return job_id + "/checkpoint/request"; }
 std::string checkpoint_done_key(const std::string& job_id) { return job_id + "/checkpoint/done"; }
 

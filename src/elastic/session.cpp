@@ -54,8 +54,10 @@ double unix_ms_now() {
 
 std::int64_t unix_ms() { return std::int64_t(unix_ms_now()); }
 
-// Checkpoint files: "AIKIDOCK", u64 commit, u64 entries, then per entry u64 name length, name, u64 size, bytes.
+// Checkpoint files: "AIKIDOCK", u64 commit, u64 entries, then per entry u64 name length, name, u64 size, bytes; then
+// "STEP" and the i64 step of the commit (-1: unknown), which files written before steps were recorded lack.
 constexpr std::array<char, 8> kCheckpointMagic = {'A', 'I', 'K', 'I', 'D', 'O', 'C', 'K'};
+constexpr std::array<char, 4> kCheckpointStepTag = {'S', 'T', 'E', 'P'};
 
 // Header each member contributes to establish().
 enum HeaderField { kHasState, kWantsRollback, kNewestCommit, kOldestCommit, kTopology, kHeaderFields };
@@ -80,6 +82,11 @@ struct ElasticSession::Entry {
 
 struct ElasticSession::Snapshot {
   std::uint64_t seq = 0;
+  // The step the committed state stands at, as the first sync() after the commit names it (-1: unknown). Until that
+  // sync() runs, the step after the last sync()'s: a training loop gives sync() the steps completed and commits at
+  // the end of a step.
+  std::int64_t step = -1;
+  bool step_provisional = false;
   std::vector<std::vector<std::byte>> values;  // one per entry
 };
 
@@ -146,6 +153,10 @@ ElasticSession::ElasticSession(ElasticConfig config, std::unique_ptr<Peer> peer)
     alone.size = 1;
     alone.cancel = nullptr;
     peer_ = std::make_unique<Peer>(Peer::create(alone));
+    // The status key exists before this worker publishes its rendezvous address: aikido-run takes a worker whose
+    // address appears without it for a program that joined with a plain Peer instead of a session.
+    status_version_ = latest->version;
+    if (config_.status_store) publish_status();
     start_threads();
     try {
       ClusterSpec target = *latest;
@@ -232,15 +243,24 @@ void ElasticSession::watch_loop() {
   }
 }
 
+// "state=joining version=V ..." until the worker has connected to its first cluster version (status_rank_ < 0), then
+// "rank=R version=V step=S ..." (worker_status_key). Each value differs from the last (beat): aikido-run takes an
+// unchanged value for a hung worker.
+void ElasticSession::publish_status() {
+  const int rank = status_rank_.load();
+  const std::string value =
+      rank < 0 ? str_cat("state=joining version=", status_version_.load(), " beat=", beat_++, " pid=", ::getpid())
+               : str_cat("rank=", rank, " version=", status_version_.load(), " step=", step_.load(), " beat=", beat_++,
+                         " pid=", ::getpid());
+  config_.status_store->set(worker_status_key(config_.peer.job_id, config_.worker_id), value);
+}
+
 void ElasticSession::heartbeat_loop() {
   std::unique_lock<std::mutex> lock(thread_mutex_);
-  std::uint64_t beat = 0;
   while (!stopping_) {
-    const std::string value = str_cat("rank=", status_rank_.load(), " version=", status_version_.load(),
-                                      " step=", step_.load(), " beat=", beat++, " pid=", ::getpid());
     lock.unlock();
     try {
-      config_.status_store->set(worker_status_key(config_.peer.job_id, config_.worker_id), value);
+      publish_status();
       answer_checkpoint_request();
     } catch (const Error& e) {
       log::debug("worker ", config_.worker_id, ": heartbeat failed: ", e.what());
@@ -282,7 +302,7 @@ void ElasticSession::register_sampler(std::string name, ElasticSampler& sampler)
   register_value(std::move(name), sampler.state());
 }
 
-void ElasticSession::take_snapshot(std::uint64_t seq) {
+void ElasticSession::take_snapshot(std::uint64_t seq, std::int64_t step) {
   // Reuse the storage of the oldest commit once two are kept: touching fresh pages costs more than the copy.
   Snapshot snapshot;
   if (snapshots_.size() >= 2) {
@@ -291,6 +311,8 @@ void ElasticSession::take_snapshot(std::uint64_t seq) {
     snapshots_.erase(snapshots_.begin());
   }
   snapshot.seq = seq;
+  snapshot.step = step;
+  snapshot.step_provisional = false;
   snapshot.values.resize(entries_.size());
   for (std::size_t i = 0; i < entries_.size(); ++i) {
     auto& e = entries_[i];
@@ -320,7 +342,10 @@ void ElasticSession::restore_snapshot(std::uint64_t seq) {
 
 void ElasticSession::commit() {
   if (!established_) throw ConfigError("commit() before the first sync()");
-  take_snapshot(commit_seq_ + 1);
+  const std::int64_t last = step_.load();  // negative: sync() is not given steps
+  take_snapshot(commit_seq_ + 1, last >= 0 ? last + 1 : -1);
+  std::lock_guard<std::mutex> lock(snapshots_mutex_);
+  snapshots_.back().step_provisional = true;
 }
 
 bool ElasticSession::establish(bool is_new) {
@@ -365,21 +390,29 @@ bool ElasticSession::establish(bool is_new) {
   const std::int64_t topology = all[std::size_t(source * kHeaderFields + kTopology)];
   if (topology >= 0) peer.set_topology(Topology(topology));
 
-  if (rollback && !is_new && target > 0 && target != INT64_MAX) restore_snapshot(std::uint64_t(target));
+  // The step the state stands at after this change (named in checkpoint messages): this step boundary's, the
+  // restored commit's, or the one the source sends with the state.
+  std::int64_t state_step = step_.load();
+  if (rollback && !is_new && target > 0 && target != INT64_MAX) {
+    restore_snapshot(std::uint64_t(target));
+    state_step = snapshots_.back().step;
+  }
   if (transfer) {
     // Sizes first (callback entries may change size), then every entry's bytes.
     const bool sending = peer.rank() == source;
     std::string resume_error;
     if (resume && sending) {
       try {
-        read_checkpoint(config_.resume_path);
+        state_step = read_checkpoint(config_.resume_path);
       } catch (const Error& e) {
         resume_error = e.what();
       }
     }
     std::vector<std::vector<std::byte>> saved(entries_.size());
-    std::vector<std::int64_t> sizes(entries_.size() + 1, 0);  // the last: whether the source failed to resume
-    sizes.back() = resume_error.empty() ? 0 : 1;
+    // After the entries' sizes: whether the source failed to resume, and the step its state stands at.
+    std::vector<std::int64_t> sizes(entries_.size() + 2, 0);
+    sizes[entries_.size()] = resume_error.empty() ? 0 : 1;
+    sizes[entries_.size() + 1] = state_step;
     for (std::size_t i = 0; i < entries_.size(); ++i) {
       auto& e = entries_[i];
       if (e.fixed()) {
@@ -390,7 +423,8 @@ bool ElasticSession::establish(bool is_new) {
       }
     }
     peer.broadcast(std::span<std::int64_t>(sizes), source, "aikido/elastic/sizes");
-    if (sizes.back() != 0) {
+    state_step = sizes[entries_.size() + 1];
+    if (sizes[entries_.size()] != 0) {
       throw ConfigError(sending ? resume_error
                                 : str_cat("rank ", source, " could not resume from the checkpoint ",
                                           config_.resume_path, " (its own error says why)"));
@@ -432,8 +466,9 @@ bool ElasticSession::establish(bool is_new) {
     std::lock_guard<std::mutex> lock(snapshots_mutex_);
     snapshots_.clear();
   }
-  take_snapshot(std::uint64_t(std::max<std::int64_t>(newest, 0)) + 1);
+  take_snapshot(std::uint64_t(std::max<std::int64_t>(newest, 0)) + 1, state_step);
   needs_rollback_ = false;
+  if (resume) resumed_ = true;
   established_ = true;
   joined_late_ = false;  // the state has arrived
   sync_count_ = 0;       // the check cadence restarts together on every member
@@ -556,6 +591,13 @@ SyncResult ElasticSession::recover_in_sync() {
 SyncResult ElasticSession::sync(std::int64_t step) {
   if (removed_) return SyncResult::removed;
   step_ = step;
+  {
+    std::lock_guard<std::mutex> lock(snapshots_mutex_);
+    for (auto& snapshot : snapshots_) {
+      if (snapshot.step_provisional) snapshot.step = std::max<std::int64_t>(step, -1);
+      snapshot.step_provisional = false;
+    }
+  }
   if (recovered_outside_sync_) {
     recovered_outside_sync_ = false;
     return SyncResult::unchanged;
@@ -623,25 +665,32 @@ SyncResult ElasticSession::agree_on_version(std::int64_t version, const char* na
 std::string ElasticSession::write_checkpoint() {
   if (config_.checkpoint_path.empty()) return "no checkpoint file was given";
   std::vector<std::byte> bytes;
-  std::uint64_t seq = 0;
+  std::int64_t step = -1;
   {
     std::lock_guard<std::mutex> lock(snapshots_mutex_);
     if (snapshots_.empty()) return "nothing is committed yet, so no checkpoint was written";
     const Snapshot& s = snapshots_.back();
-    seq = s.seq;
+    step = s.step >= 0 ? s.step : -1;
     detail::ByteWriter w;
     w.put(kCheckpointMagic).put(std::uint64_t(s.seq)).put(std::uint64_t(entries_.size()));
     for (std::size_t i = 0; i < entries_.size(); ++i) w.put_string(entries_[i].name).put_bytes(s.values[i]);
+    w.put(kCheckpointStepTag).put(step);
     bytes = w.take();
   }
   const std::string tmp = config_.checkpoint_path + ".tmp";
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   bool ok = f && std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
   if (f) ok = std::fclose(f) == 0 && ok;
-  std::string said = ok && std::rename(tmp.c_str(), config_.checkpoint_path.c_str()) == 0
-                         ? str_cat("wrote the last commit (", seq, ") to ", config_.checkpoint_path)
-                         : str_cat("cannot write the checkpoint ", config_.checkpoint_path, ": ", std::strerror(errno));
-  log::warn(said);
+  if (!ok || std::rename(tmp.c_str(), config_.checkpoint_path.c_str()) != 0) {
+    const std::string said =
+        str_cat("cannot write the checkpoint ", config_.checkpoint_path, ": ", std::strerror(errno));
+    log::warn(said);
+    return said;
+  }
+  // Normal on a stop: aikido-run prints the answer, and a stop below the minimum says it in its error.
+  const std::string said = step >= 0 ? str_cat("wrote the last commit (step ", step, ") to ", config_.checkpoint_path)
+                                     : str_cat("wrote the last commit to ", config_.checkpoint_path);
+  log::info(said);
   return said;
 }
 
@@ -655,7 +704,7 @@ void ElasticSession::answer_checkpoint_request() {
 }
 
 // Loads a checkpoint into the registered state (this worker only; establish() then sends it to the others).
-void ElasticSession::read_checkpoint(const std::string& path) {
+std::int64_t ElasticSession::read_checkpoint(const std::string& path) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) throw ConfigError(str_cat("cannot read the checkpoint ", path, " to resume from: ", std::strerror(errno)));
   std::vector<std::byte> bytes;
@@ -673,11 +722,11 @@ void ElasticSession::read_checkpoint(const std::string& path) {
     throw ConfigError(str_cat(what, " is not an Aikido checkpoint (aikido-run --checkpoint writes them)"));
   }
   detail::ByteReader r(std::span<const std::byte>(bytes).subspan(kCheckpointMagic.size()), what);
-  std::uint64_t seq = 0;
+  std::int64_t step = -1;
   std::vector<std::span<const std::byte>> values;
   std::string mismatch;
   try {
-    seq = r.get<std::uint64_t>();
+    r.get<std::uint64_t>();  // the commit number
     const auto count = r.get<std::uint64_t>();
     for (std::uint64_t i = 0; i < count; ++i) {
       std::string name = r.get_string();
@@ -689,6 +738,10 @@ void ElasticSession::read_checkpoint(const std::string& path) {
         mismatch = str_cat("'", name, "' holds ", values.back().size(), " bytes where this program registered ",
                            entries_[i].bytes.size());
       }
+    }
+    if (r.remaining() > 0) {
+      if (r.get<std::array<char, 4>>() != kCheckpointStepTag) throw ProtocolError(what);
+      step = r.get<std::int64_t>();
     }
     r.finish();
   } catch (const ProtocolError&) {
@@ -703,7 +756,12 @@ void ElasticSession::read_checkpoint(const std::string& path) {
                               "; resume with the program (and model) that wrote it"));
   }
   for (std::size_t i = 0; i < entries_.size(); ++i) entries_[i].restore(values[i]);
-  log::info("resumed from commit ", seq, " in ", path);
+  if (step >= 0) {
+    log::info("resumed from ", path, " at step ", step);
+  } else {
+    log::info("resumed from ", path);
+  }
+  return step;
 }
 
 }  // namespace aikido

@@ -238,8 +238,8 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
     mine.unix_path = unix_listener.address().to_string();
     listeners.push_back(&unix_listener);
   }
-  const std::string prefix = str_cat(config.job_id, "/v", config.cluster_version, "/endpoint/");
-  config.store->set(prefix + std::to_string(config.rank), detail::encode_endpoint(mine));
+  config.store->set(detail::endpoint_key(config.job_id, config.cluster_version, config.rank),
+                    detail::encode_endpoint(mine));
 
   std::vector<Endpoint> endpoints(std::size_t(config.size));
   for (int p = 0; p < config.size; ++p) {
@@ -253,7 +253,8 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
       // With a cancel check, wait in slices so that a superseded rendezvous is abandoned quickly.
       const auto slice = config.cancel ? std::min(remaining, kCancelSlice) : remaining;
       try {
-        record = config.store->wait(prefix + std::to_string(p), std::max(slice, std::chrono::milliseconds(1)));
+        record = config.store->wait(detail::endpoint_key(config.job_id, config.cluster_version, p),
+                                    std::max(slice, std::chrono::milliseconds(1)));
         break;
       } catch (const TimeoutError&) {
         if (slice < remaining) {
@@ -321,6 +322,14 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
 }
 
 }  // namespace
+
+namespace detail {
+
+std::string endpoint_key(const std::string& job_id, std::uint64_t cluster_version, int rank) {
+  return str_cat(job_id, "/v", cluster_version, "/endpoint/", rank);
+}
+
+}  // namespace detail
 
 Peer Peer::create(const PeerConfig& input) { return Peer(connect_engine(input)); }
 

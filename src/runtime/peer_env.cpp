@@ -50,6 +50,7 @@ std::string missing_secret_message(const env::LaunchInfo& launch) {
 }  // namespace
 
 void read_peer_env(PeerConfig& config) {
+  env::check_environment();  // every AIKIDO_* setting, also those read later or elsewhere (log level, metrics)
   if (auto host = env::get(env::kHost)) config.host = *host;
   config.secret = env::job_secret(env::process_lookup());
   if (auto job = env::get(env::kJobId)) config.job_id = *job;

@@ -1,7 +1,9 @@
-// PeerConfig read from the environment, shared by Peer::from_env() and ElasticSession::from_env().
+// PeerConfig read from the environment, shared by Peer::from_env() and ElasticSession::from_env(), and the
+// rendezvous key that aikido-run watches.
 #pragma once
 
 #include <aikido/peer.hpp>
+#include <cstdint>
 #include <string>
 
 #include "base/launcher_env.hpp"
@@ -10,8 +12,14 @@ namespace aikido::detail {
 
 /// Host, secret (AIKIDO_SECRET or AIKIDO_SECRET_FILE), job id, topology, transport, timeout, bind address, segment
 /// size and TCP congestion control from the AIKIDO_* variables (src/base/env.hpp); rank, size, cluster version and
-/// store are left to the caller.
+/// store are left to the caller. Checks every AIKIDO_* setting first (env::check_environment): ConfigError for a bad
+/// value, even of one read elsewhere.
 void read_peer_env(PeerConfig& config);
+
+/// Store key under which rank `rank` of cluster version `cluster_version` publishes its addresses at rendezvous.
+/// aikido-run reads it to tell a worker that joined with a plain Peer from one that opened an ElasticSession (which
+/// publishes its status key before it connects).
+std::string endpoint_key(const std::string& job_id, std::uint64_t cluster_version, int rank);
 
 /// The address this worker's TCP listeners bind to and publish, for a worker that `launch` describes:
 ///   - AIKIDO_BIND_ADDRESS, or the first IPv4 address of the interfaces AIKIDO_IFACE selects (at most one of both);

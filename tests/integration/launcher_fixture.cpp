@@ -9,10 +9,21 @@
 //   partial             prints a line without its newline and exits
 //   lines N             prints N numbered lines as fast as it can, on stdout
 //   store               rendezvous through the store of aikido-run: every rank sets a key, waits for all others
+//   peer                opens a Peer from the environment (Peer::from_env) and prints "peer of N ranks"
+//   tick                prints "tick" with printf, no flush, then sleeps: its line must arrive while it runs
+//   affinity            prints "cpus=A,B,..." (the CPUs it may run on, from inside: sched_getaffinity)
+//   hold S              ignores SIGTERM, prints "ready" and sleeps S seconds (only SIGKILL stops it early)
+//   peer-hold S         opens a plain Peer (Peer::from_env), prints "ready" and sleeps S seconds: a program that
+//                       never opens an ElasticSession, run under aikido-run --elastic
+//   session S [hold]    opens an ElasticSession, registers a counter, prints "ready" after its first sync and
+//                       commit, then syncs and commits every 20 ms for S seconds, printing "changed rank=R size=N
+//                       version=V" when the cluster changed; with "hold" it ignores SIGTERM
+#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <aikido/aikido.hpp>
+#include <aikido/elastic.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -103,6 +114,43 @@ int mode_store() {
   return 0;
 }
 
+int mode_affinity() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof set, &set) != 0) return 1;
+  std::string cpus;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &set)) cpus += (cpus.empty() ? "" : ",") + std::to_string(cpu);
+  }
+  std::printf("cpus=%s\n", cpus.c_str());
+  return 0;
+}
+
+int mode_session(int seconds, bool hold) {
+  if (hold) ::signal(SIGTERM, SIG_IGN);
+  auto session = aikido::ElasticSession::from_env();
+  std::int64_t step = 0;
+  session->register_value("step", step);
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+  bool said = false;
+  while (std::chrono::steady_clock::now() < end) {
+    const aikido::SyncResult result = session->sync(step);
+    if (result == aikido::SyncResult::removed) return 0;
+    if (result == aikido::SyncResult::changed) {
+      std::printf("changed rank=%d size=%d version=%llu\n", session->rank(), session->size(),
+                  static_cast<unsigned long long>(session->cluster_version()));
+    }
+    ++step;
+    session->commit();
+    if (!said) {
+      ready();
+      said = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -131,6 +179,31 @@ int main(int argc, char** argv) {
     }
     if (mode == "lines" && argc >= 3) return mode_lines(std::atoi(argv[2]));
     if (mode == "store") return mode_store();
+    if (mode == "peer") {
+      aikido::Peer peer = aikido::Peer::from_env();
+      std::printf("peer of %d ranks\n", peer.size());
+      return 0;
+    }
+    if (mode == "tick") {
+      std::printf("tick\n");  // no fflush: stdout's buffering decides when the line leaves
+      sleep_seconds(120);
+      return 0;
+    }
+    if (mode == "affinity") return mode_affinity();
+    if (mode == "hold" && argc >= 3) {
+      ::signal(SIGTERM, SIG_IGN);
+      ready();
+      sleep_seconds(std::atoi(argv[2]));
+      return 0;
+    }
+    if (mode == "peer-hold" && argc >= 3) {
+      aikido::Peer peer = aikido::Peer::from_env();
+      ready();
+      sleep_seconds(std::atoi(argv[2]));
+      return 0;
+    }
+    if (mode == "session" && argc >= 3)
+      return mode_session(std::atoi(argv[2]), argc >= 4 && std::string(argv[3]) == "hold");
   } catch (const aikido::Error& e) {
     std::fprintf(stderr, "launcher_fixture: %s\n", e.what());
     return 70;

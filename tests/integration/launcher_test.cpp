@@ -6,8 +6,10 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <map>
 #include <regex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "subprocess.hpp"
@@ -68,6 +70,7 @@ TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
       {{"-np", "2", "--transport=carrier-pigeon", kFixture}, "unknown transport 'carrier-pigeon'"},
       {{"-np", "2", "--timeout", "-1", kFixture}, "--timeout '-1' is not a positive number"},
       {{"-np", "2", "--segment-bytes", "lots", kFixture}, "--segment-bytes 'lots'"},
+      {{"-np", "2", "--segment-bytes", "4", kFixture}, "--segment-bytes '4' is not a number of bytes from 8"},
       {{"-np", "2"}, "missing PROGRAM"},
       {{"-np", "2", "aikido-no-such-program"}, "program 'aikido-no-such-program' not found in PATH"},
       {{"-np", "2", "./aikido-no-such-program"}, "program './aikido-no-such-program' does not exist"},
@@ -97,6 +100,43 @@ TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
         << r.describe();
     EXPECT_TRUE(r.out.empty()) << r.describe();
   }
+}
+
+// Settings that workers would inherit are checked like the flags, before any worker starts: a worker that met them
+// would fail (or, for AIKIDO_LOG_LEVEL, ignore them) on its own.
+TEST(LauncherTest, BadSettingsInTheEnvironmentExitWithStatus2) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"AIKIDO_TIMEOUT=abc", "AIKIDO_TIMEOUT='abc' is not a positive number of seconds"},
+      {"AIKIDO_LOG_LEVEL=verbose", "AIKIDO_LOG_LEVEL='verbose' is not error, warn, info or debug"},
+      {"AIKIDO_SEGMENT_BYTES=4", "AIKIDO_SEGMENT_BYTES='4' is not an integer in [8, "},
+      {"AIKIDO_TRANSPORT=pigeon", "AIKIDO_TRANSPORT='pigeon': unknown transport 'pigeon'"},
+      {"AIKIDO_METRICS_INTERVAL=often", "AIKIDO_METRICS_INTERVAL='often' is not a positive number of seconds"},
+      {"AIKIDO_LOCAL_CPUS=all", "AIKIDO_LOCAL_CPUS='all' is not an integer"},
+  };
+  for (const auto& [setting, message] : cases) {
+    const auto r = run_process(launch({"-np", "2", kFixture, "env"}), kBound, Subprocess::Options{{setting}, ""});
+    EXPECT_TRUE(r.exited && r.exit_code == 2) << setting << "\n" << r.describe();
+    EXPECT_NE(r.err.find("aikido-run: " + message), std::string::npos) << setting << "\n" << r.describe();
+    EXPECT_TRUE(r.out.empty()) << "a worker started despite " << setting << "\n" << r.describe();
+  }
+  // A flag replaces the setting it overrides, and settings only aikido-run gives are not inherited: no error.
+  const auto r = run_process(launch({"-np", "1", "--timeout", "5", kFixture, "env"}), kBound,
+                             Subprocess::Options{{"AIKIDO_TIMEOUT=abc", "AIKIDO_ELASTIC=yes"}, ""});
+  EXPECT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.out.find("timeout=5 "), std::string::npos) << r.describe();
+}
+
+// Started by other means (mpirun, by hand), a worker refuses bad settings itself, when it creates its Peer, with the
+// same message.
+TEST(LauncherTest, AWorkerRefusesBadSettingsWhenItCreatesItsPeer) {
+  auto r = run_process({kFixture, "peer"}, kBound, Subprocess::Options{{"AIKIDO_LOG_LEVEL=verbose"}, ""});
+  EXPECT_TRUE(r.exited && r.exit_code == 70) << r.describe();
+  EXPECT_NE(r.err.find("AIKIDO_LOG_LEVEL='verbose' is not error, warn, info or debug; fix or unset it"),
+            std::string::npos)
+      << r.describe();
+  r = run_process({kFixture, "peer"}, kBound, Subprocess::Options{{"AIKIDO_LOG_LEVEL=debug"}, ""});
+  EXPECT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(r.out, "peer of 1 ranks\n") << r.describe();
 }
 
 TEST(LauncherTest, SetsTheEnvironmentAndPrefixesLines) {
@@ -256,6 +296,170 @@ void expect_signal_stops_everything(int sig, int expected_status) {
     EXPECT_NE(::kill(pid, 0), 0) << "worker " << pid << " still runs";
     rest = m.suffix();
   }
+}
+
+// A worker's lines reach aikido-run's output while the worker runs: its standard output is a terminal, which C stdio
+// flushes line by line. Into a pipe, printf's line would wait in the buffer until the worker exits (and a worker
+// killed by SIGTERM, as here, would lose it).
+TEST(LauncherTest, AWorkersLinesArriveWhileItRuns) {
+  Subprocess launcher(launch({"-np", "2", kFixture, "tick"}));
+  const bool arrived = launcher.wait_for_output(
+      [](const std::string& out, const std::string&) { return count_of(out, "] tick\n") == 2; }, 30s);
+  launcher.send_signal(SIGTERM);
+  const auto r = launcher.wait(kBound);
+  ASSERT_TRUE(arrived) << "the workers' lines did not arrive while they ran\n" << r.describe();
+  EXPECT_EQ(r.out, "[0] tick\n[1] tick\n") << r.describe();  // bytes unchanged: no "\r\n" from the terminal
+  EXPECT_TRUE(r.exited && r.exit_code == 143) << r.describe();
+}
+
+// --stdout pipe gives workers a pipe instead: the lines still arrive, whole, when the workers exit.
+TEST(LauncherTest, StdoutPipeGivesWorkersAPipe) {
+  const auto r = run_process(launch({"-np", "2", "--stdout", "pipe", kFixture, "partial"}), kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(count_of(r.out, "[0] no newline\n"), 1) << r.describe();
+  EXPECT_EQ(count_of(r.out, "[1] no newline\n"), 1) << r.describe();
+  const auto bad = run_process(launch({"-np", "2", "--stdout", "file", kFixture, "partial"}), kBound);
+  EXPECT_TRUE(bad.exited && bad.exit_code == 2) << bad.describe();
+  EXPECT_NE(bad.err.find("--stdout expects tty or pipe"), std::string::npos) << bad.describe();
+}
+
+// The CPUs this test may run on, which aikido-run inherits.
+std::vector<int> allowed_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::vector<int> cpus;
+  if (::sched_getaffinity(0, sizeof set, &set) != 0) return cpus;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &set)) cpus.push_back(cpu);
+  }
+  return cpus;
+}
+
+std::string cpu_list(std::vector<int>::const_iterator begin, std::vector<int>::const_iterator end) {
+  std::string text;
+  for (auto it = begin; it != end; ++it) text += (text.empty() ? "" : ",") + std::to_string(*it);
+  return text;
+}
+
+// What each worker of `args` (ending in the fixture's affinity mode) says it may run on, by output label.
+std::map<std::string, std::string> worker_cpus(const std::vector<std::string>& args) {
+  const auto r = run_process(launch(args), kBound);
+  EXPECT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  std::map<std::string, std::string> cpus;
+  const std::regex line(R"(\[([^\]]+)\] cpus=([0-9,]+))");
+  for (auto it = std::sregex_iterator(r.out.begin(), r.out.end(), line); it != std::sregex_iterator(); ++it) {
+    cpus[(*it)[1]] = (*it)[2];
+  }
+  return cpus;
+}
+
+// --bind-to core (the default): with no more workers than CPUs, worker r runs on the r-th block of aikido-run's
+// CPUs (CPUs / N each), as the worker itself sees it.
+TEST(LauncherTest, BindToCoreGivesEachWorkerItsOwnBlockOfCpus) {
+  const std::vector<int> cpus = allowed_cpus();
+  ASSERT_FALSE(cpus.empty());
+  const int np = std::min<int>(int(cpus.size()), 4);
+  const std::size_t share = cpus.size() / std::size_t(np);
+  for (const auto& flags : {std::vector<std::string>{}, std::vector<std::string>{"--bind-to", "core"}}) {
+    std::vector<std::string> args = {"-np", std::to_string(np)};
+    args.insert(args.end(), flags.begin(), flags.end());
+    args.insert(args.end(), {kFixture, "affinity"});
+    const auto seen = worker_cpus(args);
+    ASSERT_EQ(seen.size(), std::size_t(np)) << ::testing::PrintToString(args);
+    for (int rank = 0; rank < np; ++rank) {
+      const auto begin = cpus.begin() + long(std::size_t(rank) * share);
+      EXPECT_EQ(seen.at(std::to_string(rank)), cpu_list(begin, begin + long(share)))
+          << "rank " << rank << " of " << np << " on CPUs " << cpu_list(cpus.begin(), cpus.end());
+    }
+  }
+}
+
+// --bind-to none, more workers than CPUs, and elastic jobs: every worker may run on all of aikido-run's CPUs.
+TEST(LauncherTest, WorkersAreNotBoundWithBindToNoneOrMoreWorkersThanCpus) {
+  const std::vector<int> cpus = allowed_cpus();
+  ASSERT_FALSE(cpus.empty());
+  const std::string all = cpu_list(cpus.begin(), cpus.end());
+  const std::string np = std::to_string(std::min<int>(int(cpus.size()), 4));
+  const std::string more = std::to_string(cpus.size() + 1);
+  for (const auto& args : {std::vector<std::string>{"-np", np, "--bind-to", "none", kFixture, "affinity"},
+                           std::vector<std::string>{"-np", more, kFixture, "affinity"},
+                           std::vector<std::string>{"-np", np, "--elastic", kFixture, "affinity"}}) {
+    const auto seen = worker_cpus(args);
+    EXPECT_EQ(seen.size(), std::size_t(std::stoi(args[1]))) << ::testing::PrintToString(args);
+    for (const auto& [label, list] : seen) {
+      EXPECT_EQ(list, all) << "worker " << label << " of " << ::testing::PrintToString(args);
+    }
+  }
+}
+
+// Process ids of the workers' "ready pid=N" lines.
+std::vector<pid_t> ready_pids(const std::string& out) {
+  std::vector<pid_t> pids;
+  const std::regex pattern(R"(ready pid=(\d+))");
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), pattern); it != std::sregex_iterator(); ++it) {
+    pids.push_back(pid_t(std::stol((*it)[1])));
+  }
+  return pids;
+}
+
+bool stderr_has(Subprocess& process, const std::string& text) {
+  return process.wait_for_output(
+      [&](const std::string&, const std::string& err) { return err.find(text) != std::string::npos; }, kBound);
+}
+
+// The first SIGINT asks the workers to stop (SIGTERM); these ignore it, and the grace period before SIGKILL is
+// longer than the test's bound: only a second SIGINT that kills at once ends the job in time.
+TEST(LauncherTest, ASecondSigintKillsTheWorkersAtOnce) {
+  Subprocess launcher(launch({"-np", "2", "--grace-period", "600", kFixture, "hold", "600"}));
+  ASSERT_TRUE(launcher.wait_for_output(
+      [](const std::string& out, const std::string&) { return count_of(out, "ready pid=") == 2; }, kBound))
+      << launcher.wait(1s).describe();
+  launcher.send_signal(SIGINT);
+  ASSERT_TRUE(stderr_has(launcher, "aikido-run: stopping 2 running workers")) << launcher.wait(1s).describe();
+  launcher.send_signal(SIGINT);
+  const auto r = launcher.wait(kBound);
+  ASSERT_FALSE(r.timed_out) << r.describe();
+  EXPECT_TRUE(r.exited && r.exit_code == 130) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: received SIGINT again; killing the workers (SIGKILL)"), std::string::npos)
+      << r.describe();
+  for (const pid_t pid : ready_pids(r.out)) EXPECT_NE(::kill(pid, 0), 0) << "worker " << pid << " still runs";
+}
+
+// An elastic job with --checkpoint: the first SIGINT asks rank 0 for a checkpoint (rank 0 is stopped here, so it
+// cannot answer), the second stops the workers (SIGTERM, which they ignore; the grace period outlasts the test), the
+// third kills them.
+TEST(LauncherTest, AnElasticJobStopsAtTheSecondSigintAndIsKilledAtTheThird) {
+  const std::string checkpoint = ::testing::TempDir() + "/aikido-launcher-signals.ck";
+  ::unlink(checkpoint.c_str());
+  Subprocess launcher(launch({"-np", "1", "--elastic", "--checkpoint", checkpoint, "--heartbeat-timeout", "600",
+                              "--grace-period", "600", kFixture, "session", "600", "hold"}));
+  ASSERT_TRUE(launcher.wait_for_output(
+      [](const std::string& out, const std::string&) { return count_of(out, "ready pid=") == 1; }, kBound))
+      << launcher.wait(1s).describe();
+  std::string out;
+  launcher.wait_for_output(
+      [&](const std::string& o, const std::string&) {
+        out = o;
+        return true;
+      },
+      1s);
+  const auto pids = ready_pids(out);
+  ASSERT_EQ(pids.size(), 1u) << out;
+  ASSERT_EQ(::kill(pids[0], SIGSTOP), 0);
+  launcher.send_signal(SIGINT);
+  ASSERT_TRUE(stderr_has(launcher, "asking rank 0 to write the last commit")) << launcher.wait(1s).describe();
+  launcher.send_signal(SIGINT);
+  ASSERT_TRUE(stderr_has(launcher, "received SIGINT again; stopping the workers now")) << launcher.wait(1s).describe();
+  ASSERT_TRUE(stderr_has(
+      launcher, "no checkpoint was written to " + checkpoint + ": rank 0 had not written it before the second signal"))
+      << launcher.wait(1s).describe();
+  launcher.send_signal(SIGINT);
+  const auto r = launcher.wait(kBound);
+  ASSERT_FALSE(r.timed_out) << r.describe();
+  EXPECT_TRUE(r.exited && r.exit_code == 130) << r.describe();
+  EXPECT_NE(r.err.find("received SIGINT again; killing the workers (SIGKILL)"), std::string::npos) << r.describe();
+  EXPECT_NE(::kill(pids[0], 0), 0) << "the worker still runs";
+  ::unlink(checkpoint.c_str());
 }
 
 TEST(LauncherTest, SigintStopsEveryWorker) { expect_signal_stops_everything(SIGINT, 130); }

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -28,27 +29,49 @@ const std::string kExample = EXAMPLE_PATH;
 const std::string kCtl = AIKIDO_CTL_PATH;
 constexpr auto kBound = 300s;
 
-// The JSON lines of rank `rank` ("[r] {...}").
+// The JSON lines of rank `rank` ("[r] {...}", or "[r|wID] {...}" from an elastic worker whose id differs).
 std::vector<nlohmann::json> epochs_of(const std::string& out, int rank) {
   std::vector<nlohmann::json> lines;
   std::istringstream in(out);
-  const std::string prefix = "[" + std::to_string(rank) + "] {";
+  const std::regex prefix("^\\[" + std::to_string(rank) + "(\\|w\\d+)?\\] \\{");
   for (std::string line; std::getline(in, line);) {
-    if (line.rfind(prefix, 0) == 0) lines.push_back(nlohmann::json::parse(line.substr(prefix.size() - 1)));
+    if (std::regex_search(line, prefix)) lines.push_back(nlohmann::json::parse(line.substr(line.find("] {") + 2)));
   }
   return lines;
 }
 
 TEST(FashionMnistExample, TwoWorkersReachTheTargetAccuracy) {
-  const auto r = run_process({kRun, "-np", "2", kExample, "--model", "mlp", "--epochs", "3"}, kBound);
+  const auto r = run_process({kRun, "-np", "2", kExample, "--model", "mlp", "--epochs", "3", "--all-ranks"}, kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.err.find("[0] train_fashion_mnist: starting: 2 workers, model mlp, strategy synchronous_sgd, 3 epochs "
+                       "of 60000 samples, batch 64 per worker (128 in all), lr 0.05"),
+            std::string::npos)
+      << r.describe();
   for (int rank = 0; rank < 2; ++rank) {
     const auto epochs = epochs_of(r.out, rank);
     ASSERT_EQ(epochs.size(), 3u) << r.describe();
     for (std::size_t e = 0; e < epochs.size(); ++e) {
       const auto& line = epochs[e];
-      for (const char* key : {"epoch", "rank", "workers", "samples", "global_samples", "seconds", "train_loss",
-                              "test_accuracy", "samples_per_second", "batch_size", "lr", "strategy"}) {
+      for (const char* key : {"epoch",
+                              "rank",
+                              "workers",
+                              "samples",
+                              "global_samples",
+                              "seconds",
+                              "train_loss",
+                              "test_accuracy",
+                              "samples_per_second",
+                              "batch_size",
+                              "lr",
+                              "strategy",
+                              "steps",
+                              "threads",
+                              "model",
+                              "cluster_version",
+                              "global_samples_per_second",
+                              "noise_scale",
+                              "gradient_variance",
+                              "snr"}) {
         EXPECT_TRUE(line.contains(key)) << key << " missing in " << line.dump();
       }
       EXPECT_EQ(line["epoch"], e);
@@ -58,16 +81,34 @@ TEST(FashionMnistExample, TwoWorkersReachTheTargetAccuracy) {
       EXPECT_EQ(line["global_samples"], 60000);
       EXPECT_EQ(line["batch_size"], 64);
       EXPECT_EQ(line["strategy"], "synchronous_sgd");
+      EXPECT_EQ(line["steps"], 469 * (e + 1));  // 60000 samples in global batches of 128: 469 steps per epoch
       EXPECT_GT(line["samples_per_second"].get<double>(), 0);
     }
     EXPECT_GE(epochs.back()["test_accuracy"].get<double>(), 0.85) << r.describe();
     EXPECT_LT(epochs.back()["train_loss"].get<double>(), epochs.front()["train_loss"].get<double>());
   }
+  // One synchronous epoch, one duration: the ranks report the same seconds.
+  for (std::size_t e = 0; e < 3; ++e) {
+    EXPECT_EQ(epochs_of(r.out, 0)[e]["seconds"], epochs_of(r.out, 1)[e]["seconds"]) << "epoch " << e;
+  }
+}
+
+// Without --all-ranks only rank 0 prints its epoch lines (the ranks' numbers are the same), and the keys that a
+// reader looks for come first.
+TEST(FashionMnistExample, RankZeroAlonePrintsEpochLinesByDefault) {
+  const auto r = run_process({kRun, "-np", "2", kExample, "--epochs", "1", "--max-steps", "50"}, kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  ASSERT_EQ(epochs_of(r.out, 0).size(), 1u) << r.describe();
+  EXPECT_TRUE(epochs_of(r.out, 1).empty()) << r.describe();
+  EXPECT_EQ(count_of(r.err, "train_fashion_mnist: starting: "), 1) << r.describe();
+  EXPECT_NE(r.out.find("[0] {\"epoch\":0,\"rank\":0,\"workers\":2,\"test_accuracy\":"), std::string::npos)
+      << r.describe();
 }
 
 TEST(FashionMnistExample, StopsInsideAnEpochOnceTheTargetIsReached) {
   const auto r = run_process(
-      {kRun, "-np", "2", kExample, "--epochs", "2", "--target-accuracy", "0.7", "--eval-every", "6000"}, kBound);
+      {kRun, "-np", "2", kExample, "--epochs", "2", "--target-accuracy", "0.7", "--eval-every", "6000", "--all-ranks"},
+      kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
   for (int rank = 0; rank < 2; ++rank) {
     const auto epochs = epochs_of(r.out, rank);
@@ -84,7 +125,7 @@ TEST(FashionMnistExample, AveragingStrategiesTrain) {
   for (const char* strategy : {"sma", "pair"}) {
     const auto r = run_process({kRun, "-np", "2", kExample, "--strategy", strategy, "--epochs", "1"}, kBound);
     ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
-    const auto epochs = epochs_of(r.out, 1);
+    const auto epochs = epochs_of(r.out, 0);
     ASSERT_EQ(epochs.size(), 1u) << r.describe();
     EXPECT_GE(epochs[0]["test_accuracy"].get<double>(), 0.8) << strategy << "\n" << r.describe();
   }
@@ -123,7 +164,7 @@ int metrics_port_of(Subprocess& job) {
 }
 
 TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
-  const std::string file = ::testing::TempDir() + "/aikido-metrics.jsonl";
+  const std::string file = ::testing::TempDir() + "/aikido-metrics-" + std::to_string(::getpid()) + ".jsonl";
   Subprocess job({kRun, "-np", "2", "--metrics-port", "0", "--metrics-file", file, "--metrics-interval", "0.2",
                   kExample, "--epochs", "2", "--max-steps", "400", "--policy", "adaptive-batch"});
   const int port = metrics_port_of(job);
@@ -166,11 +207,18 @@ TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
     }
   }
   EXPECT_GE(lines, 2);
+  in.close();
+  std::remove(file.c_str());
   // The epoch lines carry the statistics too.
   const auto epochs = epochs_of(r.out, 0);
   ASSERT_EQ(epochs.size(), 2u) << r.describe();
   EXPECT_TRUE(epochs[1]["noise_scale"].is_number()) << epochs[1].dump();
   EXPECT_TRUE(epochs[1]["snr"].is_number()) << epochs[1].dump();
+  // The summary counts every step, as the epoch line does (the last step's metrics are not left in flight).
+  const std::string steps = std::to_string(epochs[1]["steps"].get<std::int64_t>());
+  EXPECT_NE(r.err.find("aikido-run: metrics of rank 0: " + steps + " steps, "), std::string::npos)
+      << "the last epoch line says " << steps << " steps\n"
+      << r.describe();
 }
 
 // After an elastic job shrinks, the exporter serves and summarises only the ranks of the current cluster: the worker
@@ -202,8 +250,9 @@ TEST(FashionMnistExample, MetricsOfAnElasticJobFollowTheCluster) {
 // 2 x 2 threads on 2 cores). A thread count the user set stays.
 TEST(FashionMnistExample, ThreadsPerWorkerFollowTheSizeOfAnElasticJob) {
   const std::vector<std::string> args = {
-      kRun,        "-np",      "1", "--elastic",   "--max-np", "2",        kExample,
-      "--elastic", "--epochs", "2", "--max-steps", "60",       "--policy", "schedule:workers@step20=2"};
+      kRun,          "-np",    "1",           "--elastic", "--max-np",
+      "2",           kExample, "--elastic",   "--epochs",  "2",
+      "--max-steps", "60",     "--all-ranks", "--policy",  "schedule:workers@step20=2"};
   const auto r = run_process(args, kBound, Subprocess::Options{{"AIKIDO_LOCAL_CPUS=4"}, ""});
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
   for (const auto& rank : {0, 1}) {
@@ -251,10 +300,11 @@ bool wait_for_progress(const std::string& control, int workers, int step) {
   return false;
 }
 
+// The example follows aikido-run --elastic without its own --elastic flag.
 TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
-  const std::string control = ::testing::TempDir() + "/aikido-example-control";
+  const std::string control = ::testing::TempDir() + "/aikido-example-control-" + std::to_string(::getpid());
   Subprocess job({kRun, "-np", "2", "--elastic", "--max-np", "3", "--restart", "--control-file", control, "--timeout",
-                  "20", kExample, "--elastic", "--epochs", "2", "--commit-every", "5", "--policy",
+                  "20", kExample, "--epochs", "2", "--commit-every", "5", "--all-ranks", "--policy",
                   "adaptive-batch:interval=20,warmup=20,max=256"});
   ASSERT_TRUE(wait_for_progress(control, 2, 20)) << ctl(control, {"status"});
   EXPECT_NE(ctl(control, {"resize", "3"}).find("cluster version 1"), std::string::npos);
@@ -297,6 +347,44 @@ TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
   EXPECT_GT(*batch[1].begin(), 64) << "the policy never grew the batch: the test shows nothing\n" << r.out;
 }
 
+// A job stopped with --checkpoint and resumed: rank 0's answer names the step of the commit it wrote (not a warning:
+// writing it is what the stop asked for), the resumed job says where it starts, and one already past --epochs says
+// so instead of exiting without a word.
+TEST(FashionMnistExample, AResumedJobSaysWhereItStarts) {
+  const std::string checkpoint = ::testing::TempDir() + "/aikido-example-resume-" + std::to_string(::getpid()) + ".ck";
+  ::unlink(checkpoint.c_str());
+  Subprocess job(
+      {kRun, "-np", "2", "--elastic", "--checkpoint", checkpoint, kExample, "--epochs", "50", "--max-steps", "40"});
+  ASSERT_TRUE(job.wait_for_output(
+      [](const std::string& out, const std::string&) { return out.find("{\"epoch\":0,") != std::string::npos; },
+      kBound))
+      << job.wait(1s).describe();
+  job.send_signal(SIGTERM);
+  const auto stopped = job.wait(kBound);
+  EXPECT_TRUE(stopped.exited && stopped.exit_code == 143) << stopped.describe();
+  std::smatch m;
+  ASSERT_TRUE(
+      std::regex_search(stopped.err, m, std::regex("aikido-run: rank 0: wrote the last commit \\(step (\\d+)\\) to ")))
+      << stopped.describe();
+  const std::string step = m[1];
+  EXPECT_EQ(stopped.err.find("[aikido warn]"), std::string::npos) << stopped.describe();
+
+  const auto r =
+      run_process({kRun, "-np", "2", "--elastic", "--resume", checkpoint, kExample, "--epochs", "1"}, kBound);
+  EXPECT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_TRUE(
+      std::regex_search(r.err, std::regex("\\[0\\] train_fashion_mnist: resumed from " + checkpoint +
+                                          " at epoch [1-9]\\d* \\(\\d+ of 60000 samples done\\), step " + step + "\n")))
+      << "the checkpoint holds step " << step << "\n"
+      << r.describe();
+  EXPECT_TRUE(std::regex_search(
+      r.err, std::regex("\\[0\\] train_fashion_mnist: nothing left to train: the state is at epoch [1-9]\\d* and "
+                        "--epochs is 1\n")))
+      << r.describe();
+  EXPECT_TRUE(epochs_of(r.out, 0).empty()) << r.describe();
+  ::unlink(checkpoint.c_str());
+}
+
 TEST(FashionMnistExample, BadInputIsAClearError) {
   auto r = run_process({kExample, "--data", "/nonexistent"}, kBound);
   EXPECT_TRUE(r.exited && r.exit_code == 1) << r.describe();
@@ -307,6 +395,13 @@ TEST(FashionMnistExample, BadInputIsAClearError) {
   r = run_process({kExample, "--policy", "adaptive-batch:rule=cubic"}, kBound);
   EXPECT_TRUE(r.exited && r.exit_code == 1) << r.describe();
   EXPECT_NE(r.err.find("rule 'cubic' is not linear, sqrt or adascale"), std::string::npos) << r.describe();
+  // Flags say what they accept, not the limits of a double.
+  r = run_process({kExample, "--epochs", "0"}, kBound);
+  EXPECT_TRUE(r.exited && r.exit_code != 0) << r.describe();
+  EXPECT_NE(r.err.find("--epochs: '0' is not a number of epochs (1 or more)"), std::string::npos) << r.describe();
+  EXPECT_EQ(r.err.find("179769"), std::string::npos) << r.describe();
+  r = run_process({kExample, "--lr", "0"}, kBound);
+  EXPECT_NE(r.err.find("--lr: '0' is not a learning rate above 0"), std::string::npos) << r.describe();
   r = run_process({kExample, "--eval-every", "6000"}, kBound);
   EXPECT_TRUE(r.exited && r.exit_code == 1) << r.describe();
   EXPECT_NE(r.err.find("--eval-every needs --target-accuracy"), std::string::npos) << r.describe();

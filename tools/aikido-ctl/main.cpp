@@ -1,8 +1,10 @@
 // aikido-ctl: inspects and resizes a running elastic job through the control file aikido-run wrote.
 //
-//   aikido-ctl --control-file F status        the cluster: version, workers, their rank and step
+//   aikido-ctl --control-file F status        the cluster: version, workers, their rank and step (and a note when
+//                                             the program does not use aikido::ElasticSession)
 //   aikido-ctl --control-file F resize N      asks for N workers (a new cluster version; workers switch at their
-//                                             next step boundary, aikido-run starts or stops processes)
+//                                             next step boundary, aikido-run starts or stops processes); refused
+//                                             when the workers joined with plain Peers instead of sessions
 //
 // The control file holds the address of the job's store and the job secret; the store refuses connections that do
 // not prove the secret. Exit status: 0 done, 1 the request failed, 2 bad command line.
@@ -14,6 +16,7 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <utility>
 
 namespace {
 
@@ -61,23 +64,47 @@ Control read_control_file(const std::string& path) {
   return c;
 }
 
+// What aikido-run found out about the job's sessions (aikido::no_session_key): kind ("plain-peer", "silent") and
+// message; an empty kind when the workers use sessions (or have not been found not to).
+std::pair<std::string, std::string> no_session(aikido::Store& store, const Control& control) {
+  const std::string value = store.get(aikido::no_session_key(control.job)).value_or("");
+  const auto space = value.find(' ');
+  if (space == std::string::npos) return {};
+  return {value.substr(0, space), value.substr(space + 1)};
+}
+
 int status(aikido::Store& store, aikido::MembershipStore& membership, const Control& control) {
   const auto spec = membership.latest();
   if (!spec) throw aikido::Error("the job has not published a cluster yet");
+  const auto [kind, message] = no_session(store, control);
   std::printf("cluster version %llu (%s): %d worker%s, min %d, max %d\n", (unsigned long long)spec->version,
               spec->reason.c_str(), spec->size(), spec->size() == 1 ? "" : "s", spec->min_size, spec->max_size);
+  if (!kind.empty()) std::printf("note: %s\n", message.c_str());
   for (int rank = 0; rank < spec->size(); ++rank) {
     const auto& w = spec->workers[std::size_t(rank)];
     const auto value = store.get(aikido::worker_status_key(control.job, w.id));
     auto fields = read_key_values(value.value_or(""), ' ');
-    std::printf("  rank %d: worker %llu on %s, step %s, at version %s\n", rank, (unsigned long long)w.id,
-                w.host.c_str(), fields.count("step") ? fields["step"].c_str() : "?",
-                fields.count("version") ? fields["version"].c_str() : "?");
+    std::string where;
+    if (!value) {
+      where = kind == "plain-peer" ? "no elastic session (the program does not use aikido::ElasticSession)"
+                                   : "no elastic session yet";
+    } else if (fields["state"] == "joining") {
+      where = "joining cluster version " + fields["version"];
+    } else if (fields["state"] == "left") {
+      where = "left at step " + fields["step"] + ", version " + fields["version"];
+    } else {
+      where = "step " + fields["step"] + ", at version " + fields["version"];
+    }
+    std::printf("  rank %d: worker %llu on %s, %s\n", rank, (unsigned long long)w.id, w.host.c_str(), where.c_str());
   }
   return 0;
 }
 
-int resize(aikido::MembershipStore& membership, int n) {
+int resize(aikido::Store& store, aikido::MembershipStore& membership, const Control& control, int n) {
+  // Plain Peers never look at the membership: the new workers would wait for members that never join them.
+  const auto [kind, message] = no_session(store, control);
+  if (kind == "plain-peer") throw aikido::ConfigError("cannot resize this job: " + message);
+  if (!kind.empty()) std::fprintf(stderr, "aikido-ctl: note: %s\n", message.c_str());
   for (;;) {
     const auto spec = membership.latest();
     if (!spec) throw aikido::Error("the job has not published a cluster yet");
@@ -133,7 +160,7 @@ int main(int argc, char** argv) {
     const Control control = read_control_file(control_file);
     auto store = aikido::connect_tcp_store(control.store, control.secret, std::chrono::milliseconds(kTimeout));
     auto membership = aikido::make_membership_store(store, control.job);
-    return command == "status" ? status(*store, *membership, control) : resize(*membership, n);
+    return command == "status" ? status(*store, *membership, control) : resize(*store, *membership, control, n);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "aikido-ctl: %s\n%s", e.what(), kUsage);
     return 2;

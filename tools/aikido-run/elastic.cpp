@@ -8,11 +8,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <utility>
 
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "runtime/store_server.hpp"
 #include "output.hpp"
+#include "runtime/peer_env.hpp"
 #include "transport/socket.hpp"
 
 namespace aikido::run {
@@ -22,6 +24,13 @@ using SteadyClock = std::chrono::steady_clock;
 
 // A removed worker leaves at its next step boundary; past this it is stopped.
 constexpr std::chrono::seconds kLeaveGrace{10};
+// A worker without a session this long after its start is reported as probably not using one. Programs may load
+// their data before they open the session; the example opens it first.
+constexpr std::chrono::seconds kSessionGrace{10};
+// What to do about a program that does not open a session.
+constexpr const char* kUseASession =
+    "run it without --elastic, or open an aikido::ElasticSession (ElasticSession::from_env(), see \"Elastic "
+    "training\" in the README)";
 
 std::int64_t unix_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
@@ -88,9 +97,14 @@ std::vector<Supervisor::Worker> ElasticController::initial_workers() {
   std::vector<Supervisor::Worker> workers;
   for (const auto& w : spec.workers) {
     workers.push_back(worker_for(spec, w.id));
-    started_for_[w.id] = spec.version;
+    started(w.id, spec.version);
   }
   return workers;
+}
+
+void ElasticController::started(std::uint64_t id, std::uint64_t version) {
+  started_for_[id] = version;
+  sessions_[id].started = SteadyClock::now();
 }
 
 Supervisor::Worker ElasticController::worker_for(const ClusterSpec& spec, std::uint64_t id) const {
@@ -118,15 +132,92 @@ void ElasticController::on_wake(Supervisor& supervisor) {
   while (::read(wake_fd_, &count, sizeof count) > 0) {
   }
   reconcile(supervisor);
+  check_sessions(supervisor);
   // While rank 0 writes the checkpoint before a stop, its heartbeat pauses: no worker is killed for that.
   if (checkpoint_request_.empty()) check_heartbeats(supervisor);
+}
+
+bool ElasticController::session_open(std::uint64_t id) {
+  try {
+    return store_->get(worker_status_key(job_id_, id)).has_value();
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+void ElasticController::publish_no_session(const std::string& kind, const std::string& message) {
+  try {
+    store_->set(no_session_key(job_id_), kind.empty() ? std::string() : kind + " " + message);
+  } catch (const Error&) {
+  }
+}
+
+// Workers whose session has not opened yet: a rendezvous address without the status key means a plain Peer (the
+// session publishes its status first, then connects); no status key long after the start, probably no session.
+void ElasticController::check_sessions(Supervisor& supervisor) {
+  if (!plain_peer_.empty()) return;  // said once for the job
+  const auto now = SteadyClock::now();
+  bool silent_reported = false;
+  for (const auto& [id, watch] : sessions_) silent_reported = silent_reported || (watch.reported_silent && !watch.open);
+  for (std::uint64_t id : supervisor.running_workers()) {
+    auto it = sessions_.find(id);
+    if (it == sessions_.end() || it->second.open) continue;
+    SessionWatch& watch = it->second;
+    const std::uint64_t version = started_for_.at(id);
+    const auto spec = membership_->get(version);
+    if (!spec || !spec->contains(id)) continue;
+    const int rank = spec->rank_of(id);
+    bool joined = false;
+    try {
+      joined = store_->get(detail::endpoint_key(job_id_, version, rank)).has_value();  // before the status key
+    } catch (const Error&) {
+      continue;
+    }
+    if (session_open(id)) {
+      watch.open = true;
+      if (watch.reported_silent) {
+        report("aikido-run: worker " + std::to_string(id) + " has opened its elastic session");
+        publish_no_session("", "");
+      }
+      continue;
+    }
+    const std::string who = "worker " + std::to_string(id) + " (rank " + std::to_string(rank) + ")";
+    if (joined) {
+      plain_peer_ = who +
+                    " joined the cluster with a plain aikido::Peer instead of an aikido::ElasticSession: the program "
+                    "does not follow the job's membership, so the job cannot be resized, recover from a lost worker "
+                    "or write a checkpoint";
+      report("aikido-run: " + plain_peer_ + "; " + kUseASession);
+      publish_no_session("plain-peer", plain_peer_ + "; " + kUseASession);
+      if (!options_.resume.empty()) {
+        report("aikido-run: stopping the job: the checkpoint " + options_.resume +
+               " (--resume) is read by the program's aikido::ElasticSession; without one every worker would train "
+               "from its initial state");
+        supervisor.stop_job(1);
+      }
+      return;
+    }
+    if (!watch.reported_silent && !silent_reported && now - watch.started >= kSessionGrace) {
+      watch.reported_silent = true;
+      silent_reported = true;
+      std::string message = who + " has not opened an aikido::ElasticSession " + detail::seconds(kSessionGrace) +
+                            " after it started; if the program does not use one, " + kUseASession +
+                            ": resizes, recovery and checkpoints need it";
+      if (!options_.resume.empty()) {
+        message += "; without one it trains from its initial state, not from " + options_.resume;
+      }
+      report("aikido-run: " + message);
+      publish_no_session("silent", message);
+    }
+  }
 }
 
 void ElasticController::reconcile(Supervisor& supervisor) {
   const auto spec = membership_->latest();
   if (!spec) return;
   for (const auto& w : spec->workers) {
-    if (started_for_.emplace(w.id, spec->version).second) {
+    if (!started_for_.contains(w.id)) {
+      started(w.id, spec->version);
       report("aikido-run: starting worker " + std::to_string(w.id) + " as rank " + std::to_string(spec->rank_of(w.id)) +
              " of cluster version " + std::to_string(spec->version));
       supervisor.start_worker(worker_for(*spec, w.id));
@@ -134,7 +225,10 @@ void ElasticController::reconcile(Supervisor& supervisor) {
   }
   const auto now = SteadyClock::now();
   for (std::uint64_t id : supervisor.running_workers()) {
-    if (spec->contains(id)) continue;
+    if (spec->contains(id)) {
+      supervisor.set_rank(id, spec->rank_of(id));  // its output lines name its rank in the newest version
+      continue;
+    }
     auto [it, fresh] = removed_since_.emplace(id, now);
     if (!fresh && now - it->second >= kLeaveGrace) {
       report("aikido-run: worker " + std::to_string(id) +
@@ -171,6 +265,13 @@ void ElasticController::check_heartbeats(Supervisor& supervisor) {
 
 bool ElasticController::prepare_stop() {
   if (options_.checkpoint.empty()) return false;
+  const auto latest = membership_->latest();
+  if (latest && !latest->workers.empty() && !session_open(latest->workers.front().id)) {
+    report("aikido-run: no checkpoint is written to " + options_.checkpoint + ": rank 0 (worker " +
+           std::to_string(latest->workers.front().id) + ") " +
+           (plain_peer_.empty() ? "has not opened" : "does not use") + " an aikido::ElasticSession, which writes it");
+    return false;
+  }
   checkpoint_request_ = std::to_string(unix_ms());
   try {
     store_->set(checkpoint_request_key(job_id_), checkpoint_request_);
@@ -180,6 +281,10 @@ bool ElasticController::prepare_stop() {
   report("aikido-run: asking rank 0 to write the last commit to " + options_.checkpoint +
          " before stopping the workers (a second signal stops them at once)");
   return true;
+}
+
+void ElasticController::stop_preparation_abandoned(const std::string& why) {
+  report("aikido-run: no checkpoint was written to " + options_.checkpoint + ": rank 0 had not written it " + why);
 }
 
 bool ElasticController::stop_ready() {
@@ -248,7 +353,21 @@ bool ElasticController::on_exit(Supervisor& supervisor, std::uint64_t id, int st
       }
     }
     if (latest && latest->contains(id)) stop_workers_that_cannot_join(supervisor, id);
+    if (!options_.resume.empty() && !session_open(id) && !std::exchange(resume_unmet_reported_, true)) {
+      report("aikido-run: worker " + std::to_string(id) +
+             " finished without opening an aikido::ElasticSession, so it did not resume from " + options_.resume +
+             "; " + kUseASession);
+      supervisor.set_exit_code(1);
+    }
     return true;
+  }
+  if (!plain_peer_.empty()) {
+    // Plain Peers cannot form a smaller cluster: the others fail as in a static job.
+    report(
+        "aikido-run: the program does not use aikido::ElasticSession, so the other workers cannot go on without "
+        "worker " +
+        std::to_string(id) + "; stopping the job");
+    return false;
   }
   std::string removed_by;
   const auto last = last_spec_with(id, &removed_by);

@@ -37,6 +37,11 @@ namespace aikido::run {
 ///   10 s), so that a job stopped from outside can resume (--resume).
 /// - A worker whose heartbeat (the status key its session updates) stays unchanged for --heartbeat-timeout is
 ///   killed, which makes it a crashed worker: this is how a stopped (SIGSTOP) or frozen worker is found.
+/// - A program that never opens an ElasticSession is found and named at once (check_sessions): a worker whose
+///   rendezvous address appears without its session's status key (which a session publishes first) joined with a
+///   plain Peer; a worker without a status key kSessionGrace after its start is reported as probably so. Such a job
+///   runs like a static one: aikido-ctl refuses to resize it, a lost worker ends it, --checkpoint writes nothing
+///   (said at the stop), and with --resume it is stopped (it would train from its initial state).
 class ElasticController final : public Controller {
  public:
   ElasticController(const Options& options, elastic::StoreServer& server, std::string job_id,
@@ -53,12 +58,19 @@ class ElasticController final : public Controller {
   /// With --checkpoint: asks rank 0 for its newest commit before the workers are stopped.
   bool prepare_stop() override;
   bool stop_ready() override;
+  void stop_preparation_abandoned(const std::string& why) override;
 
  private:
   struct Heartbeat {
     std::string value;
     std::chrono::steady_clock::time_point changed;
     bool killed = false;
+  };
+  /// Whether a worker has opened its ElasticSession (its status key exists).
+  struct SessionWatch {
+    std::chrono::steady_clock::time_point started;
+    bool open = false;
+    bool reported_silent = false;  // said that it has no session kSessionGrace after its start
   };
 
   /// The newest spec that still holds worker `id`, and the reason of the version that removed it (empty while it
@@ -67,6 +79,12 @@ class ElasticController final : public Controller {
   Supervisor::Worker worker_for(const ClusterSpec& spec, std::uint64_t id) const;
   void reconcile(Supervisor& supervisor);
   void check_heartbeats(Supervisor& supervisor);
+  void check_sessions(Supervisor& supervisor);
+  bool session_open(std::uint64_t id);
+  /// Records why the job's workers do not use sessions ("plain-peer" or "silent", see no_session_key) for aikido-ctl.
+  void publish_no_session(const std::string& kind, const std::string& message);
+  /// Started worker `id` for cluster version `version`: watch whether it opens a session.
+  void started(std::uint64_t id, std::uint64_t version);
   void stop_workers_that_cannot_join(Supervisor& supervisor, std::uint64_t finished);
   void watch_loop();
 
@@ -82,6 +100,9 @@ class ElasticController final : public Controller {
   std::map<std::uint64_t, std::uint64_t> started_for_;  // every worker started: the cluster version it was for
   std::map<std::uint64_t, std::chrono::steady_clock::time_point> removed_since_;
   std::map<std::uint64_t, Heartbeat> heartbeats_;
+  std::map<std::uint64_t, SessionWatch> sessions_;
+  std::string plain_peer_;                    // set once a worker joined with a plain Peer: what aikido-run said
+  bool resume_unmet_reported_ = false;        // said that a worker finished without resuming
   std::optional<std::uint64_t> finished_by_;  // the first member that exited with status 0
   int restarts_ = 0;                          // replacements started
   std::string checkpoint_request_;            // the request prepare_stop() made

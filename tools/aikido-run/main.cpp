@@ -19,19 +19,15 @@
 #include "base/env.hpp"
 #include "base/sha256.hpp"
 #include "elastic.hpp"
+#include "environment.hpp"
 #include "runtime/store_server.hpp"
 #include "metrics_exporter.hpp"
 #include "options.hpp"
 #include "output.hpp"
 #include "supervisor.hpp"
-#include "transport/socket.hpp"
-
-extern char** environ;
 
 namespace aikido::run {
 namespace {
-
-constexpr std::chrono::milliseconds kGracePeriod{3000};
 
 std::string random_hex(std::size_t bytes) {
   std::vector<std::uint8_t> buffer(bytes);
@@ -39,65 +35,13 @@ std::string random_hex(std::size_t bytes) {
   return detail::to_hex(buffer);
 }
 
-// What every worker shares: aikido-run's environment with the job's settings applied. Each worker adds its
-// AIKIDO_RANK and AIKIDO_LOCAL_RANK.
-struct JobEnvironment {
-  std::vector<std::string> shared;
-};
-
-// Settings of the workers' numeric libraries, each applied only when aikido-run's own environment does not set it.
-// Workers share this host's cores: each gets an equal share of threads (at least one) for OpenMP (LibTorch's
-// intra-op threads), and OpenBLAS one thread. glibc's malloc by default gives blocks over 128 KiB fresh pages of their
-// own and hands freed memory back to the kernel, so that every step of a training loop pays page faults for its
-// large, short-lived tensors (a CNN at batch 256 ran 4x faster without them); kMallocTunables keeps them in the heap.
-std::vector<std::pair<std::string, std::string>> worker_defaults(int np, int cores) {
-  const std::string threads = std::to_string(std::max(1, cores / std::max(1, np)));
-  // OpenBLAS runs inside LibTorch's intra-op threads: threads of its own would oversubscribe the cores (measured: an
-  // MLP step 3x slower with 2 + 2 threads on 2 cores than with 2 + 1).
-  return {{"OMP_NUM_THREADS", threads}, {"OPENBLAS_NUM_THREADS", "1"}, {"GLIBC_TUNABLES", kMallocTunables}};
-}
-
-JobEnvironment job_environment(const Options& options, const std::string& store_address, const std::string& secret,
-                               const std::string& job_id) {
-  const int cpus = env::local_cpus();  // this host's CPUs, shared by its workers
-  std::vector<std::pair<std::string, std::string>> settings = {
-      {env::kSize, std::to_string(options.np)},
-      {env::kLocalSize, std::to_string(options.np)},
-      {env::kLocalCpus, std::to_string(cpus)},  // workers bound to one CPU each still see them all
-      {env::kHost, transport::host_name()},
-      {env::kStoreAddr, store_address},
-      {env::kSecret, secret},
-      {env::kJobId, job_id},
-      {env::kClusterVersion, "0"},
-  };
-  if (options.topology) settings.emplace_back(env::kTopology, *options.topology);
-  if (options.timeout) settings.emplace_back(env::kTimeout, *options.timeout);
-  if (options.transport) settings.emplace_back(env::kTransport, *options.transport);
-  if (options.segment_bytes) settings.emplace_back(env::kSegmentBytes, *options.segment_bytes);
-  if (options.metrics_port || options.metrics_file) {
-    settings.emplace_back(env::kMetricsInterval, std::to_string(options.metrics_interval));
-  }
-
-  std::set<std::string> replaced = {env::kRank, env::kLocalRank, env::kAutoThreads};
-  for (const auto& [name, value] : settings) replaced.insert(name);
-
-  JobEnvironment job;
-  std::set<std::string> inherited;
-  for (char** e = environ; *e != nullptr; ++e) {
-    const std::string entry = *e;
-    const std::string name = entry.substr(0, entry.find('='));
-    if (replaced.count(name) > 0) continue;
-    inherited.insert(name);
-    job.shared.push_back(entry);
-  }
-  for (const auto& [name, value] : worker_defaults(options.np, cpus)) {
-    if (inherited.count(name) > 0) continue;
-    job.shared.push_back(name + "=" + value);
-    // An elastic job's size changes: the LibTorch integration then keeps threads x workers at the CPUs.
-    if (name == "OMP_NUM_THREADS") job.shared.push_back(std::string(env::kAutoThreads) + "=1");
-  }
-  for (const auto& [name, value] : settings) job.shared.push_back(name + "=" + value);
-  return job;
+Supervisor::Config supervisor_config(const Options& options) {
+  Supervisor::Config config;
+  config.program_path = options.program_path;
+  config.argv = options.argv;
+  config.grace = std::chrono::milliseconds(std::int64_t(options.grace_period_s * 1000));
+  config.stdout_tty = options.stdout_tty;
+  return config;
 }
 
 // The control file tells aikido-ctl where the job's store is and proves it may talk to it: owner-only (0600).
@@ -119,7 +63,7 @@ int run_elastic_job(const Options& options, elastic::StoreServer& store, const s
                     const std::string& job_id, const JobEnvironment& job) {
   ElasticController controller(options, store, job_id, job.shared);
   if (!options.control_file.empty()) write_control_file(options.control_file, store.address(), secret, job_id);
-  Supervisor supervisor(options.program_path, options.argv, kGracePeriod);
+  Supervisor supervisor(supervisor_config(options));
   supervisor.set_controller(&controller);
   const int status = supervisor.run(controller.initial_workers());
   if (!options.control_file.empty()) ::unlink(options.control_file.c_str());
@@ -151,7 +95,7 @@ int run_static_job(const Options& options, const JobEnvironment& job) {
     worker.environment.push_back(std::string(env::kLocalRank) + "=" + std::to_string(rank));
     workers.push_back(std::move(worker));
   }
-  Supervisor supervisor(options.program_path, options.argv, kGracePeriod);
+  Supervisor supervisor(supervisor_config(options));
   return supervisor.run(workers);
 }
 
@@ -201,6 +145,11 @@ int main(int argc, char** argv) {
     const std::string text = usage();
     write_fully(STDOUT_FILENO, text.data(), text.size());
     return 0;
+  }
+  // Settings the workers would inherit are checked like the flags: a bad one stops the job before any worker runs.
+  if (const auto problems = inherited_setting_problems(options); !problems.empty()) {
+    for (const auto& problem : problems) report("aikido-run: " + problem);
+    return 2;
   }
   try {
     return run_job(options);

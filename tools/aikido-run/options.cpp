@@ -12,6 +12,8 @@
 #include <cstring>
 #include <string_view>
 
+#include "base/env.hpp"
+
 namespace aikido::run {
 namespace {
 
@@ -52,8 +54,9 @@ std::string check_seconds(const std::string& value, const std::string& flag = "-
 }
 
 std::string check_segment_bytes(const std::string& value) {
-  if (!integer_in(value, 1, 1ll << 40)) {
-    throw UsageError("aikido-run: --segment-bytes '" + value + "' is not a positive number of bytes");
+  if (!integer_in(value, env::kMinSegmentBytes, env::kMaxSegmentBytes)) {
+    throw UsageError("aikido-run: --segment-bytes '" + value + "' is not a number of bytes from " +
+                     std::to_string(env::kMinSegmentBytes) + " to " + std::to_string(env::kMaxSegmentBytes));
   }
   return value;
 }
@@ -99,7 +102,8 @@ std::string usage() {
   return R"(usage: aikido-run -np N [options] PROGRAM [ARGS...]
 
 Starts N workers of PROGRAM on this host, each with the environment of one rank of an Aikido cluster, serves
-their rendezvous store, and prefixes every line they print with "[RANK] ".
+their rendezvous store, and prefixes every line they print with "[RANK] " (in an elastic job, where a worker's
+rank changes while its id stays, "[RANK|wID] " once they differ: "[2|w3] " is rank 2, worker 3).
 
 options:
   -np N, -n N           number of workers to start (required; 1..1024)
@@ -128,11 +132,17 @@ options:
   --bind-to W           core (default): when there are no more workers than CPUs, bind each worker to its own
                         block of the CPUs aikido-run may use (CPUs / N each), so that waiting workers spin on
                         their own cores; none: do not bind (elastic jobs never bind)
+  --stdout K            tty (default): each worker's standard output is a pseudo-terminal, so that C stdio,
+                        iostreams and most runtimes pass on each line at once (on a pipe, stdio holds output
+                        back until 4 KiB gather or the program exits); pipe: a pipe, for programs that behave
+                        differently on a terminal (colours, progress bars). Standard error is always a pipe
+  --grace-period S      seconds between SIGTERM and SIGKILL when aikido-run stops workers (default 3)
   -h, --help            print this help and exit
   --                    end of options (use when PROGRAM starts with '-')
 
 Options take their value as the next argument or after '=' (--timeout=5). Options not given on the command line
-pass through from aikido-run's own environment (AIKIDO_TOPOLOGY, AIKIDO_TIMEOUT, ...).
+pass through from aikido-run's own environment (AIKIDO_TOPOLOGY, AIKIDO_TIMEOUT, AIKIDO_LOG_LEVEL, ...); aikido-run
+checks them like the options and exits with status 2, starting no worker, when one has a bad value.
 
 Each worker gets AIKIDO_RANK, AIKIDO_SIZE, AIKIDO_LOCAL_RANK, AIKIDO_LOCAL_SIZE, AIKIDO_HOST, AIKIDO_STORE_ADDR,
 AIKIDO_SECRET (a fresh random job secret), AIKIDO_JOB_ID (a fresh random id) and AIKIDO_CLUSTER_VERSION=0.
@@ -145,16 +155,24 @@ Unless aikido-run's own environment sets them, workers also get settings for the
   GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296
                                           malloc keeps large freed blocks for reuse instead of returning them to
                                           the kernel (fresh pages cost a page fault each)
-Workers read standard input from /dev/null.
+Workers read standard input from /dev/null; their standard output is a terminal (see --stdout).
 
 Training metrics (gradient noise scale, variance, SNR, throughput, step time split; see the README) come from
 workers that use the LibTorch integration's DistributedOptimizer. With --metrics-port or --metrics-file, workers
 publish them to aikido-run every interval; at the end aikido-run prints a summary line per worker on stderr.
 In an elastic job only the ranks of the latest cluster version are served and summarised.
 
+Elastic jobs (--elastic): the program opens an aikido::ElasticSession (ElasticSession::from_env()), which follows
+the job's cluster spec, sends the training state to new workers and rolls it back after a lost worker. aikido-run
+publishes version 0 with N workers, starts the workers a new version adds (aikido-ctl resize, a policy), stops
+those it removes if they do not leave, and removes a worker that crashes or whose heartbeat stops (with --restart
+it starts a replacement). A program whose workers join with a plain aikido::Peer instead is named at once (a worker
+without any session, after 10 s): it runs like a static job, aikido-ctl refuses to resize it, a lost worker ends it,
+--checkpoint writes nothing and --resume stops it.
+
 When a worker exits with a non-zero status or is killed by a signal, aikido-run reports it, stops the other
-workers (SIGTERM, then SIGKILL after 3 s) and exits with that worker's status (128 + signal number for a
-signal). On SIGINT or SIGTERM it stops all workers the same way and exits with 130 or 143; a second signal
+workers (SIGTERM, then SIGKILL after --grace-period, 3 s) and exits with that worker's status (128 + signal number
+for a signal). On SIGINT or SIGTERM it stops all workers the same way and exits with 130 or 143; a second signal
 kills them at once (an elastic job with --checkpoint first has rank 0 write its last commit, up to 10 s; then
 a second signal stops the workers, a third kills them). A bad command line exits with status 2.
 )";
@@ -216,7 +234,8 @@ Options parse_options(int argc, char** argv) {
                        flag == "--transport" || flag == "--segment-bytes" || flag == "--metrics-port" ||
                        flag == "--metrics-file" || flag == "--metrics-interval" || flag == "--min-np" ||
                        flag == "--max-np" || flag == "--control-file" || flag == "--heartbeat-timeout" ||
-                       flag == "--checkpoint" || flag == "--resume" || flag == "--bind-to" || flag == "--max-restarts";
+                       flag == "--checkpoint" || flag == "--resume" || flag == "--bind-to" ||
+                       flag == "--max-restarts" || flag == "--grace-period" || flag == "--stdout";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
@@ -272,6 +291,13 @@ Options parse_options(int argc, char** argv) {
         throw UsageError("aikido-run: --bind-to expects core or none, got '" + *value + "'");
       }
       options.bind_to_core = *value == "core";
+    } else if (flag == "--grace-period") {
+      options.grace_period_s = std::stod(check_seconds(*value, flag));
+    } else if (flag == "--stdout") {
+      if (*value != "tty" && *value != "pipe") {
+        throw UsageError("aikido-run: --stdout expects tty or pipe, got '" + *value + "'");
+      }
+      options.stdout_tty = *value == "tty";
     } else {
       options.segment_bytes = check_segment_bytes(*value);
     }

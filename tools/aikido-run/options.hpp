@@ -45,6 +45,10 @@ struct Options {
   std::string resume;  // a checkpoint the job starts from
   /// Bind each worker to one CPU (the launcher's allowed CPUs, in order) when there are no more workers than CPUs.
   bool bind_to_core = true;
+  /// Seconds between SIGTERM and SIGKILL when workers are stopped.
+  double grace_period_s = 3.0;
+  /// Workers' standard output on a pseudo-terminal (line-buffered by C stdio), else a pipe.
+  bool stdout_tty = true;
   /// PROGRAM as given, and the file it resolved to (PATH lookup like execvp).
   std::string program;
   std::string program_path;

@@ -43,7 +43,14 @@ std::string killed_by(int sig) {
   return "killed by " + (name.rfind("SIG", 0) == 0 ? "signal " + name : name);
 }
 
-LinePrefixer::LinePrefixer(int rank, int out_fd) : prefix_("[" + std::to_string(rank) + "] "), out_fd_(out_fd) {}
+std::string worker_label(int rank, std::uint64_t id) {
+  if (rank >= 0 && std::uint64_t(rank) == id) return std::to_string(rank);
+  return std::to_string(rank) + "|w" + std::to_string(id);
+}
+
+LinePrefixer::LinePrefixer(const std::string& label, int out_fd) : out_fd_(out_fd) { set_label(label); }
+
+void LinePrefixer::set_label(const std::string& label) { prefix_ = "[" + label + "] "; }
 
 void LinePrefixer::append_line(std::string& out, const char* begin, std::size_t size) const {
   out += prefix_;

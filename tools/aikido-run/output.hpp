@@ -1,7 +1,8 @@
-// Output of the workers, relayed line by line with a "[RANK] " prefix.
+// Output of the workers, relayed line by line with a "[RANK] " prefix ("[RANK|wID] " where rank and id differ).
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 namespace aikido::run {
@@ -18,7 +19,11 @@ std::string signal_name(int sig);
 /// "killed by signal SIGTERM" ("killed by signal N" without a name).
 std::string killed_by(int sig);
 
-/// Splits one stream of one worker into lines and writes each complete line, prefixed with "[RANK] ", to a
+/// The label of a worker's output lines: its rank, and its id too where they differ ("2|w3": rank 2, worker 3). In
+/// an elastic job ranks change while ids stay; in a static job they are equal.
+std::string worker_label(int rank, std::uint64_t id);
+
+/// Splits one stream of one worker into lines and writes each complete line, prefixed with "[LABEL] ", to a
 /// descriptor. The lines of one feed() go out in one write, so they never interleave with other streams.
 /// Not thread safe; the supervisor's event loop owns it.
 class LinePrefixer {
@@ -26,7 +31,10 @@ class LinePrefixer {
   /// A line longer than this is cut: its first part goes out as a line of its own.
   static constexpr std::size_t kMaxLineBytes = std::size_t(64) << 10;
 
-  LinePrefixer(int rank, int out_fd);
+  LinePrefixer(const std::string& label, int out_fd);
+
+  /// Lines that end from now on carry this label.
+  void set_label(const std::string& label);
 
   /// Consumes bytes read from the worker.
   void feed(const char* data, std::size_t size);

@@ -8,6 +8,7 @@
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -64,16 +65,45 @@ class Fd {
   int fd_ = -1;
 };
 
-// One output stream of one worker: the read end of its pipe and the prefixer it feeds.
+// One output stream of one worker: the read end of its pipe or pseudo-terminal, and the prefixer it feeds.
 struct Stream {
   Fd fd;
   LinePrefixer prefixer;
-  Stream(int rank, int out_fd) : prefixer(rank, out_fd) {}
+  Stream(const std::string& label, int out_fd) : prefixer(label, out_fd) {}
   void close() {
     prefixer.finish();
     fd.reset();
   }
 };
+
+// A pipe: read end, write end (both close-on-exec; dup2 gives the child a plain descriptor).
+bool open_pipe(Fd& read_end, Fd& write_end) {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) return false;
+  read_end = Fd(fds[0]);
+  write_end = Fd(fds[1]);
+  return true;
+}
+
+// A pseudo-terminal in raw mode (no "\n" -> "\r\n", no echo): the master end, which aikido-run reads, and the
+// terminal end, the worker's standard output. It never becomes the worker's controlling terminal (O_NOCTTY, and the
+// worker does not start a session), so terminal signals do not reach the worker through it.
+bool open_pty(Fd& master, Fd& terminal) {
+  Fd m(::posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC));
+  char name[128];
+  if (!m.valid() || ::grantpt(m.get()) != 0 || ::unlockpt(m.get()) != 0 ||
+      ::ptsname_r(m.get(), name, sizeof name) != 0) {
+    return false;
+  }
+  Fd t(::open(name, O_RDWR | O_NOCTTY | O_CLOEXEC));
+  termios mode{};
+  if (!t.valid() || ::tcgetattr(t.get(), &mode) != 0) return false;
+  ::cfmakeraw(&mode);
+  if (::tcsetattr(t.get(), TCSANOW, &mode) != 0) return false;
+  master = std::move(m);
+  terminal = std::move(t);
+  return true;
+}
 
 struct Process {
   int rank = 0;
@@ -135,8 +165,7 @@ void Supervisor::block_signals() {
   ::signal(SIGPIPE, SIG_IGN);
 }
 
-Supervisor::Supervisor(std::string program_path, std::vector<std::string> argv, std::chrono::milliseconds grace)
-    : program_path_(std::move(program_path)), argv_(std::move(argv)), grace_(grace) {}
+Supervisor::Supervisor(Config config) : config_(std::move(config)) {}
 
 class Supervisor::Loop {
  public:
@@ -145,40 +174,39 @@ class Supervisor::Loop {
 
   bool start(const Worker& worker) {
     ExecPlan plan;
-    std::vector<std::string> argv = owner_.argv_;
+    std::vector<std::string> argv = owner_.config_.argv;
     for (auto& a : argv) plan.argv.push_back(a.data());
     plan.argv.push_back(nullptr);
     std::vector<std::string> environment = worker.environment;
     for (auto& e : environment) plan.envp.push_back(e.data());
     plan.envp.push_back(nullptr);
-    plan.failure_message = "aikido-run: cannot execute '" + owner_.program_path_ + "': errno ";
+    plan.failure_message = "aikido-run: cannot execute '" + owner_.config_.program_path + "': errno ";
     plan.failure_message.reserve(plan.failure_message.size() + 32);
     plan.cpus = worker.cpus;
 
-    int out_pipe[2];
-    int err_pipe[2];
-    if (::pipe2(out_pipe, O_CLOEXEC) != 0) {
+    Fd out_read, out_write, err_read, err_write;
+    if (owner_.config_.stdout_tty && !pty_failed_ && !open_pty(out_read, out_write)) {
+      pty_failed_ = true;  // say it once; pipes work everywhere
+      report("aikido-run: cannot open a pseudo-terminal for the workers' output (" + errno_text() +
+             "); using pipes, through which C stdio passes output in blocks, not lines");
+    }
+    if ((!out_read.valid() && !open_pipe(out_read, out_write)) || !open_pipe(err_read, err_write)) {
       report("aikido-run: cannot create a pipe: " + errno_text());
       return false;
     }
-    Fd out_read(out_pipe[0]), out_write(out_pipe[1]);
-    if (::pipe2(err_pipe, O_CLOEXEC) != 0) {
-      report("aikido-run: cannot create a pipe: " + errno_text());
-      return false;
-    }
-    Fd err_read(err_pipe[0]), err_write(err_pipe[1]);
 
     const pid_t pid = ::fork();
     if (pid < 0) {
       report("aikido-run: cannot start rank " + std::to_string(worker.rank) + ": fork failed: " + errno_text());
       return false;
     }
-    if (pid == 0) exec_child(owner_.program_path_, plan, launcher_, dev_null_, out_write.get(), err_write.get());
+    if (pid == 0) {
+      exec_child(owner_.config_.program_path, plan, launcher_, dev_null_, out_write.get(), err_write.get());
+    }
     ::setpgid(pid, pid);  // also here, so that the group exists before we may signal it
     ::fcntl(out_read.get(), F_SETFL, O_NONBLOCK);
     ::fcntl(err_read.get(), F_SETFL, O_NONBLOCK);
-    // Elastic workers are named by their id, which stays while their rank changes.
-    const int label = owner_.controller_ ? int(worker.id) : worker.rank;
+    const std::string label = worker_label(worker.rank, worker.id);
     Process p;
     p.rank = worker.rank;
     p.id = worker.id;
@@ -229,6 +257,14 @@ class Supervisor::Loop {
     return -1;
   }
 
+  void set_rank(std::uint64_t id, int rank) {
+    Process* p = find(id);
+    if (p == nullptr || p->rank == rank) return;
+    p->rank = rank;
+    p->out->prefixer.set_label(worker_label(rank, id));
+    p->err->prefixer.set_label(worker_label(rank, id));
+  }
+
   int run() {
     while (running_ > 0 || streams_open()) {
       std::vector<pollfd> fds;
@@ -259,7 +295,12 @@ class Supervisor::Loop {
       if (controller && !stopping_ && (fds[1].revents != 0 || Clock::now() >= next_tick_)) {
         next_tick_ = Clock::now() + controller->tick();
         controller->on_wake(owner_);
-        if (preparing_ && (controller->stop_ready() || Clock::now() >= prepare_until_)) begin_stop();
+        if (preparing_ && controller->stop_ready()) {
+          begin_stop();
+        } else if (preparing_ && Clock::now() >= prepare_until_) {
+          controller->stop_preparation_abandoned("within " + std::to_string(kStopPreparation.count() / 1000) + " s");
+          begin_stop();
+        }
       }
       check_deadlines();
     }
@@ -362,6 +403,7 @@ class Supervisor::Loop {
         }
       } else if (!stopping_) {
         report("aikido-run: received " + signal_name(sig) + " again; stopping the workers now");
+        if (owner_.controller_) owner_.controller_->stop_preparation_abandoned("before the second signal");
         begin_stop();
       } else if (!killed_) {
         report("aikido-run: received " + signal_name(sig) + " again; killing the workers (SIGKILL)");
@@ -443,6 +485,7 @@ class Supervisor::Loop {
   Clock::time_point next_tick_{};
   int running_ = 0;
   bool stopping_ = false;
+  bool pty_failed_ = false;
   bool preparing_ = false;  // asked to stop; the controller prepares (prepare_stop) until prepare_until_
   Clock::time_point prepare_until_{};
   bool killed_ = false;
@@ -463,7 +506,7 @@ int Supervisor::run(const std::vector<Worker>& workers) {
     report("aikido-run: cannot open /dev/null: " + errno_text());
     return 1;
   }
-  Loop loop(*this, grace_, signal_fd.get(), dev_null.get());
+  Loop loop(*this, config_.grace, signal_fd.get(), dev_null.get());
   loop_ = &loop;
   std::size_t started = 0;
   for (const auto& worker : workers) {
@@ -495,5 +538,19 @@ std::vector<std::uint64_t> Supervisor::running_workers() const {
 }
 
 pid_t Supervisor::pid_of(std::uint64_t id) const { return loop_ != nullptr ? loop_->pid_of(id) : -1; }
+
+void Supervisor::set_rank(std::uint64_t id, int rank) {
+  if (loop_ != nullptr) loop_->set_rank(id, rank);
+}
+
+void Supervisor::set_exit_code(int code) {
+  if (loop_ != nullptr) loop_->set_exit_code(code);
+}
+
+void Supervisor::stop_job(int code) {
+  if (loop_ == nullptr) return;
+  loop_->set_exit_code(code);
+  loop_->begin_stop();
+}
 
 }  // namespace aikido::run

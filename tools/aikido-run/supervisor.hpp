@@ -32,6 +32,8 @@ class Controller {
   /// 10 s at the latest, or at a second signal.
   virtual bool prepare_stop() { return false; }
   virtual bool stop_ready() { return true; }
+  /// The workers are stopped before stop_ready() returned true: after 10 s (`why` says so) or at a second signal.
+  virtual void stop_preparation_abandoned(const std::string& /*why*/) {}
 };
 
 /// Spawns one process per worker, relays their output with a rank prefix, and stops all of them when one fails
@@ -40,11 +42,27 @@ class Controller {
 /// Each worker runs in its own process group (signals reach the processes it starts too) and is killed by the
 /// kernel should aikido-run die (PR_SET_PDEATHSIG). Stopping means SIGTERM (and SIGCONT, for stopped workers) to
 /// every worker's group, then SIGKILL after the grace period.
+///
+/// Output: a worker's standard output is a pseudo-terminal (in raw mode: bytes pass unchanged) unless
+/// Config::stdout_tty is false, because C stdio, C++ iostreams over it, Python and most runtimes flush a terminal
+/// line by line but a pipe only when 4 KiB or more have gathered, which delays a worker's lines until it exits.
+/// Standard error is a pipe (stdio does not buffer it). Every line goes out prefixed with "[LABEL] "
+/// (worker_label: the rank, "RANK|wID" where rank and id differ).
 class Supervisor {
  public:
+  struct Config {
+    /// Executed with `argv` (argv[0] included) by every worker.
+    std::string program_path;
+    std::vector<std::string> argv;
+    /// Between SIGTERM and SIGKILL when workers are stopped.
+    std::chrono::milliseconds grace{3000};
+    /// Standard output on a pseudo-terminal (true) or a pipe.
+    bool stdout_tty = true;
+  };
+
   struct Worker {
     int rank = 0;
-    /// Identity in an elastic job (the output prefix when there is a controller); the rank otherwise.
+    /// Identity in an elastic job, which stays while the rank changes; the rank otherwise.
     std::uint64_t id = 0;
     /// Environment of the worker, "NAME=value" entries.
     std::vector<std::string> environment;
@@ -56,8 +74,7 @@ class Supervisor {
   /// ignores SIGPIPE. Call before starting any other thread so that every thread inherits the mask.
   static void block_signals();
 
-  /// `program_path` is executed with `argv` (argv[0] included) by every worker.
-  Supervisor(std::string program_path, std::vector<std::string> argv, std::chrono::milliseconds grace);
+  explicit Supervisor(Config config);
 
   /// Starts the workers and returns once all have exited and their output is relayed. Returns aikido-run's exit
   /// status: 0 when every worker succeeded; the first failing worker's status (128 + signal number when it was
@@ -78,13 +95,18 @@ class Supervisor {
   std::vector<std::uint64_t> running_workers() const;
   /// Process id of running worker `id`, or -1.
   pid_t pid_of(std::uint64_t id) const;
+  /// Worker `id` has rank `rank` from now on: its output lines say so.
+  void set_rank(std::uint64_t id, int rank);
+  /// The job's exit status, unless one was set before (the first failure's status wins).
+  void set_exit_code(int code);
+  /// Stops every worker (SIGTERM, SIGKILL after the grace period); the job exits with `code` unless an earlier
+  /// failure set its status.
+  void stop_job(int code);
 
  private:
   class Loop;
 
-  std::string program_path_;
-  std::vector<std::string> argv_;
-  std::chrono::milliseconds grace_;
+  Config config_;
   Controller* controller_ = nullptr;
   Loop* loop_ = nullptr;
 };
