@@ -355,14 +355,6 @@ Work Engine::post(const Request& request) {
   spec.recursive_doubling = ring_allreduce && size == 2 && c->buffer_bytes <= kRecursiveDoublingBytes;
   c->topology = small_ring && size > 2 ? Topology::tree : topology_;
   spec.topology = c->topology;
-  const std::string lost = lost_summary();
-  if (!lost.empty()) {
-    auto work = std::make_shared<WorkState>();
-    work->done = true;
-    work->error = std::make_exception_ptr(PeerLostError(str_cat(
-        c->label(), " cannot run on rank ", rank, " at cluster version ", config_.cluster_version, ": ", lost)));
-    return Work(work);
-  }
   std::uint64_t& posted = posted_count_[name];
   // Only the previous occurrence of a name can still be in flight.
   if (posted > 0 && active_.count(CollectiveKey{name, posted - 1})) {
@@ -371,6 +363,20 @@ Work Engine::post(const Request& request) {
                               " is still in flight; wait for it first or use another name"));
   }
   c->seq = posted++;
+  const std::string lost = lost_summary();
+  if (!lost.empty()) {
+    // A survivor that has not seen the loss yet may have posted this collective and need it only through this rank:
+    // it hears of the failure from here, as from every rank that fails a collective.
+    const std::string text =
+        str_cat(c->label(), " cannot run on rank ", rank, " at cluster version ", config_.cluster_version, ": ", lost);
+    if (bury(CollectiveKey{name, c->seq}, text, WireError::lost)) {
+      send_control_to_all(FrameType::abort, name, c->seq, std::int32_t(WireError::lost), text, -1);
+    }
+    auto work = std::make_shared<WorkState>();
+    work->done = true;
+    work->error = std::make_exception_ptr(PeerLostError(text));
+    return Work(work);
+  }
   lock.unlock();
   c->plan = plan_for(spec);
   if (c->input) take_input(*c);
@@ -428,7 +434,7 @@ Work Engine::post(const Request& request) {
            std::make_exception_ptr(PeerLostError(str_cat(c->label(), " cannot run on rank ", rank,
                                                          " at cluster version ", config_.cluster_version, ": ",
                                                          lost_[std::size_t(p)], " and this collective needs it"))),
-           WireError::lost, false, progress);
+           WireError::lost, true, progress);
     }
   }
   maybe_finish(c, progress);
@@ -488,15 +494,18 @@ void Engine::issue_send(const std::shared_ptr<Collective>& c, std::uint32_t i, P
     --c->running;
     --c->running_by_peer[std::size_t(peer)];
     Progress progress;
-    if (!written) {
-      const std::string why = lost_[std::size_t(peer)].empty() ? str_cat("lost rank ", peer) : lost_[std::size_t(peer)];
-      fail(c,
-           std::make_exception_ptr(
-               PeerLostError(str_cat(c->label(), " failed on rank ", config_.rank, " at cluster version ",
-                                     config_.cluster_version, ": could not send to rank ", peer, ": ", why))),
-           WireError::lost, false, progress);
-    } else if (c->failed) {
+    if (c->failed) {
       maybe_finish(c, progress);
+    } else if (!written && lost_[std::size_t(peer)].empty()) {
+      // The connection broke and its end is not handled yet (on_lost always follows): the send counts as not sent,
+      // so that on_lost fails the collective with the cause (a goodbye or a crash) and tells the others.
+      c->state[i] = OpState::armed;
+    } else if (!written) {
+      fail(c,
+           std::make_exception_ptr(PeerLostError(
+               str_cat(c->label(), " failed on rank ", config_.rank, " at cluster version ", config_.cluster_version,
+                       ": could not send to rank ", peer, ": ", lost_[std::size_t(peer)]))),
+           WireError::lost, true, progress);
     } else {
       complete_op(c, i, progress);
     }
@@ -724,9 +733,7 @@ void Engine::on_frame(transport::Connection& connection, const FrameHeader& head
         news = !c->failed;
         fail(c, error_for(WireError(header.root), text), WireError(header.root), false, progress);
       } else {
-        CollectiveKey key{name, header.seq};
-        news = tombstones_.emplace(key, Tombstone{text, std::uint8_t(header.root)}).second;
-        if (news) tombstone_order_.push_back(key);
+        news = bury(CollectiveKey{name, header.seq}, text, WireError(header.root));
       }
       if (news) send_control_to_all(FrameType::abort, name, header.seq, header.root, text, header.source);
       run(lock, progress);

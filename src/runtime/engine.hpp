@@ -159,6 +159,9 @@ class Engine final : public transport::FrameHandler {
   void fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, transport::WireError kind, bool tell_peers,
             Progress& progress);
   void abandon_transfers(const Collective& c);
+  /// Remembers that collective `key` failed here with `error`, so that its late frames are dropped and a later post
+  /// of it fails alike; false when it was remembered already.
+  bool bury(const CollectiveKey& key, const std::string& error, transport::WireError kind);
   /// A frame of `c` arrived: false (and `c` failed with MismatchError) when its signature differs from this rank's;
   /// otherwise a data frame that stands for its sender's `ready` (see post()) counts as that `ready`.
   bool accept_frame(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header, Progress& progress);

@@ -59,15 +59,20 @@ void Engine::fail(const std::shared_ptr<Collective>& c, std::exception_ptr error
   } catch (const std::exception& e) {
     text = e.what();
   }
-  CollectiveKey key{c->name, c->seq};
-  if (tombstones_.emplace(key, Tombstone{text, std::uint8_t(kind)}).second) tombstone_order_.push_back(key);
+  bury(CollectiveKey{c->name, c->seq}, text, kind);
+  if (tell_peers) send_control_to_all(FrameType::abort, c->name, c->seq, std::int32_t(kind), text, -1);
+  if (kind == WireError::timeout || kind == WireError::other) abandon_transfers(*c);
+  maybe_finish(c, progress);
+}
+
+bool Engine::bury(const CollectiveKey& key, const std::string& error, WireError kind) {
+  if (!tombstones_.emplace(key, Tombstone{error, std::uint8_t(kind)}).second) return false;
+  tombstone_order_.push_back(key);
   while (tombstone_order_.size() > kMaxTombstones) {
     tombstones_.erase(tombstone_order_.front());
     tombstone_order_.pop_front();
   }
-  if (tell_peers) send_control_to_all(FrameType::abort, c->name, c->seq, std::int32_t(kind), text, -1);
-  if (kind == WireError::timeout || kind == WireError::other) abandon_transfers(*c);
-  maybe_finish(c, progress);
+  return true;
 }
 
 void Engine::abandon_transfers(const Collective& c) {
@@ -82,6 +87,7 @@ void Engine::abandon_transfers(const Collective& c) {
 
 void Engine::send_control_to_all(FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
                                  const std::string& payload, int except) {
+  if (closing_) return;  // the goodbye is the last frame; this rank's failures are its own now
   for (int p = 0; p < config_.size; ++p) {
     if (p != config_.rank && p != except && lost_[std::size_t(p)].empty()) {
       send_control(p, type, name, seq, root, payload);
@@ -173,10 +179,12 @@ void Engine::watchdog_loop() {
         continue;
       }
       if (now >= c->deadline) {
+        // Told to every rank: those waiting for this one's data stop too, and one that posts it later fails at once
+        // with this description of the stall rather than waiting out a timeout of its own.
         fail(c,
              std::make_exception_ptr(TimeoutError(
                  str_cat(describe_wait(*c), "; the timeout is ", seconds(config_.timeout), " (AIKIDO_TIMEOUT)"))),
-             WireError::timeout, false, progress);
+             WireError::timeout, true, progress);
       } else if (!c->stall_queried && now >= c->start + config_.timeout / 2) {
         c->stall_queried = true;
         send_control_to_all(FrameType::stall_query, c->name, c->seq, 0, {}, -1);
