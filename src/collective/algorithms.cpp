@@ -313,6 +313,20 @@ std::size_t block_count(std::size_t count, int parts, int b) {
   return base + (std::size_t(b) < extra ? 1 : 0);
 }
 
+namespace {
+
+// Every other rank checks this rank's signature and this rank checks theirs (see Plan::ready_from).
+Plan checked_by_everyone(Plan plan, const PlanSpec& spec) {
+  plan.ready_to.clear();
+  for (int p = 0; p < spec.size; ++p) {
+    if (p != spec.rank) plan.ready_to.push_back(p);
+  }
+  plan.ready_from = plan.ready_to;
+  return plan;
+}
+
+}  // namespace
+
 Plan build_plan(const PlanSpec& spec) {
   AIKIDO_ENFORCE(spec.size >= 1 && spec.rank >= 0 && spec.rank < spec.size, "rank ", spec.rank, " of ", spec.size);
   AIKIDO_ENFORCE(spec.segment_elems >= 1, "segment of ", spec.segment_elems, " elements");
@@ -323,13 +337,13 @@ Plan build_plan(const PlanSpec& spec) {
     case CollectiveKind::consensus:
       return allreduce_plan(spec);
     case CollectiveKind::broadcast:
-      return broadcast_plan(spec);
+      return checked_by_everyone(broadcast_plan(spec), spec);
     case CollectiveKind::allgather:
       return allgather_plan(spec);
     case CollectiveKind::reduce_scatter:
       return reduce_scatter_plan(spec);
     case CollectiveKind::gather:
-      return gather_plan(spec);
+      return checked_by_everyone(gather_plan(spec), spec);
   }
   throw Error(detail::str_cat("no plan for collective kind ", int(spec.kind)));
 }

@@ -52,6 +52,12 @@ struct Plan {
   /// Ranks this rank receives from / sends to, each once.
   std::vector<int> sources;
   std::vector<int> targets;
+  /// The signature check (engine.hpp, "Agreement"): ranks this rank sends its `ready` to, and ranks whose `ready`
+  /// (or signed data) it needs before it completes. Sources and targets, unless the result of some rank does not
+  /// depend on every other rank (broadcast, gather): then every other rank both ways, so that a rank that posted
+  /// differently is seen by all, not only by its neighbours.
+  std::vector<int> ready_to;
+  std::vector<int> ready_from;
   /// The regions some op writes, sorted and merged ([begin, end) in elements). Any other element of the buffer
   /// keeps its input value: a caller with a separate input copies those elements in.
   std::vector<std::pair<std::size_t, std::size_t>> written;

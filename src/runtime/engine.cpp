@@ -363,6 +363,7 @@ Work Engine::post(const Request& request) {
                               " is still in flight; wait for it first or use another name"));
   }
   c->seq = posted++;
+  ++socket_posts_;
   const std::string lost = lost_summary();
   if (!lost.empty()) {
     // A survivor that has not seen the loss yet may have posted this collective and need it only through this rank:
@@ -410,14 +411,14 @@ Work Engine::post(const Request& request) {
   // a size past the eager limit) still sends its `ready`, and the signatures are compared on it.
   c->ready_in_data.assign(std::size_t(size), false);
   const bool small = spec.kind == CollectiveKind::allreduce && c->buffer_bytes <= kEagerBytes;
-  for (int source : plan.sources) {
+  for (int source : plan.ready_to) {
     if (small && std::find(plan.targets.begin(), plan.targets.end(), source) != plan.targets.end()) {
       c->ready_in_data[std::size_t(source)] = true;
     } else {
       send_ready(*c, source);
     }
   }
-  for (int target : plan.targets) {
+  for (int target : plan.ready_from) {
     auto it = early_ready_.find(MessageKey{name, c->seq, 0, target});
     if (it != early_ready_.end()) {
       const FrameHeader header = it->second;
@@ -554,9 +555,9 @@ bool Engine::needs_peer(const Collective& c, int peer) const {
   // Past the loop every receive from `peer` has its data; where that data stands for the peer's `ready`
   // (ready_in_data), the peer posted the collective even if no frame of it has been matched yet (a frame that waits
   // in the mailbox is checked when its receive is armed).
-  const auto& targets = c.plan->targets;
-  return std::find(targets.begin(), targets.end(), peer) != targets.end() && !c.ready_from[std::size_t(peer)] &&
-         !c.ready_in_data[std::size_t(peer)];
+  const auto& confirmers = c.plan->ready_from;
+  return std::find(confirmers.begin(), confirmers.end(), peer) != confirmers.end() &&
+         !c.ready_from[std::size_t(peer)] && !c.ready_in_data[std::size_t(peer)];
 }
 
 void Engine::complete_op(const std::shared_ptr<Collective>& c, std::uint32_t i, Progress& progress) {
@@ -570,7 +571,7 @@ void Engine::complete_op(const std::shared_ptr<Collective>& c, std::uint32_t i, 
 
 void Engine::maybe_finish(const std::shared_ptr<Collective>& c, Progress& progress) {
   if (c->finished || c->running > 0) return;
-  if (!c->failed && (c->remaining > 0 || c->ready_count < c->plan->targets.size())) return;
+  if (!c->failed && (c->remaining > 0 || c->ready_count < c->plan->ready_from.size())) return;
   c->finished = true;
   progress.finished.push_back(c);  // before the erase: `c` may refer to the map's own element
   active_.erase(CollectiveKey{c->name, c->seq});
@@ -605,13 +606,14 @@ bool Engine::accept_frame(const std::shared_ptr<Collective>& c, const FrameHeade
 }
 
 void Engine::send_control(int peer, FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
-                          std::string payload) {
+                          std::string payload, std::uint64_t tag) {
   auto& connection = connections_[std::size_t(peer)];
   if (!connection) return;
   transport::OutgoingFrame frame;
   frame.header.type = type;
   frame.header.seq = seq;
   frame.header.root = root;
+  frame.header.tag = tag;
   frame.name = name;
   if (!payload.empty()) {
     auto text = std::make_shared<std::string>(std::move(payload));
@@ -739,28 +741,11 @@ void Engine::on_frame(transport::Connection& connection, const FrameHeader& head
       run(lock, progress);
       return;
     }
-    case FrameType::stall_query: {
+    case FrameType::stall_query:
       if (header.payload_bytes != 0) throw ProtocolError("stall query with a payload");
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = posted_count_.find(name);
-      const bool posted = it != posted_count_.end() && it->second > header.seq;
-      send_control(header.source, FrameType::stall_reply, name, header.seq, posted ? 1 : 0, {});
-      return;
-    }
-    case FrameType::stall_reply: {
-      if (header.payload_bytes != 0) throw ProtocolError("stall reply with a payload");
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = active_.find(CollectiveKey{name, header.seq});
-      if (it == active_.end()) return;
-      Collective& c = *it->second;
-      c.stall_posted[std::size_t(header.source)] = header.root ? 1 : 0;
-      bool all = true;
-      for (int p = 0; p < config_.size; ++p) {
-        if (p != config_.rank && lost_[std::size_t(p)].empty() && c.stall_posted[std::size_t(p)] < 0) all = false;
-      }
-      if (all) log::warn("stall report: ", describe_wait(c));
-      return;
-    }
+      return answer_stall_query(header, name);
+    case FrameType::stall_reply:
+      return receive_stall_reply(connection, header, name);
     case FrameType::p2p_request:
       return receive_p2p_request(connection, header, name);
     case FrameType::p2p_reply:
@@ -929,6 +914,16 @@ std::vector<int> Engine::lost_ranks() const {
     if (!lost_[std::size_t(p)].empty()) ranks.push_back(p);
   }
   return ranks;
+}
+
+PathCounts Engine::path_counts() const {
+  PathCounts counts;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    counts.sockets = socket_posts_;
+  }
+  if (shm_) std::tie(counts.shared_memory, counts.shared_memory_table_full) = shm_->post_counts();
+  return counts;
 }
 
 void Engine::set_topology(Topology topology) {

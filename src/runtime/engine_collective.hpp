@@ -55,7 +55,8 @@ struct Collective {
   Clock::time_point start;
   Clock::time_point deadline;
   bool stall_queried = false;
-  std::vector<int> stall_posted;  // -1 unknown, 0 not posted, 1 posted
+  std::vector<int> stall_posted;        // -1 unknown, 0 not posted, 1 posted
+  std::vector<std::string> waiting_in;  // per rank, once it answered the stall query (Engine::waiting_in)
   // Finishing touches.
   void* recv = nullptr;
   std::size_t recv_count = 0;

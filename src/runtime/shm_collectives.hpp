@@ -104,6 +104,24 @@ class ShmCollectives : public std::enable_shared_from_this<ShmCollectives> {
   void peer_lost(int peer, const std::string& why, bool departed);
   /// Waits until nothing is in flight; false when `deadline` passed first.
   bool drain(std::chrono::steady_clock::time_point deadline);
+
+  // Stall reports: the engine asks the other ranks about collectives of this path that have waited half the timeout
+  // (stall_query frames over the connections) and hands their answers here.
+  struct Stalled {
+    std::string name;
+    std::uint64_t occurrence;
+  };
+  /// Collectives in flight since half the timeout or longer that nobody asked about yet; marks them asked.
+  std::vector<Stalled> stalled(std::chrono::steady_clock::time_point now);
+  /// True when this rank posted occurrence `occurrence` of `name` on this path.
+  bool posted(std::string_view name, std::uint64_t occurrence);
+  /// Rank `source` answered about a stalled collective: whether it posted it, and what it is waiting in (the end of
+  /// a sentence about that rank, Engine::waiting_in). Once every other rank answered, logs the stall report.
+  void stall_reply(std::string_view name, std::uint64_t occurrence, int source, bool posted, std::string waiting_in);
+  /// Adds this path's collectives in flight to `out`.
+  void in_flight(std::vector<InFlight>& out);
+  /// Collectives posted here, and those that found the table of names full (they took the message path).
+  std::pair<std::uint64_t, std::uint64_t> post_counts();
   /// Fails what is in flight and stops the progress thread. Idempotent.
   void close();
 
@@ -157,8 +175,10 @@ class ShmCollectives : public std::enable_shared_from_this<ShmCollectives> {
   };
   // -1: no record (the table was full). Never erased: ops point at the keys.
   std::unordered_map<std::string, int, NameHash, std::equal_to<>> entry_of_name_;
-  std::vector<std::uint64_t> posted_;  // occurrences posted, per entry
-  std::vector<bool> busy_;             // an occurrence of the entry is in flight
+  std::vector<std::uint64_t> posted_;   // occurrences posted, per entry
+  std::vector<bool> busy_;              // an occurrence of the entry is in flight
+  std::uint64_t posts_ = 0;             // collectives posted on this path
+  std::uint64_t table_full_posts_ = 0;  // collectives whose name found no record
   std::thread progress_;
 };
 

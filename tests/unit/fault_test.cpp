@@ -42,7 +42,7 @@ std::vector<Setup> every_setup(std::initializer_list<int> sizes) {
   return all;
 }
 
-class Faults : public ::testing::TestWithParam<Setup> {
+class SetupTest : public ::testing::TestWithParam<Setup> {
  protected:
   PeerConfig config(std::chrono::milliseconds timeout = std::chrono::milliseconds(20'000)) const {
     PeerConfig c = base_config();
@@ -58,19 +58,35 @@ class Faults : public ::testing::TestWithParam<Setup> {
     if (GetParam().transport != TransportKind::tcp) return {};
     return [](int rank, PeerConfig& c) { c.host = "host" + std::to_string(rank / 2); };
   }
-  /// The collectives each survivor posts after (or while) a rank leaves.
-  static std::vector<std::string> collective_names() {
-    return {"allreduce/small", "allreduce/large",  "barrier",   "consensus",      "allgather",
-            "reduce_scatter",  "broadcast/leaver", "broadcast", "gather/survivor"};
+  /// The path every collective took on this rank: shared memory only for allreduce, barrier and consensus under the
+  /// default transport.
+  void expect_paths(const Peer& peer) const {
+    const PathCounts paths = peer.path_counts();
+    EXPECT_EQ(paths.shared_memory_table_full, 0u);
+    if (GetParam().transport == TransportKind::automatic) {
+      EXPECT_GT(paths.shared_memory, 0u) << "rank " << peer.rank();
+    } else {
+      EXPECT_EQ(paths.shared_memory, 0u) << "rank " << peer.rank();
+      EXPECT_GT(paths.sockets, 0u) << "rank " << peer.rank();
+    }
   }
 };
 
-// Posts collective `name` (one of collective_names()) for a cluster that rank `leaver` has left; `survivor` is a rank
-// that has not. Returns the Work; `check` is set to verify the result should the collective complete.
+class Faults : public SetupTest {
+ protected:
+  /// The collectives each survivor posts after (or while) a rank leaves.
+  static std::vector<std::string> collective_names() {
+    return {"allreduce/small", "allreduce/large",  "barrier",   "consensus", "allgather",
+            "reduce_scatter",  "broadcast/leaver", "broadcast", "gather"};
+  }
+};
+class Mismatches : public SetupTest {};
+class Timeouts : public SetupTest {};
+
+// A collective posted by a survivor.
 struct Posted {
+  std::string name;
   Work work;
-  std::function<void()> check;
-  bool may_complete = false;  // its result on this rank does not depend on the leaver
 };
 
 struct Buffers {
@@ -80,17 +96,18 @@ struct Buffers {
   std::vector<float> gathered;
   std::vector<float> scattered = std::vector<float>(100);
   std::vector<std::int64_t> bcast = std::vector<std::int64_t>(5000);
-  std::vector<std::int64_t> bcast_leaver = std::vector<std::int64_t>(5000);
   std::vector<double> part = std::vector<double>(700);
   std::vector<double> parts;
   bool agreed = false;
   std::string value = "same";
 };
 
+// Posts collective `name` (one of Faults::collective_names()) on a survivor of a cluster that rank `leaver` left:
+// `survivor` is the root of the broadcast and the gather.
 Posted post_one(Peer& peer, const std::string& name, int leaver, int survivor, Buffers& b, const std::string& prefix) {
-  const int n = peer.size(), me = peer.rank();
+  const int n = peer.size();
   const std::string full = prefix + name;
-  Posted p;
+  Posted p{name, {}};
   if (name == "allreduce/small") {
     p.work = peer.allreduce_async(std::span<float>(b.small), ReduceOp::sum, full);
   } else if (name == "allreduce/large") {
@@ -107,43 +124,32 @@ Posted post_one(Peer& peer, const std::string& name, int leaver, int survivor, B
     p.work = peer.reduce_scatter_async(std::span<const float>(b.gathered), std::span<float>(b.scattered), ReduceOp::sum,
                                        full);
   } else if (name == "broadcast/leaver") {
-    p.work = peer.broadcast_async(std::span<std::int64_t>(b.bcast_leaver), leaver, full);
+    p.work = peer.broadcast_async(std::span<std::int64_t>(b.bcast), leaver, full);
   } else if (name == "broadcast") {
-    // From a survivor: ranks that receive it along a path without the leaver may complete it.
-    for (std::size_t i = 0; i < b.bcast.size(); ++i) b.bcast[i] = me == survivor ? std::int64_t(i) * 3 : -1;
+    // From a survivor: also ranks that receive it along a path without the leaver must fail (every rank checks
+    // every other rank's `ready` in a broadcast).
     p.work = peer.broadcast_async(std::span<std::int64_t>(b.bcast), survivor, full);
-    p.may_complete = true;
-    p.check = [&b] {
-      for (std::size_t i = 0; i < b.bcast.size(); ++i) ASSERT_EQ(b.bcast[i], std::int64_t(i) * 3) << i;
-    };
-  } else if (name == "gather/survivor") {
-    // To a survivor: the root needs every rank; a rank whose part reached the root without the leaver is done.
-    for (std::size_t i = 0; i < b.part.size(); ++i) b.part[i] = me + double(i);
-    b.parts.assign(me == survivor ? b.part.size() * std::size_t(n) : 0, -1.0);
+  } else if (name == "gather") {
+    b.parts.assign(peer.rank() == survivor ? b.part.size() * std::size_t(n) : 0, -1.0);
     p.work = peer.gather_async(std::span<const double>(b.part), std::span<double>(b.parts), survivor, full);
-    p.may_complete = me != survivor;
   } else {
     ADD_FAILURE() << "unknown collective " << name;
   }
   return p;
 }
 
-// The outcome of a collective that needed a rank which left: PeerLostError naming it, or (where this rank's part did
-// not depend on it) the right result. Never a timeout.
-void expect_lost(Peer& peer, Posted& p, const std::string& name, int leaver) {
+// A collective that needed a rank that left fails with PeerLostError naming it, at once: never a timeout, and
+// never success (every rank's collective depends on every other rank having posted it).
+void expect_lost(Peer& peer, Posted& p, int leaver) {
   try {
     p.work.wait();
-    if (!p.may_complete) {
-      ADD_FAILURE() << name << " completed on rank " << peer.rank() << " without rank " << leaver;
-    } else if (p.check) {
-      p.check();
-    }
+    ADD_FAILURE() << p.name << " completed on rank " << peer.rank() << " without rank " << leaver;
   } catch (const PeerLostError& e) {
     const std::string what = e.what();
     EXPECT_NE(what.find("rank " + std::to_string(leaver) + " closed its session"), std::string::npos)
-        << name << " on rank " << peer.rank() << ": " << what;
+        << p.name << " on rank " << peer.rank() << ": " << what;
   } catch (const std::exception& e) {
-    ADD_FAILURE() << name << " on rank " << peer.rank() << ": " << typeid(e).name() << ": " << e.what();
+    ADD_FAILURE() << p.name << " on rank " << peer.rank() << ": " << typeid(e).name() << ": " << e.what();
   }
 }
 
@@ -174,8 +180,9 @@ TEST_P(Faults, ALeaverFailsEveryLaterCollectiveOnEverySurvivor) {
           Buffers b;
           for (const std::string& name : collective_names()) {
             Posted p = post_one(peer, name, leaver, survivor, b, "after/");
-            expect_lost(peer, p, name, leaver);
+            expect_lost(peer, p, leaver);
           }
+          expect_paths(peer);
           survivors_done.arrive_and_wait();
         },
         hosts());
@@ -204,7 +211,7 @@ TEST_P(Faults, ALeaverFailsThePendingCollectivesOfEverySurvivor) {
           }
           posted.count_down();
           for (std::size_t i = 0; i < pending.size(); ++i) {
-            expect_lost(peer, pending[i], collective_names()[i], leaver);
+            expect_lost(peer, pending[i], leaver);
           }
           survivors_done.arrive_and_wait();
         },
@@ -212,7 +219,119 @@ TEST_P(Faults, ALeaverFailsThePendingCollectivesOfEverySurvivor) {
   }
 }
 
+// Ranks that post one name with different sizes, types, operations, roots or kinds: MismatchError on every rank,
+// for small collectives (every segment sent at once: the data frames carry the signature) and large ones (a `ready`
+// first); the next occurrence of a name lines up again.
+TEST_P(Mismatches, RaiseOnEveryRank) {
+  std::atomic<int> caught{0};
+  constexpr int kCases = 8;
+  run_cluster(
+      size(), config(),
+      [&](Peer& peer) {
+        const bool odd = peer.rank() == peer.size() - 1;  // the rank that posts differently
+        auto expect_mismatch = [&](const std::string& name, const std::function<void()>& post) {
+          try {
+            post();
+            ADD_FAILURE() << name << ": rank " << peer.rank() << " completed a mismatched collective";
+          } catch (const MismatchError& e) {
+            const std::string what = e.what();
+            EXPECT_NE(what.find("'" + name + "'"), std::string::npos) << what;
+            EXPECT_NE(what.find("differently"), std::string::npos) << what;
+            // Whoever found it compared its signature with another rank's: one of the two is the odd rank.
+            EXPECT_NE(what.find("rank " + std::to_string(peer.size() - 1) + " posted"), std::string::npos) << what;
+            ++caught;
+          } catch (const std::exception& e) {
+            ADD_FAILURE() << name << " on rank " << peer.rank() << ": " << typeid(e).name() << ": " << e.what();
+          }
+        };
+        std::vector<float> f(odd ? 20 : 10, 1.0f), big(odd ? 200'000 : 100'000, 1.0f), large(100'000, 1.0f);
+        std::vector<float> g(8, 1.0f), gathered(8 * std::size_t(peer.size()));
+        std::vector<std::int32_t> i(8, 1);
+        expect_mismatch("size", [&] { peer.allreduce(std::span<float>(f), ReduceOp::sum, "size"); });
+        expect_mismatch("large size", [&] { peer.allreduce(std::span<float>(big), ReduceOp::sum, "large size"); });
+        // Equal byte sizes: only the element type tells them apart.
+        expect_mismatch("type", [&] {
+          odd ? peer.allreduce(std::span<std::int32_t>(i), ReduceOp::sum, "type")
+              : peer.allreduce(std::span<float>(g), ReduceOp::sum, "type");
+        });
+        expect_mismatch("op", [&] { peer.allreduce(std::span<float>(g), odd ? ReduceOp::max : ReduceOp::sum, "op"); });
+        expect_mismatch("large op", [&] {
+          peer.allreduce(std::span<float>(large), odd ? ReduceOp::min : ReduceOp::sum, "large op");
+        });
+        expect_mismatch("root", [&] { peer.broadcast(std::span<float>(g), odd ? 1 : 0, "root"); });
+        expect_mismatch(
+            "kind", [&] { odd ? peer.barrier("kind") : peer.allreduce(std::span<float>(g), ReduceOp::sum, "kind"); });
+        expect_mismatch("allgather", [&] {
+          const std::size_t k = odd ? 4 : 8;
+          peer.allgather(std::span<const float>(g).first(k), std::span<float>(gathered).first(k * peer.size()),
+                         "allgather");
+        });
+        std::vector<float> ok(5, 1.0f);
+        peer.allreduce(std::span<float>(ok), ReduceOp::sum, "size");
+        EXPECT_EQ(ok[4], float(peer.size()));
+        expect_paths(peer);
+        peer.barrier("end");  // a rank that found a mismatch early must not leave before the others heard of it
+      },
+      hosts());
+  EXPECT_EQ(caught.load(), kCases * size());
+}
+
+// Rank 1 never posts 'late/*' and waits in a barrier of its own instead. Half the timeout in, every waiting rank
+// prints a stall report; at the timeout each fails with TimeoutError. Both name rank 1 and what it is waiting in, on
+// every transport, for a small and a large collective.
+TEST_P(Timeouts, NameTheRankThatDidNotPostAndWhatItWaitsIn) {
+  constexpr int kLate = 1;
+  std::latch elsewhere_posted(1);
+  std::latch all_done(size());  // keeps every session open until all ranks have seen the outcome
+  ::testing::internal::CaptureStderr();
+  run_cluster(
+      size(), config(std::chrono::milliseconds(3000)),
+      [&](Peer& peer) {
+        if (peer.rank() == kLate) {
+          Work elsewhere = peer.barrier_async("elsewhere");
+          elsewhere_posted.count_down();
+          EXPECT_THROW(elsewhere.wait(), TimeoutError);
+          all_done.arrive_and_wait();
+          return;
+        }
+        elsewhere_posted.wait();  // so that rank 1 waits in it when asked
+        std::vector<float> small(10, 1.0f), large(300'000, 1.0f);
+        Work a = peer.allreduce_async(std::span<float>(small), ReduceOp::sum, "late/small");
+        Work b = peer.allreduce_async(std::span<float>(large), ReduceOp::sum, "late/large");
+        for (auto [work, name] : {std::pair{&a, "'late/small'"}, std::pair{&b, "'late/large'"}}) {
+          try {
+            work->wait();
+            ADD_FAILURE() << name << " completed without rank 1";
+          } catch (const TimeoutError& e) {
+            const std::string what = e.what();
+            EXPECT_NE(what.find(name), std::string::npos) << what;
+            EXPECT_NE(what.find("rank 1 has not posted it"), std::string::npos) << what;
+            EXPECT_NE(what.find("rank 1 is waiting in barrier 'elsewhere' (seq 0)"), std::string::npos) << what;
+          } catch (const std::exception& e) {
+            ADD_FAILURE() << name << " on rank " << peer.rank() << ": " << typeid(e).name() << ": " << e.what();
+          }
+        }
+        expect_paths(peer);
+        all_done.arrive_and_wait();
+      },
+      hosts());
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  for (int rank = 0; rank < size(); ++rank) {
+    if (rank == kLate) continue;
+    for (const std::string name : {"late/small", "late/large"}) {
+      const std::regex report("stall report: allreduce '" + name + "' \\(seq 0\\) on rank " + std::to_string(rank) +
+                              " [^\n]*rank 1 has not posted it; rank 1 is waiting in barrier 'elsewhere' \\(seq 0\\)");
+      EXPECT_TRUE(std::regex_search(err, report)) << "no stall report of " << name << " on rank " << rank << ":\n"
+                                                  << err;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Setups, Faults, ::testing::ValuesIn(every_setup({3, 4})),
+                         [](const auto& info) { return setup_name(info.param); });
+INSTANTIATE_TEST_SUITE_P(Setups, Mismatches, ::testing::ValuesIn(every_setup({3, 4})),
+                         [](const auto& info) { return setup_name(info.param); });
+INSTANTIATE_TEST_SUITE_P(Setups, Timeouts, ::testing::ValuesIn(every_setup({3})),
                          [](const auto& info) { return setup_name(info.param); });
 
 }  // namespace
