@@ -134,7 +134,7 @@ void Engine::on_lost(transport::Connection& connection, const std::string& reaso
 }
 
 std::string Engine::describe_wait(const Collective& c) const {
-  std::vector<int> data_from, not_posted, ready_from;
+  std::vector<int> data_from, not_posted, ready_from, silent;
   for (std::uint32_t i = 0; i < c.plan->ops.size(); ++i) {
     const Op& op = c.plan->ops[i];
     if (c.state[i] == OpState::done) continue;
@@ -148,6 +148,9 @@ std::string Engine::describe_wait(const Collective& c) const {
   }
   for (int p = 0; p < config_.size; ++p) {
     if (c.stall_posted[std::size_t(p)] == 0) not_posted.push_back(p);
+    if (c.stall_queried && p != config_.rank && lost_[std::size_t(p)].empty() && c.stall_posted[std::size_t(p)] < 0) {
+      silent.push_back(p);
+    }
   }
   std::sort(data_from.begin(), data_from.end());
   std::sort(ready_from.begin(), ready_from.end());
@@ -163,6 +166,7 @@ std::string Engine::describe_wait(const Collective& c) const {
       }
     }
   }
+  if (!silent.empty()) text += silent_ranks(silent);
   if (!data_from.empty()) text += str_cat("; waiting for data from rank(s) ", rank_list(data_from));
   if (!ready_from.empty()) text += str_cat("; waiting for rank(s) ", rank_list(ready_from), " to post it");
   return text;
@@ -200,6 +204,8 @@ void Engine::receive_stall_reply(transport::Connection& connection, const transp
   for (int p = 0; p < config_.size; ++p) {
     if (p != config_.rank && lost_[std::size_t(p)].empty() && c.stall_posted[std::size_t(p)] < 0) return;
   }
+  if (c.stall_reported) return;
+  c.stall_reported = true;
   log::warn("stall report: ", describe_wait(c));
 }
 
@@ -248,10 +254,13 @@ void Engine::watchdog_loop() {
       } else if (!c->stall_queried && now >= c->start + config_.timeout / 2) {
         c->stall_queried = true;
         send_control_to_all(FrameType::stall_query, c->name, c->seq, 0, {}, -1, kStallMessagePath);
+      } else if (c->stall_queried && !c->stall_reported && now >= c->start + config_.timeout * 3 / 4) {
+        c->stall_reported = true;  // some rank has not answered: report what is known
+        log::warn("stall report: ", describe_wait(*c));
       }
     }
     if (shm_) {
-      for (const auto& s : shm_->stalled(now)) {
+      for (const auto& s : shm_->watch(now)) {
         send_control_to_all(FrameType::stall_query, s.name, s.occurrence, 0, {}, -1, kStallSharedMemoryPath);
       }
     }

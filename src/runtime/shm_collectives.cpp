@@ -150,7 +150,8 @@ struct ShmOp {
   WorkState state;
   std::weak_ptr<ShmCollectives> owner;  // for state.drive, which may run after the Peer is gone
   std::chrono::steady_clock::time_point start, deadline;
-  bool stall_queried = false;
+  bool stall_queried = false;           // at half the timeout
+  bool stall_reported = false;          // once every rank answered, or at three quarters of the timeout
   std::vector<std::string> waiting_in;  // per rank, once it answered the stall query: what it is waiting in
 
   std::string label() const { return str_cat(kind_label(kind), " '", *name, "' (seq ", occurrence, ")"); }
@@ -746,6 +747,11 @@ std::string ShmCollectives::describe_wait(const ShmOp& op) const {
   } else if (op.arrived && op.bay < 0) {
     text += "; waiting for a free shared-memory bay";
   }
+  std::vector<int> silent;
+  for (int q = 0; q < size_ && op.stall_queried; ++q) {
+    if (q != rank_ && (op.waiting_in.empty() || op.waiting_in[std::size_t(q)].empty())) silent.push_back(q);
+  }
+  if (!silent.empty()) text += silent_ranks(silent);
   if (!behind.empty()) text += str_cat("; waiting for data from rank(s) ", rank_list(behind));
   return text;
 }
@@ -771,13 +777,18 @@ void ShmCollectives::peer_lost(int peer, const std::string& why, bool departed) 
   complete(finished);
 }
 
-std::vector<ShmCollectives::Stalled> ShmCollectives::stalled(Clock::time_point now) {
+std::vector<ShmCollectives::Stalled> ShmCollectives::watch(Clock::time_point now) {
   std::vector<Stalled> out;
   std::lock_guard<std::mutex> lock(mutex_);
   for (auto& op : ops_) {
-    if (op->finished || op->stall_queried || now < op->start + timeout_ / 2) continue;
-    op->stall_queried = true;
-    out.push_back({*op->name, op->occurrence});
+    if (op->finished) continue;
+    if (!op->stall_queried && now >= op->start + timeout_ / 2) {
+      op->stall_queried = true;
+      out.push_back({*op->name, op->occurrence});
+    } else if (op->stall_queried && !op->stall_reported && now >= op->start + timeout_ * 3 / 4) {
+      op->stall_reported = true;  // some rank has not answered: report what is known
+      log::warn("stall report: ", describe_wait(*op));
+    }
   }
   return out;
 }
@@ -800,7 +811,8 @@ void ShmCollectives::stall_reply(std::string_view name, std::uint64_t occurrence
     for (int q = 0; q < size_; ++q) {
       if (q != rank_ && op->waiting_in[std::size_t(q)].empty()) return;
     }
-    log::warn("stall report: ", describe_wait(*op));
+    if (!op->stall_reported) log::warn("stall report: ", describe_wait(*op));
+    op->stall_reported = true;
     return;
   }
 }

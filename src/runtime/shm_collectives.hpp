@@ -111,8 +111,9 @@ class ShmCollectives : public std::enable_shared_from_this<ShmCollectives> {
     std::string name;
     std::uint64_t occurrence;
   };
-  /// Collectives in flight since half the timeout or longer that nobody asked about yet; marks them asked.
-  std::vector<Stalled> stalled(std::chrono::steady_clock::time_point now);
+  /// For the engine's watchdog: returns the collectives in flight for half the timeout that nobody asked about yet
+  /// (and marks them asked); logs the stall report of those that waited three quarters of it without every answer.
+  std::vector<Stalled> watch(std::chrono::steady_clock::time_point now);
   /// True when this rank posted occurrence `occurrence` of `name` on this path.
   bool posted(std::string_view name, std::uint64_t occurrence);
   /// Rank `source` answered about a stalled collective: whether it posted it, and what it is waiting in (the end of

@@ -1,5 +1,6 @@
 #include <aikido/work.hpp>
 
+#include "base/error.hpp"
 #include "runtime/work_state.hpp"
 #include "transport/connection.hpp"
 
@@ -20,6 +21,12 @@ void WorkState::complete(std::exception_ptr failure) {
   // wait for other collectives): they take over.
   if (!run.empty()) transport::ReceiveGate::release_current();
   for (auto& callback : run) callback(failure);
+}
+
+std::string silent_ranks(const std::vector<int>& ranks) {
+  return str_cat("; rank", ranks.size() > 1 ? "s " : " ", rank_list(ranks), ranks.size() > 1 ? " have" : " has",
+                 " not answered whether", ranks.size() > 1 ? " they" : " it",
+                 " posted it (stopped, or its library threads are blocked)");
 }
 
 }  // namespace detail

@@ -29,6 +29,9 @@ struct WorkState {
   void complete(std::exception_ptr failure);
 };
 
+/// The part of a stall report about ranks that did not answer the stall query: "; rank 1 has not answered ...".
+std::string silent_ranks(const std::vector<int>& ranks);
+
 /// A collective in flight, as a stall report describes what a rank is waiting in.
 struct InFlight {
   std::chrono::steady_clock::time_point start;
