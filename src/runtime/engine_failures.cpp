@@ -214,7 +214,7 @@ std::string Engine::waiting_in() const {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     for (const auto& [key, c] : active_) {
-      if (!c->failed) all.push_back({c->start, c->label(), c->work->waiters.load(std::memory_order_relaxed) > 0});
+      if (!c->failed) all.push_back({c->start, c->label(), c->work->waited.load(std::memory_order_relaxed)});
     }
   }
   if (shm_) shm_->in_flight(all);

@@ -820,7 +820,7 @@ void ShmCollectives::stall_reply(std::string_view name, std::uint64_t occurrence
 void ShmCollectives::in_flight(std::vector<InFlight>& out) {
   std::lock_guard<std::mutex> lock(mutex_);
   for (auto& op : ops_) {
-    if (!op->finished) out.push_back({op->start, op->label(), op->state.waiters.load(std::memory_order_relaxed) > 0});
+    if (!op->finished) out.push_back({op->start, op->label(), op->state.waited.load(std::memory_order_relaxed)});
   }
 }
 

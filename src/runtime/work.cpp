@@ -35,18 +35,8 @@ Work::Work() : state_(std::make_shared<detail::WorkState>()) { state_->done = tr
 
 Work::Work(std::shared_ptr<detail::WorkState> state) : state_(std::move(state)) {}
 
-namespace {
-
-struct Waiting {
-  explicit Waiting(detail::WorkState& state) : state(state) { state.waiters.fetch_add(1, std::memory_order_relaxed); }
-  ~Waiting() { state.waiters.fetch_sub(1, std::memory_order_relaxed); }
-  detail::WorkState& state;
-};
-
-}  // namespace
-
 void Work::wait() const {
-  Waiting waiting(*state_);
+  state_->waited.store(true, std::memory_order_relaxed);
   if (state_->drive) state_->drive(*state_, std::chrono::steady_clock::time_point::max());
   std::unique_lock<std::mutex> lock(state_->mutex);
   state_->changed.wait(lock, [&] { return state_->done; });
@@ -55,10 +45,13 @@ void Work::wait() const {
 
 bool Work::wait(std::chrono::milliseconds timeout) const {
   const auto until = std::chrono::steady_clock::now() + timeout;
-  Waiting waiting(*state_);
+  state_->waited.store(true, std::memory_order_relaxed);
   if (state_->drive) state_->drive(*state_, until);
   std::unique_lock<std::mutex> lock(state_->mutex);
-  if (!state_->changed.wait_until(lock, until, [&] { return state_->done; })) return false;
+  if (!state_->changed.wait_until(lock, until, [&] { return state_->done; })) {
+    state_->waited.store(false, std::memory_order_relaxed);
+    return false;
+  }
   if (state_->error) std::rethrow_exception(state_->error);
   return true;
 }
