@@ -317,11 +317,19 @@ namespace {
 
 // Every other rank checks this rank's signature and this rank checks theirs (see Plan::ready_from).
 Plan checked_by_everyone(Plan plan, const PlanSpec& spec) {
+  auto has = [](const std::vector<int>& ranks, int p) {
+    return std::find(ranks.begin(), ranks.end(), p) != ranks.end();
+  };
   plan.ready_to.clear();
+  plan.ready_from.clear();
   for (int p = 0; p < spec.size; ++p) {
-    if (p != spec.rank) plan.ready_to.push_back(p);
+    if (p == spec.rank) continue;
+    plan.ready_from.push_back(p);
+    const bool source = has(plan.sources, p), target = has(plan.targets, p);
+    if (source || !target) plan.ready_to.push_back(p);
+    // A source this rank sends nothing to sends it no `ready` (see above): its data is its signature.
+    if (source && !target) plan.ready_in_data.push_back(p);
   }
-  plan.ready_from = plan.ready_to;
   return plan;
 }
 

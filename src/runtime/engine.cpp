@@ -410,6 +410,7 @@ Work Engine::post(const Request& request) {
   // 2 cores: 4 KiB about 1.3x faster). A mismatch still shows: a rank that posted something else (another kind, or
   // a size past the eager limit) still sends its `ready`, and the signatures are compared on it.
   c->ready_in_data.assign(std::size_t(size), false);
+  for (int source : plan.ready_in_data) c->ready_in_data[std::size_t(source)] = true;
   const bool small = spec.kind == CollectiveKind::allreduce && c->buffer_bytes <= kEagerBytes;
   for (int source : plan.ready_to) {
     if (small && std::find(plan.targets.begin(), plan.targets.end(), source) != plan.targets.end()) {
