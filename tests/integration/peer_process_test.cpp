@@ -17,6 +17,7 @@ using namespace std::chrono_literals;
 
 const std::string kRun = AIKIDO_RUN_PATH;
 const std::string kWorker = PEER_WORKER_PATH;
+const std::string kBench = AIKIDO_BENCH_PATH;
 // Generous: a job takes a second or two, plus AIKIDO_TIMEOUT (5 s) and the launcher's grace period (3 s) in the
 // fault cases.
 constexpr auto kBound = 90s;
@@ -71,6 +72,19 @@ TEST_P(PeerProcessTest, HungPeerFailsTheOthersWithinTheTimeout) {
     EXPECT_NE(report.find("rank 1 has not answered whether it posted it"), std::string::npos) << report;
   }
   EXPECT_LT(r.elapsed, 60s) << r.describe();
+}
+
+// aikido-bench --check on real processes: every result right, for a float and an integer type and sizes on both
+// sides of the shared-memory inline limit (its logic is tested with wrong results in tests/unit/bench_check_test.cpp).
+TEST_P(PeerProcessTest, BenchmarkCheckPasses) {
+  for (const char* dtype : {"bf16", "i32"}) {
+    const auto r = run_process({kRun, "-np", std::to_string(np()), "--transport", transport(), kBench, "allreduce",
+                                "--check", "--dtype", dtype, "--op", "mean", "--sizes", "4K,1M", "--iters", "3"},
+                               kBound);
+    ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+    EXPECT_NE(r.out.find("check on"), std::string::npos) << r.describe();
+    EXPECT_EQ(r.err.find("check failed"), std::string::npos) << r.describe();
+  }
 }
 
 // A rank that runs no collective: half the timeout in, every other rank prints a stall report naming it and saying it
