@@ -35,6 +35,8 @@
 // signature of every rank is visible to all, so a mismatch raises MismatchError on every rank before any data is
 // combined. Failures: a lost peer (its sockets close; the engine calls peer_lost) fails everything in flight;
 // every wait has the collective's deadline; a rank that gives up marks its arrival abandoned so the others stop too.
+// Stall reports: at half the deadline the engine's watchdog asks the other ranks over the connections what they are
+// waiting in (watch(), stall_reply()), so the report and the TimeoutError say it as on the socket path.
 //
 // Waiting: a thread in Work::wait() drives the collectives itself (spins briefly on its doorbell, then sleeps on it
 // with a futex); a progress thread drives them only while no thread waits, so asynchronous work still completes.
