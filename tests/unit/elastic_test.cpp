@@ -177,35 +177,52 @@ TEST(ElasticSession, ResizesInARowMoveStateToNewWorkers) {
   EXPECT_EQ(job.membership()->latest()->version, 6u);
 }
 
-TEST(ElasticSession, SurvivorsRollBackAfterALostWorker) {
+// Over every transport (on one host the default runs allreduce through shared memory; across hosts every collective
+// takes the sockets), with 3 and 4 workers.
+class ElasticFaults : public ::testing::TestWithParam<std::tuple<TransportKind, int>> {};
+
+TEST_P(ElasticFaults, SurvivorsRollBackAfterALostWorker) {
+  const auto [transport, workers] = GetParam();
   std::atomic<int> recoveries{0};
-  ThreadJob job(3, 4, [&](ElasticSession& s) {
-    Trainer t;
-    t.attach(s);
-    const std::uint64_t id = s.worker_id();
-    while (t.step < kSteps) {
-      if (s.sync(t.step) == SyncResult::removed) return;
-      // Worker 1 leaves abruptly in the middle of step 10 (after the commit of step 9 elsewhere).
-      if (id == 1 && t.step == 10) return;
-      try {
-        t.train_step(s);
-        if (t.step % 3 == 0) s.commit();
-      } catch (const PeerLostError&) {
-        const std::int64_t failed_at = t.step;
-        ASSERT_EQ(s.recover(), SyncResult::changed);
-        EXPECT_EQ(s.size(), 2);
-        EXPECT_LE(t.step, failed_at);  // rolled back to the commit
-        EXPECT_EQ(t.step % 3, 0);
-        if (s.rank() == 0) ++recoveries;
-        t.check_equal_everywhere(s);
-      }
-    }
-    for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
-    t.check_history();
-  });
+  ThreadJob job(
+      workers, 4,
+      [&](ElasticSession& s) {
+        Trainer t;
+        t.attach(s);
+        const std::uint64_t id = s.worker_id();
+        while (t.step < kSteps) {
+          if (s.sync(t.step) == SyncResult::removed) return;
+          // Worker 1 leaves abruptly in the middle of step 10 (after the commit of step 9 elsewhere).
+          if (id == 1 && t.step == 10) return;
+          try {
+            t.train_step(s);
+            if (t.step % 3 == 0) s.commit();
+          } catch (const PeerLostError&) {
+            const std::int64_t failed_at = t.step;
+            ASSERT_EQ(s.recover(), SyncResult::changed);
+            EXPECT_EQ(s.size(), workers - 1);
+            EXPECT_LE(t.step, failed_at);  // rolled back to the commit
+            EXPECT_EQ(t.step % 3, 0);
+            if (s.rank() == 0) ++recoveries;
+            t.check_equal_everywhere(s);
+          }
+        }
+        for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
+        t.check_history();
+      },
+      [transport = transport](ElasticConfig& c) { c.peer.transport = transport; });
   job.run();
   EXPECT_EQ(recoveries.load(), 1);
 }
+
+INSTANTIATE_TEST_SUITE_P(Transports, ElasticFaults,
+                         ::testing::Combine(::testing::Values(TransportKind::automatic, TransportKind::tcp,
+                                                              TransportKind::unix_socket),
+                                            ::testing::Values(3, 4)),
+                         [](const auto& info) {
+                           return std::string(transport_name(std::get<0>(info.param))) + "_n" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
 
 // A topology switched during training belongs to the cluster: a worker that joins adopts it, and a recovery keeps
 // it. Over TCP, where every frame carries its topology, a worker on another topology fails the collectives.
