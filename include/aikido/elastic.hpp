@@ -259,8 +259,9 @@ class ElasticSession {
   /// rolls every member back to the last common commit. The recovery is a step boundary: the sync() that follows
   /// it returns unchanged at once (new workers that joined start their step right after it). Returns changed, or
   /// removed when the others went on without this worker. Throws TimeoutError when no usable cluster forms within the
-  /// recovery timeout (for instance below --min-np without replacements; rank 0 writes the checkpoint first), and
-  /// rethrows when the session is static.
+  /// recovery timeout (for instance below --min-np without replacements; rank 0 writes the checkpoint first). In a
+  /// static session, called while handling the failure, it rolls this worker back to its last commit and rethrows
+  /// the failure (the cluster cannot change); ConfigError when there is no failure to rethrow.
   SyncResult recover();
 
   /// Phases of the last membership change on this worker.

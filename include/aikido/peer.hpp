@@ -29,6 +29,22 @@ TransportKind parse_transport(std::string_view name);  // "auto", "tcp", "unix";
 
 inline constexpr const char* kDefaultTcpCongestion = "cubic";
 
+/// How many collectives a session posted on each path (Peer::path_counts()), counted when posted, whether they then
+/// succeed or fail. Every rank of a cluster takes the same path for the same collective.
+struct PathCounts {
+  /// Allreduce, barrier and consensus through the same-host shared-memory segment (TransportKind::automatic with every
+  /// rank on one host).
+  std::uint64_t shared_memory = 0;
+  /// Collectives over the connections (TCP or Unix-domain sockets): every collective of the other transports and of
+  /// clusters that span hosts, the other kinds under TransportKind::automatic, and those counted in
+  /// `shared_memory_table_full`. A one-rank session, which has no connections, counts its collectives here.
+  std::uint64_t sockets = 0;
+  /// Of `sockets`: collectives that would have taken shared memory, but whose name found no place in the segment's
+  /// table of names (it holds 512 distinct names per session; names are never removed). Every rank finds the table
+  /// full alike.
+  std::uint64_t shared_memory_table_full = 0;
+};
+
 /// Everything a Peer needs to join a cluster. Peer::from_env() fills it from the AIKIDO_* environment
 /// (src/base/env.hpp lists every variable with its default).
 struct PeerConfig {
@@ -132,6 +148,8 @@ class Peer {
   const PeerConfig& config() const;
   /// Ranks whose connection ended (crashed, killed, or closed their session), in increasing order.
   std::vector<int> lost_ranks() const;
+  /// The collectives this session posted so far, by the path they took.
+  PathCounts path_counts() const;
 
   /// Replaces this session by a new one for `config` (another rank, size or cluster version), keeping this
   /// object: references to it stay valid. The old connections are closed first (collectives still in flight

@@ -1,10 +1,9 @@
-#include <aikido/peer.hpp>
 #include <aikido/types.hpp>
-#include <initializer_list>
 #include <string>
 
 #include "base/error.hpp"
 #include "base/half.hpp"
+#include "base/parse_name.hpp"
 
 namespace aikido {
 
@@ -54,24 +53,9 @@ const char* dtype_name(DType dtype) {
   return "unknown";
 }
 
-namespace {
-
-// The value of `values` whose name is `name`; otherwise a ConfigError that lists the accepted names.
-template <class E>
-E parse_name(std::string_view name, std::initializer_list<E> values, const char* (*name_of)(E), const char* what) {
-  std::string accepted;
-  for (E value : values) {
-    if (name == name_of(value)) return value;
-    accepted += (accepted.empty() ? "" : ", ") + std::string(name_of(value));
-  }
-  throw ConfigError(detail::str_cat("unknown ", what, " '", name, "'; use one of ", accepted));
-}
-
-}  // namespace
-
 DType parse_dtype(std::string_view name) {
-  return parse_name(name, {DType::f32, DType::f64, DType::f16, DType::bf16, DType::i32, DType::i64, DType::u8},
-                    dtype_name, "element type");
+  return detail::parse_name(name, {DType::f32, DType::f64, DType::f16, DType::bf16, DType::i32, DType::i64, DType::u8},
+                            dtype_name, "element type");
 }
 
 const char* reduce_op_name(ReduceOp op) {
@@ -105,25 +89,8 @@ const char* topology_name(Topology topology) {
 }
 
 Topology parse_topology(std::string_view name) {
-  return parse_name(name, {Topology::ring, Topology::tree, Topology::star, Topology::hierarchical}, topology_name,
-                    "topology");
-}
-
-const char* transport_name(TransportKind kind) {
-  switch (kind) {
-    case TransportKind::automatic:
-      return "auto";
-    case TransportKind::tcp:
-      return "tcp";
-    case TransportKind::unix_socket:
-      return "unix";
-  }
-  return "unknown";
-}
-
-TransportKind parse_transport(std::string_view name) {
-  return parse_name(name, {TransportKind::automatic, TransportKind::tcp, TransportKind::unix_socket}, transport_name,
-                    "transport");
+  return detail::parse_name(name, {Topology::ring, Topology::tree, Topology::star, Topology::hierarchical},
+                            topology_name, "topology");
 }
 
 }  // namespace aikido

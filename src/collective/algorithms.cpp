@@ -313,6 +313,28 @@ std::size_t block_count(std::size_t count, int parts, int b) {
   return base + (std::size_t(b) < extra ? 1 : 0);
 }
 
+namespace {
+
+// Every other rank checks this rank's signature and this rank checks theirs (see Plan::ready_from).
+Plan checked_by_everyone(Plan plan, const PlanSpec& spec) {
+  auto has = [](const std::vector<int>& ranks, int p) {
+    return std::find(ranks.begin(), ranks.end(), p) != ranks.end();
+  };
+  plan.ready_to.clear();
+  plan.ready_from.clear();
+  for (int p = 0; p < spec.size; ++p) {
+    if (p == spec.rank) continue;
+    plan.ready_from.push_back(p);
+    const bool source = has(plan.sources, p), target = has(plan.targets, p);
+    if (source || !target) plan.ready_to.push_back(p);
+    // A source this rank sends nothing to sends it no `ready` (see above): its data is its signature.
+    if (source && !target) plan.ready_in_data.push_back(p);
+  }
+  return plan;
+}
+
+}  // namespace
+
 Plan build_plan(const PlanSpec& spec) {
   AIKIDO_ENFORCE(spec.size >= 1 && spec.rank >= 0 && spec.rank < spec.size, "rank ", spec.rank, " of ", spec.size);
   AIKIDO_ENFORCE(spec.segment_elems >= 1, "segment of ", spec.segment_elems, " elements");
@@ -323,13 +345,13 @@ Plan build_plan(const PlanSpec& spec) {
     case CollectiveKind::consensus:
       return allreduce_plan(spec);
     case CollectiveKind::broadcast:
-      return broadcast_plan(spec);
+      return checked_by_everyone(broadcast_plan(spec), spec);
     case CollectiveKind::allgather:
       return allgather_plan(spec);
     case CollectiveKind::reduce_scatter:
       return reduce_scatter_plan(spec);
     case CollectiveKind::gather:
-      return gather_plan(spec);
+      return checked_by_everyone(gather_plan(spec), spec);
   }
   throw Error(detail::str_cat("no plan for collective kind ", int(spec.kind)));
 }

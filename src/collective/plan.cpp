@@ -82,6 +82,8 @@ void PlanBuilder::add(OpKind kind, int peer, std::uint64_t tag, std::size_t offs
 }
 
 Plan PlanBuilder::finish() {
+  plan_.ready_to = plan_.sources;
+  plan_.ready_from = plan_.targets;
   plan_.written.assign(written_.begin(), written_.end());
   written_.clear();
   return std::move(plan_);

@@ -52,6 +52,15 @@ struct Plan {
   /// Ranks this rank receives from / sends to, each once.
   std::vector<int> sources;
   std::vector<int> targets;
+  /// The signature check (engine.hpp, "Agreement"): ranks this rank sends its `ready` to, and ranks whose `ready`
+  /// it needs before it completes, or whose data frames (signed alike) stand for their `ready` (ready_in_data).
+  /// Sources and targets, unless the result of some rank does not depend on every other rank (broadcast, gather):
+  /// then every other rank, so that a rank that posted differently is seen by all, not only by its neighbours. A
+  /// rank's data then tells its targets its signature, so it sends them no `ready` unless they also send it data
+  /// (which waits for that `ready`).
+  std::vector<int> ready_to;
+  std::vector<int> ready_from;
+  std::vector<int> ready_in_data;
   /// The regions some op writes, sorted and merged ([begin, end) in elements). Any other element of the buffer
   /// keeps its input value: a caller with a separate input copies those elements in.
   std::vector<std::pair<std::size_t, std::size_t>> written;

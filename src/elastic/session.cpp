@@ -572,8 +572,13 @@ ClusterSpec ElasticSession::next_spec_after_failure(SteadyClock::time_point dead
 
 SyncResult ElasticSession::recover() {
   if (!elastic()) {
-    if (auto error = std::current_exception()) std::rethrow_exception(error);
-    throw ConfigError("recover() needs an elastic job (aikido-run --elastic)");
+    if (auto error = std::current_exception()) {
+      // The cluster cannot change, but the state goes back to the last commit as it would in an elastic job, so a
+      // program that goes on after the failure (a checkpoint of its own, a new session) has committed state.
+      if (!snapshots_.empty()) restore_snapshot(snapshots_.back().seq);
+      std::rethrow_exception(error);
+    }
+    throw ConfigError("recover() needs an elastic job (aikido-run --elastic), or a failure to rethrow");
   }
   // The recovery is this step's boundary: new workers start their step right after establishing, so the next
   // sync() must not run a check they would not run.

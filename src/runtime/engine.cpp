@@ -355,14 +355,6 @@ Work Engine::post(const Request& request) {
   spec.recursive_doubling = ring_allreduce && size == 2 && c->buffer_bytes <= kRecursiveDoublingBytes;
   c->topology = small_ring && size > 2 ? Topology::tree : topology_;
   spec.topology = c->topology;
-  const std::string lost = lost_summary();
-  if (!lost.empty()) {
-    auto work = std::make_shared<WorkState>();
-    work->done = true;
-    work->error = std::make_exception_ptr(PeerLostError(str_cat(
-        c->label(), " cannot run on rank ", rank, " at cluster version ", config_.cluster_version, ": ", lost)));
-    return Work(work);
-  }
   std::uint64_t& posted = posted_count_[name];
   // Only the previous occurrence of a name can still be in flight.
   if (posted > 0 && active_.count(CollectiveKey{name, posted - 1})) {
@@ -371,6 +363,21 @@ Work Engine::post(const Request& request) {
                               " is still in flight; wait for it first or use another name"));
   }
   c->seq = posted++;
+  ++socket_posts_;
+  const std::string lost = lost_summary();
+  if (!lost.empty()) {
+    // A survivor that has not seen the loss yet may have posted this collective and need it only through this rank:
+    // it hears of the failure from here, as from every rank that fails a collective.
+    const std::string text =
+        str_cat(c->label(), " cannot run on rank ", rank, " at cluster version ", config_.cluster_version, ": ", lost);
+    if (bury(CollectiveKey{name, c->seq}, text, WireError::lost)) {
+      send_control_to_all(FrameType::abort, name, c->seq, std::int32_t(WireError::lost), text, -1);
+    }
+    auto work = std::make_shared<WorkState>();
+    work->done = true;
+    work->error = std::make_exception_ptr(PeerLostError(text));
+    return Work(work);
+  }
   lock.unlock();
   c->plan = plan_for(spec);
   if (c->input) take_input(*c);
@@ -403,15 +410,16 @@ Work Engine::post(const Request& request) {
   // 2 cores: 4 KiB about 1.3x faster). A mismatch still shows: a rank that posted something else (another kind, or
   // a size past the eager limit) still sends its `ready`, and the signatures are compared on it.
   c->ready_in_data.assign(std::size_t(size), false);
+  for (int source : plan.ready_in_data) c->ready_in_data[std::size_t(source)] = true;
   const bool small = spec.kind == CollectiveKind::allreduce && c->buffer_bytes <= kEagerBytes;
-  for (int source : plan.sources) {
+  for (int source : plan.ready_to) {
     if (small && std::find(plan.targets.begin(), plan.targets.end(), source) != plan.targets.end()) {
       c->ready_in_data[std::size_t(source)] = true;
     } else {
       send_ready(*c, source);
     }
   }
-  for (int target : plan.targets) {
+  for (int target : plan.ready_from) {
     auto it = early_ready_.find(MessageKey{name, c->seq, 0, target});
     if (it != early_ready_.end()) {
       const FrameHeader header = it->second;
@@ -428,7 +436,7 @@ Work Engine::post(const Request& request) {
            std::make_exception_ptr(PeerLostError(str_cat(c->label(), " cannot run on rank ", rank,
                                                          " at cluster version ", config_.cluster_version, ": ",
                                                          lost_[std::size_t(p)], " and this collective needs it"))),
-           WireError::lost, false, progress);
+           WireError::lost, true, progress);
     }
   }
   maybe_finish(c, progress);
@@ -488,15 +496,18 @@ void Engine::issue_send(const std::shared_ptr<Collective>& c, std::uint32_t i, P
     --c->running;
     --c->running_by_peer[std::size_t(peer)];
     Progress progress;
-    if (!written) {
-      const std::string why = lost_[std::size_t(peer)].empty() ? str_cat("lost rank ", peer) : lost_[std::size_t(peer)];
-      fail(c,
-           std::make_exception_ptr(
-               PeerLostError(str_cat(c->label(), " failed on rank ", config_.rank, " at cluster version ",
-                                     config_.cluster_version, ": could not send to rank ", peer, ": ", why))),
-           WireError::lost, false, progress);
-    } else if (c->failed) {
+    if (c->failed) {
       maybe_finish(c, progress);
+    } else if (!written && lost_[std::size_t(peer)].empty()) {
+      // The connection broke and its end is not handled yet (on_lost always follows): the send counts as not sent,
+      // so that on_lost fails the collective with the cause (a goodbye or a crash) and tells the others.
+      c->state[i] = OpState::armed;
+    } else if (!written) {
+      fail(c,
+           std::make_exception_ptr(PeerLostError(
+               str_cat(c->label(), " failed on rank ", config_.rank, " at cluster version ", config_.cluster_version,
+                       ": could not send to rank ", peer, ": ", lost_[std::size_t(peer)]))),
+           WireError::lost, true, progress);
     } else {
       complete_op(c, i, progress);
     }
@@ -545,9 +556,9 @@ bool Engine::needs_peer(const Collective& c, int peer) const {
   // Past the loop every receive from `peer` has its data; where that data stands for the peer's `ready`
   // (ready_in_data), the peer posted the collective even if no frame of it has been matched yet (a frame that waits
   // in the mailbox is checked when its receive is armed).
-  const auto& targets = c.plan->targets;
-  return std::find(targets.begin(), targets.end(), peer) != targets.end() && !c.ready_from[std::size_t(peer)] &&
-         !c.ready_in_data[std::size_t(peer)];
+  const auto& confirmers = c.plan->ready_from;
+  return std::find(confirmers.begin(), confirmers.end(), peer) != confirmers.end() &&
+         !c.ready_from[std::size_t(peer)] && !c.ready_in_data[std::size_t(peer)];
 }
 
 void Engine::complete_op(const std::shared_ptr<Collective>& c, std::uint32_t i, Progress& progress) {
@@ -561,7 +572,7 @@ void Engine::complete_op(const std::shared_ptr<Collective>& c, std::uint32_t i, 
 
 void Engine::maybe_finish(const std::shared_ptr<Collective>& c, Progress& progress) {
   if (c->finished || c->running > 0) return;
-  if (!c->failed && (c->remaining > 0 || c->ready_count < c->plan->targets.size())) return;
+  if (!c->failed && (c->remaining > 0 || c->ready_count < c->plan->ready_from.size())) return;
   c->finished = true;
   progress.finished.push_back(c);  // before the erase: `c` may refer to the map's own element
   active_.erase(CollectiveKey{c->name, c->seq});
@@ -596,13 +607,14 @@ bool Engine::accept_frame(const std::shared_ptr<Collective>& c, const FrameHeade
 }
 
 void Engine::send_control(int peer, FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
-                          std::string payload) {
+                          std::string payload, std::uint64_t tag) {
   auto& connection = connections_[std::size_t(peer)];
   if (!connection) return;
   transport::OutgoingFrame frame;
   frame.header.type = type;
   frame.header.seq = seq;
   frame.header.root = root;
+  frame.header.tag = tag;
   frame.name = name;
   if (!payload.empty()) {
     auto text = std::make_shared<std::string>(std::move(payload));
@@ -724,36 +736,17 @@ void Engine::on_frame(transport::Connection& connection, const FrameHeader& head
         news = !c->failed;
         fail(c, error_for(WireError(header.root), text), WireError(header.root), false, progress);
       } else {
-        CollectiveKey key{name, header.seq};
-        news = tombstones_.emplace(key, Tombstone{text, std::uint8_t(header.root)}).second;
-        if (news) tombstone_order_.push_back(key);
+        news = bury(CollectiveKey{name, header.seq}, text, WireError(header.root));
       }
       if (news) send_control_to_all(FrameType::abort, name, header.seq, header.root, text, header.source);
       run(lock, progress);
       return;
     }
-    case FrameType::stall_query: {
+    case FrameType::stall_query:
       if (header.payload_bytes != 0) throw ProtocolError("stall query with a payload");
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = posted_count_.find(name);
-      const bool posted = it != posted_count_.end() && it->second > header.seq;
-      send_control(header.source, FrameType::stall_reply, name, header.seq, posted ? 1 : 0, {});
-      return;
-    }
-    case FrameType::stall_reply: {
-      if (header.payload_bytes != 0) throw ProtocolError("stall reply with a payload");
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = active_.find(CollectiveKey{name, header.seq});
-      if (it == active_.end()) return;
-      Collective& c = *it->second;
-      c.stall_posted[std::size_t(header.source)] = header.root ? 1 : 0;
-      bool all = true;
-      for (int p = 0; p < config_.size; ++p) {
-        if (p != config_.rank && lost_[std::size_t(p)].empty() && c.stall_posted[std::size_t(p)] < 0) all = false;
-      }
-      if (all) log::warn("stall report: ", describe_wait(c));
-      return;
-    }
+      return answer_stall_query(header, name);
+    case FrameType::stall_reply:
+      return receive_stall_reply(connection, header, name);
     case FrameType::p2p_request:
       return receive_p2p_request(connection, header, name);
     case FrameType::p2p_reply:
@@ -922,6 +915,16 @@ std::vector<int> Engine::lost_ranks() const {
     if (!lost_[std::size_t(p)].empty()) ranks.push_back(p);
   }
   return ranks;
+}
+
+PathCounts Engine::path_counts() const {
+  PathCounts counts;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    counts.sockets = socket_posts_;
+  }
+  if (shm_) std::tie(counts.shared_memory, counts.shared_memory_table_full) = shm_->post_counts();
+  return counts;
 }
 
 void Engine::set_topology(Topology topology) {

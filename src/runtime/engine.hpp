@@ -26,7 +26,11 @@
 // its own signature. In a small allreduce (all segments eager) a rank that both sends to and receives from a peer
 // sends it no `ready`: the peer's data frames, signed alike, stand for it. So each rank checks all of its plan's
 // neighbours, and a mismatch found anywhere is sent to every rank (`abort`); a rank that hears of a failure passes
-// it on to every rank before anything else it sends, its goodbye included.
+// it on to every rank before anything else it sends, its goodbye included. Where every rank's result depends on every
+// other rank's data (allreduce, allgather, reduce_scatter), a mismatch stops the data at the first neighbour, so no
+// rank completes; a broadcast or gather, where it does not, exchanges `ready` among all ranks instead
+// (Plan::ready_to, Plan::ready_from). The same holds for lost ranks: every rank that fails a collective tells the
+// others, so a rank that needs a lost one only through others hears of it at once.
 //
 // Files: engine.cpp posts, runs and finishes collectives; engine_wait.cpp is the waiting above; engine_failures.cpp
 // fails collectives, handles lost peers and runs the watchdog (timeouts, descriptions of stalled collectives). The
@@ -56,6 +60,10 @@ namespace aikido::detail {
 
 /// Segments up to this size are sent without waiting for the receiver's `ready`.
 inline constexpr std::size_t kEagerBytes = 64 * 1024;
+/// The `tag` of stall_query and stall_reply frames: the path of the collective asked about (the same name may run
+/// on both, numbered separately).
+inline constexpr std::uint64_t kStallMessagePath = 0;
+inline constexpr std::uint64_t kStallSharedMemoryPath = 1;
 
 using Clock = std::chrono::steady_clock;
 
@@ -103,6 +111,7 @@ class Engine final : public transport::FrameHandler {
   void drain();
   /// Ranks whose connection ended, in increasing order.
   std::vector<int> lost_ranks() const;
+  PathCounts path_counts() const;
 
   void on_frame(transport::Connection& connection, const transport::FrameHeader& header,
                 const std::string& name) override;
@@ -159,18 +168,28 @@ class Engine final : public transport::FrameHandler {
   void fail(const std::shared_ptr<Collective>& c, std::exception_ptr error, transport::WireError kind, bool tell_peers,
             Progress& progress);
   void abandon_transfers(const Collective& c);
+  /// Remembers that collective `key` failed here with `error`, so that its late frames are dropped and a later post
+  /// of it fails alike; false when it was remembered already.
+  bool bury(const CollectiveKey& key, const std::string& error, transport::WireError kind);
   /// A frame of `c` arrived: false (and `c` failed with MismatchError) when its signature differs from this rank's;
   /// otherwise a data frame that stands for its sender's `ready` (see post()) counts as that `ready`.
   bool accept_frame(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header, Progress& progress);
   std::string lost_summary() const;
   std::string describe_wait(const Collective& c) const;
   void send_control(int peer, transport::FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
-                    std::string payload);
+                    std::string payload, std::uint64_t tag = 0);
   /// send_control to every connected rank but this one and `except` (-1: none): an `abort` tells them that collective
   /// (name, seq) failed (root: the WireError kind, payload: the error text); a `stall_query` asks whether they posted
-  /// it.
+  /// it and what they are waiting in (tag: the path, kStallMessagePath or kStallSharedMemoryPath).
   void send_control_to_all(transport::FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
-                           const std::string& payload, int except);
+                           const std::string& payload, int except, std::uint64_t tag = 0);
+  /// Answers a stall_query: whether this rank posted (name, seq) on the path the query names, and waiting_in().
+  void answer_stall_query(const transport::FrameHeader& header, const std::string& name);
+  void receive_stall_reply(transport::Connection& connection, const transport::FrameHeader& header,
+                           const std::string& name);
+  /// What this rank is waiting in, as the end of a sentence that begins "rank R ": "is waiting in allreduce 'x'
+  /// (seq 3)", "is in no collective", ...
+  std::string waiting_in() const;
   void send_ready(const Collective& c, int peer);
   void on_ready(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header, Progress& progress);
   /// True when `c` still needs something from `peer` that has not arrived yet.
@@ -207,6 +226,7 @@ class Engine final : public transport::FrameHandler {
   bool closing_ = false;
   std::unordered_map<CollectiveKey, std::shared_ptr<Collective>, CollectiveKeyHash> active_;
   std::unordered_map<std::string, std::uint64_t> posted_count_;
+  std::uint64_t socket_posts_ = 0;  // collectives posted on the message path
   std::unordered_map<MessageKey, ArmedRecv, MessageKeyHash> armed_;
   std::unordered_map<MessageKey, Early, MessageKeyHash> mailbox_;
   std::size_t mailbox_bytes_ = 0;

@@ -54,8 +54,10 @@ struct Collective {
   std::shared_ptr<WorkState> work;
   Clock::time_point start;
   Clock::time_point deadline;
-  bool stall_queried = false;
-  std::vector<int> stall_posted;  // -1 unknown, 0 not posted, 1 posted
+  bool stall_queried = false;           // at half the timeout
+  bool stall_reported = false;          // once every rank answered, or at three quarters of the timeout
+  std::vector<int> stall_posted;        // -1 unknown, 0 not posted, 1 posted
+  std::vector<std::string> waiting_in;  // per rank, once it answered the stall query (Engine::waiting_in)
   // Finishing touches.
   void* recv = nullptr;
   std::size_t recv_count = 0;

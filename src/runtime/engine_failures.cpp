@@ -59,15 +59,20 @@ void Engine::fail(const std::shared_ptr<Collective>& c, std::exception_ptr error
   } catch (const std::exception& e) {
     text = e.what();
   }
-  CollectiveKey key{c->name, c->seq};
-  if (tombstones_.emplace(key, Tombstone{text, std::uint8_t(kind)}).second) tombstone_order_.push_back(key);
+  bury(CollectiveKey{c->name, c->seq}, text, kind);
+  if (tell_peers) send_control_to_all(FrameType::abort, c->name, c->seq, std::int32_t(kind), text, -1);
+  if (kind == WireError::timeout || kind == WireError::other) abandon_transfers(*c);
+  maybe_finish(c, progress);
+}
+
+bool Engine::bury(const CollectiveKey& key, const std::string& error, WireError kind) {
+  if (!tombstones_.emplace(key, Tombstone{error, std::uint8_t(kind)}).second) return false;
+  tombstone_order_.push_back(key);
   while (tombstone_order_.size() > kMaxTombstones) {
     tombstones_.erase(tombstone_order_.front());
     tombstone_order_.pop_front();
   }
-  if (tell_peers) send_control_to_all(FrameType::abort, c->name, c->seq, std::int32_t(kind), text, -1);
-  if (kind == WireError::timeout || kind == WireError::other) abandon_transfers(*c);
-  maybe_finish(c, progress);
+  return true;
 }
 
 void Engine::abandon_transfers(const Collective& c) {
@@ -81,10 +86,11 @@ void Engine::abandon_transfers(const Collective& c) {
 }
 
 void Engine::send_control_to_all(FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
-                                 const std::string& payload, int except) {
+                                 const std::string& payload, int except, std::uint64_t tag) {
+  if (closing_) return;  // the goodbye is the last frame; this rank's failures are its own now
   for (int p = 0; p < config_.size; ++p) {
     if (p != config_.rank && p != except && lost_[std::size_t(p)].empty()) {
-      send_control(p, type, name, seq, root, payload);
+      send_control(p, type, name, seq, root, payload, tag);
     }
   }
 }
@@ -128,7 +134,7 @@ void Engine::on_lost(transport::Connection& connection, const std::string& reaso
 }
 
 std::string Engine::describe_wait(const Collective& c) const {
-  std::vector<int> data_from, not_posted, ready_from;
+  std::vector<int> data_from, not_posted, ready_from, silent;
   for (std::uint32_t i = 0; i < c.plan->ops.size(); ++i) {
     const Op& op = c.plan->ops[i];
     if (c.state[i] == OpState::done) continue;
@@ -137,11 +143,14 @@ std::string Engine::describe_wait(const Collective& c) const {
     };
     if (op.kind != OpKind::send) add(data_from, op.peer);
   }
-  for (int p : c.plan->targets) {
+  for (int p : c.plan->ready_from) {
     if (!c.ready_from[std::size_t(p)]) ready_from.push_back(p);
   }
   for (int p = 0; p < config_.size; ++p) {
     if (c.stall_posted[std::size_t(p)] == 0) not_posted.push_back(p);
+    if (c.stall_queried && p != config_.rank && lost_[std::size_t(p)].empty() && c.stall_posted[std::size_t(p)] < 0) {
+      silent.push_back(p);
+    }
   }
   std::sort(data_from.begin(), data_from.end());
   std::sort(ready_from.begin(), ready_from.end());
@@ -151,10 +160,73 @@ std::string Engine::describe_wait(const Collective& c) const {
   if (!not_posted.empty()) {
     text += str_cat("; rank", not_posted.size() > 1 ? "s " : " ", rank_list(not_posted),
                     not_posted.size() > 1 ? " have" : " has", " not posted it");
+    for (int p : not_posted) {
+      if (!c.waiting_in.empty() && !c.waiting_in[std::size_t(p)].empty()) {
+        text += str_cat("; rank ", p, " ", c.waiting_in[std::size_t(p)]);
+      }
+    }
   }
+  if (!silent.empty()) text += silent_ranks(silent);
   if (!data_from.empty()) text += str_cat("; waiting for data from rank(s) ", rank_list(data_from));
   if (!ready_from.empty()) text += str_cat("; waiting for rank(s) ", rank_list(ready_from), " to post it");
   return text;
+}
+
+void Engine::answer_stall_query(const transport::FrameHeader& header, const std::string& name) {
+  bool posted = false;
+  if (header.tag == kStallSharedMemoryPath) {
+    posted = shm_ && shm_->posted(name, header.seq);
+  } else {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = posted_count_.find(name);
+    posted = it != posted_count_.end() && it->second > header.seq;
+  }
+  const std::string doing = waiting_in();
+  std::lock_guard<std::mutex> lock(mutex_);
+  send_control(header.source, FrameType::stall_reply, name, header.seq, posted ? 1 : 0, doing, header.tag);
+}
+
+void Engine::receive_stall_reply(transport::Connection& connection, const transport::FrameHeader& header,
+                                 const std::string& name) {
+  std::string doing = read_text(connection, header.payload_bytes);
+  const bool posted = header.root != 0;
+  if (header.tag == kStallSharedMemoryPath) {
+    if (shm_) shm_->stall_reply(name, header.seq, header.source, posted, std::move(doing));
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = active_.find(CollectiveKey{name, header.seq});
+  if (it == active_.end()) return;
+  Collective& c = *it->second;
+  c.stall_posted[std::size_t(header.source)] = posted ? 1 : 0;
+  c.waiting_in.resize(std::size_t(config_.size));
+  c.waiting_in[std::size_t(header.source)] = std::move(doing);
+  for (int p = 0; p < config_.size; ++p) {
+    if (p != config_.rank && lost_[std::size_t(p)].empty() && c.stall_posted[std::size_t(p)] < 0) return;
+  }
+  if (c.stall_reported) return;
+  c.stall_reported = true;
+  log::warn("stall report: ", describe_wait(c));
+}
+
+std::string Engine::waiting_in() const {
+  std::vector<InFlight> all;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& [key, c] : active_) {
+      if (!c->failed) all.push_back({c->start, c->label(), c->work->waited.load(std::memory_order_relaxed)});
+    }
+  }
+  if (shm_) shm_->in_flight(all);
+  if (all.empty()) return "is in no collective";
+  std::sort(all.begin(), all.end(), [](const InFlight& a, const InFlight& b) { return a.start < b.start; });
+  std::vector<const InFlight*> waited;
+  for (const auto& f : all) {
+    if (f.waited) waited.push_back(&f);
+  }
+  auto more = [](std::size_t n) { return n > 1 ? str_cat(" and ", n - 1, " more") : std::string(); };
+  if (!waited.empty()) return str_cat("is waiting in ", waited.front()->label, more(waited.size()));
+  return str_cat("is waiting in no collective (", all.front().label, more(all.size()), " in flight)");
 }
 
 void Engine::watchdog_loop() {
@@ -173,13 +245,23 @@ void Engine::watchdog_loop() {
         continue;
       }
       if (now >= c->deadline) {
+        // Told to every rank: those waiting for this one's data stop too, and one that posts it later fails at once
+        // with this description of the stall rather than waiting out a timeout of its own.
         fail(c,
              std::make_exception_ptr(TimeoutError(
                  str_cat(describe_wait(*c), "; the timeout is ", seconds(config_.timeout), " (AIKIDO_TIMEOUT)"))),
-             WireError::timeout, false, progress);
+             WireError::timeout, true, progress);
       } else if (!c->stall_queried && now >= c->start + config_.timeout / 2) {
         c->stall_queried = true;
-        send_control_to_all(FrameType::stall_query, c->name, c->seq, 0, {}, -1);
+        send_control_to_all(FrameType::stall_query, c->name, c->seq, 0, {}, -1, kStallMessagePath);
+      } else if (c->stall_queried && !c->stall_reported && now >= c->start + config_.timeout * 3 / 4) {
+        c->stall_reported = true;  // some rank has not answered: report what is known
+        log::warn("stall report: ", describe_wait(*c));
+      }
+    }
+    if (shm_) {
+      for (const auto& s : shm_->watch(now)) {
+        send_control_to_all(FrameType::stall_query, s.name, s.occurrence, 0, {}, -1, kStallSharedMemoryPath);
       }
     }
     std::vector<std::shared_ptr<PendingRequest>> expired;

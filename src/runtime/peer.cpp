@@ -13,6 +13,7 @@
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/log.hpp"
+#include "base/parse_name.hpp"
 #include "base/sha256.hpp"
 #include "runtime/endpoint.hpp"
 #include "runtime/engine.hpp"
@@ -28,6 +29,23 @@ using detail::Endpoint;
 using detail::str_cat;
 using transport::Address;
 using transport::Clock;
+
+const char* transport_name(TransportKind kind) {
+  switch (kind) {
+    case TransportKind::automatic:
+      return "auto";
+    case TransportKind::tcp:
+      return "tcp";
+    case TransportKind::unix_socket:
+      return "unix";
+  }
+  return "unknown";
+}
+
+TransportKind parse_transport(std::string_view name) {
+  return detail::parse_name(name, {TransportKind::automatic, TransportKind::tcp, TransportKind::unix_socket},
+                            transport_name, "transport");
+}
 
 namespace {
 
@@ -365,6 +383,7 @@ std::chrono::milliseconds Peer::timeout() const { return engine_->config().timeo
 Topology Peer::topology() const { return engine_->topology(); }
 const PeerConfig& Peer::config() const { return engine_->config(); }
 std::vector<int> Peer::lost_ranks() const { return engine_->lost_ranks(); }
+PathCounts Peer::path_counts() const { return engine_->path_counts(); }
 
 void Peer::reconnect(const PeerConfig& config) {
   engine_.reset();  // closes the old version's connections before the new ones open

@@ -10,6 +10,7 @@
 
 #include "base/env.hpp"
 #include "base/error.hpp"
+#include "base/log.hpp"
 #include "base/reduce.hpp"
 #include "base/sha256.hpp"
 #include "base/thread.hpp"
@@ -149,6 +150,9 @@ struct ShmOp {
   WorkState state;
   std::weak_ptr<ShmCollectives> owner;  // for state.drive, which may run after the Peer is gone
   std::chrono::steady_clock::time_point start, deadline;
+  bool stall_queried = false;           // at half the timeout
+  bool stall_reported = false;          // once every rank answered, or at three quarters of the timeout
+  std::vector<std::string> waiting_in;  // per rank, once it answered the stall query: what it is waiting in
 
   std::string label() const { return str_cat(kind_label(kind), " '", *name, "' (seq ", occurrence, ")"); }
 };
@@ -355,7 +359,11 @@ std::optional<Work> ShmCollectives::post(const Request& request, std::string_vie
   std::unique_lock<std::mutex> lock(mutex_);
   if (closing_) throw Error("the Peer is closing");
   const auto& [recorded_name, entry] = entry_for(name);
-  if (entry < 0) return std::nullopt;
+  if (entry < 0) {
+    ++table_full_posts_;
+    return std::nullopt;
+  }
+  ++posts_;
   op->name = &recorded_name;
   op->entry = entry;
   if (busy_[std::size_t(entry)]) {
@@ -731,9 +739,19 @@ std::string ShmCollectives::describe_wait(const ShmOp& op) const {
   if (!not_posted.empty()) {
     text += str_cat("; rank", not_posted.size() > 1 ? "s " : " ", rank_list(not_posted),
                     not_posted.size() > 1 ? " have" : " has", " not posted it");
+    for (int q : not_posted) {
+      if (!op.waiting_in.empty() && !op.waiting_in[std::size_t(q)].empty()) {
+        text += str_cat("; rank ", q, " ", op.waiting_in[std::size_t(q)]);
+      }
+    }
   } else if (op.arrived && op.bay < 0) {
     text += "; waiting for a free shared-memory bay";
   }
+  std::vector<int> silent;
+  for (int q = 0; q < size_ && op.stall_queried; ++q) {
+    if (q != rank_ && (op.waiting_in.empty() || op.waiting_in[std::size_t(q)].empty())) silent.push_back(q);
+  }
+  if (!silent.empty()) text += silent_ranks(silent);
   if (!behind.empty()) text += str_cat("; waiting for data from rank(s) ", rank_list(behind));
   return text;
 }
@@ -757,6 +775,58 @@ void ShmCollectives::peer_lost(int peer, const std::string& why, bool departed) 
     collect(finished);
   }
   complete(finished);
+}
+
+std::vector<ShmCollectives::Stalled> ShmCollectives::watch(Clock::time_point now) {
+  std::vector<Stalled> out;
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& op : ops_) {
+    if (op->finished) continue;
+    if (!op->stall_queried && now >= op->start + timeout_ / 2) {
+      op->stall_queried = true;
+      out.push_back({*op->name, op->occurrence});
+    } else if (op->stall_queried && !op->stall_reported && now >= op->start + timeout_ * 3 / 4) {
+      op->stall_reported = true;  // some rank has not answered: report what is known
+      log::warn("stall report: ", describe_wait(*op));
+    }
+  }
+  return out;
+}
+
+bool ShmCollectives::posted(std::string_view name, std::uint64_t occurrence) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = entry_of_name_.find(name);  // never entry_for: asking must not claim a record
+  return it != entry_of_name_.end() && it->second >= 0 && posted_[std::size_t(it->second)] > occurrence;
+}
+
+void ShmCollectives::stall_reply(std::string_view name, std::uint64_t occurrence, int source, bool posted,
+                                 std::string waiting_in) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (source < 0 || source >= size_ || source == rank_) return;
+  for (auto& op : ops_) {
+    if (op->finished || op->occurrence != occurrence || *op->name != name) continue;
+    op->waiting_in.resize(std::size_t(size_));
+    // An answer that says nothing still counts as one (the rank posted it and waits in it).
+    op->waiting_in[std::size_t(source)] = waiting_in.empty() ? (posted ? "posted it" : "answered") : waiting_in;
+    for (int q = 0; q < size_; ++q) {
+      if (q != rank_ && op->waiting_in[std::size_t(q)].empty()) return;
+    }
+    if (!op->stall_reported) log::warn("stall report: ", describe_wait(*op));
+    op->stall_reported = true;
+    return;
+  }
+}
+
+void ShmCollectives::in_flight(std::vector<InFlight>& out) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& op : ops_) {
+    if (!op->finished) out.push_back({op->start, op->label(), op->state.waited.load(std::memory_order_relaxed)});
+  }
+}
+
+std::pair<std::uint64_t, std::uint64_t> ShmCollectives::post_counts() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return {posts_, table_full_posts_};
 }
 
 bool ShmCollectives::drain(Clock::time_point deadline) {

@@ -35,6 +35,8 @@
 // signature of every rank is visible to all, so a mismatch raises MismatchError on every rank before any data is
 // combined. Failures: a lost peer (its sockets close; the engine calls peer_lost) fails everything in flight;
 // every wait has the collective's deadline; a rank that gives up marks its arrival abandoned so the others stop too.
+// Stall reports: at half the deadline the engine's watchdog asks the other ranks over the connections what they are
+// waiting in (watch(), stall_reply()), so the report and the TimeoutError say it as on the socket path.
 //
 // Waiting: a thread in Work::wait() drives the collectives itself (spins briefly on its doorbell, then sleeps on it
 // with a futex); a progress thread drives them only while no thread waits, so asynchronous work still completes.
@@ -104,6 +106,25 @@ class ShmCollectives : public std::enable_shared_from_this<ShmCollectives> {
   void peer_lost(int peer, const std::string& why, bool departed);
   /// Waits until nothing is in flight; false when `deadline` passed first.
   bool drain(std::chrono::steady_clock::time_point deadline);
+
+  // Stall reports: the engine asks the other ranks about collectives of this path that have waited half the timeout
+  // (stall_query frames over the connections) and hands their answers here.
+  struct Stalled {
+    std::string name;
+    std::uint64_t occurrence;
+  };
+  /// For the engine's watchdog: returns the collectives in flight for half the timeout that nobody asked about yet
+  /// (and marks them asked); logs the stall report of those that waited three quarters of it without every answer.
+  std::vector<Stalled> watch(std::chrono::steady_clock::time_point now);
+  /// True when this rank posted occurrence `occurrence` of `name` on this path.
+  bool posted(std::string_view name, std::uint64_t occurrence);
+  /// Rank `source` answered about a stalled collective: whether it posted it, and what it is waiting in (the end of
+  /// a sentence about that rank, Engine::waiting_in). Once every other rank answered, logs the stall report.
+  void stall_reply(std::string_view name, std::uint64_t occurrence, int source, bool posted, std::string waiting_in);
+  /// Adds this path's collectives in flight to `out`.
+  void in_flight(std::vector<InFlight>& out);
+  /// Collectives posted here, and those that found the table of names full (they took the message path).
+  std::pair<std::uint64_t, std::uint64_t> post_counts();
   /// Fails what is in flight and stops the progress thread. Idempotent.
   void close();
 
@@ -157,8 +178,10 @@ class ShmCollectives : public std::enable_shared_from_this<ShmCollectives> {
   };
   // -1: no record (the table was full). Never erased: ops point at the keys.
   std::unordered_map<std::string, int, NameHash, std::equal_to<>> entry_of_name_;
-  std::vector<std::uint64_t> posted_;  // occurrences posted, per entry
-  std::vector<bool> busy_;             // an occurrence of the entry is in flight
+  std::vector<std::uint64_t> posted_;   // occurrences posted, per entry
+  std::vector<bool> busy_;              // an occurrence of the entry is in flight
+  std::uint64_t posts_ = 0;             // collectives posted on this path
+  std::uint64_t table_full_posts_ = 0;  // collectives whose name found no record
   std::thread progress_;
 };
 

@@ -1,5 +1,6 @@
 #include <aikido/work.hpp>
 
+#include "base/error.hpp"
 #include "runtime/work_state.hpp"
 #include "transport/connection.hpp"
 
@@ -22,6 +23,12 @@ void WorkState::complete(std::exception_ptr failure) {
   for (auto& callback : run) callback(failure);
 }
 
+std::string silent_ranks(const std::vector<int>& ranks) {
+  return str_cat("; rank", ranks.size() > 1 ? "s " : " ", rank_list(ranks), ranks.size() > 1 ? " have" : " has",
+                 " not answered whether", ranks.size() > 1 ? " they" : " it",
+                 " posted it (stopped, or its library threads are blocked)");
+}
+
 }  // namespace detail
 
 Work::Work() : state_(std::make_shared<detail::WorkState>()) { state_->done = true; }
@@ -29,6 +36,7 @@ Work::Work() : state_(std::make_shared<detail::WorkState>()) { state_->done = tr
 Work::Work(std::shared_ptr<detail::WorkState> state) : state_(std::move(state)) {}
 
 void Work::wait() const {
+  state_->waited.store(true, std::memory_order_relaxed);
   if (state_->drive) state_->drive(*state_, std::chrono::steady_clock::time_point::max());
   std::unique_lock<std::mutex> lock(state_->mutex);
   state_->changed.wait(lock, [&] { return state_->done; });
@@ -37,9 +45,13 @@ void Work::wait() const {
 
 bool Work::wait(std::chrono::milliseconds timeout) const {
   const auto until = std::chrono::steady_clock::now() + timeout;
+  state_->waited.store(true, std::memory_order_relaxed);
   if (state_->drive) state_->drive(*state_, until);
   std::unique_lock<std::mutex> lock(state_->mutex);
-  if (!state_->changed.wait_until(lock, until, [&] { return state_->done; })) return false;
+  if (!state_->changed.wait_until(lock, until, [&] { return state_->done; })) {
+    state_->waited.store(false, std::memory_order_relaxed);
+    return false;
+  }
   if (state_->error) std::rethrow_exception(state_->error);
   return true;
 }

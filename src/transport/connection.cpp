@@ -216,7 +216,13 @@ void Connection::send(OutgoingFrame frame) {
   frame.header.cluster_version = cluster_version_;
   frame.header.name_bytes = std::uint32_t(frame.name.size());
   std::unique_lock<std::mutex> lock(mutex_);
-  if (!queue_.empty() || writing_ || broken_ || stopping_) {
+  if (stopping_) {
+    // The goodbye is queued: it is the last frame (the peer stops reading there, and the send thread ends).
+    lock.unlock();
+    if (frame.done) frame.done(false);
+    return;
+  }
+  if (!queue_.empty() || writing_ || broken_) {
     queue_.push_back(std::move(frame));
     lock.unlock();
     queued_.notify_one();

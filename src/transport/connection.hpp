@@ -136,7 +136,8 @@ class Connection {
   void start();
   /// Sends a frame: when nothing else is queued, the calling thread writes what the socket takes at once (saving
   /// a thread hand-off); the rest is queued for the send thread. Never blocks on the network. The caller must not
-  /// hold locks that `start` or `done` take. Frames queued after the connection failed get done(false).
+  /// hold locks that `start` or `done` take. Frames queued after the connection failed, or sent once close() has
+  /// queued the goodbye, get done(false).
   void send(OutgoingFrame frame);
   enum class Received { nothing, frame, busy };
   /// Reads and handles one frame if one has arrived, without waiting for one (the rest of a begun frame is waited

@@ -19,8 +19,8 @@ enum class FrameType : std::uint8_t {
   data = 1,         // a segment of a collective
   ready = 2,        // the sender has posted (name, seq): large segments may flow to it
   abort = 3,        // (name, seq) failed on the sender; the payload is the error text
-  stall_query = 4,  // has the receiver posted (name, seq)?
-  stall_reply = 5,  // answer: `root` holds 1 when posted
+  stall_query = 4,  // has the receiver posted (name, seq), and what is it waiting in? `tag`: the collective's path
+  stall_reply = 5,  // answer: `root` holds 1 when posted, the payload what it waits in (text); `tag` as asked
   p2p_request = 6,  // send me your saved buffer `name`; `seq` is the request id, `count`/`dtype` what I expect
   p2p_reply = 7,    // answer to a p2p_request: `root` holds the status, payload the data or the error text
   goodbye = 8,      // the sender closes its session on purpose

@@ -17,7 +17,8 @@
 // options: --epochs E (2)  --batch B per worker (250)  --dim D (4096)  --commit-every K (4)  --step-ms M simulated
 // compute per step (0)  --print-every P (10)  --schedule S:N,S:N,...  (at global step S, all workers call
 // peer.resize(N))  --linger-rank R the worker at rank R waits 60 s after "done" before it exits (to be killed there)
-// --linger-ms M every worker waits M ms after "done" before it exits
+// --linger-ms M every worker waits M ms after "done" before it exits  --linger-until F every worker waits after
+// "done" until file F exists (at most 60 s) before it exits
 #include <unistd.h>
 
 #include <aikido/aikido.hpp>
@@ -43,6 +44,7 @@ struct Options {
   std::map<std::int64_t, int> schedule;
   int linger_rank = -1;
   int linger_ms = 0;
+  std::string linger_until;
 };
 
 Options parse(int argc, char** argv) {
@@ -65,6 +67,8 @@ Options parse(int argc, char** argv) {
       o.linger_rank = std::stoi(value);
     else if (flag == "--linger-ms")
       o.linger_ms = std::stoi(value);
+    else if (flag == "--linger-until")
+      o.linger_until = value;
     else if (flag == "--schedule") {
       std::size_t begin = 0;
       while (begin < value.size()) {
@@ -166,6 +170,9 @@ class Worker {
     say("done", "\"params\":\"" + hash_of(w_) + "\"");
     if (s_.rank() == o_.linger_rank) std::this_thread::sleep_for(std::chrono::seconds(60));
     if (o_.linger_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(o_.linger_ms));
+    for (int i = 0; !o_.linger_until.empty() && ::access(o_.linger_until.c_str(), F_OK) != 0 && i < 6000; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
     return 0;
   }
 

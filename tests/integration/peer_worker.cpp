@@ -6,17 +6,24 @@
 //                 which must fail: they print the error's type and message, hold their session 1.5 s, exit 3
 //   hang R        after one successful allreduce rank R stops itself (SIGSTOP); the others must get an error
 //                 within AIKIDO_TIMEOUT, print it, hold their session 1.5 s and exit 3
+//   leave R       after one successful allreduce rank R closes its session and exits 0; the others post an
+//                 allreduce and a barrier, each of which must fail with PeerLostError at once: they print each
+//                 error, hold their session 1.5 s and exit 3
+//   absent R      after one successful allreduce rank R runs no collective until it is stopped; the others post an
+//                 allreduce, which must fail with TimeoutError: they print it, hold their session 1.5 s and exit 3
 //   mismatch      rank 1 posts a collective with another size; every rank must catch MismatchError, print it,
 //                 hold its session 1.5 s and exit 0
 //
 // Exit statuses: 0 success, 1 wrong result, 3 expected error caught, 4 unexpected error, 5 no error where one was
 // expected, 64 bad usage.
 #include <signal.h>
+#include <unistd.h>
 
 #include <aikido/aikido.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -106,6 +113,64 @@ int mode_fault(aikido::Peer& peer, int faulty, int fault) {
   return status;
 }
 
+// Prints how `post` ended ("NAME PeerLostError: ..."); true when it failed with PeerLostError.
+bool expect_lost(const aikido::Peer& peer, const char* name, const std::function<void()>& post) {
+  try {
+    post();
+    say(peer, std::string(name) + " completed although a rank left");
+  } catch (const aikido::PeerLostError& e) {
+    say(peer, std::string(name) + " PeerLostError: " + e.what());
+    return true;
+  } catch (const aikido::TimeoutError& e) {
+    say(peer, std::string(name) + " TimeoutError: " + e.what());
+  } catch (const aikido::Error& e) {
+    say(peer, std::string(name) + " unexpected aikido::Error: " + e.what());
+  }
+  return false;
+}
+
+// Rank `leaver` closes its session after a first allreduce and exits 0; the others' allreduce and barrier must fail
+// at once with PeerLostError naming it. Each holds its session after its errors (as in mode_fault), so a survivor that
+// waited for another survivor instead would report that one's leaving, not the leaver's.
+int mode_leave(aikido::Peer& peer, int leaver) {
+  if (leaver < 0 || leaver >= peer.size()) return 64;
+  if (!allreduce_once(peer, kFaultCount, "warmup")) return 1;
+  say(peer, "warmup ok");
+  if (peer.rank() == leaver) {
+    aikido::Peer gone = std::move(peer);
+    return 0;
+  }
+  bool lost = expect_lost(peer, "allreduce", [&] { allreduce_once(peer, kFaultCount, "after-leave"); });
+  lost = expect_lost(peer, "barrier", [&] { peer.barrier("after-leave"); }) && lost;
+  std::this_thread::sleep_for(kHoldAfterError);
+  return lost ? 3 : 4;
+}
+
+// Rank `absent` stays in no collective (until aikido-run stops the job once a survivor has exited); the others'
+// allreduce must time out, after a stall report, naming it.
+int mode_absent(aikido::Peer& peer, int absent) {
+  if (absent < 0 || absent >= peer.size()) return 64;
+  if (peer.rank() != absent) ::signal(SIGTERM, SIG_IGN);  // as in mode_fault: every survivor reports
+  if (!allreduce_once(peer, kFaultCount, "warmup")) return 1;
+  say(peer, "warmup ok");
+  if (peer.rank() == absent) {
+    for (;;) ::pause();
+  }
+  int status = 5;
+  try {
+    allreduce_once(peer, kFaultCount, "after-absent");
+    say(peer, "no error although rank " + std::to_string(absent) + " did not post");
+  } catch (const aikido::TimeoutError& e) {
+    say(peer, std::string("TimeoutError: ") + e.what());
+    status = 3;
+  } catch (const aikido::Error& e) {
+    say(peer, std::string("unexpected aikido::Error: ") + e.what());
+    status = 4;
+  }
+  std::this_thread::sleep_for(kHoldAfterError);
+  return status;
+}
+
 int mode_mismatch(aikido::Peer& peer) {
   const std::size_t count = peer.rank() == 1 ? 1001 : 1000;
   std::vector<float> x(count, 1.0f), y(count);
@@ -134,11 +199,14 @@ int main(int argc, char** argv) {
     if (mode == "allreduce" && !arg.empty()) return mode_allreduce(peer, std::size_t(std::stoul(arg)));
     if (mode == "crash" && !arg.empty()) return mode_fault(peer, std::stoi(arg), SIGKILL);
     if (mode == "hang" && !arg.empty()) return mode_fault(peer, std::stoi(arg), SIGSTOP);
+    if (mode == "leave" && !arg.empty()) return mode_leave(peer, std::stoi(arg));
+    if (mode == "absent" && !arg.empty()) return mode_absent(peer, std::stoi(arg));
     if (mode == "mismatch") return mode_mismatch(peer);
   } catch (const aikido::Error& e) {
     std::printf("unexpected aikido::Error: %s\n", e.what());
     return 4;
   }
-  std::fprintf(stderr, "usage: peer_worker allreduce N | crash RANK | hang RANK | mismatch\n");
+  std::fprintf(stderr,
+               "usage: peer_worker allreduce N | crash RANK | hang RANK | leave RANK | absent RANK | mismatch\n");
   return 64;
 }

@@ -247,6 +247,74 @@ TEST(TorchSynchronousSgd, SecondBackwardBeforeStepIsAClearError) {
   });
 }
 
+// A bucket's allreduce is posted as soon as its gradients are ready, while backward() still runs: a hook on the first
+// layer's weight, whose gradient the backward pass produces last, finds the later layers' buckets posted already.
+TEST(TorchSynchronousSgd, BucketAllreducesStartDuringBackward) {
+  run_cluster(2, base_config(), [&](Peer& peer) {
+    nn::Sequential net = make_mlp(7);  // Linear(8, 16), Tanh, Linear(16, 3)
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.1));
+    at::DistributedOptimizerOptions options;
+    options.bucket_bytes = 64;  // every parameter in a bucket of its own: four buckets
+    options.monitor = false;    // no metrics allreduce in between
+    at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::synchronous_sgd, options);
+    const auto posted = [&] {
+      const PathCounts paths = peer.path_counts();
+      return paths.shared_memory + paths.sockets;
+    };
+    const Data data = make_data(16);
+    Tensor first_weight = net->parameters()[0];
+    std::vector<std::uint64_t> in_backward;
+    first_weight.register_hook([&](Tensor) { in_backward.push_back(posted()); });
+    for (int step = 0; step < 3; ++step) {
+      opt.zero_grad();
+      const std::uint64_t before = posted();
+      loss_on(net, data, ::torch::arange(peer.rank() * 8, peer.rank() * 8 + 8)).backward();
+      ASSERT_EQ(in_backward.size(), std::size_t(step + 1));
+      // The second layer's weight and bias (two buckets) at least, before the backward pass reached the first layer.
+      EXPECT_GE(in_backward.back() - before, 2u) << "step " << step;
+      opt.step();
+      EXPECT_EQ(posted() - before, 4u) << "step " << step;
+    }
+  });
+}
+
+// After step() every parameter's .grad() is the averaged gradient in the optimizer's bucket, not a copy of it: the
+// gradients of a bucket lie back to back in the reverse order of the parameters, at the same addresses every step,
+// and hold the same values on every worker.
+TEST(TorchSynchronousSgd, GradientsShareTheBucketMemoryAfterStep) {
+  run_cluster(2, base_config(), [&](Peer& peer) {
+    nn::Sequential net = make_mlp(7);
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.1));
+    at::DistributedOptimizerOptions options;
+    options.bucket_bytes = std::size_t(1) << 20;  // one bucket for the whole model
+    at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::synchronous_sgd, options);
+    const Data data = make_data(32);
+    const auto params = net->parameters();
+    std::vector<const void*> addresses;
+    for (int step = 0; step < 3; ++step) {
+      opt.zero_grad();
+      loss_on(net, data, ::torch::arange(peer.rank() * 16 + step, peer.rank() * 16 + step + 8)).backward();
+      opt.step();
+      const char* next = static_cast<const char*>(params.back().grad().data_ptr());
+      for (std::size_t i = params.size(); i-- > 0;) {
+        EXPECT_EQ(params[i].grad().data_ptr(), next) << "parameter " << i << ", step " << step;
+        next += params[i].numel() * params[i].element_size();
+      }
+      std::vector<const void*> now;
+      for (const auto& p : params) now.push_back(p.grad().data_ptr());
+      if (step > 0) {
+        EXPECT_EQ(now, addresses) << "step " << step;
+      }
+      addresses = now;
+      std::vector<Tensor> flat;
+      for (const auto& p : params) flat.push_back(p.grad().reshape(-1).to(::torch::kFloat64));
+      Tensor mine = ::torch::cat(flat), root = mine.clone();
+      peer.broadcast(std::span<double>(root.data_ptr<double>(), std::size_t(root.numel())), 0, "grads");
+      EXPECT_TRUE(::torch::equal(mine, root)) << "step " << step;
+    }
+  });
+}
+
 // Least squares with a known solution: SMA and pair averaging must drive the loss down, and switching to synchronous
 // SGD leaves all workers with equal parameters.
 struct Regression {
@@ -367,20 +435,37 @@ TEST(TorchPairAveraging, AReplacementFollowsTheClusterAfterOnClusterChange) {
 }
 
 // Without a collective setup, the first pair-averaging step publishes every model before any worker pulls one,
-// however late a worker comes to it.
+// however late a worker comes to it: the models do not change but by averaging (learning rate 0), so after the
+// second step each worker holds the mean of its own first model and a partner's.
 TEST(TorchPairAveraging, FirstStepWithoutCollectiveSetupWaitsForEveryModel) {
+  constexpr int kWorkers = 3;
   const Regression data = make_regression();
-  run_cluster(3, base_config(), [&](Peer& peer) {
+  std::vector<Tensor> first(kWorkers), second(kWorkers);
+  run_cluster(kWorkers, base_config(), [&](Peer& peer) {
     nn::Linear net = make_linear(11 + peer.rank());
-    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.05));
+    first[std::size_t(peer.rank())] = ::torch::cat({net->weight.detach().reshape(-1), net->bias.detach()}).clone();
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.0));
     at::DistributedOptimizerOptions options;
     options.collective_setup = false;
     options.gradient_sample_interval = 0;  // no gradient allreduce in the first step to line the workers up
     at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::pair_averaging, options);
+    // Late workers: a pull of a model not published yet would fail ("no such name") or return nothing.
     if (peer.rank() != 0) std::this_thread::sleep_for(std::chrono::milliseconds(200 * peer.rank()));
-    train_on_own_slice(opt, net, data, peer.rank(), 5);
-    opt.finish_pending();
+    EXPECT_NO_THROW(train_on_own_slice(opt, net, data, peer.rank(), 1));
+    EXPECT_NO_THROW(opt.finish_pending());  // the first pull has arrived
+    EXPECT_NO_THROW(train_on_own_slice(opt, net, data, peer.rank(), 1));
+    EXPECT_NO_THROW(opt.finish_pending());
+    second[std::size_t(peer.rank())] = ::torch::cat({net->weight.detach().reshape(-1), net->bias.detach()});
   });
+  for (int r = 0; r < kWorkers; ++r) {
+    bool averaged = false;
+    for (int q = 0; q < kWorkers; ++q) {
+      if (q != r && ::torch::allclose(second[std::size_t(r)], (first[std::size_t(r)] + first[std::size_t(q)]) / 2)) {
+        averaged = true;
+      }
+    }
+    EXPECT_TRUE(averaged) << "rank " << r << " does not hold the mean of its model and another worker's first model";
+  }
 }
 
 TEST(TorchModelAveraging, AveragesDifferentModels) {
@@ -578,15 +663,15 @@ TEST(TorchSampler, WorldSizeChangeMidEpochStaysExact) {
 
 TEST(TorchSampler, WorksWithTheLibTorchDataLoader) {
   auto dataset = ::torch::data::datasets::TensorDataset(::torch::arange(100).unsqueeze(1));
-  std::set<std::int64_t> seen;
+  std::vector<int> seen(100, 0);
   for (int rank = 0; rank < 3; ++rank) {
     auto loader = ::torch::data::make_data_loader(dataset, at::DistributedSampler(100, rank, 3, 1),
                                                   ::torch::data::DataLoaderOptions().batch_size(8));
     for (auto& batch : *loader) {
-      for (const auto& example : batch) seen.insert(example.data.item<std::int64_t>());
+      for (const auto& example : batch) ++seen[std::size_t(example.data.item<std::int64_t>())];
     }
   }
-  EXPECT_EQ(seen.size(), 100u);
+  for (std::size_t i = 0; i < seen.size(); ++i) EXPECT_EQ(seen[i], 1) << "sample " << i;
 }
 
 }  // namespace
@@ -711,35 +796,49 @@ class ResizePolicy : public Policy {
   void after_epoch(PolicyContext& c) override { c.request_resize(4); }
 };
 
-// Trains the small MLP for `epochs` under `policies(rank)`; returns each rank's trace.
+// One worker of train_with_policies.
+void train_under_policies(Peer& peer, const Data& data, int epochs,
+                          const std::function<std::vector<std::unique_ptr<Policy>>(int)>& policies, Trace& trace) {
+  nn::Sequential net = make_mlp(5);
+  ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.05).momentum(0.9));
+  at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::synchronous_sgd);
+  at::PolicyRunner runner(opt, 8, policies(peer.rank()));
+  at::DistributedSampler sampler(512, peer, 1);
+  runner.before_train();
+  for (int epoch = 0; epoch < epochs && !runner.stopped(); ++epoch) {
+    sampler.set_epoch(epoch);
+    runner.before_epoch(epoch);
+    while (auto batch = sampler.next_batch(runner.batch_size())) {
+      opt.zero_grad();
+      if (!batch->empty()) loss_on(net, data, index_of(*batch)).backward();
+      opt.step(static_cast<std::int64_t>(batch->size()));
+      runner.after_step();
+      const auto& m = runner.metrics();
+      trace.rows.push_back(std::to_string(m.step) + " batch=" + std::to_string(runner.batch_size()) +
+                           " lr=" + std::to_string(opt.lr()) + " " + at::strategy_name(opt.strategy()) + " " +
+                           topology_name(peer.topology()));
+      if (runner.stopped()) break;
+    }
+    runner.after_epoch();
+  }
+  runner.after_train();
+}
+
+// Trains the small MLP for `epochs` under `policies(rank)`; returns each rank's trace. With `errors`, each rank's
+// aikido::Error is stored there (by rank) instead of ending the run.
 std::vector<Trace> train_with_policies(int workers, int epochs,
-                                       const std::function<std::vector<std::unique_ptr<Policy>>(int)>& policies) {
+                                       const std::function<std::vector<std::unique_ptr<Policy>>(int)>& policies,
+                                       std::vector<std::string>* errors = nullptr) {
   const Data data = make_data(512);
   std::vector<Trace> traces(workers);
+  if (errors) errors->assign(std::size_t(workers), "");
   run_cluster(workers, base_config(), [&](Peer& peer) {
-    nn::Sequential net = make_mlp(5);
-    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.05).momentum(0.9));
-    at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::synchronous_sgd);
-    at::PolicyRunner runner(opt, 8, policies(peer.rank()));
-    at::DistributedSampler sampler(512, peer, 1);
-    runner.before_train();
-    for (int epoch = 0; epoch < epochs && !runner.stopped(); ++epoch) {
-      sampler.set_epoch(epoch);
-      runner.before_epoch(epoch);
-      while (auto batch = sampler.next_batch(runner.batch_size())) {
-        opt.zero_grad();
-        if (!batch->empty()) loss_on(net, data, index_of(*batch)).backward();
-        opt.step(static_cast<std::int64_t>(batch->size()));
-        runner.after_step();
-        const auto& m = runner.metrics();
-        traces[peer.rank()].rows.push_back(std::to_string(m.step) + " batch=" + std::to_string(runner.batch_size()) +
-                                           " lr=" + std::to_string(opt.lr()) + " " + at::strategy_name(opt.strategy()) +
-                                           " " + topology_name(peer.topology()));
-        if (runner.stopped()) break;
-      }
-      runner.after_epoch();
+    try {
+      train_under_policies(peer, data, epochs, policies, traces[std::size_t(peer.rank())]);
+    } catch (const Error& e) {
+      if (!errors) throw;
+      (*errors)[std::size_t(peer.rank())] = e.what();
     }
-    runner.after_train();
   });
   return traces;
 }
@@ -905,18 +1004,19 @@ TEST(TorchPolicies, StopEndsTrainingOnAllWorkers) {
 }
 
 TEST(TorchPolicies, AThrowingPolicyStopsEveryWorkerWithAClearError) {
-  std::vector<std::string> errors(2);
-  std::mutex mutex;
-  try {
-    train_with_policies(2, 1, [](int) {
-      std::vector<std::unique_ptr<Policy>> p;
-      p.push_back(std::make_unique<ThrowingPolicy>());
-      return p;
-    });
-    ADD_FAILURE() << "expected an error";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("policy 'thrower' failed in after_step at step 3: boom"), std::string::npos)
-        << e.what();
+  std::vector<std::string> errors;
+  const auto traces = train_with_policies(
+      2, 1,
+      [](int) {
+        std::vector<std::unique_ptr<Policy>> p;
+        p.push_back(std::make_unique<ThrowingPolicy>());
+        return p;
+      },
+      &errors);
+  for (std::size_t rank = 0; rank < errors.size(); ++rank) {
+    EXPECT_NE(errors[rank].find("policy 'thrower' failed in after_step at step 3: boom"), std::string::npos)
+        << "rank " << rank << ": '" << errors[rank] << "'";
+    EXPECT_EQ(traces[rank].rows.size(), 2u) << "rank " << rank << " went on past the failing step";
   }
 }
 

@@ -4,10 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <aikido/aikido.hpp>
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <set>
 #include <thread>
 
@@ -175,35 +177,52 @@ TEST(ElasticSession, ResizesInARowMoveStateToNewWorkers) {
   EXPECT_EQ(job.membership()->latest()->version, 6u);
 }
 
-TEST(ElasticSession, SurvivorsRollBackAfterALostWorker) {
+// Over every transport (on one host the default runs allreduce through shared memory; across hosts every collective
+// takes the sockets), with 3 and 4 workers.
+class ElasticFaults : public ::testing::TestWithParam<std::tuple<TransportKind, int>> {};
+
+TEST_P(ElasticFaults, SurvivorsRollBackAfterALostWorker) {
+  const auto [transport, workers] = GetParam();
   std::atomic<int> recoveries{0};
-  ThreadJob job(3, 4, [&](ElasticSession& s) {
-    Trainer t;
-    t.attach(s);
-    const std::uint64_t id = s.worker_id();
-    while (t.step < kSteps) {
-      if (s.sync(t.step) == SyncResult::removed) return;
-      // Worker 1 leaves abruptly in the middle of step 10 (after the commit of step 9 elsewhere).
-      if (id == 1 && t.step == 10) return;
-      try {
-        t.train_step(s);
-        if (t.step % 3 == 0) s.commit();
-      } catch (const PeerLostError&) {
-        const std::int64_t failed_at = t.step;
-        ASSERT_EQ(s.recover(), SyncResult::changed);
-        EXPECT_EQ(s.size(), 2);
-        EXPECT_LE(t.step, failed_at);  // rolled back to the commit
-        EXPECT_EQ(t.step % 3, 0);
-        if (s.rank() == 0) ++recoveries;
-        t.check_equal_everywhere(s);
-      }
-    }
-    for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
-    t.check_history();
-  });
+  ThreadJob job(
+      workers, 4,
+      [&](ElasticSession& s) {
+        Trainer t;
+        t.attach(s);
+        const std::uint64_t id = s.worker_id();
+        while (t.step < kSteps) {
+          if (s.sync(t.step) == SyncResult::removed) return;
+          // Worker 1 leaves abruptly in the middle of step 10 (after the commit of step 9 elsewhere).
+          if (id == 1 && t.step == 10) return;
+          try {
+            t.train_step(s);
+            if (t.step % 3 == 0) s.commit();
+          } catch (const PeerLostError&) {
+            const std::int64_t failed_at = t.step;
+            ASSERT_EQ(s.recover(), SyncResult::changed);
+            EXPECT_EQ(s.size(), workers - 1);
+            EXPECT_LE(t.step, failed_at);  // rolled back to the commit
+            EXPECT_EQ(t.step % 3, 0);
+            if (s.rank() == 0) ++recoveries;
+            t.check_equal_everywhere(s);
+          }
+        }
+        for (std::size_t i = 0; i < kDim; ++i) ASSERT_EQ(t.w[i], expected_weight(i)) << "element " << i;
+        t.check_history();
+      },
+      [transport = transport](ElasticConfig& c) { c.peer.transport = transport; });
   job.run();
   EXPECT_EQ(recoveries.load(), 1);
 }
+
+INSTANTIATE_TEST_SUITE_P(Transports, ElasticFaults,
+                         ::testing::Combine(::testing::Values(TransportKind::automatic, TransportKind::tcp,
+                                                              TransportKind::unix_socket),
+                                            ::testing::Values(3, 4)),
+                         [](const auto& info) {
+                           return std::string(transport_name(std::get<0>(info.param))) + "_n" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
 
 // A topology switched during training belongs to the cluster: a worker that joins adopts it, and a recovery keeps
 // it. Over TCP, where every frame carries its topology, a worker on another topology fails the collectives.
@@ -306,17 +325,40 @@ TEST(ElasticSession, ResizeOutsideTheLimitsIsAConfigError) {
   job.run();
 }
 
+// A static session (no membership store) commits and, on recover() after a failure, rolls back to the newest
+// commit and rethrows the failure: the cluster cannot change.
 TEST(ElasticSession, StaticSessionCommitsAndRollsBackLocally) {
   PeerConfig c;
   ElasticConfig ec;
   ec.peer = c;
   ElasticSession s(ec);
   std::int64_t step = 0;
+  std::vector<float> weights(3, 0.0f);
   s.register_value("step", step);
+  s.register_span("weights", std::span<float>(weights));
   EXPECT_EQ(s.sync(), SyncResult::unchanged);
   EXPECT_FALSE(s.elastic());
-  step = 5;
+  step = 4;
   s.commit();
+  step = 5;
+  weights = {1, 2, 3};
+  s.commit();
+  step = 9;
+  weights = {7, 7, 7};
+  EXPECT_THROW(s.recover(), ConfigError);  // no failure to rethrow: nothing changes
+  EXPECT_EQ(step, 9);
+  try {
+    throw PeerLostError("rank 1 is lost");
+  } catch (const PeerLostError&) {
+    try {
+      s.recover();
+      ADD_FAILURE() << "a static session recovered";
+    } catch (const PeerLostError& e) {
+      EXPECT_EQ(std::string(e.what()), "rank 1 is lost");
+    }
+  }
+  EXPECT_EQ(step, 5);
+  EXPECT_EQ(weights, (std::vector<float>{1, 2, 3}));
   EXPECT_THROW(s.resize(2), ConfigError);
   EXPECT_THROW(s.peer().resize(2), ConfigError);
 }
@@ -360,6 +402,34 @@ TEST(ElasticSession, ConnectionOfAnOldVersionIsRefused) {
   EXPECT_EQ(x[0], 2.0f);
   stale_rank.join();
   first.join();
+}
+
+// Each epoch has its own order, the same on every worker (a function of the seed and the epoch only), and a rollback
+// of the state to an earlier epoch gives that epoch's order again.
+TEST(ElasticSampler, ReshufflesByEpochTheSameOnEveryWorker) {
+  auto order = [](ElasticSampler& s) {
+    std::vector<std::uint64_t> o;
+    for (std::uint64_t p = 0; p < s.dataset_size(); ++p) o.push_back(s.index(p));
+    return o;
+  };
+  ElasticSampler a(500, 3), b(500, 3), other_seed(500, 4), plain(500, 3, false);
+  const auto epoch0 = order(a);
+  std::vector<std::uint64_t> identity(500);
+  std::iota(identity.begin(), identity.end(), 0u);
+  EXPECT_NE(epoch0, identity);
+  EXPECT_EQ(order(b), epoch0);
+  EXPECT_NE(order(other_seed), epoch0);
+  EXPECT_EQ(order(plain), identity);
+  while (!a.advance(2, 50)) {
+  }
+  ASSERT_EQ(a.epoch(), 1u);
+  const auto epoch1 = order(a);
+  EXPECT_NE(epoch1, epoch0);
+  EXPECT_TRUE(std::is_permutation(epoch1.begin(), epoch1.end(), identity.begin()));
+  b.state() = a.state();  // what a new worker receives
+  EXPECT_EQ(order(b), epoch1);
+  a.state() = ElasticSampler::State{0, 100};  // a rollback into epoch 0
+  EXPECT_EQ(order(a), epoch0);
 }
 
 TEST(ElasticSampler, GlobalPositionCoversTheEpochOnceAcrossResizes) {

@@ -112,6 +112,14 @@ void check_type(Peer& peer, std::initializer_list<ReduceOp> ops) {
   }
 }
 
+// Every one of the `posted` collectives of this session took the shared-memory path.
+void expect_shared_memory(const Peer& peer, std::uint64_t posted) {
+  const PathCounts paths = peer.path_counts();
+  EXPECT_EQ(paths.shared_memory, posted) << "rank " << peer.rank();
+  EXPECT_EQ(paths.sockets, 0u) << "rank " << peer.rank();
+  EXPECT_EQ(paths.shared_memory_table_full, 0u) << "rank " << peer.rank();
+}
+
 class SharedMemory : public ::testing::TestWithParam<int> {};
 
 TEST_P(SharedMemory, EveryTypeOpAndSize) {
@@ -124,6 +132,8 @@ TEST_P(SharedMemory, EveryTypeOpAndSize) {
     check_type<std::int32_t>(peer, {ReduceOp::sum, ReduceOp::mean});
     check_type<std::int64_t>(peer, {ReduceOp::max, ReduceOp::prod});
     check_type<std::uint8_t>(peer, {ReduceOp::sum, ReduceOp::min});
+    // 7 sizes for each of 5 + 3 + 3 + 2 + 2 + 2 + 2 operations.
+    expect_shared_memory(peer, 7 * 19);
   });
 }
 
@@ -163,6 +173,7 @@ TEST_P(SharedMemory, MismatchesRaiseOnEveryRank) {
     std::vector<float> ok(5, 1.0f);
     peer.allreduce(std::span<float>(ok), ReduceOp::sum, "size");
     EXPECT_EQ(ok[4], float(peer.size()));
+    expect_shared_memory(peer, 6);
     peer.barrier("end");
   });
   EXPECT_EQ(caught.load(), 5 * ranks);
@@ -196,6 +207,7 @@ TEST_P(SharedMemory, ManyNamesInDifferentOrders) {
         }
       }
     }
+    expect_shared_memory(peer, 3 * kNames);
   });
 }
 
@@ -215,6 +227,7 @@ TEST_P(SharedMemory, CompletesWithoutWaiting) {
     EXPECT_TRUE(called.get_future().get());
     EXPECT_EQ(small[99], float(peer.size()));
     EXPECT_EQ(large[399'999], float(peer.size()));
+    expect_shared_memory(peer, 2);
   });
 }
 
@@ -237,6 +250,11 @@ TEST(SharedMemoryTable, FullTableFallsBackToSockets) {
       for (auto& w : works) w.wait();
       for (int j = 0; j < names; ++j) ASSERT_EQ(data[std::size_t(j)][2], 3 * j + 3) << "name " << j;
     }
+    // The table holds kShmEntries names, whichever rank claimed them; the other 100 took the sockets, each step.
+    const PathCounts paths = peer.path_counts();
+    EXPECT_EQ(paths.shared_memory, 2 * std::uint64_t(detail::kShmEntries));
+    EXPECT_EQ(paths.shared_memory_table_full, 2 * 100u);
+    EXPECT_EQ(paths.sockets, 2 * 100u);
   });
 }
 
@@ -265,6 +283,7 @@ TEST(SharedMemoryFailures, RankThatLeavesFailsTheOthers) {
       }
     }
     EXPECT_THROW(peer.barrier("later"), PeerLostError);
+    expect_shared_memory(peer, 4);
     survivors_done.arrive_and_wait();
   });
 }
@@ -290,6 +309,7 @@ TEST(SharedMemoryFailures, TimeoutNamesTheRankThatDidNotPost) {
       }
       EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
     }
+    expect_shared_memory(peer, 2);
     all_done.arrive_and_wait();
   });
 }
@@ -299,9 +319,15 @@ TEST(SharedMemoryTransports, SocketTransportsGiveTheSameResults) {
   for (TransportKind kind : {TransportKind::automatic, TransportKind::unix_socket, TransportKind::tcp}) {
     PeerConfig c = base_config();
     c.transport = kind;
-    run_cluster(3, c, [](Peer& peer) {
+    run_cluster(3, c, [kind](Peer& peer) {
       check<float>(peer, ReduceOp::sum, 200'001, false, "t");
       check<double>(peer, ReduceOp::mean, 33, true, "u");
+      if (kind == TransportKind::automatic) {
+        expect_shared_memory(peer, 2);
+      } else {
+        EXPECT_EQ(peer.path_counts().shared_memory, 0u);
+        EXPECT_EQ(peer.path_counts().sockets, 2u);
+      }
     });
   }
 }

@@ -18,6 +18,7 @@ namespace {
 using aikido::bench::CheckOp;
 using aikido::bench::CheckPattern;
 using aikido::bench::Options;
+using aikido::bench::ResultCheck;
 using aikido::bench::UsageError;
 
 constexpr const char* kProgram = "aikido-bench";
@@ -129,23 +130,17 @@ bool run_allreduce_size(aikido::Peer& peer, const AllreduceSetup& setup, std::si
   std::vector<T> send(count);
   std::vector<T> recv(count);
   pattern.fill_input(send, peer.rank());
-  if (options.check) CheckPattern<T>::poison(recv);
+  ResultCheck<T> check(pattern, {kProgram, aikido::dtype_name(setup.dtype), aikido::reduce_op_name(setup.op),
+                                 used_bytes, peer.rank(), warmup});
+  if (options.check) check.start(recv);
 
-  std::optional<std::string> failure;
   const std::vector<double> seconds = aikido::bench::time_iterations(
       warmup, iters, [&] { peer.barrier(barrier_name); },
       [&] { peer.allreduce(std::span<const T>(send), std::span<T>(recv), setup.op, collective_name); },
       [&](int iteration) {
-        if (!options.check) return;
-        const std::size_t index = pattern.first_mismatch(recv);
-        if (index < count && !failure) {
-          failure = aikido::bench::check_failure_message(
-              kProgram, used_bytes, aikido::dtype_name(setup.dtype), aikido::reduce_op_name(setup.op), peer.rank(),
-              iteration, warmup, index, aikido::bench::element_as_double(pattern.expected(index)),
-              aikido::bench::element_as_double(recv[index]));
-        }
-        CheckPattern<T>::poison(recv);
+        if (options.check) check.after(recv, iteration);
       });
+  const std::optional<std::string>& failure = check.failure();
 
   std::vector<double> max_seconds(seconds.size());
   peer.allreduce(std::span<const double>(seconds), std::span<double>(max_seconds), aikido::ReduceOp::max,

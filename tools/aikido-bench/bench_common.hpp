@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -363,5 +364,39 @@ inline std::string check_failure_message(std::string_view program, std::size_t b
                 iteration < 0 ? iteration + warmup : iteration, index, expected, got);
   return line;
 }
+
+/// --check of one size: the output is poisoned up front and after every iteration, in between compared with the
+/// closed form; the first wrong element is kept as a check_failure_message.
+template <class T>
+class ResultCheck {
+ public:
+  struct Where {
+    std::string_view program, dtype, op;
+    std::size_t bytes = 0;
+    int rank = 0;
+    int warmup = 0;
+  };
+  ResultCheck(const CheckPattern<T>& pattern, Where where) : pattern_(pattern), where_(where) {}
+
+  /// Before the first iteration.
+  void start(std::span<T> output) const { CheckPattern<T>::poison(output); }
+  /// After iteration `iteration` (< 0: warmup) wrote `output`.
+  void after(std::span<T> output, int iteration) {
+    const std::size_t index = pattern_.first_mismatch(output);
+    if (index < output.size() && !failure_) {
+      failure_ = check_failure_message(where_.program, where_.bytes, where_.dtype, where_.op, where_.rank, iteration,
+                                       where_.warmup, index, element_as_double(pattern_.expected(index)),
+                                       element_as_double(output[index]));
+    }
+    CheckPattern<T>::poison(output);
+  }
+  /// The first wrong element's message, if any.
+  const std::optional<std::string>& failure() const { return failure_; }
+
+ private:
+  const CheckPattern<T>& pattern_;
+  Where where_;
+  std::optional<std::string> failure_;
+};
 
 }  // namespace aikido::bench
