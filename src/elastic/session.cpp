@@ -233,6 +233,7 @@ void ElasticSession::watch_loop() {
         std::uint64_t seen = latest_seen_.load();
         while (spec->version > seen && !latest_seen_.compare_exchange_weak(seen, spec->version)) {
         }
+        drop_removed_peers(*spec);
       }
     } catch (const Error& e) {
       // The store is gone (aikido-run is stopping) or refused us: retry calmly.
@@ -272,6 +273,24 @@ void ElasticSession::heartbeat_loop() {
 
 bool ElasticSession::newer_version_seen(std::uint64_t than) const { return latest_seen_.load() > than; }
 
+// A version that removed workers after a failure ("lost", "host H lost", ...; not a planned shrink, whose workers leave
+// at their next sync()) while this worker is still connected to them: a killed worker's connections are closed, but
+// a host cut off from the others closes nothing, so a collective waiting for it would wait out its timeout. Treat them
+// as lost now; the training loop then recovers into the newer version. A worker that the version removed itself
+// (it was the one cut off) gives up every other rank.
+void ElasticSession::drop_removed_peers(const ClusterSpec& newer) {
+  if (newer.reason == "resize") return;
+  std::unique_lock<std::mutex> lock(connected_mutex_, std::try_to_lock);
+  if (!lock.owns_lock() || newer.version <= connected_.version) return;  // connecting right now: nothing to drop
+  const bool removed_me = !newer.contains(config_.worker_id);
+  for (int rank = 0; rank < connected_.size(); ++rank) {
+    const std::uint64_t id = connected_.workers[std::size_t(rank)].id;
+    if (id == config_.worker_id || (newer.contains(id) && !removed_me)) continue;
+    peer_->mark_lost(rank, str_cat("cluster version ", newer.version, " (", newer.reason, ") removed ",
+                                   removed_me ? "this worker" : str_cat("worker ", id)));
+  }
+}
+
 void ElasticSession::connect(const ClusterSpec& spec) {
   PeerConfig c = config_.peer;
   c.rank = spec.rank_of(config_.worker_id);
@@ -280,7 +299,12 @@ void ElasticSession::connect(const ClusterSpec& spec) {
   const std::uint64_t version = spec.version;
   c.cancel = [this, version] { return newer_version_seen(version); };
   if (c.size == 1) c.cancel = nullptr;
-  peer_->reconnect(c);
+  {
+    std::lock_guard<std::mutex> lock(connected_mutex_);
+    connected_ = ClusterSpec{};
+    peer_->reconnect(c);
+    connected_ = spec;
+  }
   spec_ = spec;
   status_rank_ = c.rank;
   status_version_ = spec.version;

@@ -102,7 +102,7 @@ void ElasticController::watch_loop() {
         wake();
       }
     } catch (const Error& e) {
-      if (!setup_.hosts) return;  // the embedded store is stopping
+      if (!setup_.hosts) return;                   // the embedded store is stopping
       log::debug("membership watch: ", e.what());  // etcd away: try again
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
     }

@@ -128,7 +128,7 @@ class ElasticController final : public Controller {
   std::thread watcher_;
   std::thread host_watcher_;
   std::chrono::steady_clock::time_point next_store_check_{};
-  bool store_was_away_ = false;               // a read of the store failed since the last heartbeat check
+  bool store_was_away_ = false;                 // a read of the store failed since the last heartbeat check
   std::map<std::uint64_t, bool> pending_lost_;  // lost workers whose removal waits for the store: replace?
   bool lease_loss_reported_ = false;
   std::map<std::uint64_t, std::uint64_t> started_for_;  // every worker started: the cluster version it was for

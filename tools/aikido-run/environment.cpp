@@ -27,10 +27,9 @@ std::vector<std::pair<std::string, std::string>> worker_defaults(int np, int cor
 // The AIKIDO_* variables aikido-run sets itself, whatever its environment says: per worker, per job, and those
 // of an elastic job (which a static job must not inherit: a worker would take itself for elastic).
 std::set<std::string> set_by_launcher() {
-  return {env::kRank,        env::kLocalRank, env::kSize,     env::kLocalSize,  env::kLocalCpus,
-          env::kHost,        env::kStoreAddr, env::kStore,    env::kStorePort,  env::kSecret,
-          env::kSecretFile,  env::kJobId,     env::kClusterVersion, env::kAutoThreads, env::kElastic,
-          env::kWorkerId,    env::kCheckpoint, env::kResume};
+  return {env::kRank,           env::kLocalRank,   env::kSize,      env::kLocalSize, env::kLocalCpus,  env::kHost,
+          env::kStoreAddr,      env::kStore,       env::kStorePort, env::kSecret,    env::kSecretFile, env::kJobId,
+          env::kClusterVersion, env::kAutoThreads, env::kElastic,   env::kWorkerId,  env::kCheckpoint, env::kResume};
 }
 
 // The settings of the command line, as AIKIDO_* values.

@@ -120,9 +120,9 @@ Supervisor::Config supervisor_config(const Options& options) {
 void check_secret(elastic::EtcdClient& client, const std::string& job_id, const std::string& secret) {
   const std::string key = job_id + "/secret-check";
   const std::string message = "aikido job " + job_id;
-  const auto digest = detail::hmac_sha256(
-      std::span(reinterpret_cast<const std::uint8_t*>(secret.data()), secret.size()),
-      std::span(reinterpret_cast<const std::uint8_t*>(message.data()), message.size()));
+  const auto digest =
+      detail::hmac_sha256(std::span(reinterpret_cast<const std::uint8_t*>(secret.data()), secret.size()),
+                          std::span(reinterpret_cast<const std::uint8_t*>(message.data()), message.size()));
   const std::string mine = detail::to_hex(digest);
   using E = elastic::EtcdClient;
   const auto result = client.txn({{key, E::Compare::Target::create_revision, E::Compare::Result::equal, 0, {}}},
@@ -214,8 +214,8 @@ int run_static_host_job(const Options& options, const std::string& secret, const
   const std::string host = host_id_of(options);
   const std::string prefix = options.job_id + "/hosts/";
   store->set(prefix + std::to_string(options.node_rank), str_cat(options.nproc_per_node, " ", host));
-  report(str_cat("aikido-run: host ", host, " (", address, ") is node ", options.node_rank, " of ", hosts,
-                 " of job ", options.job_id, "; waiting for the others at ", options.store));
+  report(str_cat("aikido-run: host ", host, " (", address, ") is node ", options.node_rank, " of ", hosts, " of job ",
+                 options.job_id, "; waiting for the others at ", options.store));
   int offset = 0, size = 0;
   for (int node = 0; node < hosts; ++node) {
     std::string record;
@@ -229,7 +229,8 @@ int run_static_host_job(const Options& options, const std::string& secret, const
     std::istringstream in(record);
     int slots = 0;
     std::string other;
-    if (!(in >> slots >> other) || slots < 1) throw ProtocolError("node " + std::to_string(node) + " published '" + record + "'");
+    if (!(in >> slots >> other) || slots < 1)
+      throw ProtocolError("node " + std::to_string(node) + " published '" + record + "'");
     if (node != options.node_rank && other == host) {
       throw ConfigError(str_cat("nodes ", node, " and ", options.node_rank, " both call themselves host '", host,
                                 "'; give each host its own --host-id"));
@@ -238,9 +239,8 @@ int run_static_host_job(const Options& options, const std::string& secret, const
     size += slots;
   }
   JobEnvironment job = job_environment(options, host_port, secret, options.job_id);
-  for (const char* name : {env::kSize, env::kLocalSize}) std::erase_if(job.shared, [&](const std::string& e) {
-    return e.starts_with(std::string(name) + "=");
-  });
+  for (const char* name : {env::kSize, env::kLocalSize})
+    std::erase_if(job.shared, [&](const std::string& e) { return e.starts_with(std::string(name) + "="); });
   set_entry(job.shared, env::kBindAddress, address);
   set_entry(job.shared, env::kHost, host);
   set_entry(job.shared, env::kSize, std::to_string(size));
@@ -332,8 +332,8 @@ int run_from_one_host(const Options& options) {
   Options with_file = options;
   with_file.secret_file = secret_file;
   const std::string secret = shared_secret(with_file);
-  const std::string job_id = options.job_id.empty() ? transport::host_name() + "-" + std::to_string(::getpid())
-                                                    : options.job_id;
+  const std::string job_id =
+      options.job_id.empty() ? transport::host_name() + "-" + std::to_string(::getpid()) : options.job_id;
   std::optional<elastic::StoreServer> server;
   std::string store = options.store;
   if (store.empty()) {
@@ -356,10 +356,10 @@ int run_from_one_host(const Options& options) {
       remote.push_back("--node-rank");
       remote.push_back(std::to_string(i));
     }
-    for (const std::string& word : {std::string("--nproc-per-node"), std::to_string(hosts[std::size_t(i)].slots),
-                                    std::string("--store"), store, std::string("--job-id"), job_id,
-                                    std::string("--host-id"), hosts[std::size_t(i)].host, std::string("--secret-file"),
-                                    secret_file}) {
+    for (const std::string& word :
+         {std::string("--nproc-per-node"), std::to_string(hosts[std::size_t(i)].slots), std::string("--store"), store,
+          std::string("--job-id"), job_id, std::string("--host-id"), hosts[std::size_t(i)].host,
+          std::string("--secret-file"), secret_file}) {
       remote.push_back(word);
     }
     remote.insert(remote.end(), flags.begin(), flags.end());

@@ -21,10 +21,10 @@
 #include "elastic.hpp"
 #include "environment.hpp"
 #include "hosts.hpp"
-#include "runtime/store_server.hpp"
 #include "metrics_exporter.hpp"
 #include "options.hpp"
 #include "output.hpp"
+#include "runtime/store_server.hpp"
 #include "supervisor.hpp"
 #include "transport/socket.hpp"
 

@@ -328,18 +328,17 @@ Options parse_options(int argc, char** argv) {
       (flag == "--elastic" ? options.elastic : options.restart) = true;
       continue;
     }
-    const bool known = flag == "-np" || flag == "--np" || flag == "-n" || flag == "--topology" || flag == "--timeout" ||
-                       flag == "--transport" || flag == "--segment-bytes" || flag == "--metrics-port" ||
-                       flag == "--metrics-file" || flag == "--metrics-interval" || flag == "--min-np" ||
-                       flag == "--max-np" || flag == "--control-file" || flag == "--heartbeat-timeout" ||
-                       flag == "--checkpoint" || flag == "--resume" || flag == "--bind-to" ||
-                       flag == "--max-restarts" || flag == "--grace-period" || flag == "--stdout" ||
-                       flag == "--nnodes" || flag == "--nproc-per-node" || flag == "--node-rank" ||
-                       flag == "--store" || flag == "--job-id" || flag == "--host-address" || flag == "--iface" ||
-                       flag == "--host-id" || flag == "--join-timeout" || flag == "--host-timeout" ||
-                       flag == "--secret-file" || flag == "--store-ca" || flag == "--store-cert" ||
-                       flag == "--store-key" || flag == "--store-credentials" || flag == "-H" ||
-                       flag == "--hosts" || flag == "--hostfile" || flag == "--launch-command";
+    const bool known =
+        flag == "-np" || flag == "--np" || flag == "-n" || flag == "--topology" || flag == "--timeout" ||
+        flag == "--transport" || flag == "--segment-bytes" || flag == "--metrics-port" || flag == "--metrics-file" ||
+        flag == "--metrics-interval" || flag == "--min-np" || flag == "--max-np" || flag == "--control-file" ||
+        flag == "--heartbeat-timeout" || flag == "--checkpoint" || flag == "--resume" || flag == "--bind-to" ||
+        flag == "--max-restarts" || flag == "--grace-period" || flag == "--stdout" || flag == "--nnodes" ||
+        flag == "--nproc-per-node" || flag == "--node-rank" || flag == "--store" || flag == "--job-id" ||
+        flag == "--host-address" || flag == "--iface" || flag == "--host-id" || flag == "--join-timeout" ||
+        flag == "--host-timeout" || flag == "--secret-file" || flag == "--store-ca" || flag == "--store-cert" ||
+        flag == "--store-key" || flag == "--store-credentials" || flag == "-H" || flag == "--hosts" ||
+        flag == "--hostfile" || flag == "--launch-command";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
