@@ -194,6 +194,13 @@ int run_etcd_host_job(const Options& options, const std::string& secret, const s
   if (exporter) {
     for (const auto& line : exporter->finish()) report(line);
   }
+  if (status == 0 && host_job.hosts().lease_lost()) {
+    // Its workers left because the job removed them (they were cut off with it), not because training ended.
+    report("aikido-run: host " + host + " lost its place in job " + options.job_id +
+           ": its lease in etcd expired (it was cut off for more than --host-timeout), and the other hosts went on "
+           "without it");
+    return 1;
+  }
   if (status == 0) host_job.finish();
   return status;
 }
