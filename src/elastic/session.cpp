@@ -655,7 +655,7 @@ std::uint64_t ElasticSession::request_resize(int n) {
     auto latest = config_.membership->latest();
     if (!latest) throw Error("the membership store holds no cluster spec");
     if (latest->size() == n) return latest->version;
-    ClusterSpec next = latest->resized(n, latest->workers.front().host);
+    ClusterSpec next = latest->with_size(n);
     next.proposed_unix_ms = unix_ms();
     if (config_.membership->propose(next)) {
       latest_seen_ = std::max(latest_seen_.load(), next.version);

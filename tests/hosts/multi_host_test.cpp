@@ -278,6 +278,44 @@ TEST_F(MultiHostTest, OneMemberOfAThreeMemberEtcdClusterIsLost) {
   expect_exact_training(all_events(results), 2, 4, describe(results));
 }
 
+TEST_F(MultiHostTest, AikidoCtlShowsAndResizesAJobAcrossHosts) {
+  start_etcd();
+  const std::vector<std::string> worker = {"--epochs", "4", "--step-ms", "20", "--print-every", "10"};
+  for (int h = 0; h < 2; ++h) {
+    Subprocess& launcher = launch(h, "1:3", 1, {}, worker);
+    ASSERT_TRUE(launcher.wait_for_output(
+        [](const std::string&, const std::string& err) { return err.find("aikido-run: cluster") != std::string::npos; },
+        60s));
+  }
+  const std::vector<std::string> job = {"--store", etcd_->url(), "--job-id", "job", "--secret-file", secret_};
+  auto ctl = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), job.begin(), job.end());
+    args.insert(args.begin(), AIKIDO_CTL_PATH);
+    return run_process(args, 30s);
+  };
+  ASSERT_TRUE(launchers_.at(1)->wait_for_output(
+      [](const std::string& out, const std::string&) { return out.find("\"workers\":2") != std::string::npos; }, 60s));
+  const ProcessResult shown = ctl({"status"});
+  ASSERT_TRUE(shown.exited && shown.exit_code == 0) << shown.describe();
+  EXPECT_NE(shown.out.find("2 workers"), std::string::npos) << shown.describe();
+  EXPECT_NE(shown.out.find("on h0"), std::string::npos) << shown.describe();
+  EXPECT_NE(shown.out.find("on h1"), std::string::npos) << shown.describe();
+  const ProcessResult grown = ctl({"resize", "3"});
+  ASSERT_TRUE(grown.exited && grown.exit_code == 0) << grown.describe();
+  // The new worker goes to the first host (both have one): its launcher starts it.
+  ASSERT_TRUE(launchers_.at(0)->wait_for_output(
+      [](const std::string& out, const std::string&) { return out.find("\"workers\":3") != std::string::npos; }, 60s));
+  const std::string other = secret_ + "-ctl";
+  std::ofstream(other) << "0000000000000000000000000000000000000000000000000000000000000000\n";
+  const ProcessResult refused = run_process(
+      {AIKIDO_CTL_PATH, "--store", etcd_->url(), "--job-id", "job", "--secret-file", other, "resize", "1"}, 30s);
+  EXPECT_TRUE(refused.exited && refused.exit_code == 1) << refused.describe();
+  EXPECT_NE(refused.err.find("secret differs"), std::string::npos) << refused.describe();
+  const auto results = wait_all();
+  for (const auto& [host, r] : results) ASSERT_TRUE(r.exited && r.exit_code == 0) << describe(results);
+  expect_exact_training(all_events(results), 3, 4, describe(results));
+}
+
 TEST_F(MultiHostTest, StartedFromOneHostWithTheLaunchCommand) {
   // -H without --store: this aikido-run (outside the hosts, on the bridge) serves the store; ssh's stand-in enters
   // each host's namespace.

@@ -15,7 +15,6 @@
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/launcher_env.hpp"
-#include "base/sha256.hpp"
 #include "elastic.hpp"
 #include "elastic/etcd_client.hpp"
 #include "environment.hpp"
@@ -114,26 +113,6 @@ Supervisor::Config supervisor_config(const Options& options) {
   return config;
 }
 
-// Every host of an etcd job proves it holds the same secret: the first launcher stores an HMAC of the job id under
-// the secret (never the secret itself), the others compare theirs. A host with another secret file would otherwise
-// join and then fail every connection's handshake.
-void check_secret(elastic::EtcdClient& client, const std::string& job_id, const std::string& secret) {
-  const std::string key = job_id + "/secret-check";
-  const std::string message = "aikido job " + job_id;
-  const auto digest =
-      detail::hmac_sha256(std::span(reinterpret_cast<const std::uint8_t*>(secret.data()), secret.size()),
-                          std::span(reinterpret_cast<const std::uint8_t*>(message.data()), message.size()));
-  const std::string mine = detail::to_hex(digest);
-  using E = elastic::EtcdClient;
-  const auto result = client.txn({{key, E::Compare::Target::create_revision, E::Compare::Result::equal, 0, {}}},
-                                 {{E::Operation::Kind::put, key, mine}}, {{E::Operation::Kind::range, key}});
-  if (result.succeeded || result.ranges.empty() || result.ranges.front().kvs.empty()) return;
-  if (result.ranges.front().kvs.front().value != mine) {
-    throw ConfigError(str_cat("this host's job secret differs from the one the other hosts of job '", job_id,
-                              "' use: every host must be given the same --secret-file"));
-  }
-}
-
 std::string host_id_of(const Options& options) {
   return options.host_id.empty() ? transport::host_name() : options.host_id;
 }
@@ -142,7 +121,7 @@ int run_etcd_host_job(const Options& options, const std::string& secret, const s
   const std::string host = host_id_of(options);
   EtcdOptions etcd = etcd_options_from_env(options.store, kLauncherStorePatience);
   auto client = std::make_shared<elastic::EtcdClient>(etcd);
-  check_secret(*client, options.job_id, secret);
+  launch::check_job_secret(*client, options.job_id, secret);
 
   JobEnvironment job = job_environment(options, "", secret, options.job_id);
   std::erase_if(job.shared, [](const std::string& e) { return e.starts_with(std::string(env::kStoreAddr) + "="); });
