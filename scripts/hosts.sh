@@ -5,8 +5,8 @@
 #                                         they are removed as soon as process PID has exited (a killed test)
 #   scripts/hosts.sh down                 remove every emulated host and the bridge
 #   scripts/hosts.sh exec I CMD [ARG...]  run CMD on host I: in its namespace, with host name hI
-#   scripts/hosts.sh ssh hI 'COMMAND LINE' like ssh: run the command line with sh -c on host I (aikido-run's
-#                                         --launch-command "scripts/hosts.sh ssh" starts launchers this way)
+#   scripts/hosts.sh ssh hI COMMAND...     like ssh: join the words into one command line and run it with sh -c on
+#                                         host I (aikido-run's --launch-command, mpirun's plm_rsh_agent)
 #   scripts/hosts.sh address I            print host I's address
 #   scripts/hosts.sh shape I RATE         limit host I's link to RATE (tc units: 1gbit, 100mbit, ...) both ways
 #   scripts/hosts.sh unshape I            remove the limit
@@ -119,8 +119,10 @@ case "$cmd" in
     ;;
   ssh)
     host_index "${1:-}"
-    [ $# -eq 2 ] || die "usage: hosts.sh ssh HOST 'COMMAND LINE' (one command line, as ssh takes it)"
-    exec ip netns exec "$prefix$1" unshare --uts sh -c 'hostname "$0" && exec sh -c "$1"' "h$1" "$2"
+    [ $# -ge 2 ] || die "usage: hosts.sh ssh HOST COMMAND LINE... (joined by spaces and run by sh -c, as ssh does)"
+    i=$1
+    shift
+    exec ip netns exec "$prefix$i" unshare --uts sh -c 'hostname "$0" && exec sh -c "$1"' "h$i" "$*"
     ;;
   address) host_address "${1:?usage: hosts.sh address I}" ;;
   shape)
