@@ -197,10 +197,13 @@ bool is_executable_file(const std::string& path) {
 
 std::string usage() {
   return R"(usage: aikido-run -np N [options] PROGRAM [ARGS...]
+       aikido-run --nnodes MIN[:MAX] --nproc-per-node K --store URL --job-id ID --secret-file F [options] PROGRAM ...
+       aikido-run -np N -H HOST:SLOTS,... | --hostfile F --secret-file F [options] PROGRAM [ARGS...]
 
 Starts N workers of PROGRAM on this host, each with the environment of one rank of an Aikido cluster, serves
 their rendezvous store, and prefixes every line they print with "[RANK] " (in an elastic job, where a worker's
-rank changes while its id stays, "[RANK|wID] " once they differ: "[2|w3] " is rank 2, worker 3).
+rank changes while its id stays, "[RANK|wID] " once they differ: "[2|w3] " is rank 2, worker 3). The second form
+runs on every host of a job across hosts, the third starts it on every host from here (see "Jobs across hosts").
 
 options:
   -np N, -n N           number of workers to start (required; 1..1024)
@@ -234,6 +237,31 @@ options:
                         back until 4 KiB gather or the program exits); pipe: a pipe, for programs that behave
                         differently on a terminal (colours, progress bars). Standard error is always a pipe
   --grace-period S      seconds between SIGTERM and SIGKILL when aikido-run stops workers (default 3)
+
+jobs across hosts (one aikido-run per host):
+  --nnodes MIN[:MAX]    the job runs on MIN to MAX hosts (N: N:N); it starts once MIN hosts have joined; with MIN <
+                        MAX hosts may join a running job and be lost (then the store must be etcd)
+  --nproc-per-node K    workers on this host (default 1)
+  --store URL           etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS): the launchers find each other there and
+                        it holds the job's membership; or tcp://HOST:PORT for a fixed set of hosts (with
+                        --node-rank; node 0 serves this store on its address)
+  --job-id ID           the job's name in the store, the same on every host (with etcd: required)
+  --node-rank I         with a tcp:// store: this host's place, 0..N-1 (ranks follow it)
+  --host-address A      the address this host's workers listen on (default: the interface that routes to the
+                        store's host); never a loopback address when other hosts must reach it
+  --iface NAME          take that address from an interface: eth0, a prefix (eth), =eth0 exact, ^lo,docker0 all but
+  --host-id ID          this host's id in the job (default: its host name); two launchers cannot share one
+  --join-timeout S      how long to wait for MIN hosts (default 300)
+  --host-timeout S      a host whose launcher is silent this long (killed, cut off) is removed (default 5)
+  --secret-file F       the job secret, the first line of F, the same on every host (AIKIDO_SECRET_FILE); a job
+                        across hosts needs one: openssl rand -hex 32 > F
+  --store-ca F, --store-cert F, --store-key F
+                        etcd's TLS: the CA of its servers, and a client certificate and key
+  --store-credentials F etcd's authentication: a file of user=NAME and password=SECRET lines
+jobs across hosts started from here:
+  -H HOST:SLOTS,...     start aikido-run on these hosts, -np workers placed host by host (like mpirun)
+  --hostfile F          the hosts, one per line: HOST slots=N
+  --launch-command CMD  how to start a command on a host (default: ssh); CMD HOST 'COMMAND LINE' must run it
   -h, --help            print this help and exit
   --                    end of options (use when PROGRAM starts with '-')
 
@@ -266,6 +294,16 @@ those it removes if they do not leave, and removes a worker that crashes or whos
 it starts a replacement). A program whose workers join with a plain aikido::Peer instead is named at once (a worker
 without any session, after 10 s): it runs like a static job, aikido-ctl refuses to resize it, a lost worker ends it,
 --checkpoint writes nothing and --resume stops it.
+
+Jobs across hosts: every host runs aikido-run --nnodes with the same --store, --job-id and --secret-file. With
+etcd, the launchers join through it (an etcd lease of --host-timeout keeps each host's place): version 0 of the
+cluster has the workers of the first hosts to join, host by host (ranks r..r+K-1 share a host), a host that joins
+later is added at the workers' next step boundary, a host whose launcher exits, is killed or is cut off from etcd
+is removed, and a launcher that finds its host removed stops its workers and exits with status 1. The workers
+follow the membership as in an elastic job (AIKIDO_ELASTIC=1), listen on --host-address, and reach the store as
+AIKIDO_STORE. etcd may restart or change leader while the job trains: the workers do not wait for it. -H and
+--hostfile start those launchers through --launch-command; without --store, this aikido-run serves a tcp:// store
+for a job of fixed size. aikido-ctl --store URL --job-id ID --secret-file F inspects and resizes such a job.
 
 When a worker exits with a non-zero status or is killed by a signal, aikido-run reports it, stops the other
 workers (SIGTERM, then SIGKILL after --grace-period, 3 s) and exits with that worker's status (128 + signal number
