@@ -15,7 +15,8 @@
 #
 # Host I is the namespace aikido-hI with address 198.18.0.(10+I)/24 (198.18.0.0/15 is reserved for benchmarks) on
 # its interface eth0 and `lo` up; the bridge aikido-br holds 198.18.0.1, so processes outside the namespaces (an
-# etcd server, a test) reach every host and every host reaches them. Hosts share the file system and /dev/shm, as
+# etcd server, a test) reach every host and every host reaches them. As on a real cluster, the hosts' names resolve:
+# `up` adds "198.18.0.(10+I) hI" lines to /etc/hosts (marked, and removed by `down`). Hosts share the file system and /dev/shm, as
 # emulated hosts do; each has its own host name, port space and abstract Unix sockets. This kernel has no netem:
 # `shape` uses tbf (bandwidth only) and `cut` stands in for a lost link. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN).
 set -euo pipefail
@@ -25,6 +26,7 @@ readonly bridge_address=198.18.0.1
 readonly prefix=aikido-h
 # Who made the hosts now present (up --owner PID writes it): a watchdog removes only the hosts of its own owner.
 readonly owner_file=/run/aikido-hosts.owner
+readonly hosts_mark="# aikido emulated host"
 
 die() {
   echo "hosts.sh: $*" >&2
@@ -57,6 +59,11 @@ down() {
   done
   ip link del "$bridge" 2>/dev/null || true
   rm -f "$owner_file"
+  if grep -q "$hosts_mark" /etc/hosts 2>/dev/null; then
+    # In place (not a rename): /etc/hosts may be a bind mount.
+    grep -v "$hosts_mark" /etc/hosts >/etc/hosts.aikido.tmp && cat /etc/hosts.aikido.tmp >/etc/hosts
+    rm -f /etc/hosts.aikido.tmp
+  fi
   # veth ends left in the root namespace vanish with their peers; remove strays all the same.
   for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep "^${prefix}[0-9]*-br$" || true); do
     ip link del "$link" 2>/dev/null || true
@@ -81,6 +88,7 @@ up() {
     ip netns exec "$ns" ip link set eth0 up
     ip netns exec "$ns" ip link set lo up
     ip netns exec "$ns" ip route add default via "$bridge_address" dev eth0
+    echo "$(host_address "$i") h$i $hosts_mark" >>/etc/hosts
   done
   if [ -n "$owner" ]; then
     # Removes the hosts once the owner has gone, however it ended, unless another owner has made hosts since.
