@@ -44,27 +44,4 @@ class Work {
   std::shared_ptr<detail::WorkState> state_;
 };
 
-/// Makes the blocking waits of the calling thread interruptible, for language bindings whose users expect a wait to
-/// end on a signal (Python's Ctrl-C). While the object lives, Work::wait() on this thread waits in slices of
-/// `interval` and calls `check` between them. When `check` throws, that wait ends with its exception; the operation
-/// itself goes on (its buffers stay in use until it is done). The interruption is then spent: later waits on this
-/// thread run to their end, so that code unwinding from the exception can still wait for its collectives before it
-/// frees their buffers (they end within their own deadline). Nested objects: the innermost applies.
-class WaitInterruption {
- public:
-  WaitInterruption(std::function<void()> check, std::chrono::milliseconds interval);
-  ~WaitInterruption();
-  WaitInterruption(const WaitInterruption&) = delete;
-  WaitInterruption& operator=(const WaitInterruption&) = delete;
-  /// True once `check` has thrown.
-  bool spent() const { return spent_; }
-
- private:
-  friend class Work;
-  std::function<void()> check_;
-  std::chrono::milliseconds interval_;
-  bool spent_ = false;
-  WaitInterruption* outer_;
-};
-
 }  // namespace aikido

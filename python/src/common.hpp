@@ -3,9 +3,11 @@
 // Rules every binding follows:
 // - A call that may block (a collective, a wait, a rendezvous, a training step) runs with the GIL released, so that
 //   other Python threads and the library's completion callbacks (which may need the GIL) keep running.
-// - Waits are interruptible: on the main thread, Python's signal handlers run between slices of a wait, so that
-//   Ctrl-C raises KeyboardInterrupt. Waits inside the C++ library (a training step waiting for its gradients) are
-//   interrupted through aikido::WaitInterruption (see Blocking).
+// - Waits on operations whose buffers Python keeps alive (aikido.Work, the backend's c10d Work) are interruptible:
+//   on the main thread, Python's signal handlers run between slices of the wait, so that Ctrl-C raises
+//   KeyboardInterrupt while the operation goes on. Calls that wait inside the C++ library on buffers of its own (a
+//   training step, ElasticSession.sync) cannot be left in the middle: the signal is handled when they return, which
+//   is within the collective timeout.
 // - C++ code that calls into Python (policies, state callbacks, the optimizer adapter) takes the GIL itself.
 #pragma once
 
@@ -34,24 +36,10 @@ bool on_main_thread();
 /// (KeyboardInterrupt for Ctrl-C). Elsewhere: nothing.
 void check_signals();
 
-/// Releases the GIL for the lifetime of the object and makes aikido's waits on this thread interruptible by Python
-/// signals. Construct with the GIL held.
-class Blocking {
- public:
-  Blocking();
-  ~Blocking();
-  Blocking(const Blocking&) = delete;
-  Blocking& operator=(const Blocking&) = delete;
-
- private:
-  py::gil_scoped_release release_;
-  std::optional<WaitInterruption> interruption_;
-};
-
-/// Runs `fn` with the GIL released and interruptible waits.
+/// Runs `fn` with the GIL released (the caller holds it).
 template <class Fn>
 decltype(auto) blocking(Fn&& fn) {
-  Blocking scope;
+  py::gil_scoped_release release;
   return fn();
 }
 

@@ -28,12 +28,6 @@ void check_signals() {
   if (PyErr_CheckSignals() != 0) throw py::error_already_set();
 }
 
-Blocking::Blocking() {
-  if (on_main_thread()) interruption_.emplace([] { check_signals(); }, kSignalSlice);
-}
-
-Blocking::~Blocking() = default;
-
 bool wait_interruptibly(const Work& work, std::optional<std::chrono::milliseconds> timeout) {
   py::gil_scoped_release release;
   const auto start = std::chrono::steady_clock::now();

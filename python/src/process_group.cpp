@@ -30,6 +30,7 @@
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
 #include "base/error.hpp"
+#include "base/sha256.hpp"
 #include "common.hpp"
 
 namespace aikido::python {
@@ -53,18 +54,24 @@ class C10dStore final : public Store {
     if (!store_->check({prefix_ + key})) return std::nullopt;
     return to_string(store_->get(prefix_ + key));
   }
+  // Polls instead of c10d's blocking wait: the TCPStore client holds its one connection for the whole of a wait, so
+  // two rendezvous at once in this process (send/recv pairs) would each block the other's requests.
   std::string wait(const std::string& key, std::chrono::milliseconds timeout) override {
-    const auto start = std::chrono::steady_clock::now();
-    try {
-      store_->wait({prefix_ + key}, timeout);
-    } catch (const std::exception& e) {
-      if (std::chrono::steady_clock::now() - start >= timeout) {
-        throw TimeoutError(
-            str_cat("store key '", prefix_ + key, "' did not appear within ", to_seconds(timeout), " s: ", e.what()));
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    auto pause = std::chrono::milliseconds(1);
+    for (;;) {
+      try {
+        if (store_->check({prefix_ + key})) return to_string(store_->get(prefix_ + key));
+      } catch (const std::exception& e) {
+        throw Error(str_cat("reading store key '", prefix_ + key, "' failed: ", e.what()));
       }
-      throw Error(str_cat("waiting for store key '", prefix_ + key, "' failed: ", e.what()));
+      if (std::chrono::steady_clock::now() >= deadline) {
+        throw TimeoutError(
+            str_cat("store key '", prefix_ + key, "' did not appear within ", to_seconds(timeout), " s"));
+      }
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::milliseconds(50));
     }
-    return to_string(store_->get(prefix_ + key));
   }
   std::optional<std::string> compare_and_set(const std::string& key, const std::optional<std::string>& expected,
                                              const std::string& desired) override {
@@ -79,14 +86,66 @@ class C10dStore final : public Store {
 // ---------------------------------------------------------------------------------------------------------------
 // Tensors as the library's buffers
 
-std::string type_name(const at::Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
+// torch's names of element types ("float32", not c10's "Float").
+std::string type_name(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return "float32";
+    case at::kDouble:
+      return "float64";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kInt:
+      return "int32";
+    case at::kLong:
+      return "int64";
+    case at::kShort:
+      return "int16";
+    case at::kChar:
+      return "int8";
+    case at::kByte:
+      return "uint8";
+    case at::kBool:
+      return "bool";
+    case at::kComplexFloat:
+      return "complex64";
+    case at::kComplexDouble:
+      return "complex128";
+    default:
+      return c10::toString(t.scalar_type());
+  }
+}
 
 std::string describe(const at::Tensor& t) {
   std::ostringstream os;
-  os << type_name(t) << "[";
-  for (std::int64_t d = 0; d < t.dim(); ++d) os << (d ? "," : "") << t.size(d);
+  os << type_name(t) << " [";
+  for (std::int64_t d = 0; d < t.dim(); ++d) os << (d ? ", " : "") << t.size(d);
   os << "]";
   return os.str();
+}
+
+// "4 float32": what a call's signature says about a tensor (element counts, not shapes, must agree).
+std::string elements(const at::Tensor& t) { return str_cat(t.numel(), " ", type_name(t)); }
+
+// The same error type with `prefix` before its message (the call that failed, for errors of its parts).
+std::exception_ptr with_context(std::exception_ptr error, const std::string& prefix) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const TimeoutError& e) {
+    return std::make_exception_ptr(TimeoutError(prefix + e.what()));
+  } catch (const PeerLostError& e) {
+    return std::make_exception_ptr(PeerLostError(prefix + e.what()));
+  } catch (const MismatchError& e) {
+    return std::make_exception_ptr(MismatchError(prefix + e.what()));
+  } catch (const ConfigError& e) {
+    return std::make_exception_ptr(ConfigError(prefix + e.what()));
+  } catch (const Error& e) {
+    return std::make_exception_ptr(Error(prefix + e.what()));
+  } catch (...) {
+    return std::current_exception();
+  }
 }
 
 void require_cpu(const at::Tensor& t, const char* what) {
@@ -108,8 +167,9 @@ std::size_t nbytes(const at::Tensor& t) { return static_cast<std::size_t>(t.nbyt
 
 at::Tensor byte_buffer(std::size_t n) { return at::empty({static_cast<std::int64_t>(n)}, at::kByte); }
 
-// How a reduction runs: a library reduction on `view` (a tensor of a supported type sharing the memory), or a fold
-// (allgather, then the bitwise operation locally) for the bitwise reductions.
+// How a reduction runs: a library reduction on `view` (a tensor of a type the library reduces, sharing the memory), or
+// a fold: an allgather of every rank's tensor, then the reduction locally with ATen (bitwise reductions, and element
+// types the library does not reduce: int8, int16, bool sums, complex products).
 struct Reduction {
   at::Tensor view;
   DType dtype = DType::f32;
@@ -180,41 +240,29 @@ Reduction reduction_for(const at::Tensor& t, const c10d::ReduceOp& op, const cha
   Reduction r;
   r.c10d_op = op;
   r.name = c10d_op_name(op);
-  at::Tensor view = t;
-  if (t.is_complex()) {
-    TORCH_CHECK(op == c10d::ReduceOp::SUM || op == c10d::ReduceOp::AVG || op == c10d::ReduceOp::PREMUL_SUM,
-                "aikido backend: ", what, ": complex tensors reduce with SUM, AVG or PREMUL_SUM only, not ", r.name);
-    view = at::view_as_real(t);
-  }
+  TORCH_CHECK(r.name != "UNKNOWN", "aikido backend: ", what, ": unknown reduction ", static_cast<int>(op.op_));
   const bool bitwise = op == c10d::ReduceOp::BAND || op == c10d::ReduceOp::BOR || op == c10d::ReduceOp::BXOR;
-  if (t.scalar_type() == at::kBool) {
-    view = at::from_blob(
-        t.data_ptr(), t.sizes(), [keep = t](void*) {}, t.options().dtype(at::kByte));
-    // On 0/1 bytes, AND is MIN and OR is MAX.
-    if (op == c10d::ReduceOp::BAND || op == c10d::ReduceOp::MIN) {
-      r.view = view, r.dtype = DType::u8, r.op = ReduceOp::min;
-      return r;
-    }
-    if (op == c10d::ReduceOp::BOR || op == c10d::ReduceOp::MAX) {
-      r.view = view, r.dtype = DType::u8, r.op = ReduceOp::max;
-      return r;
-    }
-    TORCH_CHECK(op == c10d::ReduceOp::BXOR, "aikido backend: ", what,
-                ": bool tensors reduce with MIN, MAX, BAND, "
-                "BOR or BXOR, not ",
-                r.name);
+  TORCH_CHECK(!bitwise || !(at::isFloatingType(t.scalar_type()) || t.is_complex()), "aikido backend: ", what, ": ",
+              r.name, " needs an integer or bool tensor, not ", type_name(t));
+  at::Tensor view = t;
+  if (t.is_complex() && (op == c10d::ReduceOp::SUM || op == c10d::ReduceOp::AVG || op == c10d::ReduceOp::PREMUL_SUM)) {
+    view = at::view_as_real(t);  // element-wise on the real and imaginary parts
   }
-  if (bitwise) {
-    TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && !t.is_complex(), "aikido backend: ", what, ": ", r.name,
-                " needs an integer or bool tensor, not ", type_name(t));
+  if (t.scalar_type() == at::kBool && (op == c10d::ReduceOp::BAND || op == c10d::ReduceOp::MIN ||
+                                       op == c10d::ReduceOp::BOR || op == c10d::ReduceOp::MAX)) {
+    // On 0/1 bytes, AND is MIN and OR is MAX.
+    r.view = at::from_blob(
+        t.data_ptr(), t.sizes(), [keep = t](void*) {}, t.options().dtype(at::kByte));
+    r.dtype = DType::u8;
+    r.op = op == c10d::ReduceOp::BAND || op == c10d::ReduceOp::MIN ? ReduceOp::min : ReduceOp::max;
+    return r;
+  }
+  const auto dtype = library_dtype(view.scalar_type());
+  if (bitwise || !dtype) {
     r.view = t;
     r.fold = true;
     return r;
   }
-  const auto dtype = library_dtype(view.scalar_type());
-  TORCH_CHECK(dtype, "aikido backend: ", what, ": tensors of type ", type_name(t),
-              " cannot be reduced; use float32, float64, float16, bfloat16, int32, int64 or uint8 (or a bitwise "
-              "reduction of integers)");
   r.view = view;
   r.dtype = *dtype;
   switch (op) {
@@ -231,23 +279,46 @@ Reduction reduction_for(const at::Tensor& t, const c10d::ReduceOp& op, const cha
     case c10d::ReduceOp::MIN:
       r.op = ReduceOp::min;
       break;
-    case c10d::ReduceOp::MAX:
+    default:
       r.op = ReduceOp::max;
       break;
-    default:
-      TORCH_CHECK(false, "aikido backend: ", what, ": unsupported reduction ", r.name);
   }
   return r;
 }
 
-// Folds `size` blocks of `gathered` (shaped like `into`, one after the other) into `into` with a bitwise operation.
+// Folds `size` blocks of `gathered` (each shaped like `into`, one after the other) into `into`.
 void fold_into(const at::Tensor& into, const at::Tensor& gathered, int size, c10d::ReduceOp::RedOpType op) {
   const at::Tensor blocks = gathered.view({size, -1});
   at::Tensor acc = blocks[0].clone();
   for (int r = 1; r < size; ++r) {
-    if (op == c10d::ReduceOp::BAND) acc.bitwise_and_(blocks[r]);
-    if (op == c10d::ReduceOp::BOR) acc.bitwise_or_(blocks[r]);
-    if (op == c10d::ReduceOp::BXOR) acc.bitwise_xor_(blocks[r]);
+    const at::Tensor& b = blocks[r];
+    switch (op) {
+      case c10d::ReduceOp::PRODUCT:
+        acc.mul_(b);
+        break;
+      case c10d::ReduceOp::MIN:
+        acc = at::minimum(acc, b);
+        break;
+      case c10d::ReduceOp::MAX:
+        acc = at::maximum(acc, b);
+        break;
+      case c10d::ReduceOp::BAND:
+        acc.bitwise_and_(b);
+        break;
+      case c10d::ReduceOp::BOR:
+        acc.bitwise_or_(b);
+        break;
+      case c10d::ReduceOp::BXOR:
+        acc.bitwise_xor_(b);
+        break;
+      default:  // SUM, AVG, PREMUL_SUM (premultiplied before)
+        acc.add_(b);
+        break;
+    }
+  }
+  if (op == c10d::ReduceOp::AVG) {
+    acc = at::isIntegralType(acc.scalar_type(), /*includeBool=*/true) ? at::div(acc, size, "trunc").to(acc.dtype())
+                                                                      : acc.div(size);
   }
   into.view({-1}).copy_(acc);
 }
@@ -264,7 +335,8 @@ class AikidoWork final : public c10d::Work {
     future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()));
   }
 
-  const std::uint64_t seq;  // the call's sequence number in its group
+  const std::uint64_t seq;  // the call's sequence number in its group (send/recv: the message's number)
+  std::string description;  // the call, for messages ("allreduce(SUM) of 4 float32")
   aikido::Work signature;   // the consensus on the call's signature (not for size-1 groups or send/recv)
   std::shared_ptr<bool> agreed = std::make_shared<bool>(false);
 
@@ -295,6 +367,9 @@ class AikidoWork final : public c10d::Work {
       } catch (...) {
         error = std::current_exception();
       }
+    }
+    if (error && !description.empty()) {
+      error = with_context(error, str_cat("aikido backend: ", description, " failed: "));
     }
     complete(error);
     keep_.clear();  // every part is done: the buffers may go
@@ -376,11 +451,15 @@ struct Pair;  // a 2-rank Peer for send/recv with one other rank
 
 class ProcessGroupAikido final : public c10d::ProcessGroup {
  public:
-  ProcessGroupAikido(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, PeerConfig config)
+  /// `cross_host_address`: where to listen when the group spans hosts and config.bind_address is empty (empty: none
+  /// found, an error then).
+  ProcessGroupAikido(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, PeerConfig config,
+                     const std::string& cross_host_address)
       : c10d::ProcessGroup(rank, size), store_(store), config_(std::move(config)) {
     config_.rank = rank;
     config_.size = size;
     config_.store = std::make_shared<C10dStore>(store, "aikido/");
+    if (size > 1) agree_on_secret_and_address(cross_host_address);
     peer_ = std::make_unique<Peer>(Peer::create(config_));
   }
   ~ProcessGroupAikido() override;
@@ -392,7 +471,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
                                            const c10d::BroadcastOptions& opts) override {
     const at::Tensor& t = single(tensors, "broadcast");
     check_root(opts.rootRank, "broadcast");
-    WorkPtr work = start(c10d::OpType::BROADCAST, str_cat("broadcast root ", opts.rootRank, " ", describe(t)), {t});
+    WorkPtr work = start(c10d::OpType::BROADCAST, str_cat("broadcast(root ", opts.rootRank, ") of ", elements(t)), {t});
     post_bytes(work, CollectiveKind::broadcast, "broadcast", t, t, static_cast<int>(opts.rootRank));
     work->seal();
     return work;
@@ -402,8 +481,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
                                            const c10d::AllreduceOptions& opts) override {
     const at::Tensor& t = single(tensors, "allreduce");
     const Reduction r = reduction_for(t, opts.reduceOp, "allreduce");
-    WorkPtr work =
-        start(c10d::OpType::ALLREDUCE, str_cat("allreduce ", r.name, " ", type_name(t), " x", t.numel()), {t});
+    WorkPtr work = start(c10d::OpType::ALLREDUCE, str_cat("allreduce(", r.name, ") of ", elements(t)), {t});
     if (opts.reduceOp == c10d::ReduceOp::PREMUL_SUM) premultiply(t, opts.reduceOp);
     if (r.fold) {
       fold(work, r, t, "allreduce");
@@ -426,10 +504,9 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
     for (const auto& t : tensors) flat_parts.push_back(t.view({-1}));
     at::Tensor flat = at::cat(flat_parts);
     const Reduction r = reduction_for(flat, opts.reduceOp, "allreduce_coalesced");
-    WorkPtr work =
-        start(c10d::OpType::ALLREDUCE_COALESCED,
-              str_cat("allreduce_coalesced ", r.name, " ", type_name(flat), " x", flat.numel(), " in ", tensors.size()),
-              tensors);
+    WorkPtr work = start(
+        c10d::OpType::ALLREDUCE_COALESCED,
+        str_cat("allreduce_coalesced(", r.name, ") of ", elements(flat), " in ", tensors.size(), " tensors"), tensors);
     if (opts.reduceOp == c10d::ReduceOp::PREMUL_SUM) premultiply(flat, opts.reduceOp);
     work->keep(flat);
     if (r.fold) {
@@ -453,8 +530,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
     check_root(opts.rootRank, "reduce");
     const int root = static_cast<int>(opts.rootRank);
     const Reduction r = reduction_for(t, opts.reduceOp, "reduce");
-    WorkPtr work = start(c10d::OpType::REDUCE,
-                         str_cat("reduce root ", root, " ", r.name, " ", type_name(t), " x", t.numel()), {t});
+    WorkPtr work = start(c10d::OpType::REDUCE, str_cat("reduce(root ", root, ", ", r.name, ") of ", elements(t)), {t});
     // Every rank computes the reduction (there is no rooted reduce below); only the root's tensor receives it.
     at::Tensor input = t;
     if (opts.reduceOp == c10d::ReduceOp::PREMUL_SUM) {
@@ -479,7 +555,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
     const at::Tensor& in = single(inputs, "allgather");
     TORCH_CHECK(outputs.size() == 1, "aikido backend: allgather takes one output list per process");
     check_blocks(outputs[0], in, "allgather");
-    WorkPtr work = start(c10d::OpType::ALLGATHER, str_cat("allgather ", type_name(in), " x", in.numel()), outputs[0]);
+    WorkPtr work = start(c10d::OpType::ALLGATHER, str_cat("allgather of ", elements(in)), outputs[0]);
     at::Tensor recv = contiguous_blocks(outputs[0]);
     const bool direct = recv.defined();
     if (!direct) recv = byte_buffer(nbytes(in) * static_cast<std::size_t>(getSize()));
@@ -496,8 +572,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
     TORCH_CHECK(output.scalar_type() == input.scalar_type() && output.numel() == input.numel() * getSize(),
                 "aikido backend: all_gather_into_tensor: the output must hold ", getSize(), " x ", describe(input),
                 ", it is ", describe(output));
-    WorkPtr work =
-        start(c10d::OpType::_ALLGATHER_BASE, str_cat("allgather ", type_name(input), " x", input.numel()), {output});
+    WorkPtr work = start(c10d::OpType::_ALLGATHER_BASE, str_cat("allgather of ", elements(input)), {output});
     post_bytes(work, CollectiveKind::allgather, "allgather", input, output, 0);
     work->seal();
     return work;
@@ -513,7 +588,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
     for (const auto& t : inputs) {
       require_cpu(t, "allgather_coalesced");
       total += nbytes(t);
-      sizes += str_cat(" ", describe(t));
+      sizes += str_cat(sizes.empty() ? "" : ", ", elements(t));
     }
     for (const auto& list : outputs) {
       TORCH_CHECK(list.size() == inputs.size(), "aikido backend: allgather_coalesced: every output list needs ",
@@ -525,7 +600,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
     }
     std::vector<at::Tensor> all;
     for (const auto& list : outputs) all.insert(all.end(), list.begin(), list.end());
-    WorkPtr work = start(c10d::OpType::ALLGATHER_COALESCED, "allgather_coalesced" + sizes, all);
+    WorkPtr work = start(c10d::OpType::ALLGATHER_COALESCED, "allgather_coalesced of " + sizes, all);
     at::Tensor send = byte_buffer(total), recv = byte_buffer(total * static_cast<std::size_t>(getSize()));
     std::size_t offset = 0;
     for (const auto& t : inputs) {
@@ -561,8 +636,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
     } else {
       TORCH_CHECK(outputs.empty() || outputs[0].empty(), "aikido backend: gather: only the root takes outputs");
     }
-    WorkPtr work =
-        start(c10d::OpType::GATHER, str_cat("gather root ", root, " ", type_name(in), " x", in.numel()), outs);
+    WorkPtr work = start(c10d::OpType::GATHER, str_cat("gather(root ", root, ") of ", elements(in)), outs);
     at::Tensor recv;
     if (getRank() == root) recv = byte_buffer(nbytes(in) * static_cast<std::size_t>(getSize()));
     post_bytes(work, CollectiveKind::gather, "gather", in, recv, root);
@@ -587,8 +661,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
     } else {
       TORCH_CHECK(inputs.empty() || inputs[0].empty(), "aikido backend: scatter: only the root takes inputs");
     }
-    WorkPtr work =
-        start(c10d::OpType::SCATTER, str_cat("scatter root ", root, " ", type_name(out), " x", out.numel()), {out});
+    WorkPtr work = start(c10d::OpType::SCATTER, str_cat("scatter(root ", root, ") of ", elements(out)), {out});
     // The root's blocks reach every rank (a broadcast); each keeps its own.
     post_bytes(work, CollectiveKind::broadcast, "scatter", all, all, root);
     work->on_success([all, out, block, rank = getRank()] {
@@ -661,7 +734,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
       recvs.push_back({bytes_of(output) + offset, static_cast<std::size_t>(r) * out_row});
       offset += static_cast<std::size_t>(r) * out_row;
     }
-    WorkPtr work = start(c10d::OpType::ALLTOALL_BASE, str_cat("all_to_all ", type_name(input)), {output});
+    WorkPtr work = start(c10d::OpType::ALLTOALL_BASE, str_cat("all_to_all of ", type_name(input)), {output});
     work->keep(input);
     alltoall_bytes(work, sends, recvs, input_splits.empty() && output_splits.empty());
     work->seal();
@@ -682,7 +755,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
       require_cpu(t, "all_to_all");
       recvs.push_back({bytes_of(t), nbytes(t)});
     }
-    WorkPtr work = start(c10d::OpType::ALLTOALL, str_cat("all_to_all ", type_name(inputs[0])), outputs);
+    WorkPtr work = start(c10d::OpType::ALLTOALL, str_cat("all_to_all of ", type_name(inputs[0])), outputs);
     for (const auto& t : inputs) work->keep(t);
     alltoall_bytes(work, sends, recvs, false);
     work->seal();
@@ -707,6 +780,40 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
   uint64_t getSequenceNumberForGroup() override { return seq_.load(); }
 
  private:
+  // Without AIKIDO_SECRET, rank 0 makes the job secret and shares it through the group's store (as safe as that
+  // store). Without an explicit bind address, the ranks publish their host ids: one host, the Peer listens on
+  // loopback (and uses shared memory and Unix sockets); several, on `cross_host_address`.
+  void agree_on_secret_and_address(const std::string& cross_host_address) {
+    Store& store = *config_.store;
+    if (config_.secret.empty()) {
+      if (getRank() == 0) {
+        std::uint8_t bytes[32];
+        detail::random_bytes(bytes, sizeof bytes);
+        store.set("secret", detail::to_hex(bytes));
+      }
+      config_.secret = store.wait("secret", config_.timeout);
+    }
+    if (!config_.bind_address.empty()) return;
+    store.set(str_cat("host/", getRank()), config_.host);
+    std::vector<std::string> hosts;
+    for (int r = 0; r < getSize(); ++r) {
+      std::string host = store.wait(str_cat("host/", r), config_.timeout);
+      if (std::find(hosts.begin(), hosts.end(), host) == hosts.end()) hosts.push_back(std::move(host));
+    }
+    if (hosts.size() == 1) {
+      config_.bind_address = "127.0.0.1";
+      return;
+    }
+    if (cross_host_address.empty()) {
+      std::string list;
+      for (const auto& h : hosts) list += (list.empty() ? "" : ", ") + h;
+      throw ConfigError(str_cat("rank ", getRank(), ": the process group spans hosts ", list,
+                                " but no address of this host other than loopback was found; set AIKIDO_BIND_ADDRESS "
+                                "to an address the other hosts reach"));
+    }
+    config_.bind_address = cross_host_address;
+  }
+
   void check_root(std::int64_t root, const char* what) const {
     TORCH_CHECK(root >= 0 && root < getSize(), "aikido backend: ", what, ": root ", root, " is not a rank of this ",
                 getSize(), "-rank group");
@@ -749,6 +856,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
   // Starts a call: its sequence number, its Work, and the consensus on its signature.
   WorkPtr start(c10d::OpType type, std::string signature, std::vector<at::Tensor> outputs) {
     auto work = c10::make_intrusive<AikidoWork>(getRank(), type, seq_.fetch_add(1), std::move(outputs));
+    work->description = str_cat(signature, " (call ", work->seq, " of its process group)");
     if (getSize() == 1) {
       *work->agreed = true;
       return work;
@@ -859,7 +967,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
   c10::intrusive_ptr<c10d::Work> reduce_scatter_flat(c10d::OpType type, const at::Tensor& out, at::Tensor flat,
                                                      const c10d::ReduceOp& op) {
     const Reduction r = reduction_for(flat, op, "reduce_scatter");
-    WorkPtr work = start(type, str_cat("reduce_scatter ", r.name, " ", type_name(out), " x", out.numel()), {out});
+    WorkPtr work = start(type, str_cat("reduce_scatter(", r.name, ") of ", elements(out)), {out});
     if (op == c10d::ReduceOp::PREMUL_SUM) premultiply(flat, op);
     if (r.fold) {
       at::Tensor gathered = at::empty({getSize() * flat.numel()}, flat.options());
@@ -1001,6 +1109,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupAikido::point_to_point(std::vector<at
   }
   auto work = c10::make_intrusive<AikidoWork>(getRank(), sending ? c10d::OpType::SEND : c10d::OpType::RECV, number,
                                               sending ? std::vector<at::Tensor>{} : std::vector<at::Tensor>{t});
+  work->description = sending ? str_cat("send of ", elements(t), " to rank ", to, " (tag ", tag, ")")
+                              : str_cat("recv of ", elements(t), " from rank ", from, " (tag ", tag, ")");
   work->keep(t);
   work->expect(1);
   const int root = from == std::min(from, to) ? 0 : 1;
@@ -1056,6 +1166,7 @@ ProcessGroupAikido::~ProcessGroupAikido() {
 // The Python side's settings of the group's Peer (aikido/torch/_backend.py decides them).
 PeerConfig config_from(const py::dict& settings) {
   PeerConfig c;
+  c.bind_address.clear();  // decided by the group's hosts unless given
   for (auto [key, value] : settings) {
     const std::string k = py::str(key);
     if (k == "secret") {
@@ -1089,11 +1200,14 @@ void bind_process_group(py::module_& m) {
   py::module_::import("torch.distributed");  // registers c10d's ProcessGroup, Store and Work with pybind11
   py::class_<ProcessGroupAikido, c10d::ProcessGroup, c10::intrusive_ptr<ProcessGroupAikido>>(
       m, "ProcessGroupAikido", "The torch.distributed backend 'aikido' (made by torch.distributed, not directly).")
-      .def(py::init([](const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, const py::dict& settings) {
+      .def(py::init([](const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, const py::dict& settings,
+                       const std::string& cross_host_address) {
              PeerConfig config = config_from(settings);
-             return blocking([&] { return c10::make_intrusive<ProcessGroupAikido>(store, rank, size, config); });
+             return blocking([&] {
+               return c10::make_intrusive<ProcessGroupAikido>(store, rank, size, config, cross_host_address);
+             });
            }),
-           py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("settings"))
+           py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("settings"), py::arg("cross_host_address"))
       .def_property_readonly("peer", &ProcessGroupAikido::peer, py::return_value_policy::reference_internal,
                              "The group's aikido.Peer (its collectives are named, and do not disturb the group's).");
 }

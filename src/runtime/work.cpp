@@ -1,5 +1,4 @@
 #include <aikido/work.hpp>
-#include <algorithm>
 
 #include "runtime/work_state.hpp"
 #include "transport/connection.hpp"
@@ -29,29 +28,7 @@ Work::Work() : state_(std::make_shared<detail::WorkState>()) { state_->done = tr
 
 Work::Work(std::shared_ptr<detail::WorkState> state) : state_(std::move(state)) {}
 
-namespace {
-thread_local WaitInterruption* interruption = nullptr;
-}
-
-WaitInterruption::WaitInterruption(std::function<void()> check, std::chrono::milliseconds interval)
-    : check_(std::move(check)), interval_(std::max(interval, std::chrono::milliseconds(1))), outer_(interruption) {
-  interruption = this;
-}
-
-WaitInterruption::~WaitInterruption() { interruption = outer_; }
-
 void Work::wait() const {
-  if (WaitInterruption* in = interruption; in && !in->spent_) {
-    while (!wait(in->interval_)) {
-      try {
-        in->check_();
-      } catch (...) {
-        in->spent_ = true;
-        throw;
-      }
-    }
-    return;
-  }
   if (state_->drive) state_->drive(*state_, std::chrono::steady_clock::time_point::max());
   std::unique_lock<std::mutex> lock(state_->mutex);
   state_->changed.wait(lock, [&] { return state_->done; });

@@ -7,13 +7,12 @@ address towards the store's host (or AIKIDO_BIND_ADDRESS) and ranks on other hos
 """
 
 import os
-import secrets
 import socket
+from datetime import timedelta
 
 import torch.distributed as dist
 
 from .. import _C
-from .._C import ConfigError
 
 
 def _env(name):
@@ -37,19 +36,9 @@ def _address_towards(host):
         return s.getsockname()[0]
 
 
-def _bind_address(store, rank, size, host, timeout):
-    explicit = _env("AIKIDO_BIND_ADDRESS")
-    if explicit:
-        return explicit
-    store.set(f"aikido/host/{rank}", host)
-    hosts = {host}
-    for r in range(size):
-        if r != rank:
-            store.wait([f"aikido/host/{r}"], timeout)
-            hosts.add(store.get(f"aikido/host/{r}").decode())
-    if len(hosts) == 1:
-        return "127.0.0.1"
-    # The group spans hosts: listen where the others can reach this host.
+def _cross_host_address(store):
+    """Where this rank listens if its group spans hosts: its address on the route to the store's host (or
+    MASTER_ADDR), else its host name's address; "" when only loopback is found."""
     towards = _store_host(store) or _env("MASTER_ADDR")
     candidates = []
     if towards and towards not in ("localhost", "127.0.0.1", "::1"):
@@ -62,21 +51,7 @@ def _bind_address(store, rank, size, host, timeout):
             continue
         if not address.startswith("127."):
             return address
-    raise ConfigError(f"rank {rank}: the process group spans hosts {sorted(hosts)} but no address of this host "
-                      "other than loopback was found; set AIKIDO_BIND_ADDRESS to an address the other hosts reach")
-
-
-def _secret(store, rank, timeout):
-    """The job secret every connection proves: AIKIDO_SECRET, or one that rank 0 makes and shares through the
-    group's store (as safe as that store)."""
-    explicit = _env("AIKIDO_SECRET")
-    if explicit:
-        return explicit
-    key = "aikido/secret"
-    if rank == 0:
-        store.set(key, secrets.token_hex(32))
-    store.wait([key], timeout)
-    return store.get(key).decode()
+    return ""
 
 
 def create_process_group(store, rank, size, timeout):
@@ -95,10 +70,12 @@ def create_process_group(store, rank, size, timeout):
         settings["tcp_congestion"] = ""
     if _env("AIKIDO_SEGMENT_BYTES"):
         settings["segment_bytes"] = int(os.environ["AIKIDO_SEGMENT_BYTES"])
-    if size > 1:
-        settings["secret"] = _secret(store, rank, timeout)
-        settings["bind_address"] = _bind_address(store, rank, size, host, timeout)
-    return _C.ProcessGroupAikido(store, rank, size, settings)
+    # The secret and the listening address are agreed on through the store by the group itself: without
+    # AIKIDO_SECRET, rank 0 makes one; without AIKIDO_BIND_ADDRESS, loopback when all ranks share a host.
+    for variable, key in (("AIKIDO_SECRET", "secret"), ("AIKIDO_BIND_ADDRESS", "bind_address")):
+        if _env(variable):
+            settings[key] = os.environ[variable]
+    return _C.ProcessGroupAikido(store, rank, size, settings, _cross_host_address(store))
 
 
 _agent_store = None  # rank 0's TCPStore server for env:// under aikido-run
@@ -122,8 +99,6 @@ def prepare_env():
     key = f"{job}/torch/master"
     aikido_store = _C.connect_tcp_store(store_address, os.environ.get("AIKIDO_SECRET", ""), timeout)
     if rank == 0:
-        from datetime import timedelta
-
         address = _env("AIKIDO_BIND_ADDRESS") or "127.0.0.1"
         _agent_store = dist.TCPStore(address, 0, size, True, timedelta(seconds=timeout), wait_for_workers=False)
         aikido_store.set(key, f"{address}:{_agent_store.port}")
