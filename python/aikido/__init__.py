@@ -18,6 +18,7 @@ Errors are ``aikido.Error`` and its subclasses (``TimeoutError``, ``PeerLostErro
 blocking call releases the GIL, and Ctrl-C interrupts a wait with ``KeyboardInterrupt``.
 """
 
+import atexit as _atexit
 import io as _io
 import pickle as _pickle
 import weakref as _weakref
@@ -126,6 +127,25 @@ class Policy:
 _default_peer = None
 _default_session = None
 
+# Everything that holds connections (Peers, sessions, the backend's process groups). Objects that C++ keeps references
+# to (a session keeps the optimizer whose state it registered, which keeps the session's Peer) are never collected,
+# so at interpreter exit their connections are closed explicitly: the other workers then see this one leave rather
+# than get lost.
+_connected = _weakref.WeakSet()
+
+
+def _track(obj):
+    _connected.add(obj)
+    return obj
+
+
+@_atexit.register
+def _leave_at_exit():
+    for obj in list(_connected):
+        peer = obj if isinstance(obj, Peer) else getattr(obj, "peer", None)
+        if peer is not None:
+            peer._leave()
+
 
 def default_peer() -> Peer:
     """The Peer that ``aikido.torch`` uses when none is given: the peer of the ``ElasticSession`` made with
@@ -139,12 +159,21 @@ def default_peer() -> Peer:
     return _default_peer
 
 
+for _name in ("from_env", "create"):
+    def _tracked(original):
+        def make(*args, **kwargs):
+            return _track(original(*args, **kwargs))
+        make.__doc__ = original.__doc__
+        return staticmethod(make)
+    setattr(Peer, _name, _tracked(getattr(Peer, _name)))
+
+
 _session_from_env = ElasticSession.from_env
 
 
 def _from_env():
     global _default_session
-    session = _session_from_env()
+    session = _track(_session_from_env())
     _default_session = _weakref.ref(session)
     return session
 

@@ -66,6 +66,9 @@ class SharedObject {
 /// in place, so a copy would not do).
 at::Tensor as_tensor(py::handle object, const char* what);
 
+/// torch's name of an element type: "float32", not c10's "Float".
+std::string scalar_type_name(at::ScalarType type);
+
 /// Seconds (Python float) to milliseconds; ValueError for negative or non-finite values.
 std::chrono::milliseconds to_ms(double seconds, const char* what);
 double to_seconds(std::chrono::milliseconds ms);

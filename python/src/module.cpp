@@ -74,6 +74,38 @@ at::Tensor as_tensor(py::handle object, const char* what) {
   return tensor;
 }
 
+// torch's names of element types ("float32", not c10's "Float").
+std::string scalar_type_name(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+      return "float32";
+    case at::kDouble:
+      return "float64";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kInt:
+      return "int32";
+    case at::kLong:
+      return "int64";
+    case at::kShort:
+      return "int16";
+    case at::kChar:
+      return "int8";
+    case at::kByte:
+      return "uint8";
+    case at::kBool:
+      return "bool";
+    case at::kComplexFloat:
+      return "complex64";
+    case at::kComplexDouble:
+      return "complex128";
+    default:
+      return c10::toString(type);
+  }
+}
+
 std::chrono::milliseconds to_ms(double seconds, const char* what) {
   if (!std::isfinite(seconds) || seconds < 0) {
     throw py::value_error(std::string(what) + " must be a non-negative number of seconds");
@@ -259,7 +291,7 @@ DType dtype_of(const at::Tensor& t, const char* what) {
     case at::kByte:
       return DType::u8;
     default:
-      throw py::type_error(std::string(what) + ": tensors of type " + std::string(c10::toString(t.scalar_type())) +
+      throw py::type_error(std::string(what) + ": tensors of type " + scalar_type_name(t.scalar_type()) +
                            " are not supported; use float32, float64, float16, bfloat16, int32, int64 or uint8");
   }
 }
@@ -297,8 +329,8 @@ std::pair<at::Tensor, py::object> output_for(const py::object& out, const at::Te
   }
   at::Tensor t = as_tensor(out, what);
   if (t.scalar_type() != like.scalar_type()) {
-    throw py::type_error(std::string(what) + ": out is " + std::string(c10::toString(t.scalar_type())) +
-                         " but the input is " + std::string(c10::toString(like.scalar_type())));
+    throw py::type_error(std::string(what) + ": out is " + scalar_type_name(t.scalar_type()) + " but the input is " +
+                         scalar_type_name(like.scalar_type()));
   }
   if (t.numel() != numel) {
     throw py::value_error(std::string(what) + ": out holds " + std::to_string(t.numel()) + " elements; " +
@@ -634,6 +666,20 @@ void bind_peer(py::module_& m) {
       .def_property_readonly("timeout", [](const Peer& p) { return to_seconds(p.timeout()); })
       .def_property_readonly("topology", &Peer::topology)
       .def("lost_ranks", &Peer::lost_ranks)
+      .def(
+          "_leave",
+          [](Peer& p) {
+            // At interpreter exit the objects that hold a Peer may never be destroyed (references held by C++ are
+            // invisible to Python's cycle collector): its connections are closed here, so that the other ranks see
+            // a departure (goodbye) rather than a lost peer. The Peer is then a 1-rank session of its own.
+            if (p.size() == 1) return;
+            PeerConfig alone;
+            alone.job_id = p.config().job_id;
+            alone.host = p.config().host;
+            py::gil_scoped_release release;
+            p.reconnect(alone);
+          },
+          "Internal (used at interpreter exit): closes the connections; the peer becomes a 1-rank session.")
       .def(
           "set_topology", [](Peer& p, Topology t) { blocking([&] { p.set_topology(t); }); }, py::arg("topology"),
           "Switches the topology of later collectives; collective (every rank, same point).")

@@ -86,37 +86,7 @@ class C10dStore final : public Store {
 // ---------------------------------------------------------------------------------------------------------------
 // Tensors as the library's buffers
 
-// torch's names of element types ("float32", not c10's "Float").
-std::string type_name(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return "float32";
-    case at::kDouble:
-      return "float64";
-    case at::kHalf:
-      return "float16";
-    case at::kBFloat16:
-      return "bfloat16";
-    case at::kInt:
-      return "int32";
-    case at::kLong:
-      return "int64";
-    case at::kShort:
-      return "int16";
-    case at::kChar:
-      return "int8";
-    case at::kByte:
-      return "uint8";
-    case at::kBool:
-      return "bool";
-    case at::kComplexFloat:
-      return "complex64";
-    case at::kComplexDouble:
-      return "complex128";
-    default:
-      return c10::toString(t.scalar_type());
-  }
-}
+std::string type_name(const at::Tensor& t) { return scalar_type_name(t.scalar_type()); }
 
 std::string describe(const at::Tensor& t) {
   std::ostringstream os;

@@ -319,7 +319,7 @@ void bind_torch_api(py::module_& m) {
         py::detail::keep_alive_impl(session_object, keep);
       },
       py::arg("session"), py::arg("named_parameters"), py::arg("optimizer"), py::arg("sampler"),
-      py::keep_alive<1, 5>());
+      py::keep_alive<1, 4>());
 }
 
 }  // namespace aikido::python

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 BUILD = os.environ.get("AIKIDO_BUILD_DIR", os.path.join(ROOT, "build"))
 PYTHON = sys.executable
 WORKERS = os.path.join(HERE, "workers")
-BOUND = 60  # seconds: a job that takes longer has hung
+BOUND = 240  # seconds: a job that takes longer has hung
 
 
 def worker(name):

@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+import aikido
 from .. import _C
 
 
@@ -75,7 +76,7 @@ def create_process_group(store, rank, size, timeout):
     for variable, key in (("AIKIDO_SECRET", "secret"), ("AIKIDO_BIND_ADDRESS", "bind_address")):
         if _env(variable):
             settings[key] = os.environ[variable]
-    return _C.ProcessGroupAikido(store, rank, size, settings, _cross_host_address(store))
+    return aikido._track(_C.ProcessGroupAikido(store, rank, size, settings, _cross_host_address(store)))
 
 
 _agent_store = None  # rank 0's TCPStore server for env:// under aikido-run
