@@ -92,7 +92,8 @@ def main():
 
     # all_reduce: every operation on every element type.
     for dtype in FLOATS + INTS + [torch.bool, torch.complex64]:
-        for op in (R.SUM, R.PRODUCT, R.MIN, R.MAX, R.AVG, R.BAND, R.BOR, R.BXOR):
+        for op_name in ("SUM", "PRODUCT", "MIN", "MAX", "AVG", "BAND", "BOR", "BXOR"):
+            op = getattr(R, op_name)
             floating = dtype.is_floating_point or dtype.is_complex
             if floating and op in (R.BAND, R.BOR, R.BXOR):
                 continue
@@ -105,7 +106,7 @@ def main():
             a = x.clone()
             dist.all_reduce(a, op)
             expected, source = gloo_or_reference(op, x, [data(r, case, dtype=dtype) for r in range(size)])
-            same(a, expected, f"all_reduce {op} {dtype} (against {source})")
+            same(a, expected, f"all_reduce {op_name} {dtype} (against {source})")
 
     # PREMUL_SUM (NCCL's, which the aikido backend also takes): the sum of 2.5 * x.
     case += 1
@@ -169,19 +170,20 @@ def main():
         same(a, g, f"scatter root {root}")
 
     # reduce_scatter (Gloo has none: against the reference).
-    for op in (R.SUM, R.MAX, R.BOR):
+    for op_name in ("SUM", "MAX", "BOR"):
+        op = getattr(R, op_name)
         case += 1
         dtype = torch.int32 if op == R.BOR else torch.float32
         inputs = [data(rank, case * 10 + r, (3,), dtype) for r in range(size)]
         out = torch.zeros(3, dtype=dtype)
         dist.reduce_scatter(out, inputs, op)
         same(out, reference(op, [data(q, case * 10 + rank, (3,), dtype) for q in range(size)]),
-             f"reduce_scatter {op}")
+             f"reduce_scatter {op_name}")
         flat = torch.cat(inputs)
         out = torch.zeros(3, dtype=dtype)
         dist.reduce_scatter_tensor(out, flat, op)
         same(out, reference(op, [data(q, case * 10 + rank, (3,), dtype) for q in range(size)]),
-             f"reduce_scatter_tensor {op}")
+             f"reduce_scatter_tensor {op_name}")
 
     # all_to_all_single, even and uneven splits; all_to_all of tensor lists.
     case += 1
