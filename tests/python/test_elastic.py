@@ -61,3 +61,37 @@ def test_elastic_python_job_survives_a_resize_and_a_killed_worker(build_dir, tmp
     for epoch, values in by_epoch.items():
         assert len(values) == 1, f"workers disagree on the model or the learning rate in epoch {epoch}: {values}"
     assert next(iter(by_epoch[1]))[1] == 0.02, "the policy's learning rate reached every worker"
+
+
+def test_checkpoint_and_resume_of_python_state(build_dir, tmp_path):
+    """Module, optimizer state (momentum), a picklable object and the sampler, registered from Python, go into the
+    checkpoint that aikido-run asks for when it is stopped; a job resumed from it ends where an uninterrupted one
+    ends."""
+    run = os.path.join(BUILD, "bin", "aikido-run")
+    program = [PYTHON, os.path.join(os.path.dirname(__file__), "workers", "elastic_state.py"), "200"]
+
+    def final(out):
+        lines = json_lines(out, "[0] ")
+        assert len(lines) == 1, out
+        return lines[0]
+
+    through = subprocess.run([run, "-np", "2", "--elastic", *program], env=base_env(), text=True,
+                             capture_output=True, timeout=BOUND)
+    assert through.returncode == 0, through.stdout + through.stderr
+    expected = final(through.stdout)
+    assert expected["step"] == 200 and expected["epochs"] == 12, expected  # 32 samples a step, 16 steps an epoch
+
+    checkpoint, mark = str(tmp_path / "job.ck"), str(tmp_path / "half")
+    job = subprocess.Popen([run, "-np", "2", "--elastic", "--checkpoint", checkpoint, *program, mark], env=base_env(),
+                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + BOUND
+    while not os.path.exists(mark) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=BOUND)
+    assert os.path.exists(mark) and os.path.exists(checkpoint), out + err
+
+    resumed = subprocess.run([run, "-np", "2", "--elastic", "--resume", checkpoint, *program], env=base_env(),
+                             text=True, capture_output=True, timeout=BOUND)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert final(resumed.stdout) == expected, resumed.stdout + resumed.stderr

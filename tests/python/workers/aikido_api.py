@@ -71,6 +71,11 @@ def peer_api():
     got = peer.request((rank + 1) % size, "model", torch.zeros(5))
     check(torch.equal(got, torch.full((5,), float((rank + 1) % size + 1))), "save/request")
     raises(aikido.MismatchError, lambda: peer.allreduce(torch.zeros(3 + rank), "sizes differ"), "differently")
+    peer.set_topology("tree")
+    check(peer.topology == aikido.Topology.tree, "set_topology")
+    check(torch.equal(peer.allreduce(torch.ones(9), "on the tree"), torch.full((9,), float(size))), "tree allreduce")
+    raises(aikido.MismatchError, lambda: peer.set_topology("star" if rank == 0 else "ring"), "topolog")
+    peer.set_topology(aikido.Topology.ring)
     check(issubclass(aikido.MismatchError, RuntimeError) and issubclass(aikido.TimeoutError, aikido.Error), "errors")
 
 
