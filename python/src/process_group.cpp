@@ -19,7 +19,9 @@
 #include <aikido/peer.hpp>
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -413,6 +415,62 @@ class AikidoWork final : public c10d::Work {
 };
 
 using WorkPtr = c10::intrusive_ptr<AikidoWork>;
+
+// Waits for every posted collective in turn. The library completes work soonest when a thread waits for it: the
+// waiter reads the connections and runs the same-host collectives itself, while work that nobody waits for is picked
+// up by a progress thread, which looks only every millisecond or so once it has been idle. c10d's callers (DDP) wait
+// on futures that the library knows nothing of, so this thread is their waiter (measured: DDP on 2 workers at batch
+// 64 ran at 0.6x Gloo's speed without it).
+class Driver {
+ public:
+  Driver() : thread_([this] { loop(); }) {}
+  ~Driver() { stop(); }
+  void add(aikido::Work work) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back(std::move(work));
+    }
+    wake_.notify_one();
+  }
+  /// Stops within a slice of a wait; the work still queued completes without it (the library's own threads).
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_one();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  static constexpr std::chrono::milliseconds kSlice{50};
+  void loop() {
+    for (;;) {
+      aikido::Work work;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+        if (stopping_) return;
+        work = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      try {
+        // In slices, so that stop() never waits for a collective's deadline.
+        while (!work.wait(kSlice)) {
+          std::lock_guard<std::mutex> lock(mutex_);
+          if (stopping_) return;
+        }
+      } catch (...) {
+        // The work's own completion callback reports its error.
+      }
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<aikido::Work> queue_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // The process group
@@ -837,6 +895,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
     work->signature = peer_->consensus_async(
         std::span<const std::byte>(reinterpret_cast<const std::byte*>(text->data()), text->size()), *work->agreed,
         name(work->seq));
+    driver_.add(work->signature);
     Peer* peer = peer_.get();
     const int size = getSize(), rank = getRank();
     // The callback holds the work (and through it `agreed`) and the signature until the consensus is done.
@@ -903,7 +962,9 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
   // Posts one data collective of the current call as a part of `work`.
   void post_part(const WorkPtr& work, const detail::Request& request) {
     work->expect(1);
-    work->add(peer_->post(request));
+    aikido::Work part = peer_->post(request);
+    work->add(part);
+    driver_.add(std::move(part));
   }
 
   // Data movement on raw bytes.
@@ -1016,6 +1077,7 @@ class ProcessGroupAikido final : public c10d::ProcessGroup {
   std::mutex pairs_mutex_;
   std::map<int, std::unique_ptr<Pair>> pairs_;
   std::map<std::tuple<int, int, int>, std::uint64_t> p2p_count_;  // (from, to, tag) -> messages so far
+  Driver driver_;
 };
 
 // A 2-rank Peer for the messages between this rank and one other, made in the background on first use (both ranks
@@ -1084,15 +1146,17 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupAikido::point_to_point(std::vector<at
   work->keep(t);
   work->expect(1);
   const int root = from == std::min(from, to) ? 0 : 1;
-  auto post = [work, t, root, name = str_cat("p2p/", from, "->", to, "/", tag, "/", number)](Peer* peer,
-                                                                                             std::exception_ptr error) {
+  auto post = [work, t, root, driver = &driver_, name = str_cat("p2p/", from, "->", to, "/", tag, "/", number)](
+                  Peer* peer, std::exception_ptr error) {
     if (error) {
       work->add_result(error);
       return;
     }
     try {
-      work->add(peer->post({CollectiveKind::broadcast, DType::u8, ReduceOp::sum, root, bytes_of(t), bytes_of(t),
-                            nbytes(t), nbytes(t), name}));
+      aikido::Work part = peer->post({CollectiveKind::broadcast, DType::u8, ReduceOp::sum, root, bytes_of(t),
+                                      bytes_of(t), nbytes(t), nbytes(t), name});
+      work->add(part);
+      driver->add(std::move(part));
     } catch (...) {
       work->add_result(std::current_exception());
     }
@@ -1125,6 +1189,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupAikido::recv(std::vector<at::Tensor>&
 }
 
 ProcessGroupAikido::~ProcessGroupAikido() {
+  driver_.stop();  // before the Peers go: it may be inside one's wait
   // A pair still being made gives up within the timeout.
   for (auto& [rank, pair] : pairs_) {
     if (pair->maker.joinable()) pair->maker.join();
