@@ -56,6 +56,7 @@ def test_elastic_python_job_survives_a_resize_and_a_killed_worker(build_dir, tmp
         # Every epoch's samples exactly once: the committed history of the model holds 60000 per epoch.
         assert line["global_samples"] == 60000, line
         assert line["workers"] == 3, line
+        assert line["test_accuracy"] > 0.8, line
         by_epoch.setdefault(line["epoch"], set()).add((line["test_accuracy"], line["lr"]))
     assert sorted(by_epoch) == [0, 1], out
     for epoch, values in by_epoch.items():
