@@ -6,6 +6,7 @@ by hand: PYTHONPATH=build/python AIKIDO_BUILD_DIR=build /usr/bin/python3 -m pyte
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -88,6 +89,17 @@ def json_lines(text, prefix=""):
     for line in text.splitlines():
         if line.startswith(prefix + "{"):
             lines.append(json.loads(line[len(prefix):]))
+    return lines
+
+
+def worker_json_lines(text):
+    """The JSON objects of every worker's lines: prefixed "[RANK] ", or "[RANK|wID] " in an elastic job once a worker's
+    rank and id differ."""
+    lines = []
+    for line in text.splitlines():
+        m = re.match(r"^\[\d+(\|w\d+)?\] (\{.*)$", line)
+        if m:
+            lines.append(json.loads(m.group(2)))
     return lines
 
 
