@@ -614,7 +614,19 @@ SyncResult ElasticSession::recover_in_sync() {
   if (removed_) return SyncResult::removed;
   needs_rollback_ = true;
   const auto deadline = SteadyClock::now() + config_.recovery_timeout;
-  return switch_to(next_spec_after_failure(deadline), true);
+  ClusterSpec next;
+  try {
+    next = next_spec_after_failure(deadline);
+  } catch (const Error& e) {
+    // No new membership: the store did not answer (etcd away for longer than the timeout), or nobody proposed one.
+    // What is committed is kept: the lowest-ranked survivor writes it to the checkpoint file, if there is one.
+    const std::vector<int> lost = peer_->lost_ranks();
+    int first_survivor = 0;
+    while (std::find(lost.begin(), lost.end(), first_survivor) != lost.end()) ++first_survivor;
+    if (peer_->rank() != first_survivor || config_.checkpoint_path.empty()) throw;
+    throw TimeoutError(str_cat(e.what(), "; ", write_checkpoint()));
+  }
+  return switch_to(std::move(next), true);
 }
 
 SyncResult ElasticSession::sync(std::int64_t step) {
