@@ -614,13 +614,15 @@ SyncResult ElasticSession::recover_in_sync() {
   if (removed_) return SyncResult::removed;
   needs_rollback_ = true;
   const auto deadline = SteadyClock::now() + config_.recovery_timeout;
+  // The survivors as seen at the failure: one that gives up on the recovery first and leaves must not make the
+  // others count it as lost too.
+  const std::vector<int> lost = peer_->lost_ranks();
   ClusterSpec next;
   try {
     next = next_spec_after_failure(deadline);
   } catch (const Error& e) {
     // No new membership: the store did not answer (etcd away for longer than the timeout), or nobody proposed one.
     // What is committed is kept: the lowest-ranked survivor writes it to the checkpoint file, if there is one.
-    const std::vector<int> lost = peer_->lost_ranks();
     int first_survivor = 0;
     while (std::find(lost.begin(), lost.end(), first_survivor) != lost.end()) ++first_survivor;
     if (peer_->rank() != first_survivor || config_.checkpoint_path.empty()) throw;
@@ -718,7 +720,8 @@ std::string ElasticSession::write_checkpoint() {
     w.put(kCheckpointStepTag).put(step);
     bytes = w.take();
   }
-  const std::string tmp = config_.checkpoint_path + ".tmp";
+  // A file of its own to write before the rename: survivors that each count the others as lost may write at once.
+  const std::string tmp = str_cat(config_.checkpoint_path, ".tmp.", ::getpid(), ".", config_.worker_id);
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   bool ok = f && std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
   if (f) ok = std::fclose(f) == 0 && ok;

@@ -29,6 +29,8 @@ constexpr std::chrono::seconds kLeaveGrace{10};
 // A worker without a session this long after its start is reported as probably not using one. Programs may load
 // their data before they open the session; the example opens it first.
 constexpr std::chrono::seconds kSessionGrace{10};
+// A store call that takes longer than this was retried while the store was away (its client retries until it answers).
+constexpr std::chrono::milliseconds kSlowStoreAnswer{500};
 // What to do about a program that does not open a session.
 constexpr const char* kUseASession =
     "run it without --elastic, or open an aikido::ElasticSession (ElasticSession::from_env(), see \"Elastic "
@@ -175,6 +177,7 @@ void ElasticController::on_wake(Supervisor& supervisor) {
   std::uint64_t count;
   while (::read(wake_fd_, &count, sizeof count) > 0) {
   }
+  const auto woke = SteadyClock::now();
   try {
     if (setup_.hosts) check_hosts(supervisor);
     for (auto it = pending_lost_.begin(); it != pending_lost_.end();) {
@@ -185,6 +188,9 @@ void ElasticController::on_wake(Supervisor& supervisor) {
     if (now < next_store_check_) return;
     next_store_check_ = now + setup_.store_check_interval;
     check_sessions(supervisor);
+    // The store's client retries until the store answers: a slow tick is an absence of the store (etcd restarting),
+    // during which the workers could not write their heartbeats either.
+    if (SteadyClock::now() - woke > kSlowStoreAnswer) store_was_away_ = true;
     // While rank 0 writes the checkpoint before a stop, its heartbeat pauses: no worker is killed for that.
     if (checkpoint_request_.empty()) check_heartbeats(supervisor);
   } catch (const Error& e) {
@@ -313,17 +319,23 @@ void ElasticController::reconcile(Supervisor& supervisor) {
 }
 
 void ElasticController::check_heartbeats(Supervisor& supervisor) {
+  // Heartbeats cannot be written while the store is away: silence counts from when it answers again.
+  auto asked = SteadyClock::now();
   const auto spec = membership_->latest();
   if (!spec) return;
-  const auto now = SteadyClock::now();
-  const auto timeout = std::chrono::milliseconds(std::int64_t(options_.heartbeat_timeout_s * 1000));
-  if (std::exchange(store_was_away_, false)) {
-    // Heartbeats could not be written while the store was away: count silence from now on.
+  auto now = SteadyClock::now();
+  if (std::exchange(store_was_away_, false) || now - asked > kSlowStoreAnswer) {
     for (auto& [id, hb] : heartbeats_) hb.changed = now;
   }
+  const auto timeout = std::chrono::milliseconds(std::int64_t(options_.heartbeat_timeout_s * 1000));
   for (std::uint64_t id : supervisor.running_workers()) {
     if (!spec->contains(id)) continue;
+    asked = SteadyClock::now();
     const auto value = store_->get(worker_status_key(job_id_, id));
+    now = SteadyClock::now();
+    if (now - asked > kSlowStoreAnswer) {
+      for (auto& [other, hb] : heartbeats_) hb.changed = now;
+    }
     if (!value || value->starts_with("state=left")) continue;  // not started yet, or finished
     Heartbeat& hb = heartbeats_[id];
     if (*value != hb.value) {
