@@ -216,7 +216,7 @@ def main():
     finally:
         etcd.terminate()
         etcd.wait()
-        subprocess.run([HOSTS, "down"], check=False)
+        subprocess.run([HOSTS, "down", "--owner", str(os.getpid())], check=False)
     if args.json:
         print(json.dumps({"%s/%s" % k: v for k, v in results.items()}))
         return

@@ -2,8 +2,10 @@
 # Emulated hosts on one machine: one network namespace per host, joined by veth pairs to one bridge.
 #
 #   scripts/hosts.sh up N [--owner PID]   make hosts 0..N-1 (removing any left from an earlier run); with --owner,
-#                                         they are removed as soon as process PID has exited (a killed test)
-#   scripts/hosts.sh down                 remove every emulated host and the bridge
+#                                         they are removed as soon as process PID has exited (a killed test), and
+#                                         hosts another live owner holds are waited for (AIKIDO_HOSTS_WAIT seconds)
+#   scripts/hosts.sh down [--owner PID]   remove every emulated host and the bridge (with --owner: only if PID
+#                                         owns them)
 #   scripts/hosts.sh exec I CMD [ARG...]  run CMD on host I: in its namespace, with host name hI
 #   scripts/hosts.sh ssh hI COMMAND...     like ssh: join the words into one command line and run it with sh -c on
 #                                         host I (aikido-run's --launch-command, mpirun's plm_rsh_agent)
@@ -27,6 +29,7 @@ readonly prefix=aikido-h
 # Who made the hosts now present (up --owner PID writes it): a watchdog removes only the hosts of its own owner.
 readonly owner_file=/run/aikido-hosts.owner
 readonly hosts_mark="# aikido emulated host"
+readonly lock_file=/run/aikido-hosts.lock
 
 die() {
   echo "hosts.sh: $*" >&2
@@ -70,11 +73,32 @@ down() {
   done
 }
 
+# Hosts have fixed names: while another live process owns them (a test run from another checkout), wait for it to
+# finish, up to $AIKIDO_HOSTS_WAIT seconds (default 1200). The lock makes checking, claiming and making one step.
+claim() {
+  local owner=$1 waited=0 limit=${AIKIDO_HOSTS_WAIT:-1200} holder
+  exec 9>"$lock_file"
+  while :; do
+    flock 9
+    holder=$(cat "$owner_file" 2>/dev/null || true)
+    if [ -z "$owner" ] || [ -z "$holder" ] || [ "$holder" = none ] || [ "$holder" = "$owner" ] ||
+      ! kill -0 "$holder" 2>/dev/null; then
+      down
+      echo "${owner:-none}" >"$owner_file"
+      return  # still locked: up makes the hosts, then unlocks
+    fi
+    flock -u 9
+    [ "$waited" -eq 0 ] && echo "hosts.sh: the emulated hosts belong to process $holder; waiting for it to finish" >&2
+    [ "$waited" -ge $((limit * 2)) ] && die "the emulated hosts still belong to process $holder after ${limit} s"
+    sleep 0.5
+    waited=$((waited + 1))
+  done
+}
+
 up() {
   local n=$1 owner=${2:-}
   [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 200 ] || die "up N: N must be 1..200, not '$n'"
-  down
-  echo "${owner:-none}" >"$owner_file"
+  claim "$owner"
   ip link add "$bridge" type bridge
   ip addr add "$bridge_address/24" dev "$bridge"
   ip link set "$bridge" up
@@ -90,11 +114,12 @@ up() {
     ip netns exec "$ns" ip route add default via "$bridge_address" dev eth0
     echo "$(host_address "$i") h$i $hosts_mark" >>/etc/hosts
   done
+  flock -u 9
   if [ -n "$owner" ]; then
     # Removes the hosts once the owner has gone, however it ended, unless another owner has made hosts since.
     # Detached, so that it outlives this script.
     setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 0.5; done
-      [ \"\$(cat $owner_file 2>/dev/null)\" = $owner ] && '$0' down" </dev/null >/dev/null 2>&1 &
+      '$0' down --owner $owner" </dev/null >/dev/null 2>&1 9>&- &
   fi
 }
 
@@ -117,7 +142,15 @@ case "$cmd" in
     if [ "${2:-}" = "--owner" ]; then owner=${3:?--owner needs a PID}; fi
     up "$n" "$owner"
     ;;
-  down) down ;;
+  down)
+    # With --owner, only that owner's hosts are removed (another process may have made hosts since).
+    if [ "${1:-}" = "--owner" ]; then
+      exec 9>"$lock_file"
+      flock 9
+      [ "$(cat "$owner_file" 2>/dev/null || true)" = "${2:?--owner needs a PID}" ] || exit 0
+    fi
+    down
+    ;;
   exec)
     host_index "${1:-}"
     i=$1

@@ -19,7 +19,7 @@ def hosts():
         pytest.skip("emulated hosts cannot be made here: " + (check.stdout or check.stderr).strip())
     subprocess.run([HOSTS, "up", "2", "--owner", str(os.getpid())], check=True)
     yield
-    subprocess.run([HOSTS, "down"], check=False)
+    subprocess.run([HOSTS, "down", "--owner", str(os.getpid())], check=False)
 
 
 def four_ranks(script, args, port):
