@@ -14,7 +14,7 @@
 #include "base/error.hpp"
 #include "base/log.hpp"
 #include "base/parse_name.hpp"
-#include "base/sha256.hpp"
+#include "base/crypto.hpp"
 #include "runtime/endpoint.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/peer_env.hpp"
