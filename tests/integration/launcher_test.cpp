@@ -122,6 +122,8 @@ TEST(LauncherTest, BadSettingsInTheEnvironmentExitWithStatus2) {
       {"AIKIDO_TRANSPORT=pigeon", "AIKIDO_TRANSPORT='pigeon': unknown transport 'pigeon'"},
       {"AIKIDO_METRICS_INTERVAL=often", "AIKIDO_METRICS_INTERVAL='often' is not a positive number of seconds"},
       {"AIKIDO_LOCAL_CPUS=all", "AIKIDO_LOCAL_CPUS='all' is not an integer"},
+      {"AIKIDO_CONNECT_TIMEOUT=soon", "AIKIDO_CONNECT_TIMEOUT='soon' is not a positive number of seconds"},
+      {"AIKIDO_STORE_TIMEOUT=-2", "AIKIDO_STORE_TIMEOUT='-2' is not a positive number of seconds"},
   };
   for (const auto& [setting, message] : cases) {
     const auto r = run_process(launch({"-np", "2", kFixture, "env"}), kBound, Subprocess::Options{{setting}, ""});
