@@ -61,8 +61,11 @@ struct PeerConfig {
   std::uint64_t cluster_version = 0;
   Topology topology = Topology::ring;
   TransportKind transport = TransportKind::automatic;
-  /// Deadline of each collective and of connection setup.
+  /// Deadline of each collective, and of connection setup unless connect_timeout is set.
   std::chrono::milliseconds timeout{60'000};
+  /// Deadline of joining: waiting for every rank's address, connecting and the handshakes (AIKIDO_CONNECT_TIMEOUT).
+  /// Zero: `timeout`.
+  std::chrono::milliseconds connect_timeout{0};
   /// Address TCP listeners bind to; peers connect to it. Loopback unless the job spans hosts.
   std::string bind_address = "127.0.0.1";
   /// Size of the pieces a large buffer is cut into for pipelining (see src/collective/plan.hpp).

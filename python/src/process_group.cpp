@@ -33,7 +33,7 @@
 
 #include "backend_parts.hpp"
 #include "base/error.hpp"
-#include "base/sha256.hpp"
+#include "base/crypto.hpp"
 #include "common.hpp"
 
 namespace aikido::python {

@@ -114,6 +114,8 @@ const std::vector<Rule>& rules() {
       {kTopology, parsed_by(kTopology, [](const std::string& v) { parse_topology(v); })},
       {kTransport, parsed_by(kTransport, [](const std::string& v) { parse_transport(v); })},
       {kTimeout, seconds(kTimeout)},
+      {kConnectTimeout, seconds(kConnectTimeout)},
+      {kStoreTimeout, seconds(kStoreTimeout)},
       {kSegmentBytes, integer(kSegmentBytes, kMinSegmentBytes, kMaxSegmentBytes)},
       {kLogLevel, one_of(kLogLevel, {"error", "warn", "info", "debug"})},
       {kMetricsInterval, seconds(kMetricsInterval)},

@@ -29,6 +29,9 @@
 //   AIKIDO_TOPOLOGY         ring | tree | star | hierarchical                     (default ring)
 //   AIKIDO_TRANSPORT        auto | tcp | unix (auto: shared memory when all ranks share a host) (default auto)
 //   AIKIDO_TIMEOUT          deadline of each collective, in seconds                (default 60)
+//   AIKIDO_CONNECT_TIMEOUT  deadline of joining a cluster (addresses, connections, handshakes), in seconds
+//                           (default: AIKIDO_TIMEOUT)
+//   AIKIDO_STORE_TIMEOUT    deadline of each request to the rendezvous store, in seconds (default: AIKIDO_TIMEOUT)
 //   AIKIDO_BIND_ADDRESS     address TCP listeners bind to and advertise (default: 127.0.0.1 when every worker is on
 //                           one host; otherwise the address of AIKIDO_IFACE, or of the interface that routes to the
 //                           store's host)
@@ -82,6 +85,8 @@ inline constexpr const char* kClusterVersion = "AIKIDO_CLUSTER_VERSION";
 inline constexpr const char* kTopology = "AIKIDO_TOPOLOGY";
 inline constexpr const char* kTransport = "AIKIDO_TRANSPORT";
 inline constexpr const char* kTimeout = "AIKIDO_TIMEOUT";
+inline constexpr const char* kConnectTimeout = "AIKIDO_CONNECT_TIMEOUT";
+inline constexpr const char* kStoreTimeout = "AIKIDO_STORE_TIMEOUT";
 inline constexpr const char* kBindAddress = "AIKIDO_BIND_ADDRESS";
 inline constexpr const char* kIface = "AIKIDO_IFACE";
 inline constexpr const char* kSegmentBytes = "AIKIDO_SEGMENT_BYTES";

@@ -675,6 +675,12 @@ bool parse_watch_line(std::string_view line, std::string_view prefix, std::vecto
   return true;
 }
 
+EtcdClient::Range parse_range_answer(std::string_view text, std::string_view prefix) {
+  const json parsed = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!parsed.is_object()) throw ProtocolError(str_cat("etcd range: unreadable answer '", text.substr(0, 200), "'"));
+  return parse_range(parsed, prefix);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // base64
 

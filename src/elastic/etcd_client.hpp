@@ -150,4 +150,8 @@ std::string base64_decode(std::string_view text);
 /// unreadable. `prefix` (EtcdOptions::prefix) is removed from keys.
 bool parse_watch_line(std::string_view line, std::string_view prefix, std::vector<EtcdEvent>& events);
 
+/// Parses the gateway's answer to a range request (the JSON text of /v3/kv/range). Throws ProtocolError for anything
+/// unreadable: not an object, fields of the wrong type, bad base64, keys outside `prefix`.
+EtcdClient::Range parse_range_answer(std::string_view text, std::string_view prefix);
+
 }  // namespace aikido::elastic

@@ -3,7 +3,7 @@
 #include <aikido/errors.hpp>
 
 #include "base/error.hpp"
-#include "base/sha256.hpp"
+#include "base/crypto.hpp"
 #include "elastic/proposal.hpp"
 
 namespace aikido {

@@ -35,6 +35,7 @@
 #include "base/launcher_env.hpp"
 #include "base/log.hpp"
 #include "base/thread.hpp"
+#include "elastic/checkpoint.hpp"
 #include "runtime/peer_env.hpp"
 
 namespace aikido {
@@ -56,8 +57,6 @@ std::int64_t unix_ms() { return std::int64_t(unix_ms_now()); }
 
 // Checkpoint files: "AIKIDOCK", u64 commit, u64 entries, then per entry u64 name length, name, u64 size, bytes; then
 // "STEP" and the i64 step of the commit (-1: unknown), which files written before steps were recorded lack.
-constexpr std::array<char, 8> kCheckpointMagic = {'A', 'I', 'K', 'I', 'D', 'O', 'C', 'K'};
-constexpr std::array<char, 4> kCheckpointStepTag = {'S', 'T', 'E', 'P'};
 
 // Header each member contributes to establish().
 enum HeaderField { kHasState, kWantsRollback, kNewestCommit, kOldestCommit, kTopology, kHeaderFields };
@@ -715,9 +714,9 @@ std::string ElasticSession::write_checkpoint() {
     const Snapshot& s = snapshots_.back();
     step = s.step >= 0 ? s.step : -1;
     detail::ByteWriter w;
-    w.put(kCheckpointMagic).put(std::uint64_t(s.seq)).put(std::uint64_t(entries_.size()));
+    w.put(elastic::kCheckpointMagic).put(std::uint64_t(s.seq)).put(std::uint64_t(entries_.size()));
     for (std::size_t i = 0; i < entries_.size(); ++i) w.put_string(entries_[i].name).put_bytes(s.values[i]);
-    w.put(kCheckpointStepTag).put(step);
+    w.put(elastic::kCheckpointStepTag).put(step);
     bytes = w.take();
   }
   // A file of its own to write before the rename: survivors that each count the others as lost may write at once.
@@ -761,35 +760,19 @@ std::int64_t ElasticSession::read_checkpoint(const std::string& path) {
   std::fclose(f);
   bytes.resize(got);
   const std::string what = str_cat("the checkpoint ", path);
-  if (bytes.size() < kCheckpointMagic.size() ||
-      std::memcmp(bytes.data(), kCheckpointMagic.data(), kCheckpointMagic.size()) != 0) {
-    throw ConfigError(str_cat(what, " is not an Aikido checkpoint (aikido-run --checkpoint writes them)"));
-  }
-  detail::ByteReader r(std::span<const std::byte>(bytes).subspan(kCheckpointMagic.size()), what);
-  std::int64_t step = -1;
-  std::vector<std::span<const std::byte>> values;
+  const elastic::CheckpointContents contents = elastic::decode_checkpoint(bytes, what);
+  const std::int64_t step = contents.step;
+  const auto& values = contents.values;
   std::string mismatch;
-  try {
-    r.get<std::uint64_t>();  // the commit number
-    const auto count = r.get<std::uint64_t>();
-    for (std::uint64_t i = 0; i < count; ++i) {
-      std::string name = r.get_string();
-      values.push_back(r.get_bytes());
-      if (mismatch.empty() && (i >= entries_.size() || entries_[i].name != name)) {
-        mismatch = str_cat("its entry ", i, " is '", name, "' where this program registered ",
-                           i < entries_.size() ? str_cat("'", entries_[i].name, "'") : std::string("nothing"));
-      } else if (mismatch.empty() && entries_[i].fixed() && values.back().size() != entries_[i].bytes.size()) {
-        mismatch = str_cat("'", name, "' holds ", values.back().size(), " bytes where this program registered ",
-                           entries_[i].bytes.size());
-      }
+  for (std::size_t i = 0; i < contents.names.size() && mismatch.empty(); ++i) {
+    const std::string& name = contents.names[i];
+    if (i >= entries_.size() || entries_[i].name != name) {
+      mismatch = str_cat("its entry ", i, " is '", name, "' where this program registered ",
+                         i < entries_.size() ? str_cat("'", entries_[i].name, "'") : std::string("nothing"));
+    } else if (entries_[i].fixed() && values[i].size() != entries_[i].bytes.size()) {
+      mismatch = str_cat("'", name, "' holds ", values[i].size(), " bytes where this program registered ",
+                         entries_[i].bytes.size());
     }
-    if (r.remaining() > 0) {
-      if (r.get<std::array<char, 4>>() != kCheckpointStepTag) throw ProtocolError(what);
-      step = r.get<std::int64_t>();
-    }
-    r.finish();
-  } catch (const ProtocolError&) {
-    throw ConfigError(str_cat(what, " is truncated or damaged"));
   }
   const std::size_t count = values.size();
   if (mismatch.empty() && count != entries_.size()) {

@@ -6,7 +6,7 @@
 
 #include "base/error.hpp"
 #include "base/log.hpp"
-#include "base/sha256.hpp"
+#include "base/crypto.hpp"
 #include "elastic/proposal.hpp"
 
 namespace aikido::launch {

@@ -118,7 +118,8 @@ Registry& registry();
 
 void require_known_keys(const std::string& policy, const PolicyOptions& options,
                         std::initializer_list<const char*> known) {
-  for (const auto& [key, value] : options) {
+  for (const auto& option : options) {
+    const std::string& key = option.first;  // a plain reference: clang 14 cannot capture structured bindings
     if (std::find_if(known.begin(), known.end(), [&](const char* k) { return key == k; }) == known.end()) {
       std::string list;
       for (const char* k : known) list += str_cat(list.empty() ? "" : ", ", k);

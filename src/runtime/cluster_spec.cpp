@@ -2,6 +2,7 @@
 #include <aikido/errors.hpp>
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <set>
 
@@ -182,7 +183,11 @@ ClusterSpec ClusterSpec::decode(std::string_view text) {
     } else if (key == "reason") {
       spec.reason = std::string(value);
     } else if (key == "proposed_ms") {
-      spec.proposed_unix_ms = std::int64_t(parse_u64(key, value));
+      const std::uint64_t ms = parse_u64(key, value);
+      // Above INT64_MAX the cast would wrap to a negative time that encode() writes and decode() refuses.
+      if (ms > std::uint64_t(INT64_MAX))
+        throw ProtocolError(str_cat("cluster spec: proposed_ms ", ms, " is too large"));
+      spec.proposed_unix_ms = std::int64_t(ms);
     } else if (key == "worker") {
       if (spec.workers.size() >= std::size_t(kMaxWorkers)) throw ProtocolError("cluster spec: too many workers");
       const auto space = value.find(' ');

@@ -3,11 +3,11 @@
 #include <algorithm>
 #include <cstring>
 
+#include "base/crypto.hpp"
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/log.hpp"
 #include "base/reduce.hpp"
-#include "base/sha256.hpp"
 #include "base/thread.hpp"
 #include "runtime/engine_collective.hpp"
 #include "transport/shm_segment.hpp"
@@ -843,6 +843,7 @@ void Engine::receive_data(transport::Connection& connection, const FrameHeader& 
       throw ProtocolError(str_cat("rank ", source, " sent a ", bytes, "-byte segment of ", c->label(),
                                   " whose whole buffer is ", c->buffer_bytes, " bytes"));
     }
+    check_segment_expected(*c, source, header.tag);
   } else if (bytes > kEagerBytes) {
     throw ProtocolError(str_cat("rank ", source, " sent a ", bytes, "-byte segment of '", name, "' (seq ", header.seq,
                                 ") before this rank posted it; segments over ", kEagerBytes,
@@ -894,6 +895,21 @@ void Engine::receive_data(transport::Connection& connection, const FrameHeader& 
     return;
   }
   mailbox_.emplace(std::move(key), std::move(early));
+}
+
+// A segment that arrives before its receive is armed must be one the plan has `source` send to this rank, and not
+// one received already: anything else would wait in the mailbox forever, or be taken for a later segment.
+void Engine::check_segment_expected(const Collective& c, int source, std::uint64_t tag) const {
+  bool received = false;
+  for (std::size_t i = 0; i < c.plan->ops.size(); ++i) {
+    const Op& op = c.plan->ops[i];
+    if (op.kind == OpKind::send || op.peer != source || op.tag != tag) continue;
+    if (c.state[i] == OpState::waiting) return;
+    received = true;
+  }
+  if (received) throw ProtocolError(str_cat("rank ", source, " sent segment ", tag, " of ", c.label(), " twice"));
+  throw ProtocolError(str_cat("rank ", source, " sent segment ", tag, " of ", c.label(),
+                              ", which is not one that rank sends to rank ", config_.rank, " in this collective"));
 }
 
 void Engine::drain() {

@@ -117,7 +117,8 @@ class Engine final : public transport::FrameHandler {
 
   void on_frame(transport::Connection& connection, const transport::FrameHeader& header,
                 const std::string& name) override;
-  void on_lost(transport::Connection& connection, const std::string& reason, bool goodbye) override;
+  void on_lost(transport::Connection& connection, const std::string& reason, bool goodbye,
+               bool broke_protocol) override;
 
  private:
   struct MessageKey {
@@ -201,6 +202,7 @@ class Engine final : public transport::FrameHandler {
   void run(std::unique_lock<std::mutex>& lock, Progress& progress);
   void finish_collective(Collective& c);
 
+  void check_segment_expected(const Collective& c, int source, std::uint64_t tag) const;
   void receive_data(transport::Connection& connection, const transport::FrameHeader& header, const std::string& name);
   void receive_p2p_request(transport::Connection& connection, const transport::FrameHeader& header,
                            const std::string& name);

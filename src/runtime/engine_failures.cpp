@@ -106,13 +106,17 @@ void Engine::drop_peer(int p, const std::string& why) {
   connections_[std::size_t(p)]->shutdown();
 }
 
-void Engine::on_lost(transport::Connection& connection, const std::string& reason, bool goodbye) {
+void Engine::on_lost(transport::Connection& connection, const std::string& reason, bool goodbye, bool broke_protocol) {
   const int p = connection.peer();
   std::unique_lock<std::mutex> lock(mutex_);
   if (closing_ || !lost_[std::size_t(p)].empty()) return;
   const std::string& cause = drop_reason_[std::size_t(p)].empty() ? reason : drop_reason_[std::size_t(p)];
-  lost_[std::size_t(p)] =
-      goodbye ? str_cat("rank ", p, " closed its session") : str_cat("rank ", p, " is lost (", cause, ")");
+  // A peer that broke the protocol is cut off like a lost one, but what waits on it learns why (ProtocolError): it
+  // is a bug or an attack, not a crash that recovery should paper over.
+  broke_protocol = broke_protocol && drop_reason_[std::size_t(p)].empty();
+  lost_[std::size_t(p)] = goodbye          ? str_cat("rank ", p, " closed its session")
+                          : broke_protocol ? str_cat("rank ", p, " broke the protocol and was cut off (", cause, ")")
+                                           : str_cat("rank ", p, " is lost (", cause, ")");
   departed_[std::size_t(p)] = goodbye;
   if (!goodbye) log::warn("rank ", config_.rank, ": ", lost_[std::size_t(p)]);
   Progress progress;
@@ -121,10 +125,10 @@ void Engine::on_lost(transport::Connection& connection, const std::string& reaso
     if (needs_peer(*c, p)) all.push_back(c);
   }
   for (auto& c : all) {
+    const std::string text = str_cat(c->label(), " failed on rank ", config_.rank, " at cluster version ",
+                                     config_.cluster_version, ": ", lost_[std::size_t(p)]);
     fail(c,
-         std::make_exception_ptr(
-             PeerLostError(str_cat(c->label(), " failed on rank ", config_.rank, " at cluster version ",
-                                   config_.cluster_version, ": ", lost_[std::size_t(p)]))),
+         broke_protocol ? std::make_exception_ptr(ProtocolError(text)) : std::make_exception_ptr(PeerLostError(text)),
          WireError::lost, true, progress);
   }
   std::vector<std::shared_ptr<PendingRequest>> failed;
@@ -139,8 +143,9 @@ void Engine::on_lost(transport::Connection& connection, const std::string& reaso
   run(lock, progress);
   if (shm_) shm_->peer_lost(p, why, goodbye);
   for (auto& r : failed) {
-    r->work->complete(
-        std::make_exception_ptr(PeerLostError(str_cat("request of '", r->name, "' from rank ", p, " failed: ", why))));
+    const std::string text = str_cat("request of '", r->name, "' from rank ", p, " failed: ", why);
+    r->work->complete(broke_protocol ? std::make_exception_ptr(ProtocolError(text))
+                                     : std::make_exception_ptr(PeerLostError(text)));
   }
   if (!failed.empty() && gate_) gate_->wake_holder();
 }

@@ -10,11 +10,11 @@
 #include <optional>
 #include <sstream>
 
+#include "base/crypto.hpp"
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/log.hpp"
 #include "base/parse_name.hpp"
-#include "base/sha256.hpp"
 #include "runtime/endpoint.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/peer_env.hpp"
@@ -235,7 +235,8 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
     info.host_of_rank = {0};
     return std::make_unique<detail::Engine>(config, info, std::vector<transport::Socket>{});
   }
-  const auto deadline = Clock::now() + config.timeout;
+  const auto join_timeout = config.connect_timeout.count() > 0 ? config.connect_timeout : config.timeout;
+  const auto deadline = Clock::now() + join_timeout;
 
   std::uint8_t nonce[8];
   detail::random_bytes(nonce, sizeof nonce);
@@ -279,9 +280,11 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
           if (config.cancel()) throw_cancelled(config);
           continue;
         }
-        throw TimeoutError(str_cat("rank ", config.rank, ": rank ", p, " did not join the cluster version ",
-                                   config.cluster_version, " within ", config.timeout.count() / 1000.0,
-                                   " s (AIKIDO_TIMEOUT); is it running?"));
+        throw TimeoutError(
+            str_cat("rank ", config.rank, ": rank ", p, " did not join the cluster version ", config.cluster_version,
+                    " within ", join_timeout.count() / 1000.0,
+                    config.connect_timeout.count() > 0 ? " s (AIKIDO_CONNECT_TIMEOUT)" : " s (AIKIDO_TIMEOUT)",
+                    "; is it running?"));
       }
     }
     endpoints[std::size_t(p)] = detail::decode_endpoint(record, p);

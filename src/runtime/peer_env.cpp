@@ -57,6 +57,7 @@ void read_peer_env(PeerConfig& config) {
   if (auto t = env::get(env::kTopology)) config.topology = parse_topology(*t);
   if (auto t = env::get(env::kTransport)) config.transport = parse_transport(*t);
   config.timeout = env::get_seconds(env::kTimeout, env::kDefaultTimeout);
+  config.connect_timeout = env::get_seconds(env::kConnectTimeout, std::chrono::milliseconds(0));
   if (auto a = env::get(env::kBindAddress)) config.bind_address = *a;
   config.segment_bytes =
       std::size_t(env::get_int(env::kSegmentBytes, std::int64_t(config.segment_bytes), 8, std::int64_t(1) << 40));
@@ -126,7 +127,7 @@ PeerConfig peer_config_from_env(env::LaunchInfo& launch) {
                                 env::kStorePort, " (or MASTER_PORT), the same for every worker"));
     }
   } else {
-    config.store = connect_store(launch.store_url, config.secret, config.timeout);
+    config.store = connect_store(launch.store_url, config.secret, env::get_seconds(env::kStoreTimeout, config.timeout));
   }
   return config;
 }

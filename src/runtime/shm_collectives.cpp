@@ -12,7 +12,7 @@
 #include "base/error.hpp"
 #include "base/log.hpp"
 #include "base/reduce.hpp"
-#include "base/sha256.hpp"
+#include "base/crypto.hpp"
 #include "base/thread.hpp"
 #include "collective/algorithms.hpp"
 

@@ -22,7 +22,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include "base/error.hpp"
 #include "transport/socket.hpp"
@@ -72,21 +75,42 @@ class Encoder {
   std::string out_;
 };
 
-inline std::uint8_t read_u8(transport::Socket& socket) {
+// The readers below take any Source with `void read_exact(void* data, std::size_t size)` that throws when the bytes
+// run out: a transport::Socket on the wire, a MemorySource in tests and fuzz targets.
+
+/// Bytes in memory as a Source; reading past the end throws PeerLostError, as a closed connection does.
+class MemorySource {
+ public:
+  explicit MemorySource(std::string_view bytes) : bytes_(bytes) {}
+  void read_exact(void* data, std::size_t size) {
+    if (size > bytes_.size()) throw PeerLostError("store message ends early (connection closed)");
+    if (size > 0) std::memcpy(data, bytes_.data(), size);
+    bytes_.remove_prefix(size);
+  }
+  std::size_t remaining() const { return bytes_.size(); }
+
+ private:
+  std::string_view bytes_;
+};
+
+template <class Source>
+std::uint8_t read_u8(Source& source) {
   std::uint8_t v;
-  socket.read_exact(&v, 1);
+  source.read_exact(&v, 1);
   return v;
 }
 
-inline std::uint32_t read_u32(transport::Socket& socket) {
+template <class Source>
+std::uint32_t read_u32(Source& source) {
   unsigned char b[4];
-  socket.read_exact(b, sizeof b);
+  source.read_exact(b, sizeof b);
   return std::uint32_t(b[0]) | std::uint32_t(b[1]) << 8 | std::uint32_t(b[2]) << 16 | std::uint32_t(b[3]) << 24;
 }
 
-inline std::uint64_t read_u64(transport::Socket& socket) {
+template <class Source>
+std::uint64_t read_u64(Source& source) {
   unsigned char b[8];
-  socket.read_exact(b, sizeof b);
+  source.read_exact(b, sizeof b);
   std::uint64_t v = 0;
   for (int i = 7; i >= 0; --i) v = v << 8 | b[i];
   return v;
@@ -94,15 +118,80 @@ inline std::uint64_t read_u64(transport::Socket& socket) {
 
 /// Reads a length-prefixed field; throws ProtocolError naming `what` when its length exceeds `cap`, before
 /// allocating anything.
-inline std::string read_bytes(transport::Socket& socket, std::size_t cap, const char* what) {
-  const std::uint32_t size = read_u32(socket);
+template <class Source>
+std::string read_bytes(Source& source, std::size_t cap, const char* what) {
+  const std::uint32_t size = read_u32(source);
   if (size > cap) {
     throw ProtocolError(
         detail::str_cat("store message announces ", size, " bytes for its ", what, "; the limit is ", cap, " bytes"));
   }
   std::string v(size, '\0');
-  if (size > 0) socket.read_exact(v.data(), size);
+  if (size > 0) source.read_exact(v.data(), size);
   return v;
+}
+
+/// One request as the server reads it.
+struct Request {
+  Op op = Op::get;
+  std::string key;
+  std::string value;                    // set, cas: the value to store
+  std::optional<std::string> expected;  // cas: the value expected (nullopt: the key must be absent)
+  std::uint64_t timeout_ms = 0;         // wait
+};
+
+/// Reads one request (server side). ProtocolError on an unknown op, a bad flag or a field over its cap;
+/// the Source's error when the bytes end early.
+template <class Source>
+Request read_request(Source& source) {
+  Request request;
+  const std::uint8_t op_byte = read_u8(source);
+  if (op_byte < std::uint8_t(Op::set) || op_byte > std::uint8_t(Op::cas)) {
+    throw ProtocolError(detail::str_cat("unknown store request op ", int(op_byte)));
+  }
+  request.op = Op(op_byte);
+  request.key = read_bytes(source, kMaxKeyBytes, "key");
+  switch (request.op) {
+    case Op::set:
+      request.value = read_bytes(source, kMaxValueBytes, "value");
+      break;
+    case Op::get:
+      break;
+    case Op::wait:
+      request.timeout_ms = read_u64(source);
+      break;
+    case Op::cas: {
+      const std::uint8_t has_expected = read_u8(source);
+      if (has_expected > 1) throw ProtocolError(detail::str_cat("invalid compare_and_set flag ", int(has_expected)));
+      if (has_expected) request.expected = read_bytes(source, kMaxValueBytes, "expected value");
+      request.value = read_bytes(source, kMaxValueBytes, "value");
+      break;
+    }
+  }
+  return request;
+}
+
+/// Reads the response to a request of `op` (client side): the value of an `ok` response (empty for set), nullopt
+/// for `not_found` and `timeout`. ProtocolError for an `error` response (with the server's message), an unknown
+/// status, a status that `op` cannot get (set answers only ok), or a field over its cap.
+template <class Source>
+std::optional<std::string> read_response(Source& source, Op op) {
+  const std::uint8_t status = read_u8(source);
+  switch (Status(status)) {
+    case Status::ok:
+      if (op == Op::set) return std::string();
+      return read_bytes(source, kMaxValueBytes, "value");
+    case Status::not_found:
+    case Status::timeout:
+      if (op == Op::set || (Status(status) == Status::timeout) != (op == Op::wait)) {
+        throw ProtocolError(detail::str_cat("the server answered a ", op_name(op), " request with status ",
+                                            Status(status) == Status::timeout ? "timeout" : "not_found"));
+      }
+      return std::nullopt;
+    case Status::error:
+      throw ProtocolError(
+          detail::str_cat("the server refused the request: ", read_bytes(source, kMaxMessageBytes, "error message")));
+  }
+  throw ProtocolError(detail::str_cat("the server answered with unknown status ", int(status)));
 }
 
 }  // namespace aikido::store_protocol

@@ -220,31 +220,21 @@ void StoreServer::serve(Connection& connection) {
 void StoreServer::serve_requests(transport::Socket& socket) {
   for (;;) {
     try {
-      const std::uint8_t op_byte = sp::read_u8(socket);
-      if (op_byte < std::uint8_t(sp::Op::set) || op_byte > std::uint8_t(sp::Op::cas)) {
-        throw ProtocolError(str_cat("unknown store request op ", int(op_byte)));
-      }
-      const auto op = sp::Op(op_byte);
-      const std::string key = sp::read_bytes(socket, sp::kMaxKeyBytes, "key");
+      sp::Request request = sp::read_request(socket);
       std::string reply;
-      switch (op) {
+      switch (request.op) {
         case sp::Op::set:
-          reply = handle_set(key, sp::read_bytes(socket, sp::kMaxValueBytes, "value"));
+          reply = handle_set(request.key, std::move(request.value));
           break;
         case sp::Op::get:
-          reply = handle_get(key);
+          reply = handle_get(request.key);
           break;
         case sp::Op::wait:
-          reply = handle_wait(socket, key, sp::read_u64(socket));
+          reply = handle_wait(socket, request.key, request.timeout_ms);
           break;
-        case sp::Op::cas: {
-          const std::uint8_t has_expected = sp::read_u8(socket);
-          if (has_expected > 1) throw ProtocolError(str_cat("invalid compare_and_set flag ", int(has_expected)));
-          std::optional<std::string> expected;
-          if (has_expected) expected = sp::read_bytes(socket, sp::kMaxValueBytes, "expected value");
-          reply = handle_cas(key, expected, sp::read_bytes(socket, sp::kMaxValueBytes, "value"));
+        case sp::Op::cas:
+          reply = handle_cas(request.key, request.expected, std::move(request.value));
           break;
-        }
       }
       socket.write_all(reply.data(), reply.size());
     } catch (const ProtocolError& e) {

@@ -148,21 +148,7 @@ class TcpStore final : public Store {
     try {
       socket_.set_timeout(io_timeout);
       socket_.write_all(request.data().data(), request.data().size());
-      const auto status = sp::Status(sp::read_u8(socket_));
-      switch (status) {
-        case sp::Status::ok:
-          if (op == sp::Op::set) return std::string();
-          return sp::read_bytes(socket_, sp::kMaxValueBytes, "value");
-        case sp::Status::not_found:
-        case sp::Status::timeout:
-          return std::nullopt;
-        case sp::Status::error: {
-          const std::string message = sp::read_bytes(socket_, sp::kMaxMessageBytes, "error message");
-          socket_.close();
-          throw ProtocolError(str_cat("the server refused the request: ", message));
-        }
-      }
-      throw ProtocolError(str_cat("the server answered with unknown status ", int(status)));
+      return sp::read_response(socket_, op);
     } catch (const Error&) {
       socket_.close();
       rethrow_with_context(str_cat("store ", sp::op_name(op), " of key '", key, "' at ", text_, " failed: "));

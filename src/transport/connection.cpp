@@ -362,6 +362,8 @@ bool Connection::receive_one(bool wait) {
     frame_name_.resize(header.name_bytes);
     if (header.name_bytes > 0) read_bytes(frame_name_.data(), frame_name_.size());
     handler_.on_frame(*this, header, frame_name_);
+  } catch (const ProtocolError& e) {
+    end_reading(e.what(), false, true);
   } catch (const std::exception& e) {
     end_reading(e.what(), false);
   }
@@ -388,7 +390,7 @@ void Connection::read_bytes(void* data, std::size_t size) {
   read_begin_ = size;
 }
 
-void Connection::end_reading(const std::string& reason, bool goodbye) {
+void Connection::end_reading(const std::string& reason, bool goodbye, bool broke_protocol) {
   if (reading_ended_.exchange(true)) return;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -397,7 +399,7 @@ void Connection::end_reading(const std::string& reason, bool goodbye) {
   queued_.notify_all();
   stop_receiving_.store(true);
   if (gate_) gate_->unpark_all();  // the receive thread ends
-  handler_.on_lost(*this, reason, goodbye);
+  handler_.on_lost(*this, reason, goodbye, broke_protocol);
 }
 
 void Connection::receive_loop() {

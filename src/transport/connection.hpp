@@ -102,8 +102,10 @@ class FrameHandler {
   /// A frame arrived; the handler must consume exactly header.payload_bytes with read_payload/discard_payload
   /// before returning. Throwing ends the connection (on_lost follows).
   virtual void on_frame(Connection& connection, const FrameHeader& header, const std::string& name) = 0;
-  /// The connection ended: closed by the peer, failed, or a protocol violation. Called once.
-  virtual void on_lost(Connection& connection, const std::string& reason, bool goodbye) = 0;
+  /// The connection ended: closed by the peer (`goodbye`: on purpose), failed, or a protocol violation
+  /// (`broke_protocol`: a frame failed validation, or on_frame threw ProtocolError; `reason` says what the peer sent).
+  /// Called once.
+  virtual void on_lost(Connection& connection, const std::string& reason, bool goodbye, bool broke_protocol) = 0;
 };
 
 /// A frame waiting to be written. `payload` must stay valid until `done` is called; `keep_alive` may own it.
@@ -168,7 +170,7 @@ class Connection {
   /// With read_mutex_ held: reads exactly `size` bytes of the stream, first from the read-ahead buffer.
   void read_bytes(void* data, std::size_t size);
   /// Reading ended: marks the connection broken and tells the handler (once).
-  void end_reading(const std::string& reason, bool goodbye);
+  void end_reading(const std::string& reason, bool goodbye, bool broke_protocol = false);
   void send_loop();
   /// Writes the unsent part of `frame`, blocking (blocking = true) or taking only what fits now. Returns true when
   /// the frame is complete.

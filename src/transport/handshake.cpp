@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "base/error.hpp"
-#include "base/sha256.hpp"
+#include "base/crypto.hpp"
 
 namespace aikido::transport {
 namespace {

@@ -90,6 +90,16 @@ TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
       {{"-np", "2", "--elastic", "--resume", "/nonexistent/aikido.ck", kFixture},
        "--resume /nonexistent/aikido.ck: cannot read it"},
       {{"-np", "2", "--resume", "/dev/null", kFixture}, "--resume needs --elastic"},
+      // The timeout hierarchy: heartbeat and host lease below the collective timeout, store requests within it.
+      {{"-np", "2", "--elastic", "--heartbeat-timeout", "10", "--timeout", "5", kFixture},
+       "--heartbeat-timeout 10 s is not shorter than the collective timeout (5 s)"},
+      {{"-np", "2", "--elastic", "--heartbeat-timeout", "0.2", kFixture}, "shorter than two heartbeats"},
+      {{"-np", "2", "--elastic", "--timeout", "0.6", kFixture}, "shorter than two heartbeats"},
+      {{"-np", "2", "--store-timeout", "10", "--timeout", "5", kFixture},
+       "the store timeout (10 s) is longer than the collective timeout (5 s)"},
+      {{"-np", "2", "--connect-timeout", "soon", kFixture}, "--connect-timeout 'soon' is not a positive number"},
+      {{"--nnodes", "2", "--store", "etcd://127.0.0.1:2379", "--job-id", "j", "--host-timeout", "90", kFixture},
+       "--host-timeout 90 s is not shorter than the collective timeout (60 s)"},
   };
   for (const auto& c : cases) {
     const auto r = run_process(launch(c.args), kBound);
@@ -112,6 +122,8 @@ TEST(LauncherTest, BadSettingsInTheEnvironmentExitWithStatus2) {
       {"AIKIDO_TRANSPORT=pigeon", "AIKIDO_TRANSPORT='pigeon': unknown transport 'pigeon'"},
       {"AIKIDO_METRICS_INTERVAL=often", "AIKIDO_METRICS_INTERVAL='often' is not a positive number of seconds"},
       {"AIKIDO_LOCAL_CPUS=all", "AIKIDO_LOCAL_CPUS='all' is not an integer"},
+      {"AIKIDO_CONNECT_TIMEOUT=soon", "AIKIDO_CONNECT_TIMEOUT='soon' is not a positive number of seconds"},
+      {"AIKIDO_STORE_TIMEOUT=-2", "AIKIDO_STORE_TIMEOUT='-2' is not a positive number of seconds"},
   };
   for (const auto& [setting, message] : cases) {
     const auto r = run_process(launch({"-np", "2", kFixture, "env"}), kBound, Subprocess::Options{{setting}, ""});
@@ -433,7 +445,7 @@ TEST(LauncherTest, AnElasticJobStopsAtTheSecondSigintAndIsKilledAtTheThird) {
   const std::string checkpoint = ::testing::TempDir() + "/aikido-launcher-signals.ck";
   ::unlink(checkpoint.c_str());
   Subprocess launcher(launch({"-np", "1", "--elastic", "--checkpoint", checkpoint, "--heartbeat-timeout", "600",
-                              "--grace-period", "600", kFixture, "session", "600", "hold"}));
+                              "--timeout", "1200", "--grace-period", "600", kFixture, "session", "600", "hold"}));
   ASSERT_TRUE(launcher.wait_for_output(
       [](const std::string& out, const std::string&) { return count_of(out, "ready pid=") == 1; }, kBound))
       << launcher.wait(1s).describe();

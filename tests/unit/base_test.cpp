@@ -1,14 +1,15 @@
 #include <gtest/gtest.h>
 
 #include <aikido/aikido.hpp>
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 
+#include "base/crypto.hpp"
 #include "base/env.hpp"
 #include "base/reduce.hpp"
-#include "base/sha256.hpp"
 
 namespace aikido {
 namespace {
@@ -31,7 +32,7 @@ TEST(Reduce, SumOfSquaresAndCopyInOnePass) {
   }
 }
 
-TEST(Sha256, KnownVectors) {
+TEST(Crypto, Sha256KnownVectors) {
   EXPECT_EQ(hex_of(detail::sha256("", 0)), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
   EXPECT_EQ(hex_of(detail::sha256("abc", 3)), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
   const std::string long_input = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
@@ -42,7 +43,7 @@ TEST(Sha256, KnownVectors) {
             "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
 }
 
-TEST(Sha256, HmacRfc4231) {
+TEST(Crypto, HmacRfc4231) {
   std::vector<std::uint8_t> key(20, 0x0b);
   const std::string data = "Hi There";
   EXPECT_EQ(hex_of(detail::hmac_sha256(key, {reinterpret_cast<const std::uint8_t*>(data.data()), data.size()})),
@@ -55,6 +56,33 @@ TEST(Sha256, HmacRfc4231) {
   const std::string big = "Test Using Larger Than Block-Size Key - Hash Key First";
   EXPECT_EQ(hex_of(detail::hmac_sha256(long_key, {reinterpret_cast<const std::uint8_t*>(big.data()), big.size()})),
             "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+}
+
+TEST(Crypto, ConstantTimeCompareSeesEveryByte) {
+  detail::Digest a{};
+  for (std::size_t i = 0; i < a.size(); ++i) a[i] = std::uint8_t(i * 7 + 1);
+  EXPECT_TRUE(detail::digest_equal(a, a));
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    detail::Digest b = a;
+    b[i] ^= 0x80;
+    EXPECT_FALSE(detail::digest_equal(a, b)) << "byte " << i;
+  }
+  const std::uint8_t x[3] = {1, 2, 3}, y[3] = {1, 2, 4};
+  EXPECT_TRUE(detail::bytes_equal(x, x));
+  EXPECT_FALSE(detail::bytes_equal(x, y));
+  EXPECT_FALSE(detail::bytes_equal(std::span(x, 2), std::span(x, 3)));
+  EXPECT_TRUE(detail::bytes_equal({}, {}));
+}
+
+TEST(Crypto, RandomBytesFillEverythingAndDiffer) {
+  // 4 KiB of zeros left as zeros, or two draws alike, would mean the generator did not run.
+  std::vector<std::uint8_t> a(4096, 0), b(4096, 0);
+  detail::random_bytes(a.data(), a.size());
+  detail::random_bytes(b.data(), b.size());
+  EXPECT_NE(a, b);
+  EXPECT_GT(std::count(a.begin(), a.end(), 0), 0);
+  EXPECT_LT(std::count(a.begin(), a.end(), 0), 64);  // about 16 expected
+  detail::random_bytes(nullptr, 0);
 }
 
 TEST(Half, Float16RoundTripsEveryValue) {

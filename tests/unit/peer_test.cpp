@@ -42,6 +42,26 @@ TEST(Peer, SingleRankWithoutStore) {
   EXPECT_TRUE(peer.consensus(std::as_bytes(std::span<const float>(x)), "c"));
 }
 
+// Joining has its own deadline (AIKIDO_CONNECT_TIMEOUT), apart from the collectives' (here a minute).
+TEST(Peer, JoiningGivesUpAfterTheConnectTimeout) {
+  PeerConfig config = base_config();
+  config.timeout = std::chrono::milliseconds(60'000);
+  config.connect_timeout = std::chrono::milliseconds(300);
+  config.rank = 0;
+  config.size = 2;
+  config.store = make_memory_store();
+  config.job_id = "connect-timeout";
+  try {
+    Peer::create(config);  // rank 1 never comes
+    ADD_FAILURE() << "joined without rank 1";
+  } catch (const TimeoutError& e) {
+    EXPECT_NE(
+        std::string(e.what()).find("rank 1 did not join the cluster version 0 within 0.3 s (AIKIDO_CONNECT_TIMEOUT)"),
+        std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(Peer, LocalRanksFollowHosts) {
   run_cluster(
       4, base_config(),

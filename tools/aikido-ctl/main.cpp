@@ -23,6 +23,7 @@
 
 #include "base/env.hpp"
 #include "base/launcher_env.hpp"
+#include "ctl_options.hpp"
 #include "elastic/etcd_client.hpp"
 #include "launch/host_job.hpp"
 
@@ -30,9 +31,9 @@ namespace {
 
 constexpr auto kTimeout = std::chrono::seconds(10);
 
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using aikido::ctl::Control;
+using aikido::ctl::read_key_values;
+using aikido::ctl::UsageError;
 
 const char* kUsage =
     "usage: aikido-ctl --control-file F status | resize N\n"
@@ -43,35 +44,12 @@ const char* kUsage =
     "step; resize N asks for N workers (within the job's minimum and maximum; across hosts, new workers go to the\n"
     "hosts with the fewest).\n";
 
-std::map<std::string, std::string> read_key_values(const std::string& text, char separator) {
-  std::map<std::string, std::string> values;
-  std::istringstream in(text);
-  std::string item;
-  while (separator == '\n' ? static_cast<bool>(std::getline(in, item)) : static_cast<bool>(in >> item)) {
-    if (item.empty() || item[0] == '#') continue;
-    const auto eq = item.find('=');
-    if (eq != std::string::npos) values[item.substr(0, eq)] = item.substr(eq + 1);
-  }
-  return values;
-}
-
-struct Control {
-  std::string store;
-  std::string secret;
-  std::string job;
-};
-
 Control read_control_file(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw aikido::ConfigError("cannot read the control file '" + path + "'; is the job running?");
   std::stringstream text;
   text << in.rdbuf();
-  auto values = read_key_values(text.str(), '\n');
-  Control c{values["store"], values["secret"], values["job"]};
-  if (c.store.empty() || c.secret.empty() || c.job.empty()) {
-    throw aikido::ConfigError("the control file '" + path + "' lacks store=, secret= or job=");
-  }
-  return c;
+  return aikido::ctl::parse_control(text.str(), path);
 }
 
 // The first line of a secret file, read as aikido-run reads it.
@@ -146,53 +124,17 @@ int resize(aikido::Store& store, aikido::MembershipStore& membership, const Cont
 
 int main(int argc, char** argv) {
   try {
-    std::string control_file, command, store_url, job_id, secret_file;
-    int n = 0;
-    auto value_of = [&](const std::string& arg, const char* flag, int& i, std::string& out) {
-      const std::string with_eq = std::string(flag) + "=";
-      if (arg == flag && i + 1 < argc) {
-        out = argv[++i];
-        return true;
-      }
-      if (arg.starts_with(with_eq)) {
-        out = arg.substr(with_eq.size());
-        return true;
-      }
-      return false;
-    };
-    for (int i = 1; i < argc; ++i) {
-      const std::string arg = argv[i];
-      if (arg == "-h" || arg == "--help") {
-        std::fputs(kUsage, stdout);
-        return 0;
-      }
-      if (value_of(arg, "--control-file", i, control_file) || value_of(arg, "--store", i, store_url) ||
-          value_of(arg, "--job-id", i, job_id) || value_of(arg, "--secret-file", i, secret_file)) {
-        continue;
-      } else if (command.empty() && (arg == "status" || arg == "resize")) {
-        command = arg;
-        if (arg == "resize") {
-          if (i + 1 >= argc) throw UsageError("resize needs the number of workers");
-          char* end = nullptr;
-          const long v = std::strtol(argv[++i], &end, 10);
-          if (*end != '\0' || v < 1 || v > aikido::ClusterSpec::kMaxWorkers) {
-            throw UsageError(std::string("resize: '") + argv[i] + "' is not a number of workers");
-          }
-          n = int(v);
-        }
-      } else {
-        throw UsageError("unexpected argument '" + arg + "'");
-      }
+    const aikido::ctl::CtlOptions options = aikido::ctl::parse_ctl_options(argc, argv);
+    if (options.help) {
+      std::fputs(kUsage, stdout);
+      return 0;
     }
-    if (command.empty()) throw UsageError("missing command: status or resize N");
+    const std::string &control_file = options.control_file, &store_url = options.store_url, &job_id = options.job_id,
+                      &secret_file = options.secret_file;
     std::shared_ptr<aikido::Store> store;
     std::shared_ptr<aikido::MembershipStore> membership;
     Control control;
     if (!store_url.empty()) {
-      if (!control_file.empty()) throw UsageError("give --control-file or --store, not both");
-      if (job_id.empty() || secret_file.empty()) {
-        throw UsageError("--store needs --job-id ID and --secret-file F, as the job's launchers were given");
-      }
       control = {store_url, read_secret(secret_file), job_id};
       const aikido::EtcdOptions etcd = aikido::etcd_options_from_env(store_url, kTimeout);
       aikido::elastic::EtcdClient client(etcd);
@@ -203,12 +145,12 @@ int main(int argc, char** argv) {
       store = aikido::connect_etcd_store(etcd);
       membership = aikido::make_etcd_membership(etcd, job_id);
     } else {
-      if (control_file.empty()) throw UsageError("missing --control-file F (or --store, --job-id, --secret-file)");
       control = read_control_file(control_file);
       store = aikido::connect_tcp_store(control.store, control.secret, std::chrono::milliseconds(kTimeout));
       membership = aikido::make_membership_store(store, control.job);
     }
-    return command == "status" ? status(*store, *membership, control) : resize(*store, *membership, control, n);
+    return options.command == "status" ? status(*store, *membership, control)
+                                       : resize(*store, *membership, control, options.workers);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "aikido-ctl: %s\n%s", e.what(), kUsage);
     return 2;

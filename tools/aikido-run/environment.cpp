@@ -37,6 +37,8 @@ std::vector<std::pair<std::string, std::string>> flag_settings(const Options& op
   std::vector<std::pair<std::string, std::string>> settings;
   if (options.topology) settings.emplace_back(env::kTopology, *options.topology);
   if (options.timeout) settings.emplace_back(env::kTimeout, *options.timeout);
+  if (options.connect_timeout) settings.emplace_back(env::kConnectTimeout, *options.connect_timeout);
+  if (options.store_timeout) settings.emplace_back(env::kStoreTimeout, *options.store_timeout);
   if (options.transport) settings.emplace_back(env::kTransport, *options.transport);
   if (options.segment_bytes) settings.emplace_back(env::kSegmentBytes, *options.segment_bytes);
   if (options.metrics_port || options.metrics_file) {

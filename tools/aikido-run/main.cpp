@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "base/env.hpp"
-#include "base/sha256.hpp"
+#include "base/crypto.hpp"
 #include "elastic.hpp"
 #include "environment.hpp"
 #include "hosts.hpp"

@@ -40,6 +40,14 @@ double now_seconds() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
+std::string format(const char* fmt, double v) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, fmt, v);
+  return buffer;
+}
+
+}  // namespace
+
 // Every worker's Prometheus text as one exposition: each metric family once, with its HELP and TYPE lines, then its
 // samples from every worker (the format wants a family's lines together).
 std::string merge_prometheus(const std::vector<std::string>& texts) {
@@ -67,13 +75,34 @@ std::string merge_prometheus(const std::vector<std::string>& texts) {
   return out;
 }
 
-std::string format(const char* fmt, double v) {
-  char buffer[64];
-  std::snprintf(buffer, sizeof buffer, fmt, v);
-  return buffer;
+std::optional<std::string> summarize_metrics(int rank, std::string_view json_text) {
+  const auto j = nlohmann::json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object()) return std::nullopt;
+  // A worker's publication is read as untrusted: a field of another type counts as absent.
+  const auto num = [](const nlohmann::json& object, const char* key) {
+    const auto it = object.find(key);
+    return it != object.end() && it->is_number() ? it->get<double>() : NAN;
+  };
+  std::string s = "aikido-run: metrics of rank " + std::to_string(rank) + ": " + format("%.0f", num(j, "step")) +
+                  " steps, " + format("%.0f", num(j, "samples_per_second")) + " samples/s, step " +
+                  format("%.2f", num(j, "step_seconds") * 1e3) + " ms (compute " +
+                  format("%.2f", num(j, "compute_seconds") * 1e3) + ", waiting for communication " +
+                  format("%.2f", num(j, "wait_seconds") * 1e3) + ")";
+  if (!std::isnan(num(j, "noise_scale"))) s += ", noise scale " + format("%.1f", num(j, "noise_scale"));
+  if (!std::isnan(num(j, "snr"))) s += ", SNR " + format("%.3g", num(j, "snr"));
+  const auto links = j.find("links");
+  if (links != j.end() && links->is_array()) {
+    for (const auto& link : *links) {
+      if (!link.is_object()) continue;
+      const double peer = num(link, "peer"), latency = num(link, "latency_seconds"),
+                   bandwidth = num(link, "bandwidth_bytes_per_second");
+      if (std::isnan(peer) || std::isnan(latency) || std::isnan(bandwidth)) continue;
+      s += ", link to rank " + format("%.0f", peer) + " " + format("%.0f", latency * 1e6) + " us " +
+           format("%.2f", bandwidth / 1e9) + " GB/s";
+    }
+  }
+  return s;
 }
-
-}  // namespace
 
 MetricsExporter::MetricsExporter(Config config) : config_(std::move(config)) {
   prometheus_.resize(config_.workers);
@@ -223,29 +252,7 @@ std::vector<std::string> MetricsExporter::finish() {
   std::lock_guard<std::mutex> lock(mutex_);
   for (int rank = 0; rank < config_.workers; ++rank) {
     if (json_[rank].empty()) continue;
-    try {
-      const auto j = nlohmann::json::parse(json_[rank]);
-      const auto num = [&](const char* key) {
-        return j.contains(key) && j[key].is_number() ? j[key].get<double>() : NAN;
-      };
-      std::string s = "aikido-run: metrics of rank " + std::to_string(rank) + ": " + format("%.0f", num("step")) +
-                      " steps, " + format("%.0f", num("samples_per_second")) + " samples/s, step " +
-                      format("%.2f", num("step_seconds") * 1e3) + " ms (compute " +
-                      format("%.2f", num("compute_seconds") * 1e3) + ", waiting for communication " +
-                      format("%.2f", num("wait_seconds") * 1e3) + ")";
-      if (!std::isnan(num("noise_scale"))) s += ", noise scale " + format("%.1f", num("noise_scale"));
-      if (!std::isnan(num("snr"))) s += ", SNR " + format("%.3g", num("snr"));
-      if (j.contains("links") && j["links"].is_array()) {
-        for (const auto& link : j["links"]) {
-          if (!link["latency_seconds"].is_number() || !link["bandwidth_bytes_per_second"].is_number()) continue;
-          s += ", link to rank " + std::to_string(link["peer"].get<int>()) + " " +
-               format("%.0f", link["latency_seconds"].get<double>() * 1e6) + " us " +
-               format("%.2f", link["bandwidth_bytes_per_second"].get<double>() / 1e9) + " GB/s";
-        }
-      }
-      summary.push_back(s);
-    } catch (const std::exception&) {
-    }
+    if (auto line = summarize_metrics(rank, json_[rank])) summary.push_back(*line);
   }
   return summary;
 }

@@ -8,6 +8,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -60,5 +61,13 @@ class MetricsExporter {
   std::atomic<bool> stopping_{false};
   std::thread poller_, server_;
 };
+
+/// Every worker's Prometheus text as one exposition: each metric family once, with its HELP and TYPE lines, then
+/// its samples from every worker. The texts come from workers through the store and are not trusted.
+std::string merge_prometheus(const std::vector<std::string>& texts);
+
+/// The summary line of one worker's JSON metrics publication (aikido::to_json), or nullopt when the text is not a
+/// JSON object. Fields of the wrong type count as absent; never throws on any text.
+std::optional<std::string> summarize_metrics(int rank, std::string_view json_text);
 
 }  // namespace aikido::run

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <sstream>
 #include <string_view>
 
 #include "base/env.hpp"
@@ -120,6 +121,52 @@ std::string readable_file(const std::string& flag, const std::string& value) {
   return value;
 }
 
+// The timeouts, from the shortest to the longest (README, "Timeouts"): the heartbeat (a stopped worker is found by its
+// silence), the host lease (a lost host leaves the membership), each store request, then the collective deadline,
+// which must outlast them all, or survivors fail with TimeoutError before the launcher has told them who is gone.
+// Settings that break the order are refused here, before any worker starts.
+void check_timeouts(Options& options, bool heartbeat_given) {
+  auto seconds_of = [](const std::optional<std::string>& flag, const char* variable, double fallback) {
+    if (flag) return std::stod(*flag);
+    const char* value = std::getenv(variable);
+    if (value && *value && !env::check_setting(variable, value)) return std::stod(value);
+    return fallback;
+  };
+  const double collective = seconds_of(options.timeout, env::kTimeout, env::kDefaultTimeout.count() / 1000.0);
+  const double store = seconds_of(options.store_timeout, env::kStoreTimeout, collective);
+  auto text = [](double s) {
+    std::ostringstream out;
+    out << s << " s";
+    return out.str();
+  };
+  if (store > collective) {
+    throw UsageError("aikido-run: the store timeout (" + text(store) + ") is longer than the collective timeout (" +
+                     text(collective) + "); a store request must end before the collectives that wait on it. Lower " +
+                     "--store-timeout (AIKIDO_STORE_TIMEOUT) or raise --timeout");
+  }
+  if (options.elastic) {
+    constexpr double kMinHeartbeat = 0.5;  // two beats of the sessions' 250 ms heartbeat
+    if (!heartbeat_given) options.heartbeat_timeout_s = std::min(options.heartbeat_timeout_s, collective / 2);
+    if (options.heartbeat_timeout_s < kMinHeartbeat) {
+      throw UsageError("aikido-run: --heartbeat-timeout " + text(options.heartbeat_timeout_s) +
+                       " is shorter than two heartbeats (workers beat every 0.25 s): healthy workers would be " +
+                       "killed. Give at least 0.5" + (heartbeat_given ? "" : ", or raise --timeout"));
+    }
+    if (options.heartbeat_timeout_s >= collective) {
+      throw UsageError("aikido-run: --heartbeat-timeout " + text(options.heartbeat_timeout_s) +
+                       " is not shorter than the collective timeout (" + text(collective) +
+                       "): a stopped worker would make the others' collectives time out before the launcher " +
+                       "finds it. Lower --heartbeat-timeout or raise --timeout");
+    }
+  }
+  if (options.across_hosts() && options.host_timeout_s >= collective) {
+    throw UsageError("aikido-run: --host-timeout " + text(options.host_timeout_s) +
+                     " is not shorter than the collective timeout (" + text(collective) +
+                     "): a lost host would make the other hosts' collectives time out before it leaves the " +
+                     "membership. Lower --host-timeout or raise --timeout");
+  }
+}
+
 // The rules of jobs across hosts (--nnodes on every host, or -H / --hostfile from one).
 void check_hosts_options(Options& options, bool have_np, const std::vector<std::string>& host_flags) {
   const bool across = options.across_hosts();
@@ -209,6 +256,10 @@ options:
   -np N, -n N           number of workers to start (required; 1..1024)
   --topology T          collective topology: ring, tree, star or hierarchical    (sets AIKIDO_TOPOLOGY)
   --timeout S           deadline of each collective, in seconds                  (sets AIKIDO_TIMEOUT)
+  --connect-timeout S   deadline of joining the cluster (addresses, connections, handshakes)
+                        (default: --timeout)                                     (sets AIKIDO_CONNECT_TIMEOUT)
+  --store-timeout S     deadline of each request to the rendezvous store (default: --timeout; at most
+                        --timeout)                                               (sets AIKIDO_STORE_TIMEOUT)
   --transport K         same-host transport: auto, tcp or unix                   (sets AIKIDO_TRANSPORT)
   --segment-bytes B     pipelining segment size in bytes                         (sets AIKIDO_SEGMENT_BYTES)
   --metrics-port P      serve every worker's training metrics in Prometheus text format on
@@ -224,7 +275,7 @@ options:
   --max-restarts R      elastic: start at most R replacements in the job (default 10; 0: none)
   --control-file F      elastic: write the control endpoint and the job secret to F (mode 0600) for aikido-ctl
   --heartbeat-timeout S elastic: a worker whose heartbeat is silent this long is killed and replaced
-                        (default 3)
+                        (default 3, or half of --timeout when that is shorter; at least 0.5, below --timeout)
   --checkpoint F        elastic: where rank 0 writes the last commit when the job stops below --min-np or
                         is stopped by SIGINT or SIGTERM (sets AIKIDO_CHECKPOINT)
   --resume F            elastic: start from the checkpoint F (written by --checkpoint) instead of the
@@ -340,6 +391,7 @@ std::string find_program(const std::string& program) {
 Options parse_options(int argc, char** argv) {
   Options options;
   bool have_np = false;
+  bool heartbeat_given = false;
   bool max_restarts_given = false;
   std::vector<std::string> elastic_flags;
   std::vector<std::string> host_flags;
@@ -368,7 +420,8 @@ Options parse_options(int argc, char** argv) {
     }
     const bool known =
         flag == "-np" || flag == "--np" || flag == "-n" || flag == "--topology" || flag == "--timeout" ||
-        flag == "--transport" || flag == "--segment-bytes" || flag == "--metrics-port" || flag == "--metrics-file" ||
+        flag == "--connect-timeout" || flag == "--store-timeout" || flag == "--transport" ||
+        flag == "--segment-bytes" || flag == "--metrics-port" || flag == "--metrics-file" ||
         flag == "--metrics-interval" || flag == "--min-np" || flag == "--max-np" || flag == "--control-file" ||
         flag == "--heartbeat-timeout" || flag == "--checkpoint" || flag == "--resume" || flag == "--bind-to" ||
         flag == "--max-restarts" || flag == "--grace-period" || flag == "--stdout" || flag == "--nnodes" ||
@@ -382,11 +435,12 @@ Options parse_options(int argc, char** argv) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
       value = argv[++i];
     }
-    const bool host_flag = flag != "--nnodes" && flag != "-H" && flag != "--hosts" && flag != "--hostfile" &&
-                           (flag == "--nproc-per-node" || flag == "--node-rank" || flag == "--store" ||
-                            flag == "--job-id" || flag == "--host-address" || flag == "--iface" ||
-                            flag == "--host-id" || flag == "--join-timeout" || flag == "--host-timeout" ||
-                            flag == "--secret-file" || flag.starts_with("--store-") || flag == "--launch-command");
+    const bool host_flag =
+        flag != "--nnodes" && flag != "-H" && flag != "--hosts" && flag != "--hostfile" &&
+        (flag == "--nproc-per-node" || flag == "--node-rank" || flag == "--store" || flag == "--job-id" ||
+         flag == "--host-address" || flag == "--iface" || flag == "--host-id" || flag == "--join-timeout" ||
+         flag == "--host-timeout" || flag == "--secret-file" ||
+         (flag.starts_with("--store-") && flag != "--store-timeout") || flag == "--launch-command");
     if (host_flag) host_flags.push_back(flag);
     if (flag == "-np" || flag == "--np" || flag == "-n") {
       parse_np(flag, *value, &options.np);
@@ -439,6 +493,10 @@ Options parse_options(int argc, char** argv) {
       options.topology = check_topology(*value);
     } else if (flag == "--timeout") {
       options.timeout = check_seconds(*value);
+    } else if (flag == "--connect-timeout") {
+      options.connect_timeout = check_seconds(*value, flag);
+    } else if (flag == "--store-timeout") {
+      options.store_timeout = check_seconds(*value, flag);
     } else if (flag == "--transport") {
       options.transport = check_transport(*value);
     } else if (flag == "--metrics-port") {
@@ -472,6 +530,7 @@ Options parse_options(int argc, char** argv) {
       elastic_flags.push_back(flag);
     } else if (flag == "--heartbeat-timeout") {
       options.heartbeat_timeout_s = std::stod(check_seconds(*value, flag));
+      heartbeat_given = true;
       elastic_flags.push_back(flag);
     } else if (flag == "--max-restarts") {
       options.max_restarts = parse_restarts(*value);
@@ -518,6 +577,7 @@ Options parse_options(int argc, char** argv) {
     throw UsageError("aikido-run: --max-np " + std::to_string(options.max_np) + " is below -np " +
                      std::to_string(options.np));
   }
+  check_timeouts(options, heartbeat_given);
   if (i >= argc)
     throw UsageError("aikido-run: missing PROGRAM to run; usage: aikido-run -np N [options] PROGRAM [ARGS...]");
   options.program = argv[i];

@@ -28,6 +28,8 @@ struct Options {
   // Validated values of the optional flags, passed to the workers as AIKIDO_* when given.
   std::optional<std::string> topology;
   std::optional<std::string> timeout;
+  std::optional<std::string> connect_timeout;  // --connect-timeout: AIKIDO_CONNECT_TIMEOUT
+  std::optional<std::string> store_timeout;    // --store-timeout: AIKIDO_STORE_TIMEOUT
   std::optional<std::string> transport;
   std::optional<std::string> segment_bytes;
   // Metrics exporters (metrics_exporter.hpp): Prometheus over HTTP on 127.0.0.1:port, JSON lines to a file.
@@ -41,7 +43,7 @@ struct Options {
   bool restart = false;
   int max_restarts = 10;  // replacements --restart starts in one job
   std::string control_file;
-  double heartbeat_timeout_s = 3.0;
+  double heartbeat_timeout_s = 3.0;  // without --heartbeat-timeout: 3, or half the collective timeout when shorter
   std::string checkpoint;
   std::string resume;  // a checkpoint the job starts from
   /// Bind each worker to one CPU (the launcher's allowed CPUs, in order) when there are no more workers than CPUs.
