@@ -9,6 +9,7 @@ packages=(
   openmpi-bin libopenmpi-dev libgloo-dev
   iproute2 procps python3
   libcurl4-openssl-dev etcd-server etcd-client
+  libssl-dev
 )
 missing=()
 for p in "${packages[@]}"; do

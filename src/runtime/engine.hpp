@@ -112,6 +112,8 @@ class Engine final : public transport::FrameHandler {
   /// Ranks whose connection ended, in increasing order.
   std::vector<int> lost_ranks() const;
   PathCounts path_counts() const;
+  /// Bytes written to the connections so far.
+  std::uint64_t bytes_sent() const;
 
   void on_frame(transport::Connection& connection, const transport::FrameHeader& header,
                 const std::string& name) override;
