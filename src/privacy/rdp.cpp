@@ -52,15 +52,42 @@ double log_a_integer(double q, double sigma, long alpha) {
   return log_a;
 }
 
+// A real number kept as its sign and the log of its magnitude, so that series of huge terms of both signs add up.
+struct LogSigned {
+  bool negative = false;
+  double log_abs = -kInf;
+
+  void add(bool term_negative, double log_term) {
+    if (log_term == -kInf) return;
+    if (log_abs == -kInf) {
+      negative = term_negative;
+      log_abs = log_term;
+    } else if (term_negative == negative) {
+      log_abs = log_add(log_abs, log_term);
+    } else if (log_term > log_abs) {
+      negative = term_negative;
+      log_abs = log_term + std::log1p(-std::exp(log_abs - log_term));
+    } else if (log_term < log_abs) {
+      log_abs = log_abs + std::log1p(-std::exp(log_term - log_abs));
+    } else {
+      log_abs = -kInf;  // exact cancellation
+    }
+  }
+};
+
 // log(A_alpha) for fractional alpha: the integral split at z0, where the two Gaussians' densities cross
-// (Mironov et al. 2019, Section 3.3), each part an infinite series summed until its terms are negligible.
+// (Mironov et al. 2019, Section 3.3); on each side ((1 - q) + q e^x)^alpha is expanded in the binomial series that
+// converges there, whose coefficients binomial(alpha, i) change sign once i passes alpha. Each part is summed until
+// its terms are negligible.
 double log_a_fractional(double q, double sigma, double alpha) {
-  double log_a0 = -kInf, log_a1 = -kInf;
+  LogSigned a0, a1;
   const double z0 = sigma * sigma * std::log(1 / q - 1) + 0.5;
   const double log_q = std::log(q), log_1mq = std::log1p(-q);
   double last0 = -kInf, last1 = -kInf;
+  bool negative = false;  // the sign of binomial(alpha, i): flips with every factor (alpha - m) below zero
   for (int i = 0; i < 1000; ++i) {
     const double id = i;
+    if (i > 0 && alpha - (id - 1) < 0) negative = !negative;
     const double j = alpha - id;
     const double coef = log_binomial(alpha, id);
     const double t0 = coef + id * log_q + j * log_1mq;
@@ -69,10 +96,13 @@ double log_a_fractional(double q, double sigma, double alpha) {
     const double e1 = std::log(0.5) + log_erfc((z0 - j) / (std::sqrt(2.0) * sigma));
     const double s0 = t0 + (id * id - id) / (2 * sigma * sigma) + e0;
     const double s1 = t1 + (j * j - j) / (2 * sigma * sigma) + e1;
-    log_a0 = log_add(log_a0, s0);
-    log_a1 = log_add(log_a1, s1);
-    const double total = log_add(log_a0, log_a1);
-    if (s0 < last0 && s1 < last1 && std::max(s0, s1) < total - 30) return total;
+    a0.add(negative, s0);
+    a1.add(negative, s1);
+    LogSigned total = a0;
+    total.add(a1.negative, a1.log_abs);
+    if (i > alpha && s0 < last0 && s1 < last1 && std::max(s0, s1) < total.log_abs - 36) {
+      return total.negative ? kInf : total.log_abs;  // a negative total would be a numerical failure: no bound
+    }
     last0 = s0;
     last1 = s1;
   }
