@@ -18,6 +18,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -157,6 +158,11 @@ int main(int argc, char** argv) {
   std::int64_t eval_every = 0;
   std::vector<std::string> policies;
   std::string monitor = "on";
+  std::int64_t local_steps = 8;
+  double round_deadline = 0, outer_lr = 0.7;
+  std::string compression_name = "none", partition = "iid";
+  double dp_clip = 0, dp_noise = 0, dp_delta = 1e-5;
+  bool secure_aggregation = false;
   app.add_option("--model", model_kind, "mlp (784-512-256-10) or cnn (two 5x5 conv layers)")
       ->check(CLI::IsMember({"mlp", "cnn"}))
       ->capture_default_str();
@@ -173,8 +179,63 @@ int main(int argc, char** argv) {
       ->check(between(0, 1, "a momentum from 0 to 1"))
       ->capture_default_str();
   app.add_option("--strategy", strategy_name,
-                 "ssgd (synchronous SGD), sma (synchronous model averaging) or pair (asynchronous pair averaging)")
-      ->check(CLI::IsMember({"ssgd", "sma", "pair", "synchronous_sgd", "synchronous_averaging", "pair_averaging"}))
+                 "ssgd (synchronous SGD), sma (synchronous model averaging), pair (asynchronous pair averaging), "
+                 "local_sgd (--local-steps K local steps, then the models are averaged), fedavg (federated averaging: "
+                 "updates of K local steps averaged by sample counts) or diloco (K inner steps, then an outer "
+                 "Nesterov step on the averaged pseudo-gradient)")
+      ->check(CLI::IsMember({"ssgd", "sma", "pair", "local_sgd", "fedavg", "diloco", "synchronous_sgd",
+                             "synchronous_averaging", "pair_averaging", "federated_averaging"}))
+      ->capture_default_str();
+  app.add_option("--local-steps", local_steps, "local_sgd, fedavg, diloco: local steps per round (K)")
+      ->check(at_least(1, true, "a number of steps (1 or more)"))
+      ->capture_default_str();
+  app.add_option("--round-deadline", round_deadline,
+                 "fedavg: seconds a worker that finished its round waits for the others; then, in an elastic job, "
+                 "the others go on without the stragglers (0: the collective timeout)")
+      ->check(at_least(0, false, "a number of seconds (0: none)"));
+  app.add_option("--outer-lr", outer_lr, "diloco: learning rate of the outer Nesterov SGD")
+      ->check(at_least(1e-300, false, "a learning rate above 0"))
+      ->capture_default_str();
+  app.add_option("--compression", compression_name,
+                 "what the workers exchange (ssgd: gradients; local_sgd, fedavg, diloco: updates): none, fp16, bf16, "
+                 "int8, topk:FRACTION (top-k with error feedback) or powersgd:RANK")
+      ->check([](const std::string& text) -> std::string {
+        try {
+          aikido::Compression::parse(text);
+          return "";
+        } catch (const aikido::ConfigError& e) {
+          return e.what();
+        }
+      })
+      ->capture_default_str();
+  app.add_option("--dp-clip", dp_clip,
+                 "differential privacy: clip each sample's gradient (ssgd: DP-SGD) or each worker's round update "
+                 "(local_sgd, fedavg, diloco: client-level DP) to this L2 norm")
+      ->check(at_least(1e-300, false, "a norm above 0"));
+  app.add_option("--dp-noise", dp_noise, "differential privacy: noise multiplier sigma (needs --dp-clip)")
+      ->check(at_least(0, false, "a noise multiplier (0 or more)"));
+  app.add_option("--dp-delta", dp_delta, "differential privacy: the delta at which epsilon is reported")
+      ->check(between(1e-300, 0.999999, "a delta in (0, 1)"))
+      ->capture_default_str();
+  app.add_flag("--secure-aggregation", secure_aggregation,
+               "local_sgd, fedavg, diloco: updates travel in fixed point with pairwise masks (X25519), so that only "
+               "their sum is revealed");
+  app.add_option("--partition", partition,
+                 "how the training set is split among the workers: iid (every worker draws from the whole set) or "
+                 "label:ALPHA (each worker keeps its own shard, with class shares drawn from a Dirichlet(ALPHA): "
+                 "small ALPHA, few classes per worker)")
+      ->check([](const std::string& text) -> std::string {
+        if (text == "iid") return "";
+        if (text.rfind("label:", 0) == 0) {
+          try {
+            std::size_t used = 0;
+            const double alpha = std::stod(text.substr(6), &used);
+            if (used == text.size() - 6 && alpha > 0 && std::isfinite(alpha)) return "";
+          } catch (const std::exception&) {
+          }
+        }
+        return "'" + text + "' is not iid or label:ALPHA with ALPHA above 0 (e.g. label:0.5)";
+      })
       ->capture_default_str();
   app.add_option("--seed", seed, "seed of the initial model and of the data order")->capture_default_str();
   app.add_option("--data", data_dir, "folder with the Fashion-MNIST IDX gzip files")->capture_default_str();
@@ -215,7 +276,10 @@ int main(int argc, char** argv) {
       "equals the training set size in every epoch, resizes and lost workers included), samples_per_second (this "
       "worker's), global_samples_per_second, batch_size (per worker), lr, strategy, model, threads (LibTorch "
       "intra-op threads), cluster_version, and the gradient statistics as they stand at the end of the epoch: "
-      "noise_scale, gradient_variance, snr (null until measured). Before training, rank 0 prints a line that starts "
+      "noise_scale, gradient_variance, snr (null until measured); then bytes_sent (this worker's bytes put on the "
+      "wire during the epoch: written to its connections, framing included; same-host shared memory counts none), "
+      "compression, and epsilon (differential privacy spent so far, at --dp-delta; null without --dp-clip). Before "
+      "training, rank 0 prints a line that starts "
       "with 'train_fashion_mnist: starting:' and gives the configuration (stderr); a job that resumed from a "
       "checkpoint says from where.");
   CLI11_PARSE(app, argc, argv);
@@ -229,6 +293,13 @@ int main(int argc, char** argv) {
     if (eval_every > 0 && target_accuracy <= 0) {
       throw aikido::ConfigError("--eval-every needs --target-accuracy (it tests only to stop at the target)");
     }
+    if (dp_clip == 0 && (dp_noise > 0 || app.count("--dp-delta") > 0)) {
+      throw aikido::ConfigError(
+          "--dp-noise and --dp-delta need --dp-clip (the norm each gradient or update is "
+          "clipped to)");
+    }
+    const aikido::Compression compression = aikido::Compression::parse(compression_name);
+    const double partition_alpha = partition == "iid" ? 0.0 : std::stod(partition.substr(6));
     auto policy_objects = aikido::torch::PolicyRunner::make(policies);  // bad specs fail before any work
 
     // With --elastic the session owns the Peer, follows the job's membership and carries the training state across
@@ -248,6 +319,11 @@ int main(int argc, char** argv) {
     torch::nn::Sequential model = make_model(model_kind);
     torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(lr).momentum(momentum));
     if (!session) aikido::torch::broadcast_parameters(peer, model->named_parameters(), /*root=*/0);
+    // DP-SGD clips every sample's gradient: the training steps run the model through PerSampleGradients.
+    std::unique_ptr<aikido::torch::PerSampleGradients> per_sample;
+    if (dp_clip > 0 && strategy == aikido::torch::Strategy::synchronous_sgd) {
+      per_sample = std::make_unique<aikido::torch::PerSampleGradients>(model);
+    }
     std::unique_ptr<aikido::torch::DistributedOptimizer> opt;
     std::unique_ptr<aikido::torch::PolicyRunner> runner;
     if (!skip_communication) {
@@ -255,11 +331,28 @@ int main(int argc, char** argv) {
       options.monitor = monitor == "on";
       options.seed = seed;
       options.collective_setup = !session;
+      options.local_steps = local_steps;
+      options.round_deadline = std::chrono::milliseconds(std::llround(round_deadline * 1000));
+      options.outer_lr = outer_lr;
+      options.compression = compression;
+      options.secure_aggregation = secure_aggregation;
+      if (dp_clip > 0) {
+        aikido::torch::PrivacyOptions privacy;
+        privacy.clip = dp_clip;
+        privacy.noise_multiplier = dp_noise;
+        privacy.delta = dp_delta;
+        privacy.dataset_size = train.images.size(0);
+        options.privacy = privacy;
+      }
       opt = std::make_unique<aikido::torch::DistributedOptimizer>(peer, sgd, model->named_parameters(), strategy,
                                                                   options);
+      if (per_sample) opt->set_per_sample_gradients(per_sample.get());
       runner = std::make_unique<aikido::torch::PolicyRunner>(*opt, batch_size, std::move(policy_objects));
     } else if (!policies.empty() || session) {
       throw aikido::ConfigError("--policy and --elastic need communication: drop --skip-communication");
+    } else if (dp_clip > 0 || secure_aggregation || compression.kind != aikido::Compression::Kind::none) {
+      throw aikido::ConfigError(
+          "--dp-clip, --secure-aggregation and --compression need communication: drop --skip-communication");
     }
     aikido::torch::DistributedSampler sampler(static_cast<std::size_t>(train.images.size(0)), peer, seed);
 
@@ -274,6 +367,7 @@ int main(int argc, char** argv) {
     } progress;
     if (session) {
       if (runner) runner->set_elastic_session(session.get());
+      if (opt) opt->set_elastic_session(session.get());
       aikido::torch::register_state(*session, model->named_parameters(), sgd, sampler);
       session->register_value("progress", progress);
     }
@@ -299,8 +393,38 @@ int main(int argc, char** argv) {
       return total[0] / static_cast<double>(test.images.size(0));
     };
 
+    // --partition label:ALPHA: every worker trains on its own shard of a Dirichlet split (made again when the
+    // cluster's size changes). Steps still follow the sampler, so every worker takes the same number; a worker's
+    // batch is the next samples of its shard, in an order drawn per epoch, at the place the global position gives.
+    std::vector<std::vector<std::int64_t>> shards;
+    int shards_for = 0;
+    std::vector<std::int64_t> shard_order;
+    std::int64_t shard_order_epoch = -1;
+    const auto shard_batch = [&](std::size_t position, std::size_t count) {
+      if (shards_for != peer.size()) {
+        shards = aikido::torch::dirichlet_partition(train.labels, peer.size(), partition_alpha, seed);
+        shards_for = peer.size();
+        shard_order_epoch = -1;
+      }
+      if (shard_order_epoch != sampler.epoch()) {
+        shard_order = shards[static_cast<std::size_t>(peer.rank())];
+        std::mt19937_64 rng(seed * 1000003 + static_cast<std::uint64_t>(sampler.epoch()) * 7919 +
+                            static_cast<std::uint64_t>(peer.rank()));
+        std::shuffle(shard_order.begin(), shard_order.end(), rng);
+        shard_order_epoch = sampler.epoch();
+      }
+      std::vector<std::size_t> indices;
+      if (shard_order.empty()) return indices;  // a worker the split gave nothing: it contributes no samples
+      const std::size_t first = position / static_cast<std::size_t>(peer.size());
+      for (std::size_t k = 0; k < count; ++k) {
+        indices.push_back(static_cast<std::size_t>(shard_order[(first + k) % shard_order.size()]));
+      }
+      return indices;
+    };
+
     // This worker's own view of the current epoch.
     std::int64_t printed_epoch = -1;
+    std::uint64_t bytes_at_start = 0;  // peer.bytes_sent() when the epoch began
     double loss_sum = 0;
     std::int64_t samples = 0;
     double test_seconds = 0;  // time of this epoch's tests inside the epoch (--eval-every), not counted as training
@@ -329,6 +453,15 @@ int main(int argc, char** argv) {
                  << lr << ", momentum " << momentum << ", seed " << seed << ", " << torch::get_num_threads()
                  << " LibTorch thread" << (torch::get_num_threads() == 1 ? "" : "s") << " per worker";
             if (max_steps > 0) line << ", at most " << max_steps << " steps per epoch";
+            if (opt && aikido::is_round_strategy(opt->strategy()))
+              line << ", " << local_steps << " local steps per round";
+            if (compression.kind != aikido::Compression::Kind::none) line << ", compression " << compression.name();
+            if (dp_clip > 0) {
+              line << ", differential privacy (" << (per_sample ? "DP-SGD" : "per worker") << ", clip " << dp_clip
+                   << ", noise " << dp_noise << ", delta " << dp_delta << ")";
+            }
+            if (secure_aggregation) line << ", secure aggregation";
+            if (partition_alpha > 0) line << ", partition " << partition;
             for (const auto& policy : policies) line << ", policy " << policy;
             if (session && session->elastic()) line << ", elastic (commit every " << commit_every << " steps)";
             std::cerr << line.str() << std::endl;
@@ -357,12 +490,14 @@ int main(int argc, char** argv) {
           test_seconds = 0;
           reached = -1;
           start = std::chrono::steady_clock::now();
+          bytes_at_start = peer.bytes_sent();
           progress.epoch_begun = true;
         }
         const std::size_t position = sampler.position();
         const std::size_t batch_now = static_cast<std::size_t>(runner ? runner->batch_size() : batch_size);
         std::optional<std::vector<std::size_t>> batch;
         if (max_steps == 0 || progress.steps_in_epoch < max_steps) batch = sampler.next_batch(batch_now);
+        if (batch && partition_alpha > 0) *batch = shard_batch(position, batch->size());
         if (batch) {
           if (opt) {
             opt->zero_grad();
@@ -371,7 +506,8 @@ int main(int argc, char** argv) {
           }
           if (!batch->empty()) {
             const torch::Tensor index = to_index(*batch);
-            const torch::Tensor output = model->forward(train.images.index_select(0, index));
+            const torch::Tensor input = train.images.index_select(0, index);
+            const torch::Tensor output = per_sample ? per_sample->forward(input) : model->forward(input);
             const torch::Tensor loss =
                 torch::nn::functional::cross_entropy(output, train.labels.index_select(0, index));
             loss.backward();
@@ -447,6 +583,10 @@ int main(int argc, char** argv) {
           line["noise_scale"] = statistic(metrics.noise_scale);
           line["gradient_variance"] = statistic(metrics.gradient_variance);
           line["snr"] = statistic(metrics.snr);
+          line["bytes_sent"] = peer.bytes_sent() - bytes_at_start;
+          line["compression"] = opt ? opt->compression().name() : "none";
+          line["epsilon"] =
+              opt && opt->accountant() ? statistic(opt->accountant()->epsilon(dp_delta)) : nlohmann::ordered_json();
           std::cout << line.dump() << std::endl;
         }
         printed_epoch = std::max(printed_epoch, epoch);

@@ -11,6 +11,7 @@ packages=(
   libcurl4-openssl-dev etcd-server etcd-client openssl libssl-dev
   clang llvm libclang-rt-dev
   python3-dev pybind11-dev python3-pytest python3-numpy
+  libssl-dev
 )
 missing=()
 for p in "${packages[@]}"; do

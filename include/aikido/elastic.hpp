@@ -242,6 +242,13 @@ class ElasticSession {
   /// returns changed on every worker: the state was replaced.
   SyncResult sync(std::int64_t step = -1);
 
+  /// Proposes, from any single worker, the current cluster without the workers now at `ranks` (workers a deadline
+  /// gave up on: a straggler's connections stay open, so recover() cannot tell it is gone). Every member applies it
+  /// at its next sync() or recover(); the workers left out find themselves removed. When the latest version already
+  /// lacks them (another worker's proposal won), nothing is proposed. Returns the version that leaves them out.
+  /// ConfigError in a static session, for a rank outside the cluster, or when no worker would be left.
+  std::uint64_t request_removal(const std::vector<int>& ranks, const std::string& reason);
+
   /// Asks for `n` workers. Collective: every worker calls it at the same step boundary; it applies the change at
   /// once (like sync()) and returns its result. ConfigError when n is outside the job's [min, max].
   SyncResult resize(int n);

@@ -57,6 +57,17 @@ struct TrainingMetrics {
   double wait_seconds = kUnknown;                // blocked in step() waiting for communication
   double allreduce_bytes_per_second = kUnknown;  // gradient bytes / communication_seconds
 
+  // Links and traffic. slowest_link_bytes_per_second is the lowest bandwidth any worker measured to any other
+  // (reduced: the same on every worker; NaN until a link was measured); bytes_sent is this worker's own count of
+  // bytes written to its connections since its session began (not reduced; collectives through same-host shared
+  // memory put none on a wire and count none).
+  double slowest_link_bytes_per_second = kUnknown;
+  std::int64_t bytes_sent = 0;
+  std::string compression;  // what the optimizer exchanges with: "none", "fp16", "topk:0.01", ... (Compression)
+
+  // Differential privacy spent so far: epsilon at the optimizer's delta (RdpAccountant). NaN without privacy.
+  double epsilon = kUnknown;
+
   // This worker's own links, one entry per other worker (LinkMonitor). Unlike the values above these are not
   // reduced: each worker sees its own links. Empty when link probing is off or there is one worker.
   std::vector<LinkStats> links;

@@ -158,6 +158,9 @@ class Peer {
   void mark_lost(int rank, const std::string& why);
   /// The collectives this session posted so far, by the path they took.
   PathCounts path_counts() const;
+  /// Bytes this rank wrote to its connections (TCP or Unix-domain sockets: frame headers, names and payloads) since
+  /// the Peer was created, across reconnect(). Collectives through same-host shared memory write none. Any thread.
+  std::uint64_t bytes_sent() const;
 
   /// Replaces this session by a new one for `config` (another rank, size or cluster version), keeping this
   /// object: references to it stay valid. The old connections are closed first (collectives still in flight
@@ -275,6 +278,7 @@ class Peer {
 
   std::unique_ptr<detail::Engine> engine_;
   std::function<void(int)> resize_handler_;
+  std::uint64_t bytes_sent_before_ = 0;  // by the sessions reconnect() replaced
 };
 
 }  // namespace aikido

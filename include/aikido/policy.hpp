@@ -21,6 +21,7 @@
 //   });   // now `--policy warmup:steps=200` makes one
 #pragma once
 
+#include <aikido/compression.hpp>
 #include <aikido/metrics.hpp>
 #include <aikido/types.hpp>
 #include <cstddef>
@@ -40,11 +41,16 @@ enum class Strategy : std::uint8_t {
   synchronous_sgd,        // gradients averaged before every step
   synchronous_averaging,  // local step, then models averaged (SMA)
   pair_averaging,         // local step, then averaging with one random peer's model, asynchronously (AD-PSGD)
+  local_sgd,              // K local steps, then the models' updates averaged
+  federated_averaging,    // FedAvg: K local steps on each worker's own data, updates averaged by sample counts
+  diloco,                 // DiLoCo: K inner steps, then an outer Nesterov step on the averaged pseudo-gradient
 };
-/// "synchronous_sgd", "synchronous_averaging" or "pair_averaging".
+/// "synchronous_sgd", "synchronous_averaging", "pair_averaging", "local_sgd", "federated_averaging" or "diloco".
 const char* strategy_name(Strategy strategy);
-/// Accepts the full names and the short ones: "ssgd", "sma", "pair". ConfigError otherwise.
+/// Accepts the full names and the short ones: "ssgd", "sma", "pair", "fedavg". ConfigError otherwise.
 Strategy parse_strategy(std::string_view name);
+/// True for the strategies that average in rounds of local steps: local_sgd, federated_averaging and diloco.
+bool is_round_strategy(Strategy strategy);
 
 /// What a hook sees and can do. Actions take effect when the hook returns (after every policy of that hook ran; of
 /// two requests of the same kind, the later wins), identically on every worker.
@@ -57,6 +63,9 @@ class PolicyContext {
   virtual void set_lr(double lr) = 0;
   virtual void set_strategy(Strategy strategy) = 0;
   virtual void set_topology(Topology topology) = 0;
+  /// Compression of what the optimizer exchanges (aikido/compression.hpp), from the next step on. The default
+  /// throws ConfigError: runners that cannot apply it keep it (the LibTorch PolicyRunner applies it).
+  virtual void set_compression(Compression compression);
   /// Asks for a cluster of `workers` workers: applied at the next step boundary of an elastic job; ConfigError in a
   /// job that is not elastic.
   virtual void request_resize(int workers) = 0;
@@ -105,7 +114,7 @@ struct PolicyRegistration {
 /// Builds a policy from a spec. ConfigError for an unknown name (listing the known ones) or bad options; unknown
 /// option keys are errors too.
 std::unique_ptr<Policy> make_policy(std::string_view spec);
-/// Registered names, sorted (the built-in ones: adaptive-batch, schedule, strategy-switch).
+/// Registered names, sorted (the built-in ones: adaptive-batch, adaptive-compression, schedule, strategy-switch).
 std::vector<std::string> policy_names();
 
 }  // namespace aikido

@@ -6,14 +6,17 @@
 
 #include <torch/torch.h>
 
+#include <aikido/compression.hpp>
 #include <aikido/metrics.hpp>
 #include <aikido/peer.hpp>
 #include <aikido/policy.hpp>
+#include <aikido/privacy.hpp>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -37,6 +40,23 @@ class DistributedSampler;
 /// - Strategy::pair_averaging (AD-PSGD): after every local step the worker publishes its model in the peer-to-peer
 ///   model store and pulls the model of one random other worker in the background; the next step averages with it
 ///   once it has arrived. No worker ever waits for all others.
+///
+/// The round strategies communicate once per round of `local_steps` (K) local steps. A round starts from a model
+/// equal on every worker (its *anchor*); each worker takes K steps of its own optimizer on its own batches; then
+/// every worker's update (its model minus the anchor) is averaged, through the options' compression, privacy and
+/// secure aggregation, and the next round starts from the new model on every worker:
+/// - Strategy::local_sgd: the new model is the anchor plus the mean update. With K = 1 and the same batch sizes it
+///   equals synchronous SGD for SGD with momentum (up to rounding).
+/// - Strategy::federated_averaging (FedAvg, McMahan et al. 2017): the updates are averaged weighted by the samples
+///   each worker trained on in the round (equal weights under differential privacy, which bounds each worker's
+///   influence by the clip). A worker that leaves or joins an elastic job only changes who contributes; with
+///   `round_deadline`, workers that finished their round wait that long for the others, then go on without the
+///   stragglers (see DistributedOptimizerOptions::round_deadline).
+/// - Strategy::diloco (DiLoCo, Douillard et al. 2023): the wrapped optimizer is the inner one; the mean update's
+///   negative is a pseudo-gradient on which an outer SGD with Nesterov momentum (`outer_lr`, `outer_momentum`)
+///   steps from the anchor. Quantise the exchange with `compression` (fp16, bf16, int8).
+/// A change of the cluster, or a switch to another strategy, ends the current round early (an exchange of the
+/// updates so far).
 using Strategy = ::aikido::Strategy;
 using ::aikido::parse_strategy;
 using ::aikido::strategy_name;
@@ -59,6 +79,31 @@ void broadcast_optimizer_state(Peer& peer, ::torch::optim::Optimizer& optimizer,
 
 /// Averages the parameters across workers (allreduce, mean); afterwards every worker holds equal values.
 void average_parameters(Peer& peer, const NamedParameters& parameters, std::string_view name = "aikido.torch/average");
+
+/// Differential privacy of a DistributedOptimizer (DistributedOptimizerOptions::privacy).
+///
+/// Under synchronous_sgd it is DP-SGD (Abadi et al. 2016): every sample's gradient is clipped to L2 norm `clip`
+/// (all parameters together; per-sample gradients from PerSampleGradients), the clipped gradients are summed, and
+/// Gaussian noise of standard deviation noise_multiplier * clip is added to the sum over all workers' samples before
+/// it is divided by the global batch. Under local_sgd, federated_averaging and diloco it is client-level DP
+/// (McMahan et al. 2018): every worker's update of a round is clipped to `clip` and the noise is added to the sum of
+/// the updates. Either way each worker adds its share, noise of standard deviation noise_multiplier * clip /
+/// sqrt(workers), from its own secret seed, so that the sum carries the whole noise; the guarantee is for what
+/// leaves training (the models), and against the other workers only together with secure aggregation.
+///
+/// The RdpAccountant composes one Poisson-subsampled Gaussian step per training step (sampling rate: global batch /
+/// dataset_size, as Opacus and TF-Privacy account shuffled batches) or one Gaussian step per round (sampling rate 1:
+/// every present worker contributes), and metrics().epsilon reports epsilon at `delta`.
+struct PrivacyOptions {
+  double clip = 0;              // C > 0
+  double noise_multiplier = 0;  // sigma >= 0 (0: clipping only, epsilon infinite)
+  double delta = 1e-5;
+  /// Training-set size (all workers' samples together): needed under synchronous_sgd for the sampling rate.
+  std::int64_t dataset_size = 0;
+  /// This worker's noise seed. 0: drawn from the operating system's random source. Any other value makes the noise
+  /// reproducible, for tests: whoever knows the seed can remove the noise.
+  std::uint64_t noise_seed = 0;
+};
 
 struct DistributedOptimizerOptions {
   /// Gradients are fused into buckets of about this many bytes (per dtype), filled in reverse order of the
@@ -84,7 +129,82 @@ struct DistributedOptimizerOptions {
   /// are collectives. False: it communicates nothing, for workers that join an elastic job while the others train;
   /// the ElasticSession's state transfer then checks the sizes and makes the models equal.
   bool collective_setup = true;
+
+  /// Round strategies (local_sgd, federated_averaging, diloco): local steps per round (K >= 1).
+  std::int64_t local_steps = 8;
+  /// federated_averaging: how long a worker that finished its round's local steps waits for the others (0: the
+  /// peer's timeout). When it expires, the workers that have not finished their round are asked who they are (the
+  /// peer-to-peer store answers without their training thread); in an elastic job (set_elastic_session) the others
+  /// propose the cluster without them and step() throws TimeoutError, after which recover() goes on with the
+  /// present workers; without a session step() throws TimeoutError naming them.
+  std::chrono::milliseconds round_deadline{0};
+  /// diloco: the outer optimizer, SGD with Nesterov momentum on the pseudo-gradient (the paper's values).
+  double outer_lr = 0.7;
+  double outer_momentum = 0.9;
+  /// What synchronous_sgd (gradients) and the round strategies (updates) exchange with (aikido/compression.hpp).
+  /// Applies to float32 parameters; others travel uncompressed, and so do the models of synchronous_averaging and
+  /// pair_averaging. Change it during training with set_compression().
+  Compression compression;
+  /// Differential privacy (PrivacyOptions). Supported with synchronous_sgd (needs set_per_sample_gradients) and the
+  /// round strategies; ConfigError for the others.
+  std::optional<PrivacyOptions> privacy;
+  /// Round strategies: every worker's update travels in fixed point, masked with pairwise masks
+  /// (SecureAggregator), so that the allreduce reveals only the sum. Not combinable with compression.
+  bool secure_aggregation = false;
 };
+
+/// Per-sample gradients of a Sequential model whose layers with parameters are Linear and Conv2d layers (the other
+/// layers, such as ReLU, pooling, Flatten and Dropout, may have none), for DP-SGD. Like Opacus: the forward pass
+/// records each such layer's input, the backward pass the gradient at its output, and the per-sample gradients
+/// are their per-sample products (for Conv2d on the unfolded input). Not thread safe.
+class PerSampleGradients {
+ public:
+  enum class LossReduction : std::uint8_t { mean, sum };
+  /// `reduction`: how the loss given to backward() combines the samples' losses. ConfigError naming the first
+  /// layer with parameters that is neither Linear nor Conv2d (BatchNorm, for one, mixes samples), or a Conv2d with
+  /// groups, dilation other than 1 or non-zero padding modes.
+  explicit PerSampleGradients(::torch::nn::Sequential model, LossReduction reduction = LossReduction::mean);
+  ~PerSampleGradients();
+  PerSampleGradients(const PerSampleGradients&) = delete;
+  PerSampleGradients& operator=(const PerSampleGradients&) = delete;
+
+  /// The model's forward pass, recording what per-sample gradients need: use it instead of model->forward() in
+  /// every training step, then call backward() on the loss once.
+  ::torch::Tensor forward(const ::torch::Tensor& input);
+  /// Samples in the last forward pass.
+  std::int64_t batch_size() const;
+  /// After backward(): every parameter's per-sample gradients, [batch, shape...], in named_parameters() order.
+  std::vector<::torch::Tensor> per_sample() const;
+  /// After backward(): every sample's gradient scaled to L2 norm at most `clip` (over all parameters together, by
+  /// the factor min(1, clip / (norm + 1e-6)) as in Opacus), [batch, shape...] per parameter. `norms`, when given,
+  /// receives each sample's norm before clipping ([batch], float64).
+  std::vector<::torch::Tensor> clipped(double clip, ::torch::Tensor* norms = nullptr) const;
+  /// After backward(): every sample's gradient clipped to L2 norm `clip` (over all parameters together), summed over
+  /// the samples; one tensor per parameter, in named_parameters() order. `norms`, when given, receives each
+  /// sample's norm before clipping ([batch], float64).
+  std::vector<::torch::Tensor> clipped_sum(double clip, ::torch::Tensor* norms = nullptr) const;
+  /// The model's parameters, in the order of per_sample() and clipped_sum().
+  const std::vector<::torch::Tensor>& parameters() const;
+
+ private:
+  struct Layer;
+  struct Factors;
+  Factors factors(const Layer& layer) const;
+  static ::torch::Tensor clip_factor(const ::torch::Tensor& squares, double clip, ::torch::Tensor* norms);
+  std::vector<std::unique_ptr<Layer>> layers_;
+  ::torch::nn::Sequential model_;
+  LossReduction reduction_;
+  std::vector<::torch::Tensor> parameters_;
+  std::int64_t batch_size_ = 0;
+};
+
+/// A non-IID split of a labelled data set among `workers`, as federated-learning papers make one (Hsu et al. 2019):
+/// for every class, the shares of the workers are drawn from a Dirichlet distribution with concentration `alpha`,
+/// and the class's samples (in an order drawn from `seed`) are cut in those shares. Small alpha: each worker sees
+/// few classes; large alpha: close to an even split. Returns each worker's sample indices, sorted. The same on every
+/// worker for the same arguments. ConfigError for alpha <= 0 or workers < 1.
+std::vector<std::vector<std::int64_t>> dirichlet_partition(const ::torch::Tensor& labels, int workers, double alpha,
+                                                           std::uint64_t seed);
 
 /// Wraps a LibTorch optimizer so that `step()` keeps the workers' models together by the chosen Strategy.
 ///
@@ -117,10 +237,31 @@ class DistributedOptimizer {
   void step();
 
   /// Switches strategy at a step boundary. Collective: every worker calls it after the same number of steps with
-  /// the same strategy (MismatchError otherwise). Pending model pulls are finished, the parameters are averaged and
-  /// rank 0's optimizer state is broadcast, so that all workers continue from equal models and equal state.
+  /// the same strategy (MismatchError otherwise). Pending model pulls are finished, the parameters are averaged (a
+  /// round strategy ends its round with an exchange instead) and rank 0's optimizer state is broadcast, so that all
+  /// workers continue from equal models and equal state. ConfigError, before any communication, for a switch that
+  /// privacy or secure aggregation do not allow (differential privacy is per sample under synchronous_sgd and per
+  /// worker under the round strategies: a switch between them would mix two guarantees).
   void set_strategy(Strategy strategy);
   Strategy strategy() const { return strategy_; }
+
+  /// Switches compression at a step boundary. Collective like set_strategy (MismatchError when workers disagree).
+  /// Error-feedback residuals and PowerSGD's warm start begin anew. ConfigError with secure aggregation.
+  void set_compression(Compression compression);
+  Compression compression() const { return options_.compression; }
+
+  /// DP-SGD's per-sample gradients (synchronous_sgd with privacy): `grads` wraps the model whose forward pass the
+  /// training loop runs through it; it must outlive this object. step() then clips, sums and noises them in place of
+  /// the gradients backward() produced.
+  void set_per_sample_gradients(PerSampleGradients* grads);
+  /// The privacy accountant (null without privacy). Its state is the same on every worker.
+  const RdpAccountant* accountant() const { return accountant_.get(); }
+
+  /// Registers this optimizer's own state with an elastic session (call before its first sync(), on every worker,
+  /// like every registration): the round of the round strategies (anchor model, local steps taken, DiLoCo's outer
+  /// momentum) and the privacy accountant (a rollback never makes it forget steps: noise once released stays spent).
+  /// With it, federated averaging's round deadline can leave stragglers behind. `session` must outlive this object.
+  void set_elastic_session(ElasticSession* session);
 
   /// Sets the learning rate of every param group (the optimizer must be one whose options have `lr`, as all of
   /// LibTorch's do). Local: call it with the same value on every worker.
@@ -147,13 +288,18 @@ class DistributedOptimizer {
   /// flight: call it before ElasticSession::sync(). `after_failure`: for recover(); errors of that work are dropped.
   void finish_pending(bool after_failure = false);
   /// After the cluster changed (sync() or recover() returned changed): collective on the new cluster. Every member
-  /// takes rank 0's step count (steps()), and pair averaging publishes the model anew. When aikido-run chose the
+  /// takes rank 0's step count (steps()), and pair averaging publishes the model anew. A round strategy ends its
+  /// round with an exchange among the new cluster (with a registered elastic session; otherwise the models are
+  /// averaged and the round starts again from the mean). Compression state begins anew. When aikido-run chose the
   /// thread count (AIKIDO_AUTO_THREADS) and the program kept it, LibTorch's intra-op threads become this host's
   /// CPUs divided by the workers now on it.
   void on_cluster_change();
   /// Sets the strategy on this worker alone, without the collectives of set_strategy(): for state that an elastic
   /// session restores on every member (PolicyRunner), followed by on_cluster_change().
   void restore_strategy(Strategy strategy);
+  /// Sets the compression on this worker alone, without the consensus of set_compression(): for state that an
+  /// elastic session restores on every member (PolicyRunner).
+  void restore_compression(Compression compression);
   /// Sets steps() on this worker alone: for state that an elastic session restores on every member (PolicyRunner
   /// rolls the count back with the model, so that step-triggered decisions fall at the same training steps).
   void restore_steps(std::int64_t steps);
@@ -164,11 +310,27 @@ class DistributedOptimizer {
   struct Slot;
   struct Bucket;
   struct Pull;
+  struct Rounds;
+  struct Privacy;
   void build_buckets();
   void install_hooks();
   void remove_hooks();
   void on_gradient(std::size_t parameter, const ::torch::Tensor& grad);
   void launch(Bucket& bucket, std::string_view purpose);
+  void finish(Bucket& bucket);
+  void build_codecs();
+  // Round strategies and privacy (src/torch/strategies.cpp).
+  void setup_privacy();
+  void check_allowed(Strategy strategy, const Compression& compression) const;
+  void start_round();
+  void anchor_round();
+  void round_step(std::int64_t samples);
+  void exchange_round(std::string_view why);
+  double wait_for_round_arrivals(double weight);
+  std::vector<int> find_stragglers();
+  void secure_average(double weight, bool weighted);
+  void privatize_gradients(std::int64_t samples);
+  void add_noise(const ::torch::Tensor& flat, double stddev);
   void finish_gradients(bool apply);
   void release_gradient_aliases();
   void fill_buckets_from_gradients();
@@ -205,6 +367,13 @@ class DistributedOptimizer {
   struct Monitor;
   std::unique_ptr<Monitor> monitor_;
   TrainingMetrics metrics_;
+  // Round strategies, privacy and secure aggregation.
+  std::unique_ptr<Rounds> rounds_;
+  std::unique_ptr<Privacy> privacy_;
+  std::unique_ptr<RdpAccountant> accountant_;
+  std::unique_ptr<SecureAggregator> secure_;
+  PerSampleGradients* per_sample_ = nullptr;
+  ElasticSession* session_ = nullptr;
 };
 
 /// Runs adaptation policies (aikido/policy.hpp) in a training loop built on a DistributedOptimizer:
@@ -222,7 +391,7 @@ class DistributedOptimizer {
 ///     runner.after_train();
 ///
 /// Every hook call is made by every worker at the same point. After the policies of a hook ran, their requests
-/// (batch size, learning rate, strategy, topology) are checked by consensus to be the same on every worker
+/// (batch size, learning rate, strategy, compression, topology) are checked by consensus to be the same on every worker
 /// (MismatchError naming the step otherwise) and applied. A policy that throws ends training on that worker with
 /// aikido::Error "policy 'NAME' failed in HOOK at step N: ..."; policies decide from the metrics only, so a
 /// failure happens at the same step on every worker (a worker that fails alone is seen by the others as a lost
@@ -233,7 +402,8 @@ class PolicyRunner {
   PolicyRunner(DistributedOptimizer& optimizer, std::int64_t batch_size, std::vector<std::unique_ptr<Policy>> policies);
   ~PolicyRunner();
   /// Lets policies resize the cluster through `session` (which must outlive the runner), and registers the
-  /// runner's state with it (call before the first sync(), like every registration): batch size, strategy, the
+  /// runner's state with it (call before the first sync(), like every registration): batch size, strategy,
+  /// compression, the
   /// optimizer's step count (which policies read as metrics().step), a stop, and every policy's save_state(). A worker
   /// that joins receives them, a recovery rolls them back, and a joining worker skips before_train() (the members ran
   /// it long ago). The topology is the session's (it keeps the members' topology across changes).

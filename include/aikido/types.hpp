@@ -84,6 +84,7 @@ template <class T>
 inline constexpr DType dtype_of = DTypeOf<std::remove_cv_t<T>>::value;
 
 /// Reduction applied element-wise. `mean` is a sum divided by the number of ranks (integer division for integers).
+/// Integer sums wrap modulo 2^bits (two's complement), never overflow into undefined behaviour.
 enum class ReduceOp : std::uint8_t { sum, min, max, prod, mean };
 const char* reduce_op_name(ReduceOp op);
 

@@ -29,6 +29,7 @@ from ._C import (  # noqa: F401  (re-exported)
     AuthError,
     ChangeTimings,
     ClusterSpec,
+    Compression,
     ConfigError,
     ElasticConfig,
     ElasticSampler,
@@ -42,6 +43,7 @@ from ._C import (  # noqa: F401  (re-exported)
     PeerLostError,
     PolicyContext,
     ProtocolError,
+    RdpAccountant,
     ReduceOp,
     Store,
     Strategy,
@@ -60,9 +62,9 @@ from ._C import (  # noqa: F401  (re-exported)
 )
 
 __all__ = [
-    "AuthError", "ChangeTimings", "ClusterSpec", "ConfigError", "ElasticBatchSampler", "ElasticConfig",
+    "AuthError", "ChangeTimings", "ClusterSpec", "Compression", "ConfigError", "ElasticBatchSampler", "ElasticConfig",
     "ElasticSampler", "ElasticSession", "Error", "LinkStats", "MembershipStore", "MismatchError", "Peer",
-    "PeerConfig", "PeerLostError", "Policy", "PolicyContext", "ProtocolError", "ReduceOp", "Store", "Strategy",
+    "PeerConfig", "PeerLostError", "Policy", "PolicyContext", "ProtocolError", "RdpAccountant", "ReduceOp", "Store", "Strategy",
     "SyncResult", "TimeoutError", "Topology", "TrainingMetrics", "TransportKind", "Work", "WorkerSpec",
     "connect_tcp_store", "default_peer", "make_membership_store", "make_memory_store", "policy_names",
     "register_policy",

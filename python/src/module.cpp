@@ -4,8 +4,10 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <aikido/aikido.hpp>
+#include <aikido/compression.hpp>
 #include <aikido/metrics.hpp>
 #include <aikido/policy.hpp>
+#include <aikido/privacy.hpp>
 #include <cmath>
 #include <cstring>
 
@@ -554,12 +556,46 @@ void bind_enums(py::module_& m) {
   py::enum_<Strategy> strategy(m, "Strategy", "How the workers of a DistributedOptimizer keep their models together.");
   strategy.value("synchronous_sgd", Strategy::synchronous_sgd)
       .value("synchronous_averaging", Strategy::synchronous_averaging)
-      .value("pair_averaging", Strategy::pair_averaging);
+      .value("pair_averaging", Strategy::pair_averaging)
+      .value("local_sgd", Strategy::local_sgd)
+      .value("federated_averaging", Strategy::federated_averaging)
+      .value("diloco", Strategy::diloco);
   parse_from_str(strategy, &parse_strategy);
   py::enum_<SyncResult>(m, "SyncResult", "What ElasticSession.sync() found at a step boundary.")
       .value("unchanged", SyncResult::unchanged)
       .value("changed", SyncResult::changed)
       .value("removed", SyncResult::removed);
+}
+
+// Compression is a plain value: built from its name ("fp16", "topk:0.01", ...) wherever one is expected.
+void bind_edge(py::module_& m) {
+  py::class_<Compression>(m, "Compression",
+                          "How the values that workers average are encoded on the wire: none, fp16, bf16, int8, "
+                          "topk:FRACTION (error feedback) or powersgd:RANK (warm start, error feedback).")
+      .def(py::init<>())
+      .def(py::init([](const std::string& name) { return Compression::parse(name); }), py::arg("name"))
+      .def_static("parse", &Compression::parse, py::arg("name"))
+      .def_static("topk", &Compression::topk, py::arg("fraction"))
+      .def_static("powersgd", &Compression::powersgd, py::arg("rank"))
+      .def_property_readonly("name", &Compression::name)
+      .def_readonly("fraction", &Compression::fraction)
+      .def_readonly("rank", &Compression::rank)
+      .def("wire_ratio", &Compression::wire_ratio, py::arg("workers"), py::arg("count"))
+      .def(
+          "__eq__", [](const Compression& a, const Compression& b) { return a == b; }, py::is_operator())
+      .def("__str__", &Compression::name)
+      .def("__repr__", [](const Compression& c) { return "aikido.Compression('" + c.name() + "')"; });
+  py::implicitly_convertible<py::str, Compression>();
+
+  py::class_<RdpAccountant>(m, "RdpAccountant",
+                            "Renyi-DP accountant of the Poisson-subsampled Gaussian mechanism (Mironov et al. 2019).")
+      .def(py::init<>())
+      .def(py::init<std::vector<double>>(), py::arg("orders"))
+      .def("step", &RdpAccountant::step, py::arg("sampling_rate"), py::arg("noise_multiplier"), py::arg("steps") = 1)
+      .def("epsilon", &RdpAccountant::epsilon, py::arg("delta"))
+      .def("epsilon_and_order", &RdpAccountant::epsilon_and_order, py::arg("delta"))
+      .def_property_readonly("steps", &RdpAccountant::steps)
+      .def_property_readonly("orders", &RdpAccountant::orders);
 }
 
 void bind_stores(py::module_& m) {
@@ -796,6 +832,10 @@ void bind_metrics(py::module_& m) {
       .def_readonly("wait_seconds", &TrainingMetrics::wait_seconds)
       .def_readonly("allreduce_bytes_per_second", &TrainingMetrics::allreduce_bytes_per_second)
       .def_readonly("links", &TrainingMetrics::links)
+      .def_readonly("slowest_link_bytes_per_second", &TrainingMetrics::slowest_link_bytes_per_second)
+      .def_readonly("bytes_sent", &TrainingMetrics::bytes_sent)
+      .def_readonly("compression", &TrainingMetrics::compression)
+      .def_readonly("epsilon", &TrainingMetrics::epsilon)
       .def_static("known", &TrainingMetrics::known, py::arg("value"), "False for NaN (not measured yet).")
       .def("to_json", &to_json, py::arg("rank"), "One JSON object; unknown values are null.")
       .def("to_prometheus", &to_prometheus, py::arg("rank"), py::arg("with_help") = true);
@@ -815,6 +855,9 @@ void bind_policies(py::module_& m) {
           "set_strategy", [](ContextHandle& c, Strategy s) { c.get().set_strategy(s); }, py::arg("strategy"))
       .def(
           "set_topology", [](ContextHandle& c, Topology t) { c.get().set_topology(t); }, py::arg("topology"))
+      .def(
+          "set_compression", [](ContextHandle& c, const Compression& z) { c.get().set_compression(z); },
+          py::arg("compression"))
       .def(
           "request_resize", [](ContextHandle& c, int n) { c.get().request_resize(n); }, py::arg("workers"))
       .def(
@@ -995,6 +1038,7 @@ PYBIND11_MODULE(_C, m) {
   main_thread_id = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
   bind_errors(m);
   bind_enums(m);
+  bind_edge(m);
   bind_stores(m);
   bind_peer(m);
   bind_metrics(m);

@@ -153,7 +153,9 @@ struct PyDistributedOptimizer {
 std::unique_ptr<PyDistributedOptimizer> make_distributed_optimizer(
     py::object optimizer, const py::object& parameters, Strategy strategy, py::object peer, std::size_t bucket_bytes,
     std::uint64_t seed, bool monitor, std::int64_t gradient_sample_interval, double noise_smoothing,
-    double link_probe_interval, std::size_t link_probe_bytes, bool collective_setup) {
+    double link_probe_interval, std::size_t link_probe_bytes, bool collective_setup, std::int64_t local_steps,
+    double round_deadline, double outer_lr, double outer_momentum, const Compression& compression,
+    std::optional<at_torch::PrivacyOptions> privacy, bool secure_aggregation) {
   auto result = std::make_unique<PyDistributedOptimizer>();
   result->python_optimizer = optimizer;
   result->peer = peer;
@@ -169,6 +171,13 @@ std::unique_ptr<PyDistributedOptimizer> make_distributed_optimizer(
   options.link_probe_interval = to_ms(link_probe_interval, "link_probe_interval");
   options.link_probe_bytes = link_probe_bytes;
   options.collective_setup = collective_setup;
+  options.local_steps = local_steps;
+  options.round_deadline = to_ms(round_deadline, "round_deadline");
+  options.outer_lr = outer_lr;
+  options.outer_momentum = outer_momentum;
+  options.compression = compression;
+  options.privacy = std::move(privacy);
+  options.secure_aggregation = secure_aggregation;
   result->optimizer = blocking(
       [&] { return std::make_unique<at_torch::DistributedOptimizer>(p, *result->adapter, named, strategy, options); });
   return result;
@@ -189,7 +198,9 @@ void bind_torch_api(py::module_& m) {
       .def(py::init(&make_distributed_optimizer), py::arg("optimizer"), py::arg("named_parameters"),
            py::arg("strategy"), py::arg("peer"), py::arg("bucket_bytes"), py::arg("seed"), py::arg("monitor"),
            py::arg("gradient_sample_interval"), py::arg("noise_smoothing"), py::arg("link_probe_interval"),
-           py::arg("link_probe_bytes"), py::arg("collective_setup"))
+           py::arg("link_probe_bytes"), py::arg("collective_setup"), py::arg("local_steps"), py::arg("round_deadline"),
+           py::arg("outer_lr"), py::arg("outer_momentum"), py::arg("compression"), py::arg("privacy"),
+           py::arg("secure_aggregation"))
       .def("zero_grad", [](PyDistributedOptimizer& o) { o.get().zero_grad(); })
       .def(
           "step",
@@ -230,6 +241,26 @@ void bind_torch_api(py::module_& m) {
       .def(
           "restore_steps", [](PyDistributedOptimizer& o, std::int64_t s) { o.get().restore_steps(s); },
           py::arg("steps"))
+      .def(
+          "set_compression",
+          [](PyDistributedOptimizer& o, const Compression& c) { blocking([&] { o.get().set_compression(c); }); },
+          py::arg("compression"))
+      .def_property_readonly("compression", [](const PyDistributedOptimizer& o) { return o.get().compression(); })
+      .def(
+          "restore_compression",
+          [](PyDistributedOptimizer& o, const Compression& c) { o.get().restore_compression(c); },
+          py::arg("compression"))
+      .def_property_readonly("accountant",
+                             [](const PyDistributedOptimizer& o) -> std::optional<RdpAccountant> {
+                               const RdpAccountant* a = o.get().accountant();
+                               return a ? std::optional<RdpAccountant>(*a) : std::nullopt;
+                             })
+      .def(
+          "set_elastic_session",
+          [](PyDistributedOptimizer& o, const py::object& session) {
+            o.get().set_elastic_session(&session.cast<ElasticSession&>());
+          },
+          py::arg("session"), py::keep_alive<1, 2>())
       .def_property_readonly("peer", [](const PyDistributedOptimizer& o) { return o.peer; })
       .def_property_readonly("optimizer", [](const PyDistributedOptimizer& o) { return o.python_optimizer; });
 
@@ -261,6 +292,30 @@ void bind_torch_api(py::module_& m) {
         blocking([&] { at_torch::broadcast_optimizer_state(peer, *adapter, root); });
       },
       py::arg("peer"), py::arg("optimizer"), py::arg("root") = 0);
+
+  py::class_<at_torch::PrivacyOptions>(m, "PrivacyOptions",
+                                       "Differential privacy of a DistributedOptimizer: client-level DP under "
+                                       "local_sgd, federated_averaging and diloco.")
+      .def(py::init([](double clip, double noise_multiplier, double delta, std::int64_t dataset_size,
+                       std::uint64_t noise_seed) {
+             return at_torch::PrivacyOptions{clip, noise_multiplier, delta, dataset_size, noise_seed};
+           }),
+           py::arg("clip"), py::arg("noise_multiplier"), py::arg("delta") = 1e-5, py::arg("dataset_size") = 0,
+           py::arg("noise_seed") = 0)
+      .def_readwrite("clip", &at_torch::PrivacyOptions::clip)
+      .def_readwrite("noise_multiplier", &at_torch::PrivacyOptions::noise_multiplier)
+      .def_readwrite("delta", &at_torch::PrivacyOptions::delta)
+      .def_readwrite("dataset_size", &at_torch::PrivacyOptions::dataset_size)
+      .def_readwrite("noise_seed", &at_torch::PrivacyOptions::noise_seed);
+
+  m.def(
+      "dirichlet_partition",
+      [](const ::at::Tensor& labels, int workers, double alpha, std::uint64_t seed) {
+        return at_torch::dirichlet_partition(labels, workers, alpha, seed);
+      },
+      py::arg("labels"), py::arg("workers"), py::arg("alpha"), py::arg("seed") = 0,
+      "A non-IID split of a labelled data set: per class, the workers' shares drawn from Dirichlet(alpha). Each "
+      "worker's sorted sample indices; the same on every worker for the same arguments.");
 
   py::class_<at_torch::DistributedSampler>(m, "DistributedSampler", py::dynamic_attr())
       .def(py::init<std::size_t, const Peer&, std::uint64_t, bool>(), py::arg("dataset_size"), py::arg("peer"),

@@ -7,6 +7,7 @@
 #endif
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "base/error.hpp"
 #include "base/half.hpp"
@@ -17,7 +18,13 @@ namespace {
 struct Sum {
   template <class T>
   T operator()(T a, T b) const {
-    return T(a + b);
+    if constexpr (std::is_integral_v<T>) {
+      // Integer sums wrap modulo 2^bits (secure aggregation relies on it); signed overflow would be undefined.
+      using U = std::make_unsigned_t<T>;
+      return T(U(a) + U(b));
+    } else {
+      return T(a + b);
+    }
   }
 };
 struct Min {

@@ -677,6 +677,33 @@ std::uint64_t ElasticSession::request_resize(int n) {
   }
 }
 
+std::uint64_t ElasticSession::request_removal(const std::vector<int>& ranks, const std::string& reason) {
+  if (!elastic()) throw ConfigError("leaving workers behind needs an elastic job: run under aikido-run --elastic");
+  std::vector<std::uint64_t> ids;
+  for (int r : ranks) {
+    if (r < 0 || r >= spec_.size()) {
+      throw ConfigError(str_cat("request_removal: rank ", r, " is not in the cluster of ", spec_.size(), " workers"));
+    }
+    ids.push_back(spec_.workers[std::size_t(r)].id);
+  }
+  if (ids.size() >= spec_.workers.size()) throw ConfigError("request_removal: no worker would be left");
+  for (;;) {
+    auto latest = config_.membership->latest();
+    if (!latest) throw Error("the membership store holds no cluster spec");
+    const bool gone = std::none_of(ids.begin(), ids.end(), [&](std::uint64_t id) {
+      return std::any_of(latest->workers.begin(), latest->workers.end(), [&](const auto& w) { return w.id == id; });
+    });
+    if (gone) return latest->version;
+    ClusterSpec next = latest->without(ids, reason);
+    next.proposed_unix_ms = unix_ms();
+    if (config_.membership->propose(next)) {
+      latest_seen_ = std::max(latest_seen_.load(), next.version);
+      log::warn("worker ", config_.worker_id, ": proposed ", next.describe());
+      return next.version;
+    }
+  }
+}
+
 SyncResult ElasticSession::resize(int n) {
   if (!elastic()) throw ConfigError("resizing needs an elastic job: run under aikido-run --elastic");
   if (n < spec_.min_size || n > spec_.max_size) {

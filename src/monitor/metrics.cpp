@@ -38,6 +38,11 @@ std::vector<Field> numeric_fields(const TrainingMetrics& m) {
       {"wait_seconds", "time of a step blocked waiting for communication", m.wait_seconds},
       {"allreduce_bytes_per_second", "gradient bytes allreduced per second of communication",
        m.allreduce_bytes_per_second},
+      {"slowest_link_bytes_per_second", "lowest bandwidth measured on any link between two workers",
+       m.slowest_link_bytes_per_second},
+      {"bytes_sent", "bytes this worker wrote to its connections since its session began",
+       static_cast<double>(m.bytes_sent)},
+      {"epsilon", "differential privacy spent so far (epsilon at the optimizer's delta)", m.epsilon},
   };
 }
 
@@ -70,9 +75,10 @@ std::string to_prometheus(const TrainingMetrics& m, int rank, bool with_help) {
     os << "aikido_" << f.name << labels << " " << number(f.value) << "\n";
   }
   if (!m.strategy.empty() || !m.topology.empty()) {
-    if (with_help) os << "# HELP aikido_info strategy and topology in use\n# TYPE aikido_info gauge\n";
-    os << "aikido_info{rank=\"" << rank << "\",strategy=" << quoted(m.strategy) << ",topology=" << quoted(m.topology)
-       << "} 1\n";
+    if (with_help) os << "# HELP aikido_info strategy, topology and compression in use\n# TYPE aikido_info gauge\n";
+    os << "aikido_info{rank=\"" << rank << "\",strategy=" << quoted(m.strategy) << ",topology=" << quoted(m.topology);
+    if (!m.compression.empty()) os << ",compression=" << quoted(m.compression);
+    os << "} 1\n";
   }
   const struct {
     const char* name;
@@ -104,7 +110,8 @@ std::string to_json(const TrainingMetrics& m, int rank) {
   for (const auto& f : numeric_fields(m)) {
     os << ",\"" << f.name << "\":" << known_or_null(f.value);
   }
-  os << ",\"strategy\":" << quoted(m.strategy) << ",\"topology\":" << quoted(m.topology) << ",\"links\":[";
+  os << ",\"strategy\":" << quoted(m.strategy) << ",\"topology\":" << quoted(m.topology)
+     << ",\"compression\":" << quoted(m.compression) << ",\"links\":[";
   for (std::size_t i = 0; i < m.links.size(); ++i) {
     const LinkStats& link = m.links[i];
     os << (i ? "," : "") << "{\"peer\":" << link.peer << ",\"latency_seconds\":" << known_or_null(link.latency_seconds)

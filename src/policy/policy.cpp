@@ -5,6 +5,9 @@
 //   strategy-switch  switches the synchronisation strategy at a step, an epoch or a noise-scale trigger; moves to
 //                    another topology when the measured allreduce throughput collapses (interference)
 //   schedule         changes learning rate, batch size, strategy or topology at given steps or epochs
+//   adaptive-compression
+//                    picks the compression of what the optimizer exchanges from the measured link bandwidth and the
+//                    step's communication share
 #include <aikido/errors.hpp>
 #include <aikido/policy.hpp>
 #include <algorithm>
@@ -30,6 +33,12 @@ const char* strategy_name(Strategy strategy) {
       return "synchronous_averaging";
     case Strategy::pair_averaging:
       return "pair_averaging";
+    case Strategy::local_sgd:
+      return "local_sgd";
+    case Strategy::federated_averaging:
+      return "federated_averaging";
+    case Strategy::diloco:
+      return "diloco";
   }
   return "unknown";
 }
@@ -38,8 +47,20 @@ Strategy parse_strategy(std::string_view name) {
   if (name == "ssgd" || name == "synchronous_sgd") return Strategy::synchronous_sgd;
   if (name == "sma" || name == "synchronous_averaging") return Strategy::synchronous_averaging;
   if (name == "pair" || name == "pair_averaging") return Strategy::pair_averaging;
+  if (name == "local_sgd") return Strategy::local_sgd;
+  if (name == "fedavg" || name == "federated_averaging") return Strategy::federated_averaging;
+  if (name == "diloco") return Strategy::diloco;
   throw ConfigError(str_cat("unknown strategy '", name,
-                            "': use ssgd (synchronous_sgd), sma (synchronous_averaging) or pair (pair_averaging)"));
+                            "': use ssgd (synchronous_sgd), sma (synchronous_averaging), pair (pair_averaging), "
+                            "local_sgd, fedavg (federated_averaging) or diloco"));
+}
+
+bool is_round_strategy(Strategy strategy) {
+  return strategy == Strategy::local_sgd || strategy == Strategy::federated_averaging || strategy == Strategy::diloco;
+}
+
+void PolicyContext::set_compression(Compression compression) {
+  throw ConfigError(str_cat("set_compression(", compression.name(), "): this policy runner cannot change compression"));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -377,8 +398,8 @@ class StrategySwitch : public Policy {
 };
 
 // schedule: options "<action>@<step|epoch><N>=<value>", for example lr@epoch2=0.01, batch@step500=128,
-// strategy@epoch1=ssgd, topology@step100=tree, workers@step300=4, stop@epoch5=1. Epoch triggers act when that epoch
-// starts, step triggers after that step.
+// strategy@epoch1=ssgd, compression@step200=fp16, topology@step100=tree, workers@step300=4, stop@epoch5=1. Epoch
+// triggers act when that epoch starts, step triggers after that step.
 class Schedule : public Policy {
  public:
   explicit Schedule(const PolicyOptions& o) {
@@ -404,12 +425,14 @@ class Schedule : public Policy {
         parse_strategy(value);
       } else if (change.action == "topology") {
         parse_topology(value);
+      } else if (change.action == "compression") {
+        Compression::parse(value);
       } else if (change.action == "workers") {
         if (option_int({{key, value}}, key, 0) < 1)
           throw ConfigError(str_cat("policy schedule: ", key, " must be >= 1"));
       } else if (change.action != "stop") {
         throw ConfigError(str_cat("policy schedule: unknown action '", change.action,
-                                  "' (known: lr, batch, strategy, topology, workers, stop)"));
+                                  "' (known: lr, batch, strategy, compression, topology, workers, stop)"));
       }
       changes_.push_back(change);
     }
@@ -432,11 +455,111 @@ class Schedule : public Policy {
       if (ch.action == "batch") c.set_batch_size(std::stoll(ch.value));
       if (ch.action == "strategy") c.set_strategy(parse_strategy(ch.value));
       if (ch.action == "topology") c.set_topology(parse_topology(ch.value));
+      if (ch.action == "compression") c.set_compression(Compression::parse(ch.value));
       if (ch.action == "workers") c.request_resize(static_cast<int>(std::stoll(ch.value)));
       if (ch.action == "stop") c.stop(str_cat("schedule: stop at ", by_epoch ? "epoch " : "step ", now));
     }
   }
   std::vector<Change> changes_;
+};
+
+// adaptive-compression: every `interval` steps after `warmup`, looks at the step's communication share (reduced
+// communication_seconds / step_seconds) and moves along a ladder of compressions, least compressing first
+// (default none/fp16/powersgd:4/topk:0.01; '/' separates levels). Above `high` it predicts each higher level's share
+// from the slowest measured link (bytes of a ring allreduce of the gradients times the level's wire ratio, over the
+// bandwidth, against the measured compute time) and takes the first level predicted at or below `high`, the last
+// level if none is; without a bandwidth measurement it climbs one level. Below `low` for `patience` decisions in a
+// row it goes one level down, if that level is predicted at or below `high` (or, unmeasured, at once). Every input is
+// reduced across workers, so every worker takes the same decision.
+class AdaptiveCompression : public Policy {
+ public:
+  explicit AdaptiveCompression(const PolicyOptions& o)
+      : high_(option_double(o, "high", 0.3)),
+        low_(option_double(o, "low", 0.1)),
+        interval_(option_int(o, "interval", 20)),
+        warmup_(option_int(o, "warmup", 20)),
+        patience_(option_int(o, "patience", 3)) {
+    require_known_keys("adaptive-compression", o, {"high", "low", "interval", "warmup", "patience", "ladder"});
+    std::string ladder = option_string(o, "ladder", "none/fp16/powersgd:4/topk:0.01");
+    while (!ladder.empty()) {
+      const auto slash = ladder.find('/');
+      ladder_.push_back(Compression::parse(ladder.substr(0, slash)));
+      if (slash == std::string::npos) break;
+      ladder = ladder.substr(slash + 1);
+    }
+    if (ladder_.size() < 2) {
+      throw ConfigError("policy adaptive-compression: the ladder needs at least two levels, e.g. ladder=none/fp16");
+    }
+    if (!(low_ >= 0 && low_ < high_ && high_ < 1) || interval_ < 1 || warmup_ < 0 || patience_ < 1) {
+      throw ConfigError(
+          "policy adaptive-compression: need 0 <= low < high < 1, interval >= 1, warmup >= 0, patience >= 1");
+    }
+  }
+  std::string name() const override { return "adaptive-compression"; }
+
+  std::vector<std::byte> save_state() const override { return detail::ByteWriter().put(below_).take(); }
+  void load_state(std::span<const std::byte> state) override {
+    detail::ByteReader r(state, "policy adaptive-compression");
+    below_ = r.get<std::int64_t>();
+    r.finish();
+  }
+
+  void after_step(PolicyContext& c) override {
+    const TrainingMetrics& m = c.metrics();
+    if (m.step < warmup_ || m.step % interval_ != 0) return;
+    if (!TrainingMetrics::known(m.communication_seconds) || !TrainingMetrics::known(m.step_seconds) ||
+        !(m.step_seconds > 0)) {
+      return;
+    }
+    const std::size_t current = level_of(m.compression);
+    const double share = m.communication_seconds / m.step_seconds;
+    if (share > high_) {
+      below_ = 0;
+      std::size_t next = current;
+      for (std::size_t l = current + 1; l < ladder_.size(); ++l) {
+        next = l;
+        const auto predicted = predicted_share(m, l);
+        if (!predicted || *predicted <= high_) break;
+      }
+      if (next != current) c.set_compression(ladder_[next]);
+    } else if (share < low_ && current > 0) {
+      if (++below_ < patience_) return;
+      below_ = 0;
+      const auto predicted = predicted_share(m, current - 1);
+      if (!predicted || *predicted <= high_) c.set_compression(ladder_[current - 1]);
+    } else {
+      below_ = 0;
+    }
+  }
+
+ private:
+  // The ladder level in force: the one whose name the metrics report (a level set by other means: the first).
+  std::size_t level_of(const std::string& name) const {
+    for (std::size_t l = 0; l < ladder_.size(); ++l) {
+      if (ladder_[l].name() == name) return l;
+    }
+    return 0;
+  }
+
+  // The communication share level `l` would have: gradient bytes (allreduce throughput x communication time) as a
+  // ring allreduce over the slowest link, scaled by the level's wire ratio, against the compute time.
+  std::optional<double> predicted_share(const TrainingMetrics& m, std::size_t l) const {
+    if (!TrainingMetrics::known(m.slowest_link_bytes_per_second) || !(m.slowest_link_bytes_per_second > 0) ||
+        !TrainingMetrics::known(m.allreduce_bytes_per_second) || !TrainingMetrics::known(m.compute_seconds)) {
+      return std::nullopt;
+    }
+    const double gradient_bytes = m.allreduce_bytes_per_second * m.communication_seconds;
+    const double n = std::max(2, m.workers);
+    const auto count = static_cast<std::int64_t>(gradient_bytes / 4);
+    const double seconds =
+        ladder_[l].wire_ratio(m.workers, count) * 2 * (n - 1) / n * gradient_bytes / m.slowest_link_bytes_per_second;
+    return seconds / (seconds + std::max(m.compute_seconds, 1e-9));
+  }
+
+  double high_, low_;
+  std::int64_t interval_, warmup_, patience_;
+  std::vector<Compression> ladder_;
+  std::int64_t below_ = 0;
 };
 
 Registry& registry() {
@@ -445,6 +568,9 @@ Registry& registry() {
     reg->factories["adaptive-batch"] = [](const PolicyOptions& o) { return std::make_unique<AdaptiveBatch>(o); };
     reg->factories["strategy-switch"] = [](const PolicyOptions& o) { return std::make_unique<StrategySwitch>(o); };
     reg->factories["schedule"] = [](const PolicyOptions& o) { return std::make_unique<Schedule>(o); };
+    reg->factories["adaptive-compression"] = [](const PolicyOptions& o) {
+      return std::make_unique<AdaptiveCompression>(o);
+    };
     return reg;
   }();
   return *r;

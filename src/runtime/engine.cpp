@@ -934,6 +934,14 @@ std::vector<int> Engine::lost_ranks() const {
   return ranks;
 }
 
+std::uint64_t Engine::bytes_sent() const {
+  std::uint64_t bytes = 0;
+  for (const auto& c : connections_) {
+    if (c) bytes += c->bytes_written();
+  }
+  return bytes;
+}
+
 PathCounts Engine::path_counts() const {
   PathCounts counts;
   {

@@ -114,6 +114,8 @@ class Engine final : public transport::FrameHandler {
   /// Ends the connection to rank `p` as if it had been lost, naming `why` (Peer::mark_lost).
   void drop_peer(int p, const std::string& why);
   PathCounts path_counts() const;
+  /// Bytes written to the connections so far.
+  std::uint64_t bytes_sent() const;
 
   void on_frame(transport::Connection& connection, const transport::FrameHeader& header,
                 const std::string& name) override;

@@ -388,8 +388,10 @@ const PeerConfig& Peer::config() const { return engine_->config(); }
 std::vector<int> Peer::lost_ranks() const { return engine_->lost_ranks(); }
 void Peer::mark_lost(int rank, const std::string& why) { engine_->drop_peer(rank, why); }
 PathCounts Peer::path_counts() const { return engine_->path_counts(); }
+std::uint64_t Peer::bytes_sent() const { return bytes_sent_before_ + engine_->bytes_sent(); }
 
 void Peer::reconnect(const PeerConfig& config) {
+  bytes_sent_before_ += engine_->bytes_sent();
   engine_.reset();  // closes the old version's connections before the new ones open
   try {
     engine_ = connect_engine(config);

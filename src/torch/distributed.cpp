@@ -1,18 +1,19 @@
-// LibTorch integration: model checks, broadcasts and the distributed optimizer (include/aikido/torch.hpp).
-//
-// Terms. A *slot* is one parameter's place in a bucket. A *bucket* is a flat buffer of one dtype holding several
-// parameters (gradients for synchronous SGD, values for model averaging), communicated as one collective.
+// LibTorch integration: model checks, broadcasts and the distributed optimizer (include/aikido/torch.hpp): buckets,
+// backward hooks, synchronous SGD, model and pair averaging, monitoring. The round strategies, compression codecs and
+// privacy are in strategies.cpp; slots and buckets are defined in optimizer_parts.hpp.
 #include <aikido/torch.hpp>
 #include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <sstream>
 
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/reduce.hpp"
+#include "optimizer_parts.hpp"
 #include "splitmix.hpp"
 
 namespace aikido::torch {
@@ -21,13 +22,8 @@ using detail::str_cat;
 
 namespace {
 
-constexpr std::string_view kPrefix = "aikido.torch/";
-
-Work post_tensor(Peer& peer, detail::CollectiveKind kind, ::torch::Tensor& tensor, ReduceOp op, int root,
-                 std::string_view name) {
-  const auto count = static_cast<std::size_t>(tensor.numel());
-  return peer.post({kind, dtype_of_tensor(tensor), op, root, tensor.data_ptr(), tensor.data_ptr(), count, count, name});
-}
+using internal::kPrefix;
+using internal::post_tensor;
 
 // Calls fn(T{}) with the C++ element type of `tensor`.
 template <class Fn>
@@ -164,30 +160,9 @@ void unflatten(const ::torch::Tensor& flat, const std::vector<::torch::Tensor>& 
   }
 }
 
-// Sum of squares of a contiguous 1-D tensor. float32 (the common case) in one vectorised pass over memory that is
-// usually still in cache; other types through LibTorch.
-double sum_of_squares(const ::torch::Tensor& t) {
-  if (t.scalar_type() == ::torch::kFloat32 && t.is_contiguous()) {
-    return detail::sum_of_squares(t.data_ptr<float>(), static_cast<std::size_t>(t.numel()));
-  }
-  return t.to(::torch::kFloat64).square().sum().item<double>();
-}
-
-// dst = src (dst contiguous, same numel), returning the sum of squares of the values when `measure`: one pass over
-// the gradient instead of a copy and a second read.
-double copy_measuring(const ::torch::Tensor& dst, const ::torch::Tensor& src, bool measure) {
-  if (!measure || dst.scalar_type() != ::torch::kFloat32 || src.scalar_type() != ::torch::kFloat32 ||
-      !src.is_contiguous()) {
-    dst.copy_(src.reshape(-1));
-    return measure ? sum_of_squares(dst) : 0.0;
-  }
-  return detail::copy_sum_of_squares(dst.data_ptr<float>(), src.data_ptr<float>(),
-                                     static_cast<std::size_t>(dst.numel()));
-}
-
-double seconds_between(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
+using internal::copy_measuring;
+using internal::seconds_between;
+using internal::sum_of_squares;
 
 }  // namespace
 
@@ -292,70 +267,6 @@ void broadcast_optimizer_state(Peer& peer, ::torch::optim::Optimizer& optimizer,
 // ---------------------------------------------------------------------------------------------------------------
 // DistributedOptimizer
 
-struct DistributedOptimizer::Slot {
-  std::size_t bucket = 0;
-  std::int64_t offset = 0;  // elements into the bucket
-  std::int64_t numel = 0;
-  bool ready = false;  // its gradient of this step is in the bucket
-  // Synchronous SGD: after step() the parameter's .grad() is this tensor, which shares the bucket's memory (the
-  // averaged gradient, without a copy back). Made with from_blob, not as a view of the bucket, so that LibTorch's
-  // zero_grad() (which detaches .grad() in place, refused for views) still works on it.
-  ::torch::Tensor grad_alias;
-  unsigned hook = 0;
-  bool hooked = false;
-};
-
-struct DistributedOptimizer::Bucket {
-  std::size_t index = 0;
-  ::torch::Tensor flat;            // gradients (synchronous SGD) or values (model averaging) of its slots
-  std::vector<std::size_t> slots;  // parameter indices, in bucket order
-  std::size_t pending = 0;         // gradients still to come this step
-  bool launched = false;
-  Work work;
-};
-
-// Monitoring state. The per-step values of all workers travel in one small float64 allreduce (sum), launched at the
-// end of a step and read at the end of the next one, so that it never delays a step.
-struct DistributedOptimizer::Monitor {
-  using Clock = std::chrono::steady_clock;
-  enum Slot { kLocalSq, kMeasured, kSamples, kCompute, kWait, kCommunication, kStep, kCount };
-
-  explicit Monitor(double smoothing) : noise(smoothing) {}
-  NoiseScaleEstimator noise;
-  std::unique_ptr<MetricsPublisher> publisher;  // when aikido-run exports metrics
-  std::unique_ptr<LinkMonitor> links;           // options().link_probe_interval > 0
-  Clock::time_point last_step_end = Clock::now();
-  Clock::time_point entry;         // this step's call of step()
-  Clock::time_point first_launch;  // this step's first gradient collective
-  bool launched = false;
-  double local_sq = 0;                 // this step: squared norm of this worker's gradient
-  bool measured = false;               // ... when it was measured (with the averaged one)
-  double big_sq = 0;                   // this step: squared norm of the averaged gradient
-  double wait = 0, communication = 0;  // this step, seconds
-  std::int64_t gradient_bytes = 0;
-  std::int64_t batch_size = 0;
-  // In flight: the values of the last step, and what only this worker knows about it.
-  std::array<double, kCount> values{};
-  Work work;
-  bool pending = false;
-  bool pending_measured = false;
-  double pending_big_sq = 0;
-
-  void note_launch() {
-    if (!launched) first_launch = Clock::now();
-    launched = true;
-  }
-};
-
-struct DistributedOptimizer::Pull {
-  int partner = -1;
-  std::vector<::torch::Tensor> flats;  // one per bucket: the partner's model
-  std::vector<Work> works;
-  bool done() const {
-    return std::all_of(works.begin(), works.end(), [](const Work& w) { return w.done(); });
-  }
-};
-
 DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer& optimizer,
                                            const NamedParameters& parameters, Strategy strategy,
                                            DistributedOptimizerOptions options)
@@ -371,7 +282,11 @@ DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer
     parameters_.push_back(item.value());
   }
   if (parameters_.empty()) throw ConfigError("DistributedOptimizer: no parameter requires a gradient");
+  check_allowed(strategy_, options_.compression);
+  setup_privacy();
   build_buckets();
+  build_codecs();
+  start_round();
   install_hooks();
   monitor_ = std::make_unique<Monitor>(options_.noise_smoothing);
   if (options_.monitor) monitor_->publisher = MetricsPublisher::from_env(peer_.rank());
@@ -385,6 +300,7 @@ DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer
   metrics_.workers = peer_.size();
   metrics_.strategy = strategy_name(strategy_);
   metrics_.topology = topology_name(peer_.topology());
+  metrics_.compression = options_.compression.name();
   metrics_.lr = lr();
   // Threads that aikido-run chose (OMP_NUM_THREADS = CPUs / workers) and the program kept follow the cluster's size.
   if (env::get(env::kAutoThreads).value_or("") == "1") {
@@ -404,10 +320,21 @@ DistributedOptimizer::~DistributedOptimizer() {
 void DistributedOptimizer::wait_launched() noexcept {
   for (auto& bucket : buckets_) {
     if (!bucket.launched) continue;
+    if (bucket.coded) {
+      bucket.codec->abandon();
+      continue;
+    }
     try {
       bucket.work.wait();
     } catch (...) {
     }
+  }
+  if (rounds_ && rounds_->arrival_pending) {
+    try {
+      rounds_->arrival_work.wait();
+    } catch (...) {
+    }
+    rounds_->arrival_pending = false;
   }
   if (pull_) {
     for (auto& w : pull_->works) {
@@ -419,9 +346,11 @@ void DistributedOptimizer::wait_launched() noexcept {
     pull_->works.clear();
   }
   if (monitor_ && monitor_->pending) {
-    try {
-      monitor_->work.wait();
-    } catch (...) {
+    for (Work* work : {&monitor_->work, &monitor_->link_work}) {
+      try {
+        work->wait();
+      } catch (...) {
+      }
     }
     monitor_->pending = false;
   }
@@ -501,7 +430,8 @@ std::string DistributedOptimizer::bucket_name(const Bucket& bucket, std::string_
 // Called by autograd, on the thread running backward(), when parameter `i`'s gradient of this pass is computed (before
 // it is accumulated into .grad()).
 void DistributedOptimizer::on_gradient(std::size_t i, const ::torch::Tensor& grad) {
-  if (strategy_ != Strategy::synchronous_sgd || peer_.size() == 1) return;
+  // DP-SGD replaces the gradients by noised sums of clipped per-sample ones at step(): nothing to send yet.
+  if (strategy_ != Strategy::synchronous_sgd || peer_.size() == 1 || privacy_) return;
   Slot& slot = slots_[i];
   if (slot.ready) {
     second_backward_ = true;  // reported by step(): throwing inside autograd would lose the error type
@@ -527,12 +457,38 @@ void DistributedOptimizer::on_gradient(std::size_t i, const ::torch::Tensor& gra
   }
 }
 
-// Starts the allreduce (mean) of a bucket, in place.
+// Starts averaging a bucket across the workers, in place: through its codec when it has one (gradients and round
+// updates; models always travel as they are), else one allreduce (mean).
 void DistributedOptimizer::launch(Bucket& bucket, std::string_view purpose) {
   monitor_->note_launch();
   bucket.launched = true;
+  bucket.coded = bucket.codec && purpose != "model";
+  if (bucket.coded) {
+    bucket.codec->start(peer_, bucket_name(bucket, purpose));
+    return;
+  }
   bucket.work = post_tensor(peer_, detail::CollectiveKind::allreduce, bucket.flat, ReduceOp::mean, 0,
                             bucket_name(bucket, purpose));
+}
+
+// Waits for a launched bucket's average.
+void DistributedOptimizer::finish(Bucket& bucket) {
+  if (bucket.coded) {
+    bucket.codec->finish(peer_);
+  } else {
+    bucket.work.wait();
+  }
+}
+
+void DistributedOptimizer::build_codecs() {
+  for (auto& bucket : buckets_) {
+    bucket.codec.reset();
+    if (bucket.flat.scalar_type() != ::torch::kFloat32) continue;
+    std::vector<internal::SlotShape> shapes;
+    for (std::size_t i : bucket.slots) shapes.push_back({slots_[i].offset, parameters_[i].sizes().vec()});
+    bucket.codec = internal::make_codec(options_.compression, bucket.flat, std::move(shapes),
+                                        options_.seed * 0x9e3779b97f4a7c15ULL + bucket.index);
+  }
 }
 
 void DistributedOptimizer::zero_grad() {
@@ -556,7 +512,7 @@ void DistributedOptimizer::finish_gradients(bool apply) {
     launch(bucket, "grad");
   }
   const auto before = Monitor::Clock::now();
-  for (auto& bucket : buckets_) bucket.work.wait();
+  for (auto& bucket : buckets_) finish(bucket);
   const auto after = Monitor::Clock::now();
   monitor_->wait += seconds_between(before, after);
   monitor_->communication += seconds_between(monitor_->first_launch, after);
@@ -599,6 +555,7 @@ void DistributedOptimizer::reset_step() {
   for (auto& bucket : buckets_) {
     bucket.pending = bucket.slots.size();
     bucket.launched = false;
+    bucket.coded = false;
   }
 }
 
@@ -635,11 +592,17 @@ void DistributedOptimizer::step(std::int64_t samples) {
     throw ConfigError(str_cat("DistributedOptimizer: ", error));
   }
   const bool distributed = peer_.size() > 1;
-  // Under model averaging, some steps also allreduce the gradients, only to measure them.
-  const bool sample_gradients = distributed && options_.monitor && strategy_ != Strategy::synchronous_sgd &&
-                                options_.gradient_sample_interval > 0 &&
-                                steps_ % options_.gradient_sample_interval == 0;
+  // Under model averaging, some steps also allreduce the gradients, only to measure them. Not under the round
+  // strategies, which exist to communicate less.
+  const bool sample_gradients =
+      distributed && options_.monitor &&
+      (strategy_ == Strategy::synchronous_averaging || strategy_ == Strategy::pair_averaging) &&
+      options_.gradient_sample_interval > 0 && steps_ % options_.gradient_sample_interval == 0;
   try {
+    if (strategy_ == Strategy::synchronous_sgd && privacy_) {
+      privatize_gradients(samples);
+      if (distributed) fill_buckets_from_gradients();
+    }
     if (strategy_ == Strategy::synchronous_sgd && distributed) finish_gradients(true);
     if (sample_gradients) {
       fill_buckets_from_gradients();
@@ -651,9 +614,12 @@ void DistributedOptimizer::step(std::int64_t samples) {
     throw;
   }
   reset_step();
+  const bool rounds = is_round_strategy(strategy_);
+  if (rounds && !rounds_->anchored) anchor_round();
   optimizer_.step();
   if (strategy_ == Strategy::synchronous_averaging) average_models();
   if (strategy_ == Strategy::pair_averaging) pair_step();
+  if (rounds) round_step(samples);
   ++steps_;
   if (options_.monitor) {
     launch_metrics(static_cast<double>(samples), seconds_between(monitor_->last_step_end, Monitor::Clock::now()));
@@ -677,15 +643,29 @@ void DistributedOptimizer::launch_metrics(double samples, double step_seconds) {
   m.pending_big_sq = m.big_sq;
   m.local_sq = m.big_sq = m.wait = m.communication = 0;
   m.measured = false;
+  // The slowest of this worker's measured links; the allreduce (max) of its negation finds the cluster's slowest.
+  m.slowest_link[0] = -std::numeric_limits<double>::infinity();
+  if (m.links) {
+    for (const LinkStats& link : m.links->links()) {
+      if (TrainingMetrics::known(link.bandwidth_bytes_per_second)) {
+        m.slowest_link[0] = std::max(m.slowest_link[0], -link.bandwidth_bytes_per_second);
+      }
+    }
+  }
   if (peer_.size() > 1) {
     m.work = peer_.allreduce_async(std::span<double>(m.values), ReduceOp::sum, str_cat(kPrefix, "metrics"));
+    m.link_work =
+        peer_.allreduce_async(std::span<double>(m.slowest_link), ReduceOp::max, str_cat(kPrefix, "metrics/links"));
   }
   m.pending = true;
   metrics_.step = steps_;
   metrics_.lr = lr();
   metrics_.strategy = strategy_name(strategy_);
   metrics_.topology = topology_name(peer_.topology());
+  metrics_.compression = options_.compression.name();
   metrics_.workers = peer_.size();
+  metrics_.bytes_sent = static_cast<std::int64_t>(peer_.bytes_sent());
+  metrics_.epsilon = accountant_ ? accountant_->epsilon(privacy_->options.delta) : TrainingMetrics::kUnknown;
   if (peer_.size() == 1) absorb_metrics();
 }
 
@@ -694,6 +674,9 @@ void DistributedOptimizer::absorb_metrics() {
   if (!m.pending) return;
   m.pending = false;
   m.work.wait();
+  m.link_work.wait();
+  metrics_.slowest_link_bytes_per_second =
+      std::isfinite(m.slowest_link[0]) ? -m.slowest_link[0] : TrainingMetrics::kUnknown;
   const auto& v = m.values;
   const double n = peer_.size();
   const double samples = v[Monitor::kSamples];
@@ -744,7 +727,7 @@ void DistributedOptimizer::average_models() {
   for (auto& bucket : buckets_) launch(bucket, "model");
   try {
     const auto before = Monitor::Clock::now();
-    for (auto& bucket : buckets_) bucket.work.wait();
+    for (auto& bucket : buckets_) finish(bucket);
     monitor_->wait += seconds_between(before, Monitor::Clock::now());
   } catch (...) {
     wait_launched();
@@ -802,6 +785,7 @@ void DistributedOptimizer::finish_pull() {
 }
 
 void DistributedOptimizer::set_strategy(Strategy strategy) {
+  check_allowed(strategy, options_.compression);
   // All workers must switch at the same step to the same strategy.
   struct {
     std::uint8_t strategy;
@@ -819,15 +803,39 @@ void DistributedOptimizer::set_strategy(Strategy strategy) {
   finish_pull();
   pull_.reset();
   release_gradient_aliases();
+  // A round ends with its exchange (through compression, privacy and secure aggregation), which makes the models
+  // equal; other strategies' models are averaged as they are.
+  const bool ended_round = is_round_strategy(strategy_) && rounds_->anchored;
+  if (ended_round) exchange_round("switch");
   if (peer_.size() > 1) {
-    NamedParameters named;
-    for (std::size_t i = 0; i < parameters_.size(); ++i) named.insert(names_[i], parameters_[i]);
-    average_parameters(peer_, named, str_cat(kPrefix, "switch"));
+    if (!ended_round) {
+      NamedParameters named;
+      for (std::size_t i = 0; i < parameters_.size(); ++i) named.insert(names_[i], parameters_[i]);
+      average_parameters(peer_, named, str_cat(kPrefix, "switch"));
+    }
     broadcast_optimizer_state(peer_, optimizer_, 0);
   }
   strategy_ = strategy;
   metrics_.strategy = strategy_name(strategy_);
+  start_round();
+  for (auto& bucket : buckets_) {
+    if (bucket.codec) bucket.codec->reset();  // the residuals belong to the quantity the old strategy exchanged
+  }
   if (strategy_ == Strategy::pair_averaging) publish_model(true);
+}
+
+void DistributedOptimizer::set_compression(Compression compression) {
+  check_allowed(strategy_, compression);
+  const std::string value = str_cat(compression.name(), "@", steps_);
+  if (!peer_.consensus(std::as_bytes(std::span(value.data(), value.size())), str_cat(kPrefix, "set_compression"))) {
+    throw MismatchError(
+        str_cat("set_compression: workers asked for different compressions or switched at different "
+                "steps (this worker, rank ",
+                peer_.rank(), ": ", compression.name(), " after step ", steps_, ")"));
+  }
+  options_.compression = compression;
+  build_codecs();
+  metrics_.compression = compression.name();
 }
 
 void DistributedOptimizer::finish_pending(bool after_failure) {
@@ -840,6 +848,7 @@ void DistributedOptimizer::finish_pending(bool after_failure) {
     monitor_->local_sq = monitor_->big_sq = monitor_->wait = monitor_->communication = 0;
     second_backward_ = false;
     hook_error_ = nullptr;
+    gradient_error_.clear();
     return;
   }
   absorb_metrics();
@@ -869,6 +878,27 @@ void DistributedOptimizer::on_cluster_change() {
   }
   published_ = false;
   if (strategy_ == Strategy::pair_averaging) publish_model(true);
+  for (auto& bucket : buckets_) {
+    if (bucket.codec) bucket.codec->reset();  // residuals and warm starts of the old cluster's averages
+  }
+  // The round ends early among the new cluster. Its state (anchor, steps) came with the session's state, so the
+  // members agree on whether a round is open; without a registered session a rollback or a joining worker would
+  // leave workers with anchors that do not belong to their models.
+  if (is_round_strategy(strategy_) && rounds_->anchored) {
+    if (!session_) {
+      throw ConfigError(str_cat("DistributedOptimizer: ", strategy_name(strategy_),
+                                " in an elastic job needs set_elastic_session() before the first sync(), so that the "
+                                "round's state is committed and sent to joining workers with the model"));
+    }
+    exchange_round("cluster change");
+  }
+}
+
+void DistributedOptimizer::restore_compression(Compression compression) {
+  if (compression == options_.compression) return;
+  options_.compression = compression;
+  build_codecs();
+  metrics_.compression = compression.name();
 }
 
 void DistributedOptimizer::restore_steps(std::int64_t steps) {
@@ -877,6 +907,8 @@ void DistributedOptimizer::restore_steps(std::int64_t steps) {
   metrics_.step = steps;
 }
 
+// The round state that belongs to the restored model comes with the session's state too (set_elastic_session), so
+// the round is left as the session restores it.
 void DistributedOptimizer::restore_strategy(Strategy strategy) {
   if (strategy == strategy_) return;
   pull_.reset();

@@ -26,6 +26,7 @@ class PolicyRunner::Context : public PolicyContext {
     lr_ = lr;
   }
   void set_strategy(Strategy strategy) override { strategy_ = strategy; }
+  void set_compression(Compression compression) override { compression_ = compression; }
   void set_topology(Topology topology) override { topology_ = topology; }
   void request_resize(int workers) override {
     if (!elastic_) {
@@ -38,7 +39,7 @@ class PolicyRunner::Context : public PolicyContext {
   }
   void stop(std::string reason) override { stop_ = std::move(reason); }
 
-  bool any() const { return batch_size_ || lr_ || strategy_ || topology_ || stop_ || resize_; }
+  bool any() const { return batch_size_ || lr_ || strategy_ || compression_ || topology_ || stop_ || resize_; }
   // Everything requested, as bytes that must be equal on every worker.
   std::string digest(std::int64_t step, const char* hook) const {
     std::string d = str_cat(hook, "@", step, ";");
@@ -49,6 +50,7 @@ class PolicyRunner::Context : public PolicyContext {
       d += "lr=" + std::string(bits, sizeof bits) + ";";
     }
     if (strategy_) d += str_cat("strategy=", strategy_name(*strategy_), ";");
+    if (compression_) d += str_cat("compression=", compression_->name(), ";");
     if (topology_) d += str_cat("topology=", topology_name(*topology_), ";");
     if (stop_) d += "stop;";
     if (resize_) d += str_cat("resize=", *resize_, ";");
@@ -61,6 +63,7 @@ class PolicyRunner::Context : public PolicyContext {
   std::optional<std::int64_t> batch_size_;
   std::optional<double> lr_;
   std::optional<Strategy> strategy_;
+  std::optional<Compression> compression_;
   std::optional<Topology> topology_;
   std::optional<std::string> stop_;
 };
@@ -92,6 +95,7 @@ void PolicyRunner::set_elastic_session(ElasticSession* session) {
             .put(stopped_);  // not the topology: the session's
         w.put_string(stop_reason_);
         for (const auto& policy : policies_) w.put_bytes(policy->save_state());
+        w.put_string(optimizer_.compression().name());
         return w.take();
       },
       [this](std::span<const std::byte> bytes) {
@@ -103,11 +107,13 @@ void PolicyRunner::set_elastic_session(ElasticSession* session) {
         std::string stop_reason = r.get_string();
         std::vector<std::span<const std::byte>> states;
         for (std::size_t i = 0; i < policies_.size(); ++i) states.push_back(r.get_bytes());
+        const Compression compression = Compression::parse(r.get_string());
         r.finish(" (different policies?)");
         for (std::size_t i = 0; i < policies_.size(); ++i) policies_[i]->load_state(states[i]);
         batch_size_ = batch;
         optimizer_.set_batch_size(batch);
         optimizer_.restore_strategy(strategy);
+        optimizer_.restore_compression(compression);
         optimizer_.restore_steps(steps);
         stopped_ = stopped;
         stop_reason_ = std::move(stop_reason);
@@ -153,6 +159,9 @@ void PolicyRunner::run(const char* hook, void (Policy::*method)(PolicyContext&))
   }
   if (context.lr_) optimizer_.set_lr(*context.lr_);
   if (context.strategy_ && *context.strategy_ != optimizer_.strategy()) optimizer_.set_strategy(*context.strategy_);
+  if (context.compression_ && !(*context.compression_ == optimizer_.compression())) {
+    optimizer_.set_compression(*context.compression_);
+  }
   if (context.topology_ && *context.topology_ != peer.topology()) peer.set_topology(*context.topology_);
   // One proposal for the cluster; every worker applies it at its next ElasticSession::sync().
   if (context.resize_ && *context.resize_ != peer.size() && peer.rank() == 0)

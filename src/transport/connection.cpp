@@ -269,13 +269,15 @@ bool Connection::write_frame(OutgoingFrame& frame, bool blocking) {
   if (first == 3) return true;
   iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + skip;
   iov[first].iov_len -= skip;
-  if (blocking) {
-    socket_.writev_all(iov + first, 3 - first);
-    return true;
-  }
   std::size_t total = 0;
   for (int i = first; i < 3; ++i) total += iov[i].iov_len;
+  if (blocking) {
+    socket_.writev_all(iov + first, 3 - first);
+    bytes_written_.fetch_add(total, std::memory_order_relaxed);
+    return true;
+  }
   const std::size_t n = socket_.try_writev(iov + first, 3 - first);
+  bytes_written_.fetch_add(n, std::memory_order_relaxed);
   frame.sent += n;
   return n == total;
 }

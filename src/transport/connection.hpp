@@ -150,6 +150,8 @@ class Connection {
   /// calls it until it returns `nothing` before it gives the gate back: frames it read ahead would otherwise wait
   /// unseen, since the receive threads wait on the socket, which the read-ahead emptied.
   Received try_receive_buffered();
+  /// Bytes written to the socket so far (frame headers, names and payloads). Any thread.
+  std::uint64_t bytes_written() const { return bytes_written_.load(std::memory_order_relaxed); }
   /// False once the connection's reading ended (on_lost was called or is being called).
   bool receiving() const { return !reading_ended_.load(std::memory_order_acquire); }
   int fd() const { return socket_.fd(); }
@@ -184,6 +186,7 @@ class Connection {
   const std::shared_ptr<ReceiveGate> gate_;
   std::mutex read_mutex_;  // held while one thread reads and handles a frame
   std::atomic<bool> reading_ended_{false};
+  std::atomic<std::uint64_t> bytes_written_{0};
   std::atomic<bool> stop_receiving_{false};  // shut down: the receive thread must not park
   std::string frame_name_;                   // guarded by read_mutex_
   // Read-ahead: one system call takes a whole small frame (header, name, payload) and whatever followed it.

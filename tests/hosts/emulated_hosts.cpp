@@ -53,5 +53,6 @@ std::unique_ptr<Subprocess> EmulatedHosts::start(int host, std::vector<std::stri
 void EmulatedHosts::cut(int host) const { script({"cut", name(host)}); }
 void EmulatedHosts::heal(int host) const { script({"heal", name(host)}); }
 void EmulatedHosts::shape(int host, const std::string& rate) const { script({"shape", name(host), rate}); }
+void EmulatedHosts::unshape(int host) const { script({"unshape", name(host)}); }
 
 }  // namespace aikido::testing

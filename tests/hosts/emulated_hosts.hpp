@@ -36,10 +36,11 @@ class EmulatedHosts {
   /// Runs `argv` on host i.
   std::unique_ptr<Subprocess> start(int host, std::vector<std::string> argv, Subprocess::Options options = {}) const;
 
-  /// Host i's link: down (a partition), up again, or shaped to `rate` (tc units) both ways.
+  /// Host i's link: down (a partition), up again, shaped to `rate` (tc units) both ways, or unshaped.
   void cut(int host) const;
   void heal(int host) const;
   void shape(int host, const std::string& rate) const;
+  void unshape(int host) const;
 
  private:
   static void script(std::vector<std::string> args, std::chrono::seconds timeout = std::chrono::seconds(60));

@@ -347,6 +347,103 @@ TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
   EXPECT_GT(*batch[1].begin(), 64) << "the policy never grew the batch: the test shows nothing\n" << r.out;
 }
 
+// Edge training: the round strategies with secure aggregation and a label-skewed split, compression and DP-SGD. Over
+// TCP (--transport tcp) every collective goes over the wire, so bytes_sent shows what the codecs save.
+TEST(FashionMnistExample, EdgeOptionsTrainAndReportBytesAndEpsilon) {
+  const auto run = [](std::vector<std::string> flags) {
+    std::vector<std::string> argv = {kRun,       "-np", "2",         "--transport", "tcp",         kExample,
+                                     "--epochs", "1",   "--monitor", "off",         "--max-steps", "60"};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    return run_process(argv, kBound);
+  };
+  const auto fedavg =
+      run({"--strategy", "fedavg", "--local-steps", "4", "--secure-aggregation", "--partition", "label:0.5"});
+  ASSERT_TRUE(fedavg.exited && fedavg.exit_code == 0) << fedavg.describe();
+  EXPECT_NE(fedavg.err.find("strategy federated_averaging, 1 epoch of 60000 samples"), std::string::npos)
+      << fedavg.describe();
+  EXPECT_NE(fedavg.err.find("4 local steps per round, secure aggregation, partition label:0.5"), std::string::npos)
+      << fedavg.describe();
+  auto lines = epochs_of(fedavg.out, 0);
+  ASSERT_EQ(lines.size(), 1u) << fedavg.describe();
+  EXPECT_EQ(lines[0]["strategy"], "federated_averaging");
+  EXPECT_EQ(lines[0]["compression"], "none");
+  EXPECT_TRUE(lines[0]["epsilon"].is_null()) << lines[0].dump();
+  EXPECT_GT(lines[0]["bytes_sent"].get<std::int64_t>(), 0) << lines[0].dump();
+  EXPECT_GT(lines[0]["test_accuracy"].get<double>(), 0.3) << lines[0].dump();
+
+  const auto plain = run({});
+  const auto topk = run({"--compression", "topk:0.01"});
+  ASSERT_TRUE(plain.exited && plain.exit_code == 0) << plain.describe();
+  ASSERT_TRUE(topk.exited && topk.exit_code == 0) << topk.describe();
+  const auto plain_line = epochs_of(plain.out, 0).at(0), topk_line = epochs_of(topk.out, 0).at(0);
+  EXPECT_EQ(topk_line["compression"], "topk:0.01");
+  EXPECT_LT(topk_line["bytes_sent"].get<double>(), plain_line["bytes_sent"].get<double>() / 20)
+      << plain_line.dump() << "\n"
+      << topk_line.dump();
+  // Round strategies communicate once per round: a quarter of the bytes with four local steps, and a little more.
+  EXPECT_LT(lines[0]["bytes_sent"].get<double>(), plain_line["bytes_sent"].get<double>() / 3);
+
+  const auto dp = run({"--dp-clip", "1", "--dp-noise", "1.1", "--dp-delta", "1e-6"});
+  ASSERT_TRUE(dp.exited && dp.exit_code == 0) << dp.describe();
+  EXPECT_NE(dp.err.find("differential privacy (DP-SGD, clip 1, noise 1.1, delta 1e-06)"), std::string::npos)
+      << dp.describe();
+  lines = epochs_of(dp.out, 0);
+  ASSERT_EQ(lines.size(), 1u) << dp.describe();
+  ASSERT_TRUE(lines[0]["epsilon"].is_number()) << lines[0].dump();
+  // 60 steps at q = 128 / 60000, sigma 1.1: well below 1.
+  EXPECT_GT(lines[0]["epsilon"].get<double>(), 0.01) << lines[0].dump();
+  EXPECT_LT(lines[0]["epsilon"].get<double>(), 1.0) << lines[0].dump();
+}
+
+// Federated averaging with secure aggregation in an elastic job: a worker is killed while the others train (most
+// likely inside a round of 5 local steps; the commits fall on round ends). The others roll back to the last round's
+// end, redo the round among themselves with fresh masks and finish both epochs with every sample counted.
+TEST(FashionMnistExample, FedAvgSurvivesAWorkerLeavingMidRound) {
+  const std::string control = ::testing::TempDir() + "/aikido-example-fedavg-" + std::to_string(::getpid());
+  Subprocess job({kRun,
+                  "-np",
+                  "3",
+                  "--elastic",
+                  "--control-file",
+                  control,
+                  "--timeout",
+                  "20",
+                  kExample,
+                  "--strategy",
+                  "fedavg",
+                  "--local-steps",
+                  "5",
+                  "--secure-aggregation",
+                  "--epochs",
+                  "2",
+                  "--commit-every",
+                  "5",
+                  "--all-ranks",
+                  "--monitor",
+                  "off"});
+  ASSERT_TRUE(wait_for_progress(control, 3, 22)) << ctl(control, {"status"});
+  const auto workers = workers_of(job.pid());
+  ASSERT_TRUE(workers.contains("1")) << ctl(control, {"status"});
+  ASSERT_EQ(::kill(workers.at("1"), SIGKILL), 0);
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.err.find("recovering after"), std::string::npos) << r.describe();
+  std::map<std::int64_t, std::set<double>> accuracy;
+  for (int rank = 0; rank < 2; ++rank) {
+    for (const auto& line : epochs_of(r.out, rank)) {
+      EXPECT_EQ(line["global_samples"], 60000) << line.dump();
+      EXPECT_EQ(line["workers"], 2) << line.dump();
+      EXPECT_EQ(line["strategy"], "federated_averaging") << line.dump();
+      accuracy[line["epoch"].get<std::int64_t>()].insert(line["test_accuracy"].get<double>());
+    }
+  }
+  ASSERT_EQ(accuracy.size(), 2u) << r.describe();
+  for (const auto& [epoch, values] : accuracy) {
+    EXPECT_EQ(values.size(), 1u) << "the survivors disagree on the model in epoch " << epoch;
+    EXPECT_GT(*values.begin(), 0.75) << "epoch " << epoch;
+  }
+}
+
 // A job stopped with --checkpoint and resumed: rank 0's answer names the step of the commit it wrote (not a warning:
 // writing it is what the stop asked for), the resumed job says where it starts, and one already past --epochs says
 // so instead of exiting without a word.
@@ -405,6 +502,23 @@ TEST(FashionMnistExample, BadInputIsAClearError) {
   r = run_process({kExample, "--eval-every", "6000"}, kBound);
   EXPECT_TRUE(r.exited && r.exit_code == 1) << r.describe();
   EXPECT_NE(r.err.find("--eval-every needs --target-accuracy"), std::string::npos) << r.describe();
+  r = run_process({kExample, "--compression", "zip"}, kBound);
+  EXPECT_TRUE(r.exited && r.exit_code != 0) << r.describe();
+  EXPECT_NE(r.err.find("unknown compression 'zip': use none, fp16, bf16, int8, topk:FRACTION"), std::string::npos)
+      << r.describe();
+  r = run_process({kExample, "--partition", "label:x"}, kBound);
+  EXPECT_TRUE(r.exited && r.exit_code != 0) << r.describe();
+  EXPECT_NE(r.err.find("'label:x' is not iid or label:ALPHA"), std::string::npos) << r.describe();
+  r = run_process({kExample, "--dp-noise", "1"}, kBound);
+  EXPECT_TRUE(r.exited && r.exit_code == 1) << r.describe();
+  EXPECT_NE(r.err.find("--dp-noise and --dp-delta need --dp-clip"), std::string::npos) << r.describe();
+  r = run_process({kExample, "--secure-aggregation", "--max-steps", "1"}, kBound);
+  EXPECT_TRUE(r.exited && r.exit_code == 1) << r.describe();
+  EXPECT_NE(r.err.find("secure aggregation averages the updates of the round strategies"), std::string::npos)
+      << r.describe();
+  r = run_process({kExample, "--strategy", "sma", "--dp-clip", "1", "--max-steps", "1"}, kBound);
+  EXPECT_TRUE(r.exited && r.exit_code == 1) << r.describe();
+  EXPECT_NE(r.err.find("differential privacy is supported with synchronous_sgd"), std::string::npos) << r.describe();
   r = run_process({kRun, "-np", "1", "--metrics-port", "70000", kExample}, kBound);
   EXPECT_TRUE(r.exited && r.exit_code == 2) << r.describe();
   EXPECT_NE(r.err.find("--metrics-port '70000' is not a port number"), std::string::npos) << r.describe();

@@ -9,7 +9,7 @@ Importing it registers the ``torch.distributed`` backend ``"aikido"``::
 and offers Aikido's own training API for ``torch.optim`` optimizers::
 
     opt = aikido.torch.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model.named_parameters(),
-                                            strategy="ssgd")      # or "sma", "pair"
+                                            strategy="ssgd")      # sma, pair, local_sgd, fedavg, diloco
     aikido.torch.broadcast_parameters(model.named_parameters())
     sampler = aikido.torch.DistributedSampler(len(dataset), seed=1, batch_size=64)
     for epoch in range(epochs):
@@ -27,13 +27,16 @@ import torch
 import torch.distributed as _dist
 from torch.utils.data import default_collate as _default_collate
 
-from .. import _C, Peer, Policy, Strategy, default_peer
+from .. import _C, Compression, ConfigError, Peer, Policy, Strategy, default_peer
 from . import _backend
 
 __all__ = [
-    "DistributedOptimizer", "DistributedSampler", "PolicyRunner", "average_parameters", "broadcast_optimizer_state",
-    "broadcast_parameters", "check_same_parameters", "collate", "register_state",
+    "DistributedOptimizer", "DistributedSampler", "PolicyRunner", "PrivacyOptions", "average_parameters",
+    "broadcast_optimizer_state", "broadcast_parameters", "check_same_parameters", "collate", "dirichlet_partition",
+    "register_state",
 ]
+
+PrivacyOptions = _C.PrivacyOptions
 
 if "AIKIDO" not in _dist.Backend._plugins:  # a second import of the package (another path) registers nothing
     _dist.Backend.register_backend("aikido", _backend.create_process_group)
@@ -59,6 +62,25 @@ class DistributedOptimizer(_C.DistributedOptimizer):
     - ``pair_averaging`` ("pair"): a local step, then averaging with a random other worker's model pulled in the
       background (AD-PSGD); no worker waits for all others.
 
+    Round strategies communicate once per round of ``local_steps`` (K) local steps of the wrapped optimizer, from a
+    model equal on every worker, and average every worker's update:
+
+    - ``local_sgd``: the new model is the start plus the mean update (K = 1 equals synchronous SGD).
+    - ``federated_averaging`` ("fedavg"): the updates are weighted by the samples each worker trained on in the round
+      (the ``samples`` given to ``step``); with ``round_deadline`` (seconds) the workers that finished wait that long
+      for the others and go on without them in an elastic job.
+    - ``diloco``: the wrapped optimizer is the inner one; an outer SGD with Nesterov momentum (``outer_lr``,
+      ``outer_momentum``) steps on the mean update's negative.
+
+    ``compression`` (an ``aikido.Compression`` or its name: "none", "fp16", "bf16", "int8", "topk:0.01",
+    "powersgd:4") encodes synchronous SGD's gradients and the round strategies' updates; ``set_compression`` changes
+    it during training. ``privacy`` (``PrivacyOptions(clip, noise_multiplier, delta)``) is client-level differential
+    privacy under the round strategies: each worker's update is clipped to ``clip``, Gaussian noise from each
+    worker's own secret seed is added to the sum, and ``metrics.epsilon`` reports epsilon at ``delta``. DP-SGD
+    (per-sample clipping under synchronous SGD) is in the C++ API only (``PerSampleGradients``).
+    ``secure_aggregation=True`` masks every worker's update with pairwise masks (X25519) so that the sum is all the
+    others see; not combinable with compression.
+
     The constructor is collective: it checks that every worker holds the same parameters (``MismatchError`` naming
     the parameter and the ranks otherwise). It does not copy them: call ``broadcast_parameters`` first. One backward
     pass per step with synchronous SGD. ``step(samples)`` takes this worker's batch size of the step (for the
@@ -71,15 +93,30 @@ class DistributedOptimizer(_C.DistributedOptimizer):
                  strategy: Union[Strategy, str] = Strategy.synchronous_sgd, *, peer: Optional[Peer] = None,
                  bucket_bytes: int = 1 << 20, seed: int = 0, monitor: bool = True,
                  gradient_sample_interval: int = 16, noise_smoothing: float = 0.05,
-                 link_probe_interval: float = 5.0, link_probe_bytes: int = 1 << 20, collective_setup: bool = True):
+                 link_probe_interval: float = 5.0, link_probe_bytes: int = 1 << 20, collective_setup: bool = True,
+                 local_steps: int = 8, round_deadline: float = 0.0, outer_lr: float = 0.7,
+                 outer_momentum: float = 0.9, compression: Union[Compression, str] = "none",
+                 privacy: Optional[PrivacyOptions] = None, secure_aggregation: bool = False):
         named = named_parameters if isinstance(named_parameters, dict) else list(named_parameters)
-        super().__init__(optimizer, named, _strategy(strategy), peer if peer is not None else default_peer(),
+        strategy = _strategy(strategy)
+        if privacy is not None and strategy == Strategy.synchronous_sgd:
+            raise ConfigError("DistributedOptimizer: from Python, differential privacy is client-level: use it with "
+                              "local_sgd, federated_averaging or diloco (DP-SGD's per-sample gradients are in the "
+                              "C++ API, aikido::torch::PerSampleGradients)")
+        super().__init__(optimizer, named, strategy, peer if peer is not None else default_peer(),
                          bucket_bytes, seed, monitor, gradient_sample_interval, noise_smoothing, link_probe_interval,
-                         link_probe_bytes, collective_setup)
+                         link_probe_bytes, collective_setup, local_steps, round_deadline, outer_lr, outer_momentum,
+                         Compression(compression) if isinstance(compression, str) else compression, privacy,
+                         secure_aggregation)
 
     def set_strategy(self, strategy: Union[Strategy, str]) -> None:
         """Switches strategy at a step boundary; collective (every worker, after the same number of steps)."""
         super().set_strategy(_strategy(strategy))
+
+    def set_compression(self, compression: Union[Compression, str]) -> None:
+        """Switches compression at a step boundary; collective like ``set_strategy`` (error-feedback residuals and
+        PowerSGD's warm start begin anew)."""
+        super().set_compression(Compression(compression) if isinstance(compression, str) else compression)
 
     @property
     def param_groups(self):
@@ -197,6 +234,14 @@ def register_state(session, named_parameters: NamedParameters, optimizer, sample
     optimizer's state (``torch.optim`` or ``DistributedOptimizer``) and the sampler's epoch and position. Every
     worker registers the same things in the same order before its first ``sync()``."""
     _C.register_state(session, _named(named_parameters), optimizer, sampler)
+
+
+def dirichlet_partition(labels: torch.Tensor, workers: int, alpha: float, seed: int = 0):
+    """A non-IID split of a labelled data set among ``workers`` (Hsu et al. 2019): for every class, the workers'
+    shares are drawn from a Dirichlet distribution with concentration ``alpha`` (small: few classes per worker;
+    large: close to an even split). Returns each worker's sorted sample indices, the same on every worker for the
+    same arguments."""
+    return _C.dirichlet_partition(labels, workers, alpha, seed)
 
 
 def collate(batch):
