@@ -60,7 +60,7 @@ void Engine::fail(const std::shared_ptr<Collective>& c, std::exception_ptr error
     text = e.what();
   }
   bury(CollectiveKey{c->name, c->seq}, text, kind);
-  if (tell_peers) send_control_to_all(FrameType::abort, c->name, c->seq, std::int32_t(kind), text, -1);
+  if (tell_peers) send_control_to_all(FrameType::abort, c->name, c->seq, std::int32_t(kind), text, -1, 0, &c->members);
   if (kind == WireError::timeout || kind == WireError::other) abandon_transfers(*c);
   maybe_finish(c, progress);
 }
@@ -86,12 +86,18 @@ void Engine::abandon_transfers(const Collective& c) {
 }
 
 void Engine::send_control_to_all(FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
-                                 const std::string& payload, int except, std::uint64_t tag) {
+                                 const std::string& payload, int except, std::uint64_t tag,
+                                 const std::vector<int>* members) {
   if (closing_) return;  // the goodbye is the last frame; this rank's failures are its own now
-  for (int p = 0; p < config_.size; ++p) {
+  auto send = [&](int p) {
     if (p != config_.rank && p != except && lost_[std::size_t(p)].empty()) {
       send_control(p, type, name, seq, root, payload, tag);
     }
+  };
+  if (members && !members->empty()) {
+    for (int p : *members) send(p);
+  } else {
+    for (int p = 0; p < config_.size; ++p) send(p);
   }
 }
 
@@ -253,7 +259,7 @@ void Engine::watchdog_loop() {
              WireError::timeout, true, progress);
       } else if (!c->stall_queried && now >= c->start + config_.timeout / 2) {
         c->stall_queried = true;
-        send_control_to_all(FrameType::stall_query, c->name, c->seq, 0, {}, -1, kStallMessagePath);
+        send_control_to_all(FrameType::stall_query, c->name, c->seq, 0, {}, -1, kStallMessagePath, &c->members);
       } else if (c->stall_queried && !c->stall_reported && now >= c->start + config_.timeout * 3 / 4) {
         c->stall_reported = true;  // some rank has not answered: report what is known
         log::warn("stall report: ", describe_wait(*c));
@@ -261,7 +267,8 @@ void Engine::watchdog_loop() {
     }
     if (shm_) {
       for (const auto& s : shm_->watch(now)) {
-        send_control_to_all(FrameType::stall_query, s.name, s.occurrence, 0, {}, -1, kStallSharedMemoryPath);
+        send_control_to_all(FrameType::stall_query, s.name, s.occurrence, 0, {}, -1, kStallSharedMemoryPath,
+                            &shm_members_);
       }
     }
     std::vector<std::shared_ptr<PendingRequest>> expired;
