@@ -58,19 +58,6 @@ const char* kind_name(CollectiveKind kind) {
   return "collective";
 }
 
-std::exception_ptr error_for(WireError kind, const std::string& text) {
-  switch (kind) {
-    case WireError::mismatch:
-      return std::make_exception_ptr(MismatchError(text));
-    case WireError::timeout:
-      return std::make_exception_ptr(TimeoutError(text));
-    case WireError::config:
-      return std::make_exception_ptr(ConfigError(text));
-    default:
-      return std::make_exception_ptr(PeerLostError(text));
-  }
-}
-
 namespace {
 
 // An out-of-place allreduce: the plan's ops read the send buffer where it still holds the input; the elements no op
@@ -501,6 +488,16 @@ Work Engine::post_messages(const Request& request, const std::string& name, cons
   }
   c->work = std::make_shared<WorkState>();
   set_drive(*c->work, c->buffer_bytes);
+  if (route.phase) {
+    c->work->cancel = [this, weak = std::weak_ptr<Collective>(c)](std::exception_ptr error) {
+      auto self = weak.lock();
+      if (!self) return;
+      std::unique_lock<std::mutex> lock(mutex_);
+      Progress progress;
+      fail(self, error, wire_error_of(error), true, progress);
+      run(lock, progress);
+    };
+  }
   c->start = Clock::now();
   c->deadline = c->start + config_.timeout;
   Work work(c->work);

@@ -17,8 +17,6 @@ enum class OpState : std::uint8_t { waiting, armed, running, done };
 
 /// "allreduce", "broadcast", ...: for messages.
 const char* kind_name(CollectiveKind kind);
-/// The exception a failure of this kind raises on ranks that hear of it from another rank.
-std::exception_ptr error_for(transport::WireError kind, const std::string& text);
 
 struct Collective {
   std::string name;

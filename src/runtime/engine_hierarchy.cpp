@@ -39,6 +39,7 @@
 #include "collective/algorithms.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/engine_collective.hpp"
+#include "runtime/work_state.hpp"
 
 namespace aikido::detail {
 
@@ -52,22 +53,6 @@ constexpr int kLanes = 4;
 constexpr std::size_t kMinChunkBytes = std::size_t(1) << 20;
 /// ...and a buffer is cut into at most this many.
 constexpr std::size_t kMaxChunks = 16;
-
-WireError wire_kind(std::exception_ptr error) {
-  try {
-    std::rethrow_exception(error);
-  } catch (const MismatchError&) {
-    return WireError::mismatch;
-  } catch (const TimeoutError&) {
-    return WireError::timeout;
-  } catch (const PeerLostError&) {
-    return WireError::lost;
-  } catch (const ConfigError&) {
-    return WireError::config;
-  } catch (...) {
-    return WireError::other;
-  }
-}
 
 std::string what(std::exception_ptr error) {
   try {
@@ -510,7 +495,7 @@ void HierarchicalCollective::advance(int lane) {
       give_up = error_ != nullptr;
       if (give_up) {
         text = what(error_);
-        kind = wire_kind(error_);
+        kind = wire_error_of(error_);
       }
     }
     if (give_up) {
@@ -554,15 +539,31 @@ void HierarchicalCollective::phase_done(int lane, std::size_t chunk, const Step&
 }
 
 void HierarchicalCollective::fail(std::exception_ptr error, std::size_t chunk, const Step& step) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (error_) return;
+  std::vector<Work> in_flight;
+  std::exception_ptr failure = describe_failure(error, chunk, step);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (error_) return;
+    error_ = failure;
+    for (const auto& [lane, work] : lane_work_) in_flight.push_back(work);
+  }
+  // Phases in flight on other lanes may wait for ranks that will never post them (ranks that posted another size
+  // cut the buffer into other chunks): they fail now, and tell their ranks.
+  for (const Work& work : in_flight) {
+    const auto& state = WorkAccess::state(work);
+    if (state->cancel) state->cancel(failure);
+  }
+}
+
+std::exception_ptr HierarchicalCollective::describe_failure(std::exception_ptr error, std::size_t chunk,
+                                                            const Step& step) const {
   const std::string where =
       step.inside ? "inside its host"
                   : str_cat("across hosts among ranks ", rank_list(layout_.groups[std::size_t(layout_.local)]));
   const std::string text =
       str_cat(label(), " failed on rank ", engine_.config().rank, " in a phase ", where,
               chunks_.size() > 1 ? str_cat(" (chunk ", chunk + 1, " of ", chunks_.size(), ")") : "", ": ", what(error));
-  error_ = error_for(wire_kind(error), text);
+  return error_for(wire_error_of(error), text);
 }
 
 void HierarchicalCollective::finish() {

@@ -78,7 +78,10 @@ class HierarchicalCollective : public std::enable_shared_from_this<HierarchicalC
   void abandon_step(const Step& step, int lane, transport::WireError kind, const std::string& text);
   void advance(int lane);
   void phase_done(int lane, std::size_t chunk, const Step& step, std::exception_ptr error);
+  /// The first failure fails the collective: phases in flight are cancelled, those not posted yet abandoned.
   void fail(std::exception_ptr error, std::size_t chunk, const Step& step);
+  /// `error` of a phase as the collective reports it (named after the collective, saying where it happened).
+  std::exception_ptr describe_failure(std::exception_ptr error, std::size_t chunk, const Step& step) const;
   void finish();
   void drive(WorkState& work, Clock::time_point until);
 

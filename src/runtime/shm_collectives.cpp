@@ -482,6 +482,9 @@ std::optional<Work> ShmCollectives::post(const ShmRequest& request, std::string_
   op->state.drive = [raw = op.get()](WorkState& w, Clock::time_point until) {
     if (auto self = raw->owner.lock()) self->drive(w, until);
   };
+  op->state.cancel = [raw = op.get()](std::exception_ptr error) {
+    if (auto self = raw->owner.lock()) self->cancel(*raw, error);
+  };
   ops_.push_back(op);
   ring_others();
   // The last rank to arrive finishes a small collective right here.
@@ -506,6 +509,17 @@ bool ShmCollectives::abandon(const ShmRequest& request, std::string_view name, t
   return true;
 }
 
+void ShmCollectives::cancel(ShmOp& op, std::exception_ptr error) {
+  std::vector<Finished> finished;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (op.finished) return;
+    fail(op, error);
+    collect(finished);
+  }
+  complete(finished);
+}
+
 std::exception_ptr ShmCollectives::given_up(const ShmOp& op, int q) const {
   const View v{segment_.data(), layout_};
   const Arrival& a = v.arrival(op.entry, op.half, q);
@@ -514,16 +528,8 @@ std::exception_ptr ShmCollectives::given_up(const ShmOp& op, int q) const {
   text = str_cat(op.label(), " failed on rank ", members_[rank_], " at cluster version ", cluster_version_, ": rank ",
                  members_[q], " gave it up",
                  text.empty() ? std::string(" (its own error names the cause)") : str_cat(": ", text));
-  switch (transport::WireError(a.abandon_kind)) {
-    case transport::WireError::mismatch:
-      return std::make_exception_ptr(MismatchError(text));
-    case transport::WireError::timeout:
-      return std::make_exception_ptr(TimeoutError(text));
-    case transport::WireError::config:
-      return std::make_exception_ptr(ConfigError(text));
-    default:
-      return std::make_exception_ptr(PeerLostError(text));
-  }
+  const auto kind = transport::WireError(a.abandon_kind);
+  return error_for(kind == transport::WireError::none ? transport::WireError::lost : kind, text);
 }
 
 bool ShmCollectives::advance_all(std::vector<Finished>& finished, Clock::time_point now) {
@@ -864,10 +870,17 @@ void ShmCollectives::fail(ShmOp& op, std::exception_ptr error) {
   if (op.finished) return;
   const View v{segment_.data(), layout_};
   const std::uint64_t value = op.occurrence + 1;
-  // Tell the other ranks, which may be waiting for this rank or reading its inline area.
+  // Tell the other ranks, which may be waiting for this rank or reading its inline area, and leave them the error
+  // (they wait while the text is written; one that was reading this rank's input finds the arrival word changed).
+  Arrival& a = v.arrival(op.entry, op.half, rank_);
   std::uint64_t expected = value;
-  v.arrival(op.entry, op.half, rank_)
-      .word.compare_exchange_strong(expected, value | kAbandoned, std::memory_order_seq_cst);
+  if (a.word.compare_exchange_strong(expected, value | kWriting, std::memory_order_seq_cst)) {
+    const std::string text = error_text(error);
+    a.abandon_kind = std::uint8_t(wire_error_of(error));
+    a.abandon_text = std::uint32_t(std::min(text.size(), layout_.inline_bytes));
+    std::memcpy(v.inline_area(op.entry, op.half, rank_), text.data(), a.abandon_text);
+    a.word.store(value | kAbandoned, std::memory_order_seq_cst);
+  }
   if (op.large) {
     if (op.bay >= 0) {
       leave_bay(op.bay, rank_, op.token);

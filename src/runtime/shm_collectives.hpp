@@ -192,6 +192,8 @@ class ShmCollectives : public std::enable_shared_from_this<ShmCollectives> {
   /// `text` in its inline area); fills op's entry fields. Returns false when the name has no record.
   bool arrive(ShmOp& op, std::string_view name, std::uint64_t flags,
               transport::WireError kind = transport::WireError::lost, const std::string& text = {});
+  /// Fails `op` (in flight) with `error`, telling the others (WorkState::cancel).
+  void cancel(ShmOp& op, std::exception_ptr error);
   /// The error of a rank that gave `op` up, from what it left in its arrival.
   std::exception_ptr given_up(const ShmOp& op, int q) const;
   void combine_small(ShmOp& op);
