@@ -297,10 +297,14 @@ std::vector<Range> member_blocks(int members, std::size_t block) {
   return blocks;
 }
 
-// The first or second half of every block (multi_ring's two rings).
-std::vector<Range> half_blocks(const std::vector<Range>& blocks, bool second) {
+// The first or second half of every block (multi_ring's two rings), in the order of `g`'s members: `blocks[i]`
+// belongs to `base.members[i]`.
+std::vector<Range> half_blocks(const std::vector<Range>& blocks, bool second, const Group& base, const Group& g) {
   std::vector<Range> out;
-  for (const Range& r : blocks) out.push_back(second ? halves(r).second : halves(r).first);
+  for (int member : g.members) {
+    const auto i = std::size_t(std::find(base.members.begin(), base.members.end(), member) - base.members.begin());
+    out.push_back(second ? halves(blocks[i]).second : halves(blocks[i]).first);
+  }
   return out;
 }
 
@@ -313,8 +317,9 @@ Plan allgather_plan(const PlanSpec& spec) {
   if (spec.topology == Topology::ring || spec.topology == Topology::automatic) {
     ring_allgather(b, everyone, blocks, 1, seg);
   } else if (spec.topology == Topology::multi_ring) {
-    ring_allgather(b, everyone, half_blocks(blocks, false), 1, seg);
-    ring_allgather(b, reversed(everyone, spec.rank), half_blocks(blocks, true), 2, seg);
+    const Group backwards = reversed(everyone, spec.rank);
+    ring_allgather(b, everyone, half_blocks(blocks, false, everyone, everyone), 1, seg);
+    ring_allgather(b, backwards, half_blocks(blocks, true, everyone, backwards), 2, seg);
   } else {
     star_gather(b, everyone, blocks, 1, seg, blocks[std::size_t(everyone.index)].offset);
     const Range all{0, spec.count};
@@ -338,8 +343,9 @@ Plan reduce_scatter_plan(const PlanSpec& spec) {
     return b.finish();
   }
   if (spec.topology == Topology::multi_ring) {
-    ring_reduce_scatter(b, everyone, half_blocks(blocks, false), 1, seg);
-    ring_reduce_scatter(b, reversed(everyone, spec.rank), half_blocks(blocks, true), 2, seg);
+    const Group backwards = reversed(everyone, spec.rank);
+    ring_reduce_scatter(b, everyone, half_blocks(blocks, false, everyone, everyone), 1, seg);
+    ring_reduce_scatter(b, backwards, half_blocks(blocks, true, everyone, backwards), 2, seg);
     return b.finish();
   }
   const Range all{0, spec.count};

@@ -20,9 +20,8 @@ constexpr std::size_t kSameHostSegment = std::size_t(1) << 20;
 /// A chunk of a hierarchical collective should take about this long across hosts.
 constexpr double kChunkSeconds = 4e-3;
 constexpr std::size_t kMinChunk = std::size_t(1) << 20, kMaxChunk = std::size_t(8) << 20;
-/// What the engine does with small allreduces on the ring topology (engine.cpp): the tree past 2 ranks, recursive
-/// doubling on 2.
-constexpr std::size_t kSmallRingBytes = 64 * 1024, kRecursiveDoublingBytes = std::size_t(1) << 20;
+/// What the engine does with small allreduces on the ring topology of 2 ranks (engine.cpp): recursive doubling.
+constexpr std::size_t kRecursiveDoublingBytes = std::size_t(1) << 20;
 
 bool known(double v) { return std::isfinite(v) && v > 0; }
 
@@ -38,20 +37,33 @@ struct Schedule {
   int hops = 0;
 };
 
+// A rank sends (receives) at most as fast as its fastest link: several flows of one rank share that.
+double rank_capacity(const LinkModel& m, int rank, bool out) {
+  double best = 0;
+  for (int q = 0; q < m.size(); ++q) {
+    if (q != rank) best = std::max(best, (out ? m.link(rank, q) : m.link(q, rank)).bandwidth_bytes_per_second);
+  }
+  return best;
+}
+
 double time_of(const LinkModel& m, const Schedule& s) {
   double latency = 0, bottleneck = 0;
-  std::map<int, double> out, in;  // bytes over each host's link
+  std::map<int, double> host_out, host_in, rank_out, rank_in;  // bytes over each host's link, each rank's
   for (const Flow& f : s.flows) {
     const Link link = m.link(f.from, f.to);
     latency = std::max(latency, link.latency_seconds);
     bottleneck = std::max(bottleneck, f.bytes / link.bandwidth_bytes_per_second);
+    rank_out[f.from] += f.bytes;
+    rank_in[f.to] += f.bytes;
     if (!m.same_host(f.from, f.to)) {
-      out[m.host_of_rank()[std::size_t(f.from)]] += f.bytes;
-      in[m.host_of_rank()[std::size_t(f.to)]] += f.bytes;
+      host_out[m.host_of_rank()[std::size_t(f.from)]] += f.bytes;
+      host_in[m.host_of_rank()[std::size_t(f.to)]] += f.bytes;
     }
   }
-  for (const auto& [h, bytes] : out) bottleneck = std::max(bottleneck, bytes / m.host_capacity(h, true));
-  for (const auto& [h, bytes] : in) bottleneck = std::max(bottleneck, bytes / m.host_capacity(h, false));
+  for (const auto& [h, bytes] : host_out) bottleneck = std::max(bottleneck, bytes / m.host_capacity(h, true));
+  for (const auto& [h, bytes] : host_in) bottleneck = std::max(bottleneck, bytes / m.host_capacity(h, false));
+  for (const auto& [r, bytes] : rank_out) bottleneck = std::max(bottleneck, bytes / rank_capacity(m, r, true));
+  for (const auto& [r, bytes] : rank_in) bottleneck = std::max(bottleneck, bytes / rank_capacity(m, r, false));
   return s.hops * latency + bottleneck;
 }
 
@@ -101,7 +113,6 @@ Schedule schedule(const LinkModel& m, Topology t, std::vector<int> o, Collective
   const bool gathers = kind == CollectiveKind::allgather || kind == CollectiveKind::reduce_scatter;
   const bool broadcast = kind == CollectiveKind::broadcast;
   const double share = double(n - 1) / n;
-  if (t == Topology::ring && !gathers && !broadcast && bytes <= kSmallRingBytes && n > 2) t = Topology::tree;
   if (t == Topology::ring && !gathers && !broadcast && bytes <= kRecursiveDoublingBytes && n == 2) {
     s.flows = {{o[0], o[1], S}, {o[1], o[0], S}};
     s.hops = 1;

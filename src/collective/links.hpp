@@ -4,9 +4,11 @@
 //
 // Prediction. A candidate topology is a set of flows (bytes a rank sends another, all at once, pipelined) and a
 // number of hops (messages one after the other). Its predicted time is hops x the largest latency among its flows,
-// plus its bottleneck: the largest of (a) a flow's bytes over its pair's bandwidth and (b) for every host, the bytes
-// its flows send to (receive from) other hosts over the host's link, whose capacity is the largest bandwidth measured
-// from (to) it: ranks of one host share its link. A slow host's link thus limits every topology, least those that
+// plus its bottleneck: the largest of (a) a flow's bytes over its pair's bandwidth, (b) for every host, the bytes its
+// flows send to (receive from) other hosts over the host's link, whose capacity is the largest bandwidth measured
+// from (to) it (ranks of one host share its link), and (c) for every rank, the bytes it sends (receives) over the
+// capacity of its fastest link (flows of one rank share the rank). So two rings in opposite directions beat one only
+// where a rank's links to its two neighbours are limited each on its own (a pair slower than the rank and its host). A slow host's link thus limits every topology, least those that
 // send it the fewest bytes: a tree with it as a leaf sends it the buffer once each way where a ring sends it
 // 2(n-1)/n times.
 #pragma once
