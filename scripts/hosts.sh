@@ -2,11 +2,13 @@
 # Emulated hosts on one machine: one network namespace per host, joined by veth pairs to one bridge.
 #
 #   scripts/hosts.sh up N [--owner PID]   make hosts 0..N-1 (removing any left from an earlier run); with --owner,
-#                                         they are removed as soon as process PID has exited (a killed test)
-#   scripts/hosts.sh down                 remove every emulated host and the bridge
+#                                         they are removed as soon as process PID has exited (a killed test), and
+#                                         hosts another live owner holds are waited for (AIKIDO_HOSTS_WAIT seconds)
+#   scripts/hosts.sh down [--owner PID]   remove every emulated host and the bridge (with --owner: only if PID
+#                                         owns them)
 #   scripts/hosts.sh exec I CMD [ARG...]  run CMD on host I: in its namespace, with host name hI
-#   scripts/hosts.sh ssh hI 'COMMAND LINE' like ssh: run the command line with sh -c on host I (aikido-run's
-#                                         --launch-command "scripts/hosts.sh ssh" starts launchers this way)
+#   scripts/hosts.sh ssh hI COMMAND...     like ssh: join the words into one command line and run it with sh -c on
+#                                         host I (aikido-run's --launch-command, mpirun's plm_rsh_agent)
 #   scripts/hosts.sh address I            print host I's address
 #   scripts/hosts.sh shape I RATE         limit host I's link to RATE (tc units: 1gbit, 100mbit, ...) both ways
 #   scripts/hosts.sh unshape I            remove the limit
@@ -15,7 +17,8 @@
 #
 # Host I is the namespace aikido-hI with address 198.18.0.(10+I)/24 (198.18.0.0/15 is reserved for benchmarks) on
 # its interface eth0 and `lo` up; the bridge aikido-br holds 198.18.0.1, so processes outside the namespaces (an
-# etcd server, a test) reach every host and every host reaches them. Hosts share the file system and /dev/shm, as
+# etcd server, a test) reach every host and every host reaches them. As on a real cluster, the hosts' names resolve:
+# `up` adds "198.18.0.(10+I) hI" lines to /etc/hosts (marked, and removed by `down`). Hosts share the file system and /dev/shm, as
 # emulated hosts do; each has its own host name, port space and abstract Unix sockets. This kernel has no netem:
 # `shape` uses tbf (bandwidth only) and `cut` stands in for a lost link. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN).
 set -euo pipefail
@@ -25,6 +28,8 @@ readonly bridge_address=198.18.0.1
 readonly prefix=aikido-h
 # Who made the hosts now present (up --owner PID writes it): a watchdog removes only the hosts of its own owner.
 readonly owner_file=/run/aikido-hosts.owner
+readonly hosts_mark="# aikido emulated host"
+readonly lock_file=/run/aikido-hosts.lock
 
 die() {
   echo "hosts.sh: $*" >&2
@@ -57,17 +62,43 @@ down() {
   done
   ip link del "$bridge" 2>/dev/null || true
   rm -f "$owner_file"
+  if grep -q "$hosts_mark" /etc/hosts 2>/dev/null; then
+    # In place (not a rename): /etc/hosts may be a bind mount.
+    grep -v "$hosts_mark" /etc/hosts >/etc/hosts.aikido.tmp && cat /etc/hosts.aikido.tmp >/etc/hosts
+    rm -f /etc/hosts.aikido.tmp
+  fi
   # veth ends left in the root namespace vanish with their peers; remove strays all the same.
   for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep "^${prefix}[0-9]*-br$" || true); do
     ip link del "$link" 2>/dev/null || true
   done
 }
 
+# Hosts have fixed names: while another live process owns them (a test run from another checkout), wait for it to
+# finish, up to $AIKIDO_HOSTS_WAIT seconds (default 1200). The lock makes checking, claiming and making one step.
+claim() {
+  local owner=$1 waited=0 limit=${AIKIDO_HOSTS_WAIT:-1200} holder
+  exec 9>"$lock_file"
+  while :; do
+    flock 9
+    holder=$(cat "$owner_file" 2>/dev/null || true)
+    if [ -z "$owner" ] || [ -z "$holder" ] || [ "$holder" = none ] || [ "$holder" = "$owner" ] ||
+      ! kill -0 "$holder" 2>/dev/null; then
+      down
+      echo "${owner:-none}" >"$owner_file"
+      return  # still locked: up makes the hosts, then unlocks
+    fi
+    flock -u 9
+    [ "$waited" -eq 0 ] && echo "hosts.sh: the emulated hosts belong to process $holder; waiting for it to finish" >&2
+    [ "$waited" -ge $((limit * 2)) ] && die "the emulated hosts still belong to process $holder after ${limit} s"
+    sleep 0.5
+    waited=$((waited + 1))
+  done
+}
+
 up() {
   local n=$1 owner=${2:-}
   [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 200 ] || die "up N: N must be 1..200, not '$n'"
-  down
-  echo "${owner:-none}" >"$owner_file"
+  claim "$owner"
   ip link add "$bridge" type bridge
   ip addr add "$bridge_address/24" dev "$bridge"
   ip link set "$bridge" up
@@ -81,12 +112,14 @@ up() {
     ip netns exec "$ns" ip link set eth0 up
     ip netns exec "$ns" ip link set lo up
     ip netns exec "$ns" ip route add default via "$bridge_address" dev eth0
+    echo "$(host_address "$i") h$i $hosts_mark" >>/etc/hosts
   done
+  flock -u 9
   if [ -n "$owner" ]; then
     # Removes the hosts once the owner has gone, however it ended, unless another owner has made hosts since.
     # Detached, so that it outlives this script.
     setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 0.5; done
-      [ \"\$(cat $owner_file 2>/dev/null)\" = $owner ] && '$0' down" </dev/null >/dev/null 2>&1 &
+      '$0' down --owner $owner" </dev/null >/dev/null 2>&1 9>&- &
   fi
 }
 
@@ -109,7 +142,15 @@ case "$cmd" in
     if [ "${2:-}" = "--owner" ]; then owner=${3:?--owner needs a PID}; fi
     up "$n" "$owner"
     ;;
-  down) down ;;
+  down)
+    # With --owner, only that owner's hosts are removed (another process may have made hosts since).
+    if [ "${1:-}" = "--owner" ]; then
+      exec 9>"$lock_file"
+      flock 9
+      [ "$(cat "$owner_file" 2>/dev/null || true)" = "${2:?--owner needs a PID}" ] || exit 0
+    fi
+    down
+    ;;
   exec)
     host_index "${1:-}"
     i=$1
@@ -119,8 +160,10 @@ case "$cmd" in
     ;;
   ssh)
     host_index "${1:-}"
-    [ $# -eq 2 ] || die "usage: hosts.sh ssh HOST 'COMMAND LINE' (one command line, as ssh takes it)"
-    exec ip netns exec "$prefix$1" unshare --uts sh -c 'hostname "$0" && exec sh -c "$1"' "h$1" "$2"
+    [ $# -ge 2 ] || die "usage: hosts.sh ssh HOST COMMAND LINE... (joined by spaces and run by sh -c, as ssh does)"
+    i=$1
+    shift
+    exec ip netns exec "$prefix$i" unshare --uts sh -c 'hostname "$0" && exec sh -c "$1"' "h$i" "$*"
     ;;
   address) host_address "${1:?usage: hosts.sh address I}" ;;
   shape)

@@ -8,7 +8,8 @@ packages=(
   libtorch-dev libopenblas0-pthread dataset-fashion-mnist python3-torch
   openmpi-bin libopenmpi-dev libgloo-dev
   iproute2 procps python3
-  libcurl4-openssl-dev etcd-server etcd-client
+  libcurl4-openssl-dev etcd-server etcd-client openssl
+  python3-dev pybind11-dev python3-pytest python3-numpy
 )
 missing=()
 for p in "${packages[@]}"; do

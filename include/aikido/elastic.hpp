@@ -277,6 +277,7 @@ class ElasticSession {
   void heartbeat_loop();
   void publish_status();
   bool newer_version_seen(std::uint64_t than) const;
+  void drop_removed_peers(const ClusterSpec& newer);
   ElasticSession(ElasticConfig config, std::unique_ptr<Peer> peer);
   ClusterSpec next_spec_after_failure(std::chrono::steady_clock::time_point deadline);
   /// Reconnects the Peer for `target` (or a newer spec that supersedes it while connecting) and establishes it.
@@ -298,6 +299,9 @@ class ElasticSession {
   ElasticConfig config_;
   std::unique_ptr<Peer> peer_;
   ClusterSpec spec_;
+  // The spec the Peer is connected for, for the watcher thread (drop_removed_peers); empty while reconnecting.
+  std::mutex connected_mutex_;
+  ClusterSpec connected_;
   bool removed_ = false;
   bool established_ = false;
   bool joined_late_ = false;  // this worker joined a running job and has not received the state yet

@@ -176,6 +176,11 @@ class Peer {
   const PeerConfig& config() const;
   /// Ranks whose connection ended (crashed, killed, or closed their session), in increasing order.
   std::vector<int> lost_ranks() const;
+  /// Treats `rank` as lost, as if its connection had ended: collectives that need it fail with PeerLostError
+  /// naming `why`, and later ones fail at once. For a rank that is known to be gone although its connection is
+  /// still open (a host cut off from the others closes nothing): ElasticSession calls it when a newer cluster
+  /// version removed a worker after a failure. Thread safe; no-op for this rank or one already lost.
+  void mark_lost(int rank, const std::string& why);
   /// The collectives this session posted so far, by the path they took.
   PathCounts path_counts() const;
 

@@ -233,6 +233,7 @@ void ElasticSession::watch_loop() {
         std::uint64_t seen = latest_seen_.load();
         while (spec->version > seen && !latest_seen_.compare_exchange_weak(seen, spec->version)) {
         }
+        drop_removed_peers(*spec);
       }
     } catch (const Error& e) {
       // The store is gone (aikido-run is stopping) or refused us: retry calmly.
@@ -272,6 +273,24 @@ void ElasticSession::heartbeat_loop() {
 
 bool ElasticSession::newer_version_seen(std::uint64_t than) const { return latest_seen_.load() > than; }
 
+// A version that removed workers after a failure ("lost", "host H lost", ...; not a planned shrink, whose workers leave
+// at their next sync()) while this worker is still connected to them: a killed worker's connections are closed, but
+// a host cut off from the others closes nothing, so a collective waiting for it would wait out its timeout. Treat them
+// as lost now; the training loop then recovers into the newer version. A worker that the version removed itself
+// (it was the one cut off) gives up every other rank.
+void ElasticSession::drop_removed_peers(const ClusterSpec& newer) {
+  if (newer.reason == "resize") return;
+  std::unique_lock<std::mutex> lock(connected_mutex_, std::try_to_lock);
+  if (!lock.owns_lock() || newer.version <= connected_.version) return;  // connecting right now: nothing to drop
+  const bool removed_me = !newer.contains(config_.worker_id);
+  for (int rank = 0; rank < connected_.size(); ++rank) {
+    const std::uint64_t id = connected_.workers[std::size_t(rank)].id;
+    if (id == config_.worker_id || (newer.contains(id) && !removed_me)) continue;
+    peer_->mark_lost(rank, str_cat("cluster version ", newer.version, " (", newer.reason, ") removed ",
+                                   removed_me ? "this worker" : str_cat("worker ", id)));
+  }
+}
+
 void ElasticSession::connect(const ClusterSpec& spec) {
   PeerConfig c = config_.peer;
   c.rank = spec.rank_of(config_.worker_id);
@@ -280,7 +299,12 @@ void ElasticSession::connect(const ClusterSpec& spec) {
   const std::uint64_t version = spec.version;
   c.cancel = [this, version] { return newer_version_seen(version); };
   if (c.size == 1) c.cancel = nullptr;
-  peer_->reconnect(c);
+  {
+    std::lock_guard<std::mutex> lock(connected_mutex_);
+    connected_ = ClusterSpec{};
+    peer_->reconnect(c);
+    connected_ = spec;
+  }
   spec_ = spec;
   status_rank_ = c.rank;
   status_version_ = spec.version;
@@ -590,7 +614,21 @@ SyncResult ElasticSession::recover_in_sync() {
   if (removed_) return SyncResult::removed;
   needs_rollback_ = true;
   const auto deadline = SteadyClock::now() + config_.recovery_timeout;
-  return switch_to(next_spec_after_failure(deadline), true);
+  // The survivors as seen at the failure: one that gives up on the recovery first and leaves must not make the
+  // others count it as lost too.
+  const std::vector<int> lost = peer_->lost_ranks();
+  ClusterSpec next;
+  try {
+    next = next_spec_after_failure(deadline);
+  } catch (const Error& e) {
+    // No new membership: the store did not answer (etcd away for longer than the timeout), or nobody proposed one.
+    // What is committed is kept: the lowest-ranked survivor writes it to the checkpoint file, if there is one.
+    int first_survivor = 0;
+    while (std::find(lost.begin(), lost.end(), first_survivor) != lost.end()) ++first_survivor;
+    if (peer_->rank() != first_survivor || config_.checkpoint_path.empty()) throw;
+    throw TimeoutError(str_cat(e.what(), "; ", write_checkpoint()));
+  }
+  return switch_to(std::move(next), true);
 }
 
 SyncResult ElasticSession::sync(std::int64_t step) {
@@ -631,7 +669,7 @@ std::uint64_t ElasticSession::request_resize(int n) {
     auto latest = config_.membership->latest();
     if (!latest) throw Error("the membership store holds no cluster spec");
     if (latest->size() == n) return latest->version;
-    ClusterSpec next = latest->resized(n, latest->workers.front().host);
+    ClusterSpec next = latest->with_size(n);
     next.proposed_unix_ms = unix_ms();
     if (config_.membership->propose(next)) {
       latest_seen_ = std::max(latest_seen_.load(), next.version);
@@ -682,7 +720,8 @@ std::string ElasticSession::write_checkpoint() {
     w.put(kCheckpointStepTag).put(step);
     bytes = w.take();
   }
-  const std::string tmp = config_.checkpoint_path + ".tmp";
+  // A file of its own to write before the rename: survivors that each count the others as lost may write at once.
+  const std::string tmp = str_cat(config_.checkpoint_path, ".tmp.", ::getpid(), ".", config_.worker_id);
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   bool ok = f && std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
   if (f) ok = std::fclose(f) == 0 && ok;

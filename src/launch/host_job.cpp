@@ -6,6 +6,7 @@
 
 #include "base/error.hpp"
 #include "base/log.hpp"
+#include "base/sha256.hpp"
 #include "elastic/proposal.hpp"
 
 namespace aikido::launch {
@@ -25,6 +26,26 @@ std::int64_t unix_ms() {
 constexpr std::chrono::milliseconds kWatchSlice{200};
 
 }  // namespace
+
+std::string job_secret_check(const std::string& secret, const std::string& job_id) {
+  const std::string message = "aikido job " + job_id;
+  return detail::to_hex(
+      detail::hmac_sha256(std::span(reinterpret_cast<const std::uint8_t*>(secret.data()), secret.size()),
+                          std::span(reinterpret_cast<const std::uint8_t*>(message.data()), message.size())));
+}
+
+void check_job_secret(elastic::EtcdClient& client, const std::string& job_id, const std::string& secret) {
+  using E = elastic::EtcdClient;
+  const std::string key = job_id + "/secret-check";
+  const std::string mine = job_secret_check(secret, job_id);
+  const auto result = client.txn({{key, E::Compare::Target::create_revision, E::Compare::Result::equal, 0, {}}},
+                                 {{E::Operation::Kind::put, key, mine}}, {{E::Operation::Kind::range, key}});
+  if (result.succeeded || result.ranges.empty() || result.ranges.front().kvs.empty()) return;
+  if (result.ranges.front().kvs.front().value != mine) {
+    throw ConfigError(str_cat("this job secret differs from the one the hosts of job '", job_id,
+                              "' use: give the same --secret-file as every host"));
+  }
+}
 
 HostJob::HostJob(HostJobOptions options, std::shared_ptr<elastic::EtcdClient> client,
                  std::shared_ptr<MembershipStore> membership, HostRecord self)

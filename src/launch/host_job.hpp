@@ -27,6 +27,12 @@
 
 namespace aikido::launch {
 
+/// Where every launcher of a job in etcd proves it holds the job's secret, and the value it proves it with: an HMAC
+/// of the job id under the secret (never the secret itself). check_job_secret() writes it when absent and throws
+/// ConfigError when it differs (a host, or aikido-ctl, given another secret file).
+std::string job_secret_check(const std::string& secret, const std::string& job_id);
+void check_job_secret(elastic::EtcdClient& client, const std::string& job_id, const std::string& secret);
+
 struct HostJobOptions {
   std::string job_id;
   int min_hosts = 1;

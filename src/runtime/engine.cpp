@@ -140,6 +140,7 @@ Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::So
   }
   lost_.resize(std::size_t(config_.size));
   departed_.resize(std::size_t(config_.size), false);
+  drop_reason_.resize(std::size_t(config_.size));
   connections_.resize(std::size_t(config_.size));
   if (config_.size > 1) gate_ = std::make_shared<transport::ReceiveGate>();
   for (int p = 0; p < config_.size; ++p) {

@@ -180,6 +180,8 @@ class Engine final : public transport::FrameHandler {
   collective::LinkModel link_model() const;
   /// Ranks whose connection ended, in increasing order.
   std::vector<int> lost_ranks() const;
+  /// Ends the connection to rank `p` as if it had been lost, naming `why` (Peer::mark_lost).
+  void drop_peer(int p, const std::string& why);
   PathCounts path_counts() const;
 
   void on_frame(transport::Connection& connection, const transport::FrameHeader& header,
@@ -321,8 +323,9 @@ class Engine final : public transport::FrameHandler {
   std::unordered_map<MessageKey, transport::FrameHeader, MessageKeyHash> early_ready_;  // tag unused
   std::unordered_map<CollectiveKey, Tombstone, CollectiveKeyHash> tombstones_;
   std::deque<CollectiveKey> tombstone_order_;
-  std::vector<std::string> lost_;  // why each rank is gone; empty while connected
-  std::vector<bool> departed_;     // the rank closed its session on purpose (goodbye) rather than failing
+  std::vector<std::string> lost_;         // why each rank is gone; empty while connected
+  std::vector<bool> departed_;            // the rank closed its session on purpose (goodbye) rather than failing
+  std::vector<std::string> drop_reason_;  // why drop_peer() ended the connection (on_lost says so)
 
   struct Saved {
     DType dtype;

@@ -101,12 +101,24 @@ void Engine::send_control_to_all(FrameType type, const std::string& name, std::u
   }
 }
 
+void Engine::drop_peer(int p, const std::string& why) {
+  if (p < 0 || p >= config_.size || p == config_.rank || !connections_[std::size_t(p)]) return;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (closing_ || !lost_[std::size_t(p)].empty()) return;
+    drop_reason_[std::size_t(p)] = why;
+  }
+  // The receive thread sees the connection end and fails what needs the rank (on_lost), naming `why`.
+  connections_[std::size_t(p)]->shutdown();
+}
+
 void Engine::on_lost(transport::Connection& connection, const std::string& reason, bool goodbye) {
   const int p = connection.peer();
   std::unique_lock<std::mutex> lock(mutex_);
   if (closing_ || !lost_[std::size_t(p)].empty()) return;
+  const std::string& cause = drop_reason_[std::size_t(p)].empty() ? reason : drop_reason_[std::size_t(p)];
   lost_[std::size_t(p)] =
-      goodbye ? str_cat("rank ", p, " closed its session") : str_cat("rank ", p, " is lost (", reason, ")");
+      goodbye ? str_cat("rank ", p, " closed its session") : str_cat("rank ", p, " is lost (", cause, ")");
   departed_[std::size_t(p)] = goodbye;
   if (!goodbye) log::warn("rank ", config_.rank, ": ", lost_[std::size_t(p)]);
   Progress progress;

@@ -406,6 +406,7 @@ std::chrono::milliseconds Peer::timeout() const { return engine_->config().timeo
 Topology Peer::topology() const { return engine_->topology(); }
 const PeerConfig& Peer::config() const { return engine_->config(); }
 std::vector<int> Peer::lost_ranks() const { return engine_->lost_ranks(); }
+void Peer::mark_lost(int rank, const std::string& why) { engine_->drop_peer(rank, why); }
 PathCounts Peer::path_counts() const { return engine_->path_counts(); }
 void Peer::set_link_matrix(const LinkMatrix& links) { engine_->set_link_matrix(links); }
 LinkMatrix Peer::link_matrix() const { return engine_->link_matrix(); }

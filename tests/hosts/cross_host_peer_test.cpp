@@ -25,9 +25,8 @@ class CrossHostPeerTest : public ::testing::TestWithParam<std::string> {
   }
 };
 
-// 2 hosts x 2 workers: allreduce of a buffer large enough to be pipelined, checked against the closed form by
-// every worker (peer_worker allreduce), on the topology of the parameter.
-TEST_P(CrossHostPeerTest, AllreduceIsCorrectAcrossHosts) {
+// 2 hosts x 2 workers run peer_worker `mode` (each worker checks its results against closed forms) on `topology`.
+void run_across_hosts(const std::string& topology, const std::vector<std::string>& mode) {
   EmulatedHosts hosts(2);
   elastic::StoreServer store(EmulatedHosts::kBridgeAddress, 0, kSecret);
   std::vector<std::unique_ptr<Subprocess>> workers;
@@ -42,15 +41,26 @@ TEST_P(CrossHostPeerTest, AllreduceIsCorrectAcrossHosts) {
                  "AIKIDO_JOB_ID=crosshost",
                  "AIKIDO_HOST=" + EmulatedHosts::name(host),
                  "AIKIDO_BIND_ADDRESS=" + EmulatedHosts::address(host),
-                 "AIKIDO_TOPOLOGY=" + GetParam(),
+                 "AIKIDO_TOPOLOGY=" + topology,
                  "AIKIDO_TIMEOUT=30"};
-    workers.push_back(hosts.start(host, {PEER_WORKER_PATH, "allreduce", "300000"}, o));
+    std::vector<std::string> argv = {PEER_WORKER_PATH};
+    argv.insert(argv.end(), mode.begin(), mode.end());
+    workers.push_back(hosts.start(host, argv, o));
   }
   for (int rank = 0; rank < size; ++rank) {
     const ProcessResult r = workers[std::size_t(rank)]->wait(120s);
     EXPECT_TRUE(r.exited && r.exit_code == 0) << "rank " << rank << ": " << r.describe();
     EXPECT_NE(r.out.find("rank " + std::to_string(rank) + ": OK"), std::string::npos) << r.describe();
   }
+}
+
+// Allreduce of a buffer large enough to be pipelined.
+TEST_P(CrossHostPeerTest, AllreduceIsCorrectAcrossHosts) { run_across_hosts(GetParam(), {"allreduce", "300000"}); }
+
+// Every other collective and the model store, small (eager) and large (pipelined, with ready handshakes).
+TEST_P(CrossHostPeerTest, EveryCollectiveIsCorrectAcrossHosts) {
+  run_across_hosts(GetParam(), {"collectives", "7"});
+  run_across_hosts(GetParam(), {"collectives", "200000"});
 }
 
 INSTANTIATE_TEST_SUITE_P(Topologies, CrossHostPeerTest, ::testing::Values("ring", "tree", "star", "hierarchical"));

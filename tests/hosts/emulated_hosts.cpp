@@ -15,9 +15,9 @@ const std::string kScript = AIKIDO_SOURCE_DIR "/scripts/hosts.sh";
 
 }  // namespace
 
-void EmulatedHosts::script(std::vector<std::string> args) {
+void EmulatedHosts::script(std::vector<std::string> args, std::chrono::seconds timeout) {
   args.insert(args.begin(), kScript);
-  const ProcessResult r = run_process(args, 60s);
+  const ProcessResult r = run_process(args, timeout);
   if (!r.exited || r.exit_code != 0) throw std::runtime_error("scripts/hosts.sh failed: " + r.describe());
 }
 
@@ -28,12 +28,13 @@ std::string EmulatedHosts::unavailable_reason() {
 }
 
 EmulatedHosts::EmulatedHosts(int n) : n_(n) {
-  script({"up", std::to_string(n), "--owner", std::to_string(::getpid())});
+  // Waits while a test from another checkout holds the hosts (scripts/hosts.sh up waits up to 20 minutes).
+  script({"up", std::to_string(n), "--owner", std::to_string(::getpid())}, 1260s);
 }
 
 EmulatedHosts::~EmulatedHosts() {
   try {
-    script({"down"});
+    script({"down", "--owner", std::to_string(::getpid())});
   } catch (const std::exception&) {
   }
 }

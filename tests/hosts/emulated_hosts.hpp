@@ -2,6 +2,7 @@
 // destructor (and by the script's watchdog if the test process is killed).
 #pragma once
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,7 +42,7 @@ class EmulatedHosts {
   void shape(int host, const std::string& rate) const;
 
  private:
-  static void script(std::vector<std::string> args);
+  static void script(std::vector<std::string> args, std::chrono::seconds timeout = std::chrono::seconds(60));
   int n_;
 };
 

@@ -12,7 +12,7 @@
 //   {"event":"epoch","epoch":E,"global_samples":N,"index_sum_ok":B, ...}   at the end of every epoch
 //   {"event":"removed", ...}                    when a resize removed this worker
 //   {"event":"done", ...}
-// Every line carries "worker", "rank", "workers" and "cluster_version".
+// Every line carries "worker", "rank", "workers", "cluster_version", "step", "epoch" and "unix_ms" (wall clock).
 //
 // options: --epochs E (2)  --batch B per worker (250)  --dim D (4096)  --commit-every K (4)  --step-ms M simulated
 // compute per step (0)  --print-every P (10)  --schedule S:N,S:N,...  (at global step S, all workers call
@@ -121,10 +121,10 @@ class Worker {
   void say(const std::string& event, const std::string& fields = "") {
     std::printf(
         "{\"event\":\"%s\",\"worker\":%llu,\"rank\":%d,\"workers\":%d,\"cluster_version\":%llu,\"pid\":%d,"
-        "\"step\":%lld,\"epoch\":%llu%s%s}\n",
+        "\"step\":%lld,\"epoch\":%llu,\"unix_ms\":%.3f%s%s}\n",
         event.c_str(), (unsigned long long)s_.worker_id(), s_.rank(), s_.size(),
         (unsigned long long)s_.cluster_version(), int(::getpid()), (long long)state_.step,
-        (unsigned long long)sampler_.epoch(), fields.empty() ? "" : ",", fields.c_str());
+        (unsigned long long)sampler_.epoch(), unix_ms(), fields.empty() ? "" : ",", fields.c_str());
     std::fflush(stdout);
   }
 

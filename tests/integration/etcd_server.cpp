@@ -35,7 +35,12 @@ int free_port(const std::string& address) {
 bool EtcdServer::available() { return ::access("/usr/bin/etcd", X_OK) == 0; }
 
 EtcdServer::EtcdServer(int members, std::string address, std::vector<std::string> wrapper)
-    : address_(std::move(address)), wrapper_(std::move(wrapper)) {
+    : EtcdServer(members, std::move(address), std::move(wrapper), Tls{}) {}
+
+EtcdServer::EtcdServer(Tls tls) : EtcdServer(1, "127.0.0.1", {}, std::move(tls)) {}
+
+EtcdServer::EtcdServer(int members, std::string address, std::vector<std::string> wrapper, Tls tls)
+    : address_(std::move(address)), wrapper_(std::move(wrapper)), tls_(std::move(tls)) {
   char pattern[] = "/tmp/aikido-etcd-XXXXXX";
   if (::mkdtemp(pattern) == nullptr) throw std::runtime_error("mkdtemp failed");
   root_ = pattern;
@@ -49,6 +54,11 @@ EtcdServer::EtcdServer(int members, std::string address, std::vector<std::string
     m.data_dir = root_ + "/" + m.name;
     members_.push_back(std::move(m));
   }
+  start_all();
+}
+
+void EtcdServer::start_all() {
+  const int members = int(members_.size());
   for (int i = 0; i < members; ++i) start(i, true);
   for (int i = 0; i < members; ++i) {
     if (!wait_healthy(i, 20s)) {
@@ -77,14 +87,20 @@ void EtcdServer::start(int member, bool fresh) {
     cluster +=
         (cluster.empty() ? "" : ",") + other.name + "=http://" + address_ + ":" + std::to_string(other.peer_port);
   }
-  const std::string client = "http://" + address_ + ":" + std::to_string(m.client_port);
+  const std::string client =
+      (tls_.cert_file.empty() ? "http://" : "https://") + address_ + ":" + std::to_string(m.client_port);
   const std::string peer = "http://" + address_ + ":" + std::to_string(m.peer_port);
   std::ostringstream command;
   command << "exec /usr/bin/etcd --name " << m.name << " --data-dir " << m.data_dir << " --listen-client-urls "
           << client << " --advertise-client-urls " << client << " --listen-peer-urls " << peer
           << " --initial-advertise-peer-urls " << peer << " --initial-cluster " << cluster
           << " --initial-cluster-state " << (fresh ? "new" : "existing")
-          << " --heartbeat-interval 10 --election-timeout 100 >>" << root_ << "/" << m.name << ".log 2>&1";
+          << " --heartbeat-interval 10 --election-timeout 100";
+  if (!tls_.cert_file.empty()) {
+    command << " --cert-file " << tls_.cert_file << " --key-file " << tls_.key_file << " --trusted-ca-file "
+            << tls_.ca_file << " --client-cert-auth";
+  }
+  command << " >>" << root_ << "/" << m.name << ".log 2>&1";
   std::vector<std::string> argv = wrapper_;
   for (const char* part : {"/bin/sh", "-c"}) argv.emplace_back(part);
   argv.push_back(command.str());
@@ -102,7 +118,7 @@ std::vector<std::string> EtcdServer::endpoints() const {
 }
 
 std::string EtcdServer::url() const {
-  std::string out = "etcd://";
+  std::string out = tls_.cert_file.empty() ? "etcd://" : "etcds://";
   for (int i = 0; i < members(); ++i) out += (i ? "," : "") + endpoint(i);
   return out;
 }
@@ -124,7 +140,10 @@ void EtcdServer::restart(int member) {
 
 bool EtcdServer::wait_healthy(int member, std::chrono::milliseconds timeout) const {
   EtcdOptions options;
-  options.endpoints = {endpoint(member)};
+  options.endpoints = {(tls_.cert_file.empty() ? "http://" : "https://") + endpoint(member)};
+  options.ca_file = tls_.ca_file;
+  options.cert_file = tls_.cert_file;  // the servers' certificate is a client certificate of the same CA too
+  options.key_file = tls_.key_file;
   options.request_timeout = 500ms;
   options.unavailable_timeout = timeout;
   try {

@@ -20,11 +20,20 @@ class EtcdServer {
   /// each command (e.g. {"ip", "netns", "exec", "h0"} to run it on an emulated host). Waits until every member is
   /// healthy (throws std::runtime_error with etcd's log after 20 s).
   explicit EtcdServer(int members = 1, std::string address = "127.0.0.1", std::vector<std::string> wrapper = {});
+
+  /// Client TLS: the servers' certificate and key, and the CA whose client certificates they ask for.
+  struct Tls {
+    std::string ca_file;
+    std::string cert_file;
+    std::string key_file;
+  };
+  /// One member that serves clients over TLS only and requires a client certificate signed by tls.ca_file.
+  explicit EtcdServer(Tls tls);
   ~EtcdServer();
   EtcdServer(const EtcdServer&) = delete;
   EtcdServer& operator=(const EtcdServer&) = delete;
 
-  /// "etcd://A:P1,A:P2,..." of every member.
+  /// "etcd://A:P1,A:P2,..." of every member ("etcds://" with TLS).
   std::string url() const;
   /// "A:P" of member i.
   std::string endpoint(int member) const;
@@ -41,6 +50,8 @@ class EtcdServer {
   std::string log(int member) const;
 
  private:
+  EtcdServer(int members, std::string address, std::vector<std::string> wrapper, Tls tls);
+
   struct Member {
     std::string name;
     int client_port = 0;
@@ -49,10 +60,12 @@ class EtcdServer {
     std::unique_ptr<Subprocess> process;
   };
   void start(int member, bool fresh);
+  void start_all();
 
   std::string address_;
   std::vector<std::string> wrapper_;
   std::string root_;  // temporary directory of the data directories and logs
+  Tls tls_;
   std::vector<Member> members_;
 };
 

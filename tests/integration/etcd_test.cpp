@@ -1,6 +1,7 @@
 // etcd as the store: the client of etcd's JSON gateway, the Store and the MembershipStore over it, against real
 // etcd servers (one member, or three), including restarts, a lost member, compaction and authentication.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <aikido/errors.hpp>
 #include <aikido/etcd.hpp>
@@ -356,6 +357,42 @@ TEST_F(EtcdTest, PeersMeetThroughAnEtcdUrl) {
   EXPECT_EQ(sums, std::vector<float>(kRanks, 6.0f));
   EtcdOptions o = parse_etcd_url(server_->url());
   EXPECT_FALSE(elastic::EtcdClient(o).range("etcd-peers/", true).kvs.empty());
+}
+
+// etcd serving clients over TLS with client certificates: etcds:// URLs and the TLS files given as options (or as
+// AIKIDO_STORE_CA, _CERT, _KEY for workers and aikido-run) reach it; a client without a certificate does not.
+TEST(EtcdTls, ClientsWithTheCaAndACertificateReachIt) {
+  if (!EtcdServer::available()) GTEST_SKIP() << "etcd is not installed";
+  if (::access("/usr/bin/openssl", X_OK) != 0) GTEST_SKIP() << "openssl is not installed";
+  const std::string dir = ::testing::TempDir() + "aikido-etcd-tls-" + std::to_string(::getpid());
+  const std::string script =
+      "set -e; mkdir -p " + dir + "; cd " + dir +
+      "; openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=aikido-test-ca"
+      " 2>/dev/null; openssl req -newkey rsa:2048 -nodes -keyout node.key -out node.csr -subj /CN=127.0.0.1"
+      " 2>/dev/null; printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth,clientAuth\\n' > ext;"
+      " openssl x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out node.crt -days 1 -extfile ext"
+      " 2>/dev/null";
+  const auto made = testing::run_process({"/bin/sh", "-c", script}, 60s);
+  ASSERT_TRUE(made.exited && made.exit_code == 0) << made.describe();
+  EtcdServer server(EtcdServer::Tls{dir + "/ca.crt", dir + "/node.crt", dir + "/node.key"});
+  EXPECT_TRUE(server.url().starts_with("etcds://")) << server.url();
+  EtcdOptions o = parse_etcd_url(server.url());
+  o.ca_file = dir + "/ca.crt";
+  o.cert_file = dir + "/node.crt";
+  o.key_file = dir + "/node.key";
+  o.unavailable_timeout = 10s;
+  auto store = connect_etcd_store(o);
+  store->set("k", "over TLS");
+  EXPECT_EQ(store->wait("k", 5s), "over TLS");
+  EtcdOptions no_certificate = o;
+  no_certificate.cert_file.clear();
+  no_certificate.key_file.clear();
+  no_certificate.unavailable_timeout = 500ms;
+  EXPECT_THROW(connect_etcd_store(no_certificate)->get("k"), TimeoutError);
+  EtcdOptions half = o;
+  half.key_file.clear();
+  EXPECT_THROW(elastic::EtcdClient{half}, ConfigError);
+  testing::run_process({"/bin/rm", "-rf", dir}, 10s);
 }
 
 TEST(EtcdCluster, OneMemberOfThreeDownChangesNothingForClients) {

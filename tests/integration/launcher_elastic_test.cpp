@@ -144,7 +144,7 @@ TEST(LauncherElasticTest, AWorkerSilentLongAfterItsStartIsReported) {
 TEST(LauncherElasticTest, WorkersWithSessionsAreNotReported) {
   const std::string control = temp_path("aikido-sessions.ctl");
   for (int round = 0; round < 3; ++round) {
-    Subprocess job(launch({"-np", "3", "--elastic", "--control-file", control, kFixture, "session", "2"}));
+    Subprocess job(launch({"-np", "3", "--elastic", "--control-file", control, kFixture, "session", "5"}));
     ASSERT_TRUE(stdout_has(job, "ready pid=", 3)) << job.wait(1s).describe();
     // The status key says "joining" until the heartbeat after the worker connected.
     ProcessResult status;

@@ -2,6 +2,8 @@
 //
 //   allreduce N   allreduce (sum) of N rank-dependent floats, a few times under one name, checked against the
 //                 closed form; prints "OK"
+//   collectives N broadcast, allgather, reduce-scatter, gather, barrier, consensus and the model store, N elements
+//                 each, checked against closed forms; prints "OK"
 //   crash R       after one successful allreduce rank R kills itself (SIGKILL); the others run another allreduce,
 //                 which must fail: they print the error's type and message, hold their session 1.5 s, exit 3
 //   hang R        after one successful allreduce rank R stops itself (SIGSTOP); the others must get an error
@@ -189,6 +191,64 @@ int mode_mismatch(aikido::Peer& peer) {
   return status;
 }
 
+// Every other collective and the model store, `count` elements each, with rank-dependent inputs whose results are
+// known in closed form; prints "OK" (or "WRONG: ..." and exits 1).
+int mode_collectives(aikido::Peer& peer, std::size_t count) {
+  const int rank = peer.rank(), size = peer.size();
+  auto fail = [&](const std::string& what) {
+    say(peer, "WRONG: " + what);
+    return 1;
+  };
+  // broadcast from the last rank
+  std::vector<float> b(count, float(rank));
+  peer.broadcast(std::span<float>(b), size - 1, "bcast");
+  for (float v : b) {
+    if (v != float(size - 1)) return fail("broadcast");
+  }
+  // allgather: block r holds r + i % 5
+  std::vector<float> mine(count), all(count * std::size_t(size));
+  for (std::size_t i = 0; i < count; ++i) mine[i] = float(rank + int(i % 5));
+  peer.allgather(std::span<const float>(mine), std::span<float>(all), "gather-all");
+  for (int r = 0; r < size; ++r) {
+    for (std::size_t i = 0; i < count; ++i) {
+      if (all[std::size_t(r) * count + i] != float(r + int(i % 5))) return fail("allgather");
+    }
+  }
+  // reduce-scatter (max): element j of block r is max over ranks of (rank + j) = size - 1 + j
+  std::vector<std::int64_t> send(count * std::size_t(size)), block(count);
+  for (std::size_t j = 0; j < send.size(); ++j) send[j] = std::int64_t(rank) + std::int64_t(j);
+  peer.reduce_scatter(std::span<const std::int64_t>(send), std::span<std::int64_t>(block), aikido::ReduceOp::max,
+                      "scatter");
+  for (std::size_t i = 0; i < count; ++i) {
+    if (block[i] != std::int64_t(size - 1) + std::int64_t(std::size_t(rank) * count + i)) return fail("reduce_scatter");
+  }
+  // gather to rank 0
+  std::vector<double> g(count, double(rank) * 0.5), gathered(rank == 0 ? count * std::size_t(size) : 0);
+  peer.gather(std::span<const double>(g), std::span<double>(gathered), 0, "gather");
+  for (std::size_t k = 0; k < gathered.size(); ++k) {
+    if (gathered[k] != double(k / count) * 0.5) return fail("gather");
+  }
+  peer.barrier("barrier");
+  // consensus: equal bytes agree, different ones do not
+  const std::string same = "same", different = "rank" + std::to_string(rank);
+  if (!peer.consensus(std::as_bytes(std::span(same.data(), same.size())), "agree")) return fail("consensus (same)");
+  if (size > 1 && peer.consensus(std::as_bytes(std::span(different.data(), different.size())), "disagree")) {
+    return fail("consensus (different)");
+  }
+  // model store: every rank saves, then fetches the next rank's
+  std::vector<float> model(count, float(rank) + 0.25f), fetched(count);
+  peer.save("model", std::span<const float>(model));
+  peer.barrier("saved");
+  const int next = (rank + 1) % size;
+  peer.request(next, "model", std::span<float>(fetched));
+  for (float v : fetched) {
+    if (v != float(next) + 0.25f) return fail("request");
+  }
+  peer.barrier("done");
+  say(peer, "OK");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -197,6 +257,7 @@ int main(int argc, char** argv) {
   try {
     aikido::Peer peer = aikido::Peer::from_env();
     if (mode == "allreduce" && !arg.empty()) return mode_allreduce(peer, std::size_t(std::stoul(arg)));
+    if (mode == "collectives" && !arg.empty()) return mode_collectives(peer, std::size_t(std::stoul(arg)));
     if (mode == "crash" && !arg.empty()) return mode_fault(peer, std::stoi(arg), SIGKILL);
     if (mode == "hang" && !arg.empty()) return mode_fault(peer, std::stoi(arg), SIGSTOP);
     if (mode == "leave" && !arg.empty()) return mode_leave(peer, std::stoi(arg));

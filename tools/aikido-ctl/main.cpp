@@ -1,14 +1,17 @@
-// aikido-ctl: inspects and resizes a running elastic job through the control file aikido-run wrote.
+// aikido-ctl: inspects and resizes a running elastic job, on one host through the control file aikido-run wrote, or
+// across hosts through etcd.
 //
-//   aikido-ctl --control-file F status        the cluster: version, workers, their rank and step (and a note when
-//                                             the program does not use aikido::ElasticSession)
-//   aikido-ctl --control-file F resize N      asks for N workers (a new cluster version; workers switch at their
-//                                             next step boundary, aikido-run starts or stops processes); refused
-//                                             when the workers joined with plain Peers instead of sessions
-//
-// The control file holds the address of the job's store and the job secret; the store refuses connections that do
-// not prove the secret. Exit status: 0 done, 1 the request failed, 2 bad command line.
+//   aikido-ctl JOB status        the cluster: version, workers, their host, rank and step (and a note when the
+//                                program does not use aikido::ElasticSession)
+//   aikido-ctl JOB resize N      asks for N workers (a new cluster version; workers switch at their next step
+//                                boundary, the launchers start or stop processes); refused when the workers joined
+//                                with plain Peers instead of sessions
+// where JOB is --control-file F (a job on one host: the file holds the store's address and the job secret, which
+// the store asks for), or --store etcd://H:P[,H:P] --job-id ID --secret-file F (a job across hosts; the secret is
+// checked against the job's; etcd's TLS files and credentials come from AIKIDO_STORE_CA, _CERT, _KEY and
+// _CREDENTIALS). Exit status: 0 done, 1 the request failed, 2 bad command line.
 #include <aikido/aikido.hpp>
+#include <aikido/etcd.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -17,6 +20,11 @@
 #include <sstream>
 #include <string>
 #include <utility>
+
+#include "base/env.hpp"
+#include "base/launcher_env.hpp"
+#include "elastic/etcd_client.hpp"
+#include "launch/host_job.hpp"
 
 namespace {
 
@@ -27,11 +35,13 @@ struct UsageError : std::runtime_error {
 };
 
 const char* kUsage =
-    "usage: aikido-ctl --control-file F status\n"
-    "       aikido-ctl --control-file F resize N\n"
+    "usage: aikido-ctl --control-file F status | resize N\n"
+    "       aikido-ctl --store etcd://HOST:PORT[,HOST:PORT] --job-id ID --secret-file S status | resize N\n"
     "\n"
-    "F is the file given to aikido-run --elastic --control-file F. status prints the cluster version, its workers\n"
-    "and their step; resize N asks for N workers (within the job's --min-np and --max-np).\n";
+    "F is the file given to aikido-run --elastic --control-file F; a job across hosts is named by the --store,\n"
+    "--job-id and --secret-file its launchers were given. status prints the cluster version, its workers and their\n"
+    "step; resize N asks for N workers (within the job's minimum and maximum; across hosts, new workers go to the\n"
+    "hosts with the fewest).\n";
 
 std::map<std::string, std::string> read_key_values(const std::string& text, char separator) {
   std::map<std::string, std::string> values;
@@ -62,6 +72,14 @@ Control read_control_file(const std::string& path) {
     throw aikido::ConfigError("the control file '" + path + "' lacks store=, secret= or job=");
   }
   return c;
+}
+
+// The first line of a secret file, read as aikido-run reads it.
+std::string read_secret(const std::string& path) {
+  return aikido::env::job_secret([&](const char* name) -> std::optional<std::string> {
+    if (std::string_view(name) == aikido::env::kSecretFile) return path;
+    return std::nullopt;
+  });
 }
 
 // What aikido-run found out about the job's sessions (aikido::no_session_key): kind ("plain-peer", "silent") and
@@ -112,7 +130,7 @@ int resize(aikido::Store& store, aikido::MembershipStore& membership, const Cont
       std::printf("cluster version %llu already has %d workers\n", (unsigned long long)spec->version, n);
       return 0;
     }
-    aikido::ClusterSpec next = spec->resized(n, spec->workers.front().host);
+    aikido::ClusterSpec next = spec->with_size(n);
     next.proposed_unix_ms =
         std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
             .count();
@@ -128,18 +146,29 @@ int resize(aikido::Store& store, aikido::MembershipStore& membership, const Cont
 
 int main(int argc, char** argv) {
   try {
-    std::string control_file, command;
+    std::string control_file, command, store_url, job_id, secret_file;
     int n = 0;
+    auto value_of = [&](const std::string& arg, const char* flag, int& i, std::string& out) {
+      const std::string with_eq = std::string(flag) + "=";
+      if (arg == flag && i + 1 < argc) {
+        out = argv[++i];
+        return true;
+      }
+      if (arg.starts_with(with_eq)) {
+        out = arg.substr(with_eq.size());
+        return true;
+      }
+      return false;
+    };
     for (int i = 1; i < argc; ++i) {
       const std::string arg = argv[i];
       if (arg == "-h" || arg == "--help") {
         std::fputs(kUsage, stdout);
         return 0;
       }
-      if (arg == "--control-file" && i + 1 < argc) {
-        control_file = argv[++i];
-      } else if (arg.starts_with("--control-file=")) {
-        control_file = arg.substr(15);
+      if (value_of(arg, "--control-file", i, control_file) || value_of(arg, "--store", i, store_url) ||
+          value_of(arg, "--job-id", i, job_id) || value_of(arg, "--secret-file", i, secret_file)) {
+        continue;
       } else if (command.empty() && (arg == "status" || arg == "resize")) {
         command = arg;
         if (arg == "resize") {
@@ -155,11 +184,30 @@ int main(int argc, char** argv) {
         throw UsageError("unexpected argument '" + arg + "'");
       }
     }
-    if (control_file.empty()) throw UsageError("missing --control-file F");
     if (command.empty()) throw UsageError("missing command: status or resize N");
-    const Control control = read_control_file(control_file);
-    auto store = aikido::connect_tcp_store(control.store, control.secret, std::chrono::milliseconds(kTimeout));
-    auto membership = aikido::make_membership_store(store, control.job);
+    std::shared_ptr<aikido::Store> store;
+    std::shared_ptr<aikido::MembershipStore> membership;
+    Control control;
+    if (!store_url.empty()) {
+      if (!control_file.empty()) throw UsageError("give --control-file or --store, not both");
+      if (job_id.empty() || secret_file.empty()) {
+        throw UsageError("--store needs --job-id ID and --secret-file F, as the job's launchers were given");
+      }
+      control = {store_url, read_secret(secret_file), job_id};
+      const aikido::EtcdOptions etcd = aikido::etcd_options_from_env(store_url, kTimeout);
+      aikido::elastic::EtcdClient client(etcd);
+      if (client.range(job_id + "/secret-check").kvs.empty()) {
+        throw aikido::ConfigError("no job '" + job_id + "' runs with its store at " + store_url);
+      }
+      aikido::launch::check_job_secret(client, job_id, control.secret);
+      store = aikido::connect_etcd_store(etcd);
+      membership = aikido::make_etcd_membership(etcd, job_id);
+    } else {
+      if (control_file.empty()) throw UsageError("missing --control-file F (or --store, --job-id, --secret-file)");
+      control = read_control_file(control_file);
+      store = aikido::connect_tcp_store(control.store, control.secret, std::chrono::milliseconds(kTimeout));
+      membership = aikido::make_membership_store(store, control.job);
+    }
     return command == "status" ? status(*store, *membership, control) : resize(*store, *membership, control, n);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "aikido-ctl: %s\n%s", e.what(), kUsage);

@@ -8,11 +8,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <thread>
 #include <utility>
 
 #include "base/env.hpp"
 #include "base/error.hpp"
-#include "runtime/store_server.hpp"
+#include "base/log.hpp"
+#include "launch/host_job.hpp"
 #include "output.hpp"
 #include "runtime/peer_env.hpp"
 #include "transport/socket.hpp"
@@ -27,6 +29,8 @@ constexpr std::chrono::seconds kLeaveGrace{10};
 // A worker without a session this long after its start is reported as probably not using one. Programs may load
 // their data before they open the session; the example opens it first.
 constexpr std::chrono::seconds kSessionGrace{10};
+// A store call that takes longer than this was retried while the store was away (its client retries until it answers).
+constexpr std::chrono::milliseconds kSlowStoreAnswer{500};
 // What to do about a program that does not open a session.
 constexpr const char* kUseASession =
     "run it without --elastic, or open an aikido::ElasticSession (ElasticSession::from_env(), see \"Elastic "
@@ -44,58 +48,94 @@ std::string describe_status(int status) {
 
 }  // namespace
 
-ElasticController::ElasticController(const Options& options, elastic::StoreServer& server, std::string job_id,
+ElasticController::ElasticController(const Options& options, ElasticSetup setup, std::string job_id,
                                      std::vector<std::string> shared_environment)
     : options_(options),
       job_id_(std::move(job_id)),
-      host_(transport::host_name()),
+      setup_(std::move(setup)),
+      host_(setup_.host),
       shared_environment_(std::move(shared_environment)),
-      store_(server.local_store()),
-      membership_(make_membership_store(store_, job_id_)) {
+      store_(setup_.store),
+      membership_(setup_.membership) {
   // Per-worker values replace the shared ones.
   std::erase_if(shared_environment_, [](const std::string& e) {
-    for (const char* name : {env::kSize, env::kLocalSize, env::kClusterVersion}) {
+    for (const char* name : {env::kSize, env::kLocalSize, env::kClusterVersion, env::kHost}) {
       if (e.starts_with(std::string(name) + "=")) return true;
     }
     return false;
   });
-  ClusterSpec v0;
-  v0.min_size = options.min_np;
-  v0.max_size = options.max_np;
-  for (int i = 0; i < options.np; ++i) v0.workers.push_back({std::uint64_t(i), host_});
-  v0.next_id = std::uint64_t(options.np);
-  v0.proposed_unix_ms = unix_ms();
-  if (!membership_->propose(v0)) throw Error("cannot publish cluster version 0 in the job's store");
   wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake_fd_ < 0) throw Error(std::string("eventfd: ") + std::strerror(errno));
   watcher_ = std::thread([this] { watch_loop(); });
+  if (setup_.hosts) host_watcher_ = std::thread([this] { watch_hosts_loop(); });
+}
+
+void ElasticController::publish_first_version(const Options& options, MembershipStore& membership,
+                                              const std::string& host) {
+  ClusterSpec v0;
+  v0.min_size = options.min_np;
+  v0.max_size = options.max_np;
+  for (int i = 0; i < options.np; ++i) v0.workers.push_back({std::uint64_t(i), host});
+  v0.next_id = std::uint64_t(options.np);
+  v0.proposed_unix_ms = unix_ms();
+  if (!membership.propose(v0)) throw Error("cannot publish cluster version 0 in the job's store");
 }
 
 ElasticController::~ElasticController() {
   stopping_ = true;
+  if (setup_.hosts) setup_.hosts->hosts().interrupt();
   if (watcher_.joinable()) watcher_.join();
+  if (host_watcher_.joinable()) host_watcher_.join();
   ::close(wake_fd_);
+}
+
+void ElasticController::wake() {
+  const std::uint64_t one = 1;
+  [[maybe_unused]] const ssize_t n = ::write(wake_fd_, &one, sizeof one);
 }
 
 void ElasticController::watch_loop() {
   std::uint64_t version = 0;
+  const auto& watcher = setup_.watch_membership ? setup_.watch_membership : membership_;
   while (!stopping_) {
     try {
-      if (auto spec = membership_->watch(version, std::chrono::milliseconds(200))) {
+      if (auto spec = watcher->watch(version, std::chrono::milliseconds(200))) {
         version = spec->version;
-        const std::uint64_t one = 1;
-        [[maybe_unused]] const ssize_t n = ::write(wake_fd_, &one, sizeof one);
+        wake();
       }
-    } catch (const Error&) {
-      return;  // the store is stopping
+    } catch (const Error& e) {
+      if (!setup_.hosts) return;                   // the embedded store is stopping
+      log::debug("membership watch: ", e.what());  // etcd away: try again
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  }
+}
+
+void ElasticController::watch_hosts_loop() {
+  std::vector<std::string> known;
+  while (!stopping_) {
+    try {
+      std::vector<std::string> now;
+      for (const auto& h : setup_.hosts->hosts().wait_for_change(SteadyClock::now() + std::chrono::seconds(1))) {
+        now.push_back(h.id);
+      }
+      if (now != known) {
+        known = std::move(now);
+        hosts_changed_ = true;
+        wake();
+      }
+    } catch (const Error& e) {
+      log::debug("hosts watch: ", e.what());
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
     }
   }
 }
 
 std::vector<Supervisor::Worker> ElasticController::initial_workers() {
-  const ClusterSpec spec = *membership_->get(0);
+  const ClusterSpec spec = *membership_->latest();
   std::vector<Supervisor::Worker> workers;
   for (const auto& w : spec.workers) {
+    if (w.host != host_) continue;
     workers.push_back(worker_for(spec, w.id));
     started(w.id, spec.version);
   }
@@ -115,12 +155,18 @@ Supervisor::Worker ElasticController::worker_for(const ClusterSpec& spec, std::u
   auto add = [&](const char* name, const std::string& value) {
     worker.environment.push_back(std::string(name) + "=" + value);
   };
+  int local_rank = 0;
+  for (const auto& w : spec.workers) {
+    if (w.id == id) break;
+    if (w.host == host_) ++local_rank;
+  }
   add(env::kElastic, "1");
   add(env::kWorkerId, std::to_string(id));
   add(env::kRank, std::to_string(worker.rank));
-  add(env::kLocalRank, std::to_string(worker.rank));
+  add(env::kLocalRank, std::to_string(local_rank));
   add(env::kSize, std::to_string(spec.size()));
-  add(env::kLocalSize, std::to_string(spec.size()));
+  add(env::kLocalSize, std::to_string(spec.workers_on(host_)));
+  add(env::kHost, host_);
   add(env::kClusterVersion, std::to_string(spec.version));
   if (!options_.checkpoint.empty()) add(env::kCheckpoint, options_.checkpoint);
   if (!options_.resume.empty()) add(env::kResume, options_.resume);
@@ -131,10 +177,42 @@ void ElasticController::on_wake(Supervisor& supervisor) {
   std::uint64_t count;
   while (::read(wake_fd_, &count, sizeof count) > 0) {
   }
-  reconcile(supervisor);
-  check_sessions(supervisor);
-  // While rank 0 writes the checkpoint before a stop, its heartbeat pauses: no worker is killed for that.
-  if (checkpoint_request_.empty()) check_heartbeats(supervisor);
+  const auto woke = SteadyClock::now();
+  try {
+    if (setup_.hosts) check_hosts(supervisor);
+    for (auto it = pending_lost_.begin(); it != pending_lost_.end();) {
+      it = remove_lost_worker(it->first, it->second) ? pending_lost_.erase(it) : std::next(it);
+    }
+    reconcile(supervisor);
+    const auto now = SteadyClock::now();
+    if (now < next_store_check_) return;
+    next_store_check_ = now + setup_.store_check_interval;
+    check_sessions(supervisor);
+    // The store's client retries until the store answers: a slow tick is an absence of the store (etcd restarting),
+    // during which the workers could not write their heartbeats either.
+    if (SteadyClock::now() - woke > kSlowStoreAnswer) store_was_away_ = true;
+    // While rank 0 writes the checkpoint before a stop, its heartbeat pauses: no worker is killed for that.
+    if (checkpoint_request_.empty()) check_heartbeats(supervisor);
+  } catch (const Error& e) {
+    // The store is away (etcd restarting, a leader election): the workers train on; try again at the next tick.
+    if (!store_was_away_) log::warn("aikido-run: the job's store does not answer (", e.what(), "); trying again");
+    store_was_away_ = true;
+  }
+}
+
+void ElasticController::check_hosts(Supervisor& supervisor) {
+  launch::HostJob& hosts = *setup_.hosts;
+  if (hosts.hosts().lease_lost()) {
+    if (!std::exchange(lease_loss_reported_, true)) {
+      report("aikido-run: host " + host_ + " lost its place in job " + job_id_ +
+             ": its lease in etcd expired (it was cut off for more than --host-timeout), and the other hosts went on "
+             "without it; stopping its workers");
+      supervisor.stop_job(1);
+    }
+    return;
+  }
+  if (!hosts_changed_.exchange(false)) return;
+  if (auto next = hosts.remove_lost_hosts()) report("aikido-run: cluster " + next->describe());
 }
 
 bool ElasticController::session_open(std::uint64_t id) {
@@ -216,6 +294,7 @@ void ElasticController::reconcile(Supervisor& supervisor) {
   const auto spec = membership_->latest();
   if (!spec) return;
   for (const auto& w : spec->workers) {
+    if (w.host != host_) continue;
     if (!started_for_.contains(w.id)) {
       started(w.id, spec->version);
       report("aikido-run: starting worker " + std::to_string(w.id) + " as rank " + std::to_string(spec->rank_of(w.id)) +
@@ -240,13 +319,23 @@ void ElasticController::reconcile(Supervisor& supervisor) {
 }
 
 void ElasticController::check_heartbeats(Supervisor& supervisor) {
+  // Heartbeats cannot be written while the store is away: silence counts from when it answers again.
+  auto asked = SteadyClock::now();
   const auto spec = membership_->latest();
   if (!spec) return;
-  const auto now = SteadyClock::now();
+  auto now = SteadyClock::now();
+  if (std::exchange(store_was_away_, false) || now - asked > kSlowStoreAnswer) {
+    for (auto& [id, hb] : heartbeats_) hb.changed = now;
+  }
   const auto timeout = std::chrono::milliseconds(std::int64_t(options_.heartbeat_timeout_s * 1000));
   for (std::uint64_t id : supervisor.running_workers()) {
     if (!spec->contains(id)) continue;
+    asked = SteadyClock::now();
     const auto value = store_->get(worker_status_key(job_id_, id));
+    now = SteadyClock::now();
+    if (now - asked > kSlowStoreAnswer) {
+      for (auto& [other, hb] : heartbeats_) hb.changed = now;
+    }
     if (!value || value->starts_with("state=left")) continue;  // not started yet, or finished
     Heartbeat& hb = heartbeats_[id];
     if (*value != hb.value) {
@@ -340,6 +429,20 @@ std::optional<ClusterSpec> ElasticController::last_spec_with(std::uint64_t id, s
 }
 
 bool ElasticController::on_exit(Supervisor& supervisor, std::uint64_t id, int status) {
+  try {
+    return handle_exit(supervisor, id, status);
+  } catch (const Error& e) {
+    // The store is away: a failed worker is removed once it answers again (on_wake retries).
+    const bool failed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    report("aikido-run: worker " + std::to_string(id) + " " + describe_status(status) +
+           "; the job's store does not answer (" + e.what() + ")" +
+           (failed ? ", so it is removed from the cluster once it does" : ""));
+    if (failed) pending_lost_[id] = options_.restart && !finished_by_ && restarts_ < options_.max_restarts;
+    return true;
+  }
+}
+
+bool ElasticController::handle_exit(Supervisor& supervisor, std::uint64_t id, int status) {
   if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
     // A member that exits cleanly has finished its training (a removed worker is no longer a member): the job is
     // ending, and a worker that fails from now on is not replaced, since a replacement would wait for finished
@@ -391,34 +494,52 @@ bool ElasticController::on_exit(Supervisor& supervisor, std::uint64_t id, int st
   report("aikido-run: worker " + std::to_string(id) + " (rank " + std::to_string(last->rank_of(id)) + ") " +
          describe_status(status) + "; removing it from the cluster" + (replace ? " and starting a replacement" : "") +
          not_replaced);
-  for (;;) {
-    const auto spec = membership_->latest();
-    ClusterSpec next = spec->contains(id) ? spec->without({id}, "lost") : *spec;
-    next.version = spec->version + 1;
-    const bool adds = replace && next.size() < next.max_size;
-    if (adds) {
-      next.workers.push_back({next.next_id++, host_});
-      next.reason = "restart";
+  if (!remove_lost_worker(id, replace)) pending_lost_[id] = replace;
+  try {
+    reconcile(supervisor);
+    const auto latest = membership_->latest();
+    for (std::uint64_t running : supervisor.running_workers()) {
+      if (latest->contains(running)) return true;
     }
-    if (next.workers == spec->workers) break;  // the survivors removed it already, nothing to add
-    if (next.workers.empty()) {
-      report("aikido-run: no worker is left in the cluster");
-      return finished_by_.has_value();
-    }
-    next.proposed_unix_ms = unix_ms();
-    if (membership_->propose(next)) {
-      report("aikido-run: cluster " + next.describe());
-      if (adds) ++restarts_;
-      break;
-    }
+    if (finished_by_) return true;  // the others finished: the failure came too late to lose any work
+    if (setup_.hosts && latest->hosts().size() > 1 + std::size_t(latest->workers_on(host_) > 0)) return false;
+  } catch (const Error&) {
+    return true;  // the store is away: decide once it answers (on_wake retries the removal)
   }
-  reconcile(supervisor);
-  for (std::uint64_t running : supervisor.running_workers()) {
-    if (membership_->latest()->contains(running)) return true;
-  }
-  if (finished_by_) return true;  // the others finished: the failure came too late to lose any work
-  report("aikido-run: no worker of the cluster is running");
+  report(setup_.hosts ? "aikido-run: no worker of the cluster is running on this host"
+                      : "aikido-run: no worker of the cluster is running");
   return false;
+}
+
+bool ElasticController::remove_lost_worker(std::uint64_t id, bool replace) {
+  try {
+    for (;;) {
+      const auto spec = membership_->latest();
+      ClusterSpec next = spec->contains(id) ? spec->without({id}, "lost") : *spec;
+      next.version = spec->version + 1;
+      const bool adds = replace && next.size() < next.max_size;
+      // The replacement runs on this host, after this host's last worker: each host's workers stay contiguous.
+      if (adds) next = next.with_workers_on(host_, 1, "restart");
+      next.version = spec->version + 1;
+      if (next.workers == spec->workers) return true;  // the survivors removed it already, nothing to add
+      if (next.workers.empty()) {
+        report("aikido-run: no worker is left in the cluster");
+        return true;
+      }
+      next.proposed_unix_ms = unix_ms();
+      if (membership_->propose(next)) {
+        report("aikido-run: cluster " + next.describe());
+        if (adds) ++restarts_;
+        return true;
+      }
+    }
+  } catch (const Error& e) {
+    if (pending_lost_.count(id) == 0) {
+      report("aikido-run: cannot remove worker " + std::to_string(id) + " from the cluster yet: " + e.what() +
+             "; trying again");
+    }
+    return false;
+  }
 }
 
 }  // namespace aikido::run

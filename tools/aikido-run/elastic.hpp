@@ -15,15 +15,31 @@
 #include "options.hpp"
 #include "supervisor.hpp"
 
-namespace aikido::elastic {
-class StoreServer;
+namespace aikido::launch {
+class HostJob;
 }
 
 namespace aikido::run {
 
-/// The launcher's side of an elastic job (the workers' side is aikido::ElasticSession).
+/// Where an elastic job's membership and status keys live, and which host this launcher runs.
+struct ElasticSetup {
+  /// Status keys, checkpoint requests and session marks.
+  std::shared_ptr<Store> store;
+  /// The cluster spec: proposals and reads; and the watcher thread's own (it blocks in watch()).
+  std::shared_ptr<MembershipStore> membership;
+  std::shared_ptr<MembershipStore> watch_membership;
+  /// This host's id: the launcher starts the workers of the cluster that are on it, and no others.
+  std::string host;
+  /// A job across hosts: the other hosts (joins, losses, this host's lease). Null: a job on this host alone.
+  launch::HostJob* hosts = nullptr;
+  /// How often the workers' heartbeats and session marks are read from the store.
+  std::chrono::milliseconds store_check_interval{100};
+};
+
+/// The launcher's side of an elastic job (the workers' side is aikido::ElasticSession), for the workers of one host.
 ///
-/// - Publishes cluster version 0 with -np workers, --min-np and --max-np.
+/// - On one host, version 0 with -np workers, --min-np and --max-np is published first (publish_first_version);
+///   across hosts, launch::HostJob agrees on the versions that add and remove hosts.
 /// - Follows the store (a watcher thread wakes the supervisor through an eventfd): starts every worker of the
 ///   latest version that has no process yet; a worker that a version removed gets time to leave at its next step
 ///   boundary, then is stopped.
@@ -37,6 +53,8 @@ namespace aikido::run {
 ///   10 s), so that a job stopped from outside can resume (--resume).
 /// - A worker whose heartbeat (the status key its session updates) stays unchanged for --heartbeat-timeout is
 ///   killed, which makes it a crashed worker: this is how a stopped (SIGSTOP) or frozen worker is found.
+/// - Across hosts: a host whose record vanished from etcd is removed (HostJob::remove_lost_hosts); a launcher whose
+///   own lease expired (it was cut off for --host-timeout) stops its workers, since the job went on without them.
 /// - A program that never opens an ElasticSession is found and named at once (check_sessions): a worker whose
 ///   rendezvous address appears without its session's status key (which a session publishes first) joined with a
 ///   plain Peer; a worker without a status key kSessionGrace after its start is reported as probably so. Such a job
@@ -44,11 +62,14 @@ namespace aikido::run {
 ///   (said at the stop), and with --resume it is stopped (it would train from its initial state).
 class ElasticController final : public Controller {
  public:
-  ElasticController(const Options& options, elastic::StoreServer& server, std::string job_id,
+  ElasticController(const Options& options, ElasticSetup setup, std::string job_id,
                     std::vector<std::string> shared_environment);
   ~ElasticController() override;
 
-  /// The workers of version 0.
+  /// Publishes version 0 of a job on this host alone: -np workers on `host`, --min-np, --max-np.
+  static void publish_first_version(const Options& options, MembershipStore& membership, const std::string& host);
+
+  /// The workers of the latest version that run on this host.
   std::vector<Supervisor::Worker> initial_workers();
 
   int wake_fd() const override { return wake_fd_; }
@@ -86,17 +107,30 @@ class ElasticController final : public Controller {
   /// Started worker `id` for cluster version `version`: watch whether it opens a session.
   void started(std::uint64_t id, std::uint64_t version);
   void stop_workers_that_cannot_join(Supervisor& supervisor, std::uint64_t finished);
+  bool handle_exit(Supervisor& supervisor, std::uint64_t id, int status);
+  /// Removes (and with --restart replaces) a lost worker; false when the store could not be reached (retried).
+  bool remove_lost_worker(std::uint64_t id, bool replace);
+  void check_hosts(Supervisor& supervisor);
   void watch_loop();
+  void watch_hosts_loop();
+  void wake();
 
   const Options options_;
   const std::string job_id_;
+  const ElasticSetup setup_;
   const std::string host_;
   std::vector<std::string> shared_environment_;
   std::shared_ptr<Store> store_;
   std::shared_ptr<MembershipStore> membership_;
   int wake_fd_ = -1;
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> hosts_changed_{false};
   std::thread watcher_;
+  std::thread host_watcher_;
+  std::chrono::steady_clock::time_point next_store_check_{};
+  bool store_was_away_ = false;                 // a read of the store failed since the last heartbeat check
+  std::map<std::uint64_t, bool> pending_lost_;  // lost workers whose removal waits for the store: replace?
+  bool lease_loss_reported_ = false;
   std::map<std::uint64_t, std::uint64_t> started_for_;  // every worker started: the cluster version it was for
   std::map<std::uint64_t, std::chrono::steady_clock::time_point> removed_since_;
   std::map<std::uint64_t, Heartbeat> heartbeats_;

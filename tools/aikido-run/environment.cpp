@@ -27,9 +27,9 @@ std::vector<std::pair<std::string, std::string>> worker_defaults(int np, int cor
 // The AIKIDO_* variables aikido-run sets itself, whatever its environment says: per worker, per job, and those
 // of an elastic job (which a static job must not inherit: a worker would take itself for elastic).
 std::set<std::string> set_by_launcher() {
-  return {env::kRank,        env::kLocalRank, env::kSize,     env::kLocalSize,  env::kLocalCpus,
-          env::kHost,        env::kStoreAddr, env::kSecret,   env::kJobId,      env::kClusterVersion,
-          env::kAutoThreads, env::kElastic,   env::kWorkerId, env::kCheckpoint, env::kResume};
+  return {env::kRank,           env::kLocalRank,   env::kSize,      env::kLocalSize, env::kLocalCpus,  env::kHost,
+          env::kStoreAddr,      env::kStore,       env::kStorePort, env::kSecret,    env::kSecretFile, env::kJobId,
+          env::kClusterVersion, env::kAutoThreads, env::kElastic,   env::kWorkerId,  env::kCheckpoint, env::kResume};
 }
 
 // The settings of the command line, as AIKIDO_* values.
@@ -86,6 +86,12 @@ JobEnvironment job_environment(const Options& options, const std::string& store_
   }
   for (const auto& [name, value] : settings) job.shared.push_back(name + "=" + value);
   return job;
+}
+
+std::vector<std::string> inherited_environment() {
+  std::vector<std::string> out;
+  for (char** e = environ; *e != nullptr; ++e) out.emplace_back(*e);
+  return out;
 }
 
 std::vector<std::string> inherited_setting_problems(const Options& options) {

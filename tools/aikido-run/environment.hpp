@@ -20,6 +20,9 @@ struct JobEnvironment {
 JobEnvironment job_environment(const Options& options, const std::string& store_address, const std::string& secret,
                                const std::string& job_id);
 
+/// aikido-run's own environment, "NAME=value" entries (for the launchers it starts on other hosts).
+std::vector<std::string> inherited_environment();
+
 /// Problems with the AIKIDO_* settings that workers would inherit from aikido-run's environment (a bad
 /// AIKIDO_TIMEOUT, an unknown AIKIDO_LOG_LEVEL, ...), each a message for the user; empty when all are valid. A
 /// setting that a flag or aikido-run itself replaces is not checked.

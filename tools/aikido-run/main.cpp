@@ -20,11 +20,13 @@
 #include "base/sha256.hpp"
 #include "elastic.hpp"
 #include "environment.hpp"
-#include "runtime/store_server.hpp"
+#include "hosts.hpp"
 #include "metrics_exporter.hpp"
 #include "options.hpp"
 #include "output.hpp"
+#include "runtime/store_server.hpp"
 #include "supervisor.hpp"
+#include "transport/socket.hpp"
 
 namespace aikido::run {
 namespace {
@@ -61,7 +63,12 @@ void write_control_file(const std::string& path, const std::string& address, con
 
 int run_elastic_job(const Options& options, elastic::StoreServer& store, const std::string& secret,
                     const std::string& job_id, const JobEnvironment& job) {
-  ElasticController controller(options, store, job_id, job.shared);
+  ElasticSetup setup;
+  setup.store = store.local_store();
+  setup.membership = make_membership_store(setup.store, job_id);
+  setup.host = transport::host_name();
+  ElasticController::publish_first_version(options, *setup.membership, setup.host);
+  ElasticController controller(options, std::move(setup), job_id, job.shared);
   if (!options.control_file.empty()) write_control_file(options.control_file, store.address(), secret, job_id);
   Supervisor supervisor(supervisor_config(options));
   supervisor.set_controller(&controller);
@@ -152,6 +159,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
+    if (options.across_hosts()) return run_host_job(options);
+    if (options.starts_hosts()) return run_from_one_host(options);
     return run_job(options);
   } catch (const aikido::Error& e) {
     report(std::string("aikido-run: ") + e.what());

@@ -9,6 +9,7 @@
 
 #include <aikido/elastic.hpp>
 #include <aikido/errors.hpp>
+#include <aikido/etcd.hpp>
 #include <aikido/metrics.hpp>
 #include <aikido/store.hpp>
 #include <algorithm>
@@ -77,8 +78,15 @@ std::string format(const char* fmt, double v) {
 MetricsExporter::MetricsExporter(Config config) : config_(std::move(config)) {
   prometheus_.resize(config_.workers);
   json_.resize(config_.workers);
-  store_ = connect_tcp_store(config_.store_address, config_.secret, std::chrono::milliseconds(10'000));
-  if (config_.elastic) membership_ = make_membership_store(store_, config_.job_id);
+  const std::string url =
+      config_.store_address.find("://") == std::string::npos ? "tcp://" + config_.store_address : config_.store_address;
+  store_ = connect_store(url, config_.secret, std::chrono::milliseconds(10'000));
+  if (config_.elastic) {
+    // Across hosts the membership is etcd's (one key and its watch); on one host, keys of aikido-run's store.
+    membership_ = url.starts_with("etcd")
+                      ? make_etcd_membership(etcd_options_from_env(url, std::chrono::seconds(10)), config_.job_id)
+                      : make_membership_store(store_, config_.job_id);
+  }
   if (config_.file) {
     file_fd_ = ::open(config_.file->c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (file_fd_ < 0) {

@@ -21,7 +21,7 @@ namespace aikido::run {
 class MetricsExporter {
  public:
   struct Config {
-    std::string store_address;
+    std::string store_address;  // "host:port" of aikido-run's store, or a store URL (etcd://...)
     std::string secret;
     std::string job_id;
     int workers = 1;       // ranks that may publish (elastic: --max-np)

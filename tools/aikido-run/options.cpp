@@ -91,6 +91,103 @@ int parse_restarts(const std::string& value) {
   return int(*n);
 }
 
+// --nnodes N or MIN:MAX.
+std::pair<int, int> parse_nnodes(const std::string& value) {
+  const auto colon = value.find(':');
+  const auto min = integer_in(value.substr(0, colon), 1, kMaxWorkers);
+  const auto max = colon == std::string::npos ? min : integer_in(value.substr(colon + 1), 1, kMaxWorkers);
+  if (!min || !max) {
+    throw UsageError("aikido-run: --nnodes '" + value + "' is not N or MIN:MAX (numbers of hosts, 1.." +
+                     std::to_string(kMaxWorkers) + ")");
+  }
+  if (*min > *max) {
+    throw UsageError("aikido-run: --nnodes " + value + ": the minimum " + std::to_string(*min) +
+                     " is above the maximum " + std::to_string(*max));
+  }
+  return {int(*min), int(*max)};
+}
+
+std::string nonempty(const std::string& flag, const std::string& value, const char* what) {
+  if (value.empty()) throw UsageError("aikido-run: " + flag + " needs " + what);
+  return value;
+}
+
+std::string readable_file(const std::string& flag, const std::string& value) {
+  nonempty(flag, value, "a file name");
+  if (::access(value.c_str(), R_OK) != 0) {
+    throw UsageError("aikido-run: " + flag + " " + value + ": cannot read it (" + std::strerror(errno) + ")");
+  }
+  return value;
+}
+
+// The rules of jobs across hosts (--nnodes on every host, or -H / --hostfile from one).
+void check_hosts_options(Options& options, bool have_np, const std::vector<std::string>& host_flags) {
+  const bool across = options.across_hosts();
+  const bool starts = options.starts_hosts();
+  if (!options.host_list.empty() && !options.hostfile.empty()) {
+    throw UsageError("aikido-run: give the hosts with -H or with --hostfile, not both");
+  }
+  if (across && starts) {
+    throw UsageError(
+        "aikido-run: -H and --hostfile start aikido-run on every host from here; --nnodes is for starting it on "
+        "each host yourself: give one or the other");
+  }
+  if (!across && !starts && !host_flags.empty()) {
+    throw UsageError("aikido-run: " + host_flags.front() + " is for jobs across hosts: it needs --nnodes (or -H)");
+  }
+  if (!options.host_address.empty() && !options.iface.empty()) {
+    throw UsageError("aikido-run: give this host's address with --host-address or --iface, not both");
+  }
+  const bool etcd = options.store.starts_with("etcd://") || options.store.starts_with("etcds://");
+  if (!options.store.empty() && !etcd && !options.store.starts_with("tcp://")) {
+    throw UsageError("aikido-run: --store '" + options.store +
+                     "' is not etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS) or tcp://HOST:PORT");
+  }
+  if (options.elastic && (across || starts) && !etcd) {
+    throw UsageError(
+        "aikido-run: an elastic job across hosts needs etcd as its store, which keeps the membership while hosts "
+        "come and go: --store etcd://HOST:PORT");
+  }
+  if (starts) {
+    if (!have_np) throw UsageError("aikido-run: -H and --hostfile need -np N, the number of workers to start");
+    if (options.node_rank >= 0) throw UsageError("aikido-run: --node-rank is given to each host by -H itself");
+    return;
+  }
+  if (!across) return;
+  if (have_np) {
+    throw UsageError(
+        "aikido-run: -np does not go with --nnodes: give the workers of each host with --nproc-per-node K");
+  }
+  const auto [min_hosts, max_hosts] = *options.nnodes;
+  if (options.store.empty()) {
+    throw UsageError(
+        "aikido-run: --nnodes needs --store: etcd://HOST:PORT[,HOST:PORT...] (every job across hosts; needed when "
+        "hosts may come and go), or tcp://HOST:PORT (a fixed set of hosts, with --node-rank; node 0 serves it)");
+  }
+  if (etcd) {
+    if (options.job_id.empty()) {
+      throw UsageError("aikido-run: --nnodes with an etcd store needs --job-id ID, the same on every host");
+    }
+    if (options.node_rank >= 0) {
+      throw UsageError("aikido-run: --node-rank is for stores other than etcd (etcd orders hosts as they join)");
+    }
+    options.elastic = true;  // the workers follow the membership in etcd
+  } else {
+    if (min_hosts != max_hosts) {
+      throw UsageError("aikido-run: --nnodes " + std::to_string(min_hosts) + ":" + std::to_string(max_hosts) +
+                       " lets hosts come and go, which needs etcd as the store: --store etcd://HOST:PORT");
+    }
+    if (options.node_rank < 0 || options.node_rank >= max_hosts) {
+      throw UsageError("aikido-run: --store " + options.store + " needs --node-rank I, this host's place (0.." +
+                       std::to_string(max_hosts - 1) + "); node 0 serves the store");
+    }
+  }
+  if (options.job_id.empty()) options.job_id = "aikido";
+  options.np = options.nproc_per_node;
+  options.min_np = min_hosts * options.nproc_per_node;
+  options.max_np = max_hosts * options.nproc_per_node;
+}
+
 bool is_executable_file(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(path.c_str(), X_OK) == 0;
@@ -100,10 +197,13 @@ bool is_executable_file(const std::string& path) {
 
 std::string usage() {
   return R"(usage: aikido-run -np N [options] PROGRAM [ARGS...]
+       aikido-run --nnodes MIN[:MAX] --nproc-per-node K --store URL --job-id ID --secret-file F [options] PROGRAM ...
+       aikido-run -np N -H HOST:SLOTS,... | --hostfile F --secret-file F [options] PROGRAM [ARGS...]
 
 Starts N workers of PROGRAM on this host, each with the environment of one rank of an Aikido cluster, serves
 their rendezvous store, and prefixes every line they print with "[RANK] " (in an elastic job, where a worker's
-rank changes while its id stays, "[RANK|wID] " once they differ: "[2|w3] " is rank 2, worker 3).
+rank changes while its id stays, "[RANK|wID] " once they differ: "[2|w3] " is rank 2, worker 3). The second form
+runs on every host of a job across hosts, the third starts it on every host from here (see "Jobs across hosts").
 
 options:
   -np N, -n N           number of workers to start (required; 1..1024)
@@ -137,6 +237,31 @@ options:
                         back until 4 KiB gather or the program exits); pipe: a pipe, for programs that behave
                         differently on a terminal (colours, progress bars). Standard error is always a pipe
   --grace-period S      seconds between SIGTERM and SIGKILL when aikido-run stops workers (default 3)
+
+jobs across hosts (one aikido-run per host):
+  --nnodes MIN[:MAX]    the job runs on MIN to MAX hosts (N: N:N); it starts once MIN hosts have joined; with MIN <
+                        MAX hosts may join a running job and be lost (then the store must be etcd)
+  --nproc-per-node K    workers on this host (default 1)
+  --store URL           etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS): the launchers find each other there and
+                        it holds the job's membership; or tcp://HOST:PORT for a fixed set of hosts (with
+                        --node-rank; node 0 serves this store on its address)
+  --job-id ID           the job's name in the store, the same on every host (with etcd: required)
+  --node-rank I         with a tcp:// store: this host's place, 0..N-1 (ranks follow it)
+  --host-address A      the address this host's workers listen on (default: the interface that routes to the
+                        store's host); never a loopback address when other hosts must reach it
+  --iface NAME          take that address from an interface: eth0, a prefix (eth), =eth0 exact, ^lo,docker0 all but
+  --host-id ID          this host's id in the job (default: its host name); two launchers cannot share one
+  --join-timeout S      how long to wait for MIN hosts (default 300)
+  --host-timeout S      a host whose launcher is silent this long (killed, cut off) is removed (default 5)
+  --secret-file F       the job secret, the first line of F, the same on every host (AIKIDO_SECRET_FILE); a job
+                        across hosts needs one: openssl rand -hex 32 > F
+  --store-ca F, --store-cert F, --store-key F
+                        etcd's TLS: the CA of its servers, and a client certificate and key
+  --store-credentials F etcd's authentication: a file of user=NAME and password=SECRET lines
+jobs across hosts started from here:
+  -H HOST:SLOTS,...     start aikido-run on these hosts, -np workers placed host by host (like mpirun)
+  --hostfile F          the hosts, one per line: HOST slots=N
+  --launch-command CMD  how to start a command on a host (default: ssh); CMD HOST 'COMMAND LINE' must run it
   -h, --help            print this help and exit
   --                    end of options (use when PROGRAM starts with '-')
 
@@ -169,6 +294,16 @@ those it removes if they do not leave, and removes a worker that crashes or whos
 it starts a replacement). A program whose workers join with a plain aikido::Peer instead is named at once (a worker
 without any session, after 10 s): it runs like a static job, aikido-ctl refuses to resize it, a lost worker ends it,
 --checkpoint writes nothing and --resume stops it.
+
+Jobs across hosts: every host runs aikido-run --nnodes with the same --store, --job-id and --secret-file. With
+etcd, the launchers join through it (an etcd lease of --host-timeout keeps each host's place): version 0 of the
+cluster has the workers of the first hosts to join, host by host (ranks r..r+K-1 share a host), a host that joins
+later is added at the workers' next step boundary, a host whose launcher exits, is killed or is cut off from etcd
+is removed, and a launcher that finds its host removed stops its workers and exits with status 1. The workers
+follow the membership as in an elastic job (AIKIDO_ELASTIC=1), listen on --host-address, and reach the store as
+AIKIDO_STORE. etcd may restart or change leader while the job trains: the workers do not wait for it. -H and
+--hostfile start those launchers through --launch-command; without --store, this aikido-run serves a tcp:// store
+for a job of fixed size. aikido-ctl --store URL --job-id ID --secret-file F inspects and resizes such a job.
 
 When a worker exits with a non-zero status or is killed by a signal, aikido-run reports it, stops the other
 workers (SIGTERM, then SIGKILL after --grace-period, 3 s) and exits with that worker's status (128 + signal number
@@ -207,6 +342,7 @@ Options parse_options(int argc, char** argv) {
   bool have_np = false;
   bool max_restarts_given = false;
   std::vector<std::string> elastic_flags;
+  std::vector<std::string> host_flags;
   int i = 1;
   for (; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -230,20 +366,75 @@ Options parse_options(int argc, char** argv) {
       (flag == "--elastic" ? options.elastic : options.restart) = true;
       continue;
     }
-    const bool known = flag == "-np" || flag == "--np" || flag == "-n" || flag == "--topology" || flag == "--timeout" ||
-                       flag == "--transport" || flag == "--segment-bytes" || flag == "--metrics-port" ||
-                       flag == "--metrics-file" || flag == "--metrics-interval" || flag == "--min-np" ||
-                       flag == "--max-np" || flag == "--control-file" || flag == "--heartbeat-timeout" ||
-                       flag == "--checkpoint" || flag == "--resume" || flag == "--bind-to" ||
-                       flag == "--max-restarts" || flag == "--grace-period" || flag == "--stdout";
+    const bool known =
+        flag == "-np" || flag == "--np" || flag == "-n" || flag == "--topology" || flag == "--timeout" ||
+        flag == "--transport" || flag == "--segment-bytes" || flag == "--metrics-port" || flag == "--metrics-file" ||
+        flag == "--metrics-interval" || flag == "--min-np" || flag == "--max-np" || flag == "--control-file" ||
+        flag == "--heartbeat-timeout" || flag == "--checkpoint" || flag == "--resume" || flag == "--bind-to" ||
+        flag == "--max-restarts" || flag == "--grace-period" || flag == "--stdout" || flag == "--nnodes" ||
+        flag == "--nproc-per-node" || flag == "--node-rank" || flag == "--store" || flag == "--job-id" ||
+        flag == "--host-address" || flag == "--iface" || flag == "--host-id" || flag == "--join-timeout" ||
+        flag == "--host-timeout" || flag == "--secret-file" || flag == "--store-ca" || flag == "--store-cert" ||
+        flag == "--store-key" || flag == "--store-credentials" || flag == "-H" || flag == "--hosts" ||
+        flag == "--hostfile" || flag == "--launch-command";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
       value = argv[++i];
     }
+    const bool host_flag = flag != "--nnodes" && flag != "-H" && flag != "--hosts" && flag != "--hostfile" &&
+                           (flag == "--nproc-per-node" || flag == "--node-rank" || flag == "--store" ||
+                            flag == "--job-id" || flag == "--host-address" || flag == "--iface" ||
+                            flag == "--host-id" || flag == "--join-timeout" || flag == "--host-timeout" ||
+                            flag == "--secret-file" || flag.starts_with("--store-") || flag == "--launch-command");
+    if (host_flag) host_flags.push_back(flag);
     if (flag == "-np" || flag == "--np" || flag == "-n") {
       parse_np(flag, *value, &options.np);
       have_np = true;
+    } else if (flag == "--nnodes") {
+      options.nnodes = parse_nnodes(*value);
+    } else if (flag == "--nproc-per-node") {
+      options.nproc_per_node = parse_count(flag, *value);
+    } else if (flag == "--node-rank") {
+      const auto n = integer_in(*value, 0, kMaxWorkers - 1);
+      if (!n) throw UsageError("aikido-run: --node-rank '" + *value + "' is not a host index (0 or more)");
+      options.node_rank = int(*n);
+    } else if (flag == "--store") {
+      options.store = nonempty(flag, *value, "a URL (etcd://HOST:PORT or tcp://HOST:PORT)");
+    } else if (flag == "--job-id") {
+      options.job_id = nonempty(flag, *value, "an id");
+      if (options.job_id.find_first_of(" /\n") != std::string::npos) {
+        throw UsageError("aikido-run: --job-id '" + *value + "' must not contain spaces or '/'");
+      }
+    } else if (flag == "--host-address") {
+      options.host_address = nonempty(flag, *value, "an IPv4 address");
+    } else if (flag == "--iface") {
+      options.iface = nonempty(flag, *value, "an interface name (eth0, ^lo,docker0, =eth0)");
+    } else if (flag == "--host-id") {
+      options.host_id = nonempty(flag, *value, "an id");
+      if (options.host_id.find_first_of(" /\n") != std::string::npos) {
+        throw UsageError("aikido-run: --host-id '" + *value + "' must not contain spaces or '/'");
+      }
+    } else if (flag == "--join-timeout") {
+      options.join_timeout_s = std::stod(check_seconds(*value, flag));
+    } else if (flag == "--host-timeout") {
+      options.host_timeout_s = std::stod(check_seconds(*value, flag));
+    } else if (flag == "--secret-file") {
+      options.secret_file = readable_file(flag, *value);
+    } else if (flag == "--store-ca") {
+      options.store_ca = readable_file(flag, *value);
+    } else if (flag == "--store-cert") {
+      options.store_cert = readable_file(flag, *value);
+    } else if (flag == "--store-key") {
+      options.store_key = readable_file(flag, *value);
+    } else if (flag == "--store-credentials") {
+      options.store_credentials = readable_file(flag, *value);
+    } else if (flag == "-H" || flag == "--hosts") {
+      options.host_list = nonempty(flag, *value, "hosts: HOST:SLOTS,HOST:SLOTS,...");
+    } else if (flag == "--hostfile") {
+      options.hostfile = readable_file(flag, *value);
+    } else if (flag == "--launch-command") {
+      options.launch_command = nonempty(flag, *value, "a command (ssh by default)");
     } else if (flag == "--topology") {
       options.topology = check_topology(*value);
     } else if (flag == "--timeout") {
@@ -302,18 +493,28 @@ Options parse_options(int argc, char** argv) {
       options.segment_bytes = check_segment_bytes(*value);
     }
   }
-  if (!have_np) throw UsageError("aikido-run: missing -np N, the number of workers to start; see aikido-run --help");
+  if (!have_np && !options.across_hosts()) {
+    throw UsageError("aikido-run: missing -np N, the number of workers to start; see aikido-run --help");
+  }
+  if (options.across_hosts()) {
+    for (const std::string& f : elastic_flags) {
+      if (f == "--min-np" || f == "--max-np") {
+        throw UsageError("aikido-run: " + f + " does not go with --nnodes: its MIN:MAX counts hosts");
+      }
+    }
+  }
+  check_hosts_options(options, have_np, host_flags);
   if (options.restart) elastic_flags.push_back("--restart");
   if (!options.elastic && !elastic_flags.empty()) {
     throw UsageError("aikido-run: " + elastic_flags.front() + " needs --elastic");
   }
   if (max_restarts_given && !options.restart) throw UsageError("aikido-run: --max-restarts needs --restart");
   if (options.max_np == 0) options.max_np = options.np;
-  if (options.min_np > options.np) {
+  if (options.min_np > options.np && !options.across_hosts()) {
     throw UsageError("aikido-run: --min-np " + std::to_string(options.min_np) + " is above -np " +
                      std::to_string(options.np) + "; the job must start with at least its minimum");
   }
-  if (options.max_np < options.np) {
+  if (options.max_np < options.np && !options.across_hosts()) {
     throw UsageError("aikido-run: --max-np " + std::to_string(options.max_np) + " is below -np " +
                      std::to_string(options.np));
   }

@@ -4,6 +4,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace aikido::run {
@@ -49,6 +50,40 @@ struct Options {
   double grace_period_s = 3.0;
   /// Workers' standard output on a pseudo-terminal (line-buffered by C stdio), else a pipe.
   bool stdout_tty = true;
+  // Jobs across hosts. One launcher per host (torchrun's spellings): --nnodes MIN[:MAX] with --nproc-per-node K,
+  // --store and --job-id; or all of them started from here (Horovod's spellings): -H h1:2,h2:2 or --hostfile F.
+  /// --nnodes MIN:MAX (MIN == MAX for N); unset: a job on this host alone.
+  std::optional<std::pair<int, int>> nnodes;
+  int nproc_per_node = 1;
+  /// --node-rank I: this host's place in a job whose store is not etcd (hosts ordered by it).
+  int node_rank = -1;
+  /// The job's store: "etcd://H1:P1,..." (etcds:// for TLS) or "tcp://HOST:PORT" (the store node 0 serves).
+  std::string store;
+  std::string job_id;
+  /// The address this host's workers listen on and publish (--host-address), or the interface to take it from
+  /// (--iface, NCCL's forms: eth0, ^lo,docker0, =eth0); this host's id in the job (--host-id; its host name).
+  std::string host_address;
+  std::string iface;
+  std::string host_id;
+  double join_timeout_s = 300;
+  double host_timeout_s = 5;
+  /// A file whose first line is the job secret, shared by every host (--secret-file, AIKIDO_SECRET_FILE).
+  std::string secret_file;
+  /// etcd's TLS and authentication (--store-ca, --store-cert, --store-key, --store-credentials).
+  std::string store_ca;
+  std::string store_cert;
+  std::string store_key;
+  std::string store_credentials;
+  /// -H / --hostfile: start one launcher per host through --launch-command (ssh by default).
+  std::string host_list;
+  std::string hostfile;
+  std::string launch_command;
+
+  /// True for a launcher of one host of a job across hosts (--nnodes).
+  bool across_hosts() const { return nnodes.has_value(); }
+  /// True when this aikido-run starts the launchers of other hosts (-H, --hostfile).
+  bool starts_hosts() const { return !host_list.empty() || !hostfile.empty(); }
+
   /// PROGRAM as given, and the file it resolved to (PATH lookup like execvp).
   std::string program;
   std::string program_path;

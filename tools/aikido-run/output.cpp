@@ -50,7 +50,7 @@ std::string worker_label(int rank, std::uint64_t id) {
 
 LinePrefixer::LinePrefixer(const std::string& label, int out_fd) : out_fd_(out_fd) { set_label(label); }
 
-void LinePrefixer::set_label(const std::string& label) { prefix_ = "[" + label + "] "; }
+void LinePrefixer::set_label(const std::string& label) { prefix_ = label.empty() ? "" : "[" + label + "] "; }
 
 void LinePrefixer::append_line(std::string& out, const char* begin, std::size_t size) const {
   out += prefix_;

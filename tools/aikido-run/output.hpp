@@ -23,9 +23,9 @@ std::string killed_by(int sig);
 /// an elastic job ranks change while ids stay; in a static job they are equal.
 std::string worker_label(int rank, std::uint64_t id);
 
-/// Splits one stream of one worker into lines and writes each complete line, prefixed with "[LABEL] ", to a
-/// descriptor. The lines of one feed() go out in one write, so they never interleave with other streams.
-/// Not thread safe; the supervisor's event loop owns it.
+/// Splits one stream of one worker into lines and writes each complete line, prefixed with "[LABEL] " (nothing for
+/// an empty label), to a descriptor. The lines of one feed() go out in one write, so they never interleave with other
+/// streams. Not thread safe; the supervisor's event loop owns it.
 class LinePrefixer {
  public:
   /// A line longer than this is cut: its first part goes out as a line of its own.

@@ -174,13 +174,14 @@ class Supervisor::Loop {
 
   bool start(const Worker& worker) {
     ExecPlan plan;
-    std::vector<std::string> argv = owner_.config_.argv;
+    const std::string& program = worker.program_path.empty() ? owner_.config_.program_path : worker.program_path;
+    std::vector<std::string> argv = worker.argv.empty() ? owner_.config_.argv : worker.argv;
     for (auto& a : argv) plan.argv.push_back(a.data());
     plan.argv.push_back(nullptr);
     std::vector<std::string> environment = worker.environment;
     for (auto& e : environment) plan.envp.push_back(e.data());
     plan.envp.push_back(nullptr);
-    plan.failure_message = "aikido-run: cannot execute '" + owner_.config_.program_path + "': errno ";
+    plan.failure_message = "aikido-run: cannot execute '" + program + "': errno ";
     plan.failure_message.reserve(plan.failure_message.size() + 32);
     plan.cpus = worker.cpus;
 
@@ -201,12 +202,12 @@ class Supervisor::Loop {
       return false;
     }
     if (pid == 0) {
-      exec_child(owner_.config_.program_path, plan, launcher_, dev_null_, out_write.get(), err_write.get());
+      exec_child(program, plan, launcher_, dev_null_, out_write.get(), err_write.get());
     }
     ::setpgid(pid, pid);  // also here, so that the group exists before we may signal it
     ::fcntl(out_read.get(), F_SETFL, O_NONBLOCK);
     ::fcntl(err_read.get(), F_SETFL, O_NONBLOCK);
-    const std::string label = worker_label(worker.rank, worker.id);
+    const std::string label = owner_.config_.label_lines ? worker_label(worker.rank, worker.id) : "";
     Process p;
     p.rank = worker.rank;
     p.id = worker.id;
@@ -261,6 +262,7 @@ class Supervisor::Loop {
     Process* p = find(id);
     if (p == nullptr || p->rank == rank) return;
     p->rank = rank;
+    if (!owner_.config_.label_lines) return;
     p->out->prefixer.set_label(worker_label(rank, id));
     p->err->prefixer.set_label(worker_label(rank, id));
   }

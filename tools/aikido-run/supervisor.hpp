@@ -58,6 +58,9 @@ class Supervisor {
     std::chrono::milliseconds grace{3000};
     /// Standard output on a pseudo-terminal (true) or a pipe.
     bool stdout_tty = true;
+    /// Prefix every line with "[LABEL] " (false: pass lines on as they are, for launchers of other hosts whose
+    /// lines carry their workers' labels already).
+    bool label_lines = true;
   };
 
   struct Worker {
@@ -68,6 +71,9 @@ class Supervisor {
     std::vector<std::string> environment;
     /// The CPUs the worker is bound to before it starts; empty: not bound.
     std::vector<int> cpus;
+    /// A program and argv of its own (the launcher of another host); empty: Config's.
+    std::string program_path;
+    std::vector<std::string> argv;
   };
 
   /// Blocks the signals the supervisor handles (SIGCHLD, SIGINT, SIGTERM, SIGHUP) in the calling thread and
