@@ -69,6 +69,11 @@ struct PathCounts {
   /// ...and those that ran over the connections: this host has no segment (another transport, or a rank could not
   /// map it), or the segment's table of names was full.
   std::uint64_t host_phases_sockets = 0;
+  /// TCP connections to each rank on another host (PeerConfig::streams, or what measuring the link chose); 0 when
+  /// every rank is on this host or the transport is not TCP.
+  std::uint64_t streams_across_hosts = 0;
+  /// Data segments sent on the second and later of those streams (large segments take turns on all of them).
+  std::uint64_t segments_on_extra_streams = 0;
 };
 
 /// Everything a Peer needs to join a cluster. Peer::from_env() fills it from the AIKIDO_* environment
@@ -91,6 +96,12 @@ struct PeerConfig {
   std::chrono::milliseconds timeout{60'000};
   /// Address TCP listeners bind to; peers connect to it. Loopback unless the job spans hosts.
   std::string bind_address = "127.0.0.1";
+  /// TCP connections between two ranks on different hosts (1 to 8): where one connection cannot fill the link
+  /// between hosts (a long round trip for its window, or a core per stream), large segments take turns on several.
+  /// 0 (the default): chosen at connection setup by measuring the link between the first two hosts (one stream
+  /// against four at once: the fewest that carry within 10% as much), which also gives the link model its first
+  /// latency and bandwidth (Peer::set_link_matrix).
+  int streams = 0;
   /// Size of the pieces a large buffer is cut into for pipelining (see src/collective/plan.hpp). 0 (the default):
   /// chosen per plan from its slowest link, 1 MiB among ranks of one host, what the link carries in half a
   /// millisecond between hosts (64 KiB to 4 MiB; see Peer::set_link_matrix).
@@ -209,7 +220,8 @@ class Peer {
   /// size) after the collectives in flight finished, so all ranks choose alike from then on. Installing a new
   /// matrix (a link slowed down) re-plans every later collective.
   void set_link_matrix(const LinkMatrix& links);
-  /// The installed measurements (every entry NaN before set_link_matrix).
+  /// The installed measurements: before set_link_matrix, what was measured between the first two hosts when the
+  /// connections were made (PeerConfig::streams = 0) on every pair of ranks on different hosts, NaN elsewhere.
   LinkMatrix link_matrix() const;
   /// The topology a collective posted now would run on: topology(), or what Topology::automatic resolves to for an
   /// allreduce of `bytes` bytes.

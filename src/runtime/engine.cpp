@@ -124,14 +124,14 @@ std::size_t Engine::CollectiveKeyHash::operator()(const CollectiveKey& k) const 
   return h ^ (std::hash<std::uint64_t>()(k.seq) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2));
 }
 
-Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::Socket> sockets,
-               std::shared_ptr<ShmCollectives> shm)
+Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<std::vector<transport::Socket>> sockets,
+               std::shared_ptr<ShmCollectives> shm, LinkMatrix measured)
     : config_(std::move(config)),
       cluster_(std::move(cluster)),
       topology_(config_.topology),
       shm_(std::move(shm)),
       hierarchy_(HostLayout::of(cluster_, config_.rank)),
-      links_(LinkMatrix{}, cluster_.host_of_rank),
+      links_(std::move(measured), cluster_.host_of_rank),
       oversubscribed_(cluster_.local_size > env::local_cpus()),
       pause_(wait_pause(oversubscribed_)) {
   if (shm_) {
@@ -142,17 +142,33 @@ Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::So
   departed_.resize(std::size_t(config_.size), false);
   drop_reason_.resize(std::size_t(config_.size));
   connections_.resize(std::size_t(config_.size));
+  streams_.resize(std::size_t(config_.size));
+  ended_streams_.resize(std::size_t(config_.size), 0);
+  next_stream_.resize(std::size_t(config_.size), 0);
   if (config_.size > 1) gate_ = std::make_shared<transport::ReceiveGate>();
   for (int p = 0; p < config_.size; ++p) {
     if (p == config_.rank) continue;
-    AIKIDO_ENFORCE(std::size_t(p) < sockets.size() && sockets[std::size_t(p)].valid(), "no connection to rank ", p);
-    connections_[std::size_t(p)] = std::make_unique<transport::Connection>(
-        config_.rank, p, config_.cluster_version, std::move(sockets[std::size_t(p)]), *this, gate_);
-    readers_.push_back(connections_[std::size_t(p)].get());
+    auto& mine = sockets[std::size_t(p)];
+    AIKIDO_ENFORCE(std::size_t(p) < sockets.size() && !mine.empty() && mine.front().valid(), "no connection to rank ",
+                   p);
+    for (auto& socket : mine) {
+      auto c = std::make_unique<transport::Connection>(config_.rank, p, config_.cluster_version, std::move(socket),
+                                                       *this, gate_);
+      readers_.push_back(c.get());
+      streams_[std::size_t(p)].push_back(c.get());
+      if (!connections_[std::size_t(p)]) {
+        connections_[std::size_t(p)] = std::move(c);
+      } else {
+        extra_streams_.push_back(std::move(c));
+      }
+    }
   }
-  for (auto& c : connections_) {
-    if (c) c->start();
+  for (int p = 0; p < config_.size; ++p) {
+    if (cluster_.host_of_rank[std::size_t(p)] != cluster_.host_of_rank[std::size_t(config_.rank)]) {
+      counts_.streams_across_hosts = streams_[std::size_t(p)].size();
+    }
   }
+  for (auto* c : readers_) c->start();
   watchdog_ = std::thread([this] { watchdog_loop(); });
   name_thread(watchdog_, "aikido-watchdog");
 }
@@ -181,12 +197,12 @@ Engine::~Engine() {
   }
   if (gate_) gate_->wake_holder();
   watchdog_wake_.notify_all();
-  for (auto& c : connections_) {
-    if (c) c->close();
-  }
+  for (auto* c : readers_) c->close();
   // A thread still driving the connections (its collective failed above; their sockets are shut) leaves first.
   if (gate_) gate_->close();
   readers_.clear();
+  streams_.clear();
+  extra_streams_.clear();
   connections_.clear();
   if (watchdog_.joinable()) watchdog_.join();
 }
@@ -621,7 +637,16 @@ void Engine::issue_send(const std::shared_ptr<Collective>& c, std::uint32_t i, P
     run(lock, progress);
   };
   c->state[i] = OpState::armed;
-  progress.sends.emplace_back(peer, std::move(frame));  // sent by run(), outside the lock
+  progress.sends.emplace_back(stream_for(peer, frame.header.payload_bytes), std::move(frame));  // sent by run()
+}
+
+transport::Connection* Engine::stream_for(int peer, std::uint64_t bytes) {
+  const auto& streams = streams_[std::size_t(peer)];
+  // Small segments keep to the first stream (no reordering to wait for); large ones take turns on all of them.
+  if (streams.size() < 2 || bytes <= kEagerBytes) return streams.front();
+  const std::size_t i = next_stream_[std::size_t(peer)]++ % streams.size();
+  if (i > 0) ++counts_.segments_on_extra_streams;
+  return streams[i];
 }
 
 void Engine::send_ready(const Collective& c, int peer) {
@@ -739,7 +764,7 @@ void Engine::run(std::unique_lock<std::mutex>& lock, Progress& progress) {
     auto sends = std::move(progress.sends);
     progress.sends.clear();
     lock.unlock();
-    for (auto& [peer, frame] : sends) connections_[std::size_t(peer)]->send(std::move(frame));
+    for (auto& [connection, frame] : sends) connection->send(std::move(frame));
     for (auto& copy : copies) {
       Collective& c = *copy.collective;
       const Op& op = c.plan->ops[copy.op];

@@ -139,11 +139,13 @@ struct PendingRequest {
 
 class Engine final : public transport::FrameHandler {
  public:
-  /// Takes ownership of one connected, authenticated socket per other rank (index = rank; the own slot is empty).
-  /// `shm`, when given, is this host's shared-memory segment among its ranks: when every rank is on this host it
-  /// runs the collectives it handles; otherwise the inside-host phases of hierarchical collectives.
-  Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::Socket> sockets,
-         std::shared_ptr<ShmCollectives> shm = nullptr);
+  /// Takes ownership of the connected, authenticated sockets to every other rank (index = rank; the own slot is
+  /// empty): one, or several streams to a rank on another host (the first carries every control frame and small
+  /// segments, large segments take turns on all). `shm`, when given, is this host's shared-memory segment among
+  /// its ranks: when every rank is on this host it runs the collectives it handles; otherwise the inside-host
+  /// phases of hierarchical collectives. `measured`: links measured at connection setup (the link model's start).
+  Engine(PeerConfig config, ClusterInfo cluster, std::vector<std::vector<transport::Socket>> sockets,
+         std::shared_ptr<ShmCollectives> shm = nullptr, LinkMatrix measured = {});
   ~Engine() override;
 
   const PeerConfig& config() const { return config_; }
@@ -227,7 +229,7 @@ class Engine final : public transport::FrameHandler {
       Early early;
     };
     std::vector<Copy> copies;
-    std::vector<std::pair<int, transport::OutgoingFrame>> sends;
+    std::vector<std::pair<transport::Connection*, transport::OutgoingFrame>> sends;
     std::vector<std::shared_ptr<Collective>> finished;
   };
 
@@ -263,6 +265,8 @@ class Engine final : public transport::FrameHandler {
   /// (seq 3)", "is in no collective", ...
   std::string waiting_in() const;
   void send_ready(const Collective& c, int peer);
+  /// The stream a data frame of `bytes` to `peer` goes on.
+  transport::Connection* stream_for(int peer, std::uint64_t bytes);
   void on_ready(const std::shared_ptr<Collective>& c, const transport::FrameHeader& header, Progress& progress);
   /// True when `c` still needs something from `peer` that has not arrived yet.
   bool needs_peer(const Collective& c, int peer) const;
@@ -348,7 +352,12 @@ class Engine final : public transport::FrameHandler {
   };
   std::map<PlanKey, std::shared_ptr<const collective::Plan>> plans_;
 
+  // connections_[p]: the first stream to rank p (control frames, small segments); streams_[p]: all of them.
   std::vector<std::unique_ptr<transport::Connection>> connections_;
+  std::vector<std::unique_ptr<transport::Connection>> extra_streams_;
+  std::vector<std::vector<transport::Connection*>> streams_;
+  std::vector<int> ended_streams_;        // per rank: streams that ended with a goodbye
+  std::vector<std::size_t> next_stream_;  // per rank: the stream the next large segment takes
   std::shared_ptr<ShmCollectives> shm_;
   bool shm_covers_cluster_ = false;  // every rank is on this host: shm_ runs whole collectives
   std::vector<int> shm_members_;     // the cluster's ranks of shm_'s ranks (stall queries go to them)

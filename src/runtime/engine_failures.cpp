@@ -79,8 +79,8 @@ void Engine::abandon_transfers(const Collective& c) {
   // A transfer stuck in the middle of a frame cannot be abandoned without breaking the stream, so the connection
   // goes: its peer is then lost for later collectives too.
   for (int p = 0; p < config_.size; ++p) {
-    if (c.running_by_peer[std::size_t(p)] > 0 && connections_[std::size_t(p)]) {
-      connections_[std::size_t(p)]->shutdown();
+    if (c.running_by_peer[std::size_t(p)] > 0) {
+      for (auto* stream : streams_[std::size_t(p)]) stream->shutdown();
     }
   }
 }
@@ -108,14 +108,23 @@ void Engine::drop_peer(int p, const std::string& why) {
     if (closing_ || !lost_[std::size_t(p)].empty()) return;
     drop_reason_[std::size_t(p)] = why;
   }
-  // The receive thread sees the connection end and fails what needs the rank (on_lost), naming `why`.
-  connections_[std::size_t(p)]->shutdown();
+  // The receive threads see the streams end and fail what needs the rank (on_lost), naming `why`.
+  for (auto* stream : streams_[std::size_t(p)]) stream->shutdown();
 }
 
 void Engine::on_lost(transport::Connection& connection, const std::string& reason, bool goodbye) {
   const int p = connection.peer();
   std::unique_lock<std::mutex> lock(mutex_);
   if (closing_ || !lost_[std::size_t(p)].empty()) return;
+  const auto& streams = streams_[std::size_t(p)];
+  // A rank that closes its session says goodbye on every stream after what it sent there: frames it sent on the
+  // other streams may still be on their way until those say it too.
+  if (goodbye && ++ended_streams_[std::size_t(p)] < int(streams.size())) return;
+  if (!goodbye) {
+    for (auto* stream : streams) {
+      if (stream != &connection) stream->shutdown();
+    }
+  }
   const std::string& cause = drop_reason_[std::size_t(p)].empty() ? reason : drop_reason_[std::size_t(p)];
   lost_[std::size_t(p)] =
       goodbye ? str_cat("rank ", p, " closed its session") : str_cat("rank ", p, " is lost (", cause, ")");
@@ -287,7 +296,7 @@ void Engine::watchdog_loop() {
     for (auto& [id, r] : requests_) {
       if (!r->finished && now >= r->deadline) {
         if (r->running) {
-          connections_[std::size_t(r->target)]->shutdown();
+          for (auto* stream : streams_[std::size_t(r->target)]) stream->shutdown();
         } else {
           expired.push_back(r);
         }

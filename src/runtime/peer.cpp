@@ -21,6 +21,7 @@
 #include "runtime/engine.hpp"
 #include "runtime/peer_env.hpp"
 #include "runtime/shm_collectives.hpp"
+#include "runtime/streams.hpp"
 #include "transport/handshake.hpp"
 #include "transport/interfaces.hpp"
 #include "transport/shm_segment.hpp"
@@ -66,6 +67,10 @@ void validate(const PeerConfig& c) {
     throw ConfigError(str_cat("rank ", c.rank, " is not in 0..", c.size - 1, " (AIKIDO_RANK, AIKIDO_SIZE)"));
   }
   if (c.timeout.count() <= 0) throw ConfigError("the timeout must be positive (AIKIDO_TIMEOUT)");
+  if (c.streams < 0 || c.streams > detail::kMaxStreams) {
+    throw ConfigError(str_cat("streams ", c.streams, " must be between 1 and ", detail::kMaxStreams,
+                              ", or 0 to choose by measuring the link (", env::kStreams, ")"));
+  }
   if (c.segment_bytes != 0 && c.segment_bytes < 8) {
     throw ConfigError(str_cat("segment_bytes ", c.segment_bytes, " must be at least 8, or 0 to choose it per link"));
   }
@@ -256,7 +261,7 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
   detail::ClusterInfo info;
   if (config.size == 1) {
     info.host_of_rank = {0};
-    return std::make_unique<detail::Engine>(config, info, std::vector<transport::Socket>{});
+    return std::make_unique<detail::Engine>(config, info, std::vector<std::vector<transport::Socket>>{});
   }
   const auto deadline = Clock::now() + config.timeout;
 
@@ -358,8 +363,22 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
     std::rethrow_exception(connect_error);
   }
   acceptor.get();
+  // More TCP streams between ranks on different hosts, as many as the measured link needs (or as configured).
+  detail::announce_connected(config);
+  const detail::LinkProbe probe = detail::choose_streams(config, info.host_of_rank, endpoints, sockets, tcp, deadline);
+  auto extra = detail::connect_streams(config, info.host_of_rank, endpoints, probe.streams, tcp, deadline);
+  std::vector<std::vector<transport::Socket>> streams(std::size_t(config.size));
+  for (int p = 0; p < config.size; ++p) {
+    if (p == config.rank) continue;
+    streams[std::size_t(p)].push_back(std::move(sockets[std::size_t(p)]));
+    for (auto& s : extra[std::size_t(p)]) {
+      tune_data_socket(s, config);
+      streams[std::size_t(p)].push_back(std::move(s));
+    }
+  }
   auto shm = setup_shared_memory(config, info, endpoints, deadline);
-  return std::make_unique<detail::Engine>(config, info, std::move(sockets), std::move(shm));
+  return std::make_unique<detail::Engine>(config, info, std::move(streams), std::move(shm),
+                                          detail::probed_matrix(probe, info.host_of_rank));
 }
 
 }  // namespace
