@@ -1,6 +1,7 @@
 // Gloo reference for aikido-bench: float32 sum allreduce with gloo::allreduce (the call PyTorch's Gloo process
-// group makes) over Gloo's TCP transport on loopback, timed and printed exactly like `aikido-bench allreduce`
-// (tools/aikido-bench/bench_common.hpp). Start one process per rank, all with the same store directory:
+// group makes) over Gloo's TCP transport (loopback, or --hostname's address), timed and printed exactly like
+// `aikido-bench allreduce` (tools/aikido-bench/bench_common.hpp). Start one process per rank, all with the same store
+// directory:
 //   for r in 0 1 2 3; do gloo_allreduce --rank $r --world 4 --store /tmp/gloo.XXXX --format json & done; wait
 // bench/compare_allreduce.py does this for you.
 #include <gloo/allreduce.h>
@@ -32,10 +33,11 @@ constexpr const char* kProgram = "gloo_allreduce";
 
 constexpr const char* kUsage =
     R"(usage: gloo_allreduce --rank R --world N --store DIR [options]   (one process per rank)
-Gloo reference for aikido-bench: float32 sum allreduce over Gloo's TCP transport on 127.0.0.1, same timing and
-output as aikido-bench allreduce. Ranks meet through a Gloo file store in DIR (an existing directory shared by all
+Gloo reference for aikido-bench: float32 sum allreduce over Gloo's TCP transport (on 127.0.0.1, or the address
+--hostname gives: a host's address when ranks are on several hosts), same timing and output as aikido-bench allreduce. Ranks meet through a Gloo file store in DIR (an existing directory shared by all
 ranks; use a fresh one per run).
 options: --rank R  --world N  --store DIR  --prefix P (store key prefix, default "gloo_allreduce")
+         --hostname ADDR (address this rank listens on and others reach it at, default 127.0.0.1)
          --timeout S (seconds, default 120)  --sizes LIST  --iters N  --warmup W  --check  --format table|json
          (--dtype f32 and --op sum only)
 )";
@@ -48,6 +50,7 @@ struct GlooOptions {
   int world = 1;
   std::string store_dir;
   std::string prefix = "gloo_allreduce";
+  std::string hostname = "127.0.0.1";
   int timeout_s = 120;
 };
 
@@ -69,6 +72,8 @@ GlooOptions parse_options(const std::vector<std::string>& args, bool& help) {
       options.store_dir = value;
     } else if (aikido::bench::take_flag(args, i, "--prefix", value)) {
       options.prefix = value;
+    } else if (aikido::bench::take_flag(args, i, "--hostname", value)) {
+      options.hostname = value;
     } else if (aikido::bench::take_flag(args, i, "--timeout", value)) {
       options.timeout_s = aikido::bench::parse_int_flag("--timeout", value, 1, 86400);
     } else if (!aikido::bench::parse_common_flag(args, i, options.common)) {
@@ -175,7 +180,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     gloo::transport::tcp::attr attr;
-    attr.hostname = "127.0.0.1";
+    attr.hostname = options.hostname;
     attr.ai_family = AF_INET;
     auto device = gloo::transport::tcp::CreateDevice(attr);
     gloo::rendezvous::FileStore file_store(options.store_dir);

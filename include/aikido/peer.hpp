@@ -19,8 +19,10 @@ namespace aikido {
 
 /// How ranks on the same host talk to each other. Ranks on different hosts always use TCP.
 enum class TransportKind : std::uint8_t {
-  automatic,    // the default: when every rank is on one host, allreduce, barrier and consensus run through shared
-                // memory and the other collectives over Unix-domain sockets; across hosts, TCP
+  automatic,    // the default: ranks of one host share a shared-memory segment, which carries every collective but
+                // gather when all ranks are on that host, and the inside-host phases of hierarchical collectives
+                // when the cluster spans hosts; other messages between them go over Unix-domain sockets; across
+                // hosts, TCP
   tcp,          // TCP everywhere (the path used between hosts)
   unix_socket,  // Unix-domain sockets; all ranks must be on one host
 };
@@ -29,20 +31,49 @@ TransportKind parse_transport(std::string_view name);  // "auto", "tcp", "unix";
 
 inline constexpr const char* kDefaultTcpCongestion = "cubic";
 
+/// Latency and bandwidth between every pair of ranks, as measured (LinkMonitor::matrix measures one): the entry of
+/// the link from rank `from` to rank `to` is at from * size + to. NaN where unknown (the diagonal, links not measured).
+struct LinkMatrix {
+  int size = 0;
+  std::vector<double> latency_seconds;
+  std::vector<double> bandwidth_bytes_per_second;
+  /// A matrix of `size` ranks with every entry unknown.
+  static LinkMatrix unmeasured(int size);
+  double latency(int from, int to) const {
+    return latency_seconds[std::size_t(from) * std::size_t(size) + std::size_t(to)];
+  }
+  double bandwidth(int from, int to) const {
+    return bandwidth_bytes_per_second[std::size_t(from) * std::size_t(size) + std::size_t(to)];
+  }
+};
+
 /// How many collectives a session posted on each path (Peer::path_counts()), counted when posted, whether they then
 /// succeed or fail. Every rank of a cluster takes the same path for the same collective.
 struct PathCounts {
-  /// Allreduce, barrier and consensus through the same-host shared-memory segment (TransportKind::automatic with every
-  /// rank on one host).
+  /// Collectives run whole through the same-host shared-memory segment (TransportKind::automatic with every rank on
+  /// one host; every kind but gather).
   std::uint64_t shared_memory = 0;
-  /// Collectives over the connections (TCP or Unix-domain sockets): every collective of the other transports and of
-  /// clusters that span hosts, the other kinds under TransportKind::automatic, and those counted in
-  /// `shared_memory_table_full`. A one-rank session, which has no connections, counts its collectives here.
+  /// Collectives run whole over the connections (TCP or Unix-domain sockets): every collective of the other
+  /// transports, gather, collectives of clusters that span hosts on other topologies than hierarchical, and those
+  /// counted in `shared_memory_table_full`. A one-rank session, which has no connections, counts its collectives here.
   std::uint64_t sockets = 0;
   /// Of `sockets`: collectives that would have taken shared memory, but whose name found no place in the segment's
-  /// table of names (it holds 512 distinct names per session; names are never removed). Every rank finds the table
-  /// full alike.
+  /// table of names (it holds 512 distinct names per host and session; names are never removed). Every rank finds
+  /// the table full alike.
   std::uint64_t shared_memory_table_full = 0;
+  /// Collectives run in phases by host (the hierarchical topology on a cluster of several hosts with the same
+  /// number of ranks, several, on each): inside each host, across hosts over the connections, inside again.
+  std::uint64_t hierarchical = 0;
+  /// The inside-host phases of those that ran through this host's shared-memory segment...
+  std::uint64_t host_phases_shared_memory = 0;
+  /// ...and those that ran over the connections: this host has no segment (another transport, or a rank could not
+  /// map it), or the segment's table of names was full.
+  std::uint64_t host_phases_sockets = 0;
+  /// TCP connections to each rank on another host (PeerConfig::streams, or what measuring the link chose); 0 when
+  /// every rank is on this host or the transport is not TCP.
+  std::uint64_t streams_across_hosts = 0;
+  /// Data segments sent on the second and later of those streams (large segments take turns on all of them).
+  std::uint64_t segments_on_extra_streams = 0;
 };
 
 /// Everything a Peer needs to join a cluster. Peer::from_env() fills it from the AIKIDO_* environment
@@ -68,8 +99,16 @@ struct PeerConfig {
   std::chrono::milliseconds connect_timeout{0};
   /// Address TCP listeners bind to; peers connect to it. Loopback unless the job spans hosts.
   std::string bind_address = "127.0.0.1";
-  /// Size of the pieces a large buffer is cut into for pipelining (see src/collective/plan.hpp).
-  std::size_t segment_bytes = std::size_t(1) << 20;
+  /// TCP connections between two ranks on different hosts (1 to 8): where one connection cannot fill the link
+  /// between hosts (a long round trip for its window, or a core per stream), large segments take turns on several.
+  /// 0 (the default): chosen at connection setup by measuring the link between the first two hosts (one stream
+  /// against four at once: the fewest that carry within 10% as much), which also gives the link model its first
+  /// latency and bandwidth (Peer::set_link_matrix).
+  int streams = 0;
+  /// Size of the pieces a large buffer is cut into for pipelining (see src/collective/plan.hpp). 0 (the default):
+  /// chosen per plan from its slowest link, 1 MiB among ranks of one host, what the link carries in half a
+  /// millisecond between hosts (64 KiB to 4 MiB; see Peer::set_link_matrix).
+  std::size_t segment_bytes = 0;
   /// TCP congestion control of data connections (Linux's TCP_CONGESTION; `sysctl
   /// net.ipv4.tcp_allowed_congestion_control` lists what a process may choose). Empty: the system's default.
   /// cubic by default: with BBR, the default of some distributions, each burst of a collective is paced, and 4 MiB
@@ -178,6 +217,21 @@ class Peer {
   /// same point of its program; it checks by consensus that all ranks asked for the same topology (MismatchError
   /// otherwise) and waits for collectives in flight to finish.
   void set_topology(Topology topology);
+
+  /// Installs measured links: Topology::automatic chooses among ring, tree, hierarchical and multi_ring by the time
+  /// this model predicts for each collective (from its kind and size), and pipelining segments follow the slowest
+  /// link of each plan (unless PeerConfig::segment_bytes fixes them). Until then, and for entries that are NaN, the
+  /// model assumes shared memory inside a host and 10 Gbit/s between hosts. Collective, like set_topology: every
+  /// rank passes the same matrix (checked by consensus; MismatchError otherwise; ConfigError for a matrix of another
+  /// size) after the collectives in flight finished, so all ranks choose alike from then on. Installing a new
+  /// matrix (a link slowed down) re-plans every later collective.
+  void set_link_matrix(const LinkMatrix& links);
+  /// The installed measurements: before set_link_matrix, what was measured between the first two hosts when the
+  /// connections were made (PeerConfig::streams = 0) on every pair of ranks on different hosts, NaN elsewhere.
+  LinkMatrix link_matrix() const;
+  /// The topology a collective posted now would run on: topology(), or what Topology::automatic resolves to for an
+  /// allreduce of `bytes` bytes.
+  Topology planned_topology(std::size_t bytes) const;
 
   // Allreduce: recv[i] = op over ranks of send[i]. send and recv have equal sizes; they may be the same memory.
   template <class T>

@@ -88,12 +88,24 @@ inline constexpr DType dtype_of = DTypeOf<std::remove_cv_t<T>>::value;
 enum class ReduceOp : std::uint8_t { sum, min, max, prod, mean };
 const char* reduce_op_name(ReduceOp op);
 
-/// Communication graph used by the collectives.
-/// ring: bandwidth-optimal for large buffers (over sockets an allreduce of at most 64 KiB runs on the tree); tree:
-/// binary tree, log-depth latency; star: everything through rank 0; hierarchical: reduce inside each host, ring across
-/// one leader per host, broadcast inside each host.
-enum class Topology : std::uint8_t { ring, tree, star, hierarchical };
+/// Communication graph used by the collectives (names: "ring", "tree", "star", "hierarchical", "multi-ring",
+/// "auto").
+/// - ring: bandwidth-optimal for large buffers (over sockets an allreduce of at most 64 KiB runs on the tree).
+/// - tree: binary tree, log-depth latency.
+/// - star: everything through rank 0.
+/// - hierarchical: by host. With the same number of ranks on every host and several of them: inside each host
+///   through shared memory (reduce-scatter among the host's ranks), across hosts over TCP with every rank of a host
+///   owning a slice of the buffer (so all of them drive the links between hosts at once), then inside each host
+///   again (allgather); large buffers go in chunks whose phases overlap. Otherwise reduce inside each host, ring
+///   across one leader per host, broadcast inside each host, all over the connections.
+/// - multi_ring: two rings in opposite directions, each over half the buffer (every rank sends to both neighbours
+///   at once, over two connections).
+/// - automatic: chosen per collective from the measured links (latency and bandwidth between every pair of ranks,
+///   Peer::set_link_matrix) and the buffer size, among ring, tree, hierarchical and multi_ring; see README,
+///   "Topologies".
+enum class Topology : std::uint8_t { ring, tree, star, hierarchical, multi_ring, automatic };
 const char* topology_name(Topology topology);
-Topology parse_topology(std::string_view name);  // throws ConfigError naming the accepted values
+/// Accepts the names above ("auto" for automatic; "multi_ring" too). Throws ConfigError naming the accepted values.
+Topology parse_topology(std::string_view name);
 
 }  // namespace aikido

@@ -10,7 +10,8 @@ namespace aikido {
 
 namespace detail {
 struct WorkState;
-}
+struct WorkAccess;
+}  // namespace detail
 
 /// Handle to an asynchronous collective. Copies share the same operation. Thread safe.
 ///
@@ -41,6 +42,7 @@ class Work {
   void on_complete(std::function<void(std::exception_ptr)> callback) const;
 
  private:
+  friend struct detail::WorkAccess;
   std::shared_ptr<detail::WorkState> state_;
 };
 

@@ -84,12 +84,19 @@ const char* topology_name(Topology topology) {
       return "star";
     case Topology::hierarchical:
       return "hierarchical";
+    case Topology::multi_ring:
+      return "multi-ring";
+    case Topology::automatic:
+      return "auto";
   }
   return "unknown";
 }
 
 Topology parse_topology(std::string_view name) {
-  return detail::parse_name(name, {Topology::ring, Topology::tree, Topology::star, Topology::hierarchical},
+  if (name == "multi_ring") return Topology::multi_ring;  // the enumerator's spelling
+  return detail::parse_name(name,
+                            {Topology::ring, Topology::tree, Topology::star, Topology::hierarchical,
+                             Topology::multi_ring, Topology::automatic},
                             topology_name, "topology");
 }
 

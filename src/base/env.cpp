@@ -116,7 +116,13 @@ const std::vector<Rule>& rules() {
       {kTimeout, seconds(kTimeout)},
       {kConnectTimeout, seconds(kConnectTimeout)},
       {kStoreTimeout, seconds(kStoreTimeout)},
-      {kSegmentBytes, integer(kSegmentBytes, kMinSegmentBytes, kMaxSegmentBytes)},
+      {kSegmentBytes,
+       [](const std::string& value) -> std::optional<std::string> {
+         if (value == "0" || parse_int(value, kMinSegmentBytes, kMaxSegmentBytes)) return std::nullopt;
+         return detail::str_cat(int_problem(kSegmentBytes, value, kMinSegmentBytes, kMaxSegmentBytes),
+                                " (or 0: chosen per link)");
+       }},
+      {kStreams, integer(kStreams, 0, 8)},
       {kLogLevel, one_of(kLogLevel, {"error", "warn", "info", "debug"})},
       {kMetricsInterval, seconds(kMetricsInterval)},
       {kElastic, one_of(kElastic, {"0", "1"})},

@@ -26,7 +26,7 @@
 //   AIKIDO_JOB_ID           prefix of store keys and socket names (default: the job id of the launcher that started
 //                           the workers, when not aikido-run: Slurm's, OpenMPI's...; else "aikido")
 //   AIKIDO_CLUSTER_VERSION  version of the cluster membership                      (default 0)
-//   AIKIDO_TOPOLOGY         ring | tree | star | hierarchical                     (default ring)
+//   AIKIDO_TOPOLOGY         ring | tree | star | hierarchical | multi-ring | auto (default ring)
 //   AIKIDO_TRANSPORT        auto | tcp | unix (auto: shared memory when all ranks share a host) (default auto)
 //   AIKIDO_TIMEOUT          deadline of each collective, in seconds                (default 60)
 //   AIKIDO_CONNECT_TIMEOUT  deadline of joining a cluster (addresses, connections, handshakes), in seconds
@@ -38,7 +38,9 @@
 //   AIKIDO_IFACE            the interface whose first IPv4 address TCP listeners use, in NCCL_SOCKET_IFNAME's forms:
 //                           eth0 or eth (name prefixes, comma-separated), =eth0 (exact), ^lo,docker (all but these)
 //                           (default: unset; set at most one of AIKIDO_IFACE and AIKIDO_BIND_ADDRESS)
-//   AIKIDO_SEGMENT_BYTES    pipelining segment size in bytes                       (default 1048576)
+//   AIKIDO_SEGMENT_BYTES    pipelining segment size in bytes; 0: chosen per link  (default 0)
+//   AIKIDO_STREAMS          TCP connections between two ranks on different hosts, 1..8; 0: chosen by measuring the
+//                           link at connection setup                               (default 0)
 //   AIKIDO_LOG_LEVEL        error | warn | info | debug                            (default warn)
 //   AIKIDO_TCP_CONGESTION   TCP congestion control of data connections; "system": the kernel's (default cubic)
 //   AIKIDO_METRICS_INTERVAL seconds between publications of a worker's training metrics to the store, for
@@ -90,6 +92,7 @@ inline constexpr const char* kStoreTimeout = "AIKIDO_STORE_TIMEOUT";
 inline constexpr const char* kBindAddress = "AIKIDO_BIND_ADDRESS";
 inline constexpr const char* kIface = "AIKIDO_IFACE";
 inline constexpr const char* kSegmentBytes = "AIKIDO_SEGMENT_BYTES";
+inline constexpr const char* kStreams = "AIKIDO_STREAMS";
 inline constexpr const char* kTcpCongestion = "AIKIDO_TCP_CONGESTION";  // "system": the kernel's default
 inline constexpr const char* kLogLevel = "AIKIDO_LOG_LEVEL";
 inline constexpr const char* kMetricsInterval = "AIKIDO_METRICS_INTERVAL";
@@ -99,7 +102,7 @@ inline constexpr const char* kCheckpoint = "AIKIDO_CHECKPOINT";
 inline constexpr const char* kResume = "AIKIDO_RESUME";
 
 inline constexpr std::chrono::milliseconds kDefaultTimeout{60'000};
-/// Accepted range of AIKIDO_SEGMENT_BYTES.
+/// Accepted range of AIKIDO_SEGMENT_BYTES (and 0: chosen per link).
 inline constexpr std::int64_t kMinSegmentBytes = 8;
 inline constexpr std::int64_t kMaxSegmentBytes = std::int64_t(1) << 40;
 

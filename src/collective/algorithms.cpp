@@ -24,10 +24,27 @@ Group make_group(std::vector<int> members, int rank) {
   return g;
 }
 
-// All ranks, rotated so that `root` comes first.
-Group rotated(int size, int root, int rank) {
-  std::vector<int> members(static_cast<std::size_t>(size));
-  for (int i = 0; i < size; ++i) members[std::size_t(i)] = (root + i) % size;
+// The ranks taking part (PlanSpec::members, or every rank in rank order), in the algorithm's order.
+std::vector<int> base_members(const PlanSpec& spec) {
+  if (!spec.members.empty()) return spec.members;
+  std::vector<int> members(static_cast<std::size_t>(spec.size));
+  for (int i = 0; i < spec.size; ++i) members[std::size_t(i)] = i;
+  return members;
+}
+
+// The ranks taking part, rotated so that `root` (one of them) comes first.
+Group rotated(const PlanSpec& spec, int root) {
+  std::vector<int> members = base_members(spec);
+  const auto at = std::find(members.begin(), members.end(), root);
+  AIKIDO_ENFORCE(at != members.end(), "root ", root, " does not take part in the collective");
+  std::rotate(members.begin(), at, members.end());
+  return make_group(std::move(members), spec.rank);
+}
+
+// The same members in the opposite direction, `first` staying first (the second ring of multi_ring).
+Group reversed(const Group& g, int rank) {
+  std::vector<int> members = g.members;
+  if (members.size() > 1) std::reverse(members.begin() + 1, members.end());
   return make_group(std::move(members), rank);
 }
 
@@ -134,32 +151,33 @@ void chain_broadcast(PlanBuilder& b, const Group& g, Range r, unsigned phase, st
   });
 }
 
-// Rank i's block goes to members[0]; the root copies each into place (gather into a star).
+// Every member's block goes to members[0], which copies each into place (gather into a star). `blocks[i]` is where
+// g.members[i]'s block lies in the root's buffer; a non-root sends its own from `own_offset` of its buffer.
 void star_gather(PlanBuilder& b, const Group& g, const std::vector<Range>& blocks, unsigned phase, std::size_t seg,
                  std::size_t own_offset) {
   if (g.index == 0) {
     for (int m = 1; m < g.size(); ++m) {
       const int rank = g.members[std::size_t(m)];
-      const Range block = blocks[std::size_t(rank)];
+      const Range block = blocks[std::size_t(m)];
       for_each_segment(block.offset, block.count, seg, [&](std::size_t o, std::size_t c) {
         b.recv_copy(rank, make_tag(phase, 0, o - block.offset), o, c);
       });
     }
   } else {
-    const Range block{own_offset, blocks[std::size_t(g.members[std::size_t(g.index)])].count};
+    const Range block{own_offset, blocks[std::size_t(g.index)].count};
     for_each_segment(block.offset, block.count, seg, [&](std::size_t o, std::size_t c) {
       b.send(g.members[0], make_tag(phase, 0, o - block.offset), o, c);
     });
   }
 }
 
-// Hierarchical groups: the ranks of this rank's host (leader first), and the leaders of all hosts.
+// Hierarchical groups: the members on this rank's host (first member first), and the first member of every host.
 void host_groups(const PlanSpec& spec, Group* local, Group* leaders) {
   AIKIDO_ENFORCE(int(spec.host_of_rank.size()) == spec.size, "host_of_rank has ", spec.host_of_rank.size(),
                  " entries for ", spec.size, " ranks");
   std::vector<int> mine, heads;
   std::vector<bool> seen;
-  for (int r = 0; r < spec.size; ++r) {
+  for (int r : base_members(spec)) {
     const int h = spec.host_of_rank[std::size_t(r)];
     if (std::size_t(h) >= seen.size()) seen.resize(std::size_t(h) + 1, false);
     if (!seen[std::size_t(h)]) {
@@ -172,12 +190,13 @@ void host_groups(const PlanSpec& spec, Group* local, Group* leaders) {
   *leaders = make_group(std::move(heads), spec.rank);
 }
 
-// Recursive doubling over all ranks (a power of two of them): see PlanSpec::recursive_doubling.
-void recursive_doubling(PlanBuilder& b, int size, int rank, Range r, unsigned phase, std::size_t seg) {
+// Recursive doubling over the members (a power of two of them): see PlanSpec::recursive_doubling.
+void recursive_doubling(PlanBuilder& b, const Group& g, Range r, unsigned phase, std::size_t seg) {
+  const int size = g.size();
   AIKIDO_ENFORCE(size > 0 && (size & (size - 1)) == 0, "recursive doubling needs a power-of-two number of ranks, not ",
                  size);
   for (int step = 0; (1 << step) < size; ++step) {
-    const int partner = rank ^ (1 << step);
+    const int partner = g.members[std::size_t(g.index ^ (1 << step))];
     for_each_segment(r.offset, r.count, seg, [&](std::size_t o, std::size_t c) {
       b.send(partner, make_tag(phase, unsigned(step), o), o, c);
       b.recv_reduce(partner, make_tag(phase, unsigned(step), o), o, c);
@@ -185,20 +204,40 @@ void recursive_doubling(PlanBuilder& b, int size, int rank, Range r, unsigned ph
   }
 }
 
+// The two halves of a range, for the two rings of multi_ring.
+std::pair<Range, Range> halves(Range r) {
+  const std::size_t first = r.count / 2 + r.count % 2;
+  return {Range{r.offset, first}, Range{r.offset + first, r.count - first}};
+}
+
 Plan allreduce_plan(const PlanSpec& spec) {
   PlanBuilder b;
   const std::size_t seg = spec.segment_elems;
   const Range all{0, spec.count};
-  const Group everyone = rotated(spec.size, 0, spec.rank);
+  const Group everyone = make_group(base_members(spec), spec.rank);
   if (spec.recursive_doubling) {
-    recursive_doubling(b, spec.size, spec.rank, all, 1, seg);
+    recursive_doubling(b, everyone, all, 1, seg);
     return b.finish();
   }
   switch (spec.topology) {
-    case Topology::ring: {
-      const auto blocks = even_blocks(0, spec.count, spec.size);
+    case Topology::ring:
+    case Topology::automatic: {  // the engine resolves automatic before it plans; ring stands in for it here
+      const auto blocks = even_blocks(0, spec.count, everyone.size());
       ring_reduce_scatter(b, everyone, blocks, 1, seg);
       ring_allgather(b, everyone, blocks, 2, seg);
+      break;
+    }
+    case Topology::multi_ring: {
+      // Two rings in opposite directions, each over half the buffer: every rank sends to both neighbours and
+      // receives from both at once, over two connections.
+      const auto [first, second] = halves(all);
+      const Group backwards = reversed(everyone, spec.rank);
+      const auto forward_blocks = even_blocks(first.offset, first.count, everyone.size());
+      const auto backward_blocks = even_blocks(second.offset, second.count, everyone.size());
+      ring_reduce_scatter(b, everyone, forward_blocks, 1, seg);
+      ring_reduce_scatter(b, backwards, backward_blocks, 3, seg);
+      ring_allgather(b, everyone, forward_blocks, 2, seg);
+      ring_allgather(b, backwards, backward_blocks, 4, seg);
       break;
     }
     case Topology::tree:
@@ -227,12 +266,19 @@ Plan allreduce_plan(const PlanSpec& spec) {
 
 Plan broadcast_plan(const PlanSpec& spec) {
   PlanBuilder b;
-  const Group g = rotated(spec.size, spec.root, spec.rank);
+  const Group g = rotated(spec, spec.root);
   const Range all{0, spec.count};
   switch (spec.topology) {
     case Topology::ring:
+    case Topology::automatic:
       chain_broadcast(b, g, all, 1, spec.segment_elems);
       break;
+    case Topology::multi_ring: {
+      const auto [first, second] = halves(all);
+      chain_broadcast(b, g, first, 1, spec.segment_elems);
+      chain_broadcast(b, reversed(g, spec.rank), second, 2, spec.segment_elems);
+      break;
+    }
     case Topology::star:
       star_broadcast(b, g, all, 1, spec.segment_elems);
       break;
@@ -244,25 +290,43 @@ Plan broadcast_plan(const PlanSpec& spec) {
   return b.finish();
 }
 
-std::vector<Range> rank_blocks(int size, std::size_t block) {
-  std::vector<Range> blocks(static_cast<std::size_t>(size));
-  for (int r = 0; r < size; ++r) blocks[std::size_t(r)] = {std::size_t(r) * block, block};
+// Member i's block of `block` elements at offset i * block.
+std::vector<Range> member_blocks(int members, std::size_t block) {
+  std::vector<Range> blocks(static_cast<std::size_t>(members));
+  for (int i = 0; i < members; ++i) blocks[std::size_t(i)] = {std::size_t(i) * block, block};
   return blocks;
+}
+
+// The first or second half of every block (multi_ring's two rings), in the order of `g`'s members: `blocks[i]`
+// belongs to `base.members[i]`.
+std::vector<Range> half_blocks(const std::vector<Range>& blocks, bool second, const Group& base, const Group& g) {
+  std::vector<Range> out;
+  for (int member : g.members) {
+    const auto i = std::size_t(std::find(base.members.begin(), base.members.end(), member) - base.members.begin());
+    out.push_back(second ? halves(blocks[i]).second : halves(blocks[i]).first);
+  }
+  return out;
 }
 
 Plan allgather_plan(const PlanSpec& spec) {
   PlanBuilder b;
-  const auto blocks = rank_blocks(spec.size, spec.block);
-  const Group everyone = rotated(spec.size, 0, spec.rank);
-  if (spec.topology == Topology::ring) {
-    ring_allgather(b, everyone, blocks, 1, spec.segment_elems);
+  const Group everyone = make_group(base_members(spec), spec.rank);
+  const auto blocks =
+      spec.slices ? even_blocks(0, spec.count, everyone.size()) : member_blocks(everyone.size(), spec.block);
+  const std::size_t seg = spec.segment_elems;
+  if (spec.topology == Topology::ring || spec.topology == Topology::automatic) {
+    ring_allgather(b, everyone, blocks, 1, seg);
+  } else if (spec.topology == Topology::multi_ring) {
+    const Group backwards = reversed(everyone, spec.rank);
+    ring_allgather(b, everyone, half_blocks(blocks, false, everyone, everyone), 1, seg);
+    ring_allgather(b, backwards, half_blocks(blocks, true, everyone, backwards), 2, seg);
   } else {
-    star_gather(b, everyone, blocks, 1, spec.segment_elems, blocks[std::size_t(spec.rank)].offset);
+    star_gather(b, everyone, blocks, 1, seg, blocks[std::size_t(everyone.index)].offset);
     const Range all{0, spec.count};
     if (spec.topology == Topology::star) {
-      star_broadcast(b, everyone, all, 2, spec.segment_elems);
+      star_broadcast(b, everyone, all, 2, seg);
     } else {
-      tree_broadcast(b, everyone, all, 2, spec.segment_elems);
+      tree_broadcast(b, everyone, all, 2, seg);
     }
   }
   return b.finish();
@@ -270,24 +334,33 @@ Plan allgather_plan(const PlanSpec& spec) {
 
 Plan reduce_scatter_plan(const PlanSpec& spec) {
   PlanBuilder b;
-  const auto blocks = rank_blocks(spec.size, spec.block);
-  const Group everyone = rotated(spec.size, 0, spec.rank);
-  if (spec.topology == Topology::ring) {
-    ring_reduce_scatter(b, everyone, blocks, 1, spec.segment_elems);
+  const Group everyone = make_group(base_members(spec), spec.rank);
+  const auto blocks =
+      spec.slices ? even_blocks(0, spec.count, everyone.size()) : member_blocks(everyone.size(), spec.block);
+  const std::size_t seg = spec.segment_elems;
+  if (spec.topology == Topology::ring || spec.topology == Topology::automatic) {
+    ring_reduce_scatter(b, everyone, blocks, 1, seg);
+    return b.finish();
+  }
+  if (spec.topology == Topology::multi_ring) {
+    const Group backwards = reversed(everyone, spec.rank);
+    ring_reduce_scatter(b, everyone, half_blocks(blocks, false, everyone, everyone), 1, seg);
+    ring_reduce_scatter(b, backwards, half_blocks(blocks, true, everyone, backwards), 2, seg);
     return b.finish();
   }
   const Range all{0, spec.count};
   if (spec.topology == Topology::star) {
-    star_reduce(b, everyone, all, 1, spec.segment_elems);
+    star_reduce(b, everyone, all, 1, seg);
   } else {
-    tree_reduce(b, everyone, all, 1, spec.segment_elems);
+    tree_reduce(b, everyone, all, 1, seg);
   }
-  // Scatter: the root sends block r to rank r.
-  for (int r = 1; r < spec.size; ++r) {
-    const Range block = blocks[std::size_t(r)];
-    for_each_segment(block.offset, block.count, spec.segment_elems, [&](std::size_t o, std::size_t c) {
-      if (spec.rank == 0) b.send(r, make_tag(2, 0, o), o, c);
-      if (spec.rank == r) b.recv_copy(0, make_tag(2, 0, o), o, c);
+  // Scatter: the first member sends block i to member i.
+  for (int i = 1; i < everyone.size(); ++i) {
+    const Range block = blocks[std::size_t(i)];
+    const int member = everyone.members[std::size_t(i)];
+    for_each_segment(block.offset, block.count, seg, [&](std::size_t o, std::size_t c) {
+      if (everyone.index == 0) b.send(member, make_tag(2, 0, o), o, c);
+      if (everyone.index == i) b.recv_copy(everyone.members[0], make_tag(2, 0, o), o, c);
     });
   }
   return b.finish();
@@ -295,8 +368,14 @@ Plan reduce_scatter_plan(const PlanSpec& spec) {
 
 Plan gather_plan(const PlanSpec& spec) {
   PlanBuilder b;
-  const auto blocks = rank_blocks(spec.size, spec.block);
-  const Group g = rotated(spec.size, spec.root, spec.rank);
+  const std::vector<int> members = base_members(spec);
+  const Group g = rotated(spec, spec.root);
+  // The root's buffer holds member i's block at i * block, i in the order of `members`.
+  std::vector<Range> blocks;
+  for (int rank : g.members) {
+    const auto at = std::size_t(std::find(members.begin(), members.end(), rank) - members.begin());
+    blocks.push_back({at * spec.block, spec.block});
+  }
   star_gather(b, g, blocks, 1, spec.segment_elems, 0);
   return b.finish();
 }
@@ -322,7 +401,7 @@ Plan checked_by_everyone(Plan plan, const PlanSpec& spec) {
   };
   plan.ready_to.clear();
   plan.ready_from.clear();
-  for (int p = 0; p < spec.size; ++p) {
+  for (int p : base_members(spec)) {
     if (p == spec.rank) continue;
     plan.ready_from.push_back(p);
     const bool source = has(plan.sources, p), target = has(plan.targets, p);
@@ -338,7 +417,12 @@ Plan checked_by_everyone(Plan plan, const PlanSpec& spec) {
 Plan build_plan(const PlanSpec& spec) {
   AIKIDO_ENFORCE(spec.size >= 1 && spec.rank >= 0 && spec.rank < spec.size, "rank ", spec.rank, " of ", spec.size);
   AIKIDO_ENFORCE(spec.segment_elems >= 1, "segment of ", spec.segment_elems, " elements");
-  if (spec.size == 1) return Plan{};
+  if (!spec.members.empty()) {
+    const bool in = std::find(spec.members.begin(), spec.members.end(), spec.rank) != spec.members.end();
+    AIKIDO_ENFORCE(in, "rank ", spec.rank, " plans a collective it does not take part in");
+    for (int m : spec.members) AIKIDO_ENFORCE(m >= 0 && m < spec.size, "member ", m, " of ", spec.size, " ranks");
+  }
+  if (spec.size == 1 || spec.members.size() == 1) return Plan{};
   switch (spec.kind) {
     case CollectiveKind::allreduce:
     case CollectiveKind::barrier:

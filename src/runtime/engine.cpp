@@ -10,6 +10,7 @@
 #include "base/reduce.hpp"
 #include "base/thread.hpp"
 #include "runtime/engine_collective.hpp"
+#include "runtime/engine_hierarchy.hpp"
 #include "transport/shm_segment.hpp"
 
 namespace aikido::detail {
@@ -57,19 +58,6 @@ const char* kind_name(CollectiveKind kind) {
   return "collective";
 }
 
-std::exception_ptr error_for(WireError kind, const std::string& text) {
-  switch (kind) {
-    case WireError::mismatch:
-      return std::make_exception_ptr(MismatchError(text));
-    case WireError::timeout:
-      return std::make_exception_ptr(TimeoutError(text));
-    case WireError::config:
-      return std::make_exception_ptr(ConfigError(text));
-    default:
-      return std::make_exception_ptr(PeerLostError(text));
-  }
-}
-
 namespace {
 
 // An out-of-place allreduce: the plan's ops read the send buffer where it still holds the input; the elements no op
@@ -115,9 +103,9 @@ FrameHeader signed_header(const Collective& c, FrameType type) {
   h.dtype = std::uint8_t(c.dtype);
   h.op = std::uint8_t(c.op);
   h.topology = std::uint8_t(c.topology);
-  h.root = c.root;
+  h.root = c.signature_root;
   h.seq = c.seq;
-  h.count = c.count;
+  h.count = c.signature_count;
   return h;
 }
 
@@ -136,29 +124,51 @@ std::size_t Engine::CollectiveKeyHash::operator()(const CollectiveKey& k) const 
   return h ^ (std::hash<std::uint64_t>()(k.seq) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2));
 }
 
-Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<transport::Socket> sockets,
-               std::shared_ptr<ShmCollectives> shm)
+Engine::Engine(PeerConfig config, ClusterInfo cluster, std::vector<std::vector<transport::Socket>> sockets,
+               std::shared_ptr<ShmCollectives> shm, LinkMatrix measured)
     : config_(std::move(config)),
       cluster_(std::move(cluster)),
       topology_(config_.topology),
       shm_(std::move(shm)),
+      hierarchy_(HostLayout::of(cluster_, config_.rank)),
+      links_(std::move(measured), cluster_.host_of_rank),
       oversubscribed_(cluster_.local_size > env::local_cpus()),
       pause_(wait_pause(oversubscribed_)) {
+  if (shm_) {
+    shm_members_ = shm_->members();
+    shm_covers_cluster_ = int(shm_members_.size()) == config_.size;
+  }
   lost_.resize(std::size_t(config_.size));
   departed_.resize(std::size_t(config_.size), false);
   drop_reason_.resize(std::size_t(config_.size));
   connections_.resize(std::size_t(config_.size));
+  streams_.resize(std::size_t(config_.size));
+  ended_streams_.resize(std::size_t(config_.size), 0);
+  next_stream_.resize(std::size_t(config_.size), 0);
   if (config_.size > 1) gate_ = std::make_shared<transport::ReceiveGate>();
   for (int p = 0; p < config_.size; ++p) {
     if (p == config_.rank) continue;
-    AIKIDO_ENFORCE(std::size_t(p) < sockets.size() && sockets[std::size_t(p)].valid(), "no connection to rank ", p);
-    connections_[std::size_t(p)] = std::make_unique<transport::Connection>(
-        config_.rank, p, config_.cluster_version, std::move(sockets[std::size_t(p)]), *this, gate_);
-    readers_.push_back(connections_[std::size_t(p)].get());
+    auto& mine = sockets[std::size_t(p)];
+    AIKIDO_ENFORCE(std::size_t(p) < sockets.size() && !mine.empty() && mine.front().valid(), "no connection to rank ",
+                   p);
+    for (auto& socket : mine) {
+      auto c = std::make_unique<transport::Connection>(config_.rank, p, config_.cluster_version, std::move(socket),
+                                                       *this, gate_);
+      readers_.push_back(c.get());
+      streams_[std::size_t(p)].push_back(c.get());
+      if (!connections_[std::size_t(p)]) {
+        connections_[std::size_t(p)] = std::move(c);
+      } else {
+        extra_streams_.push_back(std::move(c));
+      }
+    }
   }
-  for (auto& c : connections_) {
-    if (c) c->start();
+  for (int p = 0; p < config_.size; ++p) {
+    if (cluster_.host_of_rank[std::size_t(p)] != cluster_.host_of_rank[std::size_t(config_.rank)]) {
+      counts_.streams_across_hosts = streams_[std::size_t(p)].size();
+    }
   }
+  for (auto* c : readers_) c->start();
   watchdog_ = std::thread([this] { watchdog_loop(); });
   name_thread(watchdog_, "aikido-watchdog");
 }
@@ -187,12 +197,12 @@ Engine::~Engine() {
   }
   if (gate_) gate_->wake_holder();
   watchdog_wake_.notify_all();
-  for (auto& c : connections_) {
-    if (c) c->close();
-  }
+  for (auto* c : readers_) c->close();
   // A thread still driving the connections (its collective failed above; their sockets are shut) leaves first.
   if (gate_) gate_->close();
   readers_.clear();
+  streams_.clear();
+  extra_streams_.clear();
   connections_.clear();
   if (watchdog_.joinable()) watchdog_.join();
 }
@@ -203,19 +213,78 @@ Topology Engine::topology() const {
 }
 
 std::shared_ptr<const Plan> Engine::plan_for(const collective::PlanSpec& spec) {
-  const auto key = std::make_tuple(int(spec.kind), int(spec.topology), spec.recursive_doubling, spec.root, spec.count,
-                                   spec.block, spec.segment_elems);
+  PlanKey key{int(spec.kind),     int(spec.topology), spec.recursive_doubling,
+              spec.root,          spec.count,         spec.block,
+              spec.segment_elems, spec.members,       spec.slices};
   std::lock_guard<std::mutex> lock(plans_mutex_);
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
   if (plans_.size() >= 4096) plans_.clear();  // bound the cache; plans are cheap to rebuild
   auto plan = std::make_shared<const Plan>(collective::build_plan(spec));
-  plans_.emplace(key, plan);
+  plans_.emplace(std::move(key), plan);
   return plan;
 }
 
+void Engine::validate(const Request& request, int size) const {
+  const std::size_t k = request.send_count;
+  auto bad = [&](const std::string& what) {
+    return ConfigError(str_cat(kind_name(request.kind), " '", request.name, "' on rank ", config_.rank, ": ", what));
+  };
+  switch (request.kind) {
+    case CollectiveKind::allreduce:
+      if (request.recv_count != k) {
+        throw bad(str_cat("send has ", k, " elements but recv has ", request.recv_count, "; they must be equal"));
+      }
+      break;
+    case CollectiveKind::broadcast:
+    case CollectiveKind::gather:
+      if (request.root < 0 || request.root >= config_.size) {
+        throw bad(str_cat("root ", request.root, " is not a rank of 0..", config_.size - 1));
+      }
+      if (request.kind == CollectiveKind::gather && config_.rank == request.root &&
+          request.recv_count != k * std::size_t(size)) {
+        throw bad(str_cat("recv on the root has ", request.recv_count,
+                          " elements; it must hold size() * send.size() = ", k * std::size_t(size)));
+      }
+      break;
+    case CollectiveKind::allgather:
+      if (request.recv_count != k * std::size_t(size)) {
+        throw bad(str_cat("recv has ", request.recv_count, " elements; it must hold size() * send.size() = ", size,
+                          " * ", k, " = ", k * std::size_t(size)));
+      }
+      break;
+    case CollectiveKind::reduce_scatter:
+      if (k != request.recv_count * std::size_t(size)) {
+        throw bad(str_cat("send has ", k, " elements; it must hold size() * recv.size() = ", size, " * ",
+                          request.recv_count, " = ", request.recv_count * std::size_t(size)));
+      }
+      break;
+    case CollectiveKind::barrier:
+    case CollectiveKind::consensus:
+      break;
+  }
+}
+
+ShmRequest Engine::shm_request(const Request& request) {
+  ShmRequest r;
+  r.kind = request.kind;
+  r.dtype = request.dtype;
+  r.op = request.op;
+  r.root = request.root;  // every rank is on this host: its index here is its rank
+  r.signature_root = request.root;
+  r.send = request.send;
+  r.recv = request.recv;
+  r.agreed = request.agreed;
+  // The buffer's elements: the allgather's receive buffer, the others' input (a consensus's value bytes).
+  r.count = request.kind == CollectiveKind::allgather ? request.recv_count : request.send_count;
+  // A consensus compares values of any length (through their digests); a barrier has no size.
+  r.signature_count = request.kind == CollectiveKind::consensus ? 64
+                      : request.kind == CollectiveKind::barrier ? 1
+                                                                : r.count;
+  return r;
+}
+
 Work Engine::post(const Request& request) {
-  const int size = config_.size, rank = config_.rank;
   if (request.name.empty()) {
     throw ConfigError(str_cat(kind_name(request.kind), ": the collective needs a non-empty name"));
   }
@@ -223,10 +292,45 @@ Work Engine::post(const Request& request) {
     throw ConfigError(str_cat(kind_name(request.kind), " '", request.name.substr(0, 64), "...': the name has ",
                               request.name.size(), " bytes; the limit is ", transport::kMaxNameBytes));
   }
-  if (shm_ && ShmCollectives::handles(request.kind)) {
-    if (auto work = shm_->post(request, request.name)) return *work;
+  validate(request, config_.size);
+  if (shm_ && shm_covers_cluster_ && ShmCollectives::handles(request.kind)) {
+    auto work = shm_->post(shm_request(request), request.name);
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (work) {
+      ++counts_.shared_memory;
+      return *work;
+    }
+    ++counts_.shared_memory_table_full;  // and on the message path, counted there
   }
-  const std::string name(request.name);
+  collective::TopologyChoice choice = resolve_topology(topology(), request);
+  if (hierarchy_ && choice.topology == Topology::hierarchical && HierarchicalCollective::handles(request.kind)) {
+    return post_hierarchical(request);
+  }
+  MessageRoute route;
+  route.topology = choice.topology;
+  route.members = std::move(choice.members);
+  return post_messages(request, std::string(request.name), route);
+}
+
+Work Engine::post_messages(const Request& request, const std::string& name, const MessageRoute& route) {
+  const int rank = config_.rank;
+  // The ranks taking part (`route.members`, or all), and this rank's index among them.
+  const int size = route.members.empty() ? config_.size : int(route.members.size());
+  int index = rank;
+  if (!route.members.empty()) {
+    index = int(std::find(route.members.begin(), route.members.end(), rank) - route.members.begin());
+    AIKIDO_ENFORCE(index < size, "rank ", rank, " posts '", name, "' among ranks it is not one of");
+  }
+  auto takes_part = [&](int r) {
+    return route.members.empty() ? r >= 0 && r < config_.size
+                                 : std::find(route.members.begin(), route.members.end(), r) != route.members.end();
+  };
+  if (!route.slices) validate(request, size);
+  if ((request.kind == CollectiveKind::broadcast || request.kind == CollectiveKind::gather) &&
+      !takes_part(request.root)) {
+    throw ConfigError(str_cat(kind_name(request.kind), " '", name, "' on rank ", rank, ": root ", request.root,
+                              " does not take part"));
+  }
   auto c = std::make_shared<Collective>();
   c->name = name;
   c->kind = request.kind;
@@ -239,67 +343,67 @@ Work Engine::post(const Request& request) {
   c->agreed = request.agreed;
   c->world = size;
   c->rank = rank;
+  c->index = index;
+  c->members = route.members;
+  c->slices = route.slices;
   c->count = request.send_count;
   const std::size_t esize = c->element_bytes;
-  auto bad = [&](const std::string& what) {
-    return ConfigError(str_cat(kind_name(request.kind), " '", name, "' on rank ", rank, ": ", what));
-  };
 
   collective::PlanSpec spec;
   spec.kind = request.kind;
   spec.rank = rank;
-  spec.size = size;
+  spec.size = config_.size;
   spec.root = request.root;
-  spec.segment_elems = std::max<std::size_t>(1, config_.segment_bytes / esize);
+  spec.members = route.members;
+  spec.slices = route.slices;
+  spec.segment_elems = std::max<std::size_t>(1, segment_bytes_for(route.members) / esize);
   spec.host_of_rank = cluster_.host_of_rank;
 
   const std::size_t k = request.send_count;
   switch (request.kind) {
     case CollectiveKind::allreduce:
-      if (request.recv_count != k) {
-        throw bad(str_cat("send has ", k, " elements but recv has ", request.recv_count, "; they must be equal"));
-      }
       c->buffer = static_cast<std::byte*>(request.recv);
       if (k > 0 && request.send != request.recv) c->input = static_cast<const std::byte*>(request.send);
       spec.count = k;
       break;
     case CollectiveKind::broadcast:
-      if (request.root < 0 || request.root >= size)
-        throw bad(str_cat("root ", request.root, " is not a rank of 0..", size - 1));
       c->buffer = static_cast<std::byte*>(request.recv);
       spec.count = k;
       break;
     case CollectiveKind::allgather:
-      if (request.recv_count != k * std::size_t(size)) {
-        throw bad(str_cat("recv has ", request.recv_count, " elements; it must hold size() * send.size() = ", size,
-                          " * ", k, " = ", k * std::size_t(size)));
-      }
       c->buffer = static_cast<std::byte*>(request.recv);
-      if (k > 0) std::memmove(c->buffer + std::size_t(rank) * k * esize, request.send, k * esize);
-      spec.count = k * std::size_t(size);
-      spec.block = k;
+      if (route.slices) {
+        const std::size_t at = collective::block_offset(request.recv_count, size, index);
+        AIKIDO_ENFORCE(k == collective::block_count(request.recv_count, size, index), "allgather '", name,
+                       "': a slice of ", k, " elements");
+        if (k > 0 && request.send != c->buffer + at * esize)
+          std::memmove(c->buffer + at * esize, request.send, k * esize);
+        spec.count = request.recv_count;
+      } else {
+        if (k > 0) std::memmove(c->buffer + std::size_t(index) * k * esize, request.send, k * esize);
+        spec.count = k * std::size_t(size);
+        spec.block = k;
+      }
       break;
     case CollectiveKind::reduce_scatter:
-      if (k != request.recv_count * std::size_t(size)) {
-        throw bad(str_cat("send has ", k, " elements; it must hold size() * recv.size() = ", size, " * ",
-                          request.recv_count, " = ", request.recv_count * std::size_t(size)));
+      if (route.slices) {
+        AIKIDO_ENFORCE(k == request.recv_count, "reduce_scatter '", name, "' over slices: ", k, " and ",
+                       request.recv_count, " elements");
+        c->buffer = static_cast<std::byte*>(request.recv);
+        if (k > 0 && request.send != request.recv) std::memmove(c->buffer, request.send, k * esize);
+        spec.count = k;
+      } else {
+        c->workspace = pool_.acquire(k * esize);
+        c->buffer = c->workspace.data();
+        if (k > 0) std::memcpy(c->buffer, request.send, k * esize);
+        spec.count = k;
+        spec.block = request.recv_count;
       }
-      c->workspace = pool_.acquire(k * esize);
-      c->buffer = c->workspace.data();
-      if (k > 0) std::memcpy(c->buffer, request.send, k * esize);
-      spec.count = k;
-      spec.block = request.recv_count;
       break;
     case CollectiveKind::gather:
-      if (request.root < 0 || request.root >= size)
-        throw bad(str_cat("root ", request.root, " is not a rank of 0..", size - 1));
       if (rank == request.root) {
-        if (request.recv_count != k * std::size_t(size)) {
-          throw bad(str_cat("recv on the root has ", request.recv_count,
-                            " elements; it must hold size() * send.size() = ", k * std::size_t(size)));
-        }
         c->buffer = static_cast<std::byte*>(request.recv);
-        if (k > 0) std::memmove(c->buffer + std::size_t(rank) * k * esize, request.send, k * esize);
+        if (k > 0) std::memmove(c->buffer + std::size_t(index) * k * esize, request.send, k * esize);
         spec.count = k * std::size_t(size);
       } else {
         c->buffer = static_cast<std::byte*>(const_cast<void*>(request.send));  // only read: non-roots only send
@@ -317,7 +421,7 @@ Work Engine::post(const Request& request) {
       c->count = 1;
       spec.kind = CollectiveKind::allreduce;
       spec.count = 1;
-      spec.segment_elems = config_.segment_bytes;
+      spec.segment_elems = 1;
       break;
     case CollectiveKind::consensus: {
       // Element-wise max of (digest, 255 - digest): all ranks agree iff max(digest) == min(digest) everywhere.
@@ -334,11 +438,13 @@ Work Engine::post(const Request& request) {
       c->count = 64;
       spec.kind = CollectiveKind::allreduce;
       spec.count = 64;
-      spec.segment_elems = config_.segment_bytes;
+      spec.segment_elems = 64;
       break;
     }
   }
   c->buffer_bytes = spec.count * c->element_bytes;
+  c->signature_count = route.signature_count.value_or(c->count);
+  c->signature_root = route.signature_root.value_or(c->root);
 
   std::unique_lock<std::mutex> lock(mutex_);
   if (closing_) throw Error("the Peer is closing");
@@ -351,10 +457,12 @@ Work Engine::post(const Request& request) {
   // ranks it also wins up to 1 MiB, where the ring's second half waits for its first (TCP, medians of 3 runs:
   // 128 KiB 61 us against 92, 512 KiB 149 against 165, 1 MiB 234 against 247), and loses from 2 MiB (433 against
   // 395: the whole buffer is reduced on both ranks).
-  const bool ring_allreduce = topology_ == Topology::ring && spec.kind == CollectiveKind::allreduce;
+  Topology topology = route.topology.value_or(topology_);
+  if (topology == Topology::automatic) topology = Topology::ring;  // post() resolves it; a route always names one
+  const bool ring_allreduce = topology == Topology::ring && spec.kind == CollectiveKind::allreduce;
   const bool small_ring = ring_allreduce && c->buffer_bytes <= kSmallAllreduceBytes;
   spec.recursive_doubling = ring_allreduce && size == 2 && c->buffer_bytes <= kRecursiveDoublingBytes;
-  c->topology = small_ring && size > 2 ? Topology::tree : topology_;
+  c->topology = small_ring && size > 2 ? Topology::tree : topology;
   spec.topology = c->topology;
   std::uint64_t& posted = posted_count_[name];
   // Only the previous occurrence of a name can still be in flight.
@@ -364,7 +472,7 @@ Work Engine::post(const Request& request) {
                               " is still in flight; wait for it first or use another name"));
   }
   c->seq = posted++;
-  ++socket_posts_;
+  if (!route.phase) ++counts_.sockets;
   const std::string lost = lost_summary();
   if (!lost.empty()) {
     // A survivor that has not seen the loss yet may have posted this collective and need it only through this rank:
@@ -372,7 +480,7 @@ Work Engine::post(const Request& request) {
     const std::string text =
         str_cat(c->label(), " cannot run on rank ", rank, " at cluster version ", config_.cluster_version, ": ", lost);
     if (bury(CollectiveKey{name, c->seq}, text, WireError::lost)) {
-      send_control_to_all(FrameType::abort, name, c->seq, std::int32_t(WireError::lost), text, -1);
+      send_control_to_all(FrameType::abort, name, c->seq, std::int32_t(WireError::lost), text, -1, 0, &c->members);
     }
     auto work = std::make_shared<WorkState>();
     work->done = true;
@@ -388,11 +496,25 @@ Work Engine::post(const Request& request) {
   c->waiting = plan.dependency_count;
   c->state.assign(plan.ops.size(), OpState::waiting);
   c->remaining = plan.ops.size();
-  c->running_by_peer.assign(std::size_t(size), 0);
-  c->ready_from.assign(std::size_t(size), false);
-  c->stall_posted.assign(std::size_t(size), -1);
+  c->running_by_peer.assign(std::size_t(config_.size), 0);
+  c->ready_from.assign(std::size_t(config_.size), false);
+  // Ranks that do not take part count as having posted it (stall reports ask only those that do).
+  c->stall_posted.assign(std::size_t(config_.size), -1);
+  for (int p = 0; p < config_.size; ++p) {
+    if (!takes_part(p)) c->stall_posted[std::size_t(p)] = 1;
+  }
   c->work = std::make_shared<WorkState>();
   set_drive(*c->work, c->buffer_bytes);
+  if (route.phase) {
+    c->work->cancel = [this, weak = std::weak_ptr<Collective>(c)](std::exception_ptr error) {
+      auto self = weak.lock();
+      if (!self) return;
+      std::unique_lock<std::mutex> lock(mutex_);
+      Progress progress;
+      fail(self, error, wire_error_of(error), true, progress);
+      run(lock, progress);
+    };
+  }
   c->start = Clock::now();
   c->deadline = c->start + config_.timeout;
   Work work(c->work);
@@ -410,7 +532,7 @@ Work Engine::post(const Request& request) {
   // of it: skipping those `ready` frames halves the frames of a small allreduce (measured over TCP with 4 ranks on
   // 2 cores: 4 KiB about 1.3x faster). A mismatch still shows: a rank that posted something else (another kind, or
   // a size past the eager limit) still sends its `ready`, and the signatures are compared on it.
-  c->ready_in_data.assign(std::size_t(size), false);
+  c->ready_in_data.assign(std::size_t(config_.size), false);
   for (int source : plan.ready_in_data) c->ready_in_data[std::size_t(source)] = true;
   const bool small = spec.kind == CollectiveKind::allreduce && c->buffer_bytes <= kEagerBytes;
   for (int source : plan.ready_to) {
@@ -431,7 +553,7 @@ Work Engine::post(const Request& request) {
   for (std::uint32_t i = 0; i < plan.ops.size() && !c->failed; ++i) {
     if (c->waiting[i] == 0) arm(c, i, progress);
   }
-  for (int p = 0; p < size && !c->failed; ++p) {
+  for (int p = 0; p < config_.size && !c->failed; ++p) {
     if (departed_[std::size_t(p)] && needs_peer(*c, p)) {
       fail(c,
            std::make_exception_ptr(PeerLostError(str_cat(c->label(), " cannot run on rank ", rank,
@@ -515,7 +637,16 @@ void Engine::issue_send(const std::shared_ptr<Collective>& c, std::uint32_t i, P
     run(lock, progress);
   };
   c->state[i] = OpState::armed;
-  progress.sends.emplace_back(peer, std::move(frame));  // sent by run(), outside the lock
+  progress.sends.emplace_back(stream_for(peer, frame.header.payload_bytes), std::move(frame));  // sent by run()
+}
+
+transport::Connection* Engine::stream_for(int peer, std::uint64_t bytes) {
+  const auto& streams = streams_[std::size_t(peer)];
+  // Small segments keep to the first stream (no reordering to wait for); large ones take turns on all of them.
+  if (streams.size() < 2 || bytes <= kEagerBytes) return streams.front();
+  const std::size_t i = next_stream_[std::size_t(peer)]++ % streams.size();
+  if (i > 0) ++counts_.segments_on_extra_streams;
+  return streams[i];
 }
 
 void Engine::send_ready(const Collective& c, int peer) {
@@ -581,8 +712,8 @@ void Engine::maybe_finish(const std::shared_ptr<Collective>& c, Progress& progre
 
 bool Engine::accept_frame(const std::shared_ptr<Collective>& c, const FrameHeader& h, Progress& progress) {
   const bool same = h.kind == std::uint8_t(c->kind) && h.dtype == std::uint8_t(c->dtype) &&
-                    h.op == std::uint8_t(c->op) && h.topology == std::uint8_t(c->topology) && h.root == c->root &&
-                    h.count == c->count;
+                    h.op == std::uint8_t(c->op) && h.topology == std::uint8_t(c->topology) &&
+                    h.root == c->signature_root && h.count == c->signature_count;
   if (same) {
     const auto source = std::size_t(h.source);
     if (h.type == FrameType::data && c->ready_in_data[source] && !c->ready_from[source]) {
@@ -600,7 +731,7 @@ bool Engine::accept_frame(const std::shared_ptr<Collective>& c, const FrameHeade
   const std::string text = str_cat("ranks posted '", c->name, "' (seq ", c->seq, ", cluster version ",
                                    config_.cluster_version, ") differently: ",
                                    describe(c->rank, std::uint8_t(c->kind), std::uint8_t(c->dtype), std::uint8_t(c->op),
-                                            std::uint8_t(c->topology), c->root, c->count),
+                                            std::uint8_t(c->topology), c->signature_root, c->signature_count),
                                    "; ", describe(h.source, h.kind, h.dtype, h.op, h.topology, h.root, h.count),
                                    ". Every rank must post the same name with the same size, type, operation and root");
   fail(c, std::make_exception_ptr(MismatchError(text)), WireError::mismatch, true, progress);
@@ -633,7 +764,7 @@ void Engine::run(std::unique_lock<std::mutex>& lock, Progress& progress) {
     auto sends = std::move(progress.sends);
     progress.sends.clear();
     lock.unlock();
-    for (auto& [peer, frame] : sends) connections_[std::size_t(peer)]->send(std::move(frame));
+    for (auto& [connection, frame] : sends) connection->send(std::move(frame));
     for (auto& copy : copies) {
       Collective& c = *copy.collective;
       const Op& op = c.plan->ops[copy.op];
@@ -675,8 +806,14 @@ void Engine::finish_collective(Collective& c) {
           if (c.op == ReduceOp::mean) divide_by_count(c.dtype, c.buffer, c.count, c.world);
           break;
         case CollectiveKind::reduce_scatter: {
+          if (c.slices) {  // in place: the own slice is where it belongs
+            const std::size_t at = collective::block_offset(c.recv_count, c.world, c.index);
+            const std::size_t n = collective::block_count(c.recv_count, c.world, c.index);
+            if (c.op == ReduceOp::mean) divide_by_count(c.dtype, c.buffer + at * c.element_bytes, n, c.world);
+            break;
+          }
           const std::size_t k = c.recv_count;
-          std::byte* own = c.buffer + std::size_t(c.rank) * k * c.element_bytes;
+          std::byte* own = c.buffer + std::size_t(c.index) * k * c.element_bytes;
           if (k > 0) std::memcpy(c.recv, own, k * c.element_bytes);
           if (c.op == ReduceOp::mean) divide_by_count(c.dtype, c.recv, k, c.world);
           break;
@@ -731,15 +868,17 @@ void Engine::on_frame(transport::Connection& connection, const FrameHeader& head
       // goodbye included: a rank that hears the goodbye first would otherwise report a lost peer instead of the
       // failure (the first teller's abort travels on another connection and may come later).
       bool news = false;
+      std::vector<int> members;  // of the collective, when this rank posted it; else every rank is told
       auto it = active_.find(CollectiveKey{name, header.seq});
       if (it != active_.end()) {
         auto c = it->second;
         news = !c->failed;
+        members = c->members;
         fail(c, error_for(WireError(header.root), text), WireError(header.root), false, progress);
       } else {
         news = bury(CollectiveKey{name, header.seq}, text, WireError(header.root));
       }
-      if (news) send_control_to_all(FrameType::abort, name, header.seq, header.root, text, header.source);
+      if (news) send_control_to_all(FrameType::abort, name, header.seq, header.root, text, header.source, 0, &members);
       run(lock, progress);
       return;
     }
@@ -943,13 +1082,43 @@ std::uint64_t Engine::bytes_sent() const {
 }
 
 PathCounts Engine::path_counts() const {
-  PathCounts counts;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    counts.sockets = socket_posts_;
+  std::lock_guard<std::mutex> lock(mutex_);
+  return counts_;
+}
+
+void Engine::count_host_phase(bool shared_memory) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ++(shared_memory ? counts_.host_phases_shared_memory : counts_.host_phases_sockets);
+}
+
+void Engine::set_link_matrix(const LinkMatrix& links) {
+  if (links.size != config_.size || links.latency_seconds.size() != std::size_t(links.size) * std::size_t(links.size) ||
+      links.bandwidth_bytes_per_second.size() != links.latency_seconds.size()) {
+    throw ConfigError(str_cat("set_link_matrix on rank ", config_.rank, ": a matrix of ", links.size, " ranks (",
+                              links.latency_seconds.size(), " latencies, ", links.bandwidth_bytes_per_second.size(),
+                              " bandwidths) for a cluster of ", config_.size, "; it needs size * size entries"));
   }
-  if (shm_) std::tie(counts.shared_memory, counts.shared_memory_table_full) = shm_->post_counts();
-  return counts;
+  drain();
+  // Every rank must plan with the same links: the choices made from them must agree.
+  std::string bytes;
+  auto put = [&](double v) { bytes.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  for (double v : links.latency_seconds) put(v);
+  for (double v : links.bandwidth_bytes_per_second) put(v);
+  bool agreed = false;
+  Request r{CollectiveKind::consensus, DType::u8, ReduceOp::max, 0, bytes.data(), nullptr, bytes.size(), 0,
+            "aikido/set_link_matrix",  &agreed};
+  post(r).wait();
+  if (!agreed) {
+    throw MismatchError(str_cat("set_link_matrix: ranks installed different link matrices (rank ", config_.rank,
+                                "); gather every rank's measurements first (LinkMonitor::matrix does)"));
+  }
+  std::lock_guard<std::mutex> lock(links_mutex_);
+  links_ = collective::LinkModel(links, cluster_.host_of_rank);
+}
+
+LinkMatrix Engine::link_matrix() const {
+  std::lock_guard<std::mutex> lock(links_mutex_);
+  return links_.measured();
 }
 
 void Engine::set_topology(Topology topology) {

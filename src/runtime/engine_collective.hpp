@@ -17,8 +17,6 @@ enum class OpState : std::uint8_t { waiting, armed, running, done };
 
 /// "allreduce", "broadcast", ...: for messages.
 const char* kind_name(CollectiveKind kind);
-/// The exception a failure of this kind raises on ranks that hear of it from another rank.
-std::exception_ptr error_for(transport::WireError kind, const std::string& text);
 
 struct Collective {
   std::string name;
@@ -28,7 +26,9 @@ struct Collective {
   ReduceOp op{};
   Topology topology{};
   int root = 0;
-  std::uint64_t count = 0;  // signature: elements each rank contributes
+  std::uint64_t count = 0;            // elements each rank contributes
+  std::uint64_t signature_count = 0;  // what the signature says (MessageRoute::signature_count)
+  int signature_root = 0;             // and MessageRoute::signature_root
   std::size_t element_bytes = 0;
   std::byte* buffer = nullptr;
   std::size_t buffer_bytes = 0;
@@ -62,8 +62,11 @@ struct Collective {
   void* recv = nullptr;
   std::size_t recv_count = 0;
   bool* agreed = nullptr;
-  int world = 1;
-  int rank = 0;
+  int world = 1;             // ranks taking part
+  int rank = 0;              // this rank
+  int index = 0;             // this rank's index among those taking part
+  std::vector<int> members;  // those taking part (MessageRoute::members); empty: every rank
+  bool slices = false;       // MessageRoute::slices
 
   std::string label() const { return str_cat(kind_name(kind), " '", name, "' (seq ", seq, ")"); }
 };

@@ -60,7 +60,7 @@ void Engine::fail(const std::shared_ptr<Collective>& c, std::exception_ptr error
     text = e.what();
   }
   bury(CollectiveKey{c->name, c->seq}, text, kind);
-  if (tell_peers) send_control_to_all(FrameType::abort, c->name, c->seq, std::int32_t(kind), text, -1);
+  if (tell_peers) send_control_to_all(FrameType::abort, c->name, c->seq, std::int32_t(kind), text, -1, 0, &c->members);
   if (kind == WireError::timeout || kind == WireError::other) abandon_transfers(*c);
   maybe_finish(c, progress);
 }
@@ -79,19 +79,25 @@ void Engine::abandon_transfers(const Collective& c) {
   // A transfer stuck in the middle of a frame cannot be abandoned without breaking the stream, so the connection
   // goes: its peer is then lost for later collectives too.
   for (int p = 0; p < config_.size; ++p) {
-    if (c.running_by_peer[std::size_t(p)] > 0 && connections_[std::size_t(p)]) {
-      connections_[std::size_t(p)]->shutdown();
+    if (c.running_by_peer[std::size_t(p)] > 0) {
+      for (auto* stream : streams_[std::size_t(p)]) stream->shutdown();
     }
   }
 }
 
 void Engine::send_control_to_all(FrameType type, const std::string& name, std::uint64_t seq, std::int32_t root,
-                                 const std::string& payload, int except, std::uint64_t tag) {
+                                 const std::string& payload, int except, std::uint64_t tag,
+                                 const std::vector<int>* members) {
   if (closing_) return;  // the goodbye is the last frame; this rank's failures are its own now
-  for (int p = 0; p < config_.size; ++p) {
+  auto send = [&](int p) {
     if (p != config_.rank && p != except && lost_[std::size_t(p)].empty()) {
       send_control(p, type, name, seq, root, payload, tag);
     }
+  };
+  if (members && !members->empty()) {
+    for (int p : *members) send(p);
+  } else {
+    for (int p = 0; p < config_.size; ++p) send(p);
   }
 }
 
@@ -102,14 +108,23 @@ void Engine::drop_peer(int p, const std::string& why) {
     if (closing_ || !lost_[std::size_t(p)].empty()) return;
     drop_reason_[std::size_t(p)] = why;
   }
-  // The receive thread sees the connection end and fails what needs the rank (on_lost), naming `why`.
-  connections_[std::size_t(p)]->shutdown();
+  // The receive threads see the streams end and fail what needs the rank (on_lost), naming `why`.
+  for (auto* stream : streams_[std::size_t(p)]) stream->shutdown();
 }
 
 void Engine::on_lost(transport::Connection& connection, const std::string& reason, bool goodbye, bool broke_protocol) {
   const int p = connection.peer();
   std::unique_lock<std::mutex> lock(mutex_);
   if (closing_ || !lost_[std::size_t(p)].empty()) return;
+  const auto& streams = streams_[std::size_t(p)];
+  // A rank that closes its session says goodbye on every stream after what it sent there: frames it sent on the
+  // other streams may still be on their way until those say it too.
+  if (goodbye && ++ended_streams_[std::size_t(p)] < int(streams.size())) return;
+  if (!goodbye) {
+    for (auto* stream : streams) {
+      if (stream != &connection) stream->shutdown();
+    }
+  }
   const std::string& cause = drop_reason_[std::size_t(p)].empty() ? reason : drop_reason_[std::size_t(p)];
   // A peer that broke the protocol is cut off like a lost one, but what waits on it learns why (ProtocolError): it
   // is a bug or an attack, not a crash that recovery should paper over.
@@ -270,7 +285,7 @@ void Engine::watchdog_loop() {
              WireError::timeout, true, progress);
       } else if (!c->stall_queried && now >= c->start + config_.timeout / 2) {
         c->stall_queried = true;
-        send_control_to_all(FrameType::stall_query, c->name, c->seq, 0, {}, -1, kStallMessagePath);
+        send_control_to_all(FrameType::stall_query, c->name, c->seq, 0, {}, -1, kStallMessagePath, &c->members);
       } else if (c->stall_queried && !c->stall_reported && now >= c->start + config_.timeout * 3 / 4) {
         c->stall_reported = true;  // some rank has not answered: report what is known
         log::warn("stall report: ", describe_wait(*c));
@@ -278,14 +293,15 @@ void Engine::watchdog_loop() {
     }
     if (shm_) {
       for (const auto& s : shm_->watch(now)) {
-        send_control_to_all(FrameType::stall_query, s.name, s.occurrence, 0, {}, -1, kStallSharedMemoryPath);
+        send_control_to_all(FrameType::stall_query, s.name, s.occurrence, 0, {}, -1, kStallSharedMemoryPath,
+                            &shm_members_);
       }
     }
     std::vector<std::shared_ptr<PendingRequest>> expired;
     for (auto& [id, r] : requests_) {
       if (!r->finished && now >= r->deadline) {
         if (r->running) {
-          connections_[std::size_t(r->target)]->shutdown();
+          for (auto* stream : streams_[std::size_t(r->target)]) stream->shutdown();
         } else {
           expired.push_back(r);
         }

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fstream>
 #include <future>
+#include <limits>
 #include <map>
 #include <optional>
 #include <sstream>
@@ -15,10 +16,12 @@
 #include "base/error.hpp"
 #include "base/log.hpp"
 #include "base/parse_name.hpp"
+#include "collective/links.hpp"
 #include "runtime/endpoint.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/peer_env.hpp"
 #include "runtime/shm_collectives.hpp"
+#include "runtime/streams.hpp"
 #include "transport/handshake.hpp"
 #include "transport/interfaces.hpp"
 #include "transport/shm_segment.hpp"
@@ -47,6 +50,15 @@ TransportKind parse_transport(std::string_view name) {
                             transport_name, "transport");
 }
 
+LinkMatrix LinkMatrix::unmeasured(int size) {
+  LinkMatrix m;
+  m.size = size;
+  const std::size_t n = std::size_t(std::max(0, size)) * std::size_t(std::max(0, size));
+  m.latency_seconds.assign(n, std::numeric_limits<double>::quiet_NaN());
+  m.bandwidth_bytes_per_second.assign(n, std::numeric_limits<double>::quiet_NaN());
+  return m;
+}
+
 namespace {
 
 void validate(const PeerConfig& c) {
@@ -55,7 +67,13 @@ void validate(const PeerConfig& c) {
     throw ConfigError(str_cat("rank ", c.rank, " is not in 0..", c.size - 1, " (AIKIDO_RANK, AIKIDO_SIZE)"));
   }
   if (c.timeout.count() <= 0) throw ConfigError("the timeout must be positive (AIKIDO_TIMEOUT)");
-  if (c.segment_bytes < 8) throw ConfigError(str_cat("segment_bytes ", c.segment_bytes, " must be at least 8"));
+  if (c.streams < 0 || c.streams > detail::kMaxStreams) {
+    throw ConfigError(str_cat("streams ", c.streams, " must be between 1 and ", detail::kMaxStreams,
+                              ", or 0 to choose by measuring the link (", env::kStreams, ")"));
+  }
+  if (c.segment_bytes != 0 && c.segment_bytes < 8) {
+    throw ConfigError(str_cat("segment_bytes ", c.segment_bytes, " must be at least 8, or 0 to choose it per link"));
+  }
   if (c.size > 1 && !c.store) throw ConfigError("a cluster of several ranks needs a rendezvous store");
   if (c.size > 1 && c.secret.empty()) {
     throw ConfigError("a cluster of several ranks needs a job secret (AIKIDO_SECRET; aikido-run sets it)");
@@ -146,26 +164,32 @@ void accept_all(const PeerConfig& config, std::vector<transport::Listener*> list
   }
 }
 
-// The same-host path: when every rank runs on this host and the transport is `auto`, rank 0 creates the shared
-// segment and announces it through the store; every rank maps it and says whether that worked; all use it only
-// when all could (otherwise all use sockets: the choice must be the same everywhere).
+// The same-host path: when the transport is `auto` and this host has several ranks, the host's first rank creates a
+// shared segment and announces it through the store under the job, cluster version and host id (emulated hosts share
+// one store and /dev/shm); every rank of the host maps it and says whether that worked; the host's ranks use it only
+// when all of them could (otherwise all use sockets: the choice must be the same on the whole host).
 std::shared_ptr<detail::ShmCollectives> setup_shared_memory(const PeerConfig& config, const detail::ClusterInfo& info,
+                                                            const std::vector<Endpoint>& endpoints,
                                                             Clock::time_point deadline) {
-  if (config.transport != TransportKind::automatic || config.size < 2 || info.local_size != config.size) {
-    return nullptr;
+  if (config.transport != TransportKind::automatic || info.local_size < 2) return nullptr;
+  std::vector<int> members;  // the cluster's ranks of this host, in rank order
+  for (int p = 0; p < config.size; ++p) {
+    if (endpoints[std::size_t(p)].host == config.host) members.push_back(p);
   }
-  const std::string prefix = str_cat(config.job_id, "/v", config.cluster_version, "/shm");
-  const detail::ShmLayout layout = detail::ShmLayout::for_ranks(config.size);
+  const int local_size = int(members.size()), local_rank = info.local_rank;
+  const std::string prefix = str_cat(config.job_id, "/v", config.cluster_version, "/shm/", config.host);
+  const detail::ShmLayout layout = detail::ShmLayout::for_ranks(local_size);
   auto remaining = [&] {
     return std::max(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()),
                     std::chrono::milliseconds(1));
   };
   transport::SharedSegment segment;
   std::string why;
-  if (config.rank == 0) {
+  if (local_rank == 0) {
     try {
-      segment = transport::SharedSegment::create(str_cat("aikido-", config.job_id.substr(0, 32)), layout.total);
-      detail::ShmCollectives::format(segment, config.size);
+      segment = transport::SharedSegment::create(
+          str_cat("aikido-", config.job_id.substr(0, 32), "-", config.host.substr(0, 32)), layout.total);
+      detail::ShmCollectives::format(segment, local_size);
       config.store->set(prefix, str_cat(::getpid(), " ", segment.fd(), " ", layout.total));
     } catch (const Error& e) {
       why = e.what();
@@ -176,44 +200,48 @@ std::shared_ptr<detail::ShmCollectives> setup_shared_memory(const PeerConfig& co
     try {
       record = config.store->wait(prefix, remaining());
     } catch (const TimeoutError&) {
-      throw TimeoutError(str_cat("rank ", config.rank, ": rank 0 did not announce the shared segment within ",
-                                 config.timeout.count() / 1000.0, " s (AIKIDO_TIMEOUT)"));
+      throw TimeoutError(str_cat("rank ", config.rank, ": rank ", members.front(), ", the first of host '", config.host,
+                                 "', did not announce its shared segment within ", config.timeout.count() / 1000.0,
+                                 " s (AIKIDO_TIMEOUT)"));
     }
     int pid = 0, fd = -1;
     std::size_t bytes = 0;
     std::istringstream in(record);
     if (record == "none") {
-      why = "rank 0 could not create it";
+      why = str_cat("rank ", members.front(), " could not create it");
     } else if (!(in >> pid >> fd >> bytes) || bytes != layout.total) {
       why = str_cat("unreadable announcement '", record, "'");
     } else {
       try {
         segment = transport::SharedSegment::open(pid, fd, bytes);
-        detail::ShmCollectives::check(segment, config.size);
+        detail::ShmCollectives::check(segment, local_size);
       } catch (const Error& e) {
         why = e.what();
       }
     }
   }
-  config.store->set(str_cat(prefix, "/mapped/", config.rank), why.empty() ? "ok" : why);
+  config.store->set(str_cat(prefix, "/mapped/", local_rank), why.empty() ? "ok" : why);
   std::string failures;
-  for (int p = 0; p < config.size; ++p) {
+  for (int q = 0; q < local_size; ++q) {
     std::string answer;
     try {
-      answer = config.store->wait(str_cat(prefix, "/mapped/", p), remaining());
+      answer = config.store->wait(str_cat(prefix, "/mapped/", q), remaining());
     } catch (const TimeoutError&) {
-      throw TimeoutError(str_cat("rank ", config.rank, ": rank ", p, " did not map the shared segment within ",
+      throw TimeoutError(str_cat("rank ", config.rank, ": rank ", members[std::size_t(q)],
+                                 " did not map the shared segment of host '", config.host, "' within ",
                                  config.timeout.count() / 1000.0, " s (AIKIDO_TIMEOUT)"));
     }
-    if (answer != "ok") failures += str_cat(failures.empty() ? "" : "; ", "rank ", p, ": ", answer);
+    if (answer != "ok")
+      failures += str_cat(failures.empty() ? "" : "; ", "rank ", members[std::size_t(q)], ": ", answer);
   }
   segment.close_fd();  // every rank has mapped it (or given up): the memory lives as long as the mappings
   if (!failures.empty()) {
-    log::warn("rank ", config.rank, ": same-host shared memory is off, collectives use Unix sockets (", failures, ")");
+    log::warn("rank ", config.rank, ": same-host shared memory is off on host '", config.host,
+              "', collectives among its ranks use Unix sockets (", failures, ")");
     return nullptr;
   }
-  return std::make_shared<detail::ShmCollectives>(std::move(segment), config.rank, config.size, config.cluster_version,
-                                                  config.timeout);
+  return std::make_shared<detail::ShmCollectives>(std::move(segment), local_rank, local_size, std::move(members),
+                                                  config.cluster_version, config.timeout);
 }
 
 }  // namespace
@@ -233,7 +261,7 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
   detail::ClusterInfo info;
   if (config.size == 1) {
     info.host_of_rank = {0};
-    return std::make_unique<detail::Engine>(config, info, std::vector<transport::Socket>{});
+    return std::make_unique<detail::Engine>(config, info, std::vector<std::vector<transport::Socket>>{});
   }
   const auto join_timeout = config.connect_timeout.count() > 0 ? config.connect_timeout : config.timeout;
   const auto deadline = Clock::now() + join_timeout;
@@ -338,8 +366,22 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
     std::rethrow_exception(connect_error);
   }
   acceptor.get();
-  auto shm = setup_shared_memory(config, info, deadline);
-  return std::make_unique<detail::Engine>(config, info, std::move(sockets), std::move(shm));
+  // More TCP streams between ranks on different hosts, as many as the measured link needs (or as configured).
+  detail::announce_connected(config);
+  const detail::LinkProbe probe = detail::choose_streams(config, info.host_of_rank, endpoints, sockets, tcp, deadline);
+  auto extra = detail::connect_streams(config, info.host_of_rank, endpoints, probe.streams, tcp, deadline);
+  std::vector<std::vector<transport::Socket>> streams(std::size_t(config.size));
+  for (int p = 0; p < config.size; ++p) {
+    if (p == config.rank) continue;
+    streams[std::size_t(p)].push_back(std::move(sockets[std::size_t(p)]));
+    for (auto& s : extra[std::size_t(p)]) {
+      tune_data_socket(s, config);
+      streams[std::size_t(p)].push_back(std::move(s));
+    }
+  }
+  auto shm = setup_shared_memory(config, info, endpoints, deadline);
+  return std::make_unique<detail::Engine>(config, info, std::move(streams), std::move(shm),
+                                          detail::probed_matrix(probe, info.host_of_rank));
 }
 
 }  // namespace
@@ -389,6 +431,14 @@ std::vector<int> Peer::lost_ranks() const { return engine_->lost_ranks(); }
 void Peer::mark_lost(int rank, const std::string& why) { engine_->drop_peer(rank, why); }
 PathCounts Peer::path_counts() const { return engine_->path_counts(); }
 std::uint64_t Peer::bytes_sent() const { return bytes_sent_before_ + engine_->bytes_sent(); }
+void Peer::set_link_matrix(const LinkMatrix& links) { engine_->set_link_matrix(links); }
+LinkMatrix Peer::link_matrix() const { return engine_->link_matrix(); }
+
+Topology Peer::planned_topology(std::size_t bytes) const {
+  const Topology t = topology();
+  if (t != Topology::automatic) return t;
+  return collective::choose_topology(engine_->link_model(), detail::CollectiveKind::allreduce, bytes).topology;
+}
 
 void Peer::reconnect(const PeerConfig& config) {
   bytes_sent_before_ += engine_->bytes_sent();

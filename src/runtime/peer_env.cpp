@@ -60,7 +60,8 @@ void read_peer_env(PeerConfig& config) {
   config.connect_timeout = env::get_seconds(env::kConnectTimeout, std::chrono::milliseconds(0));
   if (auto a = env::get(env::kBindAddress)) config.bind_address = *a;
   config.segment_bytes =
-      std::size_t(env::get_int(env::kSegmentBytes, std::int64_t(config.segment_bytes), 8, std::int64_t(1) << 40));
+      std::size_t(env::get_int(env::kSegmentBytes, std::int64_t(config.segment_bytes), 0, std::int64_t(1) << 40));
+  config.streams = int(env::get_int(env::kStreams, config.streams, 0, 8));
   if (auto cc = env::get(env::kTcpCongestion)) config.tcp_congestion = *cc == "system" ? "" : *cc;
 }
 

@@ -23,7 +23,7 @@ using transport::Doorbell;
 namespace {
 
 constexpr std::uint64_t kMagic = 0x4d48534f44494b41ull;  // "AKIDOSHM"
-constexpr std::uint32_t kLayoutVersion = 1;
+constexpr std::uint32_t kLayoutVersion = 2;
 constexpr std::size_t kNameBytes = 1024;  // transport::kMaxNameBytes
 constexpr std::size_t kLine = 64;
 constexpr std::size_t kPage = 4096;
@@ -66,10 +66,15 @@ struct alignas(kLine) NameRecord {
 
 struct alignas(kLine) Arrival {
   std::atomic<std::uint64_t> word;  // occurrence + 1 | flags
-  std::uint64_t count;
+  std::uint64_t count;              // elements of the buffer
+  std::uint64_t signature_count;    // ShmRequest::signature_count
+  std::int32_t root;
+  std::int32_t signature_root;  // ShmRequest::signature_root
+  std::uint32_t abandon_text;   // a rank that gave up: bytes of its error's text in its inline area
   std::uint8_t kind;
   std::uint8_t dtype;
   std::uint8_t op;
+  std::uint8_t abandon_kind;  // and its transport::WireError
 };
 
 struct alignas(kLine) BayWord {
@@ -110,6 +115,12 @@ const char* kind_label(CollectiveKind kind) {
   switch (kind) {
     case CollectiveKind::allreduce:
       return "allreduce";
+    case CollectiveKind::reduce_scatter:
+      return "reduce_scatter";
+    case CollectiveKind::allgather:
+      return "allgather";
+    case CollectiveKind::broadcast:
+      return "broadcast";
     case CollectiveKind::barrier:
       return "barrier";
     case CollectiveKind::consensus:
@@ -117,6 +128,15 @@ const char* kind_label(CollectiveKind kind) {
     default:
       return "collective";
   }
+}
+
+// Rank q's slice of `count` elements among `n` ranks.
+struct Slice {
+  std::size_t offset;
+  std::size_t count;
+};
+Slice slice_of(std::size_t count, int n, int q) {
+  return {collective::block_offset(count, n, q), collective::block_count(count, n, q)};
 }
 
 }  // namespace
@@ -128,6 +148,9 @@ struct ShmOp {
   CollectiveKind kind{};
   DType dtype{};
   ReduceOp op{};
+  int root = 0;
+  std::uint64_t signature_count = 0;
+  int signature_root = 0;
   int entry = 0;
   std::uint64_t occurrence = 0;
   int half = 0;
@@ -142,7 +165,7 @@ struct ShmOp {
   // Large collectives.
   int bay = -1;
   std::uint64_t token = 0;
-  std::size_t piece_elems = 0;
+  std::size_t share_elems = 0;  // the most of one slice a piece holds
   std::size_t pieces = 0;
   std::size_t next_copy = 0, next_reduce = 0, next_out = 0;
   bool finished = false;
@@ -233,12 +256,13 @@ void ShmCollectives::check(const transport::SharedSegment& segment, int ranks) {
   }
 }
 
-ShmCollectives::ShmCollectives(transport::SharedSegment segment, int rank, int size, std::uint64_t cluster_version,
-                               std::chrono::milliseconds timeout)
+ShmCollectives::ShmCollectives(transport::SharedSegment segment, int rank, int size, std::vector<int> members,
+                               std::uint64_t cluster_version, std::chrono::milliseconds timeout)
     : segment_(std::move(segment)),
       layout_(ShmLayout::for_ranks(size)),
       rank_(rank),
       size_(size),
+      members_(std::move(members)),
       cluster_version_(cluster_version),
       timeout_(timeout),
       spin_(kSpin),
@@ -246,6 +270,7 @@ ShmCollectives::ShmCollectives(transport::SharedSegment segment, int rank, int s
       posted_(kShmEntries, 0),
       busy_(kShmEntries, false) {
   check(segment_, size);
+  AIKIDO_ENFORCE(int(members_.size()) == size, "shared memory for ", size, " ranks with ", members_.size(), " members");
   progress_ = std::thread([this] { progress_loop(); });
   name_thread(progress_, "aikido-shm");
 }
@@ -259,8 +284,8 @@ void ShmCollectives::close() {
     if (!closing_) {
       closing_ = true;
       for (auto& op : ops_) {
-        fail(*op, std::make_exception_ptr(Error(
-                      str_cat(op->label(), " was still in flight on rank ", rank_, " when its Peer was destroyed"))));
+        fail(*op, std::make_exception_ptr(Error(str_cat(op->label(), " was still in flight on rank ", members_[rank_],
+                                                        " when its Peer was destroyed"))));
       }
       collect(finished);
     }
@@ -302,7 +327,8 @@ const std::pair<const std::string, int>& ShmCollectives::entry_for(std::string_v
     const auto give_up = Clock::now() + timeout_;
     while ((state = r.state.load(std::memory_order_acquire)) == 1) {
       if (Clock::now() > give_up) {
-        throw PeerLostError(str_cat("rank ", rank_, ": a rank began to record a collective name in shared memory and ",
+        throw PeerLostError(str_cat("rank ", members_[rank_],
+                                    ": a rank began to record a collective name in shared memory and ",
                                     "did not finish within ", seconds(timeout_)));
       }
       std::this_thread::yield();
@@ -312,20 +338,26 @@ const std::pair<const std::string, int>& ShmCollectives::entry_for(std::string_v
   return *entry_of_name_.emplace(std::string(name), found).first;
 }
 
-std::optional<Work> ShmCollectives::post(const Request& request, std::string_view name) {
+namespace {
+
+// The op a request describes (without its entry): kind, signature and buffers.
+std::shared_ptr<ShmOp> make_op(const ShmRequest& request, int rank, int size, std::size_t inline_bytes) {
   auto op = std::make_shared<ShmOp>();
   op->kind = request.kind;
   op->dtype = request.dtype;
   op->op = request.op;
+  op->root = request.root;
+  op->count = request.count;
+  op->send = static_cast<const std::byte*>(request.send);
+  op->recv = static_cast<std::byte*>(request.recv);
   switch (request.kind) {
     case CollectiveKind::allreduce:
-      if (request.recv_count != request.send_count) {
-        throw ConfigError(str_cat("allreduce '", name, "' on rank ", rank_, ": send has ", request.send_count,
-                                  " elements but recv has ", request.recv_count, "; they must be equal"));
-      }
-      op->count = request.send_count;
-      op->send = static_cast<const std::byte*>(request.send);
-      op->recv = static_cast<std::byte*>(request.recv);
+    case CollectiveKind::reduce_scatter:
+    case CollectiveKind::allgather:
+      break;
+    case CollectiveKind::broadcast:
+      op->op = ReduceOp::sum;
+      op->send = op->recv;
       break;
     case CollectiveKind::barrier:
       op->dtype = DType::u8;
@@ -336,7 +368,7 @@ std::optional<Work> ShmCollectives::post(const Request& request, std::string_vie
       break;
     case CollectiveKind::consensus: {
       // Element-wise max of (digest, 255 - digest): all ranks agree iff max(digest) == min(digest) everywhere.
-      const Digest d = sha256(request.send, request.send_count);
+      const Digest d = sha256(request.send, request.count);
       for (std::size_t i = 0; i < 32; ++i) {
         op->local[i] = std::byte(d[i]);
         op->local[32 + i] = std::byte(255 - d[i]);
@@ -351,57 +383,107 @@ std::optional<Work> ShmCollectives::post(const Request& request, std::string_vie
     default:
       throw Error(str_cat("the same-host path does not run ", kind_label(request.kind)));
   }
+  op->signature_count = request.signature_count;
+  op->signature_root = request.signature_root;
   op->element_bytes = dtype_size(op->dtype);
-  const std::size_t bytes = op->count * op->element_bytes;
-  op->large = bytes > layout_.inline_bytes;
+  // The most one rank puts in its inline area: every rank decides alike (it depends on the signature only).
+  std::size_t contributed = op->count * op->element_bytes;
+  if (op->kind == CollectiveKind::allgather) contributed = slice_of(op->count, size, 0).count * op->element_bytes;
+  op->large = contributed > inline_bytes;
+  (void)rank;
+  return op;
+}
+
+}  // namespace
+
+bool ShmCollectives::arrive(ShmOp& op, std::string_view name, std::uint64_t flags, transport::WireError kind,
+                            const std::string& text) {
+  const auto& [recorded_name, entry] = entry_for(name);
+  if (entry < 0) return false;
+  op.name = &recorded_name;
+  op.entry = entry;
+  if (busy_[std::size_t(entry)]) {
+    throw ConfigError(str_cat(kind_label(op.kind), " '", name, "' was posted again on rank ", members_[rank_],
+                              " while its occurrence ", posted_[std::size_t(entry)] - 1,
+                              " is still in flight; wait for it first or use another name"));
+  }
+  op.occurrence = posted_[std::size_t(entry)]++;
+  op.half = int(op.occurrence & 1);
+  const View v{segment_.data(), layout_};
+  Arrival& a = v.arrival(entry, op.half, rank_);
+  const std::uint64_t value = op.occurrence + 1;
+  // The data of a small collective goes in with the arrival (one synchronisation in all); a rank that gives up
+  // leaves its error there instead.
+  a.abandon_text = 0;
+  a.abandon_kind = std::uint8_t(kind);
+  if (flags & kAbandoned) {
+    a.word.exchange(value | kWriting, std::memory_order_acq_rel);
+    a.abandon_text = std::uint32_t(std::min(text.size(), layout_.inline_bytes));
+    std::memcpy(v.inline_area(entry, op.half, rank_), text.data(), a.abandon_text);
+  }
+  const bool with_data = !op.large && !(flags & kAbandoned);
+  if (with_data) {
+    // Seqlock writer: the data stores below cannot move above this read-modify-write.
+    a.word.exchange(value | kWriting, std::memory_order_acq_rel);
+    std::byte* area = v.inline_area(entry, op.half, rank_);
+    const std::size_t esize = op.element_bytes;
+    switch (op.kind) {
+      case CollectiveKind::allgather: {
+        const std::size_t n = slice_of(op.count, size_, rank_).count;
+        if (n > 0) std::memcpy(area, op.send, n * esize);
+        break;
+      }
+      case CollectiveKind::broadcast:
+        if (rank_ == op.root && op.count > 0) std::memcpy(area, op.recv, op.count * esize);
+        break;
+      default:
+        if (op.count > 0) std::memcpy(area, op.send, op.count * esize);
+        break;
+    }
+  }
+  a.count = op.count;
+  a.signature_count = op.signature_count;
+  a.root = op.root;
+  a.signature_root = op.signature_root;
+  a.kind = std::uint8_t(op.kind);
+  a.dtype = std::uint8_t(op.dtype);
+  a.op = std::uint8_t(op.op);
+  a.word.store(value | flags, std::memory_order_seq_cst);
+  return true;
+}
+
+std::optional<Work> ShmCollectives::post(const ShmRequest& request, std::string_view name) {
+  auto op = make_op(request, rank_, size_, layout_.inline_bytes);
+  if (request.kind == CollectiveKind::allreduce && request.count > 0 && !request.send) op->send = op->recv;
+  if ((op->kind == CollectiveKind::broadcast) && (op->root < 0 || op->root >= size_)) {
+    throw ConfigError(
+        str_cat("broadcast '", name, "': root ", op->root, " is not one of the ", size_, " ranks of this host"));
+  }
 
   std::vector<Finished> finished;
   std::unique_lock<std::mutex> lock(mutex_);
   if (closing_) throw Error("the Peer is closing");
-  const auto& [recorded_name, entry] = entry_for(name);
-  if (entry < 0) {
-    ++table_full_posts_;
-    return std::nullopt;
-  }
-  ++posts_;
-  op->name = &recorded_name;
-  op->entry = entry;
-  if (busy_[std::size_t(entry)]) {
-    throw ConfigError(str_cat(kind_label(request.kind), " '", name, "' was posted again on rank ", rank_,
-                              " while its occurrence ", posted_[std::size_t(entry)] - 1,
-                              " is still in flight; wait for it first or use another name"));
-  }
-  op->occurrence = posted_[std::size_t(entry)]++;
-  op->half = int(op->occurrence & 1);
   op->start = Clock::now();
   op->deadline = op->start + timeout_;
-  Work work(std::shared_ptr<WorkState>(op, &op->state));
   if (!lost_.empty()) {
+    // Claims the occurrence all the same, so that later occurrences still line up with the other ranks'.
+    if (!arrive(*op, name, kAbandoned)) return std::nullopt;
     op->state.done = true;
-    op->state.error = std::make_exception_ptr(PeerLostError(
-        str_cat(op->label(), " cannot run on rank ", rank_, " at cluster version ", cluster_version_, ": ", lost_)));
-    return work;
+    op->state.error = std::make_exception_ptr(PeerLostError(str_cat(
+        op->label(), " cannot run on rank ", members_[rank_], " at cluster version ", cluster_version_, ": ", lost_)));
+    ring_others();
+    return Work(std::shared_ptr<WorkState>(op, &op->state));
   }
-
-  // Arrive: the signature, and for small inputs the data too (one synchronisation in all).
-  const View v{segment_.data(), layout_};
-  Arrival& a = v.arrival(entry, op->half, rank_);
-  const std::uint64_t value = op->occurrence + 1;
-  if (!op->large) {
-    // Seqlock writer: the data stores below cannot move above this read-modify-write.
-    a.word.exchange(value | kWriting, std::memory_order_acq_rel);
-    if (bytes > 0) std::memcpy(v.inline_area(entry, op->half, rank_), op->send, bytes);
-  }
-  a.count = op->count;
-  a.kind = std::uint8_t(op->kind);
-  a.dtype = std::uint8_t(op->dtype);
-  a.op = std::uint8_t(op->op);
-  a.word.store(value, std::memory_order_seq_cst);
-  busy_[std::size_t(entry)] = true;
+  if (!arrive(*op, name, 0)) return std::nullopt;
+  Work work(std::shared_ptr<WorkState>(op, &op->state));
+  busy_[std::size_t(op->entry)] = true;
   op->owner = weak_from_this();
   // Captures one pointer, which std::function stores without allocating; the state lives inside the ShmOp.
   op->state.drive = [raw = op.get()](WorkState& w, Clock::time_point until) {
     if (auto self = raw->owner.lock()) self->drive(w, until);
+  };
+  op->state.cancel = [raw = op.get()](std::exception_ptr error) {
+    if (auto self = raw->owner.lock()) self->cancel(*raw, error);
   };
   ops_.push_back(op);
   ring_others();
@@ -415,6 +497,39 @@ std::optional<Work> ShmCollectives::post(const Request& request, std::string_vie
   complete(finished);
   if (wake) wake_progress_.notify_one();
   return work;
+}
+
+bool ShmCollectives::abandon(const ShmRequest& request, std::string_view name, transport::WireError kind,
+                             const std::string& text) {
+  auto op = make_op(request, rank_, size_, layout_.inline_bytes);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closing_) return true;
+  if (!arrive(*op, name, kAbandoned, kind, text)) return false;
+  ring_others();
+  return true;
+}
+
+void ShmCollectives::cancel(ShmOp& op, std::exception_ptr error) {
+  std::vector<Finished> finished;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (op.finished) return;
+    fail(op, error);
+    collect(finished);
+  }
+  complete(finished);
+}
+
+std::exception_ptr ShmCollectives::given_up(const ShmOp& op, int q) const {
+  const View v{segment_.data(), layout_};
+  const Arrival& a = v.arrival(op.entry, op.half, q);
+  std::string text(reinterpret_cast<const char*>(v.inline_area(op.entry, op.half, q)),
+                   std::min<std::size_t>(a.abandon_text, layout_.inline_bytes));
+  text = str_cat(op.label(), " failed on rank ", members_[rank_], " at cluster version ", cluster_version_, ": rank ",
+                 members_[q], " gave it up",
+                 text.empty() ? std::string(" (its own error names the cause)") : str_cat(": ", text));
+  const auto kind = transport::WireError(a.abandon_kind);
+  return error_for(kind == transport::WireError::none ? transport::WireError::lost : kind, text);
 }
 
 bool ShmCollectives::advance_all(std::vector<Finished>& finished, Clock::time_point now) {
@@ -466,8 +581,9 @@ bool ShmCollectives::advance(ShmOp& op, Clock::time_point now) {
         continue;
       }
       if ((w & kValueMask) > value) {
-        throw PeerLostError(str_cat(op.label(), " failed on rank ", rank_, " at cluster version ", cluster_version_,
-                                    ": rank ", q, " gave it up (its own error names the cause)"));
+        throw PeerLostError(str_cat(op.label(), " failed on rank ", members_[rank_], " at cluster version ",
+                                    cluster_version_, ": rank ", members_[q],
+                                    " gave it up (its own error names the cause)"));
       }
       if (now >= op.deadline) {
         throw TimeoutError(str_cat(describe_wait(op), "; the timeout is ", seconds(timeout_), " (AIKIDO_TIMEOUT)"));
@@ -476,41 +592,35 @@ bool ShmCollectives::advance(ShmOp& op, Clock::time_point now) {
     }
     for (int q = 0; q < size_; ++q) {
       const Arrival& a = v.arrival(op.entry, op.half, q);
-      if (a.count != op.count || a.kind != std::uint8_t(op.kind) || a.dtype != std::uint8_t(op.dtype) ||
-          a.op != std::uint8_t(op.op)) {
-        auto describe = [](int rank, std::uint8_t kind, std::uint8_t dtype, std::uint8_t rop, std::uint64_t count) {
-          return str_cat("rank ", rank, " posted ", kind_label(CollectiveKind(kind)), " of ", count, " ",
-                         dtype_name(DType(dtype)), " elements, op ", reduce_op_name(ReduceOp(rop)));
+      if (a.count != op.count || a.signature_count != op.signature_count || a.kind != std::uint8_t(op.kind) ||
+          a.dtype != std::uint8_t(op.dtype) || a.op != std::uint8_t(op.op) || a.root != op.root ||
+          a.signature_root != op.signature_root) {
+        auto describe = [&](int rank, std::uint8_t kind, std::uint8_t dtype, std::uint8_t rop, std::uint64_t count,
+                            int root) {
+          std::string text = str_cat("rank ", rank, " posted ", kind_label(CollectiveKind(kind)), " of ", count, " ",
+                                     dtype_name(DType(dtype)), " elements, op ", reduce_op_name(ReduceOp(rop)));
+          if (CollectiveKind(kind) == CollectiveKind::broadcast) text += str_cat(", root ", root);
+          return text;
         };
         throw MismatchError(
             str_cat("ranks posted '", *op.name, "' (seq ", op.occurrence, ", cluster version ", cluster_version_,
                     ") differently: ",
-                    describe(rank_, std::uint8_t(op.kind), std::uint8_t(op.dtype), std::uint8_t(op.op), op.count), "; ",
-                    describe(q, a.kind, a.dtype, a.op, a.count),
+                    describe(members_[rank_], std::uint8_t(op.kind), std::uint8_t(op.dtype), std::uint8_t(op.op),
+                             op.signature_count, op.signature_root),
+                    "; ", describe(members_[q], a.kind, a.dtype, a.op, a.signature_count, a.signature_root),
                     ". Every rank must post the same name with the same size, type, operation and root"));
       }
     }
-    if (gave_up >= 0) {
-      throw PeerLostError(str_cat(op.label(), " failed on rank ", rank_, " at cluster version ", cluster_version_,
-                                  ": rank ", gave_up, " gave it up (its own error names the cause)"));
-    }
+    if (gave_up >= 0) std::rethrow_exception(given_up(op, gave_up));
     op.arrived = true;
     if (!op.large) {
-      const std::size_t bytes = op.count * op.element_bytes;
-      if (bytes > 0) {
-        // The first two in one pass (a copy and a reduction would read and write the output twice). There are at
-        // least two: a one-rank Peer has no segment.
-        reduce_pair(op.dtype, op.op, op.recv, v.inline_area(op.entry, op.half, 0), v.inline_area(op.entry, op.half, 1),
-                    op.count);
-        for (int q = 2; q < size_; ++q) {
-          reduce_into(op.dtype, op.op, op.recv, v.inline_area(op.entry, op.half, q), op.count);
-        }
-      }
+      combine_small(op);
       read_fence();
       for (int q = 0; q < size_; ++q) {
         if (v.arrival(op.entry, op.half, q).word.load(std::memory_order_relaxed) != value) {
-          throw PeerLostError(str_cat(op.label(), " failed on rank ", rank_, " at cluster version ", cluster_version_,
-                                      ": rank ", q, " gave it up while its input was read"));
+          throw PeerLostError(str_cat(op.label(), " failed on rank ", members_[rank_], " at cluster version ",
+                                      cluster_version_, ": rank ", members_[q],
+                                      " gave it up while its input was read"));
         }
       }
       finish(op);
@@ -519,14 +629,51 @@ bool ShmCollectives::advance(ShmOp& op, Clock::time_point now) {
   }
   for (int q = 0; q < size_; ++q) {
     if (v.arrival(op.entry, op.half, q).word.load(std::memory_order_acquire) != value) {
-      throw PeerLostError(str_cat(op.label(), " failed on rank ", rank_, " at cluster version ", cluster_version_,
-                                  ": rank ", q, " gave it up (its own error names the cause)"));
+      throw PeerLostError(str_cat(op.label(), " failed on rank ", members_[rank_], " at cluster version ",
+                                  cluster_version_, ": rank ", members_[q],
+                                  " gave it up (its own error names the cause)"));
     }
   }
   if (now >= op.deadline) {
     throw TimeoutError(str_cat(describe_wait(op), "; the timeout is ", seconds(timeout_), " (AIKIDO_TIMEOUT)"));
   }
   return advance_large(op);
+}
+
+// Every rank arrived with its contribution in its inline area: combine them into this rank's output.
+void ShmCollectives::combine_small(ShmOp& op) {
+  const View v{segment_.data(), layout_};
+  const std::size_t esize = op.element_bytes;
+  auto area = [&](int q) { return v.inline_area(op.entry, op.half, q); };
+  switch (op.kind) {
+    case CollectiveKind::allgather:
+      for (int q = 0; q < size_; ++q) {
+        const Slice s = slice_of(op.count, size_, q);
+        if (s.count > 0 && !(q == rank_ && op.recv + s.offset * esize == op.send)) {
+          std::memcpy(op.recv + s.offset * esize, area(q), s.count * esize);
+        }
+      }
+      return;
+    case CollectiveKind::broadcast:
+      if (rank_ != op.root && op.count > 0) std::memcpy(op.recv, area(op.root), op.count * esize);
+      return;
+    case CollectiveKind::reduce_scatter: {
+      // This rank's slice of every rank's input, in rank order (the same order on every rank).
+      const Slice s = slice_of(op.count, size_, rank_);
+      if (s.count == 0) return;
+      const std::size_t at = s.offset * esize;
+      reduce_pair(op.dtype, op.op, op.recv, area(0) + at, area(1) + at, s.count);
+      for (int q = 2; q < size_; ++q) reduce_into(op.dtype, op.op, op.recv, area(q) + at, s.count);
+      return;
+    }
+    default:
+      // The first two in one pass (a copy and a reduction would read and write the output twice). There are at
+      // least two: a one-rank Peer has no segment.
+      if (op.count == 0) return;
+      reduce_pair(op.dtype, op.op, op.recv, area(0), area(1), op.count);
+      for (int q = 2; q < size_; ++q) reduce_into(op.dtype, op.op, op.recv, area(q), op.count);
+      return;
+  }
 }
 
 bool ShmCollectives::join_bay(ShmOp& op) {
@@ -564,8 +711,9 @@ bool ShmCollectives::join_bay(ShmOp& op) {
   }
   op.bay = int(seen & 0xff);
   op.token = token;
-  op.piece_elems = layout_.piece_bytes / op.element_bytes;
-  op.pieces = (op.count + op.piece_elems - 1) / op.piece_elems;
+  op.share_elems = std::max<std::size_t>(1, layout_.piece_bytes / op.element_bytes / std::size_t(size_));
+  const std::size_t longest = slice_of(op.count, size_, 0).count;
+  op.pieces = (longest + op.share_elems - 1) / op.share_elems;
   ring_others();
   return true;
 }
@@ -585,14 +733,28 @@ bool ShmCollectives::advance_large(ShmOp& op) {
   const View v{segment_.data(), layout_};
   const int n = size_, me = rank_;
   const std::size_t esize = op.element_bytes;
+  const CollectiveKind kind = op.kind;
+  const bool reduces = kind == CollectiveKind::allreduce || kind == CollectiveKind::reduce_scatter;
   bool progressed = false;
-  auto piece_range = [&](std::size_t j) {
-    const std::size_t first = j * op.piece_elems;
-    return std::make_pair(first, std::min(op.piece_elems, op.count - first));
+  // Share q of piece j: its offset in the buffer (slice q's j-th sub-range), its length, and its place in a slot.
+  struct Share {
+    std::size_t offset, count, in_slot;
+  };
+  auto share = [&](int q, std::size_t j) {
+    const Slice s = slice_of(op.count, n, q);
+    const std::size_t first = std::min(s.count, j * op.share_elems);
+    return Share{s.offset + first, std::min(op.share_elems, s.count - first), std::size_t(q) * op.share_elems * esize};
+  };
+  // The others' progress on piece j.
+  auto others_reached = [&](std::size_t j, auto counter) {
+    for (int q = 0; q < n; ++q) {
+      if (q != me && (v.counters(op.bay, q).*counter).load(std::memory_order_acquire) < j + 1) return false;
+    }
+    return true;
   };
   for (;;) {
     bool moved = false;
-    // Copy the other ranks' shares of piece j into this rank's slot, once every rank is done with piece j - 2.
+    // Copy what the others need of piece j into this rank's slot, once every rank is done with piece j - 2.
     if (op.next_copy < op.pieces && op.next_copy < op.next_out + 2) {
       const std::size_t j = op.next_copy;
       bool free = true;
@@ -600,59 +762,71 @@ bool ShmCollectives::advance_large(ShmOp& op) {
         if (v.counters(op.bay, q).done.load(std::memory_order_acquire) + 1 < j) free = false;
       }
       if (free) {
-        const auto [first, len] = piece_range(j);
-        const std::size_t own_at = collective::block_offset(len, n, me), own_len = collective::block_count(len, n, me);
         std::byte* slot = v.slot(op.bay, me, j);
-        const std::byte* in = op.send + first * esize;
-        if (own_at > 0) std::memcpy(slot, in, own_at * esize);
-        const std::size_t tail = own_at + own_len;
-        if (tail < len) std::memcpy(slot + tail * esize, in + tail * esize, (len - tail) * esize);
+        for (int q = 0; q < n; ++q) {
+          const Share sh = share(q, j);
+          if (sh.count == 0) continue;
+          if (reduces && q != me) {
+            std::memcpy(slot + sh.in_slot, op.send + sh.offset * esize, sh.count * esize);
+          } else if (kind == CollectiveKind::allgather && q == me) {
+            const std::size_t within = sh.offset - slice_of(op.count, n, me).offset;
+            std::memcpy(slot + sh.in_slot, op.send + within * esize, sh.count * esize);
+          } else if (kind == CollectiveKind::broadcast && me == op.root) {
+            std::memcpy(slot + sh.in_slot, op.recv + sh.offset * esize, sh.count * esize);
+          }
+        }
         v.counters(op.bay, me).copied.store(j + 1, std::memory_order_release);
         ring_others();
         ++op.next_copy;
         moved = true;
       }
     }
-    // Reduce this rank's share of piece j once every rank has copied it.
-    if (op.next_reduce < op.next_copy) {
+    // Reduce this rank's share of piece j once every rank has copied it; allgather puts its own share in place.
+    if (op.next_reduce < op.next_copy && (!reduces || others_reached(op.next_reduce, &BayCounters::copied))) {
       const std::size_t j = op.next_reduce;
-      bool ready = true;
-      for (int q = 0; q < n && ready; ++q) {
-        if (q != me && v.counters(op.bay, q).copied.load(std::memory_order_acquire) < j + 1) ready = false;
-      }
-      if (ready) {
-        const auto [first, len] = piece_range(j);
-        const std::size_t own_at = collective::block_offset(len, n, me), own_len = collective::block_count(len, n, me);
-        if (own_len > 0) {
-          std::byte* out = op.recv + (first + own_at) * esize;
-          if (op.recv != op.send) std::memcpy(out, op.send + (first + own_at) * esize, own_len * esize);
-          for (int q = 0; q < n; ++q) {
-            if (q != me) reduce_into(op.dtype, op.op, out, v.slot(op.bay, q, j) + own_at * esize, own_len);
-          }
-          // A mean is finished here, while the share is in cache, so that every rank copies out finished values
-          // (the same division, so the same bits, as a pass over the whole output at the end).
-          if (op.op == ReduceOp::mean) divide_by_count(op.dtype, out, own_len, n);
-          std::memcpy(v.slot(op.bay, me, j) + own_at * esize, out, own_len * esize);
+      const Share own = share(me, j);
+      if (own.count > 0 && reduces) {
+        // reduce_scatter writes its slice to recv[0..), allreduce in place.
+        const std::size_t out_at =
+            kind == CollectiveKind::reduce_scatter ? own.offset - slice_of(op.count, n, me).offset : own.offset;
+        std::byte* out = op.recv + out_at * esize;
+        if (out != op.send + own.offset * esize) std::memcpy(out, op.send + own.offset * esize, own.count * esize);
+        for (int q = 0; q < n; ++q) {
+          if (q != me) reduce_into(op.dtype, op.op, out, v.slot(op.bay, q, j) + own.in_slot, own.count);
         }
-        v.counters(op.bay, me).reduced.store(j + 1, std::memory_order_release);
-        ring_others();
-        ++op.next_reduce;
-        moved = true;
+        // A mean is finished here, while the share is in cache, so that every rank copies out finished values
+        // (the same division, so the same bits, as a pass over the whole output at the end).
+        if (op.op == ReduceOp::mean) divide_by_count(op.dtype, out, own.count, n);
+        if (kind == CollectiveKind::allreduce) std::memcpy(v.slot(op.bay, me, j) + own.in_slot, out, own.count * esize);
+      } else if (own.count > 0 && kind == CollectiveKind::allgather) {
+        const std::size_t within = own.offset - slice_of(op.count, n, me).offset;
+        std::byte* out = op.recv + own.offset * esize;
+        if (out != op.send + within * esize) std::memcpy(out, op.send + within * esize, own.count * esize);
       }
+      v.counters(op.bay, me).reduced.store(j + 1, std::memory_order_release);
+      ring_others();
+      ++op.next_reduce;
+      moved = true;
     }
-    // Copy the other shares of the result of piece j out of their owners' slots.
+    // Copy the shares this rank lacks out of their owners' slots.
     if (op.next_out < op.next_reduce) {
       const std::size_t j = op.next_out;
       bool ready = true;
-      for (int q = 0; q < n && ready; ++q) {
-        if (q != me && v.counters(op.bay, q).reduced.load(std::memory_order_acquire) < j + 1) ready = false;
+      if (kind == CollectiveKind::broadcast) {
+        ready = me == op.root || v.counters(op.bay, op.root).reduced.load(std::memory_order_acquire) >= j + 1;
+      } else if (kind != CollectiveKind::reduce_scatter) {
+        ready = others_reached(j, &BayCounters::reduced);
       }
       if (ready) {
-        const auto [first, len] = piece_range(j);
         for (int q = 0; q < n; ++q) {
-          const std::size_t at = collective::block_offset(len, n, q), c = collective::block_count(len, n, q);
-          if (q != me && c > 0)
-            std::memcpy(op.recv + (first + at) * esize, v.slot(op.bay, q, j) + at * esize, c * esize);
+          const Share sh = share(q, j);
+          if (sh.count == 0) continue;
+          const int owner = kind == CollectiveKind::broadcast ? op.root : q;
+          const bool lacks =
+              kind == CollectiveKind::broadcast ? me != op.root : kind != CollectiveKind::reduce_scatter && q != me;
+          if (lacks) {
+            std::memcpy(op.recv + sh.offset * esize, v.slot(op.bay, owner, j) + sh.in_slot, sh.count * esize);
+          }
         }
         v.counters(op.bay, me).done.store(j + 1, std::memory_order_release);
         ring_others();
@@ -674,8 +848,10 @@ bool ShmCollectives::advance_large(ShmOp& op) {
 
 void ShmCollectives::finish(ShmOp& op) {
   try {
-    if (op.kind == CollectiveKind::allreduce && op.op == ReduceOp::mean && op.count > 0 && !op.large) {
-      divide_by_count(op.dtype, op.recv, op.count, size_);
+    if (op.op == ReduceOp::mean && !op.large) {
+      if (op.kind == CollectiveKind::allreduce && op.count > 0) divide_by_count(op.dtype, op.recv, op.count, size_);
+      const std::size_t mine = slice_of(op.count, size_, rank_).count;
+      if (op.kind == CollectiveKind::reduce_scatter && mine > 0) divide_by_count(op.dtype, op.recv, mine, size_);
     }
     if (op.kind == CollectiveKind::consensus && op.agreed) {
       bool agreed = true;
@@ -694,10 +870,17 @@ void ShmCollectives::fail(ShmOp& op, std::exception_ptr error) {
   if (op.finished) return;
   const View v{segment_.data(), layout_};
   const std::uint64_t value = op.occurrence + 1;
-  // Tell the other ranks, which may be waiting for this rank or reading its inline area.
+  // Tell the other ranks, which may be waiting for this rank or reading its inline area, and leave them the error
+  // (they wait while the text is written; one that was reading this rank's input finds the arrival word changed).
+  Arrival& a = v.arrival(op.entry, op.half, rank_);
   std::uint64_t expected = value;
-  v.arrival(op.entry, op.half, rank_)
-      .word.compare_exchange_strong(expected, value | kAbandoned, std::memory_order_seq_cst);
+  if (a.word.compare_exchange_strong(expected, value | kWriting, std::memory_order_seq_cst)) {
+    const std::string text = error_text(error);
+    a.abandon_kind = std::uint8_t(wire_error_of(error));
+    a.abandon_text = std::uint32_t(std::min(text.size(), layout_.inline_bytes));
+    std::memcpy(v.inline_area(op.entry, op.half, rank_), text.data(), a.abandon_text);
+    a.word.store(value | kAbandoned, std::memory_order_seq_cst);
+  }
   if (op.large) {
     if (op.bay >= 0) {
       leave_bay(op.bay, rank_, op.token);
@@ -719,29 +902,31 @@ void ShmCollectives::fail(ShmOp& op, std::exception_ptr error) {
 std::string ShmCollectives::describe_wait(const ShmOp& op) const {
   const View v{segment_.data(), layout_};
   const std::uint64_t value = op.occurrence + 1;
-  std::vector<int> not_posted, behind;
+  std::vector<int> not_posted, behind;  // cluster ranks
+  std::vector<int> not_posted_here;     // their indices here
   for (int q = 0; q < size_; ++q) {
     if (q == rank_) continue;
     const std::uint64_t w = v.arrival(op.entry, op.half, q).word.load(std::memory_order_acquire);
     if ((w & kValueMask) < value || (w & kWriting)) {
-      not_posted.push_back(q);
+      not_posted.push_back(members_[q]);
+      not_posted_here.push_back(q);
     } else if (op.bay >= 0) {
       const BayCounters& c = v.counters(op.bay, q);
       if (c.done.load(std::memory_order_acquire) < op.next_out + 1 ||
           c.reduced.load(std::memory_order_acquire) < op.next_reduce + 1) {
-        behind.push_back(q);
+        behind.push_back(members_[q]);
       }
     }
   }
   const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - op.start);
-  std::string text = str_cat(op.label(), " on rank ", rank_, " at cluster version ", cluster_version_, " has waited ",
-                             seconds(waited), " (same-host shared memory)");
+  std::string text = str_cat(op.label(), " on rank ", members_[rank_], " at cluster version ", cluster_version_,
+                             " has waited ", seconds(waited), " (same-host shared memory)");
   if (!not_posted.empty()) {
     text += str_cat("; rank", not_posted.size() > 1 ? "s " : " ", rank_list(not_posted),
                     not_posted.size() > 1 ? " have" : " has", " not posted it");
-    for (int q : not_posted) {
+    for (int q : not_posted_here) {
       if (!op.waiting_in.empty() && !op.waiting_in[std::size_t(q)].empty()) {
-        text += str_cat("; rank ", q, " ", op.waiting_in[std::size_t(q)]);
+        text += str_cat("; rank ", members_[q], " ", op.waiting_in[std::size_t(q)]);
       }
     }
   } else if (op.arrived && op.bay < 0) {
@@ -749,7 +934,7 @@ std::string ShmCollectives::describe_wait(const ShmOp& op) const {
   }
   std::vector<int> silent;
   for (int q = 0; q < size_ && op.stall_queried; ++q) {
-    if (q != rank_ && (op.waiting_in.empty() || op.waiting_in[std::size_t(q)].empty())) silent.push_back(q);
+    if (q != rank_ && (op.waiting_in.empty() || op.waiting_in[std::size_t(q)].empty())) silent.push_back(members_[q]);
   }
   if (!silent.empty()) text += silent_ranks(silent);
   if (!behind.empty()) text += str_cat("; waiting for data from rank(s) ", rank_list(behind));
@@ -761,15 +946,19 @@ void ShmCollectives::peer_lost(int peer, const std::string& why, bool departed) 
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closing_) return;
+    // A rank of another host takes part in none of this segment's collectives (a phase of a hierarchical collective
+    // that needs it runs over the connections, and fails there).
+    const int here = int(std::find(members_.begin(), members_.end(), peer) - members_.begin());
+    if (here == size_) return;
     if (lost_.empty()) lost_ = why;
     const View v{segment_.data(), layout_};
     for (auto& op : ops_) {
       // What the peer has put in shared memory stays there: a small collective it arrived at needs nothing more
       // from it, nor does a large one it left on purpose (having finished its part, or marked it abandoned).
       const bool arrived =
-          v.arrival(op->entry, op->half, peer).word.load(std::memory_order_acquire) == op->occurrence + 1;
+          v.arrival(op->entry, op->half, here).word.load(std::memory_order_acquire) == op->occurrence + 1;
       if (arrived && (!op->large || departed)) continue;
-      fail(*op, std::make_exception_ptr(PeerLostError(str_cat(op->label(), " failed on rank ", rank_,
+      fail(*op, std::make_exception_ptr(PeerLostError(str_cat(op->label(), " failed on rank ", members_[rank_],
                                                               " at cluster version ", cluster_version_, ": ", why))));
     }
     collect(finished);
@@ -799,10 +988,11 @@ bool ShmCollectives::posted(std::string_view name, std::uint64_t occurrence) {
   return it != entry_of_name_.end() && it->second >= 0 && posted_[std::size_t(it->second)] > occurrence;
 }
 
-void ShmCollectives::stall_reply(std::string_view name, std::uint64_t occurrence, int source, bool posted,
+void ShmCollectives::stall_reply(std::string_view name, std::uint64_t occurrence, int cluster_rank, bool posted,
                                  std::string waiting_in) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (source < 0 || source >= size_ || source == rank_) return;
+  const int source = int(std::find(members_.begin(), members_.end(), cluster_rank) - members_.begin());
+  if (source >= size_ || source == rank_) return;
   for (auto& op : ops_) {
     if (op->finished || op->occurrence != occurrence || *op->name != name) continue;
     op->waiting_in.resize(std::size_t(size_));
@@ -822,11 +1012,6 @@ void ShmCollectives::in_flight(std::vector<InFlight>& out) {
   for (auto& op : ops_) {
     if (!op->finished) out.push_back({op->start, op->label(), op->state.waited.load(std::memory_order_relaxed)});
   }
-}
-
-std::pair<std::uint64_t, std::uint64_t> ShmCollectives::post_counts() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return {posts_, table_full_posts_};
 }
 
 bool ShmCollectives::drain(Clock::time_point deadline) {

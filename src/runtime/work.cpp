@@ -23,6 +23,45 @@ void WorkState::complete(std::exception_ptr failure) {
   for (auto& callback : run) callback(failure);
 }
 
+transport::WireError wire_error_of(std::exception_ptr error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const MismatchError&) {
+    return transport::WireError::mismatch;
+  } catch (const TimeoutError&) {
+    return transport::WireError::timeout;
+  } catch (const PeerLostError&) {
+    return transport::WireError::lost;
+  } catch (const ConfigError&) {
+    return transport::WireError::config;
+  } catch (...) {
+    return transport::WireError::other;
+  }
+}
+
+std::exception_ptr error_for(transport::WireError kind, const std::string& text) {
+  switch (kind) {
+    case transport::WireError::mismatch:
+      return std::make_exception_ptr(MismatchError(text));
+    case transport::WireError::timeout:
+      return std::make_exception_ptr(TimeoutError(text));
+    case transport::WireError::config:
+      return std::make_exception_ptr(ConfigError(text));
+    default:
+      return std::make_exception_ptr(PeerLostError(text));
+  }
+}
+
+std::string error_text(std::exception_ptr error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "unknown error";
+  }
+}
+
 std::string silent_ranks(const std::vector<int>& ranks) {
   return str_cat("; rank", ranks.size() > 1 ? "s " : " ", rank_list(ranks), ranks.size() > 1 ? " have" : " has",
                  " not answered whether", ranks.size() > 1 ? " they" : " it",

@@ -1,6 +1,7 @@
 // The shared state behind aikido::Work.
 #pragma once
 
+#include <aikido/work.hpp>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -9,6 +10,8 @@
 #include <mutex>
 #include <string>
 #include <vector>
+
+#include "transport/frame.hpp"
 
 namespace aikido::detail {
 
@@ -22,6 +25,9 @@ struct WorkState {
   /// first; it returns once the work is done, `until` passed, or the library is closing. Set before the Work handle
   /// is handed out, never changed afterwards.
   std::function<void(WorkState&, std::chrono::steady_clock::time_point until)> drive;
+  /// Set for the phases of hierarchical collectives: fails the work with `error` (telling the other ranks, so they
+  /// fail it too) unless it is done already. Set before the Work handle is handed out, never changed afterwards.
+  std::function<void(std::exception_ptr error)> cancel;
   /// A thread is in Work::wait() on this work: what a stall report says a rank is waiting in. A plain flag rather
   /// than a count (a read-modify-write per wait cost about 1.5% of a 4 KiB shared-memory allreduce): set when a
   /// wait begins, cleared when a timed wait gives up; a blocking wait ends only with the work.
@@ -29,6 +35,18 @@ struct WorkState {
 
   /// Marks the work done and runs its callbacks on this thread. Call without holding other library locks.
   void complete(std::exception_ptr failure);
+};
+
+/// The exception a failure of this kind raises on ranks that hear of it from another rank.
+std::exception_ptr error_for(transport::WireError kind, const std::string& text);
+/// The kind of a failure, as told to other ranks.
+transport::WireError wire_error_of(std::exception_ptr error);
+/// The text of a failure.
+std::string error_text(std::exception_ptr error);
+
+/// The state behind a Work, for the library's own use.
+struct WorkAccess {
+  static const std::shared_ptr<WorkState>& state(const Work& work) { return work.state_; }
 };
 
 /// The part of a stall report about ranks that did not answer the stall query: "; rank 1 has not answered ...".

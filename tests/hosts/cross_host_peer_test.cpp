@@ -25,8 +25,10 @@ class CrossHostPeerTest : public ::testing::TestWithParam<std::string> {
   }
 };
 
-// 2 hosts x 2 workers run peer_worker `mode` (each worker checks its results against closed forms) on `topology`.
-void run_across_hosts(const std::string& topology, const std::vector<std::string>& mode) {
+// 2 hosts x 2 workers run peer_worker `mode` (each worker checks its results against closed forms) on `topology`,
+// with `extra` settings.
+void run_across_hosts(const std::string& topology, const std::vector<std::string>& mode,
+                      const std::vector<std::string>& extra = {}) {
   EmulatedHosts hosts(2);
   elastic::StoreServer store(EmulatedHosts::kBridgeAddress, 0, kSecret);
   std::vector<std::unique_ptr<Subprocess>> workers;
@@ -43,6 +45,7 @@ void run_across_hosts(const std::string& topology, const std::vector<std::string
                  "AIKIDO_BIND_ADDRESS=" + EmulatedHosts::address(host),
                  "AIKIDO_TOPOLOGY=" + topology,
                  "AIKIDO_TIMEOUT=30"};
+    o.set_env.insert(o.set_env.end(), extra.begin(), extra.end());
     std::vector<std::string> argv = {PEER_WORKER_PATH};
     argv.insert(argv.end(), mode.begin(), mode.end());
     workers.push_back(hosts.start(host, argv, o));
@@ -63,7 +66,43 @@ TEST_P(CrossHostPeerTest, EveryCollectiveIsCorrectAcrossHosts) {
   run_across_hosts(GetParam(), {"collectives", "200000"});
 }
 
-INSTANTIATE_TEST_SUITE_P(Topologies, CrossHostPeerTest, ::testing::Values("ring", "tree", "star", "hierarchical"));
+// Several TCP streams per pair of ranks on different hosts, and the default (measured at connection setup) on a
+// shaped link.
+TEST_P(CrossHostPeerTest, EveryCollectiveIsCorrectOnSeveralStreams) {
+  run_across_hosts(GetParam(), {"allreduce", "3000000"}, {"AIKIDO_STREAMS=4", "AIKIDO_SEGMENT_BYTES=262144"});
+  run_across_hosts(GetParam(), {"collectives", "200000"}, {"AIKIDO_STREAMS=3"});
+}
+
+// A worker killed on one host: the others' next allreduce fails with PeerLostError (all its streams end), not with
+// the timeout's TimeoutError.
+TEST_P(CrossHostPeerTest, AKilledWorkerFailsTheOthersOnSeveralStreams) {
+  EmulatedHosts hosts(2);
+  elastic::StoreServer store(EmulatedHosts::kBridgeAddress, 0, kSecret);
+  std::vector<std::unique_ptr<Subprocess>> workers;
+  for (int rank = 0; rank < 4; ++rank) {
+    Subprocess::Options o;
+    o.set_env = {"AIKIDO_RANK=" + std::to_string(rank),
+                 "AIKIDO_SIZE=4",
+                 "AIKIDO_STORE_ADDR=" + store.address(),
+                 "AIKIDO_SECRET=" + kSecret,
+                 "AIKIDO_JOB_ID=crosshost",
+                 "AIKIDO_HOST=" + EmulatedHosts::name(rank / 2),
+                 "AIKIDO_BIND_ADDRESS=" + EmulatedHosts::address(rank / 2),
+                 "AIKIDO_TOPOLOGY=" + GetParam(),
+                 "AIKIDO_STREAMS=3",
+                 "AIKIDO_TIMEOUT=60"};
+    workers.push_back(hosts.start(rank / 2, {PEER_WORKER_PATH, "crash", "2"}, o));
+  }
+  for (int rank = 0; rank < 4; ++rank) {
+    const ProcessResult r = workers[std::size_t(rank)]->wait(120s);
+    if (rank == 2) continue;
+    EXPECT_TRUE(r.exited && r.exit_code == 3) << "rank " << rank << ": " << r.describe();
+    EXPECT_NE(r.out.find("PeerLostError"), std::string::npos) << "rank " << rank << ": " << r.describe();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Topologies, CrossHostPeerTest,
+                         ::testing::Values("ring", "tree", "star", "hierarchical", "multi-ring", "auto"));
 
 }  // namespace
 }  // namespace aikido::testing

@@ -218,10 +218,12 @@ TEST_P(Collectives, BarrierAndConsensus) {
 INSTANTIATE_TEST_SUITE_P(SizesAndTopologies, Collectives,
                          ::testing::Combine(::testing::Values(1, 2, 3, 4, 5, 8),
                                             ::testing::Values(Topology::ring, Topology::tree, Topology::star,
-                                                              Topology::hierarchical)),
+                                                              Topology::hierarchical, Topology::multi_ring,
+                                                              Topology::automatic)),
                          [](const auto& info) {
-                           return "n" + std::to_string(std::get<0>(info.param)) + "_" +
-                                  topology_name(std::get<1>(info.param));
+                           std::string name = topology_name(std::get<1>(info.param));
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return "n" + std::to_string(std::get<0>(info.param)) + "_" + name;
                          });
 
 // Segments larger than the eager limit wait for the receiver's `ready`; this exercises that path.

@@ -58,15 +58,23 @@ class SetupTest : public ::testing::TestWithParam<Setup> {
     if (GetParam().transport != TransportKind::tcp) return {};
     return [](int rank, PeerConfig& c) { c.host = "host" + std::to_string(rank / 2); };
   }
-  /// The path every collective took on this rank: shared memory only for allreduce, barrier and consensus under the
-  /// default transport.
+  /// The path every collective took on this rank: shared memory under the default transport (every rank on one
+  /// host); over TCP the connections, in phases by host on the hierarchical topology (two hosts), with the phases
+  /// inside each host over the connections too.
   void expect_paths(const Peer& peer) const {
     const PathCounts paths = peer.path_counts();
     EXPECT_EQ(paths.shared_memory_table_full, 0u);
     if (GetParam().transport == TransportKind::automatic) {
       EXPECT_GT(paths.shared_memory, 0u) << "rank " << peer.rank();
+    } else if (GetParam().transport == TransportKind::tcp && GetParam().topology == Topology::hierarchical &&
+               peer.size() % 2 == 0) {
+      EXPECT_EQ(paths.shared_memory, 0u) << "rank " << peer.rank();
+      EXPECT_GT(paths.hierarchical, 0u) << "rank " << peer.rank();
+      EXPECT_GT(paths.host_phases_sockets, 0u) << "rank " << peer.rank();
+      EXPECT_EQ(paths.host_phases_shared_memory, 0u) << "rank " << peer.rank();
     } else {
       EXPECT_EQ(paths.shared_memory, 0u) << "rank " << peer.rank();
+      EXPECT_EQ(paths.hierarchical, 0u) << "rank " << peer.rank();
       EXPECT_GT(paths.sockets, 0u) << "rank " << peer.rank();
     }
   }

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <map>
 #include <tuple>
@@ -111,8 +112,73 @@ INSTANTIATE_TEST_SUITE_P(AllKinds, PlanMatching,
                                                               CollectiveKind::allgather, CollectiveKind::reduce_scatter,
                                                               CollectiveKind::gather),
                                             ::testing::Values(Topology::ring, Topology::tree, Topology::star,
-                                                              Topology::hierarchical),
+                                                              Topology::hierarchical, Topology::multi_ring),
                                             ::testing::Values(1, 2, 3, 5, 8)));
+
+// A plan among some ranks (the phases of hierarchical collectives): messages stay among them, member i's block is at
+// i * block, and every send meets its receive; with `slices`, member i's block is its even share of the count.
+TEST(GroupPlans, MessagesStayAmongTheMembers) {
+  const std::vector<int> members = {5, 1, 3};
+  for (CollectiveKind kind : {CollectiveKind::allreduce, CollectiveKind::broadcast, CollectiveKind::allgather,
+                              CollectiveKind::reduce_scatter}) {
+    for (Topology topology : {Topology::ring, Topology::tree, Topology::star, Topology::multi_ring}) {
+      for (bool slices : {false, true}) {
+        if (slices && kind != CollectiveKind::allgather && kind != CollectiveKind::reduce_scatter) continue;
+        std::map<std::tuple<int, int, std::uint64_t>, std::size_t> sent, received;
+        for (int rank : members) {
+          PlanSpec spec;
+          spec.kind = kind;
+          spec.topology = topology;
+          spec.rank = rank;
+          spec.size = 6;
+          spec.members = members;
+          spec.root = kind == CollectiveKind::broadcast ? 3 : 0;
+          spec.block = 7;
+          spec.slices = slices;
+          spec.count = slices ? 20 : (kind == CollectiveKind::allreduce || kind == CollectiveKind::broadcast ? 20 : 21);
+          spec.segment_elems = 4;
+          const Plan plan = build_plan(spec);
+          for (const Op& op : plan.ops) {
+            ASSERT_NE(std::find(members.begin(), members.end(), op.peer), members.end())
+                << "rank " << rank << " talks to " << op.peer << " on " << topology_name(topology);
+            ASSERT_LE(op.offset + op.count, spec.count);
+            auto& map = op.kind == OpKind::send ? sent : received;
+            map[op.kind == OpKind::send ? std::make_tuple(rank, op.peer, op.tag)
+                                        : std::make_tuple(op.peer, rank, op.tag)] = op.count;
+          }
+          if (kind == CollectiveKind::broadcast) {
+            for (int p : plan.ready_from) ASSERT_NE(std::find(members.begin(), members.end(), p), members.end());
+          }
+        }
+        EXPECT_EQ(sent, received) << topology_name(topology) << " slices " << slices;
+      }
+    }
+  }
+  PlanSpec outside;
+  outside.rank = 0;
+  outside.size = 6;
+  outside.members = members;
+  outside.count = 4;
+  EXPECT_THROW(build_plan(outside), Error);
+}
+
+// multi_ring: two rings in opposite directions, each over half the buffer; a rank sends to both neighbours.
+TEST(MultiRing, BothNeighboursCarryHalfTheBuffer) {
+  PlanSpec spec;
+  spec.topology = Topology::multi_ring;
+  spec.rank = 2;
+  spec.size = 5;
+  spec.count = 1000;
+  spec.segment_elems = 1000;
+  const Plan plan = build_plan(spec);
+  std::map<int, std::size_t> sent;
+  for (const Op& op : plan.ops) {
+    if (op.kind == OpKind::send) sent[op.peer] += op.count;
+  }
+  EXPECT_EQ(sent.size(), 2u);
+  EXPECT_EQ(sent[3], sent[1]);  // 2 (n - 1) / n of each half: 800 elements to each neighbour
+  EXPECT_EQ(sent[3], 800u);
+}
 
 // Recursive doubling: at step s each rank exchanges every segment with the rank whose index differs in bit s, and
 // what it receives is reduced into the segment it sent (so the send must finish first).

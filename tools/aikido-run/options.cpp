@@ -254,7 +254,8 @@ runs on every host of a job across hosts, the third starts it on every host from
 
 options:
   -np N, -n N           number of workers to start (required; 1..1024)
-  --topology T          collective topology: ring, tree, star or hierarchical    (sets AIKIDO_TOPOLOGY)
+  --topology T          collective topology: ring, tree, star, hierarchical,
+                        multi-ring or auto (chosen from measured links)          (sets AIKIDO_TOPOLOGY)
   --timeout S           deadline of each collective, in seconds                  (sets AIKIDO_TIMEOUT)
   --connect-timeout S   deadline of joining the cluster (addresses, connections, handshakes)
                         (default: --timeout)                                     (sets AIKIDO_CONNECT_TIMEOUT)
