@@ -54,6 +54,7 @@ void ClusterSpec::validate() const {
     }
   }
   if (reason.find('\n') != std::string::npos) throw ConfigError(where + "the reason must be one line");
+  if (requested_by.find('\n') != std::string::npos) throw ConfigError(where + "requested_by must be one line");
 }
 
 ClusterSpec ClusterSpec::resized(int n, const std::string& host, std::string why) const {
@@ -64,6 +65,7 @@ ClusterSpec ClusterSpec::resized(int n, const std::string& host, std::string why
   ClusterSpec next = *this;
   next.version = version + 1;
   next.reason = std::move(why);
+  next.requested_by.clear();
   if (n < size()) next.workers.resize(std::size_t(n));
   while (next.size() < n) next.workers.push_back({next.next_id++, host});
   next.validate();
@@ -74,6 +76,7 @@ ClusterSpec ClusterSpec::without(const std::vector<std::uint64_t>& ids, std::str
   ClusterSpec next = *this;
   next.version = version + 1;
   next.reason = std::move(why);
+  next.requested_by.clear();
   std::erase_if(next.workers,
                 [&](const WorkerSpec& w) { return std::find(ids.begin(), ids.end(), w.id) != ids.end(); });
   return next;
@@ -87,6 +90,7 @@ ClusterSpec ClusterSpec::with_size(int n, std::string why) const {
   ClusterSpec next = *this;
   next.version = version + 1;
   next.reason = std::move(why);
+  next.requested_by.clear();
   if (n < size()) next.workers.resize(std::size_t(n));
   const std::vector<std::string> order = hosts();
   while (next.size() < n) {
@@ -105,6 +109,7 @@ ClusterSpec ClusterSpec::with_workers_on(const std::string& host, int n, std::st
   ClusterSpec next = *this;
   next.version = version + 1;
   next.reason = std::move(why);
+  next.requested_by.clear();
   auto after = next.workers.end();
   for (auto it = next.workers.begin(); it != next.workers.end(); ++it) {
     if (it->host == host) after = it + 1;
@@ -119,6 +124,7 @@ ClusterSpec ClusterSpec::without_host(const std::string& host, std::string why) 
   ClusterSpec next = *this;
   next.version = version + 1;
   next.reason = std::move(why);
+  next.requested_by.clear();
   std::erase_if(next.workers, [&](const WorkerSpec& w) { return w.host == host; });
   return next;
 }
@@ -149,6 +155,7 @@ ClusterSpec::Diff ClusterSpec::diff(const ClusterSpec& next) const {
 std::string ClusterSpec::encode() const {
   std::string out = str_cat("version=", version, "\nmin=", min_size, "\nmax=", max_size, "\nnext_id=", next_id,
                             "\nreason=", reason, "\nproposed_ms=", proposed_unix_ms, "\n");
+  if (!requested_by.empty()) out += str_cat("by=", requested_by, "\n");
   for (const auto& w : workers) out += str_cat("worker=", w.id, " ", w.host, "\n");
   return out;
 }
@@ -181,6 +188,8 @@ ClusterSpec ClusterSpec::decode(std::string_view text) {
       spec.next_id = parse_u64(key, value);
     } else if (key == "reason") {
       spec.reason = std::string(value);
+    } else if (key == "by") {
+      spec.requested_by = std::string(value);
     } else if (key == "proposed_ms") {
       spec.proposed_unix_ms = std::int64_t(parse_u64(key, value));
     } else if (key == "worker") {

@@ -40,6 +40,33 @@ std::vector<nlohmann::json> epochs_of(const std::string& out, int rank) {
   return lines;
 }
 
+TEST(FashionMnistExample, OutputChoosesJsonLinesOrProgressText) {
+  auto r = run_process({kRun, "-np", "2", kExample, "--epochs", "2", "--max-steps", "20", "--output", "text"}, kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_TRUE(epochs_of(r.out, 0).empty()) << r.describe();
+  // Not on a terminal: one line per epoch, from rank 0 alone.
+  EXPECT_TRUE(std::regex_search(r.err, std::regex(R"(\[0\] epoch 1/2: 20 steps, train loss \d\.\d{4}, test accuracy )"
+                                                  R"(0\.\d{4}, \d+ samples/s, \d+\.\d s, 2 workers\n)")))
+      << r.describe();
+  EXPECT_NE(r.err.find("[0] epoch 2/2: 20 steps"), std::string::npos) << r.describe();
+  EXPECT_EQ(r.err.find("[1] epoch"), std::string::npos) << r.describe();
+  EXPECT_EQ(r.err.find('\r'), std::string::npos) << r.describe();
+  r = run_process({kRun, "-np", "1", kExample, "--epochs", "1", "--max-steps", "20", "--output", "json"}, kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(epochs_of(r.out, 0).size(), 1u) << r.describe();
+  EXPECT_EQ(r.err.find("] epoch 1/1"), std::string::npos) << r.describe();
+  // On a terminal: the progress line is rewritten in place ("...\r"), then the epoch's line.
+  Subprocess::Options tty;
+  tty.set_env = {"AIKIDO_CONSOLE_TTY=1"};
+  r = run_process({kExample, "--epochs", "1", "--max-steps", "20", "--output", "both"}, kBound, tty);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_TRUE(std::regex_search(r.err, std::regex(R"(epoch 1/1  step \d+/20  \d+ samples/s  loss \d\.\d{4}  ETA )"
+                                                  R"((\d\d:\d\d|--:--)\r)")))
+      << r.describe();
+  EXPECT_NE(r.err.find("epoch 1/1: 20 steps"), std::string::npos) << r.describe();
+  EXPECT_NE(r.out.find("{\"epoch\":0,"), std::string::npos) << r.describe();
+}
+
 TEST(FashionMnistExample, TwoWorkersReachTheTargetAccuracy) {
   const auto r = run_process({kRun, "-np", "2", kExample, "--model", "mlp", "--epochs", "3", "--all-ranks"}, kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
