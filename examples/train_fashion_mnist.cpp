@@ -449,7 +449,9 @@ int main(int argc, char** argv) {
             const torch::Tensor loss =
                 torch::nn::functional::cross_entropy(output, train.labels.index_select(0, index));
             loss.backward();
-            loss_sum += loss.item<double>() * static_cast<double>(batch->size());
+            const double batch_loss = loss.item<double>();
+            if (opt) opt->set_loss(batch_loss);
+            loss_sum += batch_loss * static_cast<double>(batch->size());
             samples += static_cast<std::int64_t>(batch->size());
           }
           if (opt) {
@@ -481,7 +483,9 @@ int main(int argc, char** argv) {
           if (!done && eval_every > 0 && progress.epoch_samples / test_every > samples_before / test_every &&
               progress.epoch_samples < sampler.dataset_size()) {
             const auto test_start = std::chrono::steady_clock::now();
-            if (const double accuracy = evaluate(); accuracy >= target_accuracy) {
+            const double accuracy = evaluate();
+            if (opt) opt->set_test_accuracy(accuracy);
+            if (accuracy >= target_accuracy) {
               reached = accuracy;
               done = true;
             }
@@ -495,6 +499,7 @@ int main(int argc, char** argv) {
         const double seconds =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() - test_seconds;
         const double accuracy = reached >= 0 ? reached : evaluate();  // the model is unchanged since that test
+        if (opt) opt->set_test_accuracy(accuracy);
         std::vector<double> totals{loss_sum, static_cast<double>(samples)};
         peer.allreduce(std::span<double>(totals), aikido::ReduceOp::sum, "example/epoch-totals");
         // One synchronous epoch has one duration: the slowest worker's (each worker's own clock started when it

@@ -120,6 +120,8 @@ class Engine final : public transport::FrameHandler {
   void on_lost(transport::Connection& connection, const std::string& reason, bool goodbye) override;
 
  private:
+  /// post() without the timeline; `algorithm` (when not null) is set to "shared-memory" when that path takes it.
+  Work post_collective(const Request& request, const char** algorithm);
   struct MessageKey {
     std::string name;
     std::uint64_t seq;

@@ -7,6 +7,7 @@
 #include <system_error>
 
 #include "output.hpp"
+#include "timeline.hpp"
 #include "transport/socket.hpp"
 
 namespace aikido::run {
@@ -32,6 +33,7 @@ std::optional<std::string> event_log_path(const Options& options) {
 
 JobObservers::JobObservers(const Options& options)
     : options_(options), events_(std::make_unique<JobEvents>(event_log_path(options))) {
+  if (!options.timeline.empty()) prepare_timeline(options.timeline);
   set_report_sink([events = events_.get()](const std::string& text) { events->emit("message", {{"text", text}}); });
 }
 
@@ -64,6 +66,7 @@ void JobObservers::finish(int status) {
     for (const auto& line : exporter_->finish()) report(line);
   }
   events_->emit("job_finished", {{"state", status == 0 ? "finished" : "failed"}, {"status", status}});
+  if (!options_.timeline.empty()) write_timeline(options_.timeline, *events_);
 }
 
 }  // namespace aikido::run
