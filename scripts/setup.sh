@@ -9,6 +9,7 @@ packages=(
   openmpi-bin libopenmpi-dev libgloo-dev
   iproute2 procps python3
   libcurl4-openssl-dev etcd-server etcd-client openssl
+  libcpp-httplib-dev libjs-chart.js chromium
   python3-dev pybind11-dev python3-pytest python3-numpy
 )
 missing=()

@@ -64,6 +64,7 @@ std::size_t JobEvents::size() const {
 
 void JobEvents::subscribe(std::function<void(const nlohmann::json&)> listener) {
   std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& event : events_) listener(event);
   listeners_.push_back(std::move(listener));
 }
 

@@ -38,8 +38,8 @@ class JobEvents {
   std::vector<nlohmann::json> since(std::size_t first) const;
   /// Number of events so far (the next seq).
   std::size_t size() const;
-  /// `listener` is called, under the log's lock and in order, with every event emitted from now on. It must be
-  /// quick and must not call back into the log.
+  /// `listener` is called, under the log's lock and in order, with every event so far and every event emitted from
+  /// now on. It must be quick and must not call back into the log.
   void subscribe(std::function<void(const nlohmann::json&)> listener);
 
  private:

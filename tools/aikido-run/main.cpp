@@ -157,6 +157,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
+    if (!options.replay.empty()) {
+      Supervisor::block_signals();  // before the server's threads start: sigwait() takes the signals
+      return JobObservers::replay(options);
+    }
     if (options.across_hosts()) return run_host_job(options);
     if (options.starts_hosts()) return run_from_one_host(options);
     return run_job(options);

@@ -13,6 +13,8 @@
 
 namespace aikido::run {
 
+class Dashboard;
+
 /// Owned by the code that runs a job (one per aikido-run); the supervisor, the controller and the exporter report
 /// to its JobEvents. Construction creates --log-dir and events.jsonl, starts the dashboard's server and prints its
 /// URL, and routes aikido-run's messages (report()) into the event log; destruction stops all of it.
@@ -33,10 +35,15 @@ class JobObservers {
   /// The job ended with `status`: records it, prints the metrics summary and writes the timeline (--timeline).
   void finish(int status);
 
+  /// aikido-run --dashboard PORT --replay F: shows the run recorded in F until SIGINT or SIGTERM. Returns the exit
+  /// status (0; 1 when F holds no record).
+  static int replay(const Options& options);
+
  private:
   const Options& options_;
   std::unique_ptr<JobEvents> events_;
   std::optional<MetricsExporter> exporter_;
+  std::unique_ptr<Dashboard> dashboard_;
   bool finished_ = false;
 };
 
