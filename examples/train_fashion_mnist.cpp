@@ -3,9 +3,11 @@
 //   aikido-run -np 2 build/bin/train_fashion_mnist --model mlp --epochs 3
 //
 // Rank 0 prints a "starting" line with the configuration (stderr), then one JSON line per epoch (stdout; every
-// rank's with --all-ranks; see --help for the keys). Under aikido-run --elastic it follows the job's membership by
-// itself. The data are the IDX gzip files of Debian's dataset-fashion-mnist package
+// rank's with --all-ranks; see --help for the keys) and its progress (stderr: on a terminal one line updated in
+// place, otherwise one line per epoch); --output json|text|both chooses. Under aikido-run --elastic it follows the
+// job's membership by itself. The data are the IDX gzip files of Debian's dataset-fashion-mnist package
 // (/usr/share/datasets/fashion-mnist), or of --data DIR.
+#include <unistd.h>
 #include <zlib.h>
 
 #include <CLI/CLI.hpp>
@@ -14,6 +16,7 @@
 #include <aikido/torch.hpp>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -131,6 +134,70 @@ CLI::Validator between(double low, double high, const std::string& accepted) {
       "");
 }
 
+// Rank 0's progress for people: on a terminal one line rewritten in place ("TEXT\r"; aikido-run passes such lines
+// on as they come when its own console is a terminal, AIKIDO_CONSOLE_TTY=1), otherwise one line per epoch.
+class ProgressLine {
+ public:
+  ProgressLine(bool on, int epochs, std::size_t dataset_size) : on_(on), epochs_(epochs), dataset_size_(dataset_size) {
+    const char* console = std::getenv("AIKIDO_CONSOLE_TTY");
+    in_place_ = console != nullptr ? std::string(console) == "1" : ::isatty(STDERR_FILENO) == 1;
+    direct_ = console == nullptr;  // not under aikido-run, which clears the line itself
+  }
+
+  // After a step: `epoch_samples` of all workers done in this epoch, `loss` this worker's mean loss so far.
+  void step(std::int64_t epoch, std::int64_t step, std::int64_t steps, std::uint64_t epoch_samples, double loss,
+            double seconds) {
+    if (!on_ || !in_place_) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (now < next_) return;
+    next_ = now + std::chrono::milliseconds(250);  // a terminal need not redraw faster than the eye reads
+    const double rate = seconds > 0 ? static_cast<double>(epoch_samples) / seconds : 0;
+    // Steps left in this epoch and the later ones, at this epoch's pace.
+    const double left = static_cast<double>(steps - step) + static_cast<double>(steps) * double(epochs_ - epoch - 1);
+    char line[256];
+    const int n = std::snprintf(line, sizeof line, "epoch %lld/%d  step %lld/%lld  %.0f samples/s  loss %.4f  ETA %s\r",
+                                static_cast<long long>(epoch + 1), epochs_, static_cast<long long>(step),
+                                static_cast<long long>(steps), rate, loss,
+                                step > 0 && seconds > 0 ? clock(left * seconds / double(step)).c_str() : "--:--");
+    shown_ = std::max(shown_, n);
+    std::fputs(line, stderr);
+    std::fflush(stderr);
+  }
+
+  void epoch_done(std::int64_t epoch, std::int64_t steps, double loss, double accuracy, double samples_per_second,
+                  double seconds, int workers) {
+    if (!on_) return;
+    // On a terminal of its own the line covers the last progress line: pad it to that length.
+    const int n = std::fprintf(
+        stderr, "epoch %lld/%d: %lld steps, train loss %.4f, test accuracy %.4f, %.0f samples/s, %.1f s, %d worker%s",
+        static_cast<long long>(epoch + 1), epochs_, static_cast<long long>(steps), loss, accuracy, samples_per_second,
+        seconds, workers, workers == 1 ? "" : "s");
+    std::fprintf(stderr, "%*s\n", direct_ && in_place_ ? std::max(0, shown_ - n) : 0, "");
+    shown_ = 0;
+    std::fflush(stderr);
+  }
+
+ private:
+  static std::string clock(double seconds) {
+    const long long s = std::llround(seconds);
+    char text[32];
+    if (s >= 3600) {
+      std::snprintf(text, sizeof text, "%lld:%02lld:%02lld", s / 3600, s / 60 % 60, s % 60);
+    } else {
+      std::snprintf(text, sizeof text, "%02lld:%02lld", s / 60, s % 60);
+    }
+    return text;
+  }
+
+  bool on_;
+  bool in_place_ = false;
+  bool direct_ = false;
+  int shown_ = 0;  // length of the longest progress line on the terminal
+  int epochs_;
+  std::size_t dataset_size_;
+  std::chrono::steady_clock::time_point next_{};
+};
+
 torch::Tensor to_index(const std::vector<std::size_t>& indices) {
   auto t = torch::empty({static_cast<std::int64_t>(indices.size())}, torch::kInt64);
   auto* p = t.data_ptr<std::int64_t>();
@@ -163,6 +230,7 @@ int main(int argc, char** argv) {
   std::string compression_name = "none", partition = "iid";
   double dp_clip = 0, dp_noise = 0, dp_delta = 1e-5;
   bool secure_aggregation = false;
+  std::string output = "both";
   app.add_option("--model", model_kind, "mlp (784-512-256-10) or cnn (two 5x5 conv layers)")
       ->check(CLI::IsMember({"mlp", "cnn"}))
       ->capture_default_str();
@@ -264,6 +332,11 @@ int main(int argc, char** argv) {
   app.add_option("--commit-every", commit_every, "elastic: commit the training state every this many steps")
       ->check(at_least(1, true, "a number of steps (1 or more)"))
       ->capture_default_str();
+  app.add_option("--output", output,
+                 "json: one JSON line per epoch on stdout; text: progress on stderr (on a terminal one line updated "
+                 "in place with epoch, step, samples/s, loss and ETA; otherwise one line per epoch); both")
+      ->check(CLI::IsMember({"json", "text", "both"}))
+      ->capture_default_str();
   app.add_flag("--all-ranks", all_ranks, "every rank prints its epoch lines (default: rank 0 alone)");
   app.add_flag("--skip-communication", skip_communication,
                "benchmarks only: every worker trains alone on its shard, without communication (the throughput "
@@ -355,6 +428,7 @@ int main(int argc, char** argv) {
           "--dp-clip, --secure-aggregation and --compression need communication: drop --skip-communication");
     }
     aikido::torch::DistributedSampler sampler(static_cast<std::size_t>(train.images.size(0)), peer, seed);
+    ProgressLine console(output != "json" && peer.rank() == 0 && !all_ranks, epochs, sampler.dataset_size());
 
     // What the cluster agrees on; with --elastic registered, committed every --commit-every steps and at the end of
     // each epoch, and rolled back after a lost worker. A worker that joins receives it, so it knows whether the epoch
@@ -511,7 +585,9 @@ int main(int argc, char** argv) {
             const torch::Tensor loss =
                 torch::nn::functional::cross_entropy(output, train.labels.index_select(0, index));
             loss.backward();
-            loss_sum += loss.item<double>() * static_cast<double>(batch->size());
+            const double batch_loss = loss.item<double>();
+            if (opt) opt->set_loss(batch_loss);
+            loss_sum += batch_loss * static_cast<double>(batch->size());
             samples += static_cast<std::int64_t>(batch->size());
           }
           if (opt) {
@@ -523,6 +599,16 @@ int main(int argc, char** argv) {
           progress.epoch_samples += sampler.position() - position;
           ++progress.step;
           ++progress.steps_in_epoch;
+          if (peer.rank() == 0) {
+            const auto per_step = static_cast<std::uint64_t>(std::max<std::size_t>(1, batch_now)) *
+                                  static_cast<std::uint64_t>(peer.size());
+            std::int64_t steps = static_cast<std::int64_t>((sampler.dataset_size() + per_step - 1) / per_step);
+            if (max_steps > 0) steps = std::min(steps, max_steps);
+            const double elapsed =
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() - test_seconds;
+            console.step(epoch, progress.steps_in_epoch, std::max(steps, progress.steps_in_epoch),
+                         progress.epoch_samples, samples > 0 ? loss_sum / static_cast<double>(samples) : 0.0, elapsed);
+          }
           if (session && progress.step % commit_every == 0) session->commit();
           if (runner) {
             runner->after_step();
@@ -533,7 +619,9 @@ int main(int argc, char** argv) {
           if (!done && eval_every > 0 && progress.epoch_samples / test_every > samples_before / test_every &&
               progress.epoch_samples < sampler.dataset_size()) {
             const auto test_start = std::chrono::steady_clock::now();
-            if (const double accuracy = evaluate(); accuracy >= target_accuracy) {
+            const double accuracy = evaluate();
+            if (opt) opt->set_test_accuracy(accuracy);
+            if (accuracy >= target_accuracy) {
               reached = accuracy;
               done = true;
             }
@@ -547,6 +635,7 @@ int main(int argc, char** argv) {
         const double seconds =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() - test_seconds;
         const double accuracy = reached >= 0 ? reached : evaluate();  // the model is unchanged since that test
+        if (opt) opt->set_test_accuracy(accuracy);
         std::vector<double> totals{loss_sum, static_cast<double>(samples)};
         peer.allreduce(std::span<double>(totals), aikido::ReduceOp::sum, "example/epoch-totals");
         // One synchronous epoch has one duration: the slowest worker's (each worker's own clock started when it
@@ -587,7 +676,9 @@ int main(int argc, char** argv) {
           line["compression"] = opt ? opt->compression().name() : "none";
           line["epsilon"] =
               opt && opt->accountant() ? statistic(opt->accountant()->epsilon(dp_delta)) : nlohmann::ordered_json();
-          std::cout << line.dump() << std::endl;
+          if (output != "text") std::cout << line.dump() << std::endl;
+          console.epoch_done(epoch, progress.steps_in_epoch, line["train_loss"].get<double>(), accuracy,
+                             line["global_samples_per_second"].get<double>(), epoch_seconds, peer.size());
         }
         printed_epoch = std::max(printed_epoch, epoch);
         if (target_accuracy > 0 && accuracy >= target_accuracy) done = true;

@@ -10,6 +10,7 @@ packages=(
   iproute2 procps python3
   libcurl4-openssl-dev etcd-server etcd-client openssl libssl-dev
   clang llvm libclang-rt-dev
+  libcpp-httplib-dev libjs-chart.js chromium
   python3-dev pybind11-dev python3-pytest python3-numpy
   libssl-dev
 )

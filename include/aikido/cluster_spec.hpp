@@ -37,6 +37,9 @@ struct ClusterSpec {
   std::uint64_t next_id = 0;
   /// Why this version exists: "initial", "resize", "lost", "restart" (free text, for status and logs).
   std::string reason = "initial";
+  /// Who proposed it, where that is known: "aikido-ctl", "policy NAME", "aikido-run" (a lost worker, a
+  /// replacement), "program" (ElasticSession::resize called by the program); empty when unknown. One line.
+  std::string requested_by;
   /// Wall-clock time (ms since the Unix epoch) at which this version was proposed: the start of a resize.
   std::int64_t proposed_unix_ms = 0;
 

@@ -254,8 +254,9 @@ class ElasticSession {
   SyncResult resize(int n);
 
   /// Proposes `n` workers from any single worker (a policy's decision); every worker applies it at its next
-  /// sync(). ConfigError when n is outside the job's [min, max]; returns the proposed version.
-  std::uint64_t request_resize(int n);
+  /// sync(). ConfigError when n is outside the job's [min, max]; returns the proposed version. `requested_by` is
+  /// recorded in the version (ClusterSpec::requested_by): who asked, for status, logs and the dashboard.
+  std::uint64_t request_resize(int n, const std::string& requested_by = "program");
 
   /// Copies the registered state into the in-memory commit (the previous commit is kept too). Call at the same
   /// step on every worker, after the step's collectives succeeded. The commit belongs to the step that the next

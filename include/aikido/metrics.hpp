@@ -7,6 +7,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace aikido {
@@ -23,6 +24,18 @@ struct LinkStats {
   /// Probe bytes / (time of one probe-sized request - round-trip time of a small one). NaN until measured.
   double bandwidth_bytes_per_second = std::numeric_limits<double>::quiet_NaN();
   std::int64_t probes = 0;  // probe-sized requests completed
+};
+
+/// One change a policy made (PolicyRunner): which policy, in which hook at which step, which setting ("batch_size",
+/// "lr", "strategy", "topology", "workers", "stop") from what to what, and the metric values it saw.
+struct PolicyDecision {
+  std::int64_t step = 0;
+  std::string policy;
+  std::string hook;
+  std::string setting;
+  std::string from;
+  std::string to;
+  std::vector<std::pair<std::string, double>> metrics;
 };
 
 /// What a worker knows about training after a step. The LibTorch integration fills it (DistributedOptimizer::
@@ -67,6 +80,21 @@ struct TrainingMetrics {
 
   // Differential privacy spent so far: epsilon at the optimizer's delta (RdpAccountant). NaN without privacy.
   double epsilon = kUnknown;
+  // This worker's own share of its last step (not reduced: stragglers show here), seconds and samples per second.
+  double local_step_seconds = kUnknown;
+  double local_compute_seconds = kUnknown;
+  double local_communication_seconds = kUnknown;
+  double local_wait_seconds = kUnknown;
+  double local_samples_per_second = kUnknown;
+
+  // What the program reports (DistributedOptimizer::set_loss, set_test_accuracy): the mean training loss of the
+  // last step over all workers' samples, and the latest test accuracy (0 to 1).
+  double train_loss = kUnknown;
+  double test_accuracy = kUnknown;
+
+  /// The latest policy decisions (at most kMaxDecisions, oldest first), the same on every worker.
+  static constexpr std::size_t kMaxDecisions = 16;
+  std::vector<PolicyDecision> decisions;
 
   // This worker's own links, one entry per other worker (LinkMonitor). Unlike the values above these are not
   // reduced: each worker sees its own links. Empty when link probing is off or there is one worker.
@@ -79,7 +107,8 @@ struct TrainingMetrics {
 /// `aikido_link_latency_seconds{rank="R",peer="P"}` / `aikido_link_bandwidth_bytes_per_second{...}` per link.
 std::string to_prometheus(const TrainingMetrics& m, int rank, bool with_help = true);
 /// One JSON object (no newline); unknown values are null; `links` is an array of objects with the keys `peer`,
-/// `latency_seconds`, `bandwidth_bytes_per_second` and `probes`.
+/// `latency_seconds`, `bandwidth_bytes_per_second` and `probes`; `decisions` an array of objects with the keys
+/// `step`, `policy`, `hook`, `setting`, `from`, `to` and `metrics` (an object of the values the policy saw).
 std::string to_json(const TrainingMetrics& m, int rank);
 
 /// The gradient noise scale B_simple from pairs of batch sizes (McCandlish et al. 2018, appendix A.1).

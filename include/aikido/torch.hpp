@@ -275,6 +275,14 @@ class DistributedOptimizer {
   void set_batch_size(std::int64_t batch_size);
   /// The epoch reported in metrics().
   void set_epoch(std::int64_t epoch) { metrics_.epoch = epoch; }
+  /// This worker's mean loss over its batch of the coming step(): metrics().train_loss becomes the mean over all
+  /// workers' samples (it travels in the metrics allreduce, no collective of its own).
+  void set_loss(double loss) { pending_loss_ = loss; }
+  /// The latest test accuracy (0 to 1), the same on every worker (the program reduces it): metrics().test_accuracy.
+  void set_test_accuracy(double accuracy);
+  /// Records a policy's decision in metrics().decisions (the latest TrainingMetrics::kMaxDecisions) and on the
+  /// timeline (aikido-run --timeline). PolicyRunner calls it for every change it applies.
+  void record_decision(PolicyDecision decision);
 
   /// Monitored metrics (options().monitor). Identical on all workers: values gathered from several workers are
   /// reduced across them by an allreduce that runs during the following step, so they describe the step before
@@ -374,6 +382,7 @@ class DistributedOptimizer {
   std::unique_ptr<SecureAggregator> secure_;
   PerSampleGradients* per_sample_ = nullptr;
   ElasticSession* session_ = nullptr;
+  double pending_loss_ = TrainingMetrics::kUnknown;  // set_loss(), for the coming step
 };
 
 /// Runs adaptation policies (aikido/policy.hpp) in a training loop built on a DistributedOptimizer:

@@ -52,6 +52,11 @@
 //                           size or aikido-run is asked to stop it                 (default: none)
 //   AIKIDO_RESUME           a checkpoint (AIKIDO_CHECKPOINT) that an elastic job starts from when no worker holds
 //                           state yet                                              (default: none)
+//   AIKIDO_CONSOLE_TTY      1: the console the worker's lines end up on is a terminal (aikido-run's standard error
+//                           is one), so progress lines may be updated in place (0 or unset: it is not)
+//   AIKIDO_TIMELINE         a folder: each worker appends its timeline events (collectives, step phases, policy
+//                           decisions) to FOLDER/worker-ID.jsonl, which aikido-run --timeline merges into a Chrome
+//                           trace                                                  (default: none, no timeline)
 //
 // A bad value is never ignored: the reader throws ConfigError naming the variable and what it accepts, Peer creation
 // checks every setting above first (check_environment), and aikido-run checks those it passes on before it starts
@@ -100,6 +105,8 @@ inline constexpr const char* kElastic = "AIKIDO_ELASTIC";
 inline constexpr const char* kWorkerId = "AIKIDO_WORKER_ID";
 inline constexpr const char* kCheckpoint = "AIKIDO_CHECKPOINT";
 inline constexpr const char* kResume = "AIKIDO_RESUME";
+inline constexpr const char* kConsoleTty = "AIKIDO_CONSOLE_TTY";
+inline constexpr const char* kTimeline = "AIKIDO_TIMELINE";
 
 inline constexpr std::chrono::milliseconds kDefaultTimeout{60'000};
 /// Accepted range of AIKIDO_SEGMENT_BYTES (and 0: chosen per link).

@@ -574,6 +574,7 @@ ClusterSpec ElasticSession::next_spec_after_failure(SteadyClock::time_point dead
     }
     if (!lost.empty() && latest && latest->version == current) {
       ClusterSpec next = spec_.without(lost, "lost");
+      next.requested_by = "survivors";
       next.proposed_unix_ms = unix_ms();
       if (!next.workers.empty() && config_.membership->propose(next)) {
         latest_seen_ = std::max(latest_seen_.load(), next.version);
@@ -662,13 +663,14 @@ SyncResult ElasticSession::sync(std::int64_t step) {
   return agree_on_version(version, "aikido/elastic/check");
 }
 
-std::uint64_t ElasticSession::request_resize(int n) {
+std::uint64_t ElasticSession::request_resize(int n, const std::string& requested_by) {
   if (!elastic()) throw ConfigError("resizing needs an elastic job: run under aikido-run --elastic");
   for (;;) {
     auto latest = config_.membership->latest();
     if (!latest) throw Error("the membership store holds no cluster spec");
     if (latest->size() == n) return latest->version;
     ClusterSpec next = latest->with_size(n);
+    next.requested_by = requested_by;
     next.proposed_unix_ms = unix_ms();
     if (config_.membership->propose(next)) {
       latest_seen_ = std::max(latest_seen_.load(), next.version);

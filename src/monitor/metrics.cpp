@@ -43,6 +43,14 @@ std::vector<Field> numeric_fields(const TrainingMetrics& m) {
       {"bytes_sent", "bytes this worker wrote to its connections since its session began",
        static_cast<double>(m.bytes_sent)},
       {"epsilon", "differential privacy spent so far (epsilon at the optimizer's delta)", m.epsilon},
+      {"local_step_seconds", "this worker's time of its last step", m.local_step_seconds},
+      {"local_compute_seconds", "this worker's time outside the optimizer in its last step", m.local_compute_seconds},
+      {"local_communication_seconds", "this worker's communication time in its last step",
+       m.local_communication_seconds},
+      {"local_wait_seconds", "this worker's time blocked on communication in its last step", m.local_wait_seconds},
+      {"local_samples_per_second", "this worker's own throughput in its last step", m.local_samples_per_second},
+      {"train_loss", "mean training loss of the last step over all workers' samples", m.train_loss},
+      {"test_accuracy", "latest test accuracy", m.test_accuracy},
   };
 }
 
@@ -117,6 +125,17 @@ std::string to_json(const TrainingMetrics& m, int rank) {
     os << (i ? "," : "") << "{\"peer\":" << link.peer << ",\"latency_seconds\":" << known_or_null(link.latency_seconds)
        << ",\"bandwidth_bytes_per_second\":" << known_or_null(link.bandwidth_bytes_per_second)
        << ",\"probes\":" << link.probes << "}";
+  }
+  os << "],\"decisions\":[";
+  for (std::size_t i = 0; i < m.decisions.size(); ++i) {
+    const PolicyDecision& d = m.decisions[i];
+    os << (i ? "," : "") << "{\"step\":" << d.step << ",\"policy\":" << quoted(d.policy)
+       << ",\"hook\":" << quoted(d.hook) << ",\"setting\":" << quoted(d.setting) << ",\"from\":" << quoted(d.from)
+       << ",\"to\":" << quoted(d.to) << ",\"metrics\":{";
+    for (std::size_t k = 0; k < d.metrics.size(); ++k) {
+      os << (k ? "," : "") << quoted(d.metrics[k].first) << ":" << known_or_null(d.metrics[k].second);
+    }
+    os << "}}";
   }
   os << "]}";
   return os.str();

@@ -55,6 +55,7 @@ void ClusterSpec::validate() const {
     }
   }
   if (reason.find('\n') != std::string::npos) throw ConfigError(where + "the reason must be one line");
+  if (requested_by.find('\n') != std::string::npos) throw ConfigError(where + "requested_by must be one line");
 }
 
 ClusterSpec ClusterSpec::resized(int n, const std::string& host, std::string why) const {
@@ -65,6 +66,7 @@ ClusterSpec ClusterSpec::resized(int n, const std::string& host, std::string why
   ClusterSpec next = *this;
   next.version = version + 1;
   next.reason = std::move(why);
+  next.requested_by.clear();
   if (n < size()) next.workers.resize(std::size_t(n));
   while (next.size() < n) next.workers.push_back({next.next_id++, host});
   next.validate();
@@ -75,6 +77,7 @@ ClusterSpec ClusterSpec::without(const std::vector<std::uint64_t>& ids, std::str
   ClusterSpec next = *this;
   next.version = version + 1;
   next.reason = std::move(why);
+  next.requested_by.clear();
   std::erase_if(next.workers,
                 [&](const WorkerSpec& w) { return std::find(ids.begin(), ids.end(), w.id) != ids.end(); });
   return next;
@@ -88,6 +91,7 @@ ClusterSpec ClusterSpec::with_size(int n, std::string why) const {
   ClusterSpec next = *this;
   next.version = version + 1;
   next.reason = std::move(why);
+  next.requested_by.clear();
   if (n < size()) next.workers.resize(std::size_t(n));
   const std::vector<std::string> order = hosts();
   while (next.size() < n) {
@@ -106,6 +110,7 @@ ClusterSpec ClusterSpec::with_workers_on(const std::string& host, int n, std::st
   ClusterSpec next = *this;
   next.version = version + 1;
   next.reason = std::move(why);
+  next.requested_by.clear();
   auto after = next.workers.end();
   for (auto it = next.workers.begin(); it != next.workers.end(); ++it) {
     if (it->host == host) after = it + 1;
@@ -120,6 +125,7 @@ ClusterSpec ClusterSpec::without_host(const std::string& host, std::string why) 
   ClusterSpec next = *this;
   next.version = version + 1;
   next.reason = std::move(why);
+  next.requested_by.clear();
   std::erase_if(next.workers, [&](const WorkerSpec& w) { return w.host == host; });
   return next;
 }
@@ -150,6 +156,7 @@ ClusterSpec::Diff ClusterSpec::diff(const ClusterSpec& next) const {
 std::string ClusterSpec::encode() const {
   std::string out = str_cat("version=", version, "\nmin=", min_size, "\nmax=", max_size, "\nnext_id=", next_id,
                             "\nreason=", reason, "\nproposed_ms=", proposed_unix_ms, "\n");
+  if (!requested_by.empty()) out += str_cat("by=", requested_by, "\n");
   for (const auto& w : workers) out += str_cat("worker=", w.id, " ", w.host, "\n");
   return out;
 }
@@ -182,6 +189,8 @@ ClusterSpec ClusterSpec::decode(std::string_view text) {
       spec.next_id = parse_u64(key, value);
     } else if (key == "reason") {
       spec.reason = std::string(value);
+    } else if (key == "by") {
+      spec.requested_by = std::string(value);
     } else if (key == "proposed_ms") {
       const std::uint64_t ms = parse_u64(key, value);
       // Above INT64_MAX the cast would wrap to a negative time that encode() writes and decode() refuses.

@@ -9,6 +9,7 @@
 #include "base/log.hpp"
 #include "base/reduce.hpp"
 #include "base/thread.hpp"
+#include "base/timeline.hpp"
 #include "runtime/engine_collective.hpp"
 #include "runtime/engine_hierarchy.hpp"
 #include "transport/shm_segment.hpp"
@@ -284,7 +285,31 @@ ShmRequest Engine::shm_request(const Request& request) {
   return r;
 }
 
+// With a timeline (aikido-run --timeline), every collective becomes a span from its post to its completion, with
+// when the engine had it under way (plan chosen, input taken, first messages out) among its details.
 Work Engine::post(const Request& request) {
+  Timeline* timeline = Timeline::get();
+  if (timeline == nullptr) return post_collective(request, nullptr);
+  const auto posted = Clock::now();
+  const char* algorithm = nullptr;
+  Work work = post_collective(request, &algorithm);
+  const auto started = Clock::now();
+  const std::size_t bytes = request.send_count * dtype_size(request.dtype);
+  std::string args = str_cat("\"kind\":\"", kind_name(request.kind), "\",\"bytes\":", bytes, ",\"algorithm\":\"",
+                             algorithm != nullptr ? algorithm : topology_name(topology()),
+                             "\",\"posted_us\":", std::int64_t(Timeline::unix_us(posted)),
+                             ",\"started_us\":", std::int64_t(Timeline::unix_us(started)),
+                             ",\"cluster_version\":", config_.cluster_version);
+  work.on_complete([timeline, posted, name = std::string(request.name), args = std::move(args)](std::exception_ptr e) {
+    const auto finished = Clock::now();
+    timeline->async_span(
+        "collectives", "collective", name, posted, finished,
+        str_cat(args, ",\"finished_us\":", std::int64_t(Timeline::unix_us(finished)), e ? ",\"failed\":true" : ""));
+  });
+  return work;
+}
+
+Work Engine::post_collective(const Request& request, const char** algorithm) {
   if (request.name.empty()) {
     throw ConfigError(str_cat(kind_name(request.kind), ": the collective needs a non-empty name"));
   }
@@ -298,11 +323,13 @@ Work Engine::post(const Request& request) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (work) {
       ++counts_.shared_memory;
+      if (algorithm != nullptr) *algorithm = "shared-memory";
       return *work;
     }
     ++counts_.shared_memory_table_full;  // and on the message path, counted there
   }
   collective::TopologyChoice choice = resolve_topology(topology(), request);
+  if (algorithm != nullptr) *algorithm = topology_name(choice.topology);
   if (hierarchy_ && choice.topology == Topology::hierarchical && HierarchicalCollective::handles(request.kind)) {
     return post_hierarchical(request);
   }

@@ -194,6 +194,8 @@ class Engine final : public transport::FrameHandler {
                bool broke_protocol) override;
 
  private:
+  /// post() without the timeline; `algorithm` (when not null) is set to "shared-memory" when that path takes it.
+  Work post_collective(const Request& request, const char** algorithm);
   struct MessageKey {
     std::string name;
     std::uint64_t seq;

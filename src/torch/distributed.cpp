@@ -14,6 +14,7 @@
 #include "base/error.hpp"
 #include "base/reduce.hpp"
 #include "optimizer_parts.hpp"
+#include "base/timeline.hpp"
 #include "splitmix.hpp"
 
 namespace aikido::torch {
@@ -514,6 +515,11 @@ void DistributedOptimizer::finish_gradients(bool apply) {
   const auto before = Monitor::Clock::now();
   for (auto& bucket : buckets_) finish(bucket);
   const auto after = Monitor::Clock::now();
+  if (auto* timeline = detail::Timeline::get()) {
+    const std::string step = str_cat("\"step\":", steps_);
+    timeline->span("step", "step", "wait", before, after, step);
+    timeline->async_span("communication", "step", "communication", monitor_->first_launch, after, step);
+  }
   monitor_->wait += seconds_between(before, after);
   monitor_->communication += seconds_between(monitor_->first_launch, after);
   if (options_.monitor) {
@@ -616,7 +622,13 @@ void DistributedOptimizer::step(std::int64_t samples) {
   reset_step();
   const bool rounds = is_round_strategy(strategy_);
   if (rounds && !rounds_->anchored) anchor_round();
+  const auto optimizer_begin = Monitor::Clock::now();
   optimizer_.step();
+  if (auto* timeline = detail::Timeline::get()) {
+    const std::string step = str_cat("\"step\":", steps_);
+    timeline->span("step", "step", "forward+backward", monitor_->last_step_end, monitor_->entry, step);
+    timeline->span("step", "step", "optimizer", optimizer_begin, Monitor::Clock::now(), step);
+  }
   if (strategy_ == Strategy::synchronous_averaging) average_models();
   if (strategy_ == Strategy::pair_averaging) pair_step();
   if (rounds) round_step(samples);
@@ -639,6 +651,15 @@ void DistributedOptimizer::launch_metrics(double samples, double step_seconds) {
   m.values[Monitor::kWait] = m.wait;
   m.values[Monitor::kCommunication] = m.communication;
   m.values[Monitor::kStep] = step_seconds;
+  const bool have_loss = std::isfinite(pending_loss_);
+  m.values[Monitor::kLoss] = have_loss ? pending_loss_ * samples : 0.0;
+  m.values[Monitor::kLossSamples] = have_loss ? samples : 0.0;
+  pending_loss_ = TrainingMetrics::kUnknown;
+  metrics_.local_step_seconds = step_seconds;
+  metrics_.local_compute_seconds = m.values[Monitor::kCompute];
+  metrics_.local_communication_seconds = m.communication;
+  metrics_.local_wait_seconds = m.wait;
+  metrics_.local_samples_per_second = step_seconds > 0 ? samples / step_seconds : TrainingMetrics::kUnknown;
   m.pending_measured = m.measured;
   m.pending_big_sq = m.big_sq;
   m.local_sq = m.big_sq = m.wait = m.communication = 0;
@@ -669,6 +690,28 @@ void DistributedOptimizer::launch_metrics(double samples, double step_seconds) {
   if (peer_.size() == 1) absorb_metrics();
 }
 
+void DistributedOptimizer::set_test_accuracy(double accuracy) {
+  metrics_.test_accuracy = accuracy;
+  if (monitor_->publisher) monitor_->publisher->update(metrics_);
+}
+
+void DistributedOptimizer::record_decision(PolicyDecision decision) {
+  if (auto* timeline = detail::Timeline::get()) {
+    using detail::Timeline;
+    std::string args = str_cat("\"step\":", decision.step, ",\"policy\":\"", Timeline::escape(decision.policy),
+                               "\",\"hook\":\"", decision.hook, "\",\"from\":\"", Timeline::escape(decision.from),
+                               "\",\"to\":\"", Timeline::escape(decision.to), "\"");
+    for (const auto& [name, value] : decision.metrics) {
+      if (std::isfinite(value)) args += str_cat(",\"", name, "\":", value);
+    }
+    timeline->instant("policy", "policy", str_cat(decision.policy, ": ", decision.setting), Monitor::Clock::now(),
+                      args);
+  }
+  metrics_.decisions.push_back(std::move(decision));
+  if (metrics_.decisions.size() > TrainingMetrics::kMaxDecisions) metrics_.decisions.erase(metrics_.decisions.begin());
+  if (monitor_->publisher) monitor_->publisher->update(metrics_);
+}
+
 void DistributedOptimizer::absorb_metrics() {
   Monitor& m = *monitor_;
   if (!m.pending) return;
@@ -685,6 +728,7 @@ void DistributedOptimizer::absorb_metrics() {
   metrics_.compute_seconds = v[Monitor::kCompute] / n;
   metrics_.wait_seconds = v[Monitor::kWait] / n;
   metrics_.communication_seconds = v[Monitor::kCommunication] / n;
+  if (v[Monitor::kLossSamples] > 0) metrics_.train_loss = v[Monitor::kLoss] / v[Monitor::kLossSamples];
   metrics_.samples_per_second = metrics_.step_seconds > 0 ? samples / metrics_.step_seconds : TrainingMetrics::kUnknown;
   metrics_.allreduce_bytes_per_second = metrics_.communication_seconds > 0
                                             ? static_cast<double>(m.gradient_bytes) / metrics_.communication_seconds

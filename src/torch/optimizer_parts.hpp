@@ -112,7 +112,8 @@ struct DistributedOptimizer::Bucket {
 // beside it in an allreduce (max) of its negated bandwidth.
 struct DistributedOptimizer::Monitor {
   using Clock = std::chrono::steady_clock;
-  enum Slot { kLocalSq, kMeasured, kSamples, kCompute, kWait, kCommunication, kStep, kCount };
+  // kLoss: loss x samples of the workers that reported a loss (set_loss), whose samples are kLossSamples.
+  enum Slot { kLocalSq, kMeasured, kSamples, kCompute, kWait, kCommunication, kStep, kLoss, kLossSamples, kCount };
 
   explicit Monitor(double smoothing) : noise(smoothing) {}
   NoiseScaleEstimator noise;

@@ -2,7 +2,9 @@
 #include <aikido/elastic.hpp>
 #include <aikido/torch.hpp>
 #include <cstring>
+#include <map>
 #include <optional>
+#include <sstream>
 
 #include "base/bytes.hpp"
 #include "base/error.hpp"
@@ -134,16 +136,42 @@ void PolicyRunner::after_step() { run("after_step", &Policy::after_step); }
 void PolicyRunner::after_epoch() { run("after_epoch", &Policy::after_epoch); }
 void PolicyRunner::after_train() { run("after_train", &Policy::after_train); }
 
+namespace {
+
+std::string number_text(double v) {
+  std::ostringstream out;
+  out << v;
+  return out.str();
+}
+
+}  // namespace
+
 void PolicyRunner::run(const char* hook, void (Policy::*method)(PolicyContext&)) {
   if (policies_.empty()) return;
   const TrainingMetrics& metrics = optimizer_.metrics();
   Context context(metrics, session_ != nullptr);
+  // Which policy asked for each setting (the later request wins, as it is applied).
+  std::map<std::string, std::string> asked_by;
   for (auto& policy : policies_) {
+    const std::string before = context.digest(metrics.step, hook);
+    const auto batch = context.batch_size_;
+    const auto lr = context.lr_;
+    const auto strategy = context.strategy_;
+    const auto topology = context.topology_;
+    const auto resize = context.resize_;
+    const auto stop = context.stop_;
     try {
       ((*policy).*method)(context);
     } catch (const std::exception& e) {
       throw Error(str_cat("policy '", policy->name(), "' failed in ", hook, " at step ", metrics.step, ": ", e.what()));
     }
+    if (context.digest(metrics.step, hook) == before) continue;
+    if (context.batch_size_ != batch) asked_by["batch_size"] = policy->name();
+    if (context.lr_ != lr) asked_by["lr"] = policy->name();
+    if (context.strategy_ != strategy) asked_by["strategy"] = policy->name();
+    if (context.topology_ != topology) asked_by["topology"] = policy->name();
+    if (context.resize_ != resize) asked_by["workers"] = policy->name();
+    if (context.stop_ != stop) asked_by["stop"] = policy->name();
   }
   if (!context.any()) return;
   Peer& peer = optimizer_.peer();
@@ -153,6 +181,30 @@ void PolicyRunner::run(const char* hook, void (Policy::*method)(PolicyContext&))
     throw MismatchError(str_cat("policies decided differently on different workers in ", hook, " at step ",
                                 metrics.step, " (policies must decide from the metrics only)"));
   }
+  // What changes, from what to what, on which metric values: the decisions the dashboard and the timeline show.
+  const auto decide = [&](const std::string& setting, const std::string& from, const std::string& to) {
+    if (from == to) return;
+    PolicyDecision d;
+    d.step = metrics.step;
+    d.policy = asked_by.count(setting) ? asked_by[setting] : "policy";
+    d.hook = hook;
+    d.setting = setting;
+    d.from = from;
+    d.to = to;
+    d.metrics = {{"noise_scale", metrics.noise_scale},
+                 {"gradient_variance", metrics.gradient_variance},
+                 {"snr", metrics.snr},
+                 {"samples_per_second", metrics.samples_per_second},
+                 {"train_loss", metrics.train_loss},
+                 {"step_seconds", metrics.step_seconds}};
+    optimizer_.record_decision(std::move(d));
+  };
+  if (context.batch_size_) decide("batch_size", std::to_string(batch_size_), std::to_string(*context.batch_size_));
+  if (context.lr_) decide("lr", number_text(optimizer_.lr()), number_text(*context.lr_));
+  if (context.strategy_) decide("strategy", strategy_name(optimizer_.strategy()), strategy_name(*context.strategy_));
+  if (context.topology_) decide("topology", topology_name(peer.topology()), topology_name(*context.topology_));
+  if (context.resize_) decide("workers", std::to_string(peer.size()), std::to_string(*context.resize_));
+  if (context.stop_) decide("stop", "training", "stopped: " + *context.stop_);
   if (context.batch_size_) {
     batch_size_ = *context.batch_size_;
     optimizer_.set_batch_size(batch_size_);
@@ -165,7 +217,7 @@ void PolicyRunner::run(const char* hook, void (Policy::*method)(PolicyContext&))
   if (context.topology_ && *context.topology_ != peer.topology()) peer.set_topology(*context.topology_);
   // One proposal for the cluster; every worker applies it at its next ElasticSession::sync().
   if (context.resize_ && *context.resize_ != peer.size() && peer.rank() == 0)
-    session_->request_resize(*context.resize_);
+    session_->request_resize(*context.resize_, "policy " + asked_by["workers"]);
   if (context.stop_) {
     stopped_ = true;
     stop_reason_ = *context.stop_;

@@ -6,8 +6,10 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <regex>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -100,6 +102,10 @@ TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
       {{"-np", "2", "--connect-timeout", "soon", kFixture}, "--connect-timeout 'soon' is not a positive number"},
       {{"--nnodes", "2", "--store", "etcd://127.0.0.1:2379", "--job-id", "j", "--host-timeout", "90", kFixture},
        "--host-timeout 90 s is not shorter than the collective timeout (60 s)"},
+      {{"-np", "2", "--ranks-filter", "x", kFixture}, "--ranks-filter 'x' is not a list of ranks"},
+      {{"-np", "2", "--ranks-filter", "3-1", kFixture}, "--ranks-filter '3-1' is not a list of ranks"},
+      {{"-np", "2", "--ranks-filter", "0", "--quiet-ranks", "1", kFixture}, "give --ranks-filter or --quiet-ranks"},
+      {{"-np", "2", "--log-dir", "", kFixture}, "--log-dir needs a folder"},
   };
   for (const auto& c : cases) {
     const auto r = run_process(launch(c.args), kBound);
@@ -179,6 +185,73 @@ TEST(LauncherTest, SetsTheEnvironmentAndPrefixesLines) {
     EXPECT_EQ(lines_with_prefix(r.err, p), std::vector<std::string>{p + "stderr of rank " + std::to_string(rank)})
         << r.describe();
   }
+}
+
+std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// The "event" values of events.jsonl, in order (each line one JSON object; the key is looked up textually).
+std::vector<std::string> event_kinds(const std::string& jsonl) {
+  std::vector<std::string> kinds;
+  const std::regex kind(R"re("event":"(\w+)")re");
+  std::istringstream in(jsonl);
+  for (std::string line; std::getline(in, line);) {
+    std::smatch m;
+    if (std::regex_search(line, m, kind)) kinds.push_back(m[1]);
+  }
+  return kinds;
+}
+
+TEST(LauncherTest, LogDirGetsEachRanksLinesAndTheJobsEvents) {
+  const auto dir = std::filesystem::temp_directory_path() / ("aikido-logdir-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  const auto r = run_process(launch({"-np", "2", "--log-dir", (dir / "logs").string(), kFixture, "env"}), kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(lines_with_prefix(r.out, "[1] ").size(), 3u) << r.describe();  // the console still gets everything
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string log = read_file(dir / "logs" / ("rank-" + std::to_string(rank) + ".log"));
+    EXPECT_EQ(log.find("rank=" + std::to_string(rank) + " size=2 "), 0u) << log;  // unlabelled
+    EXPECT_NE(log.find("\nstderr of rank " + std::to_string(rank) + "\n"), std::string::npos) << log;
+    EXPECT_EQ(log.find("["), std::string::npos) << log;
+  }
+  const auto kinds = event_kinds(read_file(dir / "logs" / "events.jsonl"));
+  ASSERT_GE(kinds.size(), 6u);
+  EXPECT_EQ(kinds.front(), "job_started");
+  EXPECT_EQ(std::count(kinds.begin(), kinds.end(), "worker_started"), 2);
+  EXPECT_EQ(std::count(kinds.begin(), kinds.end(), "worker_exited"), 2);
+  EXPECT_EQ(kinds.back(), "job_finished");
+  std::filesystem::remove_all(dir);
+}
+
+TEST(LauncherTest, EventsRecordAFailureAndAikidoRunsMessages) {
+  const auto dir = std::filesystem::temp_directory_path() / ("aikido-logdir-f-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  const auto r = run_process(launch({"-np", "2", "--log-dir", dir.string(), kFixture, "exit", "1", "3"}), kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 3) << r.describe();
+  const std::string events = read_file(dir / "events.jsonl");
+  EXPECT_NE(events.find(R"("event":"message")"), std::string::npos) << events;
+  EXPECT_NE(events.find("aikido-run: rank 1 exited with status 3"), std::string::npos) << events;
+  EXPECT_TRUE(std::regex_search(events, std::regex(R"re("event":"job_finished".*"state":"failed".*"status":3)re")))
+      << events;
+  std::filesystem::remove_all(dir);
+}
+
+TEST(LauncherTest, RanksFilterShowsOnlyThoseRanksOnTheConsole) {
+  const auto dir = std::filesystem::temp_directory_path() / ("aikido-filter-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  auto r = run_process(launch({"-np", "3", "--ranks-filter", "1", "--log-dir", dir.string(), kFixture, "env"}), kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(lines_with_prefix(r.out, "[1] ").size(), 3u) << r.describe();
+  EXPECT_TRUE(lines_with_prefix(r.out, "[0] ").empty()) << r.describe();
+  EXPECT_TRUE(lines_with_prefix(r.err, "[2] ").empty()) << r.describe();
+  EXPECT_NE(read_file(dir / "rank-0.log").find("rank=0 "), std::string::npos);  // the log keeps every rank
+  r = run_process(launch({"-np", "3", "--quiet-ranks", "0-1", kFixture, "env"}), kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(lines_with_prefix(r.out, "[2] ").size(), 3u) << r.describe();
+  EXPECT_TRUE(lines_with_prefix(r.out, "[0] ").empty() && lines_with_prefix(r.out, "[1] ").empty()) << r.describe();
+  std::filesystem::remove_all(dir);
 }
 
 TEST(LauncherTest, InheritsSettingsThatNoFlagOverrides) {

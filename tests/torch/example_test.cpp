@@ -40,6 +40,84 @@ std::vector<nlohmann::json> epochs_of(const std::string& out, int rank) {
   return lines;
 }
 
+// aikido-run --timeline: a Chrome trace with, per worker, every collective (with its details), the phases of every
+// step and the policy's decision, and aikido-run's events.
+TEST(FashionMnistExample, TimelineHasTheCollectivesStepPhasesAndEventsOfEveryWorker) {
+  const std::string path = ::testing::TempDir() + "aikido-timeline-" + std::to_string(::getpid()) + ".json";
+  const auto r = run_process({kRun, "-np", "2", "--timeline", path, kExample, "--epochs", "1", "--max-steps", "12",
+                              "--policy", "schedule:lr@step5=0.02", "--output", "json"},
+                             kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: timeline of 2 workers written to " + path), std::string::npos) << r.describe();
+  std::ifstream in(path);
+  const auto trace = nlohmann::json::parse(in);      // throws, failing the test, unless the whole file is JSON
+  std::map<int, std::map<std::string, int>> phases;  // worker -> step phase -> spans
+  std::map<int, int> begins, ends, decisions;
+  std::set<std::string> launcher_events;
+  for (const auto& e : trace.at("traceEvents")) {
+    const int pid = e.at("pid").get<int>();
+    const std::string ph = e.at("ph");
+    if (ph == "X" && e.at("cat") == "step") {
+      ++phases[pid][e.at("name").get<std::string>()];
+      EXPECT_GE(e.at("dur").get<double>(), 0) << e;
+    }
+    if (ph == "b" && e.at("cat") == "collective") {
+      ++begins[pid];
+      const auto& args = e.at("args");
+      EXPECT_TRUE(args.at("bytes").is_number() && args.at("algorithm").is_string() && args.at("kind").is_string()) << e;
+      EXPECT_LE(args.at("posted_us").get<std::int64_t>(), args.at("started_us").get<std::int64_t>()) << e;
+      EXPECT_LE(args.at("started_us").get<std::int64_t>(), args.at("finished_us").get<std::int64_t>()) << e;
+    }
+    if (ph == "e" && e.at("cat") == "collective") ++ends[pid];
+    if (ph == "i" && e.at("cat") == "policy") {
+      ++decisions[pid];
+      EXPECT_EQ(e.at("name"), "schedule: lr") << e;
+      EXPECT_EQ(e.at("args").at("to"), "0.02") << e;
+      EXPECT_EQ(e.at("args").at("from"), "0.05") << e;
+    }
+    if (pid == 1'000'000 && ph == "i") launcher_events.insert(e.at("cat").get<std::string>());
+  }
+  for (int worker = 0; worker < 2; ++worker) {
+    for (const char* phase : {"forward+backward", "wait", "optimizer"}) {
+      EXPECT_EQ(phases[worker][phase], 12) << "worker " << worker << " phase " << phase;
+    }
+    EXPECT_GE(begins[worker], 12 * 2) << "worker " << worker;  // a gradient bucket and the metrics each step
+    EXPECT_EQ(begins[worker], ends[worker]) << "worker " << worker;
+    EXPECT_EQ(decisions[worker], 1) << "worker " << worker;
+  }
+  for (const char* kind : {"job_started", "worker_started", "worker_exited", "job_finished"}) {
+    EXPECT_TRUE(launcher_events.contains(kind)) << kind;
+  }
+  std::remove(path.c_str());
+}
+
+TEST(FashionMnistExample, OutputChoosesJsonLinesOrProgressText) {
+  auto r = run_process({kRun, "-np", "2", kExample, "--epochs", "2", "--max-steps", "20", "--output", "text"}, kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_TRUE(epochs_of(r.out, 0).empty()) << r.describe();
+  // Not on a terminal: one line per epoch, from rank 0 alone.
+  EXPECT_TRUE(std::regex_search(r.err, std::regex(R"(\[0\] epoch 1/2: 20 steps, train loss \d\.\d{4}, test accuracy )"
+                                                  R"(0\.\d{4}, \d+ samples/s, \d+\.\d s, 2 workers\n)")))
+      << r.describe();
+  EXPECT_NE(r.err.find("[0] epoch 2/2: 20 steps"), std::string::npos) << r.describe();
+  EXPECT_EQ(r.err.find("[1] epoch"), std::string::npos) << r.describe();
+  EXPECT_EQ(r.err.find('\r'), std::string::npos) << r.describe();
+  r = run_process({kRun, "-np", "1", kExample, "--epochs", "1", "--max-steps", "20", "--output", "json"}, kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_EQ(epochs_of(r.out, 0).size(), 1u) << r.describe();
+  EXPECT_EQ(r.err.find("] epoch 1/1"), std::string::npos) << r.describe();
+  // On a terminal: the progress line is rewritten in place ("...\r"), then the epoch's line.
+  Subprocess::Options tty;
+  tty.set_env = {"AIKIDO_CONSOLE_TTY=1"};
+  r = run_process({kExample, "--epochs", "1", "--max-steps", "20", "--output", "both"}, kBound, tty);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_TRUE(std::regex_search(r.err, std::regex(R"(epoch 1/1  step \d+/20  \d+ samples/s  loss \d\.\d{4}  ETA )"
+                                                  R"((\d\d:\d\d|--:--)\r)")))
+      << r.describe();
+  EXPECT_NE(r.err.find("epoch 1/1: 20 steps"), std::string::npos) << r.describe();
+  EXPECT_NE(r.out.find("{\"epoch\":0,"), std::string::npos) << r.describe();
+}
+
 TEST(FashionMnistExample, TwoWorkersReachTheTargetAccuracy) {
   const auto r = run_process({kRun, "-np", "2", kExample, "--model", "mlp", "--epochs", "3", "--all-ranks"}, kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();

@@ -60,3 +60,22 @@ TEST(ClusterSpecHosts, WithSizeFillsTheEmptiestHostAndShrinksFromTheLast) {
 
 }  // namespace
 }  // namespace aikido
+
+namespace aikido {
+namespace {
+
+TEST(ClusterSpecRequestedBy, TravelsWithItsVersionAndNotIntoTheNext) {
+  ClusterSpec s = two_hosts();
+  ClusterSpec grown = s.with_size(5);
+  grown.requested_by = "policy adaptive-batch";
+  const ClusterSpec decoded = ClusterSpec::decode(grown.encode());
+  EXPECT_EQ(decoded.requested_by, "policy adaptive-batch");
+  EXPECT_EQ(decoded.reason, "resize");
+  EXPECT_EQ(decoded.with_size(4).requested_by, "");  // a later version says who asked for it
+  EXPECT_EQ(ClusterSpec::decode(s.encode()).requested_by, "");
+  grown.requested_by = "two\nlines";
+  EXPECT_THROW(grown.validate(), ConfigError);
+}
+
+}  // namespace
+}  // namespace aikido

@@ -80,6 +80,30 @@ TEST(MetricsExport, PrometheusAndJson) {
   EXPECT_NE(json.find("\"links\":[]"), std::string::npos) << json;
 }
 
+TEST(MetricsExport, PolicyDecisionsAndLocalTimesInJson) {
+  TrainingMetrics m;
+  m.local_compute_seconds = 0.25;
+  m.train_loss = 0.5;
+  PolicyDecision d;
+  d.step = 7;
+  d.policy = "adaptive-batch";
+  d.hook = "after_step";
+  d.setting = "batch_size";
+  d.from = "64";
+  d.to = "128";
+  d.metrics = {{"noise_scale", 300.0}, {"snr", TrainingMetrics::kUnknown}};
+  m.decisions.push_back(d);
+  const std::string json = to_json(m, 0);
+  EXPECT_NE(json.find("\"local_compute_seconds\":0.25,"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"train_loss\":0.5,"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"decisions\":[{\"step\":7,\"policy\":\"adaptive-batch\",\"hook\":\"after_step\","
+                      "\"setting\":\"batch_size\",\"from\":\"64\",\"to\":\"128\",\"metrics\":{\"noise_scale\":300,"
+                      "\"snr\":null}}]}"),
+            std::string::npos)
+      << json;
+  EXPECT_NE(to_prometheus(m, 3).find("aikido_local_compute_seconds{rank=\"3\"} 0.25\n"), std::string::npos);
+}
+
 TEST(MetricsExport, LinksPerPeer) {
   TrainingMetrics m;
   LinkStats a;
@@ -101,7 +125,7 @@ TEST(MetricsExport, LinksPerPeer) {
   const std::string json = to_json(m, 1);
   EXPECT_NE(json.find("\"links\":[{\"peer\":0,\"latency_seconds\":2.5e-05,\"bandwidth_bytes_per_second\":3e+09,"
                       "\"probes\":4},{\"peer\":2,\"latency_seconds\":null,\"bandwidth_bytes_per_second\":null,"
-                      "\"probes\":0}]}"),
+                      "\"probes\":0}],\"decisions\":[]}"),
             std::string::npos)
       << json;
 }

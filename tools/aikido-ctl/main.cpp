@@ -109,6 +109,7 @@ int resize(aikido::Store& store, aikido::MembershipStore& membership, const Cont
       return 0;
     }
     aikido::ClusterSpec next = spec->with_size(n);
+    next.requested_by = "aikido-ctl";
     next.proposed_unix_ms =
         std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
             .count();

@@ -14,6 +14,7 @@
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/log.hpp"
+#include "events.hpp"
 #include "launch/host_job.hpp"
 #include "output.hpp"
 #include "runtime/peer_env.hpp"
@@ -215,6 +216,24 @@ void ElasticController::check_hosts(Supervisor& supervisor) {
   if (auto next = hosts.remove_lost_hosts()) report("aikido-run: cluster " + next->describe());
 }
 
+// Every cluster version up to `latest` once in the event log, with who asked for it.
+void ElasticController::record_versions(const ClusterSpec& latest) {
+  if (!setup_.events) return;
+  for (std::uint64_t v = recorded_versions_; v <= latest.version; ++v) {
+    const auto spec = v == latest.version ? std::optional<ClusterSpec>(latest) : membership_->get(v);
+    if (!spec) continue;
+    nlohmann::json workers = nlohmann::json::array();
+    for (const auto& w : spec->workers) workers.push_back({{"id", w.id}, {"host", w.host}});
+    nlohmann::json e = {{"version", spec->version},  {"size", spec->size()}, {"reason", spec->reason},
+                        {"by", spec->requested_by},  {"workers", workers},   {"min_size", spec->min_size},
+                        {"max_size", spec->max_size}};
+    if (spec->proposed_unix_ms > 0) e["proposed_time"] = double(spec->proposed_unix_ms) / 1e3;
+    setup_.events->emit("cluster", std::move(e));
+    if (spec->reason == "lost" || spec->reason == "restart") recovering_[spec->version] = unix_seconds();
+  }
+  recorded_versions_ = latest.version + 1;
+}
+
 bool ElasticController::session_open(std::uint64_t id) {
   try {
     return store_->get(worker_status_key(job_id_, id)).has_value();
@@ -293,6 +312,7 @@ void ElasticController::check_sessions(Supervisor& supervisor) {
 void ElasticController::reconcile(Supervisor& supervisor) {
   const auto spec = membership_->latest();
   if (!spec) return;
+  record_versions(*spec);
   for (const auto& w : spec->workers) {
     if (w.host != host_) continue;
     if (!started_for_.contains(w.id)) {
@@ -328,10 +348,15 @@ void ElasticController::check_heartbeats(Supervisor& supervisor) {
     for (auto& [id, hb] : heartbeats_) hb.changed = now;
   }
   const auto timeout = std::chrono::milliseconds(std::int64_t(options_.heartbeat_timeout_s * 1000));
+  std::map<std::uint64_t, std::uint64_t> joined;
   for (std::uint64_t id : supervisor.running_workers()) {
     if (!spec->contains(id)) continue;
     asked = SteadyClock::now();
     const auto value = store_->get(worker_status_key(job_id_, id));
+    if (value) {
+      const auto at = value->find("version=");
+      joined[id] = at == std::string::npos ? 0 : std::strtoull(value->c_str() + at + 8, nullptr, 10);
+    }
     now = SteadyClock::now();
     if (now - asked > kSlowStoreAnswer) {
       for (auto& [other, hb] : heartbeats_) hb.changed = now;
@@ -349,6 +374,26 @@ void ElasticController::check_heartbeats(Supervisor& supervisor) {
              ") stopped responding: no heartbeat for " + detail::seconds(timeout) + "; killing it (SIGKILL)");
       supervisor.kill_worker(id);
     }
+  }
+  record_recoveries(*spec, joined);
+}
+
+void ElasticController::record_recoveries(const ClusterSpec& latest,
+                                          const std::map<std::uint64_t, std::uint64_t>& joined) {
+  if (!setup_.events || recovering_.empty()) return;
+  for (auto it = recovering_.begin(); it != recovering_.end();) {
+    bool all = true;
+    for (const auto& w : latest.workers) {
+      if (w.host != host_) continue;
+      const auto j = joined.find(w.id);
+      all = all && j != joined.end() && j->second >= it->first;
+    }
+    if (!all) break;  // versions in order: a later one cannot have finished first
+    const double now = unix_seconds();
+    setup_.events->emit(
+        "recovery",
+        {{"version", it->first}, {"size", latest.size()}, {"started", it->second}, {"seconds", now - it->second}});
+    it = recovering_.erase(it);
   }
 }
 
@@ -386,6 +431,9 @@ bool ElasticController::stop_ready() {
   const std::string prefix = checkpoint_request_ + " ";
   if (!done || done->rfind(prefix, 0) != 0) return false;
   report("aikido-run: rank 0: " + done->substr(prefix.size()));
+  if (setup_.events) {
+    setup_.events->emit("checkpoint", {{"path", options_.checkpoint}, {"text", done->substr(prefix.size())}});
+  }
   return true;
 }
 
@@ -491,6 +539,16 @@ bool ElasticController::handle_exit(Supervisor& supervisor, std::uint64_t id, in
                    (restarts_ == 1 ? "" : "s") + " (--max-restarts " + std::to_string(options_.max_restarts) + ")";
   }
   const bool replace = options_.restart && not_replaced.empty();
+  if (setup_.events) {
+    nlohmann::json e = {{"id", id},
+                        {"rank", last->rank_of(id)},
+                        {"version", last->version},
+                        {"what", describe_status(status)},
+                        {"replaced", replace}};
+    if (WIFSIGNALED(status)) e["signal"] = signal_name(WTERMSIG(status));
+    if (WIFEXITED(status)) e["status"] = WEXITSTATUS(status);
+    setup_.events->emit("failure", std::move(e));
+  }
   report("aikido-run: worker " + std::to_string(id) + " (rank " + std::to_string(last->rank_of(id)) + ") " +
          describe_status(status) + "; removing it from the cluster" + (replace ? " and starting a replacement" : "") +
          not_replaced);
@@ -527,6 +585,7 @@ bool ElasticController::remove_lost_worker(std::uint64_t id, bool replace) {
         return true;
       }
       next.proposed_unix_ms = unix_ms();
+      next.requested_by = "aikido-run";
       if (membership_->propose(next)) {
         report("aikido-run: cluster " + next.describe());
         if (adds) ++restarts_;

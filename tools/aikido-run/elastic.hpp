@@ -21,6 +21,8 @@ class HostJob;
 
 namespace aikido::run {
 
+class JobEvents;
+
 /// Where an elastic job's membership and status keys live, and which host this launcher runs.
 struct ElasticSetup {
   /// Status keys, checkpoint requests and session marks.
@@ -34,6 +36,8 @@ struct ElasticSetup {
   launch::HostJob* hosts = nullptr;
   /// How often the workers' heartbeats and session marks are read from the store.
   std::chrono::milliseconds store_check_interval{100};
+  /// Where cluster versions, failures, recoveries and checkpoints are recorded; null: nowhere.
+  JobEvents* events = nullptr;
 };
 
 /// The launcher's side of an elastic job (the workers' side is aikido::ElasticSession), for the workers of one host.
@@ -99,6 +103,11 @@ class ElasticController final : public Controller {
   std::optional<ClusterSpec> last_spec_with(std::uint64_t id, std::string* removed_by) const;
   Supervisor::Worker worker_for(const ClusterSpec& spec, std::uint64_t id) const;
   void reconcile(Supervisor& supervisor);
+  /// Records every cluster version not recorded yet up to `latest` (JobEvents "cluster").
+  void record_versions(const ClusterSpec& latest);
+  /// Records the end of recoveries: every running member of this host has joined the version (JobEvents
+  /// "recovery"). `joined`: each running member's version, from its status key.
+  void record_recoveries(const ClusterSpec& latest, const std::map<std::uint64_t, std::uint64_t>& joined);
   void check_heartbeats(Supervisor& supervisor);
   void check_sessions(Supervisor& supervisor);
   bool session_open(std::uint64_t id);
@@ -135,11 +144,13 @@ class ElasticController final : public Controller {
   std::map<std::uint64_t, std::chrono::steady_clock::time_point> removed_since_;
   std::map<std::uint64_t, Heartbeat> heartbeats_;
   std::map<std::uint64_t, SessionWatch> sessions_;
-  std::string plain_peer_;                    // set once a worker joined with a plain Peer: what aikido-run said
-  bool resume_unmet_reported_ = false;        // said that a worker finished without resuming
-  std::optional<std::uint64_t> finished_by_;  // the first member that exited with status 0
-  int restarts_ = 0;                          // replacements started
-  std::string checkpoint_request_;            // the request prepare_stop() made
+  std::string plain_peer_;                      // set once a worker joined with a plain Peer: what aikido-run said
+  bool resume_unmet_reported_ = false;          // said that a worker finished without resuming
+  std::optional<std::uint64_t> finished_by_;    // the first member that exited with status 0
+  int restarts_ = 0;                            // replacements started
+  std::string checkpoint_request_;              // the request prepare_stop() made
+  std::uint64_t recorded_versions_ = 0;         // versions below this are in the event log
+  std::map<std::uint64_t, double> recovering_;  // versions made after a loss: when they were recorded (unix s)
 };
 
 }  // namespace aikido::run

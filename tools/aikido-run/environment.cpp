@@ -1,5 +1,7 @@
 #include "environment.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <set>
 #include <utility>
@@ -27,9 +29,10 @@ std::vector<std::pair<std::string, std::string>> worker_defaults(int np, int cor
 // The AIKIDO_* variables aikido-run sets itself, whatever its environment says: per worker, per job, and those
 // of an elastic job (which a static job must not inherit: a worker would take itself for elastic).
 std::set<std::string> set_by_launcher() {
-  return {env::kRank,           env::kLocalRank,   env::kSize,      env::kLocalSize, env::kLocalCpus,  env::kHost,
-          env::kStoreAddr,      env::kStore,       env::kStorePort, env::kSecret,    env::kSecretFile, env::kJobId,
-          env::kClusterVersion, env::kAutoThreads, env::kElastic,   env::kWorkerId,  env::kCheckpoint, env::kResume};
+  return {env::kRank,       env::kLocalRank,  env::kSize,           env::kLocalSize,   env::kLocalCpus,
+          env::kHost,       env::kStoreAddr,  env::kStore,          env::kStorePort,   env::kSecret,
+          env::kSecretFile, env::kJobId,      env::kClusterVersion, env::kAutoThreads, env::kElastic,
+          env::kWorkerId,   env::kCheckpoint, env::kResume,         env::kConsoleTty,  env::kTimeline};
 }
 
 // The settings of the command line, as AIKIDO_* values.
@@ -41,7 +44,7 @@ std::vector<std::pair<std::string, std::string>> flag_settings(const Options& op
   if (options.store_timeout) settings.emplace_back(env::kStoreTimeout, *options.store_timeout);
   if (options.transport) settings.emplace_back(env::kTransport, *options.transport);
   if (options.segment_bytes) settings.emplace_back(env::kSegmentBytes, *options.segment_bytes);
-  if (options.metrics_port || options.metrics_file) {
+  if (options.metrics_port || options.metrics_file || options.dashboard_port) {
     settings.emplace_back(env::kMetricsInterval, std::to_string(options.metrics_interval));
   }
   return settings;
@@ -67,7 +70,9 @@ JobEnvironment job_environment(const Options& options, const std::string& store_
       {env::kSecret, secret},
       {env::kJobId, job_id},
       {env::kClusterVersion, "0"},
+      {env::kConsoleTty, ::isatty(STDERR_FILENO) ? "1" : "0"},
   };
+  if (!options.timeline.empty()) settings.emplace_back(env::kTimeline, timeline_parts_dir(options.timeline));
   for (auto& setting : flag_settings(options)) settings.push_back(std::move(setting));
   const std::set<std::string> replaced = replaced_settings(options);
 

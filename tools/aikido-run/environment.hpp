@@ -20,6 +20,9 @@ struct JobEnvironment {
 JobEnvironment job_environment(const Options& options, const std::string& store_address, const std::string& secret,
                                const std::string& job_id);
 
+/// The folder where workers write their parts of the timeline F (AIKIDO_TIMELINE): "F.parts".
+inline std::string timeline_parts_dir(const std::string& timeline) { return timeline + ".parts"; }
+
 /// aikido-run's own environment, "NAME=value" entries (for the launchers it starts on other hosts).
 std::vector<std::string> inherited_environment();
 

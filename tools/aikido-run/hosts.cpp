@@ -9,7 +9,9 @@
 #include <aikido/etcd.hpp>
 #include <aikido/store.hpp>
 #include <cmath>
+#include <filesystem>
 #include <optional>
+#include <set>
 #include <sstream>
 
 #include "base/env.hpp"
@@ -20,7 +22,7 @@
 #include "environment.hpp"
 #include "launch/host_job.hpp"
 #include "launch/hostfile.hpp"
-#include "metrics_exporter.hpp"
+#include "observers.hpp"
 #include "output.hpp"
 #include "runtime/store_server.hpp"
 #include "supervisor.hpp"
@@ -104,8 +106,9 @@ void set_entry(std::vector<std::string>& environment, const char* name, const st
   environment.push_back(prefix + value);
 }
 
-Supervisor::Config supervisor_config(const Options& options) {
+Supervisor::Config supervisor_config(const Options& options, const JobObservers& observers) {
   Supervisor::Config config;
+  observers.configure(config);
   config.program_path = options.program_path;
   config.argv = options.argv;
   config.grace = seconds_of(options.grace_period_s);
@@ -117,7 +120,8 @@ std::string host_id_of(const Options& options) {
   return options.host_id.empty() ? transport::host_name() : options.host_id;
 }
 
-int run_etcd_host_job(const Options& options, const std::string& secret, const std::string& address) {
+int run_etcd_host_job(const Options& options, const std::string& secret, const std::string& address,
+                      JobObservers& observers) {
   const std::string host = host_id_of(options);
   EtcdOptions etcd = etcd_options_from_env(options.store, kLauncherStorePatience);
   auto client = std::make_shared<elastic::EtcdClient>(etcd);
@@ -147,14 +151,7 @@ int run_etcd_host_job(const Options& options, const std::string& secret, const s
   const ClusterSpec spec = host_job.join();
   report("aikido-run: cluster " + spec.describe());
 
-  std::optional<MetricsExporter> exporter;
-  if (options.metrics_port || options.metrics_file) {
-    exporter.emplace(MetricsExporter::Config{options.store, secret, options.job_id, spec.max_size, true,
-                                             options.metrics_interval, options.metrics_port, options.metrics_file});
-    if (options.metrics_port) {
-      report("aikido-run: metrics at http://127.0.0.1:" + std::to_string(exporter->port()) + "/metrics");
-    }
-  }
+  observers.start_metrics(options.store, secret, options.job_id, spec.max_size, true);
 
   ElasticSetup setup;
   setup.store = connect_etcd_store(etcd);
@@ -163,16 +160,15 @@ int run_etcd_host_job(const Options& options, const std::string& secret, const s
   setup.host = host;
   setup.hosts = &host_job;
   setup.store_check_interval = std::chrono::milliseconds(250);
+  setup.events = &observers.events();
   int status = 0;
   {
     ElasticController controller(options, std::move(setup), options.job_id, job.shared);
-    Supervisor supervisor(supervisor_config(options));
+    Supervisor supervisor(supervisor_config(options, observers));
     supervisor.set_controller(&controller);
     status = supervisor.run(controller.initial_workers());
   }
-  if (exporter) {
-    for (const auto& line : exporter->finish()) report(line);
-  }
+  observers.finish(status);
   if (status == 0 && host_job.hosts().lease_lost()) {
     // Its workers left because the job removed them (they were cut off with it), not because training ended.
     report("aikido-run: host " + host + " lost its place in job " + options.job_id +
@@ -186,7 +182,8 @@ int run_etcd_host_job(const Options& options, const std::string& secret, const s
 
 // A fixed set of hosts around a tcp:// store that node 0 serves: each launcher publishes how many workers it runs;
 // ranks follow the node ranks.
-int run_static_host_job(const Options& options, const std::string& secret, const std::string& address) {
+int run_static_host_job(const Options& options, const std::string& secret, const std::string& address,
+                        JobObservers& observers) {
   const int hosts = options.nnodes->first;
   const std::string store_host = env::store_url_host(options.store);
   const std::string host_port = options.store.substr(std::string("tcp://").size());
@@ -241,13 +238,26 @@ int run_static_host_job(const Options& options, const std::string& secret, const
     w.environment.push_back(str_cat(env::kLocalRank, "=", local));
     workers.push_back(std::move(w));
   }
-  Supervisor supervisor(supervisor_config(options));
-  return supervisor.run(workers);
+  Supervisor supervisor(supervisor_config(options, observers));
+  const int status = supervisor.run(workers);
+  observers.finish(status);
+  return status;
 }
 
 std::string absolute(const std::string& path) {
   char resolved[PATH_MAX];
   return ::realpath(path.c_str(), resolved) != nullptr ? std::string(resolved) : path;
+}
+
+// A path that need not exist yet, made absolute against the current folder (the launchers start there too).
+std::string absolute_or_relative(const std::string& path) {
+  return std::filesystem::absolute(path).lexically_normal().string();
+}
+
+std::string rank_list(const std::set<int>& ranks) {
+  std::string list;
+  for (int r : ranks) list += (list.empty() ? "" : ",") + std::to_string(r);
+  return list;
 }
 
 std::string self_path() {
@@ -284,6 +294,9 @@ std::vector<std::string> passed_on_flags(const Options& options) {
   if (options.elastic) add("--heartbeat-timeout", std::to_string(options.heartbeat_timeout_s));
   if (!options.checkpoint.empty()) add("--checkpoint", options.checkpoint);
   if (!options.resume.empty()) add("--resume", absolute(options.resume));
+  if (!options.log_dir.empty()) add("--log-dir", absolute_or_relative(options.log_dir));
+  if (!options.timeline.empty()) add("--timeline", absolute_or_relative(options.timeline));
+  if (!options.console_ranks.empty()) add("--ranks-filter", rank_list(options.console_ranks));
   return flags;
 }
 
@@ -297,8 +310,16 @@ int run_host_job(const Options& options) {
   const std::string address = this_host_address(options, store_host);
   refuse_loopback(address, store_host);
   if (!options.timeout) collective_timeout(options);  // checks AIKIDO_TIMEOUT
-  return is_etcd(options.store) ? run_etcd_host_job(options, secret, address)
-                                : run_static_host_job(options, secret, address);
+  JobObservers observers(options);
+  observers.events().emit("job_started", {{"job", options.job_id},
+                                          {"host", host_id_of(options)},
+                                          {"workers", options.nproc_per_node},
+                                          {"elastic", options.elastic},
+                                          {"min_workers", options.min_np},
+                                          {"max_workers", options.max_np},
+                                          {"program", options.program}});
+  return is_etcd(options.store) ? run_etcd_host_job(options, secret, address, observers)
+                                : run_static_host_job(options, secret, address, observers);
 }
 
 int run_from_one_host(const Options& options) {
@@ -360,10 +381,18 @@ int run_from_one_host(const Options& options) {
     launcher.environment = inherited_environment();
     launchers.push_back(std::move(launcher));
   }
-  Supervisor::Config config = supervisor_config(options);
-  config.label_lines = false;  // the launchers label their workers' lines
+  // The launchers label, filter and log their workers' lines themselves (the flags are passed on).
+  Options here = options;
+  here.log_dir.clear();
+  here.console_ranks.clear();
+  here.timeline.clear();
+  JobObservers observers(here);
+  Supervisor::Config config = supervisor_config(here, observers);
+  config.label_lines = false;
   Supervisor supervisor(config);
-  return supervisor.run(launchers);
+  const int status = supervisor.run(launchers);
+  observers.finish(status);
+  return status;
 }
 
 }  // namespace aikido::run

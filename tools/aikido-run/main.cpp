@@ -21,7 +21,7 @@
 #include "elastic.hpp"
 #include "environment.hpp"
 #include "hosts.hpp"
-#include "metrics_exporter.hpp"
+#include "observers.hpp"
 #include "options.hpp"
 #include "output.hpp"
 #include "runtime/store_server.hpp"
@@ -37,8 +37,9 @@ std::string random_hex(std::size_t bytes) {
   return detail::to_hex(buffer);
 }
 
-Supervisor::Config supervisor_config(const Options& options) {
+Supervisor::Config supervisor_config(const Options& options, const JobObservers& observers) {
   Supervisor::Config config;
+  observers.configure(config);
   config.program_path = options.program_path;
   config.argv = options.argv;
   config.grace = std::chrono::milliseconds(std::int64_t(options.grace_period_s * 1000));
@@ -62,22 +63,23 @@ void write_control_file(const std::string& path, const std::string& address, con
 }
 
 int run_elastic_job(const Options& options, elastic::StoreServer& store, const std::string& secret,
-                    const std::string& job_id, const JobEnvironment& job) {
+                    const std::string& job_id, const JobEnvironment& job, JobObservers& observers) {
   ElasticSetup setup;
   setup.store = store.local_store();
   setup.membership = make_membership_store(setup.store, job_id);
   setup.host = transport::host_name();
   ElasticController::publish_first_version(options, *setup.membership, setup.host);
+  setup.events = &observers.events();
   ElasticController controller(options, std::move(setup), job_id, job.shared);
   if (!options.control_file.empty()) write_control_file(options.control_file, store.address(), secret, job_id);
-  Supervisor supervisor(supervisor_config(options));
+  Supervisor supervisor(supervisor_config(options, observers));
   supervisor.set_controller(&controller);
   const int status = supervisor.run(controller.initial_workers());
   if (!options.control_file.empty()) ::unlink(options.control_file.c_str());
   return status;
 }
 
-int run_static_job(const Options& options, const JobEnvironment& job) {
+int run_static_job(const Options& options, const JobEnvironment& job, const JobObservers& observers) {
   // Like mpirun's default: when there are no more workers than CPUs, worker i gets its own block of CPUs (as many as
   // its share of threads), so that a waiting worker spins on its own core and the scheduler cannot pile workers
   // that wake each other onto one core.
@@ -102,7 +104,7 @@ int run_static_job(const Options& options, const JobEnvironment& job) {
     worker.environment.push_back(std::string(env::kLocalRank) + "=" + std::to_string(rank));
     workers.push_back(std::move(worker));
   }
-  Supervisor supervisor(supervisor_config(options));
+  Supervisor supervisor(supervisor_config(options, observers));
   return supervisor.run(workers);
 }
 
@@ -113,21 +115,17 @@ int run_job(const Options& options) {
   const std::string job_id = random_hex(6);
   elastic::StoreServer store("127.0.0.1", 0, secret);
   const JobEnvironment job = job_environment(options, store.address(), secret, job_id);
-  std::optional<MetricsExporter> exporter;
-  if (options.metrics_port || options.metrics_file) {
-    const int workers = std::max(options.np, options.max_np);  // ranks that may publish
-    exporter.emplace(MetricsExporter::Config{store.address(), secret, job_id, workers, options.elastic,
-                                             options.metrics_interval, options.metrics_port, options.metrics_file});
-    if (options.metrics_port) {
-      report("aikido-run: metrics at http://127.0.0.1:" + std::to_string(exporter->port()) + "/metrics");
-    }
-  }
-  const int status =
-      options.elastic ? run_elastic_job(options, store, secret, job_id, job) : run_static_job(options, job);
-  if (exporter) {
-    for (const auto& line : exporter->finish()) report(line);
-  }
-  exporter.reset();
+  JobObservers observers(options);
+  observers.events().emit("job_started", {{"job", job_id},
+                                          {"workers", options.np},
+                                          {"elastic", options.elastic},
+                                          {"min_workers", options.min_np},
+                                          {"max_workers", options.max_np},
+                                          {"program", options.program}});
+  observers.start_metrics(store.address(), secret, job_id, std::max(options.np, options.max_np), options.elastic);
+  const int status = options.elastic ? run_elastic_job(options, store, secret, job_id, job, observers)
+                                     : run_static_job(options, job, observers);
+  observers.finish(status);
   store.stop();
   return status;
 }
@@ -159,6 +157,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
+    if (!options.replay.empty()) {
+      Supervisor::block_signals();  // before the server's threads start: sigwait() takes the signals
+      return JobObservers::replay(options);
+    }
     if (options.across_hosts()) return run_host_job(options);
     if (options.starts_hosts()) return run_from_one_host(options);
     return run_job(options);

@@ -22,6 +22,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "events.hpp"
+
 namespace aikido::run {
 
 namespace {
@@ -184,15 +186,46 @@ void MetricsExporter::poll() {
     } catch (const std::exception&) {
       return;  // the store is gone: the job is ending
     }
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
     if (prom) prometheus_[rank] = *prom;
     if (json && *json != json_[rank]) {
       json_[rank] = *json;
-      if (file_fd_ >= 0 && json->size() > 1) {
-        write_all(file_fd_, "{\"time\":" + format("%.3f", now_seconds()) + "," + json->substr(1) + "\n");
+      if (json->size() <= 1) continue;
+      const std::string line = "{\"time\":" + format("%.3f", now_seconds()) + "," + json->substr(1);
+      if (file_fd_ >= 0) write_all(file_fd_, line + "\n");
+      lock.unlock();
+      if (config_.on_record || config_.events) {
+        try {
+          record(nlohmann::json::parse(line));
+        } catch (const std::exception&) {  // a worker of another version's format: not shown
+        }
       }
     }
   }
+}
+
+void MetricsExporter::record(const nlohmann::json& metrics) {
+  if (config_.on_record) config_.on_record(metrics);
+  if (!config_.events || !metrics.contains("decisions") || !metrics["decisions"].is_array()) return;
+  // Every worker publishes the same decisions: each is recorded once.
+  for (const auto& d : metrics["decisions"]) {
+    const std::string key = d.dump();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!decisions_seen_.insert(key).second) continue;
+    }
+    nlohmann::json e = d;
+    e["text"] = "policy " + d.value("policy", "") + " changed " + d.value("setting", "") + " from " +
+                d.value("from", "") + " to " + d.value("to", "") + " at step " + std::to_string(d.value("step", 0));
+    config_.events->emit("policy", std::move(e));
+  }
+}
+
+void MetricsExporter::write_record(const nlohmann::json& record) {
+  if (file_fd_ < 0) return;
+  const std::string line = record.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  std::lock_guard<std::mutex> lock(mutex_);
+  write_all(file_fd_, line);
 }
 
 void MetricsExporter::poll_loop() {

@@ -4,9 +4,12 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -19,6 +22,8 @@ class MembershipStore;
 
 namespace aikido::run {
 
+class JobEvents;
+
 class MetricsExporter {
  public:
   struct Config {
@@ -30,6 +35,10 @@ class MetricsExporter {
     double interval_seconds = 1.0;
     std::optional<int> port;          // serve http://127.0.0.1:port/metrics (0: any free port)
     std::optional<std::string> file;  // JSON lines
+    /// Called with every record written to the file ({"time", "rank", ...metrics}), file or not (the dashboard).
+    std::function<void(const nlohmann::json&)> on_record;
+    /// Where the workers' policy decisions (TrainingMetrics::decisions) are recorded as "policy" events, once each.
+    JobEvents* events = nullptr;
   };
   /// Binds the port and opens the file (UsageError-style aikido::ConfigError when it cannot), then starts polling.
   explicit MetricsExporter(Config config);
@@ -41,10 +50,14 @@ class MetricsExporter {
   int port() const { return port_; }
   /// Reads the store a last time, flushes the file and returns one summary line per worker that published.
   std::vector<std::string> finish();
+  /// Appends `record` (one of aikido-run's events) to the file as a JSON line, so that it holds what the dashboard
+  /// shows (--replay reads it back). Thread safe.
+  void write_record(const nlohmann::json& record);
 
  private:
   void poll();
   void poll_loop();
+  void record(const nlohmann::json& metrics);
   void serve_loop();
   void answer(int fd);
 
@@ -56,8 +69,9 @@ class MetricsExporter {
   int port_ = 0;
   int file_fd_ = -1;
   std::mutex mutex_;
-  std::vector<std::string> prometheus_;  // per rank, latest
-  std::vector<std::string> json_;        // per rank, latest
+  std::vector<std::string> prometheus_;   // per rank, latest
+  std::vector<std::string> json_;         // per rank, latest
+  std::set<std::string> decisions_seen_;  // policy decisions recorded as events
   std::atomic<bool> stopping_{false};
   std::thread poller_, server_;
 };

@@ -36,12 +36,33 @@ void parse_np(const std::string& flag, const std::string& value, int* np) {
   *np = int(*n);
 }
 
-int check_port(const std::string& value) {
+int check_port(const std::string& value, const std::string& flag = "--metrics-port") {
   const auto port = integer_in(value, 0, 65535);
   if (!port) {
-    throw UsageError("aikido-run: --metrics-port '" + value + "' is not a port number (0..65535; 0 picks a free one)");
+    throw UsageError("aikido-run: " + flag + " '" + value + "' is not a port number (0..65535; 0 picks a free one)");
   }
   return int(*port);
+}
+
+// A list of ranks: "0", "0,2", "0-3,6".
+std::set<int> parse_ranks(const std::string& flag, const std::string& value) {
+  std::set<int> ranks;
+  std::size_t begin = 0;
+  while (begin <= value.size()) {
+    const std::size_t end = std::min(value.find(',', begin), value.size());
+    const std::string item = value.substr(begin, end - begin);
+    const auto dash = item.find('-', 1);
+    const auto first = integer_in(item.substr(0, dash), 0, kMaxWorkers - 1);
+    const auto last = dash == std::string::npos ? first : integer_in(item.substr(dash + 1), 0, kMaxWorkers - 1);
+    if (!first || !last || *first > *last) {
+      throw UsageError("aikido-run: " + flag + " '" + value +
+                       "' is not a list of ranks: R, R1,R2 or FIRST-LAST (ranks 0.." + std::to_string(kMaxWorkers - 1) +
+                       "), e.g. 0 or 0,2-3");
+    }
+    for (long long r = *first; r <= *last; ++r) ranks.insert(int(r));
+    begin = end + 1;
+  }
+  return ranks;
 }
 
 std::string check_seconds(const std::string& value, const std::string& flag = "--timeout") {
@@ -246,6 +267,7 @@ std::string usage() {
   return R"(usage: aikido-run -np N [options] PROGRAM [ARGS...]
        aikido-run --nnodes MIN[:MAX] --nproc-per-node K --store URL --job-id ID --secret-file F [options] PROGRAM ...
        aikido-run -np N -H HOST:SLOTS,... | --hostfile F --secret-file F [options] PROGRAM [ARGS...]
+       aikido-run --dashboard PORT --replay F
 
 Starts N workers of PROGRAM on this host, each with the environment of one rank of an Aikido cluster, serves
 their rendezvous store, and prefixes every line they print with "[RANK] " (in an elastic job, where a worker's
@@ -267,6 +289,26 @@ options:
                         http://127.0.0.1:P/metrics (0: a free port, printed at start)
   --metrics-file F      append every worker's training metrics to F as JSON lines
   --metrics-interval S  seconds between metrics updates (default 1)            (sets AIKIDO_METRICS_INTERVAL)
+  --dashboard PORT      serve a live dashboard of the job on http://127.0.0.1:PORT/ (0: a free port; the URL
+                        is printed at start): throughput, step time split per worker (stragglers marked), loss
+                        and accuracy, cluster size, gradient statistics, links, job state, with every resize,
+                        failure, recovery, checkpoint and policy decision annotated. Updates every metrics
+                        interval (server-sent events). Combine with --metrics-file to record what it shows
+  --dashboard-address A serve the dashboard on address A instead of 127.0.0.1 (anyone who reaches A:PORT sees
+                        it: there is no login)
+  --replay F            with --dashboard: show the finished run recorded in F by --metrics-file (no PROGRAM);
+                        runs until interrupted (Ctrl-C)
+  --log-dir DIR         also write each worker's output (stdout and stderr, unlabelled) to DIR/rank-N.log (N:
+                        the rank; in an elastic job the worker id, which stays while the rank changes), and
+                        aikido-run's own events and messages to DIR/events.jsonl (JSON lines); DIR is created
+  --ranks-filter LIST   show only these ranks' lines on the console (like torchrun's --local-ranks-filter):
+                        0, 0,2 or 0-3; the log files of --log-dir still get every line
+  --quiet-ranks LIST    the opposite: show every rank's lines but these
+  --timeline F          write a Chrome trace of the job to F when it ends (JSON; open it in Perfetto or
+                        chrome://tracing): per worker, every collective (name, bytes, algorithm; posted,
+                        started, finished), the phases of every training step (forward and backward,
+                        communication, wait, optimizer), and the job's elastic and policy events (sets
+                        AIKIDO_TIMELINE)
   --elastic             the job's membership may change while it runs: workers follow a versioned cluster
                         spec in the job's store (aikido::ElasticSession); see "Elastic jobs" below
   --min-np A            elastic: fewest workers the job runs with (default 1)
@@ -414,6 +456,12 @@ Options parse_options(int argc, char** argv) {
       flag = arg.substr(0, eq);
       value = arg.substr(eq + 1);
     }
+    if (flag == "--replay" && !value && i + 1 < argc) value = argv[++i];
+    if (flag == "--replay") {
+      // A replay runs no program: the rest of the command line is not needed.
+      options.replay = readable_file(flag, value.value_or(""));
+      continue;
+    }
     if (flag == "--elastic" || flag == "--restart") {
       if (value) throw UsageError("aikido-run: option " + flag + " takes no value");
       (flag == "--elastic" ? options.elastic : options.restart) = true;
@@ -430,7 +478,8 @@ Options parse_options(int argc, char** argv) {
         flag == "--host-address" || flag == "--iface" || flag == "--host-id" || flag == "--join-timeout" ||
         flag == "--host-timeout" || flag == "--secret-file" || flag == "--store-ca" || flag == "--store-cert" ||
         flag == "--store-key" || flag == "--store-credentials" || flag == "-H" || flag == "--hosts" ||
-        flag == "--hostfile" || flag == "--launch-command";
+        flag == "--hostfile" || flag == "--launch-command" || flag == "--log-dir" || flag == "--ranks-filter" ||
+        flag == "--quiet-ranks" || flag == "--timeline" || flag == "--dashboard" || flag == "--dashboard-address";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
@@ -502,6 +551,23 @@ Options parse_options(int argc, char** argv) {
       options.transport = check_transport(*value);
     } else if (flag == "--metrics-port") {
       options.metrics_port = check_port(*value);
+    } else if (flag == "--log-dir") {
+      options.log_dir = nonempty(flag, *value, "a folder (created when missing)");
+    } else if (flag == "--ranks-filter") {
+      if (!options.console_ranks.empty()) throw UsageError("aikido-run: give --ranks-filter or --quiet-ranks, once");
+      options.console_ranks = parse_ranks(flag, *value);
+    } else if (flag == "--quiet-ranks") {
+      if (!options.console_ranks.empty()) throw UsageError("aikido-run: give --ranks-filter or --quiet-ranks, once");
+      const std::set<int> quiet = parse_ranks(flag, *value);
+      for (int r = 0; r < kMaxWorkers; ++r) {
+        if (!quiet.contains(r)) options.console_ranks.insert(r);
+      }
+    } else if (flag == "--timeline") {
+      options.timeline = nonempty(flag, *value, "a file name (the Chrome trace, JSON)");
+    } else if (flag == "--dashboard") {
+      options.dashboard_port = check_port(*value, flag);
+    } else if (flag == "--dashboard-address") {
+      options.dashboard_address = nonempty(flag, *value, "an IPv4 address to serve the dashboard on");
     } else if (flag == "--metrics-file") {
       if (value->empty()) throw UsageError("aikido-run: --metrics-file needs a file name");
       options.metrics_file = *value;
@@ -552,6 +618,15 @@ Options parse_options(int argc, char** argv) {
     } else {
       options.segment_bytes = check_segment_bytes(*value);
     }
+  }
+  if (!options.replay.empty()) {
+    if (!options.dashboard_port) {
+      throw UsageError("aikido-run: --replay F shows a recorded run on the dashboard: it needs --dashboard PORT");
+    }
+    if (i < argc || have_np) {
+      throw UsageError("aikido-run: --replay shows a finished run and starts no workers: drop -np and PROGRAM");
+    }
+    return options;
   }
   if (!have_np && !options.across_hosts()) {
     throw UsageError("aikido-run: missing -np N, the number of workers to start; see aikido-run --help");

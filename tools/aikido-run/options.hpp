@@ -2,6 +2,7 @@
 #pragma once
 
 #include <optional>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -36,6 +37,17 @@ struct Options {
   std::optional<int> metrics_port;
   std::optional<std::string> metrics_file;
   double metrics_interval = 1.0;  // seconds
+  /// --log-dir: each worker's lines also in DIR/rank-N.log, aikido-run's events in DIR/events.jsonl.
+  std::string log_dir;
+  /// --ranks-filter / --quiet-ranks: the ranks whose lines reach the console; empty: all.
+  std::set<int> console_ranks;
+  /// --timeline F: a Chrome trace of the job (collectives, step phases, elastic and policy events).
+  std::string timeline;
+  /// --dashboard PORT: the live page on http://ADDRESS:PORT/ (0: a free port); --dashboard-address ADDRESS.
+  std::optional<int> dashboard_port;
+  std::string dashboard_address = "127.0.0.1";
+  /// --replay F (with --dashboard): shows the run that --metrics-file F recorded instead of running PROGRAM.
+  std::string replay;
   // Elastic jobs (--elastic): membership in the store, resizes, recovery from lost workers.
   bool elastic = false;
   int min_np = 1;

@@ -5,6 +5,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <mutex>
 
 namespace aikido::run {
 
@@ -27,9 +28,21 @@ bool write_fully(int fd, const char* data, std::size_t size) {
   return true;
 }
 
+namespace {
+std::mutex sink_mutex;
+std::function<void(const std::string&)> report_sink;
+}  // namespace
+
 void report(const std::string& message) {
   const std::string line = message + "\n";
   write_fully(STDERR_FILENO, line.data(), line.size());
+  std::lock_guard<std::mutex> lock(sink_mutex);
+  if (report_sink) report_sink(message);
+}
+
+void set_report_sink(std::function<void(const std::string&)> sink) {
+  std::lock_guard<std::mutex> lock(sink_mutex);
+  report_sink = std::move(sink);
 }
 
 std::string signal_name(int sig) {
@@ -60,28 +73,48 @@ void LinePrefixer::append_line(std::string& out, const char* begin, std::size_t 
 
 void LinePrefixer::feed(const char* data, std::size_t size) {
   pending_.append(data, size);
-  std::string out;
+  std::string out, log;
   std::size_t begin = 0;
   for (;;) {
-    const std::size_t newline = pending_.find('\n', begin);
-    if (newline == std::string::npos) break;
-    append_line(out, pending_.data() + begin, newline - begin);
-    begin = newline + 1;
+    const std::size_t sep = pending_.find_first_of(in_place_ ? "\r\n" : "\n", begin);
+    if (sep == std::string::npos) break;
+    const bool crlf = pending_[sep] == '\r' && sep + 1 < pending_.size() && pending_[sep + 1] == '\n';
+    if (pending_[sep] == '\r' && !crlf) {
+      // "TEXT\r": a progress line, shown at once as the terminal's current line.
+      if (sep > begin) {
+        out += "\r" + prefix_;
+        out.append(pending_.data() + begin, sep - begin);
+        out += "\x1b[K";  // erase what a longer earlier update left on the line
+        line_open_ = true;
+      }
+      begin = sep + 1;
+      continue;
+    }
+    if (line_open_) {
+      out += "\r\x1b[K";
+      line_open_ = false;
+    }
+    append_line(out, pending_.data() + begin, sep - begin);
+    if (log_fd_ >= 0) log.append(pending_.data() + begin, sep - begin).push_back('\n');
+    begin = sep + (crlf ? 2 : 1);
   }
   pending_.erase(0, begin);
   while (pending_.size() > kMaxLineBytes) {
     append_line(out, pending_.data(), kMaxLineBytes);
+    if (log_fd_ >= 0) log.append(pending_.data(), kMaxLineBytes).push_back('\n');
     pending_.erase(0, kMaxLineBytes);
   }
-  if (!out.empty() && !out_broken_) out_broken_ = !write_fully(out_fd_, out.data(), out.size());
+  if (!log.empty()) write_fully(log_fd_, log.data(), log.size());
+  if (console_ && !out.empty() && !out_broken_) out_broken_ = !write_fully(out_fd_, out.data(), out.size());
 }
 
 void LinePrefixer::finish() {
   if (pending_.empty()) return;
   std::string out;
   append_line(out, pending_.data(), pending_.size());
+  if (log_fd_ >= 0) write_fully(log_fd_, (pending_ + "\n").data(), pending_.size() + 1);
   pending_.clear();
-  if (!out_broken_) out_broken_ = !write_fully(out_fd_, out.data(), out.size());
+  if (console_ && !out_broken_) out_broken_ = !write_fully(out_fd_, out.data(), out.size());
 }
 
 }  // namespace aikido::run

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace aikido::run {
@@ -11,8 +12,11 @@ namespace aikido::run {
 /// the descriptor is gone (EPIPE, a closed terminal); the output is then dropped.
 bool write_fully(int fd, const char* data, std::size_t size);
 
-/// Writes one message line of aikido-run itself to standard error, in one write.
+/// Writes one message line of aikido-run itself to standard error, in one write, and hands it to the report sink.
 void report(const std::string& message);
+/// Every message report() writes is also given to `sink` (the job's event log); an empty function removes it. Set it
+/// before other threads start and remove it after they stopped; report() may be called from any thread meanwhile.
+void set_report_sink(std::function<void(const std::string&)> sink);
 
 /// "SIGTERM", or "signal N" for a number without a name.
 std::string signal_name(int sig);
@@ -35,6 +39,14 @@ class LinePrefixer {
 
   /// Lines that end from now on carry this label.
   void set_label(const std::string& label);
+  /// Whether lines go to the output descriptor (--ranks-filter); true at first.
+  void set_console(bool on) { console_ = on; }
+  /// Every complete line also goes to `fd`, without the label (--log-dir's rank-N.log); -1: none.
+  void set_log(int fd) { log_fd_ = fd; }
+  /// The output descriptor is a terminal: a segment that ends with a carriage return (not followed by a newline;
+  /// a progress line updated in place) is written at once as the terminal's current line, labelled, instead of
+  /// waiting for a newline. Such segments never reach the log.
+  void set_in_place(bool on) { in_place_ = on; }
 
   /// Consumes bytes read from the worker.
   void feed(const char* data, std::size_t size);
@@ -46,7 +58,11 @@ class LinePrefixer {
 
   std::string prefix_;
   int out_fd_;
-  std::string pending_;  // the start of a line whose newline has not arrived yet
+  int log_fd_ = -1;
+  bool console_ = true;
+  bool in_place_ = false;
+  bool line_open_ = false;  // an in-place line is on the terminal: the next line starts on a fresh one
+  std::string pending_;     // the start of a line whose newline has not arrived yet
   bool out_broken_ = false;
 };
 

@@ -17,6 +17,7 @@
 #include <optional>
 #include <utility>
 
+#include "events.hpp"
 #include "output.hpp"
 
 namespace aikido::run {
@@ -114,6 +115,7 @@ struct Process {
   Clock::time_point kill_at{};
   std::unique_ptr<Stream> out;
   std::unique_ptr<Stream> err;
+  Fd log;  // --log-dir's rank-ID.log
 };
 
 // Everything the child needs, prepared before fork(): between fork and exec a multithreaded process may only call
@@ -217,6 +219,19 @@ class Supervisor::Loop {
     p.out->fd = std::move(out_read);
     p.err = std::make_unique<Stream>(label, STDERR_FILENO);
     p.err->fd = std::move(err_read);
+    if (!owner_.config_.log_dir.empty()) {
+      const std::string path = owner_.config_.log_dir + "/rank-" + std::to_string(worker.id) + ".log";
+      p.log = Fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
+      if (!p.log.valid()) report("aikido-run: cannot write " + path + ": " + errno_text());
+    }
+    for (Stream* stream : {p.out.get(), p.err.get()}) {
+      stream->prefixer.set_log(p.log.get());
+      stream->prefixer.set_in_place(owner_.config_.console_tty);
+    }
+    show_on_console(p);
+    if (owner_.config_.events) {
+      owner_.config_.events->emit("worker_started", {{"id", worker.id}, {"rank", worker.rank}, {"pid", pid}});
+    }
     processes_.push_back(std::move(p));
     ++running_;
     drain_until_.reset();
@@ -262,6 +277,7 @@ class Supervisor::Loop {
     Process* p = find(id);
     if (p == nullptr || p->rank == rank) return;
     p->rank = rank;
+    show_on_console(*p);
     if (!owner_.config_.label_lines) return;
     p->out->prefixer.set_label(worker_label(rank, id));
     p->err->prefixer.set_label(worker_label(rank, id));
@@ -327,6 +343,24 @@ class Supervisor::Loop {
   }
 
  private:
+  void show_on_console(Process& p) {
+    const auto& shown = owner_.config_.console_ranks;
+    const bool on = shown.empty() || shown.contains(p.rank);
+    p.out->prefixer.set_console(on);
+    p.err->prefixer.set_console(on);
+  }
+
+  void record_exit(const Process& p, int status) {
+    if (!owner_.config_.events) return;
+    nlohmann::json e = {{"id", p.id}, {"rank", p.rank}, {"pid", p.pid}};
+    if (WIFSIGNALED(status)) {
+      e["signal"] = signal_name(WTERMSIG(status));
+    } else {
+      e["status"] = WEXITSTATUS(status);
+    }
+    owner_.config_.events->emit("worker_exited", std::move(e));
+  }
+
   bool streams_open() const {
     for (const auto& p : processes_) {
       if (p.out->fd.valid() || p.err->fd.valid()) return true;
@@ -433,6 +467,7 @@ class Supervisor::Loop {
         if (p.pid != pid || !p.running) continue;
         p.running = false;
         --running_;
+        record_exit(p, status);
         if (owner_.controller_ && !stopping_) {
           // Elastic: the controller decides; a failure it does not absorb ends the job.
           if (owner_.controller_->on_exit(owner_, p.id, status)) break;

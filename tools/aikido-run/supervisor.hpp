@@ -6,12 +6,14 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <set>
 #include <string>
 #include <vector>
 
 namespace aikido::run {
 
 class Supervisor;
+class JobEvents;
 
 /// What an elastic job adds to the supervisor: it is woken when its descriptor is readable or every tick, and it
 /// decides what a worker's exit means. Called on the supervisor's thread.
@@ -61,6 +63,15 @@ class Supervisor {
     /// Prefix every line with "[LABEL] " (false: pass lines on as they are, for launchers of other hosts whose
     /// lines carry their workers' labels already).
     bool label_lines = true;
+    /// Where "worker_started" and "worker_exited" events go; null: nowhere.
+    JobEvents* events = nullptr;
+    /// --log-dir: every line of worker ID (both streams, unlabelled) also goes to LOG_DIR/rank-ID.log (ID is the
+    /// rank in a static job, the worker id in an elastic one); empty: no files.
+    std::string log_dir;
+    /// --ranks-filter: only these ranks' lines reach the console (the log files get every line); empty: all.
+    std::set<int> console_ranks;
+    /// The console is a terminal: progress lines that end with a carriage return are updated in place.
+    bool console_tty = false;
   };
 
   struct Worker {
