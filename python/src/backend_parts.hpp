@@ -133,27 +133,6 @@ struct Reduction {
   std::string name;  // for signatures and messages
 };
 
-inline std::optional<DType> library_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-      return DType::f32;
-    case at::kDouble:
-      return DType::f64;
-    case at::kHalf:
-      return DType::f16;
-    case at::kBFloat16:
-      return DType::bf16;
-    case at::kInt:
-      return DType::i32;
-    case at::kLong:
-      return DType::i64;
-    case at::kByte:
-      return DType::u8;
-    default:
-      return std::nullopt;
-  }
-}
-
 inline const char* c10d_op_name(c10d::ReduceOp::RedOpType op) {
   switch (op) {
     case c10d::ReduceOp::SUM:

@@ -81,4 +81,26 @@ std::unique_ptr<Policy> policy_from_python(py::handle policy);
 void bind_torch_api(py::module_& m);
 void bind_process_group(py::module_& m);
 
+// The library's element type of a tensor type; nullopt for those the library does not reduce (int8, bool, ...).
+inline std::optional<DType> library_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+      return DType::f32;
+    case at::kDouble:
+      return DType::f64;
+    case at::kHalf:
+      return DType::f16;
+    case at::kBFloat16:
+      return DType::bf16;
+    case at::kInt:
+      return DType::i32;
+    case at::kLong:
+      return DType::i64;
+    case at::kByte:
+      return DType::u8;
+    default:
+      return std::nullopt;
+  }
+}
+
 }  // namespace aikido::python

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "base/visit_dtype.hpp"
 #include "common.hpp"
 
 namespace aikido::python {
@@ -277,48 +278,11 @@ py::object wait_for_result(const PyWorkPtr& work) { return work->get_result(); }
 // Peer collectives on tensors and numpy arrays
 
 DType dtype_of(const at::Tensor& t, const char* what) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return DType::f32;
-    case at::kDouble:
-      return DType::f64;
-    case at::kHalf:
-      return DType::f16;
-    case at::kBFloat16:
-      return DType::bf16;
-    case at::kInt:
-      return DType::i32;
-    case at::kLong:
-      return DType::i64;
-    case at::kByte:
-      return DType::u8;
-    default:
-      throw py::type_error(std::string(what) + ": tensors of type " + scalar_type_name(t.scalar_type()) +
-                           " are not supported; use float32, float64, float16, bfloat16, int32, int64 or uint8");
-  }
+  if (const auto dtype = library_dtype(t.scalar_type())) return *dtype;
+  throw py::type_error(std::string(what) + ": tensors of type " + scalar_type_name(t.scalar_type()) +
+                       " are not supported; use float32, float64, float16, bfloat16, int32, int64 or uint8");
 }
 
-// Calls fn(T{}) with the C++ element type of `dtype`.
-template <class Fn>
-decltype(auto) visit(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::f32:
-      return fn(float{});
-    case DType::f64:
-      return fn(double{});
-    case DType::f16:
-      return fn(float16{});
-    case DType::bf16:
-      return fn(bfloat16{});
-    case DType::i32:
-      return fn(std::int32_t{});
-    case DType::i64:
-      return fn(std::int64_t{});
-    case DType::u8:
-      return fn(std::uint8_t{});
-  }
-  throw ConfigError("unsupported element type");
-}
 
 py::object wrap(const at::Tensor& t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(t)); }
 
@@ -457,7 +421,7 @@ PyWorkPtr consensus_async(Peer& peer, const py::object& value, const std::string
 
 void save(Peer& peer, const std::string& name, const py::object& input) {
   at::Tensor t = as_tensor(input, "save");
-  visit(dtype_of(t, "save"), [&](auto zero) {
+  detail::visit_dtype(dtype_of(t, "save"), [&](auto zero) {
     using T = decltype(zero);
     peer.save(name, std::span<const T>(static_cast<const T*>(t.data_ptr()), std::size_t(t.numel())));
   });
@@ -468,7 +432,7 @@ PyWorkPtr request_async(Peer& peer, int target, const std::string& name, const p
   Work work;
   {
     py::gil_scoped_release release;
-    work = visit(dtype_of(t, "request"), [&](auto zero) {
+    work = detail::visit_dtype(dtype_of(t, "request"), [&](auto zero) {
       using T = decltype(zero);
       return peer.request_async(target, name, std::span<T>(static_cast<T*>(t.data_ptr()), std::size_t(t.numel())));
     });

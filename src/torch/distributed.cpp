@@ -13,6 +13,7 @@
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/reduce.hpp"
+#include "base/visit_dtype.hpp"
 #include "optimizer_parts.hpp"
 #include "base/timeline.hpp"
 #include "splitmix.hpp"
@@ -26,42 +27,20 @@ namespace {
 using internal::kPrefix;
 using internal::post_tensor;
 
-// Calls fn(T{}) with the C++ element type of `tensor`.
-template <class Fn>
-decltype(auto) with_element_type(const ::torch::Tensor& tensor, Fn&& fn) {
-  switch (dtype_of_tensor(tensor)) {
-    case DType::f32:
-      return fn(float{});
-    case DType::f64:
-      return fn(double{});
-    case DType::f16:
-      return fn(float16{});
-    case DType::bf16:
-      return fn(bfloat16{});
-    case DType::i32:
-      return fn(std::int32_t{});
-    case DType::i64:
-      return fn(std::int64_t{});
-    case DType::u8:
-      return fn(std::uint8_t{});
-  }
-  throw ConfigError("unsupported tensor type");
-}
-
 template <class T>
 std::span<T> span_of(const ::torch::Tensor& tensor) {
   return std::span<T>(static_cast<T*>(tensor.data_ptr()), static_cast<std::size_t>(tensor.numel()));
 }
 
 void save_tensor(Peer& peer, const std::string& name, const ::torch::Tensor& tensor) {
-  with_element_type(tensor, [&](auto zero) {
+  detail::visit_dtype(dtype_of_tensor(tensor), [&](auto zero) {
     using T = decltype(zero);
     peer.save(name, std::span<const T>(span_of<T>(tensor)));
   });
 }
 
 Work request_tensor(Peer& peer, int target, const std::string& name, const ::torch::Tensor& out) {
-  return with_element_type(out, [&](auto zero) {
+  return detail::visit_dtype(dtype_of_tensor(out), [&](auto zero) {
     using T = decltype(zero);
     return peer.request_async(target, name, span_of<T>(out));
   });

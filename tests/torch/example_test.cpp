@@ -275,16 +275,24 @@ TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
   // Each worker probed its link to the other (first round at the first step).
   EXPECT_TRUE(std::regex_search(r.err, std::regex(R"(metrics of rank 0: .*, link to rank 1 \d+ us \d+\.\d\d GB/s)")))
       << r.describe();
+  // The file holds the workers' metrics and, for replaying the dashboard, the job's events (lines with "event").
   std::ifstream in(file);
   int lines = 0;
-  for (std::string line; std::getline(in, line); ++lines) {
+  bool finished = false;
+  for (std::string line; std::getline(in, line);) {
     const auto j = nlohmann::json::parse(line);
+    if (j.contains("event")) {
+      finished = finished || j["event"] == "job_finished";
+      continue;
+    }
+    ++lines;
     for (const char* key : {"time", "rank", "step", "noise_scale", "gradient_variance", "snr", "samples_per_second",
                             "compute_seconds", "communication_seconds", "wait_seconds", "strategy", "links"}) {
       EXPECT_TRUE(j.contains(key)) << key << " missing in " << line;
     }
   }
   EXPECT_GE(lines, 2);
+  EXPECT_TRUE(finished) << "no job_finished event in " << file;
   in.close();
   std::remove(file.c_str());
   // The epoch lines carry the statistics too.
