@@ -85,6 +85,31 @@ class MultiHostTest : public ::testing::Test {
     return *launchers_[host];
   }
 
+  // Starts launchers on hosts 0..hosts-1 one after the other, each once the one before it is in the cluster, so
+  // that host h gets rank h.
+  void launch_in_order(int hosts, const std::string& nnodes, const std::vector<std::string>& worker) {
+    for (int h = 0; h < hosts; ++h) {
+      Subprocess& launcher = launch(h, nnodes, 1, {}, worker);
+      ASSERT_TRUE(launcher.wait_for_output(
+          [](const std::string&, const std::string& err) {
+            return err.find("aikido-run: cluster") != std::string::npos;
+          },
+          60s));
+    }
+  }
+
+  // Waits until the launcher on `host` printed every one of `needles` on its standard output.
+  bool wait_for_out(int host, std::vector<std::string> needles, std::chrono::milliseconds bound = 60s) {
+    return launchers_.at(host)->wait_for_output(
+        [&](const std::string& out, const std::string&) {
+          for (const auto& n : needles) {
+            if (out.find(n) == std::string::npos) return false;
+          }
+          return true;
+        },
+        bound);
+  }
+
   // Waits for every launcher; returns their results by host.
   std::map<int, ProcessResult> wait_all(std::chrono::milliseconds bound = 120s) {
     std::map<int, ProcessResult> results;
@@ -192,19 +217,9 @@ class HostCrashTest : public MultiHostTest, public ::testing::WithParamInterface
 TEST_P(HostCrashTest, TheOthersGoOnWithoutALostHost) {
   start_etcd();
   const std::vector<std::string> worker = {"--epochs", "6", "--step-ms", "20", "--print-every", "10"};
-  for (int h = 0; h < 3; ++h) {
-    Subprocess& launcher = launch(h, "1:3", 1, {}, worker);
-    // One after the other, so that host h gets rank h.
-    ASSERT_TRUE(launcher.wait_for_output(
-        [](const std::string&, const std::string& err) { return err.find("aikido-run: cluster") != std::string::npos; },
-        60s));
-  }
+  ASSERT_NO_FATAL_FAILURE(launch_in_order(3, "1:3", worker));
   const int victim = GetParam() ? 0 : 1;
-  ASSERT_TRUE(launchers_.at(2).get()->wait_for_output(
-      [](const std::string& out, const std::string&) {
-        return out.find("\"workers\":3") != std::string::npos && out.find("\"event\":\"step\"") != std::string::npos;
-      },
-      60s));
+  ASSERT_TRUE(wait_for_out(2, {"\"workers\":3", "\"event\":\"step\""}));
   crash(victim);
   const auto results = wait_all();
   std::map<int, ProcessResult> survivors = results;
@@ -225,17 +240,8 @@ INSTANTIATE_TEST_SUITE_P(Victims, HostCrashTest, ::testing::Values(false, true),
 TEST_F(MultiHostTest, APartitionedHostIsRemovedAndStopsWhenItsLinkReturns) {
   start_etcd();
   const std::vector<std::string> worker = {"--epochs", "6", "--step-ms", "20", "--print-every", "10"};
-  for (int h = 0; h < 3; ++h) {
-    Subprocess& launcher = launch(h, "1:3", 1, {}, worker);
-    ASSERT_TRUE(launcher.wait_for_output(
-        [](const std::string&, const std::string& err) { return err.find("aikido-run: cluster") != std::string::npos; },
-        60s));
-  }
-  ASSERT_TRUE(launchers_.at(2)->wait_for_output(
-      [](const std::string& out, const std::string&) {
-        return out.find("\"workers\":3") != std::string::npos && out.find("\"event\":\"step\"") != std::string::npos;
-      },
-      60s));
+  ASSERT_NO_FATAL_FAILURE(launch_in_order(3, "1:3", worker));
+  ASSERT_TRUE(wait_for_out(2, {"\"workers\":3", "\"event\":\"step\""}));
   hosts_->cut(2);
   ASSERT_TRUE(launchers_.at(0)->wait_for_output(
       [](const std::string&, const std::string& err) { return err.find("(host h2 lost)") != std::string::npos; }, 30s));
@@ -255,9 +261,7 @@ TEST_F(MultiHostTest, TrainingGoesOnWhileEtcdRestarts) {
   start_etcd();
   const std::vector<std::string> worker = {"--epochs", "5", "--step-ms", "20", "--print-every", "10"};
   for (int h = 0; h < 2; ++h) launch(h, "2", 1, {}, worker);
-  ASSERT_TRUE(launchers_.at(0)->wait_for_output(
-      [](const std::string& out, const std::string&) { return out.find("\"event\":\"step\"") != std::string::npos; },
-      60s));
+  ASSERT_TRUE(wait_for_out(0, {"\"event\":\"step\""}));
   etcd_->kill(0);
   std::this_thread::sleep_for(3s);  // longer than --host-timeout: leases must survive etcd's restart
   etcd_->restart(0);
@@ -270,8 +274,7 @@ TEST_F(MultiHostTest, OneMemberOfAThreeMemberEtcdClusterIsLost) {
   start_etcd(3);
   const std::vector<std::string> worker = {"--epochs", "4", "--step-ms", "20", "--print-every", "10"};
   for (int h = 0; h < 2; ++h) launch(h, "1:2", 1, {}, worker);
-  ASSERT_TRUE(launchers_.at(0)->wait_for_output(
-      [](const std::string& out, const std::string&) { return out.find("\"workers\":2") != std::string::npos; }, 60s));
+  ASSERT_TRUE(wait_for_out(0, {"\"workers\":2"}));
   etcd_->kill(0);
   const auto results = wait_all();
   for (const auto& [host, r] : results) ASSERT_TRUE(r.exited && r.exit_code == 0) << describe(results);
@@ -281,20 +284,14 @@ TEST_F(MultiHostTest, OneMemberOfAThreeMemberEtcdClusterIsLost) {
 TEST_F(MultiHostTest, AikidoCtlShowsAndResizesAJobAcrossHosts) {
   start_etcd();
   const std::vector<std::string> worker = {"--epochs", "4", "--step-ms", "20", "--print-every", "10"};
-  for (int h = 0; h < 2; ++h) {
-    Subprocess& launcher = launch(h, "1:3", 1, {}, worker);
-    ASSERT_TRUE(launcher.wait_for_output(
-        [](const std::string&, const std::string& err) { return err.find("aikido-run: cluster") != std::string::npos; },
-        60s));
-  }
+  ASSERT_NO_FATAL_FAILURE(launch_in_order(2, "1:3", worker));
   const std::vector<std::string> job = {"--store", etcd_->url(), "--job-id", "job", "--secret-file", secret_};
   auto ctl = [&](std::vector<std::string> args) {
     args.insert(args.begin(), job.begin(), job.end());
     args.insert(args.begin(), AIKIDO_CTL_PATH);
     return run_process(args, 30s);
   };
-  ASSERT_TRUE(launchers_.at(1)->wait_for_output(
-      [](const std::string& out, const std::string&) { return out.find("\"workers\":2") != std::string::npos; }, 60s));
+  ASSERT_TRUE(wait_for_out(1, {"\"workers\":2"}));
   const ProcessResult shown = ctl({"status"});
   ASSERT_TRUE(shown.exited && shown.exit_code == 0) << shown.describe();
   EXPECT_NE(shown.out.find("2 workers"), std::string::npos) << shown.describe();
@@ -303,8 +300,7 @@ TEST_F(MultiHostTest, AikidoCtlShowsAndResizesAJobAcrossHosts) {
   const ProcessResult grown = ctl({"resize", "3"});
   ASSERT_TRUE(grown.exited && grown.exit_code == 0) << grown.describe();
   // The new worker goes to the first host (both have one): its launcher starts it.
-  ASSERT_TRUE(launchers_.at(0)->wait_for_output(
-      [](const std::string& out, const std::string&) { return out.find("\"workers\":3") != std::string::npos; }, 60s));
+  ASSERT_TRUE(wait_for_out(0, {"\"workers\":3"}));
   const std::string other = secret_ + "-ctl";
   std::ofstream(other) << "0000000000000000000000000000000000000000000000000000000000000000\n";
   const ProcessResult refused = run_process(

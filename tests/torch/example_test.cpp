@@ -513,7 +513,9 @@ TEST(FashionMnistExample, FedAvgSurvivesAWorkerLeavingMidRound) {
   ASSERT_EQ(::kill(workers.at("1"), SIGKILL), 0);
   const auto r = job.wait(kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
-  EXPECT_NE(r.err.find("recovering after"), std::string::npos) << r.describe();
+  // The survivors go on in the cluster without it (they learn of it from a failed collective, "recovering after",
+  // or, when none was in flight, from the next commit).
+  EXPECT_NE(r.err.find("(lost): 2 workers"), std::string::npos) << r.describe();
   std::map<std::int64_t, std::set<double>> accuracy;
   for (int rank = 0; rank < 2; ++rank) {
     for (const auto& line : epochs_of(r.out, rank)) {
