@@ -64,7 +64,7 @@ def ddp_worker(args):
     import aikido.torch  # noqa: F401  (the backend, and torch's env:// variables under aikido-run)
 
     sys.path.insert(0, os.path.join(ROOT, "examples"))
-    from train_fashion_mnist import load_split, make_model
+    from fashion_mnist import load_split, make_model
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:

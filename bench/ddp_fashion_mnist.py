@@ -7,10 +7,9 @@ process per worker, started by compare_training.py with RANK, WORLD_SIZE, MASTER
 it trains as one worker. Run it with Debian's /usr/bin/python3, which sees python3-torch.
 """
 import argparse
-import gzip
 import json
 import os
-import struct
+import sys
 import time
 
 import torch
@@ -18,32 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def read_idx(path, magic):
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if struct.unpack(">I", data[:4])[0] != magic:
-        raise SystemExit(f"{path} is not an IDX file of the expected kind")
-    if magic == 2051:
-        n, rows, cols = struct.unpack(">III", data[4:16])
-        return torch.frombuffer(bytearray(data[16:]), dtype=torch.uint8).reshape(n, 1, rows, cols)
-    n = struct.unpack(">I", data[4:8])[0]
-    return torch.frombuffer(bytearray(data[8:]), dtype=torch.uint8).reshape(n)
-
-
-def load(folder, prefix):
-    images = read_idx(f"{folder}/{prefix}-images-idx3-ubyte.gz", 2051).float().div_(255).sub_(0.2860).div_(0.3530)
-    labels = read_idx(f"{folder}/{prefix}-labels-idx1-ubyte.gz", 2049).long()
-    return images, labels
-
-
-def make_model(kind):
-    if kind == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
-                             nn.Linear(256, 10))
-    return nn.Sequential(nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(32 * 7 * 7, 10))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from fashion_mnist import load_split, make_model  # noqa: E402  (the example's models and data, without Aikido)
 
 
 def main():
@@ -67,7 +42,7 @@ def main():
     if distributed:
         dist.init_process_group("gloo", rank=rank, world_size=size)
 
-    train_x, train_y = load(args.data, "train")
+    train_x, train_y = load_split(args.data, "train")
     torch.manual_seed(args.seed)
     model = make_model(args.model)
     net = nn.parallel.DistributedDataParallel(model) if distributed else model  # DDP broadcasts rank 0's model
