@@ -67,11 +67,11 @@ int mode_env() {
   std::printf("host=%s store=%s secret_bytes=%zu job=%s version=%s\n", env_or("AIKIDO_HOST", "unset").c_str(),
               env_or("AIKIDO_STORE_ADDR", "unset").c_str(), env_or("AIKIDO_SECRET", "").size(),
               env_or("AIKIDO_JOB_ID", "unset").c_str(), env_or("AIKIDO_CLUSTER_VERSION", "unset").c_str());
-  std::printf("topology=%s timeout=%s transport=%s segment=%s omp=%s blas=%s malloc=%s\n",
+  std::printf("topology=%s timeout=%s transport=%s segment=%s streams=%s omp=%s blas=%s malloc=%s\n",
               env_or("AIKIDO_TOPOLOGY", "unset").c_str(), env_or("AIKIDO_TIMEOUT", "unset").c_str(),
               env_or("AIKIDO_TRANSPORT", "unset").c_str(), env_or("AIKIDO_SEGMENT_BYTES", "unset").c_str(),
-              env_or("OMP_NUM_THREADS", "unset").c_str(), env_or("OPENBLAS_NUM_THREADS", "unset").c_str(),
-              env_or("GLIBC_TUNABLES", "unset").c_str());
+              env_or("AIKIDO_STREAMS", "unset").c_str(), env_or("OMP_NUM_THREADS", "unset").c_str(),
+              env_or("OPENBLAS_NUM_THREADS", "unset").c_str(), env_or("GLIBC_TUNABLES", "unset").c_str());
   std::fflush(stdout);
   std::fprintf(stderr, "stderr of rank %d\n", rank());
   return 0;

@@ -73,6 +73,7 @@ TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
       {{"-np", "2", "--timeout", "-1", kFixture}, "--timeout '-1' is not a positive number"},
       {{"-np", "2", "--segment-bytes", "lots", kFixture}, "--segment-bytes 'lots'"},
       {{"-np", "2", "--segment-bytes", "4", kFixture}, "--segment-bytes '4' is not a number of bytes from 8"},
+      {{"-np", "2", "--streams", "9", kFixture}, "--streams '9' is not a number of TCP streams from 1 to 8"},
       {{"-np", "2"}, "missing PROGRAM"},
       {{"-np", "2", "aikido-no-such-program"}, "program 'aikido-no-such-program' not found in PATH"},
       {{"-np", "2", "./aikido-no-such-program"}, "program './aikido-no-such-program' does not exist"},
@@ -159,7 +160,7 @@ TEST(LauncherTest, AWorkerRefusesBadSettingsWhenItCreatesItsPeer) {
 
 TEST(LauncherTest, SetsTheEnvironmentAndPrefixesLines) {
   const auto r = run_process(launch({"-np", "3", "--topology", "tree", "--timeout", "7.5", "--transport", "tcp",
-                                     "--segment-bytes", "4096", kFixture, "env"}),
+                                     "--segment-bytes", "4096", "--streams", "3", kFixture, "env"}),
                              kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
   std::string store, job;
@@ -181,7 +182,7 @@ TEST(LauncherTest, SetsTheEnvironmentAndPrefixesLines) {
     }
     EXPECT_EQ(m[1], store);
     EXPECT_EQ(m[2], job);
-    EXPECT_EQ(lines[2], p + "topology=tree timeout=7.5 transport=tcp segment=4096 " + default_threads(3));
+    EXPECT_EQ(lines[2], p + "topology=tree timeout=7.5 transport=tcp segment=4096 streams=3 " + default_threads(3));
     EXPECT_EQ(lines_with_prefix(r.err, p), std::vector<std::string>{p + "stderr of rank " + std::to_string(rank)})
         << r.describe();
   }
@@ -267,7 +268,7 @@ TEST(LauncherTest, InheritsSettingsThatNoFlagOverrides) {
     EXPECT_EQ(lines[0].find(p + "rank=" + std::to_string(rank) + " "), 0u) << lines[0];
     EXPECT_NE(lines[1].find("secret_bytes=64 "), std::string::npos) << lines[1];
     const std::string blas = "blas=1";
-    EXPECT_EQ(lines[2], p + "topology=star timeout=3 transport=unset segment=unset omp=4 " + blas +
+    EXPECT_EQ(lines[2], p + "topology=star timeout=3 transport=unset segment=unset streams=unset omp=4 " + blas +
                             " malloc=glibc.malloc.arena_max=2");
   }
 }

@@ -44,6 +44,7 @@ std::vector<std::pair<std::string, std::string>> flag_settings(const Options& op
   if (options.store_timeout) settings.emplace_back(env::kStoreTimeout, *options.store_timeout);
   if (options.transport) settings.emplace_back(env::kTransport, *options.transport);
   if (options.segment_bytes) settings.emplace_back(env::kSegmentBytes, *options.segment_bytes);
+  if (options.streams) settings.emplace_back(env::kStreams, *options.streams);
   if (options.metrics_port || options.metrics_file || options.dashboard_port) {
     settings.emplace_back(env::kMetricsInterval, std::to_string(options.metrics_interval));
   }

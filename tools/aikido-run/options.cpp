@@ -76,9 +76,18 @@ std::string check_seconds(const std::string& value, const std::string& flag = "-
 }
 
 std::string check_segment_bytes(const std::string& value) {
-  if (!integer_in(value, env::kMinSegmentBytes, env::kMaxSegmentBytes)) {
+  if (value != "0" && !integer_in(value, env::kMinSegmentBytes, env::kMaxSegmentBytes)) {
     throw UsageError("aikido-run: --segment-bytes '" + value + "' is not a number of bytes from " +
-                     std::to_string(env::kMinSegmentBytes) + " to " + std::to_string(env::kMaxSegmentBytes));
+                     std::to_string(env::kMinSegmentBytes) + " to " + std::to_string(env::kMaxSegmentBytes) +
+                     ", or 0 (chosen per link)");
+  }
+  return value;
+}
+
+std::string check_streams(const std::string& value) {
+  if (!integer_in(value, 0, 8)) {
+    throw UsageError("aikido-run: --streams '" + value +
+                     "' is not a number of TCP streams from 1 to 8, or 0 (chosen by measuring the link)");
   }
   return value;
 }
@@ -284,7 +293,10 @@ options:
   --store-timeout S     deadline of each request to the rendezvous store (default: --timeout; at most
                         --timeout)                                               (sets AIKIDO_STORE_TIMEOUT)
   --transport K         same-host transport: auto, tcp or unix                   (sets AIKIDO_TRANSPORT)
-  --segment-bytes B     pipelining segment size in bytes                         (sets AIKIDO_SEGMENT_BYTES)
+  --segment-bytes B     pipelining segment size in bytes; 0 (default): chosen per link from its measured
+                        bandwidth                                                (sets AIKIDO_SEGMENT_BYTES)
+  --streams N           TCP connections between two workers on different hosts, 1..8; 0 (default):
+                        chosen by measuring the link at connection setup         (sets AIKIDO_STREAMS)
   --metrics-port P      serve every worker's training metrics in Prometheus text format on
                         http://127.0.0.1:P/metrics (0: a free port, printed at start)
   --metrics-file F      append every worker's training metrics to F as JSON lines
@@ -470,7 +482,7 @@ Options parse_options(int argc, char** argv) {
     const bool known =
         flag == "-np" || flag == "--np" || flag == "-n" || flag == "--topology" || flag == "--timeout" ||
         flag == "--connect-timeout" || flag == "--store-timeout" || flag == "--transport" ||
-        flag == "--segment-bytes" || flag == "--metrics-port" || flag == "--metrics-file" ||
+        flag == "--segment-bytes" || flag == "--streams" || flag == "--metrics-port" || flag == "--metrics-file" ||
         flag == "--metrics-interval" || flag == "--min-np" || flag == "--max-np" || flag == "--control-file" ||
         flag == "--heartbeat-timeout" || flag == "--checkpoint" || flag == "--resume" || flag == "--bind-to" ||
         flag == "--max-restarts" || flag == "--grace-period" || flag == "--stdout" || flag == "--nnodes" ||
@@ -615,6 +627,8 @@ Options parse_options(int argc, char** argv) {
         throw UsageError("aikido-run: --stdout expects tty or pipe, got '" + *value + "'");
       }
       options.stdout_tty = *value == "tty";
+    } else if (flag == "--streams") {
+      options.streams = check_streams(*value);
     } else {
       options.segment_bytes = check_segment_bytes(*value);
     }

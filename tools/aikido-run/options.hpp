@@ -33,6 +33,7 @@ struct Options {
   std::optional<std::string> store_timeout;    // --store-timeout: AIKIDO_STORE_TIMEOUT
   std::optional<std::string> transport;
   std::optional<std::string> segment_bytes;
+  std::optional<std::string> streams;
   // Metrics exporters (metrics_exporter.hpp): Prometheus over HTTP on 127.0.0.1:port, JSON lines to a file.
   std::optional<int> metrics_port;
   std::optional<std::string> metrics_file;
