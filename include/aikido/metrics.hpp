@@ -13,6 +13,7 @@
 namespace aikido {
 
 class Peer;
+struct LinkMatrix;  // aikido/peer.hpp
 
 /// This worker's link to one other worker, measured by LinkMonitor with requests through the peer-to-peer model
 /// store (so over the same connections and code paths as collectives).
@@ -76,6 +77,9 @@ struct TrainingMetrics {
   // memory put none on a wire and count none).
   double slowest_link_bytes_per_second = kUnknown;
   std::int64_t bytes_sent = 0;
+  // How often the workers installed their measured links in the Peer (Peer::set_link_matrix: the first
+  // measurement, then every time a link's bandwidth moved by more than 1.5x), re-planning the collectives after it.
+  std::int64_t link_matrices_installed = 0;
   std::string compression;  // what the optimizer exchanges with: "none", "fp16", "topk:0.01", ... (Compression)
 
   // Differential privacy spent so far: epsilon at the optimizer's delta (RdpAccountant). NaN without privacy.
@@ -168,6 +172,10 @@ class LinkMonitor {
   void finish();
   /// The latest measurement of every link (NaN where not measured yet), in peer order, self excluded.
   std::vector<LinkStats> links() const;
+  /// Every worker's latest measurements as one matrix (row: the measuring worker), gathered by an allgather named
+  /// "aikido/links/matrix": collective, every worker calls it at the same point and gets the same matrix, ready for
+  /// Peer::set_link_matrix. NaN where a link was not measured.
+  LinkMatrix matrix();
 
  private:
   struct State;

@@ -122,7 +122,9 @@ struct DistributedOptimizerOptions {
   /// With monitoring on, the latency and bandwidth of this worker's links to every other worker are probed
   /// (LinkMonitor, metrics().links) in rounds this far apart: per peer a few 8-byte requests and one of
   /// `link_probe_bytes`, one request at a time, started from step() and answered by the peers' receive threads, so
-  /// no step waits for a probe. 0: no link probing.
+  /// no step waits for a probe. 0: no link probing. When a link is first measured, and whenever its bandwidth
+  /// moves by more than 1.5x, every worker installs all workers' links in the Peer at the same step
+  /// (Peer::set_link_matrix, metrics().link_matrices_installed): Topology::automatic and the segment sizes re-plan.
   std::chrono::milliseconds link_probe_interval{5000};
   std::size_t link_probe_bytes = std::size_t(1) << 20;
   /// The constructor checks the parameters across workers (and, for pair averaging, publishes the model), which
@@ -345,6 +347,7 @@ class DistributedOptimizer {
   void reset_step();
   void launch_metrics(double samples, double step_seconds);
   void absorb_metrics();
+  void install_links();
   void wait_launched() noexcept;
   void copy_parameters_into_buckets();
   void copy_buckets_into_parameters();

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <deque>
+#include <limits>
 
 #include "base/log.hpp"
 
@@ -191,6 +192,29 @@ std::vector<LinkStats> LinkMonitor::links() const {
     if (link.peer != state_->peer.rank()) out.push_back(link);
   }
   return out;
+}
+
+LinkMatrix LinkMonitor::matrix() {
+  Peer& peer = state_->peer;
+  const int n = peer.size();
+  const auto nan = std::numeric_limits<double>::quiet_NaN();
+  // This worker's row: n latencies, then n bandwidths.
+  std::vector<double> row(2 * std::size_t(n), nan), all(2 * std::size_t(n) * std::size_t(n));
+  for (const LinkStats& link : links()) {
+    if (link.peer < 0 || link.peer >= n) continue;
+    row[std::size_t(link.peer)] = link.latency_seconds;
+    row[std::size_t(n + link.peer)] = link.bandwidth_bytes_per_second;
+  }
+  peer.allgather(std::span<const double>(row), std::span<double>(all), "aikido/links/matrix");
+  LinkMatrix m = LinkMatrix::unmeasured(n);
+  for (int from = 0; from < n; ++from) {
+    for (int to = 0; to < n; ++to) {
+      const std::size_t at = std::size_t(from) * std::size_t(n) + std::size_t(to);
+      m.latency_seconds[at] = all[std::size_t(from) * 2 * std::size_t(n) + std::size_t(to)];
+      m.bandwidth_bytes_per_second[at] = all[std::size_t(from) * 2 * std::size_t(n) + std::size_t(n + to)];
+    }
+  }
+  return m;
 }
 
 }  // namespace aikido

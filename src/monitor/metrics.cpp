@@ -42,6 +42,8 @@ std::vector<Field> numeric_fields(const TrainingMetrics& m) {
        m.slowest_link_bytes_per_second},
       {"bytes_sent", "bytes this worker wrote to its connections since its session began",
        static_cast<double>(m.bytes_sent)},
+      {"link_matrices_installed", "times the workers installed their measured links, re-planning the collectives",
+       static_cast<double>(m.link_matrices_installed)},
       {"epsilon", "differential privacy spent so far (epsilon at the optimizer's delta)", m.epsilon},
       {"local_step_seconds", "this worker's time of its last step", m.local_step_seconds},
       {"local_compute_seconds", "this worker's time outside the optimizer in its last step", m.local_compute_seconds},

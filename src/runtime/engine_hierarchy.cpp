@@ -33,9 +33,9 @@
 #include <algorithm>
 #include <cstring>
 
+#include "base/crypto.hpp"
 #include "base/error.hpp"
 #include "base/reduce.hpp"
-#include "base/crypto.hpp"
 #include "collective/algorithms.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/engine_collective.hpp"
@@ -49,9 +49,7 @@ namespace {
 
 /// Chunks in flight at once (each has its own phase names).
 constexpr int kLanes = 4;
-/// Chunks of an allreduce hold at least this much (fewer, larger phases for smaller buffers)...
-constexpr std::size_t kMinChunkBytes = std::size_t(1) << 20;
-/// ...and a buffer is cut into at most this many.
+/// A buffer is cut into at most this many chunks (their size otherwise follows the links: collective::chunk_bytes).
 constexpr std::size_t kMaxChunks = 16;
 
 std::string what(std::exception_ptr error) {

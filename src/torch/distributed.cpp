@@ -13,9 +13,9 @@
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/reduce.hpp"
+#include "base/timeline.hpp"
 #include "base/visit_dtype.hpp"
 #include "optimizer_parts.hpp"
-#include "base/timeline.hpp"
 #include "splitmix.hpp"
 
 namespace aikido::torch {
@@ -24,6 +24,7 @@ using detail::str_cat;
 
 namespace {
 
+using internal::kLinkChange;
 using internal::kPrefix;
 using internal::post_tensor;
 
@@ -615,8 +616,33 @@ void DistributedOptimizer::step(std::int64_t samples) {
   if (options_.monitor) {
     launch_metrics(static_cast<double>(samples), seconds_between(monitor_->last_step_end, Monitor::Clock::now()));
     if (monitor_->links) monitor_->links->poll();
+    if (monitor_->replan_due) install_links();
   }
   monitor_->last_step_end = Monitor::Clock::now();
+}
+
+// Some worker's links changed (or were measured for the first time): every worker gathers all of them into one
+// matrix and installs it in the Peer, which re-plans later collectives with it (Topology::automatic's choice, the
+// segment sizes). Collective; runs at the same step on every worker (absorb_metrics).
+void DistributedOptimizer::install_links() {
+  Monitor& m = *monitor_;
+  m.replan_due = false;
+  const LinkMatrix matrix = m.links->matrix();
+  const auto before = peer_.planned_topology(static_cast<std::size_t>(m.gradient_bytes));
+  peer_.set_link_matrix(matrix);
+  const int rank = peer_.rank(), n = matrix.size;
+  m.installed_bandwidth.assign(std::size_t(n), 0.0);
+  for (int to = 0; to < n; ++to) {
+    const double bandwidth = matrix.bandwidth(rank, to);
+    if (std::isfinite(bandwidth)) m.installed_bandwidth[std::size_t(to)] = bandwidth;
+  }
+  ++metrics_.link_matrices_installed;
+  const auto after = peer_.planned_topology(static_cast<std::size_t>(m.gradient_bytes));
+  if (auto* timeline = detail::Timeline::get()) {
+    timeline->instant("links", "links", "link matrix installed", Monitor::Clock::now(),
+                      str_cat("\"step\":", steps_, ",\"gradient_topology_before\":\"", topology_name(before),
+                              "\",\"gradient_topology_after\":\"", topology_name(after), "\""));
+  }
 }
 
 // Publishes this step's values (the allreduce completes during the next step) and folds in the previous step's.
@@ -644,18 +670,24 @@ void DistributedOptimizer::launch_metrics(double samples, double step_seconds) {
   m.local_sq = m.big_sq = m.wait = m.communication = 0;
   m.measured = false;
   // The slowest of this worker's measured links; the allreduce (max) of its negation finds the cluster's slowest.
-  m.slowest_link[0] = -std::numeric_limits<double>::infinity();
+  // And whether any of them moved away from the installed link matrix.
+  m.link_values = {-std::numeric_limits<double>::infinity(), 0.0};
   if (m.links) {
     for (const LinkStats& link : m.links->links()) {
-      if (TrainingMetrics::known(link.bandwidth_bytes_per_second)) {
-        m.slowest_link[0] = std::max(m.slowest_link[0], -link.bandwidth_bytes_per_second);
+      const double bandwidth = link.bandwidth_bytes_per_second;
+      if (!TrainingMetrics::known(bandwidth)) continue;
+      m.link_values[0] = std::max(m.link_values[0], -bandwidth);
+      const std::size_t peer = static_cast<std::size_t>(link.peer);
+      const double installed = peer < m.installed_bandwidth.size() ? m.installed_bandwidth[peer] : 0.0;
+      if (!(installed > 0) || bandwidth > installed * kLinkChange || bandwidth * kLinkChange < installed) {
+        m.link_values[1] = 1.0;
       }
     }
   }
   if (peer_.size() > 1) {
     m.work = peer_.allreduce_async(std::span<double>(m.values), ReduceOp::sum, str_cat(kPrefix, "metrics"));
     m.link_work =
-        peer_.allreduce_async(std::span<double>(m.slowest_link), ReduceOp::max, str_cat(kPrefix, "metrics/links"));
+        peer_.allreduce_async(std::span<double>(m.link_values), ReduceOp::max, str_cat(kPrefix, "metrics/links"));
   }
   m.pending = true;
   metrics_.step = steps_;
@@ -698,7 +730,9 @@ void DistributedOptimizer::absorb_metrics() {
   m.work.wait();
   m.link_work.wait();
   metrics_.slowest_link_bytes_per_second =
-      std::isfinite(m.slowest_link[0]) ? -m.slowest_link[0] : TrainingMetrics::kUnknown;
+      std::isfinite(m.link_values[0]) ? -m.link_values[0] : TrainingMetrics::kUnknown;
+  // Every worker reads the same reduced flag of the same step, so all of them install the links at the same step.
+  if (m.links && peer_.size() > 1 && m.link_values[1] > 0) m.replan_due = true;
   const auto& v = m.values;
   const double n = peer_.size();
   const double samples = v[Monitor::kSamples];
@@ -888,7 +922,9 @@ void DistributedOptimizer::on_cluster_change() {
   pull_.reset();
   metrics_.workers = peer_.size();
   metrics_.topology = topology_name(peer_.topology());
-  monitor_->noise.reset();  // the batch sizes it pairs changed
+  monitor_->noise.reset();                // the batch sizes it pairs changed
+  monitor_->installed_bandwidth.clear();  // the new cluster's Peer has no matrix installed; its links are new
+  monitor_->replan_due = false;
   if (monitor_->publisher) monitor_->publisher->set_rank(peer_.rank());
   if (peer_.size() > 1) {
     // Without a PolicyRunner (which registers this count with the session), a worker that joined counts its steps

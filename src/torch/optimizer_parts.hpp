@@ -23,6 +23,9 @@ namespace aikido::torch {
 namespace internal {
 
 inline constexpr std::string_view kPrefix = "aikido.torch/";
+/// A link whose measured bandwidth moved by more than this factor (either way) since the installed link matrix has
+/// every worker install a new one (DistributedOptimizer::install_links): the topology and segments are re-planned.
+inline constexpr double kLinkChange = 1.5;
 
 inline Work post_tensor(Peer& peer, detail::CollectiveKind kind, ::torch::Tensor& tensor, ReduceOp op, int root,
                         std::string_view name) {
@@ -132,8 +135,13 @@ struct DistributedOptimizer::Monitor {
   // In flight: the values of the last step, and what only this worker knows about it.
   std::array<double, kCount> values{};
   Work work;
-  std::array<double, 1> slowest_link{};  // minus the lowest bandwidth of this worker's links (-inf: none measured)
+  // Reduced by max: [0] minus the lowest bandwidth of this worker's links (-inf: none measured); [1] 1 when one of
+  // this worker's links changed by more than kLinkChange since the Peer's link matrix was installed.
+  std::array<double, 2> link_values{};
   Work link_work;
+  // This worker's bandwidths (by peer) in the installed link matrix; empty until one was installed.
+  std::vector<double> installed_bandwidth;
+  bool replan_due = false;  // some worker's links changed: install the matrix at the end of this step
   bool pending = false;
   bool pending_measured = false;
   double pending_big_sq = 0;

@@ -690,6 +690,7 @@ TEST(TorchMonitor, ModelAveragingSamplesTheGradient) {
 
 TEST(TorchMonitor, LinksAreProbedDuringTraining) {
   std::vector<TrainingMetrics> seen(2), off(2);
+  std::vector<LinkMatrix> installed(2);
   run_cluster(2, base_config(), [&](Peer& peer) {
     for (const bool probe : {true, false}) {
       UnitGradient g(peer.rank());
@@ -708,6 +709,7 @@ TEST(TorchMonitor, LinksAreProbedDuringTraining) {
       }
       opt.finish_pending();
       (probe ? seen : off)[peer.rank()] = opt.metrics();
+      if (probe) installed[peer.rank()] = peer.link_matrix();
       peer.barrier("links measured");
     }
   });
@@ -719,6 +721,16 @@ TEST(TorchMonitor, LinksAreProbedDuringTraining) {
     EXPECT_GT(link.bandwidth_bytes_per_second, 0);
     EXPECT_GE(link.probes, 1);
     EXPECT_TRUE(off[rank].links.empty()) << "link_probe_interval 0 turns probing off";
+    // The measured links were installed in the Peer, alike on both workers, at the same steps.
+    EXPECT_GE(seen[rank].link_matrices_installed, 1);
+    EXPECT_EQ(seen[rank].link_matrices_installed, seen[0].link_matrices_installed);
+    EXPECT_EQ(off[rank].link_matrices_installed, 0);
+    ASSERT_EQ(installed[rank].size, 2);
+    EXPECT_GT(installed[rank].bandwidth(rank, 1 - rank), 0);
+    EXPECT_GT(installed[rank].latency(1 - rank, rank), 0);
+    for (int from = 0; from < 2; ++from) {  // the diagonal is NaN (not measured)
+      EXPECT_EQ(installed[rank].bandwidth(from, 1 - from), installed[0].bandwidth(from, 1 - from));
+    }
   }
 }
 
