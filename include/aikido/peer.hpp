@@ -107,7 +107,7 @@ struct PeerConfig {
   int streams = 0;
   /// Size of the pieces a large buffer is cut into for pipelining (see src/collective/plan.hpp). 0 (the default):
   /// chosen per plan from its slowest link, 1 MiB among ranks of one host, what the link carries in half a
-  /// millisecond between hosts (64 KiB to 4 MiB; see Peer::set_link_matrix).
+  /// millisecond between hosts (256 KiB to 4 MiB; see Peer::set_link_matrix).
   std::size_t segment_bytes = 0;
   /// TCP congestion control of data connections (Linux's TCP_CONGESTION; `sysctl
   /// net.ipv4.tcp_allowed_congestion_control` lists what a process may choose). Empty: the system's default.
