@@ -124,8 +124,18 @@ def main():
                         measured = {k: [] for k in runs}
                         for _ in range(args.repeats):
                             for key, argv in runs.items():
-                                port += 1
-                                measured[key].append(run_workers(layout, argv, port, secret.name, key, args.timeout))
+                                for attempt in range(3):
+                                    port += 1
+                                    try:
+                                        measured[key].append(
+                                            run_workers(layout, argv, port, secret.name, key, args.timeout))
+                                        break
+                                    except RuntimeError as e:
+                                        # Gloo's TCP pairs now and then fail to connect on this loaded machine
+                                        # ("Connection reset by peer"): the reference is tried again.
+                                        if attempt == 2 or "Connection reset by peer" not in str(e):
+                                            raise
+                                        print(f"# {key}: connection reset, trying again", flush=True)
                         a, d, c = (statistics.median(measured[k]) for k in ("aikido", "ddp", "ceiling"))
                         lname = f"{layout[0]}x{layout[1]}"
                         rows.append({"layout": lname, "rate": rate, "model": model, "batch": batch, "aikido": a,
