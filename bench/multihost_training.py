@@ -67,9 +67,10 @@ def run_workers(layout, argv, port, secret_file, what, timeout):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for p, (out, err) in zip(procs, outputs):
-        if p.returncode != 0:
-            raise RuntimeError(f"{what} failed ({p.returncode}):\n{out[-2000:]}\n{err[-2000:]}")
+    failed = [(rank, p.returncode, err) for rank, (p, (_, err)) in enumerate(zip(procs, outputs)) if p.returncode]
+    if failed:
+        raise RuntimeError(f"{what} failed: " + "\n".join(f"rank {r} (exit status {c}):\n{e[-1500:]}"
+                                                        for r, c, e in failed))
     return last_epoch_throughput(outputs[0][0], what)
 
 
@@ -100,7 +101,8 @@ def main():
     secret.write(SECRET + "\n")
     secret.close()
     max_hosts = max(h for h, _ in layouts)
-    print(f"# training throughput across emulated hosts, global samples/s of the second epoch ({args.steps} steps), "
+    print(f"# training throughput across emulated hosts, global samples/s of the second epoch (at most {args.steps} "
+          "steps), "
           f"medians of {args.repeats}; {os.cpu_count()} CPUs shared by every host; load average "
           f"{os.getloadavg()[0]:.2f}", flush=True)
     print(f"{'layout':6} {'rate':>7} {'model':5} {'batch':>5} {'aikido':>8} {'ddp':>8} {'ceiling':>8} "
@@ -114,8 +116,11 @@ def main():
             for layout in layouts:
                 for model in args.models.split(","):
                     for batch in [int(b) for b in args.batches.split(",")]:
+                        # At most the full global batches of an epoch: a measured epoch that ran out of data would
+                        # end early, and a DDP worker left without samples would skip its gradient allreduce.
+                        steps = min(args.steps, 60000 // (layout[0] * layout[1] * batch))
                         common = ["--model", model, "--batch-size", str(batch), "--epochs", "2", "--max-steps",
-                                  str(args.steps)]
+                                  str(steps)]
                         runs = {
                             "aikido": [example] + common + ["--monitor", "off"],
                             "ddp": ["/usr/bin/python3", os.path.join(HERE, "ddp_fashion_mnist.py")] + common,
