@@ -902,14 +902,22 @@ void ShmCollectives::fail(ShmOp& op, std::exception_ptr error) {
 std::string ShmCollectives::describe_wait(const ShmOp& op) const {
   const View v{segment_.data(), layout_};
   const std::uint64_t value = op.occurrence + 1;
-  std::vector<int> not_posted, behind;  // cluster ranks
-  std::vector<int> not_posted_here;     // their indices here
+  std::vector<int> not_posted, gave_up, behind;  // cluster ranks
+  std::vector<int> not_posted_here;              // their indices here
   for (int q = 0; q < size_; ++q) {
     if (q == rank_) continue;
-    const std::uint64_t w = v.arrival(op.entry, op.half, q).word.load(std::memory_order_acquire);
+    const std::atomic<std::uint64_t>& word = v.arrival(op.entry, op.half, q).word;
+    std::uint64_t w = word.load(std::memory_order_acquire);
+    // A rank writing its arrival (or the error it gives up with) finishes within microseconds.
+    for (int look = 0; (w & kWriting) && look < 1000; ++look) {
+      std::this_thread::yield();
+      w = word.load(std::memory_order_acquire);
+    }
     if ((w & kValueMask) < value || (w & kWriting)) {
       not_posted.push_back(members_[q]);
       not_posted_here.push_back(q);
+    } else if ((w & kAbandoned) && (w & kValueMask) == value) {
+      gave_up.push_back(members_[q]);
     } else if (op.bay >= 0) {
       const BayCounters& c = v.counters(op.bay, q);
       if (c.done.load(std::memory_order_acquire) < op.next_out + 1 ||
@@ -929,9 +937,10 @@ std::string ShmCollectives::describe_wait(const ShmOp& op) const {
         text += str_cat("; rank ", members_[q], " ", op.waiting_in[std::size_t(q)]);
       }
     }
-  } else if (op.arrived && op.bay < 0) {
+  } else if (op.arrived && op.bay < 0 && gave_up.empty()) {
     text += "; waiting for a free shared-memory bay";
   }
+  if (!gave_up.empty()) text += str_cat("; rank", gave_up.size() > 1 ? "s " : " ", rank_list(gave_up), " gave it up");
   std::vector<int> silent;
   for (int q = 0; q < size_ && op.stall_queried; ++q) {
     if (q != rank_ && (op.waiting_in.empty() || op.waiting_in[std::size_t(q)].empty())) silent.push_back(members_[q]);
