@@ -114,19 +114,12 @@ void tune_data_socket(transport::Socket& socket, const PeerConfig& config) {
   }
 }
 
-constexpr std::chrono::milliseconds kCancelSlice{100};
-
-[[noreturn]] void throw_cancelled(const PeerConfig& config) {
-  throw Error(str_cat("rank ", config.rank, ": rendezvous at cluster version ", config.cluster_version,
-                      " cancelled: a newer cluster version superseded it"));
-}
-
 // Accepts connections from every higher rank on either listener until all arrived or the deadline.
 void accept_all(const PeerConfig& config, std::vector<transport::Listener*> listeners,
                 std::vector<transport::Socket>& sockets, Clock::time_point deadline) {
   int expected = config.size - 1 - config.rank;
   while (expected > 0) {
-    if (config.cancel && config.cancel()) throw_cancelled(config);
+    if (config.cancel && config.cancel()) detail::throw_cancelled(config);
     if (Clock::now() >= deadline) {
       std::vector<int> missing;
       for (int p = config.rank + 1; p < config.size; ++p) {
@@ -298,14 +291,14 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
     for (;;) {
       const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
       // With a cancel check, wait in slices so that a superseded rendezvous is abandoned quickly.
-      const auto slice = config.cancel ? std::min(remaining, kCancelSlice) : remaining;
+      const auto slice = config.cancel ? std::min(remaining, detail::kCancelSlice) : remaining;
       try {
         record = config.store->wait(detail::endpoint_key(config.job_id, config.cluster_version, p),
                                     std::max(slice, std::chrono::milliseconds(1)));
         break;
       } catch (const TimeoutError&) {
         if (slice < remaining) {
-          if (config.cancel()) throw_cancelled(config);
+          if (config.cancel()) detail::throw_cancelled(config);
           continue;
         }
         throw TimeoutError(
@@ -343,7 +336,8 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
         throw ConfigError(str_cat("rank ", p, " is on host '", e.host, "' and listens only on a Unix socket; use ",
                                   "AIKIDO_TRANSPORT=auto or tcp for clusters that span hosts"));
       }
-      transport::Socket s = transport::connect(Address::parse(use_unix ? e.unix_path : e.tcp), deadline);
+      transport::Socket s =
+          detail::connect_unless_cancelled(config, Address::parse(use_unix ? e.unix_path : e.tcp), deadline);
       const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
       auto result = transport::handshake_connect(s, config.secret, transport::Channel::data, config.cluster_version,
                                                  config.rank, std::max(remaining, std::chrono::milliseconds(1)));

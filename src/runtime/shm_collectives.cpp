@@ -8,11 +8,11 @@
 #include <cstring>
 #include <thread>
 
+#include "base/crypto.hpp"
 #include "base/env.hpp"
 #include "base/error.hpp"
 #include "base/log.hpp"
 #include "base/reduce.hpp"
-#include "base/crypto.hpp"
 #include "base/thread.hpp"
 #include "collective/algorithms.hpp"
 

@@ -78,7 +78,7 @@ std::vector<int> first_ranks(const std::vector<int>& host_of_rank) {
 }
 
 Socket connect_to(const PeerConfig& config, const Endpoint& endpoint, int peer, Clock::time_point deadline) {
-  Socket s = transport::connect(transport::Address::parse(endpoint.tcp), deadline);
+  Socket s = connect_unless_cancelled(config, transport::Address::parse(endpoint.tcp), deadline);
   const auto result = transport::handshake_connect(s, config.secret, transport::Channel::data, config.cluster_version,
                                                    config.rank, left(deadline));
   if (result.peer_rank != peer) {
@@ -184,6 +184,25 @@ LinkProbe measure_probe(const PeerConfig& config, Socket& s, int sender, transpo
 }
 
 }  // namespace
+
+void throw_cancelled(const PeerConfig& config) {
+  throw Error(str_cat("rank ", config.rank, ": rendezvous at cluster version ", config.cluster_version,
+                      " cancelled: a newer cluster version superseded it"));
+}
+
+Socket connect_unless_cancelled(const PeerConfig& config, const transport::Address& address,
+                                Clock::time_point deadline) {
+  if (!config.cancel) return transport::connect(address, deadline);
+  for (;;) {
+    const auto slice_end = std::min(deadline, Clock::now() + kCancelSlice);
+    try {
+      return transport::connect(address, slice_end);
+    } catch (const TimeoutError&) {
+      if (slice_end >= deadline) throw;
+    }
+    if (config.cancel()) throw_cancelled(config);
+  }
+}
 
 LinkProbe choose_streams(const PeerConfig& config, const std::vector<int>& host_of_rank,
                          const std::vector<Endpoint>& endpoints, std::vector<Socket>& sockets, transport::Listener& tcp,

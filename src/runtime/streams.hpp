@@ -34,6 +34,18 @@ struct LinkProbe {
   bool measured = false;
 };
 
+/// How often a rendezvous that waits looks at PeerConfig::cancel.
+inline constexpr std::chrono::milliseconds kCancelSlice{100};
+
+/// The error of a rendezvous that a newer cluster version superseded (PeerConfig::cancel said so).
+[[noreturn]] void throw_cancelled(const PeerConfig& config);
+
+/// transport::connect, given up (throw_cancelled) within kCancelSlice once PeerConfig::cancel says so: the peer of a
+/// superseded version closed its listener and is not coming back, so waiting out the deadline would only stall the
+/// change to the newer version.
+transport::Socket connect_unless_cancelled(const PeerConfig& config, const transport::Address& address,
+                                           std::chrono::steady_clock::time_point deadline);
+
 /// Says in the store that this rank's first connections are up (others then open more streams to it, or probe).
 void announce_connected(const PeerConfig& config);
 

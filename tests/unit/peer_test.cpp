@@ -15,6 +15,8 @@
 #include <typeinfo>
 
 #include "cluster.hpp"
+#include "runtime/endpoint.hpp"
+#include "runtime/peer_env.hpp"
 #include "transport/handshake.hpp"
 #include "transport/socket.hpp"
 
@@ -60,6 +62,35 @@ TEST(Peer, JoiningGivesUpAfterTheConnectTimeout) {
         std::string::npos)
         << e.what();
   }
+}
+
+// A rank whose lower peer published its address and then left (it moved on to a newer cluster version and closed
+// its listener) stops connecting as soon as `cancel` says the version was superseded, not at the join deadline.
+TEST(Peer, ConnectingToAPeerThatLeftStopsWhenCancelled) {
+  PeerConfig config = base_config();
+  config.timeout = std::chrono::milliseconds(60'000);
+  config.rank = 1;
+  config.size = 2;
+  config.cluster_version = 1;
+  config.store = make_memory_store();
+  config.job_id = "cancelled-connect";
+  config.host = "here";
+  {
+    // Rank 0's record, with listeners that are closed again at once: connecting is refused.
+    auto tcp = transport::Listener::bind_tcp("127.0.0.1", 0);
+    auto unix_listener = transport::Listener::bind_unix("@aikido-test-cancelled-connect-" + std::to_string(::getpid()));
+    detail::Endpoint gone{config.host, tcp.address().to_string(), unix_listener.address().to_string()};
+    config.store->set(detail::endpoint_key(config.job_id, 1, 0), detail::encode_endpoint(gone));
+  }
+  const auto start = std::chrono::steady_clock::now();
+  config.cancel = [&] { return std::chrono::steady_clock::now() - start > std::chrono::milliseconds(300); };
+  try {
+    Peer::create(config);
+    ADD_FAILURE() << "joined a rank that left";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("rendezvous at cluster version 1 cancelled"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
 }
 
 TEST(Peer, LocalRanksFollowHosts) {
