@@ -198,6 +198,29 @@ class ProgressLine {
   std::chrono::steady_clock::time_point next_{};
 };
 
+// --count-samples: a sample index's contribution to the epoch's fingerprint (40 bits, so that the sum over a whole
+// training set fits an int64 exactly). The sum over an epoch equals the sum over all indices when each index was
+// trained once; an index trained twice and another skipped change it (but for a 2^-40 chance).
+std::int64_t index_fingerprint(std::uint64_t index) {
+  std::uint64_t z = index + 0x9e3779b97f4a7c15ULL;  // splitmix64
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return static_cast<std::int64_t>((z ^ (z >> 31)) & ((std::uint64_t{1} << 40) - 1));
+}
+
+// FNV-1a over the bytes of every parameter, in order: equal on every worker exactly when their models are.
+std::string parameters_digest(torch::nn::Module& model) {
+  std::uint64_t h = 0xcbf29ce484222325ULL;
+  for (const auto& p : model.parameters()) {
+    const torch::Tensor t = p.detach().contiguous();
+    const auto* bytes = static_cast<const unsigned char*>(t.data_ptr());
+    for (std::size_t i = 0, n = t.numel() * t.element_size(); i < n; ++i) h = (h ^ bytes[i]) * 0x100000001b3ULL;
+  }
+  char text[17];
+  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(h));
+  return text;
+}
+
 torch::Tensor to_index(const std::vector<std::size_t>& indices) {
   auto t = torch::empty({static_cast<std::int64_t>(indices.size())}, torch::kInt64);
   auto* p = t.data_ptr<std::int64_t>();
@@ -220,6 +243,7 @@ int main(int argc, char** argv) {
   const char* elastic_job = std::getenv("AIKIDO_ELASTIC");
   bool elastic = elastic_job != nullptr && std::string(elastic_job) == "1";
   bool all_ranks = false;
+  bool count_samples = false;
   std::int64_t commit_every = 10;
   double target_accuracy = 0;
   std::int64_t eval_every = 0;
@@ -338,6 +362,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"json", "text", "both"}))
       ->capture_default_str();
   app.add_flag("--all-ranks", all_ranks, "every rank prints its epoch lines (default: rank 0 alone)");
+  app.add_flag("--count-samples", count_samples,
+               "check: every step also sums the workers' batch sizes and a fingerprint of their sample indices (one "
+               "16-byte allreduce), kept with the training state; the epoch line then says how many samples were "
+               "trained and whether each index was trained exactly once (iid partition only)");
   app.add_flag("--skip-communication", skip_communication,
                "benchmarks only: every worker trains alone on its shard, without communication (the throughput "
                "ceiling of the same run)");
@@ -354,7 +382,11 @@ int main(int argc, char** argv) {
       "compression, and epsilon (differential privacy spent so far, at --dp-delta; null without --dp-clip). Before "
       "training, rank 0 prints a line that starts "
       "with 'train_fashion_mnist: starting:' and gives the configuration (stderr); a job that resumed from a "
-      "checkpoint says from where.");
+      "checkpoint says from where. With --count-samples the line ends with trained_samples (the samples all workers "
+      "trained in the epoch, counted step by step and rolled back with the model) and samples_once (true when the "
+      "epoch trained every index of the training set exactly once). At the end, rank 0 (every rank with --all-ranks) "
+      "prints 'train_fashion_mnist: finished: ...' on stderr with a digest of its parameters (equal on every worker "
+      "exactly when the models are).");
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -373,6 +405,10 @@ int main(int argc, char** argv) {
     }
     const aikido::Compression compression = aikido::Compression::parse(compression_name);
     const double partition_alpha = partition == "iid" ? 0.0 : std::stod(partition.substr(6));
+    if (count_samples && (partition_alpha > 0 || strategy == aikido::torch::Strategy::pair_averaging)) {
+      throw aikido::ConfigError(
+          "--count-samples needs --partition iid and a strategy whose workers step together (not pair)");
+    }
     auto policy_objects = aikido::torch::PolicyRunner::make(policies);  // bad specs fail before any work
 
     // With --elastic the session owns the Peer, follows the job's membership and carries the training state across
@@ -438,6 +474,8 @@ int main(int argc, char** argv) {
       std::uint64_t epoch_samples = 0;  // samples of this epoch whose updates are in the model
       std::int64_t steps_in_epoch = 0;
       bool epoch_begun = false;
+      std::int64_t trained_samples = 0;      // --count-samples: all workers' samples of this epoch, and their
+      std::int64_t trained_fingerprint = 0;  // indices' fingerprints summed
     } progress;
     if (session) {
       if (runner) runner->set_elastic_session(session.get());
@@ -599,6 +637,13 @@ int main(int argc, char** argv) {
           progress.epoch_samples += sampler.position() - position;
           ++progress.step;
           ++progress.steps_in_epoch;
+          if (count_samples) {
+            std::vector<std::int64_t> counted{static_cast<std::int64_t>(batch->size()), 0};
+            for (const std::size_t index : *batch) counted[1] += index_fingerprint(index);
+            peer.allreduce(std::span<std::int64_t>(counted), aikido::ReduceOp::sum, "example/step-samples");
+            progress.trained_samples += counted[0];
+            progress.trained_fingerprint += counted[1];
+          }
           if (peer.rank() == 0) {
             const auto per_step = static_cast<std::uint64_t>(std::max<std::size_t>(1, batch_now)) *
                                   static_cast<std::uint64_t>(peer.size());
@@ -680,6 +725,13 @@ int main(int argc, char** argv) {
           line["compression"] = opt ? opt->compression().name() : "none";
           line["epsilon"] =
               opt && opt->accountant() ? statistic(opt->accountant()->epsilon(dp_delta)) : nlohmann::ordered_json();
+          if (count_samples) {
+            std::int64_t expected = 0;
+            for (std::size_t i = 0; i < sampler.dataset_size(); ++i) expected += index_fingerprint(i);
+            line["trained_samples"] = progress.trained_samples;
+            line["samples_once"] = progress.trained_samples == static_cast<std::int64_t>(sampler.dataset_size()) &&
+                                   progress.trained_fingerprint == expected;
+          }
           if (output != "text") std::cout << line.dump() << std::endl;
           console.epoch_done(epoch, progress.steps_in_epoch, line["train_loss"].get<double>(), accuracy,
                              line["global_samples_per_second"].get<double>(), epoch_seconds, peer.size());
@@ -694,6 +746,8 @@ int main(int argc, char** argv) {
         }
         sampler.set_epoch(epoch + 1);
         progress.epoch_samples = 0;
+        progress.trained_samples = 0;
+        progress.trained_fingerprint = 0;
         progress.epoch_begun = false;
         if (session) session->commit();
       } catch (const aikido::PeerLostError& e) {
@@ -708,6 +762,11 @@ int main(int argc, char** argv) {
     // last values published (aikido-run's summary) count every step.
     if (opt) opt->finish_pending();
     if (runner) runner->after_train();
+    if (all_ranks || peer.rank() == 0) {
+      std::cerr << "train_fashion_mnist: finished: rank " << peer.rank() << " of " << peer.size() << ", epoch "
+                << sampler.epoch() << ", step " << progress.step << ", cluster version " << peer.cluster_version()
+                << ", parameters " << parameters_digest(*model) << std::endl;
+    }
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "train_fashion_mnist: " << e.what() << std::endl;
