@@ -225,7 +225,7 @@ class Run:
         while not self.done.is_set() and not any(
                 "starting:" in line for line in self.stderr_lines[-50:]):
             time.sleep(0.1)
-        kinds = ["kill", "stop", "resize"]
+        kinds = ["kill", "stop", "resize"] + (["cut"] if self.args.hosts else [])
         while not self.done.wait(self.rng.uniform(0.5, 1.5) * self.args.interval):
             live = self.live_workers(self.events())
             if not live:
@@ -344,6 +344,173 @@ class Run:
         return result
 
 
+class HostsRun(Run):
+    """A run across two emulated hosts (2 workers each), launchers joined through etcd; adds the `cut` fault."""
+
+    def __init__(self, args, index, rng, secret):
+        super().__init__(args, index, rng)
+        self.workers = 4
+        self.secret = secret
+        self.launchers = []  # dicts: host, process, log dir, stdout and stderr lines, cut (bool)
+        self.job_id = f"chaos-{os.getpid()}-{index}"
+
+    def start_launcher(self, host):
+        log_dir = os.path.join(self.dir, f"logs-h{host}-{len(self.launchers)}")
+        argv = [HOSTS, "exec", str(host), os.path.join(self.args.build, "bin", "aikido-run"), "--nnodes", "1:2",
+                "--nproc-per-node", "2", "--store", f"etcd://{BRIDGE}:{ETCD_PORT}", "--job-id", self.job_id,
+                "--secret-file", self.secret, "--host-timeout", "2", "--restart", "--max-restarts", "1000",
+                "--timeout", str(self.args.timeout), "--log-dir", log_dir] + self.example_argv_fixed
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, cwd=self.dir)
+        launcher = {"host": host, "process": proc, "logs": log_dir, "out": [], "err": [], "cut": False}
+        launcher["readers"] = [threading.Thread(target=lambda: launcher["out"].extend(proc.stdout), daemon=True),
+                               threading.Thread(target=lambda: launcher["err"].extend(proc.stderr), daemon=True)]
+        for t in launcher["readers"]:
+            t.start()
+        with self.lock:
+            self.launchers.append(launcher)
+        return launcher
+
+    def events(self, log_dir=None):
+        if log_dir:
+            return super().events(log_dir)
+        with self.lock:
+            dirs = [launcher["logs"] for launcher in self.launchers]
+        return [e for d in dirs for e in super().events(d)]
+
+    @property
+    def stderr_lines(self):
+        with self.lock:
+            return [line for launcher in self.launchers for line in launcher["err"]]
+
+    @stderr_lines.setter
+    def stderr_lines(self, value):
+        pass
+
+    def ctl(self, *argv):
+        return subprocess.run([os.path.join(self.args.build, "bin", "aikido-ctl"), "--store",
+                               f"etcd://{BRIDGE}:{ETCD_PORT}", "--job-id", self.job_id, "--secret-file", self.secret]
+                              + list(argv), capture_output=True, text=True, timeout=30)
+
+    def inject(self, kind, live):
+        if kind != "cut":
+            return super().inject(kind, live)
+        with self.lock:
+            running = [launcher for launcher in self.launchers if launcher["process"].poll() is None]
+            cut = any(launcher["cut"] and launcher["process"].poll() is None for launcher in self.launchers)
+        hosts = sorted({launcher["host"] for launcher in running})
+        if cut or len(hosts) < 2:
+            return  # one host at a time: the other keeps the job's state
+        host = self.rng.choice(hosts)
+        launcher = next(launcher for launcher in running if launcher["host"] == host)
+        mine = set(self.live_workers(super().events(launcher["logs"])))
+        now = time.time()
+        with self.lock:
+            if not any(pid not in mine and pid not in self.touched and now - t > 3.0 for pid, (_, t) in live.items()):
+                return  # no worker elsewhere holds the job's state for sure
+            self.touched |= mine
+        launcher["cut"] = True
+        pause = self.rng.uniform(3.0, 6.0)
+        subprocess.run([HOSTS, "cut", str(host)], check=True)
+        self.note("cut", f"cut host h{host} for {pause:.1f} s")
+        threading.Thread(target=self.heal, args=(host, launcher, pause), daemon=True).start()
+
+    def heal(self, host, launcher, pause):
+        time.sleep(pause)
+        subprocess.run([HOSTS, "heal", str(host)], check=False)
+        # The cut host's launcher found itself removed from the job and stops (status 1); a fresh one joins again.
+        try:
+            launcher["process"].wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.problems.append(f"status: the launcher of cut host h{host} was still running 30 s after the heal")
+            return
+        if not self.done.is_set() and self.training_left():
+            self.start_launcher(host)
+
+    def training_left(self):
+        return not any("has finished the training" in line for line in self.stderr_lines)
+
+    def run(self):
+        self.example_argv_fixed = self.example_argv()
+        self.t0 = time.monotonic()
+        self.start_launcher(0)
+        self.start_launcher(1)
+        injector = threading.Thread(target=self.chaos, daemon=True)
+        injector.start()
+        deadline = time.monotonic() + self.args.max_seconds
+        while time.monotonic() < deadline:
+            with self.lock:
+                first = [launcher for launcher in self.launchers if not launcher["cut"]]
+            if all(launcher["process"].poll() is not None for launcher in first):
+                break
+            time.sleep(0.2)
+        else:
+            self.problems.append(f"status: still running after {self.args.max_seconds} s (a hang?)")
+        self.done.set()
+        injector.join()
+        for pid in list(self.stopped):
+            self.resume(pid)
+        time.sleep(0.5)
+        with self.lock:
+            launchers = list(self.launchers)
+        for launcher in launchers:
+            try:
+                launcher["process"].wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(launcher["process"].pid, signal.SIGKILL)
+                launcher["process"].wait()
+            for t in launcher["readers"]:
+                t.join(timeout=5)
+            code = launcher["process"].returncode
+            if code != 0 and not (launcher["cut"] and code == 1):
+                self.problems.append(f"status: the launcher of h{launcher['host']} ({os.path.basename(launcher['logs'])})"
+                                     f" exited with status {code}")
+        self.seconds = time.monotonic() - self.t0
+        self.check_output([line for launcher in launchers for line in launcher["out"]], self.stderr_lines)
+        self.check_leftovers(self.job_id, self.events())
+        keys = subprocess.run(["/usr/bin/etcdctl", "--endpoints", f"http://{BRIDGE}:{ETCD_PORT}", "get", "--prefix",
+                               "--keys-only", ""], capture_output=True, text=True, timeout=30).stdout.split()
+        keys = [k for k in keys if self.job_id in k]
+        if keys:
+            self.problems.append(f"leftovers: etcd keys of job {self.job_id}: {keys[:10]}")
+        if self.problems:
+            with open(os.path.join(self.dir, "stdout.txt"), "w") as f:
+                f.writelines(line for launcher in launchers for line in launcher["out"])
+        return self.report(self.job_id)
+
+    def check_leftovers(self, job_id, events):
+        super().check_leftovers(job_id, events)
+        for host in range(2):  # abstract sockets live in their network namespace
+            unix = subprocess.run(["ip", "netns", "exec", f"aikido-h{host}", "cat", "/proc/net/unix"],
+                                  capture_output=True, text=True).stdout
+            socks = [line.split()[-1] for line in unix.splitlines() if job_id in line]
+            if socks:
+                self.problems.append(f"leftovers: sockets of job {job_id} on h{host}: {socks}")
+
+
+class Etcd:
+    """etcd on the emulated hosts' bridge, for the launchers of --hosts runs."""
+
+    def __init__(self, work):
+        self.process = subprocess.Popen(
+            ["/usr/bin/etcd", "--name", "chaos", "--data-dir", os.path.join(work, "etcd"), "--listen-client-urls",
+             f"http://{BRIDGE}:{ETCD_PORT}", "--advertise-client-urls", f"http://{BRIDGE}:{ETCD_PORT}",
+             "--listen-peer-urls", f"http://{BRIDGE}:{ETCD_PORT + 1}", "--initial-advertise-peer-urls",
+             f"http://{BRIDGE}:{ETCD_PORT + 1}", "--initial-cluster", f"chaos=http://{BRIDGE}:{ETCD_PORT + 1}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while subprocess.run(["/usr/bin/etcdctl", "--endpoints", f"http://{BRIDGE}:{ETCD_PORT}", "endpoint",
+                              "health"], capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                self.stop()
+                sys.exit("chaos.py: etcd did not start on the bridge")
+            time.sleep(0.3)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -358,6 +525,8 @@ def main():
     parser.add_argument("--timeout", type=float, default=20, help="aikido-run --timeout (default 20)")
     parser.add_argument("--max-seconds", type=float, default=300, help="a run still going then fails (default 300)")
     parser.add_argument("--quick", action="store_true", help="1 epoch of batch 128, a fault every 2 s")
+    parser.add_argument("--hosts", action="store_true", help="two emulated hosts of 2 workers, launchers joined "
+                        "through etcd, with cut links among the faults (needs root; scripts/hosts.sh)")
     parser.add_argument("--json", action="store_true", help="print the runs and the summary as one JSON document")
     args = parser.parse_args()
     if args.quick:
@@ -370,11 +539,23 @@ def main():
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     say(f"# chaos: {args.runs} runs, seed {seed}, {args.epochs} epochs, batch {args.batch_size}, a fault every "
         f"~{args.interval:g} s{', CPU hog' if args.hog else ''}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    etcd = None
+    work = None
+    if args.hosts:
+        if os.geteuid() != 0:
+            sys.exit("chaos.py: --hosts needs root (network namespaces); run it with sudo")
+        subprocess.run([HOSTS, "up", "2", "--owner", str(os.getpid())], check=True)
+        work = tempfile.mkdtemp(prefix="aikido-chaos-hosts-")
+        secret = os.path.join(work, "secret")
+        with open(os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(os.urandom(32).hex() + "\n")
+        etcd = Etcd(work)
     hog = Hog() if args.hog else None
     results = []
     try:
         for i in range(args.runs):
-            r = Run(args, i + 1, random.Random(rng.randrange(1 << 62))).run()
+            child = random.Random(rng.randrange(1 << 62))
+            r = (HostsRun(args, i + 1, child, secret) if args.hosts else Run(args, i + 1, child)).run()
             results.append(r)
             faults = ", ".join(f["what"] for f in r["faults"]) or "none"
             verdict = "PASS" if r["ok"] else "FAIL: " + "; ".join(r["problems"]) + f" (logs: {r['folder']})"
@@ -384,6 +565,10 @@ def main():
     finally:
         if hog:
             hog.stop()
+        if etcd:
+            etcd.stop()
+            subprocess.run([HOSTS, "down", "--owner", str(os.getpid())], check=False)
+            shutil.rmtree(work, ignore_errors=True)
     counts = {}
     for r in results:
         for f in r["faults"]:
