@@ -141,15 +141,18 @@ class Run:
     # --- what aikido-run says -------------------------------------------------------------------------------------
     def events(self, log_dir=None):
         out = []
+        folder = log_dir or self.logs
         try:
-            with open(os.path.join(log_dir or self.logs, "events.jsonl")) as f:
+            names = [n for n in os.listdir(folder) if n.startswith("events") and n.endswith(".jsonl")]
+        except OSError:
+            names = []  # not written yet
+        for name in names:  # events.jsonl; across hosts events-HOST.jsonl
+            with open(os.path.join(folder, name)) as f:
                 for line in f:
                     try:
                         out.append(json.loads(line))
                     except ValueError:
-                        pass
-        except OSError:
-            pass
+                        pass  # a line being written
         return out
 
     def live_workers(self, events):
@@ -318,7 +321,7 @@ class Run:
             procs = sorted(set(processes_of_job(job_id)) | {p for p in pids if alive(p) and
                                                             parent_of(p) in (1, self.job.pid)})
             shm, socks = shm_of_job(job_id), sockets_of_job(job_id)
-            files = [n for n in os.listdir(self.dir) if n != "logs"]
+            files = [n for n in os.listdir(self.dir) if not n.startswith("logs")]
             if not (procs or shm or socks or files) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -358,7 +361,7 @@ class HostsRun(Run):
         log_dir = os.path.join(self.dir, f"logs-h{host}-{len(self.launchers)}")
         argv = [HOSTS, "exec", str(host), os.path.join(self.args.build, "bin", "aikido-run"), "--nnodes", "1:2",
                 "--nproc-per-node", "2", "--store", f"etcd://{BRIDGE}:{ETCD_PORT}", "--job-id", self.job_id,
-                "--secret-file", self.secret, "--host-timeout", "2", "--restart", "--max-restarts", "1000",
+                "--secret-file", self.secret, "--restart", "--max-restarts", "1000",
                 "--timeout", str(self.args.timeout), "--log-dir", log_dir] + self.example_argv_fixed
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True, cwd=self.dir)
@@ -376,7 +379,7 @@ class HostsRun(Run):
             return super().events(log_dir)
         with self.lock:
             dirs = [launcher["logs"] for launcher in self.launchers]
-        return [e for d in dirs for e in super().events(d)]
+        return [e for d in dirs for e in Run.events(self, d)]
 
     @property
     def stderr_lines(self):
@@ -403,14 +406,14 @@ class HostsRun(Run):
             return  # one host at a time: the other keeps the job's state
         host = self.rng.choice(hosts)
         launcher = next(launcher for launcher in running if launcher["host"] == host)
-        mine = set(self.live_workers(super().events(launcher["logs"])))
+        mine = set(self.live_workers(Run.events(self, launcher["logs"])))
         now = time.time()
         with self.lock:
             if not any(pid not in mine and pid not in self.touched and now - t > 3.0 for pid, (_, t) in live.items()):
                 return  # no worker elsewhere holds the job's state for sure
             self.touched |= mine
         launcher["cut"] = True
-        pause = self.rng.uniform(3.0, 6.0)
+        pause = self.rng.uniform(2.0, 9.0)  # below and above the launchers' --host-timeout (5 s)
         subprocess.run([HOSTS, "cut", str(host)], check=True)
         self.note("cut", f"cut host h{host} for {pause:.1f} s")
         threading.Thread(target=self.heal, args=(host, launcher, pause), daemon=True).start()
@@ -418,14 +421,15 @@ class HostsRun(Run):
     def heal(self, host, launcher, pause):
         time.sleep(pause)
         subprocess.run([HOSTS, "heal", str(host)], check=False)
-        # The cut host's launcher found itself removed from the job and stops (status 1); a fresh one joins again.
-        try:
-            launcher["process"].wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.problems.append(f"status: the launcher of cut host h{host} was still running 30 s after the heal")
-            return
-        if not self.done.is_set() and self.training_left():
-            self.start_launcher(host)
+        # Cut for longer than --host-timeout, the host's launcher finds itself removed from the job and stops (status
+        # 1): a fresh one joins again. Cut for less, the host stays and its workers go on.
+        while not self.done.is_set():
+            if launcher["process"].poll() is not None:
+                if self.training_left():
+                    self.start_launcher(host)
+                    self.note("rejoin", f"fresh launcher on h{host}")
+                break
+            time.sleep(0.2)
 
     def training_left(self):
         return not any("has finished the training" in line for line in self.stderr_lines)
@@ -462,7 +466,7 @@ class HostsRun(Run):
             for t in launcher["readers"]:
                 t.join(timeout=5)
             code = launcher["process"].returncode
-            if code != 0 and not (launcher["cut"] and code == 1):
+            if code != 0 and not (launcher["cut"] and code == 1):  # 1: a cut host that was removed
                 self.problems.append(f"status: the launcher of h{launcher['host']} ({os.path.basename(launcher['logs'])})"
                                      f" exited with status {code}")
         self.seconds = time.monotonic() - self.t0
