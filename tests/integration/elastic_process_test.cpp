@@ -260,6 +260,32 @@ TEST(ElasticProcessTest, AWorkerLostAfterTheOthersFinishedIsNotReplaced) {
   EXPECT_LT(r.elapsed, 50s) << "the job waited for the lingering worker";
 }
 
+// A resize that comes after a member finished the training (rank 0 lingers, the others exited) starts no worker: one
+// would wait for the finished members in vain until its timeout.
+TEST(ElasticProcessTest, AResizeAfterTheTrainingFinishedStartsNoWorker) {
+  const std::string control = temp_path("aikido-ctl-finished");
+  Subprocess job(elastic_job({"-np", "3", "--max-np", "4", "--restart", "--timeout", "20", "--control-file", control},
+                             {"--epochs", "1", "--step-ms", "1", "--print-every", "20", "--linger-rank", "0"}));
+  std::map<long long, long long> pid_by_rank = wait_for_done(job, 3);
+  ASSERT_EQ(pid_by_rank.size(), 3u) << job.wait(kBound).describe();
+  for (int i = 0; i < 600 && !(process_gone(pid_by_rank[1]) && process_gone(pid_by_rank[2])); ++i) {
+    std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_TRUE(process_gone(pid_by_rank[1]) && process_gone(pid_by_rank[2]));
+  const auto resize = run_process({kCtl, "--control-file", control, "resize", "4"}, 30s);
+  const bool refused = job.wait_for_output(
+      [](const std::string&, const std::string& err) { return err.find("not starting worker 3") != std::string::npos; },
+      30s);
+  ASSERT_EQ(::kill(pid_t(pid_by_rank[0]), SIGKILL), 0);
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(refused) << resize.describe() << r.describe();
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: not starting worker 3 of cluster version 1: worker "), std::string::npos)
+      << r.describe();
+  EXPECT_EQ(r.err.find("starting worker 3 as rank"), std::string::npos) << r.describe();
+  EXPECT_LT(r.elapsed, 50s) << "the job waited for a worker that could not join";
+}
+
 // A worker dies after every worker finished its last step but before any exited: aikido-run starts a replacement,
 // which would wait for the finished workers until its timeout. Once a member exits (finished at the version before
 // the replacement's), aikido-run stops the replacement and the job ends at once.

@@ -389,8 +389,25 @@ bool wait_for_progress(const std::string& control, int workers, int step) {
 // The example follows aikido-run --elastic without its own --elastic flag.
 TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
   const std::string control = ::testing::TempDir() + "/aikido-example-control-" + std::to_string(::getpid());
-  Subprocess job({kRun, "-np", "2", "--elastic", "--max-np", "3", "--restart", "--control-file", control, "--timeout",
-                  "20", kExample, "--epochs", "2", "--commit-every", "5", "--all-ranks", "--policy",
+  Subprocess job({kRun,
+                  "-np",
+                  "2",
+                  "--elastic",
+                  "--max-np",
+                  "3",
+                  "--restart",
+                  "--control-file",
+                  control,
+                  "--timeout",
+                  "20",
+                  kExample,
+                  "--epochs",
+                  "2",
+                  "--commit-every",
+                  "5",
+                  "--all-ranks",
+                  "--count-samples",
+                  "--policy",
                   "adaptive-batch:interval=20,warmup=20,max=256"});
   ASSERT_TRUE(wait_for_progress(control, 2, 20)) << ctl(control, {"status"});
   EXPECT_NE(ctl(control, {"resize", "3"}).find("cluster version 1"), std::string::npos);
@@ -416,6 +433,9 @@ TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
     for (const auto& line : epochs_of(r.out, rank)) {
       ++lines;
       EXPECT_EQ(line["global_samples"], 60000) << line.dump();
+      // Counted step by step and rolled back with the model: every index of the training set trained exactly once.
+      EXPECT_EQ(line["trained_samples"], 60000) << line.dump();
+      EXPECT_EQ(line["samples_once"], true) << line.dump();
       EXPECT_EQ(line["workers"], 3) << line.dump();
       accuracy[line["epoch"].get<std::int64_t>()].insert(line["test_accuracy"].get<double>());
       lr[line["epoch"].get<std::int64_t>()].insert(line["lr"].get<double>());
@@ -431,6 +451,16 @@ TEST(FashionMnistExample, ElasticTrainingSurvivesResizeAndAKilledWorker) {
     EXPECT_EQ(batch[epoch].size(), 1u) << "workers disagree on the batch size in epoch " << epoch << "\n" << r.out;
   }
   EXPECT_GT(*batch[1].begin(), 64) << "the policy never grew the batch: the test shows nothing\n" << r.out;
+  // Every worker of the final cluster ends with the same parameters.
+  std::set<std::string> digests;
+  std::set<int> finished;
+  const std::regex said(R"(finished: rank (\d+) of 3, .*parameters ([0-9a-f]{16}))");
+  for (auto it = std::sregex_iterator(r.err.begin(), r.err.end(), said); it != std::sregex_iterator(); ++it) {
+    finished.insert(std::stoi((*it)[1].str()));
+    digests.insert((*it)[2].str());
+  }
+  EXPECT_EQ(finished, (std::set<int>{0, 1, 2})) << r.err;
+  EXPECT_EQ(digests.size(), 1u) << r.err;
 }
 
 // Edge training: the round strategies with secure aggregation and a label-skewed split, compression and DP-SGD. Over

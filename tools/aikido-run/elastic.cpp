@@ -315,6 +315,15 @@ void ElasticController::reconcile(Supervisor& supervisor) {
   record_versions(*spec);
   for (const auto& w : spec->workers) {
     if (w.host != host_) continue;
+    if (!started_for_.contains(w.id) && finished_by_) {
+      // A member has finished the training (a resize that came after it): a worker started now would wait for the
+      // finished members to join it until its timeout, and fail.
+      started_for_[w.id] = spec->version;
+      report("aikido-run: not starting worker " + std::to_string(w.id) + " of cluster version " +
+             std::to_string(spec->version) + ": worker " + std::to_string(*finished_by_) +
+             " has finished the training");
+      continue;
+    }
     if (!started_for_.contains(w.id)) {
       started(w.id, spec->version);
       report("aikido-run: starting worker " + std::to_string(w.id) + " as rank " + std::to_string(spec->rank_of(w.id)) +
