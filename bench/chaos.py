@@ -208,12 +208,31 @@ class Run:
             os.kill(victim, signal.SIGSTOP)
             with self.lock:
                 self.stopped[victim] = time.monotonic()
-            if self.rng.random() < 0.5:
+            # A worker that has left its session at the end of the training has no heartbeat any more: aikido-run
+            # waits for its exit, and one stopped for good there would hold the job for ever (see bench/README.md).
+            # Such a worker is always continued.
+            if self.rng.random() < 0.5 or self.finished(wid):
                 pause = self.rng.uniform(0.3, 2.0)
                 self.note("stop", f"SIGSTOP worker {wid}, SIGCONT after {pause:.1f} s")
                 threading.Timer(pause, self.resume, args=(victim,)).start()
             else:
                 self.note("stop", f"SIGSTOP worker {wid}, left to the heartbeat")
+
+    def finished(self, wid):
+        """True once the training has finished somewhere, or worker `wid` said it finished."""
+        if any("has finished the training" in line for line in self.stderr_lines[-200:]):
+            return True
+        for folder in self.log_dirs():
+            try:
+                with open(os.path.join(folder, f"rank-{wid}.log"), errors="replace") as f:
+                    if "train_fashion_mnist: finished:" in f.read():
+                        return True
+            except OSError:
+                pass
+        return False
+
+    def log_dirs(self):
+        return [self.logs]
 
     def resume(self, pid):
         with self.lock:
@@ -373,6 +392,10 @@ class HostsRun(Run):
         with self.lock:
             self.launchers.append(launcher)
         return launcher
+
+    def log_dirs(self):
+        with self.lock:
+            return [launcher["logs"] for launcher in self.launchers]
 
     def events(self, log_dir=None):
         if log_dir:
