@@ -30,7 +30,8 @@ At the end of each run:
 Standard library only, run with /usr/bin/python3. A failed run's folder (logs of every worker, aikido-run's events)
 is kept and named.
 
-  bench/chaos.py [--build build] [--runs 20] [--hog] [--seed S] [--epochs 2] [--interval 3] [--hosts] [--json]
+  bench/chaos.py [--build build] [--runs 20] [--hog] [--seed S] [--epochs 2] [--interval 3] [--max-faults N]
+                 [--quick] [--hosts] [--json]
 """
 
 import argparse
@@ -249,6 +250,8 @@ class Run:
             time.sleep(0.1)
         kinds = ["kill", "stop", "resize"] + (["cut"] if self.args.hosts else [])
         while not self.done.wait(self.rng.uniform(0.5, 1.5) * self.args.interval):
+            if self.args.max_faults and len(self.faults) >= self.args.max_faults:
+                break
             live = self.live_workers(self.events())
             if not live:
                 continue
@@ -551,13 +554,14 @@ def main():
     parser.add_argument("--interval", type=float, default=3.0, help="mean seconds between faults (default 3)")
     parser.add_argument("--timeout", type=float, default=20, help="aikido-run --timeout (default 20)")
     parser.add_argument("--max-seconds", type=float, default=300, help="a run still going then fails (default 300)")
-    parser.add_argument("--quick", action="store_true", help="1 epoch of batch 128, a fault every 2 s")
+    parser.add_argument("--max-faults", type=int, default=0, help="at most this many faults per run (0: no limit)")
+    parser.add_argument("--quick", action="store_true", help="1 epoch of batch 128, a fault every 2 s, at most 5")
     parser.add_argument("--hosts", action="store_true", help="two emulated hosts of 2 workers, launchers joined "
                         "through etcd, with cut links among the faults (needs root; scripts/hosts.sh)")
     parser.add_argument("--json", action="store_true", help="print the runs and the summary as one JSON document")
     args = parser.parse_args()
     if args.quick:
-        args.epochs, args.batch_size, args.interval = 1, 128, 2.0
+        args.epochs, args.batch_size, args.interval, args.max_faults = 1, 128, 2.0, 5
     for tool in ("aikido-run", "aikido-ctl", "train_fashion_mnist"):
         if not os.access(os.path.join(args.build, "bin", tool), os.X_OK):
             sys.exit(f"chaos.py: {args.build}/bin/{tool} is missing (configure with -DAIKIDO_WITH_TORCH=ON)")
