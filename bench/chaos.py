@@ -555,13 +555,15 @@ def main():
     parser.add_argument("--timeout", type=float, default=20, help="aikido-run --timeout (default 20)")
     parser.add_argument("--max-seconds", type=float, default=300, help="a run still going then fails (default 300)")
     parser.add_argument("--max-faults", type=int, default=0, help="at most this many faults per run (0: no limit)")
-    parser.add_argument("--quick", action="store_true", help="1 epoch of batch 128, a fault every 2 s, at most 5")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 epoch of batch 128, a fault every 2 s, at most 5; a run fails after 120 s")
     parser.add_argument("--hosts", action="store_true", help="two emulated hosts of 2 workers, launchers joined "
                         "through etcd, with cut links among the faults (needs root; scripts/hosts.sh)")
     parser.add_argument("--json", action="store_true", help="print the runs and the summary as one JSON document")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.batch_size, args.interval, args.max_faults = 1, 128, 2.0, 5
+        args.max_seconds = min(args.max_seconds, 120)
     for tool in ("aikido-run", "aikido-ctl", "train_fashion_mnist"):
         if not os.access(os.path.join(args.build, "bin", tool), os.X_OK):
             sys.exit(f"chaos.py: {args.build}/bin/{tool} is missing (configure with -DAIKIDO_WITH_TORCH=ON)")
