@@ -4,9 +4,9 @@
 #include <algorithm>
 #include <set>
 
+#include "base/crypto.hpp"
 #include "base/error.hpp"
 #include "base/log.hpp"
-#include "base/crypto.hpp"
 #include "elastic/proposal.hpp"
 
 namespace aikido::launch {
@@ -114,17 +114,26 @@ ClusterSpec HostJob::join() {
       const bool mine = latest->workers_on(me) > 0;
       if (mine && current.kvs.front().mod_revision > joined) return *latest;
       const ClusterSpec without_old = mine ? latest->without_host(me, "") : *latest;
-      if (int(without_old.hosts().size()) < options_.max_hosts) {
-        ClusterSpec next =
-            without_old.with_workers_on(me, options_.slots, str_cat("host ", me, mine ? " restarted" : " joined"));
+      // A job that was resized up while this host was away (aikido-ctl puts new workers on the present hosts) may
+      // have no room for all of this host's slots: it joins with those that fit, or waits when none does.
+      const int room = without_old.max_size - int(without_old.size());
+      const bool hosts_full = int(without_old.hosts().size()) >= options_.max_hosts;
+      if (!hosts_full && room > 0) {
+        ClusterSpec next = without_old.with_workers_on(me, std::min(options_.slots, room),
+                                                       str_cat("host ", me, mine ? " restarted" : " joined"));
         next.version = latest->version + 1;
         next.proposed_unix_ms = unix_ms();
         if (membership_->propose(next)) return next;
         continue;  // another change won; read it
       }
       if (!said_full) {
-        log::warn("job ", options_.job_id, " runs on its maximum of ", options_.max_hosts, " hosts (--nnodes); host ",
-                  me, " waits for a place");
+        if (hosts_full) {
+          log::warn("job ", options_.job_id, " runs on its maximum of ", options_.max_hosts, " hosts (--nnodes); host ",
+                    me, " waits for a place");
+        } else {
+          log::warn("job ", options_.job_id, " runs with its maximum of ", without_old.max_size,
+                    " workers (resized while host ", me, " was away); host ", me, " waits for a place");
+        }
         said_full = true;
       }
     } else if (auto first = first_version(present)) {
@@ -140,7 +149,7 @@ ClusterSpec HostJob::join() {
     if (EtcdClock::now() >= deadline) {
       throw TimeoutError(str_cat(
           latest ? str_cat("job ", options_.job_id, " had no place for host ", me, " (it runs on its maximum of ",
-                           options_.max_hosts, " hosts)")
+                           options_.max_hosts, " hosts or ", latest->max_size, " workers)")
                  : str_cat("only ", present.size(), " of the ", options_.min_hosts, " hosts that job ", options_.job_id,
                            " needs joined"),
           " within ", detail::seconds(options_.join_timeout), " (--join-timeout); hosts: ", describe_hosts(present),

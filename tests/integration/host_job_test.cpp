@@ -111,6 +111,48 @@ TEST_F(HostJobTest, AHostBeyondTheMaximumWaitsForAPlace) {
   EXPECT_EQ(spec.reason, "host c joined");
 }
 
+// Host b was lost and the job was resized back to its maximum on host a: b's next launcher joins with the workers
+// that fit (none: it waits for a place), never with a cluster beyond the maximum.
+TEST_F(HostJobTest, AHostJoiningAJobResizedToItsMaximumTakesTheWorkersThatFit) {
+  auto a = host("a", 1, 2);
+  auto b = host("b", 1, 2);
+  a->join();
+  const ClusterSpec both = b->join();
+  EXPECT_EQ(both.max_size, 4);
+  b->hosts().abandon();
+  b.reset();
+  const auto deadline = EtcdClock::now() + 10s;
+  std::optional<ClusterSpec> alone;
+  while (!alone && EtcdClock::now() < deadline) {
+    a->hosts().wait_for_change(deadline);
+    alone = a->remove_lost_hosts();
+  }
+  ASSERT_TRUE(alone);
+  auto membership = make_etcd_membership(etcd(), "job");
+  ClusterSpec three = alone->with_workers_on("a", 1, "resize");  // aikido-ctl resize 3: a third worker on a
+  three.version = alone->version + 1;
+  ASSERT_TRUE(membership->propose(three));
+  auto b2 = host("b", 1, 2);
+  const ClusterSpec joined = b2->join();
+  EXPECT_EQ(layout(joined), "a:0 a:1 a:4 b:5");
+  EXPECT_EQ(joined.reason, "host b joined");
+
+  ClusterSpec four = joined.without({5}, "resize").with_workers_on("a", 1, "resize");  // 4 workers on a: full
+  four.version = joined.version + 1;
+  ASSERT_TRUE(membership->propose(four));
+  b2->hosts().abandon();
+  b2.reset();
+  auto b3 = host("b", 1, 2);
+  auto waiting = std::async(std::launch::async, [&] { return b3->join(); });
+  EXPECT_EQ(waiting.wait_for(2500ms), std::future_status::timeout);  // no room: it waits
+  ClusterSpec three_again = four.without({four.workers.back().id}, "resize");
+  three_again.version = four.version + 1;
+  ASSERT_TRUE(membership->propose(three_again));
+  const ClusterSpec last = waiting.get();
+  EXPECT_EQ(last.size(), 4) << layout(last);
+  EXPECT_EQ(last.workers_on("b"), 1) << layout(last);
+}
+
 TEST_F(HostJobTest, TooFewHostsIsATimeoutThatSaysWhatToDo) {
   auto a = host("a", 2, 2, 500ms);
   try {
