@@ -422,6 +422,13 @@ class HostsRun(Run):
                               + list(argv), capture_output=True, text=True, timeout=30)
 
     def inject(self, kind, live):
+        if kind == "resize":
+            with self.lock:
+                cut = any(launcher["cut"] and launcher["process"].poll() is None for launcher in self.launchers)
+            if cut:
+                # A resize down keeps the lowest ranks: with a host cut off, those may all be on it, and the job's
+                # state would go with that host (see bench/README.md).
+                return
         if kind != "cut":
             return super().inject(kind, live)
         with self.lock:
