@@ -387,7 +387,8 @@ class HostsRun(Run):
                 "--timeout", str(self.args.timeout), "--log-dir", log_dir] + self.example_argv_fixed
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True, cwd=self.dir)
-        launcher = {"host": host, "process": proc, "logs": log_dir, "out": [], "err": [], "cut": False}
+        launcher = {"host": host, "process": proc, "logs": log_dir, "out": [], "err": [], "cut": False,
+                    "cut_now": False}
         launcher["readers"] = [threading.Thread(target=lambda: launcher["out"].extend(proc.stdout), daemon=True),
                                threading.Thread(target=lambda: launcher["err"].extend(proc.stderr), daemon=True)]
         for t in launcher["readers"]:
@@ -424,7 +425,7 @@ class HostsRun(Run):
     def inject(self, kind, live):
         if kind == "resize":
             with self.lock:
-                cut = any(launcher["cut"] and launcher["process"].poll() is None for launcher in self.launchers)
+                cut = any(launcher["cut_now"] for launcher in self.launchers)
             if cut:
                 # A resize down keeps the lowest ranks: with a host cut off, those may all be on it, and the job's
                 # state would go with that host (see bench/README.md).
@@ -433,7 +434,7 @@ class HostsRun(Run):
             return super().inject(kind, live)
         with self.lock:
             running = [launcher for launcher in self.launchers if launcher["process"].poll() is None]
-            cut = any(launcher["cut"] and launcher["process"].poll() is None for launcher in self.launchers)
+            cut = any(launcher["cut_now"] for launcher in self.launchers)
         hosts = sorted({launcher["host"] for launcher in running})
         if cut or len(hosts) < 2:
             return  # one host at a time: the other keeps the job's state
@@ -445,7 +446,7 @@ class HostsRun(Run):
             if not any(pid not in mine and pid not in self.touched and now - t > 3.0 for pid, (_, t) in live.items()):
                 return  # no worker elsewhere holds the job's state for sure
             self.touched |= mine
-        launcher["cut"] = True
+        launcher["cut"] = launcher["cut_now"] = True
         pause = self.rng.uniform(2.0, 9.0)  # below and above the launchers' --host-timeout (5 s)
         subprocess.run([HOSTS, "cut", str(host)], check=True)
         self.note("cut", f"cut host h{host} for {pause:.1f} s")
@@ -454,6 +455,7 @@ class HostsRun(Run):
     def heal(self, host, launcher, pause):
         time.sleep(pause)
         subprocess.run([HOSTS, "heal", str(host)], check=False)
+        launcher["cut_now"] = False
         # Cut for longer than --host-timeout, the host's launcher finds itself removed from the job and stops (status
         # 1): a fresh one joins again. Cut for less, the host stays and its workers go on.
         while not self.done.is_set():
