@@ -314,6 +314,26 @@ TEST(ElasticProcessTest, AReplacementThatTheFinishedWorkersNeverJoinIsStopped) {
   EXPECT_TRUE(events(r.out, "error").empty()) << r.describe();
 }
 
+// A worker stuck before it opens its session (here it sleeps; a stopped process is the same) has no heartbeat: the
+// others would wait for it to join at every version. aikido-run kills it a connect timeout after its start and, with
+// --restart, replaces it.
+TEST(ElasticProcessTest, AWorkerStuckBeforeItsSessionIsKilledAndReplaced) {
+  const auto r =
+      run_process(elastic_job({"-np", "3", "--restart", "--timeout", "20", "--connect-timeout", "4"},
+                              {"--epochs", "1", "--step-ms", "1", "--print-every", "20", "--hang-before-session", "1"}),
+                  kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.err.find("aikido-run: worker 1 (rank 1) has not opened its elastic session 4 s after it started"),
+            std::string::npos)
+      << r.describe();
+  EXPECT_NE(r.err.find("was killed by signal SIGKILL; removing it from the cluster and starting a replacement"),
+            std::string::npos)
+      << r.describe();
+  EXPECT_EQ(current_cluster(r.out).pid_by_rank.size(), 3u) << r.describe();
+  expect_equal_parameters(r.out);
+  expect_exact_epochs(r.out, 1);
+}
+
 TEST(ElasticProcessTest, MaxRestartsBoundsTheReplacements) {
   Subprocess job(elastic_job({"-np", "3", "--restart", "--max-restarts", "1", "--timeout", "20"},
                              {"--epochs", "2", "--step-ms", "4", "--print-every", "2"}));

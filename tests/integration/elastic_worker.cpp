@@ -45,6 +45,7 @@ struct Options {
   int linger_rank = -1;
   int linger_ms = 0;
   std::string linger_until;
+  std::int64_t hang_before_session = -1;
 };
 
 Options parse(int argc, char** argv) {
@@ -69,6 +70,8 @@ Options parse(int argc, char** argv) {
       o.linger_ms = std::stoi(value);
     else if (flag == "--linger-until")
       o.linger_until = value;
+    else if (flag == "--hang-before-session")  // the worker with this id sleeps 10 minutes before its session
+      o.hang_before_session = std::stoll(value);
     else if (flag == "--schedule") {
       std::size_t begin = 0;
       while (begin < value.size()) {
@@ -245,6 +248,10 @@ int main(int argc, char** argv) {
   const double started = unix_ms();
   try {
     const Options options = parse(argc, argv);
+    if (const char* id = std::getenv("AIKIDO_WORKER_ID");
+        id && options.hang_before_session >= 0 && std::atoll(id) == options.hang_before_session) {
+      std::this_thread::sleep_for(std::chrono::minutes(10));
+    }
     auto session = aikido::ElasticSession::from_env();
     Worker worker(*session, options);
     char text[64];

@@ -255,7 +255,11 @@ void ElasticController::check_sessions(Supervisor& supervisor) {
   if (!plain_peer_.empty()) return;  // said once for the job
   const auto now = SteadyClock::now();
   bool silent_reported = false;
-  for (const auto& [id, watch] : sessions_) silent_reported = silent_reported || (watch.reported_silent && !watch.open);
+  bool any_open = false;
+  for (const auto& [id, watch] : sessions_) {
+    silent_reported = silent_reported || (watch.reported_silent && !watch.open);
+    any_open = any_open || watch.open;
+  }
   for (std::uint64_t id : supervisor.running_workers()) {
     auto it = sessions_.find(id);
     if (it == sessions_.end() || it->second.open) continue;
@@ -279,6 +283,18 @@ void ElasticController::check_sessions(Supervisor& supervisor) {
       continue;
     }
     const std::string who = "worker " + std::to_string(id) + " (rank " + std::to_string(rank) + ")";
+    // The program opens sessions (others did): a member still without one a connect timeout after its start is stuck
+    // before training, or stopped. No heartbeat finds it, and the others wait for it at every version until they
+    // give up and are replaced themselves: kill it, as for a silent heartbeat (with --restart it is replaced).
+    const auto deadline = std::chrono::milliseconds(std::int64_t(options_.connect_timeout_s * 1000));
+    const auto latest = membership_->latest();
+    if (!joined && !watch.killed && any_open && latest && latest->contains(id) && now - watch.started >= deadline) {
+      watch.killed = true;
+      report("aikido-run: " + who + " has not opened its elastic session " + detail::seconds(deadline) +
+             " after it started (--connect-timeout), while the others wait for it to join; killing it (SIGKILL)");
+      supervisor.kill_worker(id);
+      continue;
+    }
     if (joined) {
       plain_peer_ = who +
                     " joined the cluster with a plain aikido::Peer instead of an aikido::ElasticSession: the program "

@@ -96,6 +96,7 @@ class ElasticController final : public Controller {
     std::chrono::steady_clock::time_point started;
     bool open = false;
     bool reported_silent = false;  // said that it has no session kSessionGrace after its start
+    bool killed = false;           // killed for having no session a connect timeout after its start
   };
 
   /// The newest spec that still holds worker `id`, and the reason of the version that removed it (empty while it

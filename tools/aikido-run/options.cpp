@@ -164,6 +164,7 @@ void check_timeouts(Options& options, bool heartbeat_given) {
   };
   const double collective = seconds_of(options.timeout, env::kTimeout, env::kDefaultTimeout.count() / 1000.0);
   const double store = seconds_of(options.store_timeout, env::kStoreTimeout, collective);
+  options.connect_timeout_s = seconds_of(options.connect_timeout, env::kConnectTimeout, collective);
   auto text = [](double s) {
     std::ostringstream out;
     out << s << " s";

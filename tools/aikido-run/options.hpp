@@ -56,7 +56,9 @@ struct Options {
   bool restart = false;
   int max_restarts = 10;  // replacements --restart starts in one job
   std::string control_file;
-  double heartbeat_timeout_s = 3.0;  // without --heartbeat-timeout: 3, or half the collective timeout when shorter
+  double heartbeat_timeout_s = 3.0;
+  double connect_timeout_s = 30.0;  // the workers' deadline of joining a cluster version (--connect-timeout)  //
+                                    // without --heartbeat-timeout: 3, or half the collective timeout when shorter
   std::string checkpoint;
   std::string resume;  // a checkpoint the job starts from
   /// Bind each worker to one CPU (the launcher's allowed CPUs, in order) when there are no more workers than CPUs.
