@@ -10,14 +10,17 @@ ends, injects one fault every --interval seconds (uniform between half and one a
   stop     SIGSTOP to a random worker; half of the time SIGCONT after 0.3 to 2 s (below the heartbeat timeout), the
            other half it is left stopped for aikido-run's heartbeat to find (it kills and replaces it)
   resize   aikido-ctl resize N, N from 2 to 4 and not the current size
-  cut      (--hosts only) a whole emulated host's link taken down (ip link set ... down); healed after 3 to 6 s,
-           when a fresh launcher is started on that host so that it joins again
+  cut      (--hosts only: two hosts of 2 workers, launchers joined through etcd) a whole emulated host's link taken
+           down (ip link set ... down) and healed after 2 to 9 s, below or above --host-timeout (5 s); a host that
+           was removed meanwhile (its launcher exits with status 1) gets a fresh launcher, which joins again
 
-At least one worker that has trained for a while is never touched at a time, so that the job's state survives
-(Aikido keeps it in the workers' memory: losing every worker at once loses the job, by design).
+At least one worker that has trained for 3 s is never touched at a time, so that the job's state survives (Aikido
+keeps it in the workers' memory: losing every worker at once loses the job, by design); for the same reason no
+resize is made while a host is cut off, and a worker that may have left its session at the end of the training is
+always continued after a stop (see bench/README.md).
 
 At the end of each run:
-  status     aikido-run exited with status 0 (with --hosts: every launcher that was not cut off)
+  status     aikido-run exited with status 0 (with --hosts: every launcher, but 1 for one removed while cut off)
   samples    every epoch printed, and every epoch line says global_samples == 60000, trained_samples == 60000 and
              samples_once (the example counts the samples trained step by step, with a fingerprint of their indices,
              rolled back with the model: each index exactly once)
