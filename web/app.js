@@ -20,16 +20,20 @@ const annotationLines = {
     if (!axis) return;
     const x = chart.scales.x, area = chart.chartArea, ctx = chart.ctx;
     ctx.save();
+    let lastPx = -Infinity, row = 0;
     for (const a of annotations) {
       const v = axis === 'step' ? a.step : a.t;
       if (v == null || v < x.min || v > x.max) continue;
       const px = x.getPixelForValue(v);
+      // Labels of lines close together go on separate rows.
+      row = px - lastPx < 60 ? (row + 1) % 4 : 0;
+      lastPx = px;
       ctx.strokeStyle = a.kind === 'failure' ? '#b00' : a.kind === 'policy' ? '#0a0' : '#036';
       ctx.setLineDash([4, 3]);
       ctx.beginPath(); ctx.moveTo(px, area.top); ctx.lineTo(px, area.bottom); ctx.stroke();
       ctx.fillStyle = ctx.strokeStyle;
       ctx.font = '10px sans-serif';
-      ctx.fillText(a.kind, px + 2, area.top + 10);
+      ctx.fillText(a.kind, px + 2, area.top + 10 + 11 * row);
     }
     ctx.restore();
   },
