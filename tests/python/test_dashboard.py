@@ -192,6 +192,13 @@ def test_the_job_ran_and_was_resized(run):
     assert run["returncode"] == 0, describe(run)
     assert run["resized"] is not None, "the job never reached step 20 on rank 1\n" + describe(run)
     assert "cluster version 1" in run["resized"].stdout, run["resized"].stdout + run["resized"].stderr
+    # aikido-run's own metrics of the job follow it: the resize and the policy's decision are counted.
+    scraped = run["prometheus"]
+    assert any(re.search(r"^aikido_job_running 1$", t, re.M) for t in scraped), scraped[-1]
+    last = scraped[-1]
+    for line in ("aikido_job_cluster_version 1", "aikido_job_cluster_size 3", 'aikido_job_events_total{kind="resize"} 1',
+                 'aikido_job_events_total{kind="policy"} 1', 'aikido_job_events_total{kind="failure"} 0'):
+        assert re.search("^" + re.escape(line) + "$", last, re.M), f"{line} not in the last /metrics:\n{last}"
     # --log-dir: each worker's output, and aikido-run's events.
     names = sorted(os.listdir(run["log_dir"]))
     assert {"events.jsonl", "rank-0.log", "rank-1.log"} <= set(names), names
