@@ -399,3 +399,27 @@ def test_grafana_dashboard_queries_only_exported_metrics(run):
         assert words in titles, f"no panel about {words} in {GRAFANA}: {titles}"
     annotations = [a.get("expr", "") for a in dashboard["annotations"]["list"]]
     assert any("aikido_job_events_total" in a for a in annotations), annotations
+
+
+def source_metric_names():
+    """The metric names the sources export: the workers' (src/monitor/metrics.cpp: aikido_ + each field's name) and
+    aikido-run's own (tools/aikido-run/metrics_exporter.cpp)."""
+    names = set()
+    with open(os.path.join(ROOT, "src", "monitor", "metrics.cpp")) as f:
+        text = f.read()
+    fields = text[text.index("numeric_fields("):text.index("std::string number(")]
+    names |= {"aikido_" + n for n in re.findall(r'\{"([a-z_]+)", "', fields)}
+    names |= {"aikido_" + n for n in re.findall(r'\{"(link_[a-z_]+)", "', text)}
+    names.add("aikido_info")
+    with open(os.path.join(ROOT, "tools", "aikido-run", "metrics_exporter.cpp")) as f:
+        names |= set(re.findall(r"# TYPE (aikido_job_[a-z_]+) ", f.read()))
+    return names
+
+
+def test_grafana_dashboard_queries_only_metrics_of_the_sources():
+    """The same check without a training run (which needs LibTorch): against the names in the sources."""
+    with open(GRAFANA) as f:
+        _, queried = grafana_metric_names(json.load(f))
+    exported = source_metric_names()
+    assert {"aikido_samples_per_second", "aikido_link_latency_seconds", "aikido_job_events_total"} <= exported
+    assert not sorted(queried - exported), f"not exported by the sources: {sorted(queried - exported)}"
