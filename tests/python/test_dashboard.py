@@ -86,12 +86,14 @@ def metric_names(prometheus_text):
     return names
 
 
-def read_events(port, count, timeout=30):
-    """The first `count` records of the dashboard's /events stream (server-sent events), read with plain HTTP."""
+def read_events(port, count, timeout=30, last_event_id=None):
+    """The first `count` records of the dashboard's /events stream (server-sent events), read with plain HTTP; with
+    `last_event_id`, as a browser that reconnects asks for them."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     records = []
     try:
-        connection.request("GET", "/events")
+        connection.request("GET", "/events",
+                           headers={} if last_event_id is None else {"Last-Event-ID": str(last_event_id)})
         response = connection.getresponse()
         assert response.status == 200
         assert response.getheader("Content-Type").startswith("text/event-stream")
@@ -312,6 +314,8 @@ def test_replay_shows_the_finished_run(run, capsys):
         assert len(records) == count + 1
         assert records[:count] == recorded
         assert records[-1]["event"] == "replay"
+        # A browser that reconnects continues after the last record it got.
+        assert read_events(port, 2, last_event_id=count - 2) == records[count - 1:]
 
         chromium = browser.find_chromium()
         if chromium:
