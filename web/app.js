@@ -224,8 +224,9 @@ function onEvent(e) {
       clusterVersions.push({ t, version: e.version, size: e.size, reason: e.reason, by: e.by || '' });
       if (e.reason !== 'initial') {
         const kind = e.reason === 'restart' ? 'restart' : 'resize';
-        const by = e.by ? e.by : e.reason === 'lost' ? 'a lost worker' : 'unknown';
-        annotate(t, lastStep, kind, `cluster version ${e.version}: ${e.size} workers (${e.reason}, asked by ${by})`);
+        const why = e.reason === 'lost' ? `a lost worker, removed by ${e.by || 'the survivors'}`
+                                        : `${e.reason}, asked by ${e.by || 'unknown'}`;
+        annotate(t, lastStep, kind, `cluster version ${e.version}: ${e.size} workers (${why})`);
       }
       break;
     case 'failure':
@@ -255,7 +256,7 @@ function onEvent(e) {
 
 // What the page shows, in numbers, for scripts and tests that read the page (window.aikidoState): per panel the
 // points drawn and the largest x, per series its points, and the step-time bars, links and events as shown.
-window.aikidoState = { received, state: jobState, panels: {}, annotations };
+window.aikidoState = { received: { ...received }, state: { ...jobState }, panels: {}, annotations: [] };
 
 let dirty = false;
 function redraw() {

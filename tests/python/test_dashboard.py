@@ -427,3 +427,90 @@ def test_grafana_dashboard_queries_only_metrics_of_the_sources():
     exported = source_metric_names()
     assert {"aikido_samples_per_second", "aikido_link_latency_seconds", "aikido_job_events_total"} <= exported
     assert not sorted(queried - exported), f"not exported by the sources: {sorted(queried - exported)}"
+
+
+def synthetic_run(path):
+    """A recorded run written by hand: 3 workers of which rank 2 computes twice as long, and one event of every kind
+    the page annotates. Returns the number of records."""
+    t = 1_800_000_000.0
+    events = [
+        (0.0, {"event": "job_started", "job": "cafe01", "workers": 3, "elastic": True, "program": "/x/train"}),
+        (0.1, {"event": "cluster", "version": 0, "size": 3, "reason": "initial", "by": ""}),
+        (2.0, {"event": "cluster", "version": 1, "size": 2, "reason": "resize", "by": "policy schedule"}),
+        (3.0, {"event": "failure", "id": 1, "rank": 1, "version": 1, "what": "was killed by signal SIGKILL"}),
+        (3.1, {"event": "cluster", "version": 2, "size": 3, "reason": "lost", "by": "aikido-run"}),
+        (4.0, {"event": "recovery", "version": 2, "size": 3, "seconds": 0.9}),
+        (5.0, {"event": "checkpoint", "path": "/tmp/c", "text": "rank 0: wrote the last commit (step 40) to /tmp/c"}),
+        (5.5, {"event": "cluster", "version": 3, "size": 3, "reason": "restart", "by": "aikido-run"}),
+        (6.0, {"event": "policy", "policy": "adaptive-batch", "hook": "after_step", "setting": "batch_size",
+               "from": "64", "to": "128", "step": 50, "metrics": {"noise_scale": 900.0}}),
+        (8.0, {"event": "job_finished", "state": "failed", "status": 1}),
+    ]
+    records = [dict(e, time=t + dt) for dt, e in events]
+    for i in range(1, 8):
+        for rank in range(3):
+            compute = 0.02 if rank == 2 else 0.01
+            records.append({"time": t + i, "rank": rank, "step": 10 * i, "workers": 3, "batch_size": 64,
+                            "lr": 0.05, "noise_scale": 100.0 * i, "gradient_variance": 1.0, "snr": 0.5,
+                            "samples_per_second": 9000.0, "local_samples_per_second": 3000.0,
+                            "train_loss": 1.0 / i, "test_accuracy": 0.5 + 0.05 * i,
+                            "local_compute_seconds": compute, "local_communication_seconds": 0.004,
+                            "local_wait_seconds": 0.003,
+                            "links": [{"peer": p, "latency_seconds": 5e-5, "bandwidth_bytes_per_second": 2e9,
+                                       "probes": i} for p in range(3) if p != rank]})
+    records.sort(key=lambda r: r["time"])
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return len(records)
+
+
+@pytest.mark.skipif(browser.find_chromium() is None,
+                    reason="chromium is not installed (scripts/setup.sh installs Debian's chromium): "
+                           "the dashboard is not tested in a browser")
+def test_page_marks_stragglers_and_annotates_every_kind_of_event(tmp_path):
+    if not os.path.exists(RUN):
+        pytest.skip(f"{RUN} is not built")
+    path = tmp_path / "recorded.jsonl"
+    count = synthetic_run(path)
+    replay = subprocess.Popen([RUN, "--dashboard", "0", "--replay", str(path)], env=base_env(), text=True,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = Lines(replay.stderr)
+    try:
+        m = err.wait_for(r"dashboard at (http://127\.0\.0\.1:\d+/) shows ", 30)
+        assert m, err.text()
+        with browser.Browser(browser.find_chromium()) as session:
+            page = session.open(m.group(1))
+            state = None
+            for _ in range(120):
+                state = json.loads(snapshot_state(page) or "null")
+                if state and state["received"]["records"] == count + 1:
+                    break
+                time.sleep(0.25)
+            context = json.dumps(state, indent=1)[:6000]
+            assert state and state["received"]["records"] == count + 1, context
+            steptime = state["panels"]["steptime"]
+            assert steptime["ranks"] == [0, 1, 2] and steptime["stragglers"] == [2], context
+            assert page.evaluate("document.querySelector('#stragglers li[data-rank=\"2\"]').textContent") == \
+                "straggler: rank 2 computes 2.00x the median"
+            texts = {}
+            for a in state["annotations"]:
+                texts.setdefault(a["kind"], []).append(a["text"])
+            assert texts.get("resize") == ["cluster version 1: 2 workers (resize, asked by policy schedule)",
+                                           "cluster version 2: 3 workers (a lost worker, removed by aikido-run)"], \
+                context
+            assert texts.get("failure") == ["worker 1 (rank 1) was killed by signal SIGKILL"], context
+            assert texts.get("recovery") == ["recovered at cluster version 2 in 0.90 s"], context
+            assert texts.get("checkpoint") == ["rank 0: wrote the last commit (step 40) to /tmp/c"], context
+            assert texts.get("restart") == ["cluster version 3: 3 workers (restart, asked by aikido-run)"], context
+            assert texts.get("policy") == ["adaptive-batch changed batch_size from 64 to 128 in after_step at step 50 "
+                                           "on noise_scale 900"], context
+            assert state["state"]["state"] == "failed" and state["state"]["status"] == 1, context
+            assert state["cluster"] == {"version": 3, "size": 3, "versions": 4}, context
+            assert state["panels"]["links"]["cells"] == 6, context
+            listed = page.evaluate("[...document.querySelectorAll('#event-list li')].map(li => li.dataset.kind)")
+            assert listed == ["resize", "failure", "resize", "recovery", "checkpoint", "restart", "policy"]
+    finally:
+        if replay.poll() is None:
+            replay.send_signal(signal.SIGINT)
+        assert replay.wait(timeout=30) == 0
