@@ -6,7 +6,11 @@ const colors = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b'
 let t0 = null;               // time of the first record: the time axes count seconds from it
 const latest = new Map();    // rank -> its latest metrics
 const annotations = [];      // {t, step, kind, text}
+const clusterVersions = [];  // {t, version, size, reason, by}: the cluster events, in order
 let lastStep = 0;
+let lastTime = 0;            // seconds since t0 of the latest record
+let jobState = { state: 'connecting', detail: '', status: null, job: '' };
+const received = { records: 0, metrics: 0, events: 0 };
 
 // Vertical lines at the annotations' times (or steps, on step axes), labelled with their kind.
 const annotationLines = {
@@ -16,16 +20,20 @@ const annotationLines = {
     if (!axis) return;
     const x = chart.scales.x, area = chart.chartArea, ctx = chart.ctx;
     ctx.save();
+    let lastPx = -Infinity, row = 0;
     for (const a of annotations) {
       const v = axis === 'step' ? a.step : a.t;
       if (v == null || v < x.min || v > x.max) continue;
       const px = x.getPixelForValue(v);
+      // Labels of lines close together go on separate rows.
+      row = px - lastPx < 60 ? (row + 1) % 4 : 0;
+      lastPx = px;
       ctx.strokeStyle = a.kind === 'failure' ? '#b00' : a.kind === 'policy' ? '#0a0' : '#036';
       ctx.setLineDash([4, 3]);
       ctx.beginPath(); ctx.moveTo(px, area.top); ctx.lineTo(px, area.bottom); ctx.stroke();
       ctx.fillStyle = ctx.strokeStyle;
       ctx.font = '10px sans-serif';
-      ctx.fillText(a.kind, px + 2, area.top + 10);
+      ctx.fillText(a.kind, px + 2, area.top + 10 + 11 * row);
     }
     ctx.restore();
   },
@@ -96,7 +104,7 @@ function onMetrics(m) {
   push(charts.lossStep, 'test accuracy', 'y1', '#2ca02c', m.step, m.test_accuracy);
   push(charts.lossTime, 'train loss', 'y', '#1f77b4', t, m.train_loss);
   push(charts.lossTime, 'test accuracy', 'y1', '#2ca02c', t, m.test_accuracy);
-  push(charts.cluster, 'workers', 'y', '#1f77b4', t, m.workers);
+  push(charts.cluster, 'workers training (rank 0)', 'y', '#2ca02c', t, m.workers);
   push(charts.gradients, 'noise scale', 'y', '#9467bd', t, m.noise_scale);
   push(charts.gradients, 'batch size (per worker)', 'y', '#8c564b', t, m.batch_size);
   push(charts.gradients, 'gradient variance', 'y1', '#d62728', t, m.gradient_variance);
@@ -133,32 +141,55 @@ function drawStepTimes() {
     }
   }
   c.data.datasets[0].backgroundColor = ranks.map(r => list.querySelector(`[data-rank="${r}"]`) ? '#b00' : '#1f77b4');
-  document.getElementById('steptime').dataset.points = String(c.data.labels.length ? Number(
-    document.getElementById('steptime').dataset.updates || 0) : 0);
+  return { ranks, compute_ms: ms('local_compute_seconds'), communication_ms: ms('local_communication_seconds'),
+           wait_ms: ms('local_wait_seconds'), median_compute_ms: 1e3 * median,
+           stragglers: [...list.children].map(li => Number(li.dataset.rank)),
+           steps: ranks.map(r => latest.get(r).step) };
 }
 
+// The cluster's size and version as steps: each holds from its event until the next one, the last up to the latest
+// record.
+function drawCluster() {
+  const c = charts.cluster;
+  for (const [label, key, color] of [['cluster size', 'size', '#1f77b4'], ['cluster version', 'version', '#ff7f0e']]) {
+    const d = series(c, label, 'y', color);
+    d.stepped = 'before';
+    d.data = clusterVersions.map(v => ({ x: v.t, y: v[key] }));
+    if (clusterVersions.length) d.data.push({ x: Math.max(lastTime, clusterVersions.at(-1).t), y: clusterVersions.at(-1)[key] });
+    d.data.forEach((p, i) => { if (i) p.x = Math.max(p.x, d.data[i - 1].x); });
+  }
+}
+
+// Each worker measures its own links: row r is what rank r measured to each peer. A cell shows what is known
+// (latency, bandwidth or both); its red deepens with the latency, relative to the slowest link.
 function drawLinks() {
   const ranks = currentRanks();
   const table = document.getElementById('link-matrix');
+  const measured = [];
   let html = '<tr><th>from \\ to</th>' + ranks.map(r => `<th>${r}</th>`).join('') + '</tr>';
-  let cells = 0;
   let slowest = 0;
   for (const r of ranks) for (const l of latest.get(r).links || []) slowest = Math.max(slowest, l.latency_seconds || 0);
   for (const r of ranks) {
     html += `<tr><th>${r}</th>`;
     for (const p of ranks) {
       const l = (latest.get(r).links || []).find(x => x.peer === p);
-      if (p === r || !l || l.latency_seconds == null) { html += '<td></td>'; continue; }
-      cells++;
-      const heat = slowest > 0 ? Math.round(255 * (1 - l.latency_seconds / slowest) ) : 255;
-      html += `<td style="background: rgb(255, ${heat}, ${heat})">${(l.latency_seconds * 1e6).toFixed(0)} &micro;s` +
-              `<br>${l.bandwidth_bytes_per_second != null ? (l.bandwidth_bytes_per_second / 1e9).toFixed(2) : '?'}` +
-              ' GB/s</td>';
+      const latency = l ? l.latency_seconds : null, bandwidth = l ? l.bandwidth_bytes_per_second : null;
+      if (p === r) { html += '<td class="self"></td>'; continue; }
+      if (latency == null && bandwidth == null) { html += '<td class="unmeasured">not yet</td>'; continue; }
+      measured.push({ from: r, to: p, latency_seconds: latency, bandwidth_bytes_per_second: bandwidth,
+                      probes: l.probes || 0 });
+      const heat = slowest > 0 && latency != null ? Math.round(255 * (1 - latency / slowest)) : 255;
+      html += `<td style="background: rgb(255, ${heat}, ${heat})">` +
+              `${latency != null ? (latency * 1e6).toFixed(0) : '?'} &micro;s<br>` +
+              `${bandwidth != null ? (bandwidth / 1e9).toFixed(2) : '?'} GB/s</td>`;
     }
     html += '</tr>';
   }
   table.innerHTML = html;
-  document.getElementById('links').dataset.cells = String(cells);
+  const panel = document.getElementById('links');
+  panel.dataset.cells = String(measured.length);
+  panel.dataset.points = String(measured.reduce((n, m) => n + m.probes, 0));
+  return { ranks, cells: measured.length, measured, probes: measured.reduce((n, m) => n + m.probes, 0) };
 }
 
 function annotate(t, step, kind, text) {
@@ -171,7 +202,8 @@ function annotate(t, step, kind, text) {
   document.getElementById('annotations').dataset.points = String(annotations.length);
 }
 
-function setState(state, detail) {
+function setState(state, detail, status) {
+  jobState = { ...jobState, state, detail: detail || '', status: status === undefined ? jobState.status : status };
   const b = document.getElementById('state-text');
   b.textContent = state + (detail ? ` (${detail})` : '');
   b.className = state;
@@ -185,15 +217,16 @@ function onEvent(e) {
   switch (e.event) {
     case 'job_started':
       document.getElementById('job').textContent = `${e.job} (${e.program.split('/').pop()})`;
+      jobState.job = e.job;
       setState('running', `${e.workers} workers`);
       break;
     case 'cluster':
-      push(charts.cluster, 'cluster version', 'y', '#ff7f0e', t, e.version);
-      push(charts.cluster, 'workers', 'y', '#1f77b4', t, e.size);
+      clusterVersions.push({ t, version: e.version, size: e.size, reason: e.reason, by: e.by || '' });
       if (e.reason !== 'initial') {
         const kind = e.reason === 'restart' ? 'restart' : 'resize';
-        const by = e.by ? e.by : e.reason === 'lost' ? 'a lost worker' : 'unknown';
-        annotate(t, lastStep, kind, `cluster version ${e.version}: ${e.size} workers (${e.reason}, asked by ${by})`);
+        const why = e.reason === 'lost' ? `a lost worker, removed by ${e.by || 'the survivors'}`
+                                        : `${e.reason}, asked by ${e.by || 'unknown'}`;
+        annotate(t, lastStep, kind, `cluster version ${e.version}: ${e.size} workers (${why})`);
       }
       break;
     case 'failure':
@@ -213,7 +246,7 @@ function onEvent(e) {
       break;
     }
     case 'job_finished':
-      setState(e.state, `exit status ${e.status}`);
+      setState(e.state, `exit status ${e.status}`, e.status);
       break;
     case 'replay':
       setState(document.getElementById('state').dataset.state || 'finished', `replay of ${e.file}`);
@@ -221,32 +254,58 @@ function onEvent(e) {
   }
 }
 
+// What the page shows, in numbers, for scripts and tests that read the page (window.aikidoState): per panel the
+// points drawn and the largest x, per series its points, and the step-time bars, links and events as shown.
+window.aikidoState = { received: { ...received }, state: { ...jobState }, panels: {}, annotations: [] };
+
 let dirty = false;
 function redraw() {
   dirty = false;
-  drawStepTimes();
-  drawLinks();
+  const steptime = drawStepTimes();
+  const links = drawLinks();
+  drawCluster();
+  const panels = {};
   for (const [name, id] of [['throughput', 'throughput'], ['lossStep', 'loss-step'], ['lossTime', 'loss-time'],
                             ['cluster', 'cluster'], ['gradients', 'gradients']]) {
     charts[name].update('none');
     const panel = document.getElementById(id);
-    panel.dataset.points = String(points(charts[name]));
     const xs = charts[name].data.datasets.flatMap(d => d.data.map(p => p.x));
-    panel.dataset.last = xs.length ? String(Math.max(...xs)) : '';
+    const last = xs.length ? Math.max(...xs) : null;
+    panel.dataset.points = String(points(charts[name]));
+    panel.dataset.last = last == null ? '' : String(last);
+    panels[id] = { points: points(charts[name]), last,
+                   series: Object.fromEntries(charts[name].data.datasets.map(d => [d.label, d.data.length])) };
   }
-  const c = charts.steptime;
-  c.update('none');
+  charts.steptime.update('none');
   const st = document.getElementById('steptime');
   st.dataset.updates = String(Number(st.dataset.updates || 0) + 1);
-  st.dataset.points = String(c.data.labels.length ? Number(st.dataset.updates) : 0);
+  st.dataset.points = String(steptime.ranks.length);
   st.dataset.last = String(lastStep);
+  panels.steptime = { ...steptime, points: steptime.ranks.length, last: lastStep };
+  panels.links = { ...links, points: links.cells, last: links.probes };
+  const cluster = clusterVersions.at(-1) || {};
+  window.aikidoState = {
+    received: { ...received }, time: lastTime, step: lastStep, state: { ...jobState },
+    cluster: { version: cluster.version, size: cluster.size, versions: clusterVersions.length },
+    panels, annotations: annotations.map(a => ({ ...a })),
+  };
+  document.body.dataset.records = String(received.records);
 }
 
 const source = new EventSource('events');
 source.onmessage = message => {
   const record = JSON.parse(message.data);
   if (t0 === null) t0 = record.time;
-  if (record.event !== undefined) onEvent(record); else if (record.rank !== undefined) onMetrics(record);
+  // The replay's own record is stamped when the replay began, not during the run.
+  if (record.event !== 'replay') lastTime = Math.max(lastTime, record.time - t0);
+  received.records++;
+  if (record.event !== undefined) {
+    received.events++;
+    onEvent(record);
+  } else if (record.rank !== undefined) {
+    received.metrics++;
+    onMetrics(record);
+  }
   if (!dirty) { dirty = true; setTimeout(redraw, 250); }
 };
 source.onerror = () => {

@@ -52,16 +52,6 @@ constexpr int kLanes = 4;
 /// A buffer is cut into at most this many chunks (their size otherwise follows the links: collective::chunk_bytes).
 constexpr std::size_t kMaxChunks = 16;
 
-std::string what(std::exception_ptr error) {
-  try {
-    std::rethrow_exception(error);
-  } catch (const std::exception& e) {
-    return e.what();
-  } catch (...) {
-    return "unknown error";
-  }
-}
-
 struct Slice {
   std::size_t offset;
   std::size_t count;
@@ -492,7 +482,7 @@ void HierarchicalCollective::advance(int lane) {
       step = chunk.steps[chunk.next++];
       give_up = error_ != nullptr;
       if (give_up) {
-        text = what(error_);
+        text = error_text(error_);
         kind = wire_error_of(error_);
       }
     }
@@ -558,9 +548,9 @@ std::exception_ptr HierarchicalCollective::describe_failure(std::exception_ptr e
   const std::string where =
       step.inside ? "inside its host"
                   : str_cat("across hosts among ranks ", rank_list(layout_.groups[std::size_t(layout_.local)]));
-  const std::string text =
-      str_cat(label(), " failed on rank ", engine_.config().rank, " in a phase ", where,
-              chunks_.size() > 1 ? str_cat(" (chunk ", chunk + 1, " of ", chunks_.size(), ")") : "", ": ", what(error));
+  const std::string text = str_cat(
+      label(), " failed on rank ", engine_.config().rank, " in a phase ", where,
+      chunks_.size() > 1 ? str_cat(" (chunk ", chunk + 1, " of ", chunks_.size(), ")") : "", ": ", error_text(error));
   return error_for(wire_error_of(error), text);
 }
 

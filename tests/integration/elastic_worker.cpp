@@ -15,8 +15,9 @@
 // Every line carries "worker", "rank", "workers", "cluster_version", "step", "epoch" and "unix_ms" (wall clock).
 //
 // options: --epochs E (2)  --batch B per worker (250)  --dim D (4096)  --commit-every K (4)  --step-ms M simulated
-// compute per step (0)  --print-every P (10)  --schedule S:N,S:N,...  (at global step S, all workers call
-// peer.resize(N))  --linger-rank R the worker at rank R waits 60 s after "done" before it exits (to be killed there)
+// compute per step (0)  --print-every P (10)  --steps N stop after N steps (0: after the epochs)  --schedule
+// S:N,S:N,...  (at global step S, all workers call peer.resize(N))  --linger-rank R the worker at rank R waits 60 s
+// after "done" before it exits (to be killed there)
 // --linger-ms M every worker waits M ms after "done" before it exits  --linger-until F every worker waits after
 // "done" until file F exists (at most 60 s) before it exits
 #include <unistd.h>
@@ -41,6 +42,7 @@ struct Options {
   std::int64_t commit_every = 4;
   int step_ms = 0;
   std::int64_t print_every = 10;
+  std::int64_t steps = 0;  // stop after this many steps (0: run the epochs)
   std::map<std::int64_t, int> schedule;
   int linger_rank = -1;
   int linger_ms = 0;
@@ -64,6 +66,8 @@ Options parse(int argc, char** argv) {
       o.step_ms = std::stoi(value);
     else if (flag == "--print-every")
       o.print_every = std::stoll(value);
+    else if (flag == "--steps")
+      o.steps = std::stoll(value);
     else if (flag == "--linger-rank")
       o.linger_rank = std::stoi(value);
     else if (flag == "--linger-ms")
@@ -149,7 +153,7 @@ class Worker {
   }
 
   int run() {
-    while (sampler_.epoch() < o_.epochs) {
+    while (sampler_.epoch() < o_.epochs && (o_.steps == 0 || state_.step < o_.steps)) {
       aikido::SyncResult r = s_.sync(state_.step);
       if (r == aikido::SyncResult::changed) changed("changed");
       auto planned = o_.schedule.find(state_.step);

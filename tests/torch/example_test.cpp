@@ -7,8 +7,10 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
@@ -305,6 +307,67 @@ TEST(FashionMnistExample, MetricsAreExportedWhileTraining) {
   EXPECT_NE(r.err.find("aikido-run: metrics of rank 0: " + steps + " steps, "), std::string::npos)
       << "the last epoch line says " << steps << " steps\n"
       << r.describe();
+}
+
+// A static job of two launchers (--nnodes 2, a tcp:// store; here both on this host): the one given --metrics-file
+// records every worker's metrics, those of the other launcher's worker too.
+TEST(FashionMnistExample, OneLauncherOfAJobAcrossHostsRecordsEveryWorkersMetrics) {
+  const std::string dir = ::testing::TempDir() + "aikido-nodes-" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir);
+  const std::string secret = dir + "/secret", file = dir + "/metrics.jsonl";
+  {
+    std::ofstream(secret) << "0123456789abcdef0123456789abcdef\n";
+    std::filesystem::permissions(secret, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  }
+  int port = 0;
+  {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+    port = ntohs(addr.sin_port);
+    ::close(fd);
+  }
+  std::vector<std::unique_ptr<Subprocess>> nodes;
+  for (int node = 0; node < 2; ++node) {
+    std::vector<std::string> argv = {kRun,
+                                     "--nnodes",
+                                     "2",
+                                     "--nproc-per-node",
+                                     "1",
+                                     "--node-rank",
+                                     std::to_string(node),
+                                     "--store",
+                                     "tcp://127.0.0.1:" + std::to_string(port),
+                                     "--host-id",
+                                     "node" + std::to_string(node),
+                                     "--host-address",
+                                     "127.0.0.1",
+                                     "--job-id",
+                                     "nodes-metrics",
+                                     "--secret-file",
+                                     secret,
+                                     "--metrics-interval",
+                                     "0.2"};
+    if (node == 1) argv.insert(argv.end(), {"--metrics-file", file});
+    argv.insert(argv.end(), {kExample, "--model", "mlp", "--epochs", "1", "--max-steps", "30"});
+    nodes.push_back(std::make_unique<Subprocess>(argv));
+  }
+  for (auto& n : nodes) {
+    const auto r = n->wait(kBound);
+    ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  }
+  std::set<int> ranks;
+  std::ifstream in(file);
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (!j.contains("event")) ranks.insert(j["rank"].get<int>());
+  }
+  EXPECT_EQ(ranks, (std::set<int>{0, 1})) << "ranks with metrics in " << file;
+  std::filesystem::remove_all(dir);
 }
 
 // After an elastic job shrinks, the exporter serves and summarises only the ranks of the current cluster: the worker

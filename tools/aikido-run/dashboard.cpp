@@ -61,20 +61,43 @@ Dashboard::Dashboard(const std::string& address, int port) : address_(address) {
   server_->Get("/app.js", serve_file("app.js", "text/javascript; charset=utf-8"));
   server_->Get("/style.css", serve_file("style.css", "text/css; charset=utf-8"));
   server_->Get("/chart.js", serve_file(chart_js_, "text/javascript; charset=utf-8"));
-  server_->Get("/events", [this](const httplib::Request&, httplib::Response& response) {
+  server_->Get("/events", [this](const httplib::Request& request, httplib::Response& response) {
     response.set_header("Cache-Control", "no-store");
+    // Each record's id is its index: a browser that reconnects (EventSource does by itself) names the last one it
+    // got in Last-Event-ID and continues after it instead of receiving everything twice.
     auto next = std::make_shared<std::size_t>(0);
-    response.set_chunked_content_provider("text/event-stream", [this, next](std::size_t, httplib::DataSink& sink) {
-      std::unique_lock<std::mutex> lock(mutex_);
-      // A comment line every 15 s keeps proxies and the browser from closing an idle stream.
-      added_.wait_for(lock, std::chrono::seconds(15), [&] { return stopping_ || *next < records_.size(); });
-      if (stopping_) return false;
-      std::string out;
-      for (; *next < records_.size(); ++*next) out += "data: " + records_[*next] + "\n\n";
-      lock.unlock();
-      if (out.empty()) out = ": idle\n\n";
-      return sink.write(out.data(), out.size());
-    });
+    const std::string last_id = request.get_header_value("Last-Event-ID");
+    if (!last_id.empty() && last_id.size() < 20 && last_id.find_first_not_of("0123456789") == std::string::npos) {
+      *next = std::stoull(last_id) + 1;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++open_streams_;
+    }
+    const auto closed = [this](bool) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      --open_streams_;
+      streams_closed_.notify_all();
+    };
+    response.set_chunked_content_provider(
+        "text/event-stream",
+        [this, next](std::size_t, httplib::DataSink& sink) {
+          std::unique_lock<std::mutex> lock(mutex_);
+          // A comment line every 15 s keeps proxies and the browser from closing an idle stream.
+          added_.wait_for(lock, std::chrono::seconds(15), [&] { return stopping_ || *next < records_.size(); });
+          // Records added just before the stop (the job's end) still go out, then the stream ends normally.
+          const bool stopping = stopping_;
+          std::string out;
+          for (; *next < records_.size(); ++*next) {
+            out += "id: " + std::to_string(*next) + "\ndata: " + records_[*next] + "\n\n";
+          }
+          lock.unlock();
+          if (out.empty() && !stopping) out = ": idle\n\n";
+          if (!out.empty() && !sink.write(out.data(), out.size())) return false;
+          if (stopping) sink.done();
+          return true;
+        },
+        closed);
   });
   server_->set_keep_alive_max_count(1000);
   if (port == 0) {
@@ -91,10 +114,13 @@ Dashboard::Dashboard(const std::string& address, int port) : address_(address) {
 
 Dashboard::~Dashboard() {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
     stopping_ = true;
+    added_.notify_all();
+    // Every open stream sends what it has not sent yet (the job's last records: its end) and ends: the server's
+    // stop would cut a stream that is between two writes. A client that does not read is not waited for long.
+    streams_closed_.wait_for(lock, std::chrono::seconds(2), [&] { return open_streams_ == 0; });
   }
-  added_.notify_all();
   server_->stop();
   if (thread_.joinable()) thread_.join();
 }

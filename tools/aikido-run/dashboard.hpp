@@ -18,9 +18,10 @@ namespace aikido::run {
 
 /// Serves GET / (the page), /app.js, /style.css, /chart.js and GET /events: a text/event-stream of the job's
 /// records, each one JSON object in one `data:` line, the same objects --metrics-file writes: a worker's metrics
-/// ({"time", "rank", ...TrainingMetrics}) or one of aikido-run's events ({"time", "event", ...}; JobEvents). A new
-/// client first gets every record so far, then each new one as it comes (at most a metrics interval behind the
-/// workers). Thread safe.
+/// ({"time", "rank", ...TrainingMetrics}) or one of aikido-run's events ({"time", "event", ...}; JobEvents), with
+/// its index as the event's `id:`. A new client first gets every record so far (a reconnecting one, every record
+/// after its Last-Event-ID), then each new one as it comes (at most a metrics interval behind the workers). When the
+/// dashboard stops, every stream gets the records it has not had and ends. Thread safe.
 class Dashboard {
  public:
   /// Listens on `address`:`port` (0: a free port); ConfigError when it cannot, or when the page's files are missing.
@@ -44,6 +45,8 @@ class Dashboard {
   std::thread thread_;
   mutable std::mutex mutex_;
   std::condition_variable added_;
+  std::condition_variable streams_closed_;
+  int open_streams_ = 0;              // /events responses not yet finished
   std::vector<std::string> records_;  // serialised, in order
   bool stopping_ = false;
 };

@@ -45,7 +45,8 @@ std::vector<std::pair<std::string, std::string>> flag_settings(const Options& op
   if (options.transport) settings.emplace_back(env::kTransport, *options.transport);
   if (options.segment_bytes) settings.emplace_back(env::kSegmentBytes, *options.segment_bytes);
   if (options.streams) settings.emplace_back(env::kStreams, *options.streams);
-  if (options.metrics_port || options.metrics_file || options.dashboard_port) {
+  // Across hosts every worker publishes: the aikido-run of any host (the one given --dashboard, say) shows them all.
+  if (options.metrics_port || options.metrics_file || options.dashboard_port || options.across_hosts()) {
     settings.emplace_back(env::kMetricsInterval, std::to_string(options.metrics_interval));
   }
   return settings;

@@ -238,6 +238,8 @@ int run_static_host_job(const Options& options, const std::string& secret, const
     w.environment.push_back(str_cat(env::kLocalRank, "=", local));
     workers.push_back(std::move(w));
   }
+  // Every host's aikido-run reads the whole job's metrics from the store: any of them serves the dashboard.
+  observers.start_metrics(options.store, secret, options.job_id, size, false);
   Supervisor supervisor(supervisor_config(options, observers));
   const int status = supervisor.run(workers);
   observers.finish(status);

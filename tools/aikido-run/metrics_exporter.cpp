@@ -77,6 +77,48 @@ std::string merge_prometheus(const std::vector<std::string>& texts) {
   return out;
 }
 
+std::string job_prometheus(const std::vector<nlohmann::json>& events) {
+  double version = 0, size = 0;
+  bool running = false;
+  // Every kind is served from the start, at 0: a counter that appears only at its first event hides that event from
+  // increase() and changes().
+  std::map<std::string, int> counts = {{"resize", 0},   {"restart", 0},    {"lost", 0},  {"failure", 0},
+                                       {"recovery", 0}, {"checkpoint", 0}, {"policy", 0}};
+  for (const auto& e : events) {
+    const std::string kind = e.value("event", "");
+    if (kind == "job_started") {
+      running = true;
+      size = e.value("workers", 0.0);
+    } else if (kind == "job_finished") {
+      running = false;
+    } else if (kind == "cluster") {
+      version = e.value("version", 0.0);
+      size = e.value("size", 0.0);
+      const std::string reason = e.value("reason", "");
+      if (reason == "resize" || reason == "restart" || reason == "lost") ++counts[reason];
+    } else if (counts.contains(kind)) {
+      ++counts[kind];
+    }
+  }
+  std::string out =
+      "# HELP aikido_job_cluster_version version of the job's latest cluster (0 for a job that is not elastic)\n"
+      "# TYPE aikido_job_cluster_version gauge\naikido_job_cluster_version " +
+      format("%.0f", version) +
+      "\n# HELP aikido_job_cluster_size workers in the job's latest cluster\n"
+      "# TYPE aikido_job_cluster_size gauge\naikido_job_cluster_size " +
+      format("%.0f", size) +
+      "\n# HELP aikido_job_running 1 while the job's workers run, 0 once it finished or failed\n"
+      "# TYPE aikido_job_running gauge\naikido_job_running " +
+      (running ? "1" : "0") +
+      "\n# HELP aikido_job_events_total events of the job by kind (a resize asked by aikido-ctl or a policy, a "
+      "restart, a lost worker, a failure, a recovery, a checkpoint, a policy decision)\n"
+      "# TYPE aikido_job_events_total counter\n";
+  for (const auto& [kind, count] : counts) {
+    out += "aikido_job_events_total{kind=\"" + kind + "\"} " + std::to_string(count) + "\n";
+  }
+  return out;
+}
+
 std::optional<std::string> summarize_metrics(int rank, std::string_view json_text) {
   const auto j = nlohmann::json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (!j.is_object()) return std::nullopt;
@@ -267,8 +309,12 @@ void MetricsExporter::answer(int fd) {
   const std::string line = request.substr(0, line_end);
   std::string status = "200 OK", body;
   if (line.rfind("GET /metrics ", 0) == 0 || line.rfind("GET / ", 0) == 0) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    body = "# Aikido training metrics, one series per worker (label rank)\n" + merge_prometheus(prometheus_);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      body = "# Aikido training metrics, one series per worker (label rank)\n" + merge_prometheus(prometheus_);
+    }
+    // Outside mutex_: the event log calls write_record (which takes mutex_) under its own lock.
+    if (config_.events) body += job_prometheus(config_.events->since(0));
   } else {
     status = "404 Not Found";
     body = "not found: GET /metrics\n";

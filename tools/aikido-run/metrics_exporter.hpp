@@ -80,6 +80,12 @@ class MetricsExporter {
 /// its samples from every worker. The texts come from workers through the store and are not trusted.
 std::string merge_prometheus(const std::vector<std::string>& texts);
 
+/// aikido-run's own metrics of the job, in Prometheus text, from its event log (JobEvents): the latest cluster's
+/// version and size (aikido_job_cluster_version, aikido_job_cluster_size), whether the job runs (aikido_job_running)
+/// and how many events of each kind it had (aikido_job_events_total{kind=...}: resize, restart, lost, failure,
+/// recovery, checkpoint, policy; counters from 0). Dashboards annotate their time axes where these change.
+std::string job_prometheus(const std::vector<nlohmann::json>& events);
+
 /// The summary line of one worker's JSON metrics publication (aikido::to_json), or nullopt when the text is not a
 /// JSON object. Fields of the wrong type count as absent; never throws on any text.
 std::optional<std::string> summarize_metrics(int rank, std::string_view json_text);

@@ -302,6 +302,8 @@ options:
                         http://127.0.0.1:P/metrics (0: a free port, printed at start)
   --metrics-file F      append every worker's training metrics to F as JSON lines
   --metrics-interval S  seconds between metrics updates (default 1)            (sets AIKIDO_METRICS_INTERVAL)
+                        Across hosts every worker publishes its metrics, so that these flags on any one
+                        host's aikido-run cover the whole job
   --dashboard PORT      serve a live dashboard of the job on http://127.0.0.1:PORT/ (0: a free port; the URL
                         is printed at start): throughput, step time split per worker (stragglers marked), loss
                         and accuracy, cluster size, gradient statistics, links, job state, with every resize,
