@@ -59,7 +59,7 @@ const charts = {
   lossTime: lineChart('loss-time', 'seconds', 'time', [['y', 'train loss', 'left'], ['y1', 'test accuracy', 'right']]),
   cluster: lineChart('cluster', 'seconds', 'time', [['y', 'workers / version', 'left']]),
   gradients: lineChart('gradients', 'seconds', 'time',
-                       [['y', 'noise scale, batch', 'left', 'logarithmic'], ['y1', 'variance, SNR, lr', 'right',
+                       [['y', 'noise scale, batch', 'left', 'logarithmic'], ['y1', 'variance, SNR, lr, epsilon', 'right',
                                                                              'logarithmic']]),
   steptime: new Chart(document.querySelector('#steptime canvas'), {
     type: 'bar',
@@ -110,6 +110,8 @@ function onMetrics(m) {
   push(charts.gradients, 'gradient variance', 'y1', '#d62728', t, m.gradient_variance);
   push(charts.gradients, 'SNR', 'y1', '#e377c2', t, m.snr);
   push(charts.gradients, 'learning rate', 'y1', '#7f7f7f', t, m.lr);
+  // Differential privacy spent so far (DP-SGD or client-level DP; absent without it).
+  push(charts.gradients, 'epsilon (privacy spent)', 'y1', '#17becf', t, m.epsilon);
 }
 
 // Ranks beyond the cluster's size left: their last values no longer describe a worker.

@@ -452,6 +452,7 @@ def synthetic_run(path):
             compute = 0.02 if rank == 2 else 0.01
             records.append({"time": t + i, "rank": rank, "step": 10 * i, "workers": 3, "batch_size": 64,
                             "lr": 0.05, "noise_scale": 100.0 * i, "gradient_variance": 1.0, "snr": 0.5,
+                            "epsilon": 0.5 * i,
                             "samples_per_second": 9000.0, "local_samples_per_second": 3000.0,
                             "train_loss": 1.0 / i, "test_accuracy": 0.5 + 0.05 * i,
                             "local_compute_seconds": compute, "local_communication_seconds": 0.004,
@@ -508,6 +509,8 @@ def test_page_marks_stragglers_and_annotates_every_kind_of_event(tmp_path):
             assert state["state"]["state"] == "failed" and state["state"]["status"] == 1, context
             assert state["cluster"] == {"version": 3, "size": 3, "versions": 4}, context
             assert state["panels"]["links"]["cells"] == 6, context
+            # A run with differential privacy shows the epsilon spent (rank 0's, one point per record).
+            assert state["panels"]["gradients"]["series"].get("epsilon (privacy spent)") == 7, context
             listed = page.evaluate("[...document.querySelectorAll('#event-list li')].map(li => li.dataset.kind)")
             assert listed == ["resize", "failure", "resize", "recovery", "checkpoint", "restart", "policy"]
     finally:
