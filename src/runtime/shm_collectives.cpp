@@ -908,12 +908,14 @@ std::string ShmCollectives::describe_wait(const ShmOp& op) const {
     if (q == rank_) continue;
     const std::atomic<std::uint64_t>& word = v.arrival(op.entry, op.half, q).word;
     std::uint64_t w = word.load(std::memory_order_acquire);
-    // A rank writing its arrival (or the error it gives up with) finishes within microseconds.
-    for (int look = 0; (w & kWriting) && look < 1000; ++look) {
+    // A rank writing its arrival's data, or the error it gives up with, is done within microseconds unless its
+    // thread is preempted: wait for that a little, for a report that says which it was.
+    for (const auto until = Clock::now() + std::chrono::milliseconds(100);
+         (w & kWriting) && (w & kValueMask) == value && Clock::now() < until;) {
       std::this_thread::yield();
       w = word.load(std::memory_order_acquire);
     }
-    if ((w & kValueMask) < value || (w & kWriting)) {
+    if ((w & kValueMask) < value) {
       not_posted.push_back(members_[q]);
       not_posted_here.push_back(q);
     } else if ((w & kAbandoned) && (w & kValueMask) == value) {
