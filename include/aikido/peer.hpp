@@ -3,6 +3,7 @@
 
 #include <aikido/errors.hpp>
 #include <aikido/store.hpp>
+#include <aikido/tls.hpp>
 #include <aikido/types.hpp>
 #include <aikido/work.hpp>
 #include <chrono>
@@ -88,6 +89,8 @@ struct PeerConfig {
   std::shared_ptr<Store> store;
   /// The job secret every connection proves knowledge of (HMAC-SHA256). May be empty only when size == 1.
   std::string secret;
+  /// TLS on the TCP connections between ranks (AIKIDO_TLS...); see TlsOptions. Off by default.
+  TlsOptions tls;
   /// Cluster version: connections and messages of another version are refused.
   std::uint64_t cluster_version = 0;
   Topology topology = Topology::ring;

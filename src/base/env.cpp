@@ -126,6 +126,7 @@ const std::vector<Rule>& rules() {
       {kLogLevel, one_of(kLogLevel, {"error", "warn", "info", "debug"})},
       {kMetricsInterval, seconds(kMetricsInterval)},
       {kElastic, one_of(kElastic, {"0", "1"})},
+      {kTls, one_of(kTls, {"0", "1"})},
       {kConsoleTty, one_of(kConsoleTty, {"0", "1"})},
       {kWorkerId, integer(kWorkerId, 0, INT64_MAX)},
   };

@@ -23,6 +23,12 @@
 //   AIKIDO_SECRET           the job secret, hex; every connection proves it knows it (required when size > 1)
 //   AIKIDO_SECRET_FILE      a file whose first line is the job secret, read when AIKIDO_SECRET is unset; every
 //                           worker must be able to read it (make one: openssl rand -hex 32 > FILE)
+//   AIKIDO_TLS              1: TLS 1.3 on every TCP connection (data and the store aikido-run serves); 0: none
+//                           (default 0; any of the three files below turns it on)
+//   AIKIDO_TLS_CERT         this side's certificate (PEM), with AIKIDO_TLS_KEY and AIKIDO_TLS_CA (default: one
+//                           certificate derived from the job secret, the same on every side)
+//   AIKIDO_TLS_KEY          the private key of AIKIDO_TLS_CERT (PEM)
+//   AIKIDO_TLS_CA           the CA certificates (PEM) that must have signed the other side's certificate
 //   AIKIDO_JOB_ID           prefix of store keys and socket names (default: the job id of the launcher that started
 //                           the workers, when not aikido-run: Slurm's, OpenMPI's...; else "aikido")
 //   AIKIDO_CLUSTER_VERSION  version of the cluster membership                      (default 0)
@@ -87,6 +93,10 @@ inline constexpr const char* kStoreKey = "AIKIDO_STORE_KEY";
 inline constexpr const char* kStoreCredentials = "AIKIDO_STORE_CREDENTIALS";
 inline constexpr const char* kSecret = "AIKIDO_SECRET";
 inline constexpr const char* kSecretFile = "AIKIDO_SECRET_FILE";
+inline constexpr const char* kTls = "AIKIDO_TLS";
+inline constexpr const char* kTlsCert = "AIKIDO_TLS_CERT";
+inline constexpr const char* kTlsKey = "AIKIDO_TLS_KEY";
+inline constexpr const char* kTlsCa = "AIKIDO_TLS_CA";
 inline constexpr const char* kJobId = "AIKIDO_JOB_ID";
 inline constexpr const char* kClusterVersion = "AIKIDO_CLUSTER_VERSION";
 inline constexpr const char* kTopology = "AIKIDO_TOPOLOGY";

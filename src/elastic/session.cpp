@@ -108,8 +108,8 @@ std::unique_ptr<ElasticSession> ElasticSession::from_env() {
   const env::LaunchInfo launch = env::detect_launch(lookup);
   c.bind_address = detail::choose_bind_address(lookup, launch);
   // Three connections: rendezvous and proposals, the watcher's blocking waits, the heartbeat.
-  c.store = connect_store(launch.store_url, c.secret, c.timeout);
-  config.status_store = connect_store(launch.store_url, c.secret, c.timeout);
+  c.store = connect_store(launch.store_url, c.secret, c.timeout, c.tls);
+  config.status_store = connect_store(launch.store_url, c.secret, c.timeout, c.tls);
   if (launch.store_url.starts_with("etcd")) {
     // Jobs across hosts: the membership is one etcd key changed by transactions and followed by a watch stream.
     const EtcdOptions etcd = etcd_options_from_env(launch.store_url, c.timeout);
@@ -117,7 +117,7 @@ std::unique_ptr<ElasticSession> ElasticSession::from_env() {
     config.watch_membership = make_etcd_membership(etcd, c.job_id);
   } else {
     config.membership = make_membership_store(c.store, c.job_id);
-    config.watch_membership = make_membership_store(connect_store(launch.store_url, c.secret, c.timeout), c.job_id);
+    config.watch_membership = make_membership_store(connect_store(launch.store_url, c.secret, c.timeout, c.tls), c.job_id);
   }
   config.worker_id = std::uint64_t(env::get_int(env::kWorkerId, env::get_int(env::kRank, 0, 0, 1 << 30), 0, INT64_MAX));
   if (auto path = env::get(env::kCheckpoint)) config.checkpoint_path = *path;

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "base/env.hpp"
+#include "base/launcher_env.hpp"
 #include "base/log.hpp"
 #include "base/thread.hpp"
 
@@ -77,8 +78,8 @@ std::unique_ptr<MetricsPublisher> MetricsPublisher::from_env(int rank) {
     return nullptr;
   }
   const auto interval = env::get_seconds(env::kMetricsInterval, std::chrono::milliseconds(1000));
-  auto store =
-      connect_store(url, env::get(env::kSecret).value_or(""), env::get_seconds(env::kTimeout, env::kDefaultTimeout));
+  auto store = connect_store(url, env::job_secret(env::process_lookup()),
+                             env::get_seconds(env::kTimeout, env::kDefaultTimeout), TlsOptions::from_env());
   return std::make_unique<MetricsPublisher>(std::move(store), env::get(env::kJobId).value_or("aikido"), rank, interval);
 }
 

@@ -118,6 +118,7 @@ void tune_data_socket(transport::Socket& socket, const PeerConfig& config) {
 void accept_all(const PeerConfig& config, std::vector<transport::Listener*> listeners,
                 std::vector<transport::Socket>& sockets, Clock::time_point deadline) {
   int expected = config.size - 1 - config.rank;
+  const auto tls = transport::TlsContext::shared(config.tls, config.secret);
   while (expected > 0) {
     if (config.cancel && config.cancel()) detail::throw_cancelled(config);
     if (Clock::now() >= deadline) {
@@ -141,7 +142,8 @@ void accept_all(const PeerConfig& config, std::vector<transport::Listener*> list
       try {
         const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
         auto result = transport::handshake_accept(s, config.secret, transport::Channel::data, config.cluster_version,
-                                                  config.rank, std::max(remaining, std::chrono::milliseconds(1)));
+                                                  config.rank, std::max(remaining, std::chrono::milliseconds(1)),
+                                                  tls.get());
         const int p = result.peer_rank;
         if (p <= config.rank || p >= config.size || sockets[std::size_t(p)].valid()) {
           log::warn("rank ", config.rank, ": refused a connection claiming rank ", p);
@@ -325,6 +327,7 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
       int(std::count(info.host_of_rank.begin(), info.host_of_rank.end(), info.host_of_rank[std::size_t(config.rank)]));
 
   std::vector<transport::Socket> sockets(std::size_t(config.size));
+  const auto tls = transport::TlsContext::shared(config.tls, config.secret);
   auto acceptor = std::async(std::launch::async, [&] { accept_all(config, listeners, sockets, deadline); });
   std::exception_ptr connect_error;
   try {
@@ -340,7 +343,8 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
           detail::connect_unless_cancelled(config, Address::parse(use_unix ? e.unix_path : e.tcp), deadline);
       const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
       auto result = transport::handshake_connect(s, config.secret, transport::Channel::data, config.cluster_version,
-                                                 config.rank, std::max(remaining, std::chrono::milliseconds(1)));
+                                                 config.rank, std::max(remaining, std::chrono::milliseconds(1)),
+                                                 tls.get());
       if (result.peer_rank != p) {
         throw ProtocolError(str_cat("rank ", config.rank, " connected to the address of rank ", p, " but rank ",
                                     result.peer_rank, " answered"));

@@ -53,6 +53,7 @@ void read_peer_env(PeerConfig& config) {
   env::check_environment();  // every AIKIDO_* setting, also those read later or elsewhere (log level, metrics)
   if (auto host = env::get(env::kHost)) config.host = *host;
   config.secret = env::job_secret(env::process_lookup());
+  config.tls = TlsOptions::from_env();
   if (auto job = env::get(env::kJobId)) config.job_id = *job;
   if (auto t = env::get(env::kTopology)) config.topology = parse_topology(*t);
   if (auto t = env::get(env::kTransport)) config.transport = parse_transport(*t);
@@ -120,7 +121,7 @@ PeerConfig peer_config_from_env(env::LaunchInfo& launch) {
   if (launch.rank0_serves_store && launch.rank == 0) {
     const std::string bind_host = store_bind_host(launch);
     try {
-      config.store = serve_store(bind_host, launch.master_port, config.secret);
+      config.store = serve_store(bind_host, launch.master_port, config.secret, config.tls);
     } catch (const Error& e) {
       throw ConfigError(str_cat("rank 0 cannot serve the job's store on ", bind_host, ":", launch.master_port, " (",
                                 launch.store_url, "): ", e.what(),
@@ -128,7 +129,8 @@ PeerConfig peer_config_from_env(env::LaunchInfo& launch) {
                                 env::kStorePort, " (or MASTER_PORT), the same for every worker"));
     }
   } else {
-    config.store = connect_store(launch.store_url, config.secret, env::get_seconds(env::kStoreTimeout, config.timeout));
+    config.store = connect_store(launch.store_url, config.secret, env::get_seconds(env::kStoreTimeout, config.timeout),
+                                 config.tls);
   }
   return config;
 }

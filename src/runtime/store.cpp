@@ -71,7 +71,7 @@ constexpr std::chrono::milliseconds kLongestRetry{500};
 // Kubernetes pod's DNS record appears once the pod runs) and a host that is not reachable yet. connect_tcp_store
 // itself retries refused connections (rank 0 not listening yet) until the deadline.
 std::shared_ptr<Store> connect_tcp_url(const std::string& url, const std::string& secret,
-                                       std::chrono::milliseconds timeout) {
+                                       std::chrono::milliseconds timeout, const TlsOptions& tls = {}) {
   const std::string address = url.substr(url.find("://") + 3);
   const transport::Address parsed = transport::Address::parse(address);
   if (parsed.kind != transport::Address::Kind::tcp || parsed.port == 0) {
@@ -86,7 +86,7 @@ std::shared_ptr<Store> connect_tcp_url(const std::string& url, const std::string
     } else {
       const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
       try {
-        return connect_tcp_store(address, secret, std::max(remaining, std::chrono::milliseconds(1)));
+        return connect_tcp_store(address, secret, std::max(remaining, std::chrono::milliseconds(1)), tls);
       } catch (const PeerLostError& e) {  // no route to the host yet, or a connection reset while it starts
         why = e.what();
       }
@@ -107,7 +107,10 @@ struct SchemeTable {
 };
 
 SchemeTable& scheme_table() {
-  static SchemeTable table{{}, {{"tcp", connect_tcp_url}}};
+  static SchemeTable table{{}, {{"tcp", [](const std::string& url, const std::string& secret,
+                                          std::chrono::milliseconds timeout) {
+                                   return connect_tcp_url(url, secret, timeout);
+                                 }}}};
   return table;
 }
 
@@ -140,13 +143,14 @@ std::vector<std::string> store_schemes() {
 }
 
 std::shared_ptr<Store> connect_store(const std::string& url, const std::string& secret,
-                                     std::chrono::milliseconds timeout) {
+                                     std::chrono::milliseconds timeout, const TlsOptions& tls) {
   if (timeout.count() <= 0) throw ConfigError("the store timeout must be positive");
   const auto sep = url.find("://");
   const std::string scheme = sep == std::string::npos ? "" : url.substr(0, sep);
   if (!valid_scheme(scheme) || sep + 3 >= url.size()) {
     throw ConfigError(str_cat("store URL '", url, "' is not SCHEME://ADDRESS, such as tcp://HOST:PORT"));
   }
+  if (scheme == "tcp" && tls.enabled) return connect_tcp_url(url, secret, timeout, tls);
   StoreConnector connector;
   {
     SchemeTable& table = scheme_table();

@@ -54,7 +54,8 @@ bool client_closed(const transport::Socket& socket) {
 
 }  // namespace
 
-StoreServer::StoreServer(std::string bind_host, int port, std::string secret) : secret_(std::move(secret)) {
+StoreServer::StoreServer(std::string bind_host, int port, std::string secret, const TlsOptions& tls)
+    : secret_(std::move(secret)), tls_(transport::TlsContext::shared(tls, secret_)) {
   if (secret_.empty()) throw ConfigError("the rendezvous store needs a non-empty job secret");
   if (port < 0 || port > 65535) throw ConfigError(str_cat("store port ", port, " is not in [0, 65535]"));
   listener_ = transport::Listener::bind_tcp(bind_host, port);
@@ -201,7 +202,8 @@ void StoreServer::reap_finished_connections() {
 
 void StoreServer::serve(Connection& connection) {
   try {
-    transport::handshake_accept(connection.socket, secret_, transport::Channel::store, 0, -1, kHandshakeTimeout);
+    transport::handshake_accept(connection.socket, secret_, transport::Channel::store, 0, -1, kHandshakeTimeout,
+                                tls_.get());
     serve_requests(connection.socket);
   } catch (const AuthError& e) {
     log::warn("rendezvous store: refused a connection: ", e.what());
@@ -330,8 +332,8 @@ namespace {
 // The handle serve_store() returns: the in-process store, and the server it belongs to.
 class ServedStore final : public Store {
  public:
-  ServedStore(const std::string& bind_host, int port, const std::string& secret)
-      : server_(bind_host, port, secret), local_(server_.local_store()) {}
+  ServedStore(const std::string& bind_host, int port, const std::string& secret, const TlsOptions& tls)
+      : server_(bind_host, port, secret, tls), local_(server_.local_store()) {}
   ~ServedStore() override { server_.stop(); }
 
   void set(const std::string& key, const std::string& value) override { local_->set(key, value); }
@@ -351,8 +353,9 @@ class ServedStore final : public Store {
 
 }  // namespace
 
-std::shared_ptr<Store> serve_store(const std::string& bind_host, int port, const std::string& secret) {
-  return std::make_shared<ServedStore>(bind_host, port, secret);
+std::shared_ptr<Store> serve_store(const std::string& bind_host, int port, const std::string& secret,
+                                   const TlsOptions& tls) {
+  return std::make_shared<ServedStore>(bind_host, port, secret, tls);
 }
 
 }  // namespace aikido::detail

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "transport/socket.hpp"
+#include "transport/tls.hpp"
 
 namespace aikido {
 class Store;
@@ -39,8 +40,9 @@ class StoreServer {
   /// Upper bound on simultaneous connections; further connections are closed at once.
   static constexpr std::size_t kMaxConnections = 4096;
 
-  /// Binds to `bind_host`:`port` (port 0: any free port). Throws aikido::Error when the address cannot be bound.
-  StoreServer(std::string bind_host, int port, std::string secret);
+  /// Binds to `bind_host`:`port` (port 0: any free port). Throws aikido::Error when the address cannot be bound,
+  /// ConfigError for TLS options that cannot be used. With `tls` enabled every client must use TLS.
+  StoreServer(std::string bind_host, int port, std::string secret, const TlsOptions& tls = {});
   ~StoreServer();
   StoreServer(const StoreServer&) = delete;
   StoreServer& operator=(const StoreServer&) = delete;
@@ -74,6 +76,7 @@ class StoreServer {
   std::string handle_cas(const std::string& key, const std::optional<std::string>& expected, std::string desired);
 
   const std::string secret_;
+  const std::shared_ptr<const transport::TlsContext> tls_;  // null: plain
   transport::Listener listener_;
   std::string address_;  // "host:port", fixed at construction
   int wake_fd_ = -1;     // eventfd that wakes the accept loop on stop()
@@ -101,6 +104,7 @@ namespace aikido::detail {
 /// every client's connection) when the last one goes. Rank 0 of a job started by another launcher keeps its handle in
 /// PeerConfig::store, so the store lives as long as rank 0's Peer (and anything else holding its config, such as an
 /// ElasticSession); other ranks only need it while they join. Throws aikido::Error when the address cannot be bound.
-std::shared_ptr<Store> serve_store(const std::string& bind_host, int port, const std::string& secret);
+std::shared_ptr<Store> serve_store(const std::string& bind_host, int port, const std::string& secret,
+                                   const TlsOptions& tls = {});
 
 }  // namespace aikido::detail

@@ -79,8 +79,9 @@ std::vector<int> first_ranks(const std::vector<int>& host_of_rank) {
 
 Socket connect_to(const PeerConfig& config, const Endpoint& endpoint, int peer, Clock::time_point deadline) {
   Socket s = connect_unless_cancelled(config, transport::Address::parse(endpoint.tcp), deadline);
-  const auto result = transport::handshake_connect(s, config.secret, transport::Channel::data, config.cluster_version,
-                                                   config.rank, left(deadline));
+  const auto result =
+      transport::handshake_connect(s, config.secret, transport::Channel::data, config.cluster_version, config.rank,
+                                   left(deadline), transport::TlsContext::shared(config.tls, config.secret).get());
   if (result.peer_rank != peer) {
     throw ProtocolError(str_cat("rank ", config.rank, " connected to the address of rank ", peer, " but rank ",
                                 result.peer_rank, " answered"));
@@ -104,8 +105,9 @@ std::vector<std::pair<int, Socket>> accept_some(const PeerConfig& config, transp
     Socket s = tcp.try_accept(std::min(deadline, Clock::now() + std::chrono::milliseconds(100)));
     if (!s.valid()) continue;
     try {
-      const auto result = transport::handshake_accept(s, config.secret, transport::Channel::data,
-                                                      config.cluster_version, config.rank, left(deadline));
+      const auto result =
+          transport::handshake_accept(s, config.secret, transport::Channel::data, config.cluster_version, config.rank,
+                                      left(deadline), transport::TlsContext::shared(config.tls, config.secret).get());
       if (!wanted(result.peer_rank)) {
         log::warn("rank ", config.rank, ": refused a stream claiming rank ", result.peer_rank);
         continue;

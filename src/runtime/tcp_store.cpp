@@ -40,8 +40,11 @@ using detail::str_cat;
 
 class TcpStore final : public Store {
  public:
-  TcpStore(std::string address, std::string secret, std::chrono::milliseconds timeout)
-      : text_(std::move(address)), secret_(std::move(secret)), timeout_(timeout) {
+  TcpStore(std::string address, std::string secret, std::chrono::milliseconds timeout, const TlsOptions& tls)
+      : text_(std::move(address)),
+        secret_(std::move(secret)),
+        timeout_(timeout),
+        tls_(transport::TlsContext::shared(tls, secret_)) {
     if (timeout_.count() <= 0) throw ConfigError("the store timeout must be positive");
     address_ = transport::Address::parse(text_);
     std::lock_guard<std::mutex> lock(mutex_);
@@ -124,7 +127,7 @@ class TcpStore final : public Store {
     const std::string context = str_cat("cannot open a connection to the rendezvous store at ", text_, ": ");
     try {
       transport::Socket socket = transport::connect(address_, transport::Clock::now() + timeout_);
-      transport::handshake_connect(socket, secret_, transport::Channel::store, 0, -1, timeout_);
+      transport::handshake_connect(socket, secret_, transport::Channel::store, 0, -1, timeout_, tls_.get());
       socket_ = std::move(socket);
     } catch (const AuthError& e) {
       throw AuthError(str_cat(context, e.what(),
@@ -159,6 +162,7 @@ class TcpStore final : public Store {
   const std::string text_;
   const std::string secret_;
   const std::chrono::milliseconds timeout_;
+  const std::shared_ptr<const transport::TlsContext> tls_;  // null: plain
   std::mutex mutex_;
   transport::Socket socket_;
 };
@@ -166,8 +170,8 @@ class TcpStore final : public Store {
 }  // namespace
 
 std::shared_ptr<Store> connect_tcp_store(const std::string& address, const std::string& secret,
-                                         std::chrono::milliseconds timeout) {
-  return std::make_shared<TcpStore>(address, secret, timeout);
+                                         std::chrono::milliseconds timeout, const TlsOptions& tls) {
+  return std::make_shared<TcpStore>(address, secret, timeout, tls);
 }
 
 }  // namespace aikido

@@ -177,7 +177,10 @@ void ReceiveGate::wait_for_frames(const std::vector<Connection*>& connections, s
                                   const std::function<bool()>& stop) {
   std::vector<pollfd> fds;
   fds.reserve(connections.size() + 1);
-  for (Connection* c : connections) fds.push_back(pollfd{c->fd(), POLLIN, 0});
+  for (Connection* c : connections) {
+    if (c->has_buffered()) return;  // TLS holds decrypted bytes the descriptor does not show
+    fds.push_back(pollfd{c->fd(), POLLIN, 0});
+  }
   fds.push_back(pollfd{wake_fd_, POLLIN, 0});
   holder_asleep_.store(true, std::memory_order_seq_cst);
   if (!stop()) {
@@ -422,6 +425,7 @@ void Connection::receive_loop() {
     // Wait for a frame, or for a thread taking the gate (then park: frames arriving for it must not wake us). The
     // wait is bounded: a holder that handed the gate back from inside a handler may leave frames it read ahead in
     // read_buffer_, and the socket then stays quiet (look again at least every kLookAgain).
+    if (socket_.has_buffered()) continue;  // TLS holds decrypted bytes the descriptor does not show
     if (!gate_->begin_poll()) continue;
     pollfd fds[2] = {{socket_.fd(), POLLIN, 0}, {gate_->held_fd(), POLLIN, 0}};
     ::poll(fds, 2, int(kLookAgain.count()));

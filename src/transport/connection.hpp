@@ -155,6 +155,8 @@ class Connection {
   /// False once the connection's reading ended (on_lost was called or is being called).
   bool receiving() const { return !reading_ended_.load(std::memory_order_acquire); }
   int fd() const { return socket_.fd(); }
+  /// Received bytes wait inside TLS, where polling fd() does not show them.
+  bool has_buffered() const { return socket_.has_buffered(); }
   /// Reads payload bytes of the current frame; only from FrameHandler::on_frame.
   void read_payload(void* data, std::size_t size) { read_bytes(data, size); }
   void discard_payload(std::size_t size);

@@ -1,5 +1,9 @@
 #include "transport/handshake.hpp"
 
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <cerrno>
 #include <cstring>
 #include <vector>
 
@@ -17,7 +21,7 @@ constexpr std::uint32_t kChallengeMagic = 0x41494b43;  // "AIKC"
 constexpr std::uint32_t kVerdictMagic = 0x41494b56;    // "AIKV"
 constexpr std::uint16_t kProtocol = 1;
 
-enum Status : std::uint8_t { kOk = 0, kWrongVersion = 1, kWrongChannel = 2, kBadProof = 3 };
+enum Status : std::uint8_t { kOk = 0, kWrongVersion = 1, kWrongChannel = 2, kBadProof = 3, kTlsRequired = 4 };
 
 #pragma pack(push, 1)
 struct Hello {
@@ -78,10 +82,42 @@ const char* channel_name(std::uint8_t c) {
 // The challenge's MAC covers everything in it except the MAC itself.
 constexpr std::size_t kChallengeSigned = offsetof(Challenge, mac);
 
+// A TLS connection starts with a handshake record (content type 22).
+constexpr std::uint8_t kTlsHandshakeRecord = 0x16;
+
+constexpr const char* kSameTlsSetting =
+    "every worker, aikido-run and aikido-ctl of a job need the same TLS setting (--tls / AIKIDO_TLS=1)";
+
+bool is_tcp(const Socket& socket) {
+  int domain = 0;
+  socklen_t len = sizeof domain;
+  return ::getsockopt(socket.fd(), SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && domain != AF_UNIX;
+}
+
+// The first byte the connector sent, left in the socket; waits for it until `timeout`.
+std::uint8_t peek_first_byte(Socket& socket, std::chrono::milliseconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  for (;;) {
+    std::uint8_t byte = 0;
+    const ssize_t n = ::recv(socket.fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n == 1) return byte;
+    if (n == 0) throw PeerLostError("connection closed by the other side before its hello");
+    if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+      throw PeerLostError(str_cat("connection failed before its hello: ", std::strerror(errno)));
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    if (left <= 0) throw TimeoutError("no hello arrived in time");
+    pollfd pfd{socket.fd(), POLLIN, 0};
+    ::poll(&pfd, 1, int(left));
+  }
+}
+
 }  // namespace
 
 HandshakeResult handshake_connect(Socket& socket, const std::string& secret, Channel channel,
-                                  std::uint64_t cluster_version, int rank, std::chrono::milliseconds timeout) {
+                                  std::uint64_t cluster_version, int rank, std::chrono::milliseconds timeout,
+                                  const TlsContext* tls) {
+  if (tls != nullptr && is_tcp(socket)) start_tls(socket, *tls, TlsRole::client, Clock::now() + timeout);
   socket.set_timeout(timeout);
   Hello hello{};
   hello.magic = kHelloMagic;
@@ -98,6 +134,10 @@ HandshakeResult handshake_connect(Socket& socket, const std::string& secret, Cha
   if (challenge.status == kWrongVersion) {
     throw ProtocolError(str_cat("connection refused: this side is at cluster version ", cluster_version,
                                 ", the other side at ", challenge.cluster_version));
+  }
+  if (challenge.status == kTlsRequired) {
+    throw ProtocolError(str_cat("connection refused: the other side requires TLS and this side does not use it; ",
+                                kSameTlsSetting));
   }
   if (challenge.status == kWrongChannel) {
     throw ProtocolError(str_cat("connection refused: the endpoint does not serve the ",
@@ -122,10 +162,23 @@ HandshakeResult handshake_connect(Socket& socket, const std::string& secret, Cha
 }
 
 HandshakeResult handshake_accept(Socket& socket, const std::string& secret, Channel channel,
-                                 std::uint64_t cluster_version, int rank, std::chrono::milliseconds timeout) {
+                                 std::uint64_t cluster_version, int rank, std::chrono::milliseconds timeout,
+                                 const TlsContext* tls) {
+  const bool use_tls = tls != nullptr && is_tcp(socket);
+  bool plain_to_tls = false;  // a connector without TLS reached this TLS endpoint: tell it why it is refused
+  if (use_tls) {
+    if (peek_first_byte(socket, timeout) == kTlsHandshakeRecord) {
+      start_tls(socket, *tls, TlsRole::server, Clock::now() + timeout);
+    } else {
+      plain_to_tls = true;
+    }
+  }
   socket.set_timeout(timeout);
   Hello hello{};
   socket.read_exact(&hello, sizeof hello);
+  if (!use_tls && is_tcp(socket) && reinterpret_cast<const std::uint8_t*>(&hello)[0] == kTlsHandshakeRecord) {
+    throw ProtocolError(str_cat("refused a connection that speaks TLS: this side does not use it; ", kSameTlsSetting));
+  }
   if (hello.magic != kHelloMagic || hello.protocol != kProtocol) {
     throw ProtocolError("refused a connection that did not start with an Aikido hello");
   }
@@ -133,6 +186,12 @@ HandshakeResult handshake_accept(Socket& socket, const std::string& secret, Chan
   challenge.magic = kChallengeMagic;
   challenge.rank = rank;
   challenge.cluster_version = cluster_version;
+  if (plain_to_tls) {
+    challenge.status = kTlsRequired;
+    socket.write_all(&challenge, sizeof challenge);
+    throw ProtocolError(str_cat("refused a connection", hello.rank >= 0 ? str_cat(" from rank ", hello.rank) : "",
+                                " without TLS: this side requires it; ", kSameTlsSetting));
+  }
   if (hello.channel != std::uint8_t(channel)) {
     challenge.status = kWrongChannel;
     socket.write_all(&challenge, sizeof challenge);

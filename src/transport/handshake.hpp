@@ -15,6 +15,7 @@
 #include <string>
 
 #include "transport/socket.hpp"
+#include "transport/tls.hpp"
 
 namespace aikido::transport {
 
@@ -28,12 +29,16 @@ struct HandshakeResult {
 
 /// Runs the connector's side. Throws AuthError when the acceptor cannot prove the secret or refuses ours,
 /// ProtocolError naming both versions when the acceptor is at another cluster version, TimeoutError past `timeout`.
+/// With `tls` (and a TCP socket) the TLS handshake runs first and everything after it is encrypted; a side without
+/// TLS and a side with it refuse each other with a ProtocolError that says so.
 HandshakeResult handshake_connect(Socket& socket, const std::string& secret, Channel channel,
-                                  std::uint64_t cluster_version, int rank, std::chrono::milliseconds timeout);
+                                  std::uint64_t cluster_version, int rank, std::chrono::milliseconds timeout,
+                                  const TlsContext* tls = nullptr);
 
-/// Runs the acceptor's side. Throws AuthError, ProtocolError (bad magic, wrong channel, other cluster version) or
-/// TimeoutError; the caller then closes the socket.
+/// Runs the acceptor's side. Throws AuthError, ProtocolError (bad magic, wrong channel, other cluster version, TLS
+/// on one side only) or TimeoutError; the caller then closes the socket. `tls` as for handshake_connect.
 HandshakeResult handshake_accept(Socket& socket, const std::string& secret, Channel channel,
-                                 std::uint64_t cluster_version, int rank, std::chrono::milliseconds timeout);
+                                 std::uint64_t cluster_version, int rank, std::chrono::milliseconds timeout,
+                                 const TlsContext* tls = nullptr);
 
 }  // namespace aikido::transport

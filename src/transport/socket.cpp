@@ -12,12 +12,47 @@
 #include <cerrno>
 #include <cstring>
 #include <thread>
+#include <vector>
 
 #include "base/error.hpp"
+#include "transport/tls.hpp"
 
 namespace aikido::transport {
 
 using detail::str_cat;
+
+namespace {
+
+// Drops the first `n` bytes of `iov` (advancing it and `count` past buffers that are done).
+void consume(iovec*& iov, int& count, std::size_t n) {
+  while (count > 0 && (n > 0 || iov->iov_len == 0)) {
+    const std::size_t take = std::min(n, iov->iov_len);
+    iov->iov_base = static_cast<char*>(iov->iov_base) + take;
+    iov->iov_len -= take;
+    n -= take;
+    if (iov->iov_len == 0) {
+      ++iov;
+      --count;
+    }
+  }
+}
+
+// One TLS write of the buffers' first bytes. Small buffers (a frame's header and name) are gathered with what follows
+// into one slice, so that they do not each become a record; the same buffers always give the same slice, as a
+// repeated write must.
+std::size_t write_tls(TlsStream& tls, const iovec* iov, int count, bool wait, std::chrono::milliseconds timeout) {
+  if (count == 1 || iov[0].iov_len >= kTlsWriteSlice) return tls.write(iov[0].iov_base, iov[0].iov_len, wait, timeout);
+  thread_local std::vector<char> gather(kTlsWriteSlice);
+  std::size_t size = 0;
+  for (int i = 0; i < count && size < gather.size(); ++i) {
+    const std::size_t take = std::min(iov[i].iov_len, gather.size() - size);
+    std::memcpy(gather.data() + size, iov[i].iov_base, take);
+    size += take;
+  }
+  return tls.write(gather.data(), size, wait, timeout);
+}
+
+}  // namespace
 
 std::string Address::to_string() const {
   if (kind == Kind::tcp) return str_cat("tcp:", host, ":", port);
@@ -49,18 +84,32 @@ Address Address::parse(const std::string& text) {
   return a;
 }
 
+Socket::Socket() = default;
+Socket::Socket(int fd) : fd_(fd) {}
+Socket::Socket(Socket&& other) noexcept
+    : fd_(other.fd_), tls_(std::move(other.tls_)), timeout_(other.timeout_) {
+  other.fd_ = -1;
+}
+
 Socket& Socket::operator=(Socket&& other) noexcept {
   if (this != &other) {
     close();
     fd_ = other.fd_;
     other.fd_ = -1;
+    tls_ = std::move(other.tls_);
+    timeout_ = other.timeout_;
   }
   return *this;
 }
 
 Socket::~Socket() { close(); }
 
+void Socket::attach_tls(std::unique_ptr<TlsStream> tls) { tls_ = std::move(tls); }
+
+bool Socket::has_buffered() const { return tls_ != nullptr && tls_->has_buffered(); }
+
 void Socket::close() {
+  tls_.reset();
   if (fd_ >= 0) {
     ::close(fd_);
     fd_ = -1;
@@ -73,6 +122,14 @@ void Socket::shutdown() {
 
 void Socket::read_exact(void* data, std::size_t size) {
   auto* p = static_cast<char*>(data);
+  if (tls_) {
+    while (size > 0) {
+      const std::size_t n = tls_->read(p, size, true, timeout_);
+      p += n;
+      size -= n;
+    }
+    return;
+  }
   while (size > 0) {
     const ssize_t n = ::recv(fd_, p, size, 0);
     if (n > 0) {
@@ -88,6 +145,7 @@ void Socket::read_exact(void* data, std::size_t size) {
 }
 
 std::size_t Socket::try_read(void* data, std::size_t size) {
+  if (tls_) return tls_->read(data, size, false, timeout_);
   for (;;) {
     const ssize_t n = ::recv(fd_, data, size, MSG_DONTWAIT);
     if (n > 0) return std::size_t(n);
@@ -99,6 +157,7 @@ std::size_t Socket::try_read(void* data, std::size_t size) {
 }
 
 std::size_t Socket::read_some(void* data, std::size_t size) {
+  if (tls_) return tls_->read(data, size, true, timeout_);
   for (;;) {
     const ssize_t n = ::recv(fd_, data, size, 0);
     if (n > 0) return std::size_t(n);
@@ -115,6 +174,13 @@ void Socket::write_all(const void* data, std::size_t size) {
 }
 
 void Socket::writev_all(iovec* iov, int count) {
+  if (tls_) {
+    while (count > 0) {
+      const std::size_t n = write_tls(*tls_, iov, count, true, timeout_);
+      consume(iov, count, n);
+    }
+    return;
+  }
   while (count > 0) {
     if (iov->iov_len == 0) {
       ++iov;
@@ -130,20 +196,25 @@ void Socket::writev_all(iovec* iov, int count) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) throw TimeoutError("timed out writing to connection");
       throw PeerLostError(str_cat("connection failed while writing: ", std::strerror(errno)));
     }
-    while (n > 0 && count > 0) {
-      const std::size_t take = std::min<std::size_t>(std::size_t(n), iov->iov_len);
-      iov->iov_base = static_cast<char*>(iov->iov_base) + take;
-      iov->iov_len -= take;
-      n -= ssize_t(take);
-      if (iov->iov_len == 0) {
-        ++iov;
-        --count;
-      }
-    }
+    consume(iov, count, std::size_t(n));
   }
 }
 
 std::size_t Socket::try_writev(iovec* iov, int count) {
+  if (tls_) {
+    // Slice after slice until the kernel takes no more; `iov` is the caller's, so walk a copy.
+    std::vector<iovec> rest(iov, iov + count);
+    iovec* p = rest.data();
+    int left = count;
+    std::size_t total = 0;
+    while (left > 0) {
+      const std::size_t n = write_tls(*tls_, p, left, false, timeout_);
+      if (n == 0) break;
+      total += n;
+      consume(p, left, n);
+    }
+    return total;
+  }
   msghdr msg{};
   msg.msg_iov = iov;
   msg.msg_iovlen = std::size_t(count);
@@ -157,6 +228,7 @@ std::size_t Socket::try_writev(iovec* iov, int count) {
 }
 
 void Socket::set_timeout(std::chrono::milliseconds timeout) {
+  timeout_ = timeout;
   timeval tv{};
   tv.tv_sec = timeout.count() / 1000;
   tv.tv_usec = (timeout.count() % 1000) * 1000;

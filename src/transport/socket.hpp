@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 namespace aikido::transport {
@@ -24,12 +25,15 @@ struct Address {
   static Address parse(const std::string& text);
 };
 
+class TlsStream;
+
 /// An owned, connected stream socket. Reads and writes block; a closed or reset connection throws PeerLostError.
+/// After start_tls() (transport/tls.hpp) every read and write goes through TLS, with the same meaning.
 class Socket {
  public:
-  Socket() = default;
-  explicit Socket(int fd) : fd_(fd) {}
-  Socket(Socket&& other) noexcept : fd_(other.fd_) { other.fd_ = -1; }
+  Socket();
+  explicit Socket(int fd);
+  Socket(Socket&& other) noexcept;
   Socket& operator=(Socket&& other) noexcept;
   Socket(const Socket&) = delete;
   Socket& operator=(const Socket&) = delete;
@@ -59,8 +63,18 @@ class Socket {
   void shutdown();
   void close();
 
+  /// From start_tls(): reads and writes go through `tls` from now on.
+  void attach_tls(std::unique_ptr<TlsStream> tls);
+  /// The TLS state, or nullptr for a plain socket.
+  TlsStream* tls() const { return tls_.get(); }
+  /// Bytes already received and decrypted wait inside TLS, so polling the descriptor may not show them: read
+  /// before waiting. Always false for a plain socket.
+  bool has_buffered() const;
+
  private:
   int fd_ = -1;
+  std::unique_ptr<TlsStream> tls_;
+  std::chrono::milliseconds timeout_{0};  // set_timeout(), for TLS (a plain socket has it in the kernel)
 };
 
 /// A listening socket bound to an address; port 0 (tcp) picks a free port.

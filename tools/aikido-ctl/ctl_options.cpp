@@ -77,9 +77,21 @@ std::map<std::string, std::string> read_key_values(const std::string& text, char
 
 Control parse_control(const std::string& text, const std::string& path) {
   auto values = read_key_values(text, '\n');
-  Control c{values["store"], values["secret"], values["job"]};
+  Control c{values["store"], values["secret"], values["job"], {}};
   if (c.store.empty() || c.secret.empty() || c.job.empty()) {
     throw ConfigError("the control file '" + path + "' lacks store=, secret= or job=");
+  }
+  const std::string tls = values["tls"];
+  if (!tls.empty() && tls != "0" && tls != "1") {
+    throw ConfigError("the control file '" + path + "' has tls=" + tls + "; it must be 0 or 1");
+  }
+  c.tls.enabled = tls == "1";
+  c.tls.cert_file = values["tls_cert"];
+  c.tls.key_file = values["tls_key"];
+  c.tls.ca_file = values["tls_ca"];
+  const int files = int(!c.tls.cert_file.empty()) + int(!c.tls.key_file.empty()) + int(!c.tls.ca_file.empty());
+  if (files != 0 && files != 3) {
+    throw ConfigError("the control file '" + path + "' names some but not all of tls_cert=, tls_key= and tls_ca=");
   }
   return c;
 }

@@ -136,7 +136,7 @@ int main(int argc, char** argv) {
     std::shared_ptr<aikido::MembershipStore> membership;
     Control control;
     if (!store_url.empty()) {
-      control = {store_url, read_secret(secret_file), job_id};
+      control = {store_url, read_secret(secret_file), job_id, {}};
       const aikido::EtcdOptions etcd = aikido::etcd_options_from_env(store_url, kTimeout);
       aikido::elastic::EtcdClient client(etcd);
       if (client.range(job_id + "/secret-check").kvs.empty()) {
@@ -147,7 +147,7 @@ int main(int argc, char** argv) {
       membership = aikido::make_etcd_membership(etcd, job_id);
     } else {
       control = read_control_file(control_file);
-      store = aikido::connect_tcp_store(control.store, control.secret, std::chrono::milliseconds(kTimeout));
+      store = aikido::connect_tcp_store(control.store, control.secret, std::chrono::milliseconds(kTimeout), control.tls);
       membership = aikido::make_membership_store(store, control.job);
     }
     return options.command == "status" ? status(*store, *membership, control)

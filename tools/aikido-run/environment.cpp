@@ -45,6 +45,13 @@ std::vector<std::pair<std::string, std::string>> flag_settings(const Options& op
   if (options.transport) settings.emplace_back(env::kTransport, *options.transport);
   if (options.segment_bytes) settings.emplace_back(env::kSegmentBytes, *options.segment_bytes);
   if (options.streams) settings.emplace_back(env::kStreams, *options.streams);
+  // TLS as aikido-run resolved it (flags over its environment): always set, so that workers agree with the store.
+  settings.emplace_back(env::kTls, options.tls.enabled ? "1" : "0");
+  if (!options.tls.cert_file.empty()) {
+    settings.emplace_back(env::kTlsCert, options.tls.cert_file);
+    settings.emplace_back(env::kTlsKey, options.tls.key_file);
+    settings.emplace_back(env::kTlsCa, options.tls.ca_file);
+  }
   // Across hosts every worker publishes: the aikido-run of any host (the one given --dashboard, say) shows them all.
   if (options.metrics_port || options.metrics_file || options.dashboard_port || options.across_hosts()) {
     settings.emplace_back(env::kMetricsInterval, std::to_string(options.metrics_interval));
@@ -55,6 +62,7 @@ std::vector<std::pair<std::string, std::string>> flag_settings(const Options& op
 std::set<std::string> replaced_settings(const Options& options) {
   std::set<std::string> replaced = set_by_launcher();
   for (const auto& [name, value] : flag_settings(options)) replaced.insert(name);
+  replaced.insert({env::kTlsCert, env::kTlsKey, env::kTlsCa});
   return replaced;
 }
 

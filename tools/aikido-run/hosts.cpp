@@ -190,10 +190,10 @@ int run_static_host_job(const Options& options, const std::string& secret, const
   std::optional<elastic::StoreServer> server;
   if (options.node_rank == 0 && (store_host == address || transport::route_address(store_host) == address)) {
     const auto port = transport::Address::parse(host_port).port;
-    server.emplace(address, port, secret);
+    server.emplace(address, port, secret, options.tls);
   }
   const auto patience = seconds_of(options.join_timeout_s);
-  auto store = connect_store(options.store, secret, patience);
+  auto store = connect_store(options.store, secret, patience, options.tls);
   const std::string host = host_id_of(options);
   const std::string prefix = options.job_id + "/hosts/";
   store->set(prefix + std::to_string(options.node_rank), str_cat(options.nproc_per_node, " ", host));
@@ -291,6 +291,12 @@ std::vector<std::string> passed_on_flags(const Options& options) {
                                     {"--store-credentials", &options.store_credentials}}) {
     if (!value->empty()) add(flag, absolute(*value));
   }
+  if (options.tls.enabled) flags.push_back("--tls");
+  if (!options.tls.cert_file.empty()) {
+    add("--tls-cert", options.tls.cert_file);
+    add("--tls-key", options.tls.key_file);
+    add("--tls-ca", options.tls.ca_file);
+  }
   if (options.restart) flags.push_back("--restart");
   if (options.restart) add("--max-restarts", std::to_string(options.max_restarts));
   if (options.elastic) add("--heartbeat-timeout", std::to_string(options.heartbeat_timeout_s));
@@ -349,7 +355,7 @@ int run_from_one_host(const Options& options) {
     // This aikido-run serves the job's store, on the address through which it reaches the first host.
     const std::string address = this_host_address(options, hosts.front().host);
     refuse_loopback(address, hosts.front().host);
-    server.emplace(address, 0, secret);
+    server.emplace(address, 0, secret, options.tls);
     store = "tcp://" + server->address();
     report("aikido-run: job " + job_id + ": store at " + store);
   }

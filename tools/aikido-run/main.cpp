@@ -49,14 +49,18 @@ Supervisor::Config supervisor_config(const Options& options, const JobObservers&
 
 // The control file tells aikido-ctl where the job's store is and proves it may talk to it: owner-only (0600).
 void write_control_file(const std::string& path, const std::string& address, const std::string& secret,
-                        const std::string& job_id) {
+                        const std::string& job_id, const TlsOptions& tls) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0 || ::fchmod(fd, 0600) != 0) {
     if (fd >= 0) ::close(fd);
     throw ConfigError("cannot write the control file '" + path + "': " + std::strerror(errno));
   }
   const std::string text = "# aikido-run control endpoint; keep it secret\nstore=" + address + "\nsecret=" + secret +
-                           "\njob=" + job_id + "\npid=" + std::to_string(::getpid()) + "\n";
+                           "\njob=" + job_id + "\npid=" + std::to_string(::getpid()) + "\ntls=" +
+                           (tls.enabled ? "1" : "0") + "\n" +
+                           (tls.cert_file.empty() ? std::string()
+                                                  : "tls_cert=" + tls.cert_file + "\ntls_key=" + tls.key_file +
+                                                        "\ntls_ca=" + tls.ca_file + "\n");
   const bool ok = write_fully(fd, text.data(), text.size());
   ::close(fd);
   if (!ok) throw ConfigError("cannot write the control file '" + path + "'");
@@ -71,7 +75,7 @@ int run_elastic_job(const Options& options, elastic::StoreServer& store, const s
   ElasticController::publish_first_version(options, *setup.membership, setup.host);
   setup.events = &observers.events();
   ElasticController controller(options, std::move(setup), job_id, job.shared);
-  if (!options.control_file.empty()) write_control_file(options.control_file, store.address(), secret, job_id);
+  if (!options.control_file.empty()) write_control_file(options.control_file, store.address(), secret, job_id, options.tls);
   Supervisor supervisor(supervisor_config(options, observers));
   supervisor.set_controller(&controller);
   const int status = supervisor.run(controller.initial_workers());
@@ -113,7 +117,7 @@ int run_job(const Options& options) {
 
   const std::string secret = random_hex(32);
   const std::string job_id = random_hex(6);
-  elastic::StoreServer store("127.0.0.1", 0, secret);
+  elastic::StoreServer store("127.0.0.1", 0, secret, options.tls);
   const JobEnvironment job = job_environment(options, store.address(), secret, job_id);
   JobObservers observers(options);
   observers.events().emit("job_started", {{"job", job_id},

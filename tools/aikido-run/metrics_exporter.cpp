@@ -153,7 +153,7 @@ MetricsExporter::MetricsExporter(Config config) : config_(std::move(config)) {
   json_.resize(config_.workers);
   const std::string url =
       config_.store_address.find("://") == std::string::npos ? "tcp://" + config_.store_address : config_.store_address;
-  store_ = connect_store(url, config_.secret, std::chrono::milliseconds(10'000));
+  store_ = connect_store(url, config_.secret, std::chrono::milliseconds(10'000), config_.tls);
   if (config_.elastic) {
     // Across hosts the membership is etcd's (one key and its watch); on one host, keys of aikido-run's store.
     membership_ = url.starts_with("etcd")

@@ -3,6 +3,8 @@
 // appends them to a file as JSON lines, and prints a summary per worker at the end.
 #pragma once
 
+#include <aikido/tls.hpp>
+
 #include <atomic>
 #include <functional>
 #include <memory>
@@ -39,6 +41,7 @@ class MetricsExporter {
     std::function<void(const nlohmann::json&)> on_record;
     /// Where the workers' policy decisions (TrainingMetrics::decisions) are recorded as "policy" events, once each.
     JobEvents* events = nullptr;
+    TlsOptions tls;  // of aikido-run's store
   };
   /// Binds the port and opens the file (UsageError-style aikido::ConfigError when it cannot), then starts polling.
   explicit MetricsExporter(Config config);

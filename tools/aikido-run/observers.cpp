@@ -58,6 +58,7 @@ void JobObservers::start_metrics(const std::string& store_address, const std::st
       store_address,        secret, job_id, workers, elastic, options_.metrics_interval, options_.metrics_port,
       options_.metrics_file};
   config.events = events_.get();
+  config.tls = options_.tls;
   if (dashboard_) config.on_record = [dashboard = dashboard_.get()](const nlohmann::json& r) { dashboard->add(r); };
   exporter_.emplace(std::move(config));
   // The file holds the job's events too, those before it was opened first: everything the dashboard shows.

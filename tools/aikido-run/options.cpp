@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <sstream>
 #include <string_view>
 
@@ -149,6 +150,30 @@ std::string readable_file(const std::string& flag, const std::string& value) {
     throw UsageError("aikido-run: " + flag + " " + value + ": cannot read it (" + std::strerror(errno) + ")");
   }
   return value;
+}
+
+// --tls and its files over AIKIDO_TLS and its files from aikido-run's environment; the files go together.
+TlsOptions resolve_tls(bool flag, const TlsOptions& files) {
+  TlsOptions tls;
+  try {
+    tls = TlsOptions::from_env();
+  } catch (const ConfigError& e) {
+    throw UsageError(std::string("aikido-run: ") + e.what());
+  }
+  const int given = int(!files.cert_file.empty()) + int(!files.key_file.empty()) + int(!files.ca_file.empty());
+  if (given != 0 && given != 3) {
+    throw UsageError(
+        "aikido-run: TLS with certificates of your own needs all of --tls-cert, --tls-key and --tls-ca (without "
+        "them, --tls derives one certificate from the job secret)");
+  }
+  if (given == 3) {
+    // Absolute, for workers started in another directory (and other hosts' launchers).
+    tls.cert_file = std::filesystem::absolute(files.cert_file).string();
+    tls.key_file = std::filesystem::absolute(files.key_file).string();
+    tls.ca_file = std::filesystem::absolute(files.ca_file).string();
+  }
+  tls.enabled = tls.enabled || flag || given == 3;
+  return tls;
 }
 
 // The timeouts, from the shortest to the longest (README, "Timeouts"): the heartbeat (a stopped worker is found by its
@@ -451,6 +476,8 @@ Options parse_options(int argc, char** argv) {
   bool have_np = false;
   bool heartbeat_given = false;
   bool max_restarts_given = false;
+  bool tls_flag = false;
+  TlsOptions tls_files;
   std::vector<std::string> elastic_flags;
   std::vector<std::string> host_flags;
   int i = 1;
@@ -477,9 +504,9 @@ Options parse_options(int argc, char** argv) {
       options.replay = readable_file(flag, value.value_or(""));
       continue;
     }
-    if (flag == "--elastic" || flag == "--restart") {
+    if (flag == "--elastic" || flag == "--restart" || flag == "--tls") {
       if (value) throw UsageError("aikido-run: option " + flag + " takes no value");
-      (flag == "--elastic" ? options.elastic : options.restart) = true;
+      (flag == "--elastic" ? options.elastic : flag == "--tls" ? tls_flag : options.restart) = true;
       continue;
     }
     const bool known =
@@ -494,7 +521,8 @@ Options parse_options(int argc, char** argv) {
         flag == "--host-timeout" || flag == "--secret-file" || flag == "--store-ca" || flag == "--store-cert" ||
         flag == "--store-key" || flag == "--store-credentials" || flag == "-H" || flag == "--hosts" ||
         flag == "--hostfile" || flag == "--launch-command" || flag == "--log-dir" || flag == "--ranks-filter" ||
-        flag == "--quiet-ranks" || flag == "--timeline" || flag == "--dashboard" || flag == "--dashboard-address";
+        flag == "--quiet-ranks" || flag == "--timeline" || flag == "--dashboard" || flag == "--dashboard-address" ||
+        flag == "--tls-cert" || flag == "--tls-key" || flag == "--tls-ca";
     if (!known) throw UsageError("aikido-run: unknown option '" + arg + "'; see aikido-run --help");
     if (!value) {
       if (i + 1 >= argc) throw UsageError("aikido-run: option " + flag + " needs a value; see aikido-run --help");
@@ -546,6 +574,12 @@ Options parse_options(int argc, char** argv) {
       options.store_cert = readable_file(flag, *value);
     } else if (flag == "--store-key") {
       options.store_key = readable_file(flag, *value);
+    } else if (flag == "--tls-cert") {
+      tls_files.cert_file = readable_file(flag, *value);
+    } else if (flag == "--tls-key") {
+      tls_files.key_file = readable_file(flag, *value);
+    } else if (flag == "--tls-ca") {
+      tls_files.ca_file = readable_file(flag, *value);
     } else if (flag == "--store-credentials") {
       options.store_credentials = readable_file(flag, *value);
     } else if (flag == "-H" || flag == "--hosts") {
@@ -671,6 +705,7 @@ Options parse_options(int argc, char** argv) {
                      std::to_string(options.np));
   }
   check_timeouts(options, heartbeat_given);
+  options.tls = resolve_tls(tls_flag, tls_files);
   if (i >= argc)
     throw UsageError("aikido-run: missing PROGRAM to run; usage: aikido-run -np N [options] PROGRAM [ARGS...]");
   options.program = argv[i];

@@ -1,6 +1,8 @@
 // Command line of aikido-run.
 #pragma once
 
+#include <aikido/tls.hpp>
+
 #include <optional>
 #include <set>
 #include <stdexcept>
@@ -91,6 +93,8 @@ struct Options {
   std::string store_cert;
   std::string store_key;
   std::string store_credentials;
+  /// TLS on every TCP connection of the job (--tls, --tls-cert, --tls-key, --tls-ca; else AIKIDO_TLS...).
+  TlsOptions tls;
   /// -H / --hostfile: start one launcher per host through --launch-command (ssh by default).
   std::string host_list;
   std::string hostfile;
