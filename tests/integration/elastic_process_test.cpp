@@ -10,10 +10,12 @@
 #include <cerrno>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <random>
 #include <regex>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -450,6 +452,49 @@ TEST(ElasticProcessTest, AikidoCtlShowsAndResizesTheJob) {
   const auto r = job.wait(kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 128 + SIGINT) << r.describe();
   EXPECT_FALSE(std::filesystem::exists(control)) << "aikido-run leaves its control file behind";
+  expect_equal_parameters(r.out);
+  expect_exact_epochs(r.out, -1);
+}
+
+TEST(ElasticProcessTest, AnElasticJobOverTlsGrowsThroughAikidoCtl) {
+  const std::string control = temp_path("aikido-ctl-tls");
+  // TCP between the workers, so that data connections and the store all run TLS.
+  Subprocess job(elastic_job({"-np", "2", "--max-np", "3", "--tls", "--transport", "tcp", "--control-file", control},
+                             {"--epochs", "1000", "--step-ms", "5", "--print-every", "2"}));
+  ASSERT_TRUE(job.wait_for_output(
+      [&](const std::string& out, const std::string&) { return current_cluster(out).step >= 4; }, 60s));
+  std::string text;
+  {
+    std::ifstream in(control);
+    text.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  EXPECT_NE(text.find("\ntls=1\n"), std::string::npos) << text;
+  auto resized = run_process({kCtl, "--control-file", control, "resize", "3"}, 30s);
+  ASSERT_TRUE(resized.exited && resized.exit_code == 0) << resized.describe();
+  ASSERT_TRUE(job.wait_for_output(
+      [&](const std::string& out, const std::string&) {
+        for (const auto& e : events(out, "epoch")) {
+          if (e["workers"] == "3") return true;
+        }
+        return false;
+      },
+      60s))
+      << job.wait(kBound).describe();
+  // aikido-ctl without TLS is refused with a reason.
+  const std::string plain = temp_path("aikido-ctl-plain");
+  {
+    std::ofstream out(plain);
+    std::istringstream in(text);
+    std::string line;
+    while (std::getline(in, line)) out << (line == "tls=1" ? "tls=0" : line) << "\n";
+  }
+  auto refused = run_process({kCtl, "--control-file", plain, "status"}, 30s);
+  std::filesystem::remove(plain);
+  EXPECT_TRUE(refused.exited && refused.exit_code == 1) << refused.describe();
+  EXPECT_NE(refused.err.find("requires TLS"), std::string::npos) << refused.describe();
+  job.send_signal(SIGINT);
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 128 + SIGINT) << r.describe();
   expect_equal_parameters(r.out);
   expect_exact_epochs(r.out, -1);
 }

@@ -28,7 +28,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <span>
 #include <thread>
+#include <vector>
 
 namespace {
 
@@ -48,9 +50,36 @@ void ready() {
   std::fflush(stdout);
 }
 
-std::shared_ptr<aikido::Store> connect_store() {
+std::shared_ptr<aikido::Store> connect_store(bool tls = true) {
   return aikido::connect_tcp_store(env_or("AIKIDO_STORE_ADDR", ""), env_or("AIKIDO_SECRET", ""),
-                                   std::chrono::seconds(20));
+                                   std::chrono::seconds(20), tls ? aikido::TlsOptions::from_env() : aikido::TlsOptions{});
+}
+
+// Every rank contributes rank + 1 to 1000 floats over the job's connections.
+int mode_allreduce() {
+  aikido::Peer peer = aikido::Peer::from_env();
+  std::vector<float> data(1000, float(peer.rank() + 1));
+  peer.allreduce(std::span<float>(data), aikido::ReduceOp::sum, "sum");
+  const float expected = float(peer.size() * (peer.size() + 1) / 2);
+  for (float v : data) {
+    if (v != expected) {
+      std::printf("allreduce gave %g, not %g\n", double(v), double(expected));
+      return 1;
+    }
+  }
+  std::printf("allreduce ok\n");
+  return 0;
+}
+
+// Reaches the store without TLS; prints why that failed.
+int mode_store_plain() {
+  try {
+    connect_store(false)->set("plain", "1");
+  } catch (const aikido::Error& e) {
+    std::printf("plain store client refused: %s\n", e.what());
+    return 1;
+  }
+  return 0;
 }
 
 // Waits until every rank has started, so that a failing rank never fails before the others exist.
@@ -179,6 +208,8 @@ int main(int argc, char** argv) {
     }
     if (mode == "lines" && argc >= 3) return mode_lines(std::atoi(argv[2]));
     if (mode == "store") return mode_store();
+    if (mode == "allreduce") return mode_allreduce();
+    if (mode == "env-store-plain") return mode_store_plain();
     if (mode == "peer") {
       aikido::Peer peer = aikido::Peer::from_env();
       std::printf("peer of %d ranks\n", peer.size());

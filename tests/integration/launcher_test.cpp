@@ -74,6 +74,8 @@ TEST(LauncherTest, BadCommandLinesExitWithStatus2) {
       {{"-np", "2", "--segment-bytes", "lots", kFixture}, "--segment-bytes 'lots'"},
       {{"-np", "2", "--segment-bytes", "4", kFixture}, "--segment-bytes '4' is not a number of bytes from 8"},
       {{"-np", "2", "--streams", "9", kFixture}, "--streams '9' is not a number of TCP streams from 1 to 8"},
+      {{"-np", "2", "--tls-cert", "/etc/hostname", kFixture}, "needs all of --tls-cert, --tls-key and --tls-ca"},
+      {{"-np", "2", "--tls=1", kFixture}, "option --tls takes no value"},
       {{"-np", "2"}, "missing PROGRAM"},
       {{"-np", "2", "aikido-no-such-program"}, "program 'aikido-no-such-program' not found in PATH"},
       {{"-np", "2", "./aikido-no-such-program"}, "program './aikido-no-such-program' does not exist"},
@@ -327,6 +329,19 @@ TEST(LauncherTest, WorkersRendezvousThroughTheStore) {
   for (int rank = 0; rank < 4; ++rank) {
     EXPECT_EQ(count_of(r.out, "[" + std::to_string(rank) + "] store ok\n"), 1) << r.describe();
   }
+}
+
+TEST(LauncherTest, WorkersConnectOverTlsWithTls) {
+  // TCP between the workers, so that every connection (data and store) goes through TLS.
+  const auto r = run_process(launch({"-np", "3", "--tls", "--transport", "tcp", kFixture, "allreduce"}), kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  for (int rank = 0; rank < 3; ++rank) {
+    EXPECT_EQ(count_of(r.out, "[" + std::to_string(rank) + "] allreduce ok\n"), 1) << r.describe();
+  }
+  // A worker without TLS cannot reach the job's TLS store: it says why.
+  const auto plain = run_process(launch({"-np", "2", "--tls", kFixture, "env-store-plain"}), kBound);
+  EXPECT_FALSE(plain.exited && plain.exit_code == 0) << plain.describe();
+  EXPECT_NE(plain.out.find("requires TLS"), std::string::npos) << plain.describe();
 }
 
 TEST(LauncherTest, SucceedsWhenEveryWorkerSucceeds) {

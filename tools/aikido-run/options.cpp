@@ -323,6 +323,14 @@ options:
                         bandwidth                                                (sets AIKIDO_SEGMENT_BYTES)
   --streams N           TCP connections between two workers on different hosts, 1..8; 0 (default):
                         chosen by measuring the link at connection setup         (sets AIKIDO_STREAMS)
+  --tls                 TLS 1.3 on every TCP connection of the job: between workers and to the store this
+                        aikido-run serves (same-host shared memory and Unix sockets stay plain). Every side
+                        uses a certificate derived from the job secret unless the three files below are given.
+                        Recommended across hosts                                 (sets AIKIDO_TLS)
+  --tls-cert F, --tls-key F, --tls-ca F
+                        TLS with certificates of your own (implies --tls): this host's certificate and key
+                        (PEM) and the CA that signed every host's certificate (mutual TLS)
+                                                              (sets AIKIDO_TLS_CERT, AIKIDO_TLS_KEY, AIKIDO_TLS_CA)
   --metrics-port P      serve every worker's training metrics in Prometheus text format on
                         http://127.0.0.1:P/metrics (0: a free port, printed at start)
   --metrics-file F      append every worker's training metrics to F as JSON lines
