@@ -9,6 +9,8 @@ program prints tools/aikido-bench/bench_common.hpp's JSON lines: barrier, time, 
   aikido-auto   mpirun ... aikido-bench allreduce, AIKIDO_TOPOLOGY=auto (chosen from the measured links)
   aikido-ring   the same with AIKIDO_TOPOLOGY=ring
   aikido-hier   the same with AIKIDO_TOPOLOGY=hierarchical (shared memory inside a host, TCP across)
+  aikido-tls    aikido-auto with AIKIDO_TLS=1: TLS 1.3 on every TCP connection (shared memory inside a host stays
+                plain); its ratio column /aikido-tls is TLS's cost, its latency over aikido-auto's
   openmpi       mpirun ... mpi_allreduce, --mca btl tcp,vader,self (TCP across hosts, shared memory inside),
                 glibc malloc tuned as in bench/README.md ("OpenMPI and Gloo references")
   gloo          one gloo_allreduce per rank in its host's namespace, Gloo's TCP transport on the host's address,
@@ -83,10 +85,11 @@ def mpi_env():
 
 
 class Aikido:
-    def __init__(self, key, topology):
+    def __init__(self, key, topology, tls=False):
         self.key = key
-        self.label = f"aikido ({topology})"
+        self.label = f"aikido ({topology}{', tls' if tls else ''})"
         self.topology = topology
+        self.tls = tls
 
     def prepare(self, args):
         for name in ("aikido-bench",):
@@ -98,7 +101,7 @@ class Aikido:
 
     def run(self, args, layout, bench_args, port):
         passed = [f"AIKIDO_SECRET_FILE={args.secret_file}", f"MASTER_ADDR={host_address(0)}", f"MASTER_PORT={port}",
-                  f"AIKIDO_TOPOLOGY={self.topology}", "AIKIDO_TIMEOUT=300"]
+                  f"AIKIDO_TOPOLOGY={self.topology}", "AIKIDO_TIMEOUT=300", f"AIKIDO_TLS={int(self.tls)}"]
         # Settings given to this script (AIKIDO_STREAMS=4 ...) reach the workers too.
         passed += [f"{k}={os.environ[k]}" for k in ("AIKIDO_STREAMS", "AIKIDO_SEGMENT_BYTES") if k in os.environ]
         cmd = mpirun_base(layout) + [w for p in passed for w in ("-x", p)] + [
@@ -167,9 +170,9 @@ class Gloo:
 
 
 CONFIGS = [Aikido("aikido-auto", "auto"), Aikido("aikido-ring", "ring"), Aikido("aikido-hier", "hierarchical"),
-           OpenMpi(), Gloo()]
+           Aikido("aikido-tls", "auto", tls=True), OpenMpi(), Gloo()]
 OURS = "aikido-auto"
-OTHERS = ["openmpi", "gloo"]
+OTHERS = ["openmpi", "gloo", "aikido-tls"]
 
 
 def iterations(nbytes, layout, rate, seconds):

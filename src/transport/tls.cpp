@@ -1,18 +1,16 @@
 #include "transport/tls.hpp"
 
-#include <fcntl.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <poll.h>
-#include <pthread.h>
-#include <signal.h>
 #include <sys/socket.h>
 
 #include <cerrno>
 #include <cstring>
 #include <deque>
+#include <utility>
 
 #include "base/crypto.hpp"
 #include "base/env.hpp"
@@ -78,42 +76,46 @@ bool wait_ready(int fd, short events, std::chrono::milliseconds timeout) {
   }
 }
 
-// OpenSSL writes to the socket with write(), which raises SIGPIPE when the other side is gone, and SIGPIPE ends a
-// process that does not handle it (the plain path sends with MSG_NOSIGNAL). While an OpenSSL call that may write
-// runs, SIGPIPE is blocked for this thread; one it raised is taken off the thread's pending signals before the mask
-// is restored, so the failure shows as EPIPE only.
-class SigpipeGuard {
- public:
-  SigpipeGuard() {
-    sigemptyset(&pipe_);
-    sigaddset(&pipe_, SIGPIPE);
-    sigset_t pending;
-    sigpending(&pending);
-    was_pending_ = sigismember(&pending, SIGPIPE) == 1;
-    pthread_sigmask(SIG_BLOCK, &pipe_, &old_);
-  }
-  ~SigpipeGuard() {
-    if (!was_pending_) {
-      sigset_t pending;
-      sigpending(&pending);
-      if (sigismember(&pending, SIGPIPE) == 1) {
-        const timespec zero{0, 0};
-        const int saved = errno;
-        while (sigtimedwait(&pipe_, nullptr, &zero) < 0 && errno == EINTR) {
-        }
-        errno = saved;
-      }
-    }
-    pthread_sigmask(SIG_SETMASK, &old_, nullptr);
-  }
-  SigpipeGuard(const SigpipeGuard&) = delete;
-  SigpipeGuard& operator=(const SigpipeGuard&) = delete;
+// A BIO over TlsStream::Buffers: OpenSSL takes received bytes from `in` and appends records to `out`; the stream
+// moves them from and to the socket.
+int buffers_write(BIO* bio, const char* data, int size) {
+  auto* io = static_cast<TlsStream::Buffers*>(BIO_get_data(bio));
+  BIO_clear_retry_flags(bio);
+  io->out.append(data, std::size_t(size));
+  return size;
+}
 
- private:
-  sigset_t pipe_;
-  sigset_t old_;
-  bool was_pending_ = false;
-};
+int buffers_read(BIO* bio, char* data, int size) {
+  auto* io = static_cast<TlsStream::Buffers*>(BIO_get_data(bio));
+  BIO_clear_retry_flags(bio);
+  const std::size_t take = std::min(std::size_t(size), io->in_end - io->in_begin);
+  if (take == 0) {
+    BIO_set_retry_read(bio);
+    return -1;
+  }
+  std::memcpy(data, io->in.data() + io->in_begin, take);
+  io->in_begin += take;
+  return int(take);
+}
+
+long buffers_ctrl(BIO*, int cmd, long, void*) { return cmd == BIO_CTRL_FLUSH ? 1 : 0; }
+
+int buffers_create(BIO* bio) {
+  BIO_set_init(bio, 1);
+  return 1;
+}
+
+BIO_METHOD* buffers_method() {
+  static BIO_METHOD* method = [] {
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "aikido buffers");
+    if (m == nullptr || BIO_meth_set_write(m, buffers_write) != 1 || BIO_meth_set_read(m, buffers_read) != 1 ||
+        BIO_meth_set_ctrl(m, buffers_ctrl) != 1 || BIO_meth_set_create(m, buffers_create) != 1) {
+      throw Error("cannot create the TLS stream's BIO method: " + openssl_errors());
+    }
+    return m;
+  }();
+  return method;
+}
 
 // The certificate every side of a job derives from its secret: an Ed25519 key (deterministic) that signs a
 // certificate with fixed fields (Ed25519 signatures are deterministic too), so every side builds the same bytes.
@@ -234,8 +236,7 @@ std::shared_ptr<const TlsContext> TlsContext::create(const TlsOptions& options, 
   SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
   SSL_CTX_set_num_tickets(ctx, 0);  // connections are never resumed
   SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-  SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_ENABLE_KTLS);
-  SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
   const int files = int(!options.cert_file.empty()) + int(!options.key_file.empty()) + int(!options.ca_file.empty());
   if (files == 3) {
     load_files(ctx, options);
@@ -285,95 +286,156 @@ void start_tls(Socket& socket, const TlsContext& context, TlsRole role, Clock::t
   if (::getsockopt(socket.fd(), SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && domain == AF_UNIX) return;
   ERR_clear_error();
   SSL* ssl = SSL_new(ctx_of(context.native()));
-  if (ssl == nullptr || SSL_set_fd(ssl, socket.fd()) != 1) {
-    SSL_free(ssl);
-    throw Error("cannot start TLS on a connection: " + openssl_errors());
-  }
-  const int flags = ::fcntl(socket.fd(), F_GETFL);
-  ::fcntl(socket.fd(), F_SETFL, flags | O_NONBLOCK);
+  if (ssl == nullptr) throw Error("cannot start TLS on a connection: " + openssl_errors());
   auto stream = std::make_unique<TlsStream>(ssl, socket.fd());
-  for (;;) {
-    ERR_clear_error();
-    SigpipeGuard guard;
-    const int r = role == TlsRole::client ? SSL_connect(ssl) : SSL_accept(ssl);
-    if (r == 1) break;
-    const int error = SSL_get_error(ssl, r);
-    if (error != SSL_ERROR_WANT_READ && error != SSL_ERROR_WANT_WRITE) throw_handshake_failure(ssl, error);
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0 ||
-        !wait_ready(socket.fd(), error == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, std::max(left, decltype(left)(1)))) {
-      throw TimeoutError("the TLS handshake did not finish in time");
-    }
-  }
+  stream->handshake(role == TlsRole::client, deadline);
   socket.attach_tls(std::move(stream));
 }
 
-bool tls_kernel_offload(const Socket& socket) {
-  TlsStream* tls = socket.tls();
-  if (tls == nullptr) return false;
-  return BIO_get_ktls_send(SSL_get_wbio(ssl_of(tls->ssl()))) != 0;
+TlsStream::TlsStream(void* ssl, int fd) : ssl_(ssl), fd_(fd) {
+  io_.in.resize(kTlsReadChunk);
+  BIO* bio = BIO_new(buffers_method());
+  if (bio == nullptr) {
+    SSL_free(ssl_of(ssl));
+    throw Error("cannot start TLS on a connection: " + openssl_errors());
+  }
+  BIO_set_data(bio, &io_);
+  BIO_up_ref(bio);  // SSL_set_bio takes one reference for reading and one for writing
+  SSL_set_bio(ssl_of(ssl), bio, bio);
 }
 
 TlsStream::~TlsStream() { SSL_free(ssl_of(ssl_)); }
 
+bool TlsStream::flush_locked() {
+  while (io_.out_begin < io_.out.size()) {
+    const ssize_t n =
+        ::send(fd_, io_.out.data() + io_.out_begin, io_.out.size() - io_.out_begin, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      io_.out_begin += std::size_t(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return false;
+    throw PeerLostError(str_cat("connection failed while writing: ", std::strerror(n < 0 ? errno : EPIPE)));
+  }
+  io_.out.clear();
+  io_.out_begin = 0;
+  return true;
+}
+
+bool TlsStream::fill_locked() {
+  if (io_.in_begin == io_.in_end) io_.in_begin = io_.in_end = 0;
+  if (io_.in_end == io_.in.size()) {
+    if (io_.in_begin == 0) return true;  // full of records OpenSSL has not taken yet
+    std::memmove(io_.in.data(), io_.in.data() + io_.in_begin, io_.in_end - io_.in_begin);
+    io_.in_end -= io_.in_begin;
+    io_.in_begin = 0;
+  }
+  for (;;) {
+    const ssize_t n = ::recv(fd_, io_.in.data() + io_.in_end, io_.in.size() - io_.in_end, MSG_DONTWAIT);
+    if (n > 0) {
+      io_.in_end += std::size_t(n);
+      starved_ = false;
+      return true;
+    }
+    if (n == 0) throw PeerLostError("connection closed by the other side");
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+    throw PeerLostError(str_cat("connection failed while reading: ", std::strerror(errno)));
+  }
+}
+
+void TlsStream::handshake(bool client, Clock::time_point deadline) {
+  auto wait_until_deadline = [&](short events) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0 || !wait_ready(fd_, events, left)) {
+      throw TimeoutError("the TLS handshake did not finish in time");
+    }
+  };
+  std::lock_guard<std::mutex> lock(mutex_);
+  SSL* ssl = ssl_of(ssl_);
+  try {
+    for (;;) {
+      ERR_clear_error();
+      const int r = client ? SSL_connect(ssl) : SSL_accept(ssl);
+      const int error = r == 1 ? SSL_ERROR_NONE : SSL_get_error(ssl, r);
+      if (r != 1 && error != SSL_ERROR_WANT_READ) {
+        try {
+          flush_locked();  // the alert that tells the other side why
+        } catch (const Error&) {
+        }
+        throw_handshake_failure(ssl, error);
+      }
+      while (!flush_locked()) wait_until_deadline(POLLOUT);
+      if (r == 1) return;
+      while (!fill_locked()) wait_until_deadline(POLLIN);
+    }
+  } catch (const PeerLostError&) {
+    throw PeerLostError(
+        "the other side closed the connection during the TLS handshake; is it started without TLS (every worker, "
+        "aikido-run and aikido-ctl need the same --tls setting), or did it refuse this side's certificate?");
+  }
+}
+
 std::size_t TlsStream::read(void* data, std::size_t size, bool wait, std::chrono::milliseconds timeout) {
   if (size == 0) return 0;
   for (;;) {
-    std::size_t n = 0;
-    int error;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      ERR_clear_error();
-      const int r = SSL_read_ex(ssl_of(ssl_), data, size, &n);
-      if (r == 1) return n;
-      error = SSL_get_error(ssl_of(ssl_), r);
-      if (error != SSL_ERROR_WANT_READ && error != SSL_ERROR_WANT_WRITE) {
-        if (error == SSL_ERROR_ZERO_RETURN || (error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0 && errno == 0)) {
-          throw PeerLostError("connection closed by the other side");
+      for (;;) {
+        ERR_clear_error();
+        std::size_t n = 0;
+        const int r = SSL_read_ex(ssl_of(ssl_), data, size, &n);
+        if (r == 1) {
+          if (io_.out_begin < io_.out.size()) {
+            try {
+              flush_locked();  // anything reading produced (and records of a write still waiting)
+            } catch (const Error&) {
+            }
+          }
+          return n;
         }
-        if (error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) {
-          throw PeerLostError(str_cat("connection failed while reading: ", std::strerror(errno)));
+        const int error = SSL_get_error(ssl_of(ssl_), r);
+        if (error == SSL_ERROR_ZERO_RETURN) throw PeerLostError("connection closed by the other side");
+        if (error != SSL_ERROR_WANT_READ) {
+          throw PeerLostError("TLS connection failed while reading: " + openssl_errors());
         }
-        throw PeerLostError("TLS connection failed while reading: " + openssl_errors());
+        if (!fill_locked()) break;
       }
+      starved_ = true;
     }
     if (!wait) return 0;
-    if (!wait_ready(fd_, error == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, timeout)) {
-      throw TimeoutError("timed out reading from connection");
-    }
+    if (!wait_ready(fd_, POLLIN, timeout)) throw TimeoutError("timed out reading from connection");
   }
 }
 
 std::size_t TlsStream::write(const void* data, std::size_t size, bool wait, std::chrono::milliseconds timeout) {
   if (size == 0) return 0;
-  size = std::min(size, kTlsWriteSlice);
   for (;;) {
-    std::size_t n = 0;
-    int error;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      ERR_clear_error();
-      SigpipeGuard guard;
-      const int r = SSL_write_ex(ssl_of(ssl_), data, size, &n);
-      if (r == 1) return n;
-      error = SSL_get_error(ssl_of(ssl_), r);
-      if (error != SSL_ERROR_WANT_READ && error != SSL_ERROR_WANT_WRITE) {
-        if (error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) {
-          throw PeerLostError(str_cat("connection failed while writing: ", std::strerror(errno)));
+      if (flush_locked()) {
+        if (pending_plain_ > 0) {  // the caller repeats the bytes whose records are now sent
+          const std::size_t n = std::exchange(pending_plain_, 0);
+          return n;
         }
-        throw PeerLostError("TLS connection failed while writing: " + openssl_errors());
+        ERR_clear_error();
+        std::size_t n = 0;
+        if (SSL_write_ex(ssl_of(ssl_), data, std::min(size, kTlsWriteSlice), &n) != 1) {
+          throw PeerLostError("TLS connection failed while writing: " + openssl_errors());
+        }
+        if (flush_locked()) return n;
+        pending_plain_ = n;
       }
     }
     if (!wait) return 0;
-    if (!wait_ready(fd_, error == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, timeout)) {
-      throw TimeoutError("timed out writing to connection");
-    }
+    if (!wait_ready(fd_, POLLOUT, timeout)) throw TimeoutError("timed out writing to connection");
   }
 }
 
 bool TlsStream::has_buffered() {
   std::lock_guard<std::mutex> lock(mutex_);
-  return SSL_pending(ssl_of(ssl_)) > 0;
+  return SSL_pending(ssl_of(ssl_)) > 0 || (io_.in_end > io_.in_begin && !starved_);
 }
 
 }  // namespace transport

@@ -6,13 +6,13 @@
 // reads and writes go through TLS and keep their meaning (blocking, non-blocking, timeouts, shutdown()).
 //
 // One connection is read by one thread and written by another at the same time (transport/connection.hpp), and an
-// OpenSSL connection object must not be used by two threads at once. So the socket is put in non-blocking mode, every
-// OpenSSL call runs under a per-connection mutex and returns at once, and waiting (for the socket to become readable
-// or writable) happens outside the mutex with poll(). A write passes at most kTlsWriteSlice bytes to OpenSSL per
-// call, so the mutex is never held for long while the other direction waits for it.
-//
-// Kernel TLS: OpenSSL is asked to hand the record layer to the kernel (SSL_OP_ENABLE_KTLS); where the kernel has no
-// "tls" module (tls_kernel_offload() says which) records are encrypted in user space.
+// OpenSSL connection object must not be used by two threads at once. So every OpenSSL call runs under a
+// per-connection mutex and never blocks: OpenSSL reads and writes memory buffers, and the stream moves bytes between
+// them and the socket itself (send with MSG_NOSIGNAL, recv, both non-blocking), waiting with poll() outside the mutex.
+// That also batches system calls: a write encrypts up to kTlsWriteSlice bytes (four 16 KiB records) and sends them
+// with one call, and a read takes up to kTlsReadChunk bytes of records from the socket at once; OpenSSL's own socket
+// I/O makes two calls per record to read and one to write. Kernel TLS is not used (records are encrypted in user
+// space).
 #pragma once
 
 #include <aikido/tls.hpp>
@@ -21,6 +21,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "transport/socket.hpp"
 
@@ -28,6 +29,8 @@ namespace aikido::transport {
 
 /// Bytes handed to OpenSSL by one write call (four full TLS records).
 inline constexpr std::size_t kTlsWriteSlice = 64 * 1024;
+/// Bytes of records taken from the socket by one read call.
+inline constexpr std::size_t kTlsReadChunk = 256 * 1024;
 
 /// What a side of a job presents and accepts. Immutable once created; shared by every connection of a process.
 class TlsContext {
@@ -60,25 +63,45 @@ enum class TlsRole { client, server };
 /// The TLS state of one Socket; see the top of this file. Used by Socket only.
 class TlsStream {
  public:
-  TlsStream(void* ssl, int fd) : ssl_(ssl), fd_(fd) {}
+  /// Takes `ssl` (an SSL*, whose I/O this stream does through memory BIOs) for the connected socket `fd`.
+  TlsStream(void* ssl, int fd);
   ~TlsStream();
   TlsStream(const TlsStream&) = delete;
   TlsStream& operator=(const TlsStream&) = delete;
 
+  /// The TLS handshake, as client or server, until `deadline` (then TimeoutError). Errors as start_tls().
+  void handshake(bool client, Clock::time_point deadline);
   /// Reads up to `size` bytes. `wait`: waits for the first byte (bounded by `timeout` unless it is 0; then
   /// TimeoutError); otherwise returns 0 when none has arrived. Throws PeerLostError when the connection ended.
   std::size_t read(void* data, std::size_t size, bool wait, std::chrono::milliseconds timeout);
   /// Writes up to kTlsWriteSlice of `size` bytes; `wait` and errors as for read. A write that returned 0 must be
-  /// repeated with the same bytes first (OpenSSL may have taken them into a record already).
+  /// repeated with the same bytes first: they may be encrypted already and waiting for the socket.
   std::size_t write(const void* data, std::size_t size, bool wait, std::chrono::milliseconds timeout);
-  /// Decrypted bytes are waiting inside OpenSSL: the socket may show nothing to read although read() has data.
+  /// Received bytes wait inside the stream (decrypted, or whole records not yet decrypted): the socket may show
+  /// nothing to read although read() has data.
   bool has_buffered();
-  void* ssl() const { return ssl_; }
+
+  /// What OpenSSL's I/O reads from and writes to (through a BIO of this file's own).
+  struct Buffers {
+    std::vector<char> in;  // received bytes: [in_begin, in_end) not yet taken by OpenSSL
+    std::size_t in_begin = 0;
+    std::size_t in_end = 0;
+    std::string out;  // records produced: [out_begin, out.size()) not yet sent
+    std::size_t out_begin = 0;
+  };
 
  private:
-  std::mutex mutex_;  // one OpenSSL call at a time
+  /// With mutex_ held: sends what OpenSSL produced, without blocking; true when nothing is left.
+  bool flush_locked();
+  /// With mutex_ held: takes what has arrived on the socket into OpenSSL's input; false when nothing had.
+  bool fill_locked();
+
+  std::mutex mutex_;  // one OpenSSL call at a time; guards everything below
   void* ssl_;
   int fd_;
+  Buffers io_;
+  std::size_t pending_plain_ = 0;  // bytes a write encrypted whose records still wait in io_.out
+  bool starved_ = false;           // the last read emptied the socket and still lacked a whole record
 };
 
 /// Runs the TLS handshake as `role` on `socket` (connected); later reads and writes of `socket` are TLS. A
@@ -86,8 +109,5 @@ class TlsStream {
 /// certificate is refused, ProtocolError when the other side does not speak TLS (or speaks it with other settings),
 /// TimeoutError at `deadline`, PeerLostError when the connection ends.
 void start_tls(Socket& socket, const TlsContext& context, TlsRole role, Clock::time_point deadline);
-
-/// True when this process's OpenSSL moved the records of `socket` (after start_tls) to the kernel.
-bool tls_kernel_offload(const Socket& socket);
 
 }  // namespace aikido::transport

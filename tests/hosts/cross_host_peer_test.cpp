@@ -2,6 +2,7 @@
 // every topology, with the rendezvous store served on the bridge.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -30,7 +31,9 @@ class CrossHostPeerTest : public ::testing::TestWithParam<std::string> {
 void run_across_hosts(const std::string& topology, const std::vector<std::string>& mode,
                       const std::vector<std::string>& extra = {}) {
   EmulatedHosts hosts(2);
-  elastic::StoreServer store(EmulatedHosts::kBridgeAddress, 0, kSecret);
+  TlsOptions tls;  // the store speaks TLS when the workers do
+  tls.enabled = std::find(extra.begin(), extra.end(), "AIKIDO_TLS=1") != extra.end();
+  elastic::StoreServer store(EmulatedHosts::kBridgeAddress, 0, kSecret, tls);
   std::vector<std::unique_ptr<Subprocess>> workers;
   const int size = 4;
   for (int rank = 0; rank < size; ++rank) {
@@ -71,6 +74,12 @@ TEST_P(CrossHostPeerTest, EveryCollectiveIsCorrectAcrossHosts) {
 TEST_P(CrossHostPeerTest, EveryCollectiveIsCorrectOnSeveralStreams) {
   run_across_hosts(GetParam(), {"allreduce", "3000000"}, {"AIKIDO_STREAMS=4", "AIKIDO_SEGMENT_BYTES=262144"});
   run_across_hosts(GetParam(), {"collectives", "200000"}, {"AIKIDO_STREAMS=3"});
+}
+
+// TLS on every TCP connection (between the hosts, and the store); shared memory inside each host.
+TEST_P(CrossHostPeerTest, EveryCollectiveIsCorrectOverTls) {
+  run_across_hosts(GetParam(), {"allreduce", "3000000"}, {"AIKIDO_TLS=1", "AIKIDO_STREAMS=2"});
+  run_across_hosts(GetParam(), {"collectives", "200000"}, {"AIKIDO_TLS=1"});
 }
 
 // A worker killed on one host: the others' next allreduce fails with PeerLostError (all its streams end), not with
