@@ -331,7 +331,7 @@ TEST(LauncherTest, WorkersRendezvousThroughTheStore) {
   }
 }
 
-TEST(LauncherTest, WorkersConnectOverTlsWithTls) {
+TEST(LauncherTest, WorkersConnectOverTls) {
   // TCP between the workers, so that every connection (data and store) goes through TLS.
   const auto r = run_process(launch({"-np", "3", "--tls", "--transport", "tcp", kFixture, "allreduce"}), kBound);
   ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
