@@ -102,7 +102,9 @@ std::vector<std::uint8_t> random_bytes(std::size_t n, unsigned seed) {
 
 TEST(Tls, BothDirectionsAtOnceCarryEveryByte) {
   auto tls = transport::TlsContext::shared(derived(), "job-secret");
-  auto [client, server] = tcp_pair();
+  auto sockets = tcp_pair();
+  Socket& client = sockets.first;  // named references: the threads below capture them
+  Socket& server = sockets.second;
   const Outcome o = handshake_pair(client, server, "job-secret", "job-secret", tls.get(), tls.get());
   ASSERT_FALSE(o.connect_error) << message_of(o.connect_error);
   ASSERT_FALSE(o.accept_error) << message_of(o.accept_error);
@@ -111,10 +113,10 @@ TEST(Tls, BothDirectionsAtOnceCarryEveryByte) {
 
   // Each side writes 6 MiB (vectored, blocking and non-blocking) while its other thread reads what the other side
   // writes: one reader and one writer per socket at the same time, as a Connection has.
-  const std::size_t n = 6 << 20;
+  constexpr std::size_t n = 6 << 20;
   const auto a_to_b = random_bytes(n, 1), b_to_a = random_bytes(n, 2);
   std::vector<std::uint8_t> at_b(n), at_a(n);
-  auto writer = [n](Socket& s, const std::vector<std::uint8_t>& data) {
+  auto writer = [](Socket& s, const std::vector<std::uint8_t>& data) {
     std::size_t sent = 0;
     std::uint32_t header = 7;
     while (sent < n) {
@@ -128,7 +130,7 @@ TEST(Tls, BothDirectionsAtOnceCarryEveryByte) {
       }
     }
   };
-  auto reader = [n](Socket& s, std::vector<std::uint8_t>& out) {
+  auto reader = [](Socket& s, std::vector<std::uint8_t>& out) {
     std::size_t got = 0;
     while (got < n) {
       if (got % 3 == 0) {
