@@ -52,7 +52,8 @@ std::string ExampleAcrossHostsTest::secret_;
 
 // Runs the example (MLP, 30 steps of 64 samples per worker) on both hosts with `flags`; rank 0's epoch lines.
 std::vector<nlohmann::json> run_example(EmulatedHosts& hosts, EtcdServer& etcd, const std::string& secret,
-                                        const std::string& topology, const std::vector<std::string>& flags) {
+                                        const std::string& topology, const std::vector<std::string>& flags,
+                                        const std::vector<std::string>& run_flags = {}) {
   static int run = 0;
   const std::string job = "example" + std::to_string(run++);
   std::vector<std::unique_ptr<Subprocess>> launchers;
@@ -69,14 +70,9 @@ std::vector<nlohmann::json> run_example(EmulatedHosts& hosts, EtcdServer& etcd, 
                                      "--secret-file",
                                      secret,
                                      "--topology",
-                                     topology,
-                                     EXAMPLE_PATH,
-                                     "--model",
-                                     "mlp",
-                                     "--epochs",
-                                     "1",
-                                     "--max-steps",
-                                     "30"};
+                                     topology};
+    argv.insert(argv.end(), run_flags.begin(), run_flags.end());
+    argv.insert(argv.end(), {EXAMPLE_PATH, "--model", "mlp", "--epochs", "1", "--max-steps", "30"});
     argv.insert(argv.end(), flags.begin(), flags.end());
     launchers.push_back(hosts.start(h, argv));
   }
@@ -105,6 +101,11 @@ std::vector<nlohmann::json> run_example(EmulatedHosts& hosts, EtcdServer& etcd, 
 TEST_P(ExampleAcrossHostsTest, TwoHostsOfTwoWorkersTrain) {
   const auto& [strategy, topology] = GetParam();
   run_example(*hosts_, *etcd_, secret_, topology, {"--strategy", strategy});
+}
+
+// The launchers of both hosts given --tls: every worker's data connections run TLS (etcd is the store here).
+TEST_F(ExampleAcrossHostsTest, TwoHostsTrainOverTls) {
+  run_example(*hosts_, *etcd_, secret_, "hierarchical", {"--strategy", "ssgd"}, {"--tls"});
 }
 
 // Edge training across hosts whose links are shaped to 100 Mbit/s: the round strategies with compression, secure
