@@ -300,8 +300,7 @@ TlsStream::TlsStream(void* ssl, int fd) : ssl_(ssl), fd_(fd) {
     throw Error("cannot start TLS on a connection: " + openssl_errors());
   }
   BIO_set_data(bio, &io_);
-  BIO_up_ref(bio);  // SSL_set_bio takes one reference for reading and one for writing
-  SSL_set_bio(ssl_of(ssl), bio, bio);
+  SSL_set_bio(ssl_of(ssl), bio, bio);  // the same BIO both ways: ssl takes our one reference
 }
 
 TlsStream::~TlsStream() { SSL_free(ssl_of(ssl_)); }
