@@ -46,7 +46,7 @@ std::size_t write_tls(TlsStream& tls, const iovec* iov, int count, bool wait, st
   std::size_t size = 0;
   for (int i = 0; i < count && size < gather.size(); ++i) {
     const std::size_t take = std::min(iov[i].iov_len, gather.size() - size);
-    std::memcpy(gather.data() + size, iov[i].iov_base, take);
+    if (take > 0) std::memcpy(gather.data() + size, iov[i].iov_base, take);  // an empty name or payload may be null
     size += take;
   }
   return tls.write(gather.data(), size, wait, timeout);
