@@ -497,9 +497,17 @@ void HierarchicalCollective::advance(int lane) {
       fail(std::current_exception(), chunk_index, step);
       continue;
     }
+    std::exception_ptr failed;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       lane_work_[lane] = work;
+      failed = error_;
+    }
+    // Another lane failed while this phase was being posted (fail() did not see it in flight): it may wait for
+    // ranks that will never post it (ranks whose other size gives them fewer lanes), so it fails now too.
+    if (failed) {
+      const auto& state = WorkAccess::state(work);
+      if (state->cancel) state->cancel(failed);
     }
     // Runs at once when the phase is done already: the loop then goes on from the callback's advance().
     work.on_complete([self = shared_from_this(), lane, chunk_index, step](std::exception_ptr error) {

@@ -520,16 +520,38 @@ void ShmCollectives::cancel(ShmOp& op, std::exception_ptr error) {
   complete(finished);
 }
 
-std::exception_ptr ShmCollectives::given_up(const ShmOp& op, int q) const {
+std::exception_ptr ShmCollectives::given_up(const ShmOp& op, int q, std::string_view when) const {
   const View v{segment_.data(), layout_};
+  const std::uint64_t value = op.occurrence + 1;
+  const std::uint64_t w = settled_word(op, q);
+  const std::string prefix = str_cat(op.label(), " failed on rank ", members_[rank_], " at cluster version ",
+                                     cluster_version_, ": rank ", members_[q], " gave it up");
+  // Its error is there when it abandoned this occurrence, or a later one that took this half over (a rank that
+  // fails a hierarchical collective abandons its remaining phases at once: the cause of them all).
+  if (!(w & kAbandoned) || (w & kValueMask) < value) {
+    return std::make_exception_ptr(
+        PeerLostError(str_cat(prefix, when.empty() ? std::string_view(" (its own error names the cause)") : when)));
+  }
   const Arrival& a = v.arrival(op.entry, op.half, q);
-  std::string text(reinterpret_cast<const char*>(v.inline_area(op.entry, op.half, q)),
-                   std::min<std::size_t>(a.abandon_text, layout_.inline_bytes));
-  text = str_cat(op.label(), " failed on rank ", members_[rank_], " at cluster version ", cluster_version_, ": rank ",
-                 members_[q], " gave it up",
-                 text.empty() ? std::string(" (its own error names the cause)") : str_cat(": ", text));
+  const std::string text(reinterpret_cast<const char*>(v.inline_area(op.entry, op.half, q)),
+                         std::min<std::size_t>(a.abandon_text, layout_.inline_bytes));
   const auto kind = transport::WireError(a.abandon_kind);
-  return error_for(kind == transport::WireError::none ? transport::WireError::lost : kind, text);
+  return error_for(kind == transport::WireError::none ? transport::WireError::lost : kind,
+                   text.empty() ? str_cat(prefix, " (its own error names the cause)") : str_cat(prefix, ": ", text));
+}
+
+// Rank q's arrival word for `op` (or for a later occurrence on the same half), once what it is writing there is
+// written (an error or a small input: a short copy, then the word is published, so the wait is short and bounded).
+std::uint64_t ShmCollectives::settled_word(const ShmOp& op, int q) const {
+  const View v{segment_.data(), layout_};
+  const std::uint64_t value = op.occurrence + 1;
+  const std::atomic<std::uint64_t>& word = v.arrival(op.entry, op.half, q).word;
+  std::uint64_t w = word.load(std::memory_order_acquire);
+  for (int spins = 0; (w & kWriting) && (w & kValueMask) >= value && spins < 100000; ++spins) {
+    std::this_thread::yield();
+    w = word.load(std::memory_order_acquire);
+  }
+  return w;
 }
 
 bool ShmCollectives::advance_all(std::vector<Finished>& finished, Clock::time_point now) {
@@ -580,11 +602,7 @@ bool ShmCollectives::advance(ShmOp& op, Clock::time_point now) {
         gave_up = q;
         continue;
       }
-      if ((w & kValueMask) > value) {
-        throw PeerLostError(str_cat(op.label(), " failed on rank ", members_[rank_], " at cluster version ",
-                                    cluster_version_, ": rank ", members_[q],
-                                    " gave it up (its own error names the cause)"));
-      }
+      if ((w & kValueMask) > value) std::rethrow_exception(given_up(op, q));
       if (now >= op.deadline) {
         throw TimeoutError(str_cat(describe_wait(op), "; the timeout is ", seconds(timeout_), " (AIKIDO_TIMEOUT)"));
       }
@@ -618,9 +636,7 @@ bool ShmCollectives::advance(ShmOp& op, Clock::time_point now) {
       read_fence();
       for (int q = 0; q < size_; ++q) {
         if (v.arrival(op.entry, op.half, q).word.load(std::memory_order_relaxed) != value) {
-          throw PeerLostError(str_cat(op.label(), " failed on rank ", members_[rank_], " at cluster version ",
-                                      cluster_version_, ": rank ", members_[q],
-                                      " gave it up while its input was read"));
+          std::rethrow_exception(given_up(op, q, " while its input was read"));
         }
       }
       finish(op);
@@ -628,10 +644,10 @@ bool ShmCollectives::advance(ShmOp& op, Clock::time_point now) {
     }
   }
   for (int q = 0; q < size_; ++q) {
+    // A rank that failed later (another chunk of the same collective saw a mismatch) left its error here: it
+    // names the cause, and its kind (MismatchError, ...) reaches this rank too.
     if (v.arrival(op.entry, op.half, q).word.load(std::memory_order_acquire) != value) {
-      throw PeerLostError(str_cat(op.label(), " failed on rank ", members_[rank_], " at cluster version ",
-                                  cluster_version_, ": rank ", members_[q],
-                                  " gave it up (its own error names the cause)"));
+      std::rethrow_exception(given_up(op, q));
     }
   }
   if (now >= op.deadline) {

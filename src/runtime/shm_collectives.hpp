@@ -194,8 +194,11 @@ class ShmCollectives : public std::enable_shared_from_this<ShmCollectives> {
               transport::WireError kind = transport::WireError::lost, const std::string& text = {});
   /// Fails `op` (in flight) with `error`, telling the others (WorkState::cancel).
   void cancel(ShmOp& op, std::exception_ptr error);
-  /// The error of a rank that gave `op` up, from what it left in its arrival.
-  std::exception_ptr given_up(const ShmOp& op, int q) const;
+  /// The error of rank q, which gave `op` up: the one it left in its arrival (for this occurrence or a later one
+  /// on the same half), else a PeerLostError that says so (`when` ends it instead of a pointer to its own error).
+  std::exception_ptr given_up(const ShmOp& op, int q, std::string_view when = {}) const;
+  /// Rank q's arrival word once a copy it is making into its arrival (its error, a small input) is published.
+  std::uint64_t settled_word(const ShmOp& op, int q) const;
   void combine_small(ShmOp& op);
   void leave_bay(int bay, int rank, std::uint64_t token);
   void fail(ShmOp& op, std::exception_ptr error);
