@@ -235,6 +235,11 @@ class Peer {
   /// The topology a collective posted now would run on: topology(), or what Topology::automatic resolves to for an
   /// allreduce of `bytes` bytes.
   Topology planned_topology(std::size_t bytes) const;
+  /// How many bytes to fuse into one allreduce when `total_bytes` of many tensors (a model's gradients) are reduced
+  /// in buckets while they are produced: 1 MiB on one host; across hosts, from the installed links and topology(),
+  /// the smallest power of two of at least 1 MiB whose allreduce spends at most 10% of its time on latencies, at
+  /// most a quarter of `total_bytes` and 32 MiB. The same on every rank that installed the same links.
+  std::size_t fusion_bytes(std::size_t total_bytes) const;
 
   // Allreduce: recv[i] = op over ranks of send[i]. send and recv have equal sizes; they may be the same memory.
   template <class T>

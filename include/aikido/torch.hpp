@@ -107,8 +107,14 @@ struct PrivacyOptions {
 
 struct DistributedOptimizerOptions {
   /// Gradients are fused into buckets of about this many bytes (per dtype), filled in reverse order of the
-  /// parameters, which is the order a backward pass produces them.
-  std::size_t bucket_bytes = std::size_t(1) << 20;
+  /// parameters, which is the order a backward pass produces them; each bucket's allreduce starts as soon as it is
+  /// full, while the backward pass goes on. 0 (the default): sized for the links, Peer::fusion_bytes of all the
+  /// gradients' bytes: 1 MiB on one host; across hosts, large enough that a bucket's allreduce spends at most 10% of
+  /// its time on latencies (a fast link between hosts takes larger buckets), at most a quarter of the gradients.
+  /// Re-planned whenever the link monitor installs measured links (install_links; not under pair_averaging, whose
+  /// published models are per bucket) and after every cluster change (rank 0's choice), on every worker at the same
+  /// step. See bucket_bytes() and set_bucket_bytes().
+  std::size_t bucket_bytes = 0;
   /// Seed of the choice of partner in pair averaging (combined with the rank).
   std::uint64_t seed = 0;
   /// Monitoring (metrics()): gradient noise scale, variance and SNR, throughput and the split of the step's time.
@@ -252,6 +258,14 @@ class DistributedOptimizer {
   void set_compression(Compression compression);
   Compression compression() const { return options_.compression; }
 
+  /// The size of the buckets now (DistributedOptimizerOptions::bucket_bytes, or what was chosen for the links).
+  std::size_t bucket_bytes() const { return bucket_bytes_; }
+  /// Sets the bucket size at a step boundary (0: sized for the links again, as by default). Collective like
+  /// set_strategy (MismatchError when workers disagree); the buckets are laid out anew, with the round strategies'
+  /// anchors and momentum carried over; compression's error feedback begins anew. ConfigError between backward()
+  /// and step().
+  void set_bucket_bytes(std::size_t bytes);
+
   /// DP-SGD's per-sample gradients (synchronous_sgd with privacy): `grads` wraps the model whose forward pass the
   /// training loop runs through it; it must outlive this object. step() then clips, sums and noises them in place of
   /// the gradients backward() produced.
@@ -260,7 +274,7 @@ class DistributedOptimizer {
   const RdpAccountant* accountant() const { return accountant_.get(); }
 
   /// Registers this optimizer's own state with an elastic session (call before its first sync(), on every worker,
-  /// like every registration): the round of the round strategies (anchor model, local steps taken, DiLoCo's outer
+  /// like every registration): the bucket size, the round of the round strategies (anchor model, local steps taken, DiLoCo's outer
   /// momentum) and the privacy accountant (a rollback never makes it forget steps: noise once released stays spent).
   /// With it, federated averaging's round deadline can leave stragglers behind. `session` must outlive this object.
   void set_elastic_session(ElasticSession* session);
@@ -298,7 +312,7 @@ class DistributedOptimizer {
   /// flight: call it before ElasticSession::sync(). `after_failure`: for recover(); errors of that work are dropped.
   void finish_pending(bool after_failure = false);
   /// After the cluster changed (sync() or recover() returned changed): collective on the new cluster. Every member
-  /// takes rank 0's step count (steps()), and pair averaging publishes the model anew. A round strategy ends its
+  /// takes rank 0's step count (steps()) and bucket size (bucket_bytes()), and pair averaging publishes the model anew. A round strategy ends its
   /// round with an exchange among the new cluster (with a registered elastic session; otherwise the models are
   /// averaged and the round starts again from the mean). Compression state begins anew. When aikido-run chose the
   /// thread count (AIKIDO_AUTO_THREADS) and the program kept it, LibTorch's intra-op threads become this host's
@@ -323,6 +337,8 @@ class DistributedOptimizer {
   struct Rounds;
   struct Privacy;
   void build_buckets();
+  std::size_t planned_bucket_bytes() const;
+  void relayout_buckets(std::size_t bytes, std::string_view why);
   void install_hooks();
   void remove_hooks();
   void on_gradient(std::size_t parameter, const ::torch::Tensor& grad);
@@ -365,6 +381,7 @@ class DistributedOptimizer {
   DistributedOptimizerOptions options_;
   std::vector<Slot> slots_;
   std::vector<Bucket> buckets_;
+  std::size_t bucket_bytes_ = 0;  // the buckets' size now (options_.bucket_bytes, or chosen for the links)
   std::int64_t steps_ = 0;
   bool hooks_installed_ = false;
   bool second_backward_ = false;   // a gradient arrived twice in one step

@@ -247,6 +247,11 @@ void bind_torch_api(py::module_& m) {
           py::arg("compression"))
       .def_property_readonly("compression", [](const PyDistributedOptimizer& o) { return o.get().compression(); })
       .def(
+          "set_bucket_bytes",
+          [](PyDistributedOptimizer& o, std::size_t bytes) { blocking([&] { o.get().set_bucket_bytes(bytes); }); },
+          py::arg("bucket_bytes"))
+      .def_property_readonly("bucket_bytes", [](const PyDistributedOptimizer& o) { return o.get().bucket_bytes(); })
+      .def(
           "restore_compression",
           [](PyDistributedOptimizer& o, const Compression& c) { o.get().restore_compression(c); },
           py::arg("compression"))

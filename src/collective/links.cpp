@@ -331,6 +331,26 @@ std::size_t chunk_bytes(const LinkModel& model) {
   return std::clamp(floor_pow2(bw * kChunkSeconds), kMinChunk, kMaxChunk);
 }
 
+std::size_t fusion_bytes(const LinkModel& model, Topology topology, std::size_t total_bytes) {
+  bool across = false;
+  for (int r = 1; r < model.size() && !across; ++r) across = !model.same_host(0, r);
+  if (!across) return kFusionBytes;
+  const std::size_t most = std::min(kMaxFusionBytes, std::max(kFusionBytes, floor_pow2(double(total_bytes) / 4)));
+  const auto seconds = [&](std::size_t b) {
+    return topology == Topology::automatic ? choose_topology(model, CollectiveKind::allreduce, b).seconds
+                                           : predict(model, topology, {}, CollectiveKind::allreduce, b);
+  };
+  // Seconds per byte where the bytes dominate (the plans of large buffers); what a buffer's time exceeds b times
+  // that is the part that does not shrink with fusing (small buffers may take other plans, with other latencies).
+  const double per_byte = (seconds(2 * kMaxFusionBytes) - seconds(kMaxFusionBytes)) / double(kMaxFusionBytes);
+  std::size_t bytes = kFusionBytes;
+  for (; bytes < most; bytes *= 2) {
+    const double t = seconds(bytes);
+    if (t - double(bytes) * per_byte <= kFusionOverhead * t) break;
+  }
+  return bytes;
+}
+
 int choose_streams(double one, double several, int streams) {
   if (!(one > 0) || !(several > 0) || streams <= 1) return 1;
   // Throughput grows at most linearly with streams; take the fewest that reach within 10% of what all reached.

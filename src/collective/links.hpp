@@ -77,6 +77,18 @@ std::size_t segment_bytes(const LinkModel& model, const std::vector<int>& member
 /// Bytes of a chunk of a large hierarchical collective: what the slowest link between hosts carries in a few
 /// milliseconds, between 1 MiB and 8 MiB.
 std::size_t chunk_bytes(const LinkModel& model);
+/// Bytes of a fusion bucket: many tensors' allreduces (a model's gradients, `total_bytes` of them) fused into buckets of
+/// about this size, each reduced while the next fills. kFusionBytes when every rank is on one host (shared memory has
+/// no latency worth amortising); across hosts the smallest power of two from kFusionBytes up whose predicted
+/// allreduce (on `topology`; for Topology::automatic on what it picks for each size) spends at most kFusionOverhead
+/// of its time beyond what its bytes take at the rate of large buffers (the latencies of the plan's hops), so that
+/// fusing more would gain little. At most a quarter of `total_bytes` (buckets are what lets communication overlap the
+/// backward pass) and kMaxFusionBytes.
+inline constexpr std::size_t kFusionBytes = std::size_t(1) << 20;
+inline constexpr std::size_t kMaxFusionBytes = std::size_t(32) << 20;
+inline constexpr double kFusionOverhead = 0.1;
+std::size_t fusion_bytes(const LinkModel& model, Topology topology, std::size_t total_bytes);
+
 /// TCP connections between two ranks of hosts joined by `link`, measured with one connection (`one`) and with
 /// `streams` connections at once (`several`): the fewest that carry within 10% of the most.
 int choose_streams(double one, double several, int streams);

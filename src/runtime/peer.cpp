@@ -432,6 +432,10 @@ std::uint64_t Peer::bytes_sent() const { return bytes_sent_before_ + engine_->by
 void Peer::set_link_matrix(const LinkMatrix& links) { engine_->set_link_matrix(links); }
 LinkMatrix Peer::link_matrix() const { return engine_->link_matrix(); }
 
+std::size_t Peer::fusion_bytes(std::size_t total_bytes) const {
+  return collective::fusion_bytes(engine_->link_model(), topology(), total_bytes);
+}
+
 Topology Peer::planned_topology(std::size_t bytes) const {
   const Topology t = topology();
   if (t != Topology::automatic) return t;

@@ -265,6 +265,7 @@ DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer
   if (parameters_.empty()) throw ConfigError("DistributedOptimizer: no parameter requires a gradient");
   check_allowed(strategy_, options_.compression);
   setup_privacy();
+  bucket_bytes_ = planned_bucket_bytes();
   build_buckets();
   build_codecs();
   start_round();
@@ -358,7 +359,7 @@ void DistributedOptimizer::build_buckets() {
       open.push_back(b);
     } else {
       b = open[t - open_types.begin()];
-      if (sizes[b] > 0 && static_cast<std::size_t>(sizes[b]) * p.element_size() + bytes > options_.bucket_bytes) {
+      if (sizes[b] > 0 && static_cast<std::size_t>(sizes[b]) * p.element_size() + bytes > bucket_bytes_) {
         b = buckets_.size();
         buckets_.emplace_back();
         sizes.push_back(0);
@@ -384,6 +385,69 @@ void DistributedOptimizer::build_buckets() {
       slot.grad_alias = ::torch::from_blob(
           data, p.sizes(), [keep = bucket.flat](void*) {}, bucket.flat.options());
     }
+  }
+}
+
+// options().bucket_bytes, or what the Peer's links call for (the same on every worker that installed the same links).
+std::size_t DistributedOptimizer::planned_bucket_bytes() const {
+  if (options_.bucket_bytes > 0) return options_.bucket_bytes;
+  std::size_t total = 0;
+  for (const auto& p : parameters_) total += static_cast<std::size_t>(p.numel()) * p.element_size();
+  return peer_.fusion_bytes(total);
+}
+
+// Lays the buckets out anew for `bytes`, between steps, on every worker at the same point (the bucket names and
+// sizes must match across workers). What lives in per-bucket tensors beyond a step moves with its parameters: the
+// round strategies' anchors and momentum, a pulled model. Codecs begin anew.
+void DistributedOptimizer::relayout_buckets(std::size_t bytes, std::string_view why) {
+  if (bytes == bucket_bytes_) return;
+  finish_pull();
+  release_gradient_aliases();
+  const std::vector<Slot> old = slots_;
+  const std::size_t before = bucket_bytes_;
+  buckets_.clear();
+  bucket_bytes_ = bytes;
+  build_buckets();
+  build_codecs();
+  reset_step();
+  auto carry = [&](std::vector<::torch::Tensor>& per_bucket) {
+    if (per_bucket.empty()) return;
+    std::vector<::torch::Tensor> moved;
+    for (const auto& bucket : buckets_) moved.push_back(::torch::zeros_like(bucket.flat));
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      const ::torch::Tensor& from = per_bucket[old[i].bucket];
+      if (!from.defined()) continue;
+      moved[slots_[i].bucket].narrow(0, slots_[i].offset, slots_[i].numel)
+          .copy_(from.narrow(0, old[i].offset, old[i].numel));
+    }
+    per_bucket = std::move(moved);
+  };
+  carry(rounds_->anchors);
+  carry(rounds_->momentum);
+  if (pull_) carry(pull_->flats);
+  if (auto* timeline = detail::Timeline::get()) {
+    timeline->instant("buckets", "buckets", "buckets laid out", Monitor::Clock::now(),
+                      str_cat("\"step\":", steps_, ",\"why\":\"", why, "\",\"bucket_bytes_before\":", before,
+                              ",\"bucket_bytes\":", bytes, ",\"buckets\":", buckets_.size()));
+  }
+}
+
+void DistributedOptimizer::set_bucket_bytes(std::size_t bytes) {
+  if (std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.ready; })) {
+    throw ConfigError("set_bucket_bytes: called between backward() and step(); call it at a step boundary");
+  }
+  const std::string value = str_cat(bytes, "@", steps_);
+  if (!peer_.consensus(std::as_bytes(std::span(value.data(), value.size())), str_cat(kPrefix, "set_bucket_bytes"))) {
+    throw MismatchError(str_cat("set_bucket_bytes: workers asked for different sizes or at different steps (this "
+                                "worker, rank ",
+                                peer_.rank(), ": ", bytes, " after step ", steps_, ")"));
+  }
+  options_.bucket_bytes = bytes;
+  const std::size_t before = bucket_bytes_;
+  relayout_buckets(planned_bucket_bytes(), "set_bucket_bytes");
+  if (strategy_ == Strategy::pair_averaging && bucket_bytes_ != before) {
+    pull_.reset();  // the models it pulled and published were per old bucket
+    publish_model(true);
   }
 }
 
@@ -637,6 +701,8 @@ void DistributedOptimizer::install_links() {
     if (std::isfinite(bandwidth)) m.installed_bandwidth[std::size_t(to)] = bandwidth;
   }
   ++metrics_.link_matrices_installed;
+  // Pair averaging's published models are per bucket and pulled at any time: its layout stays.
+  if (strategy_ != Strategy::pair_averaging) relayout_buckets(planned_bucket_bytes(), "links installed");
   const auto after = peer_.planned_topology(static_cast<std::size_t>(m.gradient_bytes));
   if (auto* timeline = detail::Timeline::get()) {
     timeline->instant("links", "links", "link matrix installed", Monitor::Clock::now(),
@@ -931,9 +997,11 @@ void DistributedOptimizer::on_cluster_change() {
     // from 0 and a rollback restores the model, not this count: every member takes rank 0's, so that the steps that
     // also allreduce gradients (model and pair averaging with monitoring) are the same steps everywhere; otherwise
     // their collectives would not meet.
-    std::int64_t steps = steps_;
-    peer_.broadcast(std::span<std::int64_t>(&steps, 1), 0, str_cat(kPrefix, "steps"));
-    steps_ = steps;
+    // Rank 0's bucket size too, planned for the new cluster's links: a joining worker planned with what it knew.
+    std::array<std::int64_t, 2> values{steps_, static_cast<std::int64_t>(planned_bucket_bytes())};
+    peer_.broadcast(std::span<std::int64_t>(values), 0, str_cat(kPrefix, "steps"));
+    steps_ = values[0];
+    relayout_buckets(static_cast<std::size_t>(values[1]), "cluster change");
   }
   published_ = false;
   if (strategy_ == Strategy::pair_averaging) publish_model(true);

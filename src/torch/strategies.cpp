@@ -645,6 +645,21 @@ void get_tensors(detail::ByteReader& r, std::vector<::torch::Tensor>& tensors, c
 void DistributedOptimizer::set_elastic_session(ElasticSession* session) {
   session_ = session;
   if (session == nullptr) return;
+  // The bucket layout first: the round's tensors below are per bucket, laid out for the size they were saved with.
+  session->register_state(
+      "aikido.torch/optimizer-buckets",
+      [this] {
+        detail::ByteWriter w;
+        w.put(std::uint64_t(bucket_bytes_));
+        return w.take();
+      },
+      [this](std::span<const std::byte> bytes) {
+        detail::ByteReader reader(bytes, "DistributedOptimizer buckets");
+        const auto size = reader.get<std::uint64_t>();
+        reader.finish();
+        if (size == 0) throw ProtocolError("DistributedOptimizer: restored a bucket size of 0 bytes");
+        relayout_buckets(static_cast<std::size_t>(size), "state restored");
+      });
   session->register_state(
       "aikido.torch/optimizer-rounds",
       [this] {

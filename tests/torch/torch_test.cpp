@@ -237,6 +237,125 @@ TEST(TorchSynchronousSgd, BucketAllreducesStartDuringBackward) {
 // After step() every parameter's .grad() is the averaged gradient in the optimizer's bucket, not a copy of it: the
 // gradients of a bucket lie back to back in the reverse order of the parameters, at the same addresses every step,
 // and hold the same values on every worker.
+// Buckets sized for the links (bucket_bytes 0, the default): 1 MiB with every worker on one host; with workers on two
+// hosts, what Peer::fusion_bytes says for the model's gradients, at the start (from links installed as 10 Gbit/s
+// with 100 us) and again after the link monitor installed the measured ones, the same on both workers.
+TEST(TorchSynchronousSgd, BucketsAreSizedForTheLinks) {
+  for (const bool across : {false, true}) {
+    std::vector<std::size_t> start(2), measured(2), planned(2);
+    run_cluster(
+        2, base_config(),
+        [&](Peer& peer) {
+          if (across) {
+            LinkMatrix links = LinkMatrix::unmeasured(2);
+            for (int i : {1, 2}) {
+              links.latency_seconds[std::size_t(i)] = 100e-6;
+              links.bandwidth_bytes_per_second[std::size_t(i)] = 1.25e9;
+            }
+            peer.set_link_matrix(links);
+          }
+          nn::Sequential net = make_mlp(7, ::torch::kFloat32, 1 << 18);  // 12 MiB of gradients
+          ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.01));
+          at::DistributedOptimizerOptions options;
+          options.link_probe_interval = std::chrono::milliseconds(1);
+          options.link_probe_bytes = 64 * 1024;
+          at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::synchronous_sgd, options);
+          std::size_t total = 0;
+          for (const auto& p : net->parameters()) total += std::size_t(p.numel()) * p.element_size();
+          start[peer.rank()] = opt.bucket_bytes();
+          EXPECT_EQ(opt.bucket_bytes(), peer.fusion_bytes(total));
+          const Data data = make_data(16);
+          // metrics() is the same on both workers, so both leave the loop after the same step.
+          for (int step = 0; step < 3000 && opt.metrics().link_matrices_installed == 0; ++step) {
+            opt.zero_grad();
+            loss_on(net, data, ::torch::arange(peer.rank() * 8, peer.rank() * 8 + 8)).backward();
+            opt.step(8);
+            std::this_thread::sleep_for(std::chrono::milliseconds(2));
+          }
+          opt.finish_pending();
+          EXPECT_GE(opt.metrics().link_matrices_installed, 1);
+          measured[peer.rank()] = opt.bucket_bytes();
+          planned[peer.rank()] = peer.fusion_bytes(total);
+        },
+        [&](int rank, PeerConfig& c) { c.host = across ? "host" + std::to_string(rank) : "host"; });
+    for (int r = 0; r < 2; ++r) {
+      if (!across) {
+        EXPECT_EQ(start[r], std::size_t(1) << 20);
+        EXPECT_EQ(measured[r], std::size_t(1) << 20);
+      }
+      EXPECT_EQ(measured[r], planned[r]) << "rank " << r << (across ? ", two hosts" : ", one host");
+      EXPECT_EQ(measured[r], measured[0]);
+    }
+    if (across) {
+      // At 10 Gbit/s with 100 us, 1 MiB would spend 19% on latency; a quarter of 12 MiB bounds the size.
+      EXPECT_EQ(start[0], std::size_t(2) << 20);
+      EXPECT_EQ(start[1], start[0]);
+    }
+  }
+}
+
+// set_bucket_bytes lays the buckets out anew between steps: synchronous SGD's result does not change (two workers:
+// every mean is exact whatever the grouping), nor does a DiLoCo round's, whose anchor and outer momentum move into the
+// new buckets mid-round.
+TEST(TorchSynchronousSgd, SetBucketBytesChangesNothingButTheBuckets) {
+  for (const auto strategy : {at::Strategy::synchronous_sgd, at::Strategy::diloco}) {
+    std::vector<Tensor> plain(2), resized(2);
+    for (const bool resize : {false, true}) {
+      run_cluster(2, base_config(), [&](Peer& peer) {
+        nn::Sequential net = make_mlp(7);
+        ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.1).momentum(0.9));
+        at::DistributedOptimizerOptions options;
+        options.local_steps = 3;
+        at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), strategy, options);
+        EXPECT_EQ(opt.bucket_bytes(), std::size_t(1) << 20);
+        const Data data = make_data(64);
+        for (int step = 0; step < 10; ++step) {
+          if (resize && step == 4) {
+            opt.set_bucket_bytes(64);  // every parameter in a bucket of its own
+            EXPECT_EQ(opt.bucket_bytes(), 64u);
+          }
+          if (resize && step == 8) {
+            opt.set_bucket_bytes(0);
+            EXPECT_EQ(opt.bucket_bytes(), std::size_t(1) << 20);
+          }
+          opt.zero_grad();
+          const std::int64_t first = peer.rank() * 32 + step;
+          loss_on(net, data, ::torch::arange(first, first + 8)).backward();
+          opt.step(8);
+        }
+        opt.finish_pending();
+        (resize ? resized : plain)[peer.rank()] = flat_parameters(net);
+      });
+    }
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_TRUE(::torch::equal(resized[r], plain[r]))
+          << at::strategy_name(strategy) << ", rank " << r << " differs by "
+          << (resized[r] - plain[r]).abs().max().item<double>();
+    }
+  }
+}
+
+TEST(TorchSynchronousSgd, SetBucketBytesBetweenBackwardAndStepIsAClearError) {
+  run_cluster(2, base_config(), [&](Peer& peer) {
+    nn::Sequential net = make_mlp(7);
+    ::torch::optim::SGD sgd(net->parameters(), ::torch::optim::SGDOptions(0.1));
+    at::DistributedOptimizerOptions options;
+    options.bucket_bytes = 64;
+    at::DistributedOptimizer opt(peer, sgd, net->named_parameters(), at::Strategy::synchronous_sgd, options);
+    const Data data = make_data(16);
+    opt.zero_grad();
+    loss_on(net, data, ::torch::arange(peer.rank() * 8, peer.rank() * 8 + 8)).backward();
+    try {
+      opt.set_bucket_bytes(1024);
+      ADD_FAILURE() << "no error";
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("between backward() and step()"), std::string::npos) << e.what();
+    }
+    opt.step();
+    EXPECT_EQ(opt.bucket_bytes(), 64u);
+  });
+}
+
 TEST(TorchSynchronousSgd, GradientsShareTheBucketMemoryAfterStep) {
   run_cluster(2, base_config(), [&](Peer& peer) {
     nn::Sequential net = make_mlp(7);

@@ -112,6 +112,42 @@ TEST(LinkModel, SegmentsFollowTheSlowestLink) {
   EXPECT_EQ(collective::chunk_bytes(LinkModel(measured(hosts, 0.1 * kGbit), hosts)), 1u << 20);
 }
 
+// Fusion buckets: 1 MiB on one host; across hosts the smallest power of two whose allreduce spends at most 10% of its
+// predicted time beyond what its bytes take at the rate of large buffers, so faster links take larger buckets; at
+// most a quarter of the gradients and 32 MiB.
+TEST(LinkModel, FusionBucketsGrowWithTheLinkBetweenHosts) {
+  constexpr std::size_t kMiB = std::size_t(1) << 20, kTotal = std::size_t(1) << 30;
+  const auto one = hosts_of(1, 4);
+  EXPECT_EQ(collective::fusion_bytes(LinkModel(measured(one, 0), one), Topology::automatic, kTotal), kMiB);
+  const auto hosts = hosts_of(2, 2);
+  std::size_t last = 0;
+  std::vector<std::size_t> chosen;
+  for (double rate : {0.1 * kGbit, 1 * kGbit, 10 * kGbit, 100 * kGbit}) {
+    const LinkModel model(measured(hosts, rate), hosts);
+    const std::size_t bytes = collective::fusion_bytes(model, Topology::automatic, kTotal);
+    EXPECT_GE(bytes, last) << rate;
+    last = bytes;
+    chosen.push_back(bytes >> 20);
+    auto seconds = [&](std::size_t b) { return choose_topology(model, CollectiveKind::allreduce, b).seconds; };
+    const double per_byte = (seconds(64 * kMiB) - seconds(32 * kMiB)) / double(32 * kMiB);
+    auto fixed_share = [&](std::size_t b) { return (seconds(b) - double(b) * per_byte) / seconds(b); };
+    if (bytes < collective::kMaxFusionBytes) {
+      EXPECT_LE(fixed_share(bytes), collective::kFusionOverhead) << rate;
+    }
+    if (bytes > kMiB) {
+      EXPECT_GT(fixed_share(bytes / 2), collective::kFusionOverhead) << rate;
+    }
+    // A fixed topology is planned for as it is.
+    EXPECT_GE(collective::fusion_bytes(model, Topology::ring, kTotal), kMiB);
+  }
+  // MiB at 0.1, 1, 10 and 100 Gbit/s with 100 us between hosts (2 hosts x 2 ranks, hierarchical).
+  EXPECT_EQ(chosen, (std::vector<std::size_t>{1, 1, 8, 32}));
+  // At most a quarter of the gradients (never below 1 MiB): buckets exist to overlap the backward pass.
+  const LinkModel fast(measured(hosts, 100 * kGbit), hosts);
+  EXPECT_EQ(collective::fusion_bytes(fast, Topology::automatic, 8 * kMiB), 2 * kMiB);
+  EXPECT_EQ(collective::fusion_bytes(fast, Topology::automatic, 2 * kMiB), kMiB);
+}
+
 TEST(LinkModel, StreamsAreTheFewestThatCarryNearlyAll) {
   EXPECT_EQ(collective::choose_streams(100, 105, 4), 1);  // one stream fills the link
   EXPECT_EQ(collective::choose_streams(100, 190, 4), 2);

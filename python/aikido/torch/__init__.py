@@ -56,7 +56,8 @@ class DistributedOptimizer(_C.DistributedOptimizer):
 
     - ``synchronous_sgd`` ("ssgd"): gradients are averaged before every step; they are fused into buckets of about
       ``bucket_bytes`` in reverse parameter order and each bucket's allreduce starts during ``backward()`` as soon as
-      its gradients are ready. After ``step()`` the averaged gradients are in ``.grad``; ``zero_grad()`` sets them to
+      its gradients are ready. ``bucket_bytes=0`` (the default) sizes them for the links: 1 MiB on one host, larger
+      across fast links between hosts (re-planned when links are measured; ``bucket_bytes`` tells the size now). After ``step()`` the averaged gradients are in ``.grad``; ``zero_grad()`` sets them to
       None.
     - ``synchronous_averaging`` ("sma"): a local step, then the models are averaged.
     - ``pair_averaging`` ("pair"): a local step, then averaging with a random other worker's model pulled in the
@@ -91,7 +92,7 @@ class DistributedOptimizer(_C.DistributedOptimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: NamedParameters,
                  strategy: Union[Strategy, str] = Strategy.synchronous_sgd, *, peer: Optional[Peer] = None,
-                 bucket_bytes: int = 1 << 20, seed: int = 0, monitor: bool = True,
+                 bucket_bytes: int = 0, seed: int = 0, monitor: bool = True,
                  gradient_sample_interval: int = 16, noise_smoothing: float = 0.05,
                  link_probe_interval: float = 5.0, link_probe_bytes: int = 1 << 20, collective_setup: bool = True,
                  local_steps: int = 8, round_deadline: float = 0.0, outer_lr: float = 0.7,
@@ -117,6 +118,10 @@ class DistributedOptimizer(_C.DistributedOptimizer):
         """Switches compression at a step boundary; collective like ``set_strategy`` (error-feedback residuals and
         PowerSGD's warm start begin anew)."""
         super().set_compression(Compression(compression) if isinstance(compression, str) else compression)
+
+    def set_bucket_bytes(self, bucket_bytes: int) -> None:
+        """Sets the bucket size at a step boundary (0: sized for the links); collective like ``set_strategy``."""
+        super().set_bucket_bytes(bucket_bytes)
 
     @property
     def param_groups(self):
