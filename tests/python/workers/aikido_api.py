@@ -85,7 +85,11 @@ def optimizer_matches_one_process():
     sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     opt = aikido.torch.DistributedOptimizer(sgd, net.named_parameters(), "ssgd", bucket_bytes=256)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    check(opt.bucket_bytes == 256, f"bucket_bytes {opt.bucket_bytes}")
     for step in range(12):
+        if step == 6:
+            opt.set_bucket_bytes(0)  # sized for the links: 1 MiB on one host, the whole model in one bucket
+            check(opt.bucket_bytes == 1 << 20, f"bucket_bytes after set_bucket_bytes(0): {opt.bucket_bytes}")
         x, y = batch(step, rank)
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
