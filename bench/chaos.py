@@ -16,8 +16,8 @@ ends, injects one fault every --interval seconds (uniform between half and one a
 
 At least one worker that has trained for 3 s is never touched at a time, so that the job's state survives (Aikido
 keeps it in the workers' memory: losing every worker at once loses the job, by design); for the same reason no
-resize is made while a host is cut off, and a worker that may have left its session at the end of the training is
-always continued after a stop (see bench/README.md).
+resize is made while a host is cut off, and a worker stopped once the training may have finished is always
+continued (killed there, it would not print the finished line the params check counts; see bench/README.md).
 
 At the end of each run:
   status     aikido-run exited with status 0 (with --hosts: every launcher, but 1 for one removed while cut off)
@@ -212,9 +212,9 @@ class Run:
             os.kill(victim, signal.SIGSTOP)
             with self.lock:
                 self.stopped[victim] = time.monotonic()
-            # A worker that has left its session at the end of the training has no heartbeat any more: aikido-run
-            # waits for its exit, and one stopped for good there would hold the job for ever (see bench/README.md).
-            # Such a worker is always continued.
+            # A worker stopped for good once the training has finished is killed by aikido-run (by its heartbeat, or
+            # after it left its session for being stopped), so it never prints its finished line, which the params
+            # check counts. Such a worker is always continued (see bench/README.md).
             if self.rng.random() < 0.5 or self.finished(wid):
                 pause = self.rng.uniform(0.3, 2.0)
                 self.note("stop", f"SIGSTOP worker {wid}, SIGCONT after {pause:.1f} s")

@@ -288,6 +288,34 @@ TEST(ElasticProcessTest, AResizeAfterTheTrainingFinishedStartsNoWorker) {
   EXPECT_LT(r.elapsed, 50s) << "the job waited for a worker that could not join";
 }
 
+// A worker that left its session has no heartbeat; one that works on after it (rank 0 here, 8 s) is left alone, but
+// one stopped by a signal (SIGSTOP) would keep aikido-run waiting for ever: it is killed a heartbeat timeout later,
+// without a replacement, and the job ends with status 0 once the others exit.
+TEST(ElasticProcessTest, AWorkerStoppedAfterItLeftItsSessionIsKilled) {
+  Subprocess job(elastic_job({"-np", "2", "--restart", "--heartbeat-timeout", "2", "--timeout", "20"},
+                             {"--epochs", "1", "--step-ms", "1", "--print-every", "20", "--after-session-ms", "8000"}));
+  std::set<long long> closed;
+  job.wait_for_output(
+      [&](const std::string& out, const std::string&) {
+        for (const auto& e : events(out, "closed")) closed.insert(e.num("pid"));
+        return closed.size() == 2;
+      },
+      60s);
+  ASSERT_EQ(closed.size(), 2u) << job.wait(kBound).describe();
+  const pid_t stopped = pid_t(*closed.begin());
+  ASSERT_EQ(::kill(stopped, SIGSTOP), 0);
+  const auto r = job.wait(kBound);
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.describe();
+  EXPECT_NE(r.err.find("left its session and has been stopped (SIGSTOP) for 2 s (--heartbeat-timeout); killing it"),
+            std::string::npos)
+      << r.describe();
+  EXPECT_EQ(r.err.find("killing it", r.err.find("killing it") + 1), std::string::npos)
+      << "only the stopped worker is killed, not the one working after its session" << r.describe();
+  EXPECT_EQ(r.err.find("starting a replacement"), std::string::npos) << r.describe();
+  EXPECT_TRUE(process_gone(stopped));
+  EXPECT_LT(r.elapsed, 40s) << r.describe();
+}
+
 // A worker dies after every worker finished its last step but before any exited: aikido-run starts a replacement,
 // which would wait for the finished workers until its timeout. Once a member exits (finished at the version before
 // the replacement's), aikido-run stops the replacement and the job ends at once.

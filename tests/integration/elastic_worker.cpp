@@ -19,7 +19,8 @@
 // S:N,S:N,...  (at global step S, all workers call peer.resize(N))  --linger-rank R the worker at rank R waits 60 s
 // after "done" before it exits (to be killed there)
 // --linger-ms M every worker waits M ms after "done" before it exits  --linger-until F every worker waits after
-// "done" until file F exists (at most 60 s) before it exits
+// "done" until file F exists (at most 60 s) before it exits  --after-session-ms M every worker closes its session
+// after "done", prints {"event":"closed","pid":P}, then works M ms more before it exits (writing its results)
 #include <unistd.h>
 
 #include <aikido/aikido.hpp>
@@ -48,6 +49,7 @@ struct Options {
   int linger_ms = 0;
   std::string linger_until;
   std::int64_t hang_before_session = -1;
+  int after_session_ms = 0;
 };
 
 Options parse(int argc, char** argv) {
@@ -74,6 +76,8 @@ Options parse(int argc, char** argv) {
       o.linger_ms = std::stoi(value);
     else if (flag == "--linger-until")
       o.linger_until = value;
+    else if (flag == "--after-session-ms")
+      o.after_session_ms = std::stoi(value);
     else if (flag == "--hang-before-session")  // the worker with this id sleeps 10 minutes before its session
       o.hang_before_session = std::stoll(value);
     else if (flag == "--schedule") {
@@ -256,12 +260,21 @@ int main(int argc, char** argv) {
         id && options.hang_before_session >= 0 && std::atoll(id) == options.hang_before_session) {
       std::this_thread::sleep_for(std::chrono::minutes(10));
     }
-    auto session = aikido::ElasticSession::from_env();
-    Worker worker(*session, options);
-    char text[64];
-    std::snprintf(text, sizeof text, "\"process_start_unix_ms\":%.3f", started);
-    worker.say("start", text);
-    return worker.run();
+    int status = 0;
+    {
+      auto session = aikido::ElasticSession::from_env();
+      Worker worker(*session, options);
+      char text[64];
+      std::snprintf(text, sizeof text, "\"process_start_unix_ms\":%.3f", started);
+      worker.say("start", text);
+      status = worker.run();
+    }
+    if (options.after_session_ms > 0) {
+      std::printf("{\"event\":\"closed\",\"pid\":%d}\n", int(::getpid()));
+      std::fflush(stdout);
+      std::this_thread::sleep_for(std::chrono::milliseconds(options.after_session_ms));
+    }
+    return status;
   } catch (const aikido::Error& e) {
     std::printf("{\"event\":\"error\",\"what\":\"%s\"}\n", e.what());
     std::fflush(stdout);

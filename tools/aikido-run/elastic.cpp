@@ -7,6 +7,7 @@
 #include <aikido/errors.hpp>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <optional>
 #include <thread>
 #include <utility>
@@ -386,7 +387,11 @@ void ElasticController::check_heartbeats(Supervisor& supervisor) {
     if (now - asked > kSlowStoreAnswer) {
       for (auto& [other, hb] : heartbeats_) hb.changed = now;
     }
-    if (!value || value->starts_with("state=left")) continue;  // not started yet, or finished
+    if (!value) continue;  // not started yet
+    if (value->starts_with("state=left")) {
+      check_left_worker(supervisor, id, now, timeout);
+      continue;
+    }
     Heartbeat& hb = heartbeats_[id];
     if (*value != hb.value) {
       hb.value = *value;
@@ -401,6 +406,42 @@ void ElasticController::check_heartbeats(Supervisor& supervisor) {
     }
   }
   record_recoveries(*spec, joined);
+}
+
+namespace {
+
+// Whether process `pid` is stopped by a signal (state T in /proc/PID/stat; not t, a debugger's tracing stop).
+bool process_stopped(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat;
+  std::getline(in, stat);
+  const auto close = stat.rfind(')');  // the command name may hold spaces and parentheses
+  return close != std::string::npos && close + 2 < stat.size() && stat[close + 2] == 'T';
+}
+
+}  // namespace
+
+// A worker that left its session has no heartbeat: it may work for long after (writing its results), and that is
+// not a hang. A process stopped by a signal for a heartbeat timeout does no work, though, and the job would wait for
+// it for ever: it is killed, as a worker whose heartbeat stopped would be. Its training is over (it left), so no
+// replacement follows and the job's status stays what the others make it.
+void ElasticController::check_left_worker(Supervisor& supervisor, std::uint64_t id,
+                                          std::chrono::steady_clock::time_point now,
+                                          std::chrono::milliseconds timeout) {
+  Heartbeat& hb = heartbeats_[id];
+  const pid_t pid = supervisor.pid_of(id);
+  if (pid <= 0 || !process_stopped(pid)) {
+    hb.stopped_since.reset();
+    return;
+  }
+  if (!hb.stopped_since) hb.stopped_since = now;
+  if (hb.killed || now - *hb.stopped_since < timeout) return;
+  hb.killed = true;
+  const auto latest = membership_->latest();
+  if (!finished_by_ && latest && latest->contains(id)) finished_by_ = id;  // a member that left: training is over
+  report("aikido-run: worker " + std::to_string(id) + " left its session and has been stopped (SIGSTOP) for " +
+         detail::seconds(timeout) + " (--heartbeat-timeout); killing it (SIGKILL)");
+  supervisor.kill_worker(id);
 }
 
 void ElasticController::record_recoveries(const ClusterSpec& latest,

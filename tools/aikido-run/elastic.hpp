@@ -90,6 +90,9 @@ class ElasticController final : public Controller {
     std::string value;
     std::chrono::steady_clock::time_point changed;
     bool killed = false;
+    // After the worker left its session (no heartbeat any more): since when its process is stopped (SIGSTOP, state
+    // T in /proc), if it is.
+    std::optional<std::chrono::steady_clock::time_point> stopped_since;
   };
   /// Whether a worker has opened its ElasticSession (its status key exists).
   struct SessionWatch {
@@ -110,6 +113,8 @@ class ElasticController final : public Controller {
   /// "recovery"). `joined`: each running member's version, from its status key.
   void record_recoveries(const ClusterSpec& latest, const std::map<std::uint64_t, std::uint64_t>& joined);
   void check_heartbeats(Supervisor& supervisor);
+  void check_left_worker(Supervisor& supervisor, std::uint64_t id, std::chrono::steady_clock::time_point now,
+                         std::chrono::milliseconds timeout);
   void check_sessions(Supervisor& supervisor);
   bool session_open(std::uint64_t id);
   /// Records why the job's workers do not use sessions ("plain-peer" or "silent", see no_session_key) for aikido-ctl.

@@ -366,7 +366,8 @@ options:
   --max-restarts R      elastic: start at most R replacements in the job (default 10; 0: none)
   --control-file F      elastic: write the control endpoint and the job secret to F (mode 0600) for aikido-ctl
   --heartbeat-timeout S elastic: a worker whose heartbeat is silent this long is killed and replaced
-                        (default 3, or half of --timeout when that is shorter; at least 0.5, below --timeout)
+                        (default 3, or half of --timeout when that is shorter; at least 0.5, below --timeout);
+                        one that left its session and is stopped (SIGSTOP) this long is killed
   --checkpoint F        elastic: where rank 0 writes the last commit when the job stops below --min-np or
                         is stopped by SIGINT or SIGTERM (sets AIKIDO_CHECKPOINT)
   --resume F            elastic: start from the checkpoint F (written by --checkpoint) instead of the
