@@ -25,7 +25,9 @@ At the end of each run:
              samples_once (the example counts the samples trained step by step, with a fingerprint of their indices,
              rolled back with the model: each index exactly once)
   params     every worker of the final cluster printed the same digest of its parameters
-             ("train_fashion_mnist: finished: ... parameters D"), and as many did as the final cluster has workers
+             ("train_fashion_mnist: finished: ... parameters D"), and as many did as the final cluster has workers,
+             but for a worker lost once a member had finished the training (aikido-run: "not replacing it: worker N
+             has finished the training"), which may have been stopped or killed before it printed the line
   leftovers  within 10 s of the end: no process of the job (its AIKIDO_JOB_ID), no /dev/shm entry and no socket
              (path or abstract) naming the job, no file left in the run's folder but the logs, no etcd key of the
              job (--hosts)
@@ -59,6 +61,10 @@ SAMPLES = 60000
 EPOCH_LINE = re.compile(r"^\[[^\]]*\] (\{\"epoch\".*\})\s*$")
 FINISHED = re.compile(r"train_fashion_mnist: finished: rank (\d+) of (\d+), epoch (\d+), step (\d+), "
                       r"cluster version (\d+), parameters ([0-9a-f]+)")
+# A worker lost after some member finished the training: its training was complete, but it may not have printed
+# its finished line (stopped or killed while it printed it).
+LOST_AFTER_FINISH = re.compile(r"aikido-run: worker \d+ \(rank (\d+)\) .*; not replacing it: worker \d+ has finished "
+                               r"the training")
 
 
 def alive(pid):
@@ -333,8 +339,13 @@ class Run:
                       "version": max(int(m.group(5)) for m in finished)}
         if len(digests) != 1:
             self.problems.append(f"params: the workers' parameters differ: {sorted(digests)}")
-        if len(sizes) != 1 or ranks != list(range(next(iter(sizes)))):
-            self.problems.append(f"params: finished ranks {ranks} of cluster sizes {sorted(sizes)}")
+        late = sorted({int(m.group(1)) for m in (LOST_AFTER_FINISH.search(line) for line in err) if m})
+        if late:
+            self.final["lost_after_finish"] = late
+        if len(sizes) != 1 or not set(ranks) <= set(range(next(iter(sizes)))) or \
+                set(range(next(iter(sizes)))) - set(ranks) - set(late):
+            self.problems.append(f"params: finished ranks {ranks} of cluster sizes {sorted(sizes)}"
+                                 + (f" (lost after the training finished: ranks {late})" if late else ""))
 
     def check_leftovers(self, job_id, events):
         if job_id is None:

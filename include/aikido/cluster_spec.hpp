@@ -61,9 +61,10 @@ struct ClusterSpec {
   // Jobs that span hosts keep each host's workers contiguous, hosts in the order they joined, so that ranks
   // r..r+k-1 share a host (the hierarchical topology and the same-host path rely on it). The three changes below
   // keep that order; resized() and without() keep it too when only the last host grows or shrinks.
-  /// The next version with `n` workers: shrinking removes the highest ranks; each new worker goes to the host
-  /// that has the fewest workers (the earlier host on a tie), right after that host's last worker. Throws
-  /// ConfigError like resized().
+  /// The next version with `n` workers: shrinking takes one worker at a time from the host with the most (the later
+  /// host on a tie), its highest rank, so that every host keeps a worker while n is at least the number of hosts;
+  /// each new worker goes to the host that has the fewest workers (the earlier host on a tie), right after that
+  /// host's last worker. Throws ConfigError like resized().
   ClusterSpec with_size(int n, std::string reason = "resize") const;
   /// The next version with `n` new workers on `host`, after its last worker (appended for a new host).
   ClusterSpec with_workers_on(const std::string& host, int n, std::string reason) const;

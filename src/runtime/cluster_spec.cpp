@@ -92,8 +92,22 @@ ClusterSpec ClusterSpec::with_size(int n, std::string why) const {
   next.version = version + 1;
   next.reason = std::move(why);
   next.requested_by.clear();
-  if (n < size()) next.workers.resize(std::size_t(n));
   const std::vector<std::string> order = hosts();
+  while (next.size() > n) {
+    // The host with the most workers gives one up (the later host on a tie), its highest rank: hosts stay even and
+    // each keeps a worker while there are enough, so a shrink never puts the whole job on one host that may be
+    // failing; rank 0 goes last.
+    const std::string* most = &order.back();
+    for (auto h = order.rbegin(); h != order.rend(); ++h) {
+      if (next.workers_on(*h) > next.workers_on(*most)) most = &*h;
+    }
+    for (auto w = next.workers.end(); w != next.workers.begin();) {
+      if ((--w)->host == *most) {
+        next.workers.erase(w);
+        break;
+      }
+    }
+  }
   while (next.size() < n) {
     const std::string* least = &order.front();
     for (const auto& h : order) {

@@ -47,13 +47,19 @@ TEST(ClusterSpecHosts, WithoutHostRemovesAllItsWorkers) {
   EXPECT_THROW(two_hosts().without_host("a", "x").without_host("b", "x").validate(), ConfigError);
 }
 
-TEST(ClusterSpecHosts, WithSizeFillsTheEmptiestHostAndShrinksFromTheLast) {
+TEST(ClusterSpecHosts, WithSizeFillsTheEmptiestHostAndShrinksTheFullest) {
   ClusterSpec s = two_hosts().without({3}, "lost");  // a:2, b:1
   ClusterSpec grown = s.with_size(5);
   EXPECT_EQ(layout(grown), "a:0 a:1 a:5 b:2 b:4");  // b gets the first, then a (a tie goes to the earlier host)
   EXPECT_EQ(grown.workers_on("a"), 3);
   EXPECT_EQ(grown.version, s.version + 1);
-  EXPECT_EQ(layout(two_hosts().with_size(2)), "a:0 a:1");
+  // Shrinking keeps a worker on every host while it can (a resize down must not leave the whole job on one host,
+  // which may be the one cut off), taking from the fullest host, the later on a tie, its highest rank.
+  EXPECT_EQ(layout(two_hosts().with_size(3)), "a:0 a:1 b:2");
+  EXPECT_EQ(layout(two_hosts().with_size(2)), "a:0 b:2");
+  EXPECT_EQ(layout(two_hosts().with_size(1)), "a:0");
+  EXPECT_EQ(layout(grown.with_size(3)), "a:0 a:1 b:2");
+  EXPECT_EQ(layout(two_hosts().with_workers_on("c", 1, "joined").with_size(3)), "a:0 b:2 c:4");
   EXPECT_THROW(two_hosts().with_size(9), ConfigError);
   EXPECT_EQ(two_hosts().with_size(6).version, 1u);
 }
