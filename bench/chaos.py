@@ -15,8 +15,8 @@ ends, injects one fault every --interval seconds (uniform between half and one a
            was removed meanwhile (its launcher exits with status 1) gets a fresh launcher, which joins again
 
 At least one worker that has trained for 3 s is never touched at a time, so that the job's state survives (Aikido
-keeps it in the workers' memory: losing every worker at once loses the job, by design); for the same reason no
-resize is made while a host is cut off, and a worker stopped once the training may have finished is always
+keeps it in the workers' memory: losing every worker at once loses the job, by design); resizes go on while a host
+is cut off (a shrink keeps a worker on every host). A worker stopped once the training may have finished is always
 continued (killed there, it would not print the finished line the params check counts; see bench/README.md).
 
 At the end of each run:
@@ -437,13 +437,8 @@ class HostsRun(Run):
                               + list(argv), capture_output=True, text=True, timeout=30)
 
     def inject(self, kind, live):
-        if kind == "resize":
-            with self.lock:
-                cut = any(launcher["cut_now"] for launcher in self.launchers)
-            if cut:
-                # A resize down keeps the lowest ranks: with a host cut off, those may all be on it, and the job's
-                # state would go with that host (see bench/README.md).
-                return
+        # Resizes go on while a host is cut off: a shrink keeps a worker on each host (2 to 4 workers on 2 hosts),
+        # so the job's state never goes with the cut-off host alone.
         if kind != "cut":
             return super().inject(kind, live)
         with self.lock:
