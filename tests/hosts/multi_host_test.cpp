@@ -7,6 +7,7 @@
 #include <signal.h>
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -310,6 +311,41 @@ TEST_F(MultiHostTest, AikidoCtlShowsAndResizesAJobAcrossHosts) {
   const auto results = wait_all();
   for (const auto& [host, r] : results) ASSERT_TRUE(r.exited && r.exit_code == 0) << describe(results);
   expect_exact_training(all_events(results), 3, 4, describe(results));
+}
+
+// A host that joins just as the others finish the training (its launcher rejoined after a cut, say): its workers
+// are started for a version the finished workers never join, and would wait for them until their timeout, fail
+// and, with --restart, be replaced for ever. Once the other host's launcher marks it finished, this host's launcher
+// stops them and ends with status 0, starting no replacement.
+TEST_F(MultiHostTest, AHostThatJoinsAsTheTrainingFinishesStopsItsWorkers) {
+  start_etcd();
+  const std::string go = ::testing::TempDir() + "aikido-finish-" + std::to_string(::getpid());
+  std::filesystem::remove(go);
+  Subprocess& first = launch(0, "1:2", 1, {"--timeout", "30"},
+                             {"--epochs", "1", "--print-every", "1000", "--linger-until", go});
+  ASSERT_TRUE(first.wait_for_output(
+      [](const std::string& out, const std::string&) { return out.find("\"event\":\"done\"") != std::string::npos; },
+      60s));
+  Subprocess& late = launch(1, "1:2", 1, {"--restart", "--timeout", "20"}, {"--epochs", "1", "--print-every", "1000"});
+  ASSERT_TRUE(late.wait_for_output(
+      [](const std::string&, const std::string& err) {
+        return err.find("aikido-run: cluster version 1 (host h1 joined)") != std::string::npos;
+      },
+      60s));
+  std::this_thread::sleep_for(1s);  // its worker waits for rank 0, which lingers after "done"
+  const auto finish = std::chrono::steady_clock::now();
+  std::ofstream(go).put('\n');
+  const auto results = wait_all();
+  std::filesystem::remove(go);
+  for (const auto& [host, r] : results) ASSERT_TRUE(r.exited && r.exit_code == 0) << describe(results);
+  const std::string& err = results.at(1).err;
+  EXPECT_NE(err.find("aikido-run: host h0 has finished the training (worker 0)"), std::string::npos)
+      << describe(results);
+  EXPECT_NE(err.find("which worker 0 never joined before it finished the training"), std::string::npos)
+      << describe(results);
+  EXPECT_EQ(err.find("starting a replacement"), std::string::npos) << describe(results);
+  EXPECT_LT(std::chrono::steady_clock::now() - finish, 15s) << "the late host's worker waited out its timeout";
+  expect_exact_training(events_of(results.at(0).out), 1, 1, describe(results));
 }
 
 TEST_F(MultiHostTest, StartedFromOneHostWithTheLaunchCommand) {

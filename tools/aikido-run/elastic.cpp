@@ -190,6 +190,7 @@ void ElasticController::on_wake(Supervisor& supervisor) {
     if (now < next_store_check_) return;
     next_store_check_ = now + setup_.store_check_interval;
     check_sessions(supervisor);
+    learn_finished_elsewhere(supervisor);
     // The store's client retries until the store answers: a slow tick is an absence of the store (etcd restarting),
     // during which the workers could not write their heartbeats either.
     if (SteadyClock::now() - woke > kSlowStoreAnswer) store_was_away_ = true;
@@ -523,6 +524,27 @@ void ElasticController::stop_workers_that_cannot_join(Supervisor& supervisor, st
            std::to_string(it->second) + ", which worker " + std::to_string(finished) +
            " never joined before it finished the training (at version " + std::to_string(version) + ")");
     supervisor.stop_worker(id);
+  }
+}
+
+// Across hosts: another host's launcher saw its members finish the training (HostJob::finish marks the host
+// finished) while this host's workers may have been started for a later version (this host rejoined just before):
+// they would wait for the finished members until their timeout, fail and be replaced for ever. Act as if a member of
+// this host had finished: stop the workers that cannot join, start and replace none.
+void ElasticController::learn_finished_elsewhere(Supervisor& supervisor) {
+  if (finished_by_ || !setup_.hosts) return;
+  const auto latest = membership_->latest();
+  if (!latest) return;
+  for (const auto& h : latest->hosts()) {
+    if (h == host_ || !setup_.hosts->finished(h)) continue;
+    for (const auto& w : latest->workers) {
+      if (w.host != h) continue;
+      finished_by_ = w.id;
+      report("aikido-run: host " + h + " has finished the training (worker " + std::to_string(w.id) +
+             "); no worker of this host is started or replaced from now on");
+      stop_workers_that_cannot_join(supervisor, w.id);
+      return;
+    }
   }
 }
 

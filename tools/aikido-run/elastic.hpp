@@ -122,6 +122,7 @@ class ElasticController final : public Controller {
   /// Started worker `id` for cluster version `version`: watch whether it opens a session.
   void started(std::uint64_t id, std::uint64_t version);
   void stop_workers_that_cannot_join(Supervisor& supervisor, std::uint64_t finished);
+  void learn_finished_elsewhere(Supervisor& supervisor);
   bool handle_exit(Supervisor& supervisor, std::uint64_t id, int status);
   /// Removes (and with --restart replaces) a lost worker; false when the store could not be reached (retried).
   bool remove_lost_worker(std::uint64_t id, bool replace);
