@@ -391,6 +391,7 @@ class HostsRun(Run):
         self.workers = 4
         self.secret = secret
         self.launchers = []  # dicts: host, process, log dir, stdout and stderr lines, cut (bool)
+        self.rejoin_lock = threading.Lock()
         self.job_id = f"chaos-{os.getpid()}-{index}"
 
     def start_launcher(self, host):
@@ -469,9 +470,14 @@ class HostsRun(Run):
         # 1): a fresh one joins again. Cut for less, the host stays and its workers go on.
         while not self.done.is_set():
             if launcher["process"].poll() is not None:
-                if self.training_left():
-                    self.start_launcher(host)
-                    self.note("rejoin", f"fresh launcher on h{host}")
+                # Two cuts of one launcher's host have two of these threads waiting for it: one fresh launcher.
+                with self.rejoin_lock:
+                    with self.lock:
+                        running = any(other["host"] == host and other["process"].poll() is None
+                                      for other in self.launchers)
+                    if self.training_left() and not running:
+                        self.start_launcher(host)
+                        self.note("rejoin", f"fresh launcher on h{host}")
                 break
             time.sleep(0.2)
 
