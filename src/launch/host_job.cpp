@@ -187,11 +187,11 @@ std::optional<ClusterSpec> HostJob::remove_lost_hosts() {
   }
 }
 
-void HostJob::finish() {
+void HostJob::finish(bool trained) {
   if (left_) return;
   left_ = true;
   try {
-    client_->put(options_.job_id + "/finished/" + self().id, "1");
+    if (trained) client_->put(options_.job_id + "/finished/" + self().id, "1");
     hosts_.reset();
     if (client_->range(options_.job_id + "/hosts/", true).kvs.empty()) client_->erase(options_.job_id + "/", true);
   } catch (const Error& e) {

@@ -57,9 +57,10 @@ class HostJob {
   /// it published, if any. Proposes nothing once this host's own lease is lost.
   std::optional<ClusterSpec> remove_lost_hosts();
 
-  /// Marks this host finished (its workers completed the training) and leaves; the last host to leave a job
-  /// deletes the job's keys.
-  void finish();
+  /// Leaves the job at the end of this host's part; `trained`: a member on this host finished the training, which
+  /// marks the host finished (other launchers then know the training is over, and finished hosts are never removed
+  /// as lost). A host whose workers were only removed leaves unmarked. The last host to leave deletes the job's keys.
+  void finish(bool trained);
 
   /// True when host `id` wrote finished/<id>.
   bool finished(const std::string& id);

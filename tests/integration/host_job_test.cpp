@@ -186,12 +186,28 @@ TEST_F(HostJobTest, FinishedHostsAreNotLossesAndTheLastOneCleansUp) {
   auto first = std::async(std::launch::async, [&] { return a->join(); });
   b->join();
   first.get();
-  b->finish();
+  b->finish(true);
   EXPECT_TRUE(a->finished("b"));
   EXPECT_FALSE(a->remove_lost_hosts());  // b finished: the job is ending, not shrinking
-  a->finish();
+  a->finish(true);
   elastic::EtcdClient client(etcd());
   EXPECT_TRUE(client.range("job/", true).kvs.empty());
+}
+
+// A launcher whose workers were only removed (none of them finished the training) leaves without the finished mark:
+// the others must not take the training for over, and its workers are removed from the cluster like a lost host's.
+TEST_F(HostJobTest, AHostWhoseWorkersWereOnlyRemovedLeavesUnmarked) {
+  auto a = host("a", 2, 2);
+  auto b = host("b", 2, 2);
+  auto first = std::async(std::launch::async, [&] { return a->join(); });
+  b->join();
+  first.get();
+  b->finish(false);
+  EXPECT_FALSE(a->finished("b"));
+  const auto next = a->remove_lost_hosts();
+  ASSERT_TRUE(next);
+  EXPECT_EQ(layout(*next), "a:0 a:1");
+  a->finish(true);
 }
 
 }  // namespace

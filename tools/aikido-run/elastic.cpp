@@ -439,7 +439,10 @@ void ElasticController::check_left_worker(Supervisor& supervisor, std::uint64_t 
   if (hb.killed || now - *hb.stopped_since < timeout) return;
   hb.killed = true;
   const auto latest = membership_->latest();
-  if (!finished_by_ && latest && latest->contains(id)) finished_by_ = id;  // a member that left: training is over
+  if (latest && latest->contains(id)) {  // a member that left its session: its training is over
+    finished_here_ = true;
+    if (!finished_by_) finished_by_ = id;
+  }
   report("aikido-run: worker " + std::to_string(id) + " left its session and has been stopped (SIGSTOP) for " +
          detail::seconds(timeout) + " (--heartbeat-timeout); killing it (SIGKILL)");
   supervisor.kill_worker(id);
@@ -584,6 +587,7 @@ bool ElasticController::handle_exit(Supervisor& supervisor, std::uint64_t id, in
     // ending, and a worker that fails from now on is not replaced, since a replacement would wait for finished
     // workers to join it.
     const auto latest = membership_->latest();
+    if (latest && latest->contains(id)) finished_here_ = true;
     if (!finished_by_ && latest && latest->contains(id)) {
       finished_by_ = id;
       if (options_.restart) {

@@ -84,6 +84,9 @@ class ElasticController final : public Controller {
   bool prepare_stop() override;
   bool stop_ready() override;
   void stop_preparation_abandoned(const std::string& why) override;
+  /// Whether a member on this host finished the training (exited with status 0, or left its session): what marks
+  /// this host finished in a job across hosts (HostJob::finish). Not so for a host whose workers were only removed.
+  bool member_finished_here() const { return finished_here_; }
 
  private:
   struct Heartbeat {
@@ -153,6 +156,7 @@ class ElasticController final : public Controller {
   std::map<std::uint64_t, SessionWatch> sessions_;
   std::string plain_peer_;                      // set once a worker joined with a plain Peer: what aikido-run said
   bool resume_unmet_reported_ = false;          // said that a worker finished without resuming
+  bool finished_here_ = false;  // a member on this host finished the training (exited 0 or left its session)
   std::optional<std::uint64_t> finished_by_;    // the first member that exited with status 0
   int restarts_ = 0;                            // replacements started
   std::string checkpoint_request_;              // the request prepare_stop() made

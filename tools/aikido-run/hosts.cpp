@@ -162,11 +162,13 @@ int run_etcd_host_job(const Options& options, const std::string& secret, const s
   setup.store_check_interval = std::chrono::milliseconds(250);
   setup.events = &observers.events();
   int status = 0;
+  bool trained = false;
   {
     ElasticController controller(options, std::move(setup), options.job_id, job.shared);
     Supervisor supervisor(supervisor_config(options, observers));
     supervisor.set_controller(&controller);
     status = supervisor.run(controller.initial_workers());
+    trained = controller.member_finished_here();
   }
   observers.finish(status);
   if (status == 0 && host_job.hosts().lease_lost()) {
@@ -176,7 +178,7 @@ int run_etcd_host_job(const Options& options, const std::string& secret, const s
            "without it");
     return 1;
   }
-  if (status == 0) host_job.finish();
+  if (status == 0) host_job.finish(trained);
   return status;
 }
 
