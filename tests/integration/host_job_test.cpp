@@ -8,6 +8,7 @@
 #include <aikido/etcd.hpp>
 #include <chrono>
 #include <future>
+#include <utility>
 #include <memory>
 #include <thread>
 
@@ -53,6 +54,16 @@ class HostJobTest : public ::testing::Test {
     r.address = "198.18.0.1";
     return std::make_unique<HostJob>(o, std::make_shared<elastic::EtcdClient>(etcd()),
                                      make_etcd_membership(etcd(), "job"), r);
+  }
+
+  // Hosts a and b of a job that needs both (min 2), joined.
+  std::pair<std::unique_ptr<HostJob>, std::unique_ptr<HostJob>> two_joined_hosts() {
+    auto a = host("a", 2, 2);
+    auto b = host("b", 2, 2);
+    auto first = std::async(std::launch::async, [&] { return a->join(); });
+    b->join();
+    first.get();
+    return {std::move(a), std::move(b)};
   }
 
   std::unique_ptr<EtcdServer> server_;
@@ -181,11 +192,7 @@ TEST_F(HostJobTest, ARestartedLauncherReplacesTheWorkersOfItsPredecessor) {
 }
 
 TEST_F(HostJobTest, FinishedHostsAreNotLossesAndTheLastOneCleansUp) {
-  auto a = host("a", 2, 2);
-  auto b = host("b", 2, 2);
-  auto first = std::async(std::launch::async, [&] { return a->join(); });
-  b->join();
-  first.get();
+  auto [a, b] = two_joined_hosts();
   b->finish(true);
   EXPECT_TRUE(a->finished("b"));
   EXPECT_FALSE(a->remove_lost_hosts());  // b finished: the job is ending, not shrinking
@@ -197,11 +204,7 @@ TEST_F(HostJobTest, FinishedHostsAreNotLossesAndTheLastOneCleansUp) {
 // A launcher whose workers were only removed (none of them finished the training) leaves without the finished mark:
 // the others must not take the training for over, and its workers are removed from the cluster like a lost host's.
 TEST_F(HostJobTest, AHostWhoseWorkersWereOnlyRemovedLeavesUnmarked) {
-  auto a = host("a", 2, 2);
-  auto b = host("b", 2, 2);
-  auto first = std::async(std::launch::async, [&] { return a->join(); });
-  b->join();
-  first.get();
+  auto [a, b] = two_joined_hosts();
   b->finish(false);
   EXPECT_FALSE(a->finished("b"));
   const auto next = a->remove_lost_hosts();
