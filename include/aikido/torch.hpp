@@ -274,9 +274,10 @@ class DistributedOptimizer {
   const RdpAccountant* accountant() const { return accountant_.get(); }
 
   /// Registers this optimizer's own state with an elastic session (call before its first sync(), on every worker,
-  /// like every registration): the bucket size, the round of the round strategies (anchor model, local steps taken, DiLoCo's outer
-  /// momentum) and the privacy accountant (a rollback never makes it forget steps: noise once released stays spent).
-  /// With it, federated averaging's round deadline can leave stragglers behind. `session` must outlive this object.
+  /// like every registration): the bucket size, the round of the round strategies (anchor model, local steps taken,
+  /// DiLoCo's outer momentum) and the privacy accountant (a rollback never makes it forget steps: noise once released
+  /// stays spent). With it, federated averaging's round deadline can leave stragglers behind. `session` must outlive
+  /// this object.
   void set_elastic_session(ElasticSession* session);
 
   /// Sets the learning rate of every param group (the optimizer must be one whose options have `lr`, as all of
@@ -312,11 +313,11 @@ class DistributedOptimizer {
   /// flight: call it before ElasticSession::sync(). `after_failure`: for recover(); errors of that work are dropped.
   void finish_pending(bool after_failure = false);
   /// After the cluster changed (sync() or recover() returned changed): collective on the new cluster. Every member
-  /// takes rank 0's step count (steps()) and bucket size (bucket_bytes()), and pair averaging publishes the model anew. A round strategy ends its
-  /// round with an exchange among the new cluster (with a registered elastic session; otherwise the models are
-  /// averaged and the round starts again from the mean). Compression state begins anew. When aikido-run chose the
-  /// thread count (AIKIDO_AUTO_THREADS) and the program kept it, LibTorch's intra-op threads become this host's
-  /// CPUs divided by the workers now on it.
+  /// takes rank 0's step count (steps()) and bucket size (bucket_bytes()), and pair averaging publishes the model anew.
+  /// A round strategy ends its round with an exchange among the new cluster (with a registered elastic session;
+  /// otherwise the models are averaged and the round starts again from the mean). Compression state begins anew. When
+  /// aikido-run chose the thread count (AIKIDO_AUTO_THREADS) and the program kept it, LibTorch's intra-op threads
+  /// become this host's CPUs divided by the workers now on it.
   void on_cluster_change();
   /// Sets the strategy on this worker alone, without the collectives of set_strategy(): for state that an elastic
   /// session restores on every member (PolicyRunner), followed by on_cluster_change().

@@ -8,9 +8,9 @@
 // flows send to (receive from) other hosts over the host's link, whose capacity is the largest bandwidth measured
 // from (to) it (ranks of one host share its link), and (c) for every rank, the bytes it sends (receives) over the
 // capacity of its fastest link (flows of one rank share the rank). So two rings in opposite directions beat one only
-// where a rank's links to its two neighbours are limited each on its own (a pair slower than the rank and its host). A slow host's link thus limits every topology, least those that
-// send it the fewest bytes: a tree with it as a leaf sends it the buffer once each way where a ring sends it
-// 2(n-1)/n times.
+// where a rank's links to its two neighbours are limited each on its own (a pair slower than the rank and its host). A
+// slow host's link thus limits every topology, least those that send it the fewest bytes: a tree with it as a leaf
+// sends it the buffer once each way where a ring sends it 2(n-1)/n times.
 #pragma once
 
 #include <aikido/peer.hpp>
@@ -77,9 +77,9 @@ std::size_t segment_bytes(const LinkModel& model, const std::vector<int>& member
 /// Bytes of a chunk of a large hierarchical collective: what the slowest link between hosts carries in a few
 /// milliseconds, between 1 MiB and 8 MiB.
 std::size_t chunk_bytes(const LinkModel& model);
-/// Bytes of a fusion bucket: many tensors' allreduces (a model's gradients, `total_bytes` of them) fused into buckets of
-/// about this size, each reduced while the next fills. kFusionBytes when every rank is on one host (shared memory has
-/// no latency worth amortising); across hosts the smallest power of two from kFusionBytes up whose predicted
+/// Bytes of a fusion bucket: many tensors' allreduces (a model's gradients, `total_bytes` of them) fused into buckets
+/// of about this size, each reduced while the next fills. kFusionBytes when every rank is on one host (shared memory
+/// has no latency worth amortising); across hosts the smallest power of two from kFusionBytes up whose predicted
 /// allreduce (on `topology`; for Topology::automatic on what it picks for each size) spends at most kFusionOverhead
 /// of its time beyond what its bytes take at the rate of large buffers (the latencies of the plan's hops), so that
 /// fusing more would gain little. At most a quarter of `total_bytes` (buckets are what lets communication overlap the

@@ -141,9 +141,9 @@ void accept_all(const PeerConfig& config, std::vector<transport::Listener*> list
       if (!s.valid()) continue;
       try {
         const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-        auto result = transport::handshake_accept(s, config.secret, transport::Channel::data, config.cluster_version,
-                                                  config.rank, std::max(remaining, std::chrono::milliseconds(1)),
-                                                  tls.get());
+        auto result =
+            transport::handshake_accept(s, config.secret, transport::Channel::data, config.cluster_version, config.rank,
+                                        std::max(remaining, std::chrono::milliseconds(1)), tls.get());
         const int p = result.peer_rank;
         if (p <= config.rank || p >= config.size || sockets[std::size_t(p)].valid()) {
           log::warn("rank ", config.rank, ": refused a connection claiming rank ", p);
@@ -342,9 +342,9 @@ std::unique_ptr<detail::Engine> connect_engine(const PeerConfig& input) {
       transport::Socket s =
           detail::connect_unless_cancelled(config, Address::parse(use_unix ? e.unix_path : e.tcp), deadline);
       const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-      auto result = transport::handshake_connect(s, config.secret, transport::Channel::data, config.cluster_version,
-                                                 config.rank, std::max(remaining, std::chrono::milliseconds(1)),
-                                                 tls.get());
+      auto result =
+          transport::handshake_connect(s, config.secret, transport::Channel::data, config.cluster_version, config.rank,
+                                       std::max(remaining, std::chrono::milliseconds(1)), tls.get());
       if (result.peer_rank != p) {
         throw ProtocolError(str_cat("rank ", config.rank, " connected to the address of rank ", p, " but rank ",
                                     result.peer_rank, " answered"));

@@ -417,7 +417,8 @@ void DistributedOptimizer::relayout_buckets(std::size_t bytes, std::string_view 
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       const ::torch::Tensor& from = per_bucket[old[i].bucket];
       if (!from.defined()) continue;
-      moved[slots_[i].bucket].narrow(0, slots_[i].offset, slots_[i].numel)
+      moved[slots_[i].bucket]
+          .narrow(0, slots_[i].offset, slots_[i].numel)
           .copy_(from.narrow(0, old[i].offset, old[i].numel));
     }
     per_bucket = std::move(moved);
@@ -438,9 +439,10 @@ void DistributedOptimizer::set_bucket_bytes(std::size_t bytes) {
   }
   const std::string value = str_cat(bytes, "@", steps_);
   if (!peer_.consensus(std::as_bytes(std::span(value.data(), value.size())), str_cat(kPrefix, "set_bucket_bytes"))) {
-    throw MismatchError(str_cat("set_bucket_bytes: workers asked for different sizes or at different steps (this "
-                                "worker, rank ",
-                                peer_.rank(), ": ", bytes, " after step ", steps_, ")"));
+    throw MismatchError(
+        str_cat("set_bucket_bytes: workers asked for different sizes or at different steps (this "
+                "worker, rank ",
+                peer_.rank(), ": ", bytes, " after step ", steps_, ")"));
   }
   options_.bucket_bytes = bytes;
   const std::size_t before = bucket_bytes_;

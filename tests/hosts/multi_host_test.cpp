@@ -321,8 +321,8 @@ TEST_F(MultiHostTest, AHostThatJoinsAsTheTrainingFinishesStopsItsWorkers) {
   start_etcd();
   const std::string go = ::testing::TempDir() + "aikido-finish-" + std::to_string(::getpid());
   std::filesystem::remove(go);
-  Subprocess& first = launch(0, "1:2", 1, {"--timeout", "30"},
-                             {"--epochs", "1", "--print-every", "1000", "--linger-until", go});
+  Subprocess& first =
+      launch(0, "1:2", 1, {"--timeout", "30"}, {"--epochs", "1", "--print-every", "1000", "--linger-until", go});
   ASSERT_TRUE(first.wait_for_output(
       [](const std::string& out, const std::string&) { return out.find("\"event\":\"done\"") != std::string::npos; },
       60s));

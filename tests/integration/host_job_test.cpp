@@ -8,9 +8,9 @@
 #include <aikido/etcd.hpp>
 #include <chrono>
 #include <future>
-#include <utility>
 #include <memory>
 #include <thread>
+#include <utility>
 
 #include "etcd_server.hpp"
 

@@ -154,9 +154,9 @@ class ElasticController final : public Controller {
   std::map<std::uint64_t, std::chrono::steady_clock::time_point> removed_since_;
   std::map<std::uint64_t, Heartbeat> heartbeats_;
   std::map<std::uint64_t, SessionWatch> sessions_;
-  std::string plain_peer_;                      // set once a worker joined with a plain Peer: what aikido-run said
-  bool resume_unmet_reported_ = false;          // said that a worker finished without resuming
-  bool finished_here_ = false;  // a member on this host finished the training (exited 0 or left its session)
+  std::string plain_peer_;              // set once a worker joined with a plain Peer: what aikido-run said
+  bool resume_unmet_reported_ = false;  // said that a worker finished without resuming
+  bool finished_here_ = false;          // a member on this host finished the training (exited 0 or left its session)
   std::optional<std::uint64_t> finished_by_;    // the first member that exited with status 0
   int restarts_ = 0;                            // replacements started
   std::string checkpoint_request_;              // the request prepare_stop() made
