@@ -160,6 +160,13 @@ ClusterSpec HostJob::join() {
   }
 }
 
+std::set<std::string> HostJob::finished_hosts() {
+  const std::string prefix = options_.job_id + "/finished/";
+  std::set<std::string> hosts;
+  for (const auto& kv : client_->range(prefix, true).kvs) hosts.insert(kv.key.substr(prefix.size()));
+  return hosts;
+}
+
 bool HostJob::finished(const std::string& id) {
   return !client_->range(options_.job_id + "/finished/" + id).kvs.empty();
 }
@@ -174,8 +181,9 @@ std::optional<ClusterSpec> HostJob::remove_lost_hosts() {
     if (!present.count(self().id)) return std::nullopt;  // this host's own record is gone: it is the lost one
     ClusterSpec next = *latest;
     std::string lost;
+    const std::set<std::string> finished = finished_hosts();
     for (const auto& h : latest->hosts()) {
-      if (present.count(h) || finished(h)) continue;
+      if (present.count(h) || finished.count(h)) continue;
       next = next.without_host(h, "");
       lost += (lost.empty() ? "" : ", ") + h;
     }

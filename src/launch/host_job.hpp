@@ -20,6 +20,7 @@
 #include <chrono>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -64,6 +65,8 @@ class HostJob {
 
   /// True when host `id` wrote finished/<id>.
   bool finished(const std::string& id);
+  /// The hosts that wrote finished/<id> (one request to etcd).
+  std::set<std::string> finished_hosts();
 
   HostMembership& hosts() { return *hosts_; }
   const HostRecord& self() const { return hosts_->self(); }

@@ -265,12 +265,13 @@ DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer
   if (parameters_.empty()) throw ConfigError("DistributedOptimizer: no parameter requires a gradient");
   check_allowed(strategy_, options_.compression);
   setup_privacy();
+  monitor_ = std::make_unique<Monitor>(options_.noise_smoothing);
+  for (const auto& p : parameters_) monitor_->gradient_bytes += p.numel() * static_cast<std::int64_t>(p.element_size());
   bucket_bytes_ = planned_bucket_bytes();
   build_buckets();
   build_codecs();
   start_round();
   install_hooks();
-  monitor_ = std::make_unique<Monitor>(options_.noise_smoothing);
   if (options_.monitor) monitor_->publisher = MetricsPublisher::from_env(peer_.rank());
   if (options_.monitor && options_.link_probe_interval.count() > 0) {
     LinkMonitor::Options probe;
@@ -278,7 +279,6 @@ DistributedOptimizer::DistributedOptimizer(Peer& peer, ::torch::optim::Optimizer
     probe.probe_bytes = options_.link_probe_bytes;
     monitor_->links = std::make_unique<LinkMonitor>(peer_, probe);
   }
-  for (const auto& p : parameters_) monitor_->gradient_bytes += p.numel() * static_cast<std::int64_t>(p.element_size());
   metrics_.workers = peer_.size();
   metrics_.strategy = strategy_name(strategy_);
   metrics_.topology = topology_name(peer_.topology());
@@ -391,9 +391,7 @@ void DistributedOptimizer::build_buckets() {
 // options().bucket_bytes, or what the Peer's links call for (the same on every worker that installed the same links).
 std::size_t DistributedOptimizer::planned_bucket_bytes() const {
   if (options_.bucket_bytes > 0) return options_.bucket_bytes;
-  std::size_t total = 0;
-  for (const auto& p : parameters_) total += static_cast<std::size_t>(p.numel()) * p.element_size();
-  return peer_.fusion_bytes(total);
+  return peer_.fusion_bytes(static_cast<std::size_t>(monitor_->gradient_bytes));
 }
 
 // Lays the buckets out anew for `bytes`, between steps, on every worker at the same point (the bucket names and

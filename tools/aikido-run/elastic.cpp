@@ -538,8 +538,9 @@ void ElasticController::learn_finished_elsewhere(Supervisor& supervisor) {
   if (finished_by_ || !setup_.hosts) return;
   const auto latest = membership_->latest();
   if (!latest) return;
+  const std::set<std::string> finished = setup_.hosts->finished_hosts();
   for (const auto& h : latest->hosts()) {
-    if (h == host_ || !setup_.hosts->finished(h)) continue;
+    if (h == host_ || !finished.count(h)) continue;
     for (const auto& w : latest->workers) {
       if (w.host != h) continue;
       finished_by_ = w.id;

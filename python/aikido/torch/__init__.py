@@ -57,8 +57,8 @@ class DistributedOptimizer(_C.DistributedOptimizer):
     - ``synchronous_sgd`` ("ssgd"): gradients are averaged before every step; they are fused into buckets of about
       ``bucket_bytes`` in reverse parameter order and each bucket's allreduce starts during ``backward()`` as soon as
       its gradients are ready. ``bucket_bytes=0`` (the default) sizes them for the links: 1 MiB on one host, larger
-      across fast links between hosts (re-planned when links are measured; ``bucket_bytes`` tells the size now). After ``step()`` the averaged gradients are in ``.grad``; ``zero_grad()`` sets them to
-      None.
+      across fast links between hosts (re-planned when links are measured; ``bucket_bytes`` tells the size now).
+      After ``step()`` the averaged gradients are in ``.grad``; ``zero_grad()`` sets them to None.
     - ``synchronous_averaging`` ("sma"): a local step, then the models are averaged.
     - ``pair_averaging`` ("pair"): a local step, then averaging with a random other worker's model pulled in the
       background (AD-PSGD); no worker waits for all others.
